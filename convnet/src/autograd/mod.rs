@@ -1,0 +1,162 @@
+//! Reverse-mode automatic differentiation.
+//!
+//! The graph is recorded on tensors: each result of a differentiable op holds an [`Op`] with
+//! its inputs and whatever its backward kernel needs. [`backward`] walks the graph in reverse
+//! topological order (iteratively, so deep nets cannot overflow the stack), calls each op's
+//! dedicated backward kernel, accumulates gradients of tensors used more than once, frees
+//! each intermediate gradient as soon as it has been consumed, and returns the gradients of
+//! the leaves in a [`GradStore`]. Only inputs that track gradients get one computed.
+
+mod op;
+
+pub(crate) use op::Op;
+
+use crate::error::{Error, Result};
+use crate::shape::Shape;
+use crate::tensor::{Tensor, TensorId};
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
+
+thread_local! {
+    static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Whether ops on this thread currently record a graph.
+pub fn is_grad_enabled() -> bool {
+    GRAD_ENABLED.with(|g| g.get())
+}
+
+/// Runs `f` without recording any graph (for evaluation and inference).
+///
+/// ```
+/// use convnet::{no_grad, Tensor};
+/// let w = Tensor::ones([2]).requires_grad();
+/// let y = no_grad(|| w.relu())?;
+/// assert!(!y.tracks_grad());
+/// # Ok::<(), convnet::Error>(())
+/// ```
+pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GRAD_ENABLED.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GRAD_ENABLED.with(|g| g.replace(false)));
+    f()
+}
+
+/// Gradients of the leaves of a graph, keyed by tensor identity.
+#[derive(Default)]
+pub struct GradStore {
+    grads: HashMap<TensorId, Tensor>,
+}
+
+impl GradStore {
+    /// The gradient of `t`, if it was reached by the backward pass.
+    pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
+        self.grads.get(&t.id())
+    }
+
+    /// Removes and returns the gradient of `t`.
+    pub fn remove(&mut self, t: &Tensor) -> Option<Tensor> {
+        self.grads.remove(&t.id())
+    }
+
+    /// Number of gradients held.
+    pub fn len(&self) -> usize {
+        self.grads.len()
+    }
+
+    /// True when no gradient is held.
+    pub fn is_empty(&self) -> bool {
+        self.grads.is_empty()
+    }
+
+    /// Replaces the gradient of `t` (for gradient clipping or an all-reduce between
+    /// backward and the optimizer step).
+    pub fn insert(&mut self, t: &Tensor, grad: Tensor) -> Result<()> {
+        if grad.shape() != t.shape() {
+            return Err(crate::error::shape_mismatch("GradStore::insert", t.shape().to_string(), grad.shape().to_string()));
+        }
+        self.grads.insert(t.id(), grad);
+        Ok(())
+    }
+}
+
+/// Reverse topological order of the nodes that track gradients, reachable from `root`.
+fn topo_order(root: &Tensor) -> Vec<Tensor> {
+    let mut order = Vec::new();
+    let mut visited: HashSet<TensorId> = HashSet::new();
+    // (node, whether its inputs have been pushed)
+    let mut stack = vec![(root.clone(), false)];
+    while let Some((node, expanded)) = stack.pop() {
+        if expanded {
+            order.push(node);
+            continue;
+        }
+        if !visited.insert(node.id()) {
+            continue;
+        }
+        stack.push((node.clone(), true));
+        if let Some(op) = node.op() {
+            for input in op.inputs() {
+                if input.tracks_grad() && !visited.contains(&input.id()) {
+                    stack.push((input.clone(), false));
+                }
+            }
+        }
+    }
+    order.reverse();
+    order
+}
+
+pub(crate) fn backward(root: &Tensor, grad: Option<&Tensor>) -> Result<GradStore> {
+    if !root.tracks_grad() {
+        return Err(Error::Backward(format!(
+            "the tensor of shape {} does not require a gradient: no parameter or input with requires_grad() contributed to it",
+            root.shape()
+        )));
+    }
+    let seed = match grad {
+        Some(g) => {
+            if g.shape() != root.shape() {
+                return Err(crate::error::shape_mismatch("backward", root.shape().to_string(), g.shape().to_string()));
+            }
+            g.to_vec()
+        }
+        None => {
+            if root.numel() != 1 {
+                return Err(Error::Backward(format!(
+                    "backward() without a gradient needs a scalar, got shape {}; use backward_with",
+                    root.shape()
+                )));
+            }
+            vec![1.0]
+        }
+    };
+    let mut pending: HashMap<TensorId, Vec<f32>> = HashMap::new();
+    pending.insert(root.id(), seed);
+    let mut store = GradStore::default();
+    for node in topo_order(root) {
+        let Some(g) = pending.remove(&node.id()) else { continue };
+        match node.op() {
+            None => {
+                let t = Tensor::from_parts(g, Shape::from(node.dims()), None);
+                store.grads.insert(node.id(), t);
+            }
+            Some(op) => {
+                for (input, gi) in op.backward(&node, &g)? {
+                    debug_assert_eq!(gi.len(), input.numel());
+                    match pending.get_mut(&input.id()) {
+                        Some(acc) => acc.iter_mut().zip(&gi).for_each(|(a, b)| *a += b),
+                        None => {
+                            pending.insert(input.id(), gi);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(store)
+}

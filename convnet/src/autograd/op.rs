@@ -1,0 +1,305 @@
+//! The differentiable operations recorded in the graph, one variant per op, and the dispatch
+//! from each variant to its dedicated backward kernel in `backend::cpu`.
+
+use crate::backend::cpu::{
+    activation::{self, Activation},
+    conv::{self, ConvGeom},
+    elementwise::{self, BinaryKind},
+    loss,
+    matmul::{matmul, MatRef, Par},
+    norm,
+    pool::{self, PoolGeom},
+};
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// How a result was computed: the inputs and what the backward kernel needs.
+pub(crate) enum Op {
+    Conv2d { input: Tensor, weight: Tensor, bias: Option<Tensor>, geom: ConvGeom },
+    MaxPool2d { input: Tensor, argmax: Vec<u32>, geom: PoolGeom },
+    AvgPool2d { input: Tensor, geom: PoolGeom, count_include_pad: bool },
+    AdaptiveAvgPool2d { input: Tensor, geom: PoolGeom },
+    /// `y [M, O] = x [M, I] @ w[O, I]^T + b`
+    Linear { input: Tensor, weight: Tensor, bias: Option<Tensor> },
+    /// `y [M, N] = a [M, K] @ b [K, N]`
+    Matmul { a: Tensor, b: Tensor },
+    Binary { kind: BinaryKind, lhs: Tensor, rhs: Tensor },
+    /// `y = x * factor + offset`
+    Affine { input: Tensor, factor: f32 },
+    Activation { act: Activation, input: Tensor },
+    /// (log-)softmax over the middle axis of `[outer, d, inner]`.
+    Softmax { input: Tensor, outer: usize, d: usize, inner: usize, log: bool },
+    CrossEntropy { logits: Tensor, targets: Vec<usize>, probs: Vec<f32>, smoothing: f32, divisor: f32 },
+    NllLoss { input: Tensor, targets: Vec<usize>, divisor: f32 },
+    MseLoss { input: Tensor, target: Tensor, divisor: f32 },
+    /// `y = x * mask`, mask holding 0 or 1/(1-p).
+    Dropout { input: Tensor, mask: Vec<f32> },
+    BatchNorm2d { input: Tensor, weight: Option<Tensor>, bias: Option<Tensor>, mean: Vec<f32>, invstd: Vec<f32>, training: bool },
+    /// A view with another shape over the same elements.
+    Reshape { input: Tensor },
+    Permute { input: Tensor, dims: Vec<usize> },
+    Concat { inputs: Vec<Tensor>, dim: usize },
+    /// Sum over `dims` times `scale` (`mean` uses 1/count).
+    Sum { input: Tensor, dims: Vec<usize>, scale: f32 },
+    /// `y[:, c, h, w] = x[:, c - before, h*s, w*s]` for channels in range, else 0: the
+    /// parameter-free shortcut of CIFAR ResNets (option A).
+    SubsamplePadChannels { input: Tensor, stride: usize, before: usize, out_channels: usize },
+}
+
+fn opt_need(t: &Option<Tensor>) -> bool {
+    t.as_ref().is_some_and(Tensor::tracks_grad)
+}
+
+impl Op {
+    /// The tensors this op read.
+    pub(crate) fn inputs(&self) -> Vec<&Tensor> {
+        match self {
+            Op::Conv2d { input, weight, bias, .. } | Op::Linear { input, weight, bias } => {
+                let mut v = vec![input, weight];
+                v.extend(bias.as_ref());
+                v
+            }
+            Op::BatchNorm2d { input, weight, bias, .. } => {
+                let mut v = vec![input];
+                v.extend(weight.as_ref());
+                v.extend(bias.as_ref());
+                v
+            }
+            Op::Matmul { a, b } => vec![a, b],
+            Op::Binary { lhs, rhs, .. } => vec![lhs, rhs],
+            Op::MseLoss { input, target, .. } => vec![input, target],
+            Op::Concat { inputs, .. } => inputs.iter().collect(),
+            Op::MaxPool2d { input, .. }
+            | Op::AvgPool2d { input, .. }
+            | Op::AdaptiveAvgPool2d { input, .. }
+            | Op::Affine { input, .. }
+            | Op::Activation { input, .. }
+            | Op::Softmax { input, .. }
+            | Op::NllLoss { input, .. }
+            | Op::Dropout { input, .. }
+            | Op::Reshape { input }
+            | Op::Permute { input, .. }
+            | Op::Sum { input, .. }
+            | Op::SubsamplePadChannels { input, .. } => vec![input],
+            Op::CrossEntropy { logits, .. } => vec![logits],
+        }
+    }
+
+    /// Gradients of the inputs that track one, given `g` = d(loss)/d(out).
+    pub(crate) fn backward(&self, out: &Tensor, g: &[f32]) -> Result<Vec<(Tensor, Vec<f32>)>> {
+        let mut grads = Vec::new();
+        match self {
+            Op::Conv2d { input, weight, bias, geom } => {
+                if input.tracks_grad() {
+                    let mut dx = vec![0f32; input.numel()];
+                    weight.with_data(|w| conv::conv2d_backward_input(g, w, geom, &mut dx));
+                    grads.push((input.clone(), dx));
+                }
+                if weight.tracks_grad() {
+                    let mut dw = vec![0f32; weight.numel()];
+                    input.with_data(|x| conv::conv2d_backward_weight(x, g, geom, &mut dw));
+                    grads.push((weight.clone(), dw));
+                }
+                if let Some(b) = bias.as_ref().filter(|b| b.tracks_grad()) {
+                    let mut db = vec![0f32; b.numel()];
+                    conv::conv2d_backward_bias(g, geom, &mut db);
+                    grads.push((b.clone(), db));
+                }
+            }
+            Op::MaxPool2d { input, argmax, geom } => {
+                let mut dx = vec![0f32; input.numel()];
+                pool::max_pool2d_backward(g, argmax, geom, &mut dx);
+                grads.push((input.clone(), dx));
+            }
+            Op::AvgPool2d { input, geom, count_include_pad } => {
+                let mut dx = vec![0f32; input.numel()];
+                pool::avg_pool2d_backward(g, geom, *count_include_pad, &mut dx);
+                grads.push((input.clone(), dx));
+            }
+            Op::AdaptiveAvgPool2d { input, geom } => {
+                let mut dx = vec![0f32; input.numel()];
+                pool::adaptive_avg_pool2d_backward(g, geom, &mut dx);
+                grads.push((input.clone(), dx));
+            }
+            Op::Linear { input, weight, bias } => {
+                let (o, i) = (weight.dims()[0], weight.dims()[1]);
+                let m = input.numel() / i;
+                let gm = MatRef::row_major(g, m, o);
+                if input.tracks_grad() {
+                    let mut dx = vec![0f32; m * i];
+                    weight.with_data(|w| matmul(&mut dx, gm, MatRef::row_major(w, o, i), false, Par::Rayon));
+                    grads.push((input.clone(), dx));
+                }
+                if weight.tracks_grad() {
+                    let mut dw = vec![0f32; o * i];
+                    input.with_data(|x| matmul(&mut dw, gm.t(), MatRef::row_major(x, m, i), false, Par::Rayon));
+                    grads.push((weight.clone(), dw));
+                }
+                if let Some(b) = bias.as_ref().filter(|b| b.tracks_grad()) {
+                    grads.push((b.clone(), elementwise::sum_dims(g, &[m, o], &[0])));
+                }
+            }
+            Op::Matmul { a, b } => {
+                let (m, k, n) = (a.dims()[0], a.dims()[1], b.dims()[1]);
+                let gm = MatRef::row_major(g, m, n);
+                if a.tracks_grad() {
+                    let mut da = vec![0f32; m * k];
+                    b.with_data(|bv| matmul(&mut da, gm, MatRef::row_major(bv, k, n).t(), false, Par::Rayon));
+                    grads.push((a.clone(), da));
+                }
+                if b.tracks_grad() {
+                    let mut db = vec![0f32; k * n];
+                    a.with_data(|av| matmul(&mut db, MatRef::row_major(av, m, k).t(), gm, false, Par::Rayon));
+                    grads.push((b.clone(), db));
+                }
+            }
+            Op::Binary { kind, lhs, rhs } => binary_backward(*kind, lhs, rhs, out, g, &mut grads),
+            Op::Affine { input, factor } => {
+                grads.push((input.clone(), g.iter().map(|v| v * factor).collect()));
+            }
+            Op::Activation { act, input } => {
+                let mut dx = vec![0f32; g.len()];
+                input.with_data(|x| out.with_data(|y| activation::backward(*act, x, y, g, &mut dx)));
+                grads.push((input.clone(), dx));
+            }
+            Op::Softmax { input, outer, d, inner, log } => {
+                let mut dx = vec![0f32; g.len()];
+                out.with_data(|y| loss::softmax_backward(y, g, *outer, *d, *inner, *log, &mut dx));
+                grads.push((input.clone(), dx));
+            }
+            Op::CrossEntropy { logits, targets, probs, smoothing, divisor } => {
+                let c = logits.dims()[1];
+                let mut dx = vec![0f32; logits.numel()];
+                let scale: Vec<f32> = if g.len() == 1 { vec![g[0] / divisor] } else { g.to_vec() };
+                loss::cross_entropy_backward(probs, targets, c, *smoothing, &scale, &mut dx);
+                grads.push((logits.clone(), dx));
+            }
+            Op::NllLoss { input, targets, divisor } => {
+                let c = input.dims()[1];
+                let mut dx = vec![0f32; input.numel()];
+                for (n, &t) in targets.iter().enumerate() {
+                    dx[n * c + t] = -(if g.len() == 1 { g[0] / divisor } else { g[n] });
+                }
+                grads.push((input.clone(), dx));
+            }
+            Op::MseLoss { input, target, divisor } => {
+                let s = g[0] * 2.0 / divisor;
+                let diff: Vec<f32> = input.with_data(|a| target.with_data(|b| a.iter().zip(b).map(|(x, y)| s * (x - y)).collect()));
+                if target.tracks_grad() {
+                    grads.push((target.clone(), diff.iter().map(|v| -v).collect()));
+                }
+                if input.tracks_grad() {
+                    grads.push((input.clone(), diff));
+                }
+            }
+            Op::Dropout { input, mask } => {
+                grads.push((input.clone(), g.iter().zip(mask).map(|(a, b)| a * b).collect()));
+            }
+            Op::BatchNorm2d { input, weight, bias, mean, invstd, training } => {
+                let d = input.dims();
+                let (n, c, hw) = (d[0], d[1], d[2] * d[3]);
+                let w = weight.as_ref().map(Tensor::to_vec);
+                let (dx, dw, db) = input.with_data(|x| norm::backward(x, g, mean, invstd, w.as_deref(), n, c, hw, *training, input.tracks_grad()));
+                if let Some(dx) = dx {
+                    grads.push((input.clone(), dx));
+                }
+                if opt_need(weight) {
+                    grads.push((weight.clone().expect("checked"), dw));
+                }
+                if opt_need(bias) {
+                    grads.push((bias.clone().expect("checked"), db));
+                }
+            }
+            Op::Reshape { input } => grads.push((input.clone(), g.to_vec())),
+            Op::Permute { input, dims } => {
+                // out[idx] = in[perm(idx)]: scatter g back through the inverse permutation.
+                let mut inverse = vec![0; dims.len()];
+                for (i, &d) in dims.iter().enumerate() {
+                    inverse[d] = i;
+                }
+                let gt = Tensor::from_parts(g.to_vec(), out.shape().clone(), None);
+                let back = crate::autograd::no_grad(|| gt.permute(&inverse))?;
+                grads.push((input.clone(), back.to_vec()));
+            }
+            Op::Concat { inputs, dim } => {
+                let dims = out.dims();
+                let outer: usize = dims[..*dim].iter().product();
+                let inner: usize = dims[dim + 1..].iter().product();
+                let total = dims[*dim] * inner;
+                let mut start = 0;
+                for t in inputs {
+                    let len = t.dims()[*dim] * inner;
+                    if t.tracks_grad() {
+                        let mut gi = Vec::with_capacity(t.numel());
+                        for o in 0..outer {
+                            gi.extend_from_slice(&g[o * total + start..o * total + start + len]);
+                        }
+                        grads.push((t.clone(), gi));
+                    }
+                    start += len;
+                }
+            }
+            Op::Sum { input, dims, scale } => {
+                let small: Vec<usize> = input.dims().iter().enumerate().map(|(i, &d)| if dims.contains(&i) { 1 } else { d }).collect();
+                grads.push((input.clone(), elementwise::expand_to(g, &small, input.dims(), *scale)));
+            }
+            Op::SubsamplePadChannels { input, stride, before, out_channels } => {
+                let d = input.dims();
+                let (n, c, h, w) = (d[0], d[1], d[2], d[3]);
+                let (oh, ow) = (out.dims()[2], out.dims()[3]);
+                let mut dx = vec![0f32; input.numel()];
+                for b in 0..n {
+                    for ch in 0..c {
+                        for i in 0..oh {
+                            for j in 0..ow {
+                                dx[((b * c + ch) * h + i * stride) * w + j * stride] = g[((b * out_channels + ch + before) * oh + i) * ow + j];
+                            }
+                        }
+                    }
+                }
+                grads.push((input.clone(), dx));
+            }
+        }
+        grads.retain(|(t, _)| t.tracks_grad());
+        Ok(grads)
+    }
+}
+
+fn binary_backward(kind: BinaryKind, lhs: &Tensor, rhs: &Tensor, out: &Tensor, g: &[f32], grads: &mut Vec<(Tensor, Vec<f32>)>) {
+    let os = out.dims();
+    let (ls, rs) = (lhs.dims(), rhs.dims());
+    let same = ls == os && rs == os;
+    if lhs.tracks_grad() {
+        let gl = match kind {
+            BinaryKind::Add | BinaryKind::Sub if ls == os => g.to_vec(),
+            BinaryKind::Add | BinaryKind::Sub => elementwise::reduce_to_shape(g, os, ls, None, |a, _| a),
+            BinaryKind::Mul if same => rhs.with_data(|r| g.iter().zip(r).map(|(a, b)| a * b).collect()),
+            BinaryKind::Mul => rhs.with_data(|r| elementwise::reduce_to_shape(g, os, ls, Some((r, rs)), |a, b| a * b)),
+            BinaryKind::Div if same => rhs.with_data(|r| g.iter().zip(r).map(|(a, b)| a / b).collect()),
+            BinaryKind::Div => rhs.with_data(|r| elementwise::reduce_to_shape(g, os, ls, Some((r, rs)), |a, b| a / b)),
+        };
+        grads.push((lhs.clone(), gl));
+    }
+    if rhs.tracks_grad() {
+        let gr = match kind {
+            BinaryKind::Add if rs == os => g.to_vec(),
+            BinaryKind::Sub if rs == os => g.iter().map(|v| -v).collect(),
+            BinaryKind::Add => elementwise::reduce_to_shape(g, os, rs, None, |a, _| a),
+            BinaryKind::Sub => elementwise::reduce_to_shape(g, os, rs, None, |a, _| -a),
+            BinaryKind::Mul if same => lhs.with_data(|l| g.iter().zip(l).map(|(a, b)| a * b).collect()),
+            BinaryKind::Mul => lhs.with_data(|l| elementwise::reduce_to_shape(g, os, rs, Some((l, ls)), |a, b| a * b)),
+            BinaryKind::Div => {
+                // d(a/b)/db = -a/b^2 = -out/b
+                let mut q = vec![0f32; g.len()];
+                out.with_data(|o| rhs.with_data(|r| elementwise::binary_forward(BinaryKind::Div, o, os, r, rs, os, &mut q)));
+                q.iter_mut().for_each(|v| *v = -*v);
+                if rs == os {
+                    g.iter().zip(&q).map(|(a, b)| a * b).collect()
+                } else {
+                    elementwise::reduce_to_shape(g, os, rs, Some((&q, os)), |a, b| a * b)
+                }
+            }
+        };
+        grads.push((rhs.clone(), gr));
+    }
+}

@@ -1,0 +1,404 @@
+//! 2-D convolution (cross-correlation) forward and backward, mirroring
+//! `torch.nn.functional.conv2d` and its autograd formula.
+//!
+//! Legend: N batch, C input channels, H/W input height/width, K output channels,
+//! KH/KW kernel size, OH/OW output size, G groups, CG = C/G and KG = K/G channels per group.
+//! Layouts: input `[N, C, H, W]`, weight `[K, CG, KH, KW]`, bias `[K]`, output `[N, K, OH, OW]`.
+//!
+//! Method: per image and group, im2col the input into `col [CG*KH*KW, OH*OW]` and multiply
+//! `W_g [KG, CG*KH*KW] @ col`. A 1x1 kernel with stride 1 and no padding uses the input as
+//! `col` directly. The bias is written first and the product accumulated onto it (a fused
+//! epilogue). Images are spread over rayon threads; products inside run single-threaded
+//! unless the batch is smaller than the thread count.
+
+use super::matmul::{matmul, MatRef, Par};
+use rayon::prelude::*;
+
+/// Geometry of one convolution, validated by the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    /// Batch size N.
+    pub n: usize,
+    /// Input channels C.
+    pub c: usize,
+    /// Input height H.
+    pub h: usize,
+    /// Input width W.
+    pub w: usize,
+    /// Output channels K.
+    pub k: usize,
+    /// Kernel height KH.
+    pub kh: usize,
+    /// Kernel width KW.
+    pub kw: usize,
+    /// Output height OH.
+    pub oh: usize,
+    /// Output width OW.
+    pub ow: usize,
+    /// Stride (vertical, horizontal).
+    pub stride: (usize, usize),
+    /// Zero padding (vertical, horizontal).
+    pub padding: (usize, usize),
+    /// Dilation (vertical, horizontal).
+    pub dilation: (usize, usize),
+    /// Groups G.
+    pub groups: usize,
+}
+
+impl ConvGeom {
+    fn cg(&self) -> usize {
+        self.c / self.groups
+    }
+    fn kg(&self) -> usize {
+        self.k / self.groups
+    }
+    /// Rows of the im2col matrix of one group: CG*KH*KW.
+    fn col_rows(&self) -> usize {
+        self.cg() * self.kh * self.kw
+    }
+    fn out_plane(&self) -> usize {
+        self.oh * self.ow
+    }
+    fn in_image(&self) -> usize {
+        self.c * self.h * self.w
+    }
+    fn out_image(&self) -> usize {
+        self.k * self.out_plane()
+    }
+    /// True when im2col would be the identity (1x1, stride 1, no padding).
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1
+            && self.kw == 1
+            && self.stride == (1, 1)
+            && self.padding == (0, 0)
+    }
+    /// Range of output columns `ow` whose input column `ow*sw - pw + kw*dw` is inside `0..W`.
+    fn valid_ow(&self, kw: usize) -> (usize, usize) {
+        valid_range(self.w, self.ow, self.stride.1, self.padding.1, kw * self.dilation.1)
+    }
+    fn valid_oh(&self, kh: usize) -> (usize, usize) {
+        valid_range(self.h, self.oh, self.stride.0, self.padding.0, kh * self.dilation.0)
+    }
+    /// Multiply-accumulates of the forward pass (for FLOP counts).
+    pub fn macs(&self) -> usize {
+        self.n * self.k * self.out_plane() * self.col_rows()
+    }
+}
+
+/// Output positions `o` in `lo..hi` with `0 <= o*stride - pad + shift < len`.
+fn valid_range(len: usize, out: usize, stride: usize, pad: usize, shift: usize) -> (usize, usize) {
+    // o*stride + shift >= pad  <=>  o >= ceil((pad - shift) / stride)
+    let lo = if shift >= pad { 0 } else { (pad - shift).div_ceil(stride) };
+    // o*stride + shift - pad <= len - 1  <=>  o <= (len - 1 + pad - shift) / stride
+    let hi = if len + pad > shift {
+        ((len - 1 + pad - shift) / stride + 1).min(out)
+    } else {
+        0
+    };
+    (lo.min(hi), hi)
+}
+
+/// Fills `col [CG*KH*KW, OH*OW]` from one image's group `x [CG, H, W]`.
+pub fn im2col(x: &[f32], g: &ConvGeom, col: &mut [f32]) {
+    let (ohw, (sh, sw), (ph, pw), (dh, dw)) = (g.out_plane(), g.stride, g.padding, g.dilation);
+    for c in 0..g.cg() {
+        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ki in 0..g.kh {
+            let (oh_lo, oh_hi) = g.valid_oh(ki);
+            for kj in 0..g.kw {
+                let row = (c * g.kh + ki) * g.kw + kj;
+                let dst = &mut col[row * ohw..(row + 1) * ohw];
+                let (ow_lo, ow_hi) = g.valid_ow(kj);
+                dst[..oh_lo * g.ow].fill(0.0);
+                dst[oh_hi * g.ow..].fill(0.0);
+                for oh in oh_lo..oh_hi {
+                    let ih = oh * sh + ki * dh - ph;
+                    let out_row = &mut dst[oh * g.ow..(oh + 1) * g.ow];
+                    out_row[..ow_lo].fill(0.0);
+                    out_row[ow_hi..].fill(0.0);
+                    if ow_lo >= ow_hi {
+                        continue;
+                    }
+                    let iw0 = ow_lo * sw + kj * dw - pw;
+                    let src = &plane[ih * g.w..(ih + 1) * g.w];
+                    if sw == 1 {
+                        out_row[ow_lo..ow_hi].copy_from_slice(&src[iw0..iw0 + (ow_hi - ow_lo)]);
+                    } else {
+                        for (i, o) in out_row[ow_lo..ow_hi].iter_mut().enumerate() {
+                            *o = src[iw0 + i * sw];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds `col [CG*KH*KW, OH*OW]` back into one image's group `dx [CG, H, W]` (im2col's adjoint).
+pub fn col2im_add(col: &[f32], g: &ConvGeom, dx: &mut [f32]) {
+    let (ohw, (sh, sw), (ph, pw), (dh, dw)) = (g.out_plane(), g.stride, g.padding, g.dilation);
+    for c in 0..g.cg() {
+        let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ki in 0..g.kh {
+            let (oh_lo, oh_hi) = g.valid_oh(ki);
+            for kj in 0..g.kw {
+                let row = (c * g.kh + ki) * g.kw + kj;
+                let src = &col[row * ohw..(row + 1) * ohw];
+                let (ow_lo, ow_hi) = g.valid_ow(kj);
+                if ow_lo >= ow_hi {
+                    continue;
+                }
+                for oh in oh_lo..oh_hi {
+                    let ih = oh * sh + ki * dh - ph;
+                    let iw0 = ow_lo * sw + kj * dw - pw;
+                    let in_row = &src[oh * g.ow + ow_lo..oh * g.ow + ow_hi];
+                    let dst = &mut plane[ih * g.w..(ih + 1) * g.w];
+                    if sw == 1 {
+                        for (d, s) in dst[iw0..iw0 + in_row.len()].iter_mut().zip(in_row) {
+                            *d += s;
+                        }
+                    } else {
+                        for (i, s) in in_row.iter().enumerate() {
+                            dst[iw0 + i * sw] += s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Parallelism inside one image's products: threads go to the batch when it is large enough.
+fn inner_par(g: &ConvGeom) -> Par {
+    if g.n >= rayon::current_num_threads() {
+        Par::Seq
+    } else {
+        Par::Rayon
+    }
+}
+
+/// `y = conv2d(x, w) + bias`. `y` must have `N*K*OH*OW` elements.
+pub fn conv2d_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, y: &mut [f32]) {
+    let (cg, kg, rows, ohw) = (g.cg(), g.kg(), g.col_rows(), g.out_plane());
+    let par = inner_par(g);
+    let pointwise = g.is_pointwise();
+    let col_len = if pointwise { 0 } else { rows * ohw };
+    y.par_chunks_mut(g.out_image())
+        .zip(x.par_chunks(g.in_image()))
+        .for_each_init(
+            || vec![0f32; col_len],
+            |col, (y_img, x_img)| {
+                for grp in 0..g.groups {
+                    let x_grp = &x_img[grp * cg * g.h * g.w..(grp + 1) * cg * g.h * g.w];
+                    let y_grp = &mut y_img[grp * kg * ohw..(grp + 1) * kg * ohw];
+                    match bias {
+                        Some(b) => {
+                            for (k, y_plane) in y_grp.chunks_mut(ohw).enumerate() {
+                                y_plane.fill(b[grp * kg + k]);
+                            }
+                        }
+                        None => y_grp.fill(0.0),
+                    }
+                    let col_ref: &[f32] = if pointwise {
+                        x_grp
+                    } else {
+                        im2col(x_grp, g, col);
+                        col
+                    };
+                    let w_grp = MatRef::row_major(&w[grp * kg * rows..(grp + 1) * kg * rows], kg, rows);
+                    matmul(y_grp, w_grp, MatRef::row_major(col_ref, rows, ohw), true, par);
+                }
+            },
+        );
+}
+
+/// `dx = conv2d_input_grad(dy, w)`: the gradient with respect to the input.
+pub fn conv2d_backward_input(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32]) {
+    let (cg, kg, rows, ohw) = (g.cg(), g.kg(), g.col_rows(), g.out_plane());
+    let par = inner_par(g);
+    let pointwise = g.is_pointwise();
+    let col_len = if pointwise { 0 } else { rows * ohw };
+    dx.par_chunks_mut(g.in_image())
+        .zip(dy.par_chunks(g.out_image()))
+        .for_each_init(
+            || vec![0f32; col_len],
+            |col, (dx_img, dy_img)| {
+                for grp in 0..g.groups {
+                    let dx_grp = &mut dx_img[grp * cg * g.h * g.w..(grp + 1) * cg * g.h * g.w];
+                    let dy_grp = MatRef::row_major(&dy_img[grp * kg * ohw..(grp + 1) * kg * ohw], kg, ohw);
+                    let w_t = MatRef::row_major(&w[grp * kg * rows..(grp + 1) * kg * rows], kg, rows).t();
+                    if pointwise {
+                        matmul(dx_grp, w_t, dy_grp, false, par);
+                    } else {
+                        matmul(col, w_t, dy_grp, false, par);
+                        dx_grp.fill(0.0);
+                        col2im_add(col, g, dx_grp);
+                    }
+                }
+            },
+        );
+}
+
+/// `dw = conv2d_weight_grad(x, dy)`: the gradient with respect to the weight, summed over the
+/// batch. Each rayon split accumulates its own partial sum; the partials are then added.
+pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
+    let (cg, kg, rows, ohw) = (g.cg(), g.kg(), g.col_rows(), g.out_plane());
+    let w_len = g.k * rows;
+    let pointwise = g.is_pointwise();
+    let col_len = if pointwise { 0 } else { rows * ohw };
+    let per_image = |acc: &mut [f32], col: &mut Vec<f32>, n: usize, par: Par| {
+        let x_img = &x[n * g.in_image()..(n + 1) * g.in_image()];
+        let dy_img = &dy[n * g.out_image()..(n + 1) * g.out_image()];
+        for grp in 0..g.groups {
+            let x_grp = &x_img[grp * cg * g.h * g.w..(grp + 1) * cg * g.h * g.w];
+            let col_ref: &[f32] = if pointwise {
+                x_grp
+            } else {
+                im2col(x_grp, g, col);
+                col
+            };
+            let dy_grp = MatRef::row_major(&dy_img[grp * kg * ohw..(grp + 1) * kg * ohw], kg, ohw);
+            let col_t = MatRef::row_major(col_ref, rows, ohw).t();
+            matmul(&mut acc[grp * kg * rows..(grp + 1) * kg * rows], dy_grp, col_t, true, par);
+        }
+    };
+    let threads = rayon::current_num_threads();
+    if g.n < threads * 2 {
+        dw.fill(0.0);
+        let mut col = vec![0f32; col_len];
+        for n in 0..g.n {
+            per_image(dw, &mut col, n, Par::Rayon);
+        }
+        return;
+    }
+    let chunk = g.n.div_ceil(threads);
+    let partials: Vec<Vec<f32>> = (0..g.n)
+        .into_par_iter()
+        .chunks(chunk)
+        .map(|images| {
+            let mut acc = vec![0f32; w_len];
+            let mut col = vec![0f32; col_len];
+            for n in images {
+                per_image(&mut acc, &mut col, n, Par::Seq);
+            }
+            acc
+        })
+        .collect();
+    dw.copy_from_slice(&partials[0]);
+    for p in &partials[1..] {
+        for (d, s) in dw.iter_mut().zip(p) {
+            *d += s;
+        }
+    }
+}
+
+/// `db[k] = sum over n, oh, ow of dy[n, k, oh, ow]`.
+pub fn conv2d_backward_bias(dy: &[f32], g: &ConvGeom, db: &mut [f32]) {
+    let ohw = g.out_plane();
+    for (k, d) in db.iter_mut().enumerate() {
+        let mut acc = 0f64;
+        for n in 0..g.n {
+            let plane = &dy[(n * g.k + k) * ohw..(n * g.k + k + 1) * ohw];
+            acc += plane.iter().map(|&v| v as f64).sum::<f64>();
+        }
+        *d = acc as f32;
+    }
+}
+
+/// Direct seven-loop convolution with `f64` accumulation: the reference for the kernels above.
+/// Returns `(y, dx, dw)` for upstream gradient `dy` so that all three can be compared.
+pub fn conv2d_naive(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    dy: &[f32],
+    g: &ConvGeom,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (cg, kg) = (g.cg(), g.kg());
+    let mut y = vec![0f64; g.n * g.out_image()];
+    let mut dx = vec![0f64; x.len()];
+    let mut dw = vec![0f64; w.len()];
+    for n in 0..g.n {
+        for k in 0..g.k {
+            let grp = k / kg;
+            for oh in 0..g.oh {
+                for ow in 0..g.ow {
+                    let yi = ((n * g.k + k) * g.oh + oh) * g.ow + ow;
+                    let mut acc = bias.map_or(0.0, |b| b[k] as f64);
+                    for c in 0..cg {
+                        let ci = grp * cg + c;
+                        for ki in 0..g.kh {
+                            for kj in 0..g.kw {
+                                let ih = (oh * g.stride.0 + ki * g.dilation.0) as isize - g.padding.0 as isize;
+                                let iw = (ow * g.stride.1 + kj * g.dilation.1) as isize - g.padding.1 as isize;
+                                if ih < 0 || iw < 0 || ih >= g.h as isize || iw >= g.w as isize {
+                                    continue;
+                                }
+                                let xi = ((n * g.c + ci) * g.h + ih as usize) * g.w + iw as usize;
+                                let wi = ((k * cg + c) * g.kh + ki) * g.kw + kj;
+                                acc += x[xi] as f64 * w[wi] as f64;
+                                dx[xi] += dy[yi] as f64 * w[wi] as f64;
+                                dw[wi] += dy[yi] as f64 * x[xi] as f64;
+                            }
+                        }
+                    }
+                    y[yi] = acc;
+                }
+            }
+        }
+    }
+    let f = |v: Vec<f64>| v.into_iter().map(|a| a as f32).collect();
+    (f(y), f(dx), f(dw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shape::conv_out_size;
+    use crate::Rng;
+
+    fn geom(n: usize, c: usize, h: usize, w: usize, k: usize, kh: usize, kw: usize, s: (usize, usize), p: (usize, usize), d: (usize, usize), groups: usize) -> ConvGeom {
+        ConvGeom {
+            n, c, h, w, k, kh, kw,
+            oh: conv_out_size(h, kh, s.0, p.0, d.0).unwrap(),
+            ow: conv_out_size(w, kw, s.1, p.1, d.1).unwrap(),
+            stride: s, padding: p, dilation: d, groups,
+        }
+    }
+
+    fn close(a: &[f32], b: &[f32], what: &str) {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= 1e-5 + 1e-5 * y.abs(), "{what}[{i}]: {x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn fast_kernels_match_naive_reference() {
+        let cases = [
+            geom(3, 4, 7, 9, 6, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+            geom(2, 6, 9, 8, 4, 2, 3, (2, 1), (1, 2), (1, 1), 2),
+            geom(1, 5, 11, 10, 5, 3, 3, (2, 2), (2, 2), (2, 2), 5),
+            geom(5, 4, 6, 5, 7, 1, 1, (1, 1), (0, 0), (1, 1), 1),
+            geom(4, 3, 6, 7, 2, 1, 1, (2, 2), (1, 0), (1, 1), 1),
+            geom(1, 2, 4, 4, 3, 5, 5, (3, 3), (2, 2), (1, 1), 1),
+        ];
+        let mut rng = Rng::new(3);
+        for g in cases {
+            let mut r = |len: usize| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
+            let x = r(g.n * g.in_image());
+            let w = r(g.k * g.col_rows());
+            let b = r(g.k);
+            let dy = r(g.n * g.out_image());
+            let (y_ref, dx_ref, dw_ref) = conv2d_naive(&x, &w, Some(&b), &dy, &g);
+            let mut y = vec![0.0; y_ref.len()];
+            conv2d_forward(&x, &w, Some(&b), &g, &mut y);
+            close(&y, &y_ref, &format!("{g:?} y"));
+            let mut dx = vec![7.0; x.len()];
+            conv2d_backward_input(&dy, &w, &g, &mut dx);
+            close(&dx, &dx_ref, &format!("{g:?} dx"));
+            let mut dw = vec![7.0; w.len()];
+            conv2d_backward_weight(&x, &dy, &g, &mut dw);
+            close(&dw, &dw_ref, &format!("{g:?} dw"));
+        }
+    }
+}

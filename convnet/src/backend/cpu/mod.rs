@@ -1,0 +1,21 @@
+//! CPU kernels: rayon for parallelism, the `gemm` crate (AVX-512 kernels) for products.
+//!
+//! Each kernel file opens with what it computes and the PyTorch function it mirrors, and
+//! keeps a naive reference implementation beside the fast one for tests.
+
+pub mod activation;
+pub mod conv;
+pub mod elementwise;
+pub mod loss;
+pub mod matmul;
+pub mod norm;
+pub mod optim;
+pub mod pool;
+
+/// Number of worker threads kernels may use (rayon's pool size).
+pub fn num_threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// Below this many elements, elementwise kernels run on one thread.
+pub(crate) const PAR_MIN_ELEMS: usize = 1 << 15;

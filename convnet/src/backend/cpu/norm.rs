@@ -1,0 +1,89 @@
+//! 2-D batch normalisation, mirroring `torch.nn.functional.batch_norm` on `[N, C, H, W]`.
+//!
+//! Legend: per channel c, M = N*H*W values. Training uses the batch mean and the biased
+//! variance to normalise (`xhat = (x - mean) * invstd`, `invstd = 1/sqrt(var + eps)`); eval
+//! uses the running statistics. Statistics are accumulated in `f64`. Channels run in
+//! parallel.
+
+use rayon::prelude::*;
+
+/// Per-channel batch statistics: `(mean, biased variance)` over N, H and W.
+pub fn batch_stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mut s = 0f64;
+            for b in 0..n {
+                s += x[(b * c + ch) * hw..(b * c + ch + 1) * hw].iter().map(|&v| v as f64).sum::<f64>();
+            }
+            let m = (n * hw) as f64;
+            let mean = s / m;
+            let mut ss = 0f64;
+            for b in 0..n {
+                ss += x[(b * c + ch) * hw..(b * c + ch + 1) * hw].iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>();
+            }
+            (mean, ss / m)
+        })
+        .unzip()
+}
+
+/// `y = (x - mean) * invstd * weight + bias`, per channel.
+pub fn normalize(x: &[f32], mean: &[f32], invstd: &[f32], weight: Option<&[f32]>, bias: Option<&[f32]>, n: usize, c: usize, hw: usize, y: &mut [f32]) {
+    y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (yp, xp))| {
+        let ch = plane % c;
+        let scale = invstd[ch] * weight.map_or(1.0, |w| w[ch]);
+        let shift = bias.map_or(0.0, |b| b[ch]) - mean[ch] * scale;
+        for (o, &v) in yp.iter_mut().zip(xp) {
+            *o = v * scale + shift;
+        }
+    });
+    let _ = n;
+}
+
+/// Gradients of batch norm: returns `(dx, dweight, dbias)` where `dx` is computed only when
+/// `need_dx`. In training mode the batch statistics depend on `x`, adding the two mean terms.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(x: &[f32], dy: &[f32], mean: &[f32], invstd: &[f32], weight: Option<&[f32]>, n: usize, c: usize, hw: usize, training: bool, need_dx: bool) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    // Per channel: sum(dy) and sum(dy * xhat).
+    let sums: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut sdy, mut sdyx) = (0f64, 0f64);
+            let (m, is) = (mean[ch] as f64, invstd[ch] as f64);
+            for b in 0..n {
+                let r = (b * c + ch) * hw..(b * c + ch + 1) * hw;
+                for (&g, &v) in dy[r.clone()].iter().zip(&x[r]) {
+                    sdy += g as f64;
+                    sdyx += g as f64 * (v as f64 - m) * is;
+                }
+            }
+            (sdy, sdyx)
+        })
+        .collect();
+    let dbias: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
+    let dweight: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
+    let dx = need_dx.then(|| {
+        let mut dx = vec![0f32; x.len()];
+        let count = (n * hw) as f64;
+        dx.par_chunks_mut(hw).enumerate().for_each(|(plane, dxp)| {
+            let ch = plane % c;
+            let (m, is) = (mean[ch] as f64, invstd[ch] as f64);
+            let w = weight.map_or(1.0, |w| w[ch] as f64);
+            let r = plane * hw..(plane + 1) * hw;
+            if training {
+                let (sdy, sdyx) = sums[ch];
+                let k = w * is / count;
+                for ((o, &g), &v) in dxp.iter_mut().zip(&dy[r.clone()]).zip(&x[r]) {
+                    let xhat = (v as f64 - m) * is;
+                    *o = (k * (count * g as f64 - sdy - xhat * sdyx)) as f32;
+                }
+            } else {
+                for (o, &g) in dxp.iter_mut().zip(&dy[r]) {
+                    *o = (g as f64 * w * is) as f32;
+                }
+            }
+        });
+        dx
+    });
+    (dx, dweight, dbias)
+}

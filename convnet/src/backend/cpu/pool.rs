@@ -1,0 +1,285 @@
+//! Pooling forward and backward, mirroring `torch.nn.functional.max_pool2d` (with indices),
+//! `avg_pool2d` and `adaptive_avg_pool2d`.
+//!
+//! Legend: P = N*C independent planes of H x W input and OH x OW output. Each plane is
+//! processed on its own (rayon over planes). Max pooling saves, per output element, the
+//! flat index `ih*W + iw` of the winning input inside its plane (the argmax), so its backward
+//! is a scatter; NaN wins, as in PyTorch.
+
+use rayon::prelude::*;
+
+/// Window geometry shared by max and average pooling (validated by the caller).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolGeom {
+    /// Number of planes, N*C.
+    pub planes: usize,
+    /// Input height H.
+    pub h: usize,
+    /// Input width W.
+    pub w: usize,
+    /// Output height OH.
+    pub oh: usize,
+    /// Output width OW.
+    pub ow: usize,
+    /// Kernel (height, width).
+    pub kernel: (usize, usize),
+    /// Stride (vertical, horizontal).
+    pub stride: (usize, usize),
+    /// Padding (vertical, horizontal).
+    pub padding: (usize, usize),
+    /// Dilation (vertical, horizontal); max pooling only, 1 for average pooling.
+    pub dilation: (usize, usize),
+}
+
+impl PoolGeom {
+    fn in_plane(&self) -> usize {
+        self.h * self.w
+    }
+    fn out_plane(&self) -> usize {
+        self.oh * self.ow
+    }
+}
+
+/// Input rows (or columns) a max-pool window at output position `o` covers:
+/// `(start, end, step)` with `start` the first in-bounds tap.
+fn max_window(o: usize, stride: usize, pad: usize, kernel: usize, dil: usize, len: usize) -> (usize, usize, usize) {
+    let mut start = (o * stride) as isize - pad as isize;
+    let end = (start + ((kernel - 1) * dil) as isize + 1).min(len as isize);
+    while start < 0 {
+        start += dil as isize;
+    }
+    (start as usize, end.max(start) as usize, dil)
+}
+
+/// Max pooling: writes `y [P, OH, OW]` and `argmax [P, OH, OW]`.
+pub fn max_pool2d_forward(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &mut [u32]) {
+    let (kh, kw) = g.kernel;
+    y.par_chunks_mut(g.out_plane())
+        .zip(argmax.par_chunks_mut(g.out_plane()))
+        .zip(x.par_chunks(g.in_plane()))
+        .for_each(|((y_p, a_p), x_p)| {
+            // The common non-overlapping 2x2 / stride 2 window without padding: unrolled.
+            if g.kernel == (2, 2) && g.stride == (2, 2) && g.padding == (0, 0) && g.dilation == (1, 1) && g.h >= 2 * g.oh && g.w >= 2 * g.ow {
+                for oh in 0..g.oh {
+                    let r0 = &x_p[2 * oh * g.w..2 * oh * g.w + g.w];
+                    let r1 = &x_p[(2 * oh + 1) * g.w..(2 * oh + 1) * g.w + g.w];
+                    for ow in 0..g.ow {
+                        let c = 2 * ow;
+                        let cand = [(r0[c], c), (r0[c + 1], c + 1), (r1[c], g.w + c), (r1[c + 1], g.w + c + 1)];
+                        let mut best = cand[0];
+                        for &(v, i) in &cand[1..] {
+                            if v > best.0 || v.is_nan() && !best.0.is_nan() {
+                                best = (v, i);
+                            }
+                        }
+                        y_p[oh * g.ow + ow] = best.0;
+                        a_p[oh * g.ow + ow] = (2 * oh * g.w + best.1) as u32;
+                    }
+                }
+                return;
+            }
+            for oh in 0..g.oh {
+                let (h0, h1, hs) = max_window(oh, g.stride.0, g.padding.0, kh, g.dilation.0, g.h);
+                for ow in 0..g.ow {
+                    let (w0, w1, ws) = max_window(ow, g.stride.1, g.padding.1, kw, g.dilation.1, g.w);
+                    let mut best = f32::NEG_INFINITY;
+                    let mut best_i = h0 * g.w + w0;
+                    'window: for ih in (h0..h1).step_by(hs) {
+                        for iw in (w0..w1).step_by(ws) {
+                            let v = x_p[ih * g.w + iw];
+                            if v > best || v.is_nan() {
+                                best = v;
+                                best_i = ih * g.w + iw;
+                                if v.is_nan() {
+                                    break 'window;
+                                }
+                            }
+                        }
+                    }
+                    y_p[oh * g.ow + ow] = best;
+                    a_p[oh * g.ow + ow] = best_i as u32;
+                }
+            }
+        });
+}
+
+/// Max pooling backward: `dx[argmax] += dy` per plane.
+pub fn max_pool2d_backward(dy: &[f32], argmax: &[u32], g: &PoolGeom, dx: &mut [f32]) {
+    dx.par_chunks_mut(g.in_plane())
+        .zip(dy.par_chunks(g.out_plane()))
+        .zip(argmax.par_chunks(g.out_plane()))
+        .for_each(|((dx_p, dy_p), a_p)| {
+            dx_p.fill(0.0);
+            for (d, &a) in dy_p.iter().zip(a_p) {
+                dx_p[a as usize] += d;
+            }
+        });
+}
+
+/// The clipped window and divisor of average pooling at one output position, as PyTorch's
+/// `avg_pool2d` computes them: the divisor counts padded taps when `count_include_pad`.
+fn avg_window(o: usize, stride: usize, pad: usize, kernel: usize, len: usize) -> (usize, usize, usize) {
+    let start = (o * stride) as isize - pad as isize;
+    let end = (start + kernel as isize).min((len + pad) as isize);
+    let padded_count = (end - start) as usize;
+    let s = start.max(0) as usize;
+    let e = end.min(len as isize).max(s as isize) as usize;
+    (s, e, padded_count)
+}
+
+/// Average pooling forward.
+pub fn avg_pool2d_forward(x: &[f32], g: &PoolGeom, count_include_pad: bool, y: &mut [f32]) {
+    y.par_chunks_mut(g.out_plane())
+        .zip(x.par_chunks(g.in_plane()))
+        .for_each(|(y_p, x_p)| {
+            for oh in 0..g.oh {
+                let (h0, h1, hc) = avg_window(oh, g.stride.0, g.padding.0, g.kernel.0, g.h);
+                for ow in 0..g.ow {
+                    let (w0, w1, wc) = avg_window(ow, g.stride.1, g.padding.1, g.kernel.1, g.w);
+                    let div = if count_include_pad { hc * wc } else { (h1 - h0) * (w1 - w0) };
+                    let mut acc = 0f32;
+                    for ih in h0..h1 {
+                        for v in &x_p[ih * g.w + w0..ih * g.w + w1] {
+                            acc += v;
+                        }
+                    }
+                    y_p[oh * g.ow + ow] = if div == 0 { 0.0 } else { acc / div as f32 };
+                }
+            }
+        });
+}
+
+/// Average pooling backward: each output's gradient is spread evenly over its window.
+pub fn avg_pool2d_backward(dy: &[f32], g: &PoolGeom, count_include_pad: bool, dx: &mut [f32]) {
+    dx.par_chunks_mut(g.in_plane())
+        .zip(dy.par_chunks(g.out_plane()))
+        .for_each(|(dx_p, dy_p)| {
+            dx_p.fill(0.0);
+            for oh in 0..g.oh {
+                let (h0, h1, hc) = avg_window(oh, g.stride.0, g.padding.0, g.kernel.0, g.h);
+                for ow in 0..g.ow {
+                    let (w0, w1, wc) = avg_window(ow, g.stride.1, g.padding.1, g.kernel.1, g.w);
+                    let div = if count_include_pad { hc * wc } else { (h1 - h0) * (w1 - w0) };
+                    if div == 0 {
+                        continue;
+                    }
+                    let share = dy_p[oh * g.ow + ow] / div as f32;
+                    for ih in h0..h1 {
+                        for d in &mut dx_p[ih * g.w + w0..ih * g.w + w1] {
+                            *d += share;
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// Adaptive window `[floor(o*len/out), ceil((o+1)*len/out))`.
+fn adaptive_window(o: usize, len: usize, out: usize) -> (usize, usize) {
+    (o * len / out, ((o + 1) * len).div_ceil(out))
+}
+
+/// Adaptive average pooling forward: `x [P, H, W] -> y [P, OH, OW]`.
+pub fn adaptive_avg_pool2d_forward(x: &[f32], g: &PoolGeom, y: &mut [f32]) {
+    y.par_chunks_mut(g.out_plane())
+        .zip(x.par_chunks(g.in_plane()))
+        .for_each(|(y_p, x_p)| {
+            for oh in 0..g.oh {
+                let (h0, h1) = adaptive_window(oh, g.h, g.oh);
+                for ow in 0..g.ow {
+                    let (w0, w1) = adaptive_window(ow, g.w, g.ow);
+                    let mut acc = 0f32;
+                    for ih in h0..h1 {
+                        for v in &x_p[ih * g.w + w0..ih * g.w + w1] {
+                            acc += v;
+                        }
+                    }
+                    y_p[oh * g.ow + ow] = acc / ((h1 - h0) * (w1 - w0)) as f32;
+                }
+            }
+        });
+}
+
+/// Adaptive average pooling backward.
+pub fn adaptive_avg_pool2d_backward(dy: &[f32], g: &PoolGeom, dx: &mut [f32]) {
+    dx.par_chunks_mut(g.in_plane())
+        .zip(dy.par_chunks(g.out_plane()))
+        .for_each(|(dx_p, dy_p)| {
+            dx_p.fill(0.0);
+            for oh in 0..g.oh {
+                let (h0, h1) = adaptive_window(oh, g.h, g.oh);
+                for ow in 0..g.ow {
+                    let (w0, w1) = adaptive_window(ow, g.w, g.ow);
+                    let share = dy_p[oh * g.ow + ow] / ((h1 - h0) * (w1 - w0)) as f32;
+                    for ih in h0..h1 {
+                        for d in &mut dx_p[ih * g.w + w0..ih * g.w + w1] {
+                            *d += share;
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// Naive max pooling over every padded tap (padding counts as -inf): reference for tests.
+pub fn max_pool2d_naive(x: &[f32], g: &PoolGeom) -> Vec<f32> {
+    let mut y = vec![0f32; g.planes * g.out_plane()];
+    for p in 0..g.planes {
+        for oh in 0..g.oh {
+            for ow in 0..g.ow {
+                let mut best = f32::NEG_INFINITY;
+                for ki in 0..g.kernel.0 {
+                    for kj in 0..g.kernel.1 {
+                        let ih = (oh * g.stride.0 + ki * g.dilation.0) as isize - g.padding.0 as isize;
+                        let iw = (ow * g.stride.1 + kj * g.dilation.1) as isize - g.padding.1 as isize;
+                        if ih >= 0 && iw >= 0 && (ih as usize) < g.h && (iw as usize) < g.w {
+                            best = best.max(x[p * g.in_plane() + ih as usize * g.w + iw as usize]);
+                        }
+                    }
+                }
+                y[p * g.out_plane() + oh * g.ow + ow] = best;
+            }
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shape::pool_out_size;
+    use crate::Rng;
+
+    #[test]
+    fn max_pool_matches_naive_including_fast_path() {
+        let mut rng = Rng::new(9);
+        for &(h, w, k, s, p, d, ceil) in &[
+            (8usize, 8usize, 2usize, 2usize, 0usize, 1usize, false),
+            (9, 7, 2, 2, 0, 1, true),
+            (9, 7, 3, 2, 1, 1, false),
+            (10, 11, 3, 2, 1, 2, true),
+            (5, 6, 3, 1, 1, 1, false),
+        ] {
+            let g = PoolGeom {
+                planes: 3,
+                h,
+                w,
+                oh: pool_out_size(h, k, s, p, d, ceil).unwrap(),
+                ow: pool_out_size(w, k, s, p, d, ceil).unwrap(),
+                kernel: (k, k),
+                stride: (s, s),
+                padding: (p, p),
+                dilation: (d, d),
+            };
+            let x: Vec<f32> = (0..3 * h * w).map(|_| rng.normal()).collect();
+            let mut y = vec![0.0; 3 * g.oh * g.ow];
+            let mut a = vec![0u32; y.len()];
+            max_pool2d_forward(&x, &g, &mut y, &mut a);
+            assert_eq!(y, max_pool2d_naive(&x, &g), "{g:?}");
+            for (i, &ai) in a.iter().enumerate() {
+                let plane = i / (g.oh * g.ow);
+                assert_eq!(x[plane * h * w + ai as usize], y[i]);
+            }
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Neural-network layers with `torch.nn`'s constructor arguments, default initialisation and
+//! `state_dict` names, plus [`Sequential`] containers and [`Model`], which runs shape
+//! inference when it is built and prints a summary table.
+
+mod init;
+mod layers;
+mod model;
+mod resnet;
+mod sequential;
+
+pub use init::{kaiming_uniform, uniform_bias};
+pub use layers::{
+    AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, Conv2dBuilder, Dropout, Flatten, Linear,
+    MaxPool2d, Softmax, GELU, LeakyReLU, ReLU, Sigmoid, Tanh,
+};
+pub use model::{Model, SummaryRow};
+pub use resnet::{BasicBlock, Shortcut};
+pub use sequential::Sequential;
+
+use crate::error::{Error, Result};
+use crate::shape::Shape;
+use crate::tensor::Tensor;
+
+/// Whether a forward pass is for training or evaluation. Passed explicitly so that Dropout
+/// and BatchNorm can never silently run in the wrong mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Dropout active, BatchNorm uses and updates batch statistics.
+    Train,
+    /// Dropout is the identity, BatchNorm uses running statistics.
+    Eval,
+}
+
+impl Mode {
+    /// True for [`Mode::Train`].
+    pub fn is_train(self) -> bool {
+        self == Mode::Train
+    }
+}
+
+/// What a named tensor of a module is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorRole {
+    /// Trained by the optimizer (`nn.Parameter`).
+    Parameter,
+    /// State that is saved but not trained (BatchNorm running statistics).
+    Buffer,
+}
+
+/// A layer or a container of layers.
+pub trait Module: Send + Sync {
+    /// Runs the layer on a batch.
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor>;
+
+    /// The `torch.nn` class name, e.g. `"Conv2d"`.
+    fn kind(&self) -> &'static str;
+
+    /// Output shape for an input shape (batch dimension included), or an error saying why
+    /// the input does not fit.
+    fn output_shape(&self, input: &[usize]) -> Result<Shape>;
+
+    /// Calls `f` for every parameter and buffer with its `state_dict` name under `prefix`.
+    fn visit_tensors(&self, prefix: &str, f: &mut dyn FnMut(String, &Tensor, TensorRole)) {
+        let _ = (prefix, f);
+    }
+
+    /// Shape inference with summary rows; containers override it to recurse. Errors name the
+    /// layer by its path.
+    fn infer(&self, path: &str, input: &[usize], rows: &mut Vec<SummaryRow>) -> Result<Shape> {
+        let out = self.output_shape(input).map_err(|e| match e {
+            Error::Layer { .. } => e,
+            other => Error::Layer { layer: path.to_string(), kind: self.kind(), msg: layer_message(&other) },
+        })?;
+        let mut params = 0;
+        self.visit_tensors("", &mut |_, t, role| {
+            if role == TensorRole::Parameter {
+                params += t.numel();
+            }
+        });
+        rows.push(SummaryRow { name: path.to_string(), kind: self.kind(), output_shape: out.clone(), params });
+        Ok(out)
+    }
+}
+
+/// The part of an op's error worth repeating under a layer name (without the op prefix).
+fn layer_message(e: &Error) -> String {
+    match e {
+        Error::InvalidArgument { msg, .. } => msg.clone(),
+        Error::ShapeMismatch { expected, got, .. } => format!("expected {expected}, got {got}"),
+        other => other.to_string(),
+    }
+}
+
+/// Joins a module path and a child name the way `state_dict` keys are joined.
+pub(crate) fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+/// Named parameters of a module, in registration order.
+pub fn named_parameters(m: &dyn Module) -> Vec<(String, Tensor)> {
+    let mut out = Vec::new();
+    m.visit_tensors("", &mut |name, t, role| {
+        if role == TensorRole::Parameter {
+            out.push((name, t.clone()));
+        }
+    });
+    out
+}
+
+/// Named parameters and buffers of a module, as `state_dict()` orders them.
+pub fn state_dict(m: &dyn Module) -> Vec<(String, Tensor)> {
+    let mut out = Vec::new();
+    m.visit_tensors("", &mut |name, t, _| out.push((name, t.clone())));
+    out
+}

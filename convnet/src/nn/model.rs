@@ -1,0 +1,148 @@
+//! [`Model`]: a module whose shapes were checked for a given input size, with its summary
+//! table and `state_dict`-style access to parameters and buffers.
+
+use super::{Mode, Module, TensorRole};
+use crate::error::{shape_mismatch, Error, Result};
+use crate::shape::Shape;
+use crate::tensor::Tensor;
+use std::fmt::Write as _;
+
+/// One line of a model summary.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SummaryRow {
+    /// Layer path (`conv1`, `layer1.0.bn1`).
+    pub name: String,
+    /// Layer type.
+    pub kind: &'static str,
+    /// Output shape for a batch of one.
+    pub output_shape: Shape,
+    /// Trainable parameters in this layer (not in its children).
+    pub params: usize,
+}
+
+/// A network built for a fixed input shape. Building runs shape inference once, so a layer
+/// that cannot take its input (a wrong flatten size, too few channels) is reported by name
+/// before any data flows.
+///
+/// ```
+/// use convnet::nn::{Flatten, Linear, Sequential};
+/// let err = Sequential::new()
+///     .add("flatten", Flatten::new())
+///     .add("fc1", Linear::new(64 * 7 * 7, 10)?)
+///     .build(&[64, 8, 8])
+///     .err()
+///     .unwrap();
+/// assert!(err.to_string().starts_with("fc1 (Linear): expected 3136 input features, got 4096"));
+/// # Ok::<(), convnet::Error>(())
+/// ```
+pub struct Model {
+    net: Box<dyn Module>,
+    input_shape: Vec<usize>,
+    output_shape: Shape,
+    rows: Vec<SummaryRow>,
+}
+
+impl Model {
+    /// Checks `net` for inputs of shape `input_shape` (without the batch dimension).
+    pub fn new(net: Box<dyn Module>, input_shape: &[usize]) -> Result<Model> {
+        let mut batched = vec![1];
+        batched.extend_from_slice(input_shape);
+        let mut rows = Vec::new();
+        let output_shape = net.infer("", &batched, &mut rows)?;
+        Ok(Model { net, input_shape: input_shape.to_vec(), output_shape, rows })
+    }
+
+    /// Input shape without the batch dimension, e.g. `[3, 32, 32]`.
+    pub fn input_shape(&self) -> &[usize] {
+        &self.input_shape
+    }
+
+    /// Output shape for a batch of one.
+    pub fn output_shape(&self) -> &Shape {
+        &self.output_shape
+    }
+
+    /// The wrapped network.
+    pub fn net(&self) -> &dyn Module {
+        self.net.as_ref()
+    }
+
+    /// Runs the network on a batch `[N, ...input_shape]`.
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        if x.rank() != self.input_shape.len() + 1 || x.dims()[1..] != self.input_shape[..] {
+            return Err(shape_mismatch("Model::forward", format!("input [N, {}]", self.input_shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")), x.shape().to_string()));
+        }
+        self.net.forward(x, mode)
+    }
+
+    /// Trainable parameters with their `state_dict` names.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        super::named_parameters(self.net.as_ref())
+    }
+
+    /// Parameters and buffers with their `state_dict` names.
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        super::state_dict(self.net.as_ref())
+    }
+
+    /// Number of trainable parameters.
+    pub fn num_parameters(&self) -> usize {
+        self.named_parameters().iter().map(|(_, t)| t.numel()).sum()
+    }
+
+    /// Copies values into the parameters and buffers from `(name, tensor)` pairs. With
+    /// `strict`, every entry of the state dict must be given and every given name must exist.
+    pub fn load_state_dict(&self, entries: &[(String, Tensor)], strict: bool) -> Result<()> {
+        let own = self.state_dict();
+        for (name, value) in entries {
+            match own.iter().find(|(n, _)| n == name) {
+                Some((_, t)) => {
+                    if t.numel() != value.numel() {
+                        return Err(Error::State(format!("{name}: expected shape {}, got {}", t.shape(), value.shape())));
+                    }
+                    value.with_data(|d| t.copy_from_slice(d))?;
+                }
+                None if strict => return Err(Error::State(format!("unexpected key {name}"))),
+                None => {}
+            }
+        }
+        if strict {
+            if let Some((missing, _)) = own.iter().find(|(n, _)| !entries.iter().any(|(e, _)| e == n)) {
+                return Err(Error::State(format!("missing key {missing}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The summary rows (one per leaf layer).
+    pub fn summary_rows(&self) -> &[SummaryRow] {
+        &self.rows
+    }
+
+    /// A printable table: layer, output shape, parameters, and totals.
+    pub fn summary(&self) -> String {
+        let name_w = self.rows.iter().map(|r| r.name.len() + r.kind.len() + 3).max().unwrap_or(0).max(18);
+        let shape_w = self.rows.iter().map(|r| r.output_shape.to_string().len()).max().unwrap_or(0).max(14);
+        let mut s = String::new();
+        let _ = writeln!(s, "{:<name_w$}  {:<shape_w$}  {:>10}", "Layer (type)", "Output shape", "Params");
+        let _ = writeln!(s, "{}", "-".repeat(name_w + shape_w + 14));
+        for r in &self.rows {
+            let label = format!("{} ({})", r.name, r.kind);
+            let _ = writeln!(s, "{label:<name_w$}  {:<shape_w$}  {:>10}", r.output_shape.to_string(), r.params);
+        }
+        let _ = writeln!(s, "{}", "-".repeat(name_w + shape_w + 14));
+        let buffers: usize = {
+            let mut n = 0;
+            self.net.visit_tensors("", &mut |_, t, role| {
+                if role == TensorRole::Buffer {
+                    n += t.numel();
+                }
+            });
+            n
+        };
+        let _ = writeln!(s, "Input shape: {}", Shape::from(self.input_shape.as_slice()));
+        let _ = writeln!(s, "Trainable params: {}", self.num_parameters());
+        let _ = write!(s, "Buffers: {buffers}");
+        s
+    }
+}

@@ -1,0 +1,103 @@
+//! Stochastic gradient descent, `torch.optim.SGD`.
+
+use super::{lookup, Optimizer};
+use crate::autograd::GradStore;
+use crate::backend::cpu::optim::sgd_step;
+use crate::error::{invalid, Error, Result};
+use crate::tensor::Tensor;
+
+/// Hyperparameters of [`Sgd`], with PyTorch's defaults except `lr` (required there; 0.01 here).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum factor.
+    pub momentum: f64,
+    /// Dampening for momentum.
+    pub dampening: f64,
+    /// L2 penalty added to the gradient.
+    pub weight_decay: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+}
+
+impl Default for SgdConfig {
+    fn default() -> Self {
+        SgdConfig { lr: 0.01, momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false }
+    }
+}
+
+struct Slot {
+    name: String,
+    param: Tensor,
+    momentum_buffer: Option<Vec<f32>>,
+}
+
+/// SGD with momentum, dampening, Nesterov and weight decay:
+/// `g += wd*p; buf = m*buf + (1-d)*g (buf = g on the first step); g = nesterov ? g + m*buf : buf; p -= lr*g`.
+pub struct Sgd {
+    cfg: SgdConfig,
+    slots: Vec<Slot>,
+}
+
+impl Sgd {
+    /// Creates the optimizer over named parameters.
+    pub fn new(params: Vec<(String, Tensor)>, cfg: SgdConfig) -> Result<Sgd> {
+        if !(cfg.lr >= 0.0) || !(cfg.momentum >= 0.0) || !(cfg.weight_decay >= 0.0) {
+            return Err(invalid("SGD", format!("lr {}, momentum {} and weight_decay {} must be non-negative", cfg.lr, cfg.momentum, cfg.weight_decay)));
+        }
+        if cfg.nesterov && (cfg.momentum <= 0.0 || cfg.dampening != 0.0) {
+            return Err(invalid("SGD", "Nesterov momentum requires a momentum and zero dampening"));
+        }
+        let slots = params.into_iter().map(|(name, param)| Slot { name, param, momentum_buffer: None }).collect();
+        Ok(Sgd { cfg, slots })
+    }
+
+    /// The hyperparameters in force.
+    pub fn config(&self) -> &SgdConfig {
+        &self.cfg
+    }
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let c = self.cfg;
+        for slot in &mut self.slots {
+            let Some(g) = grads.get(&slot.param) else { continue };
+            let first = slot.momentum_buffer.is_none();
+            let buf = if c.momentum != 0.0 { Some(slot.momentum_buffer.get_or_insert_with(|| vec![0.0; g.numel()]).as_mut_slice()) } else { None };
+            g.with_data(|gd| {
+                slot.param.update_data(|p| sgd_step(p, gd, buf, c.lr as f32, c.momentum as f32, c.dampening as f32, c.nesterov, c.weight_decay as f32, first))
+            })?;
+        }
+        Ok(())
+    }
+    fn lr(&self) -> f64 {
+        self.cfg.lr
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+    fn set_momentum(&mut self, momentum: f64) {
+        self.cfg.momentum = momentum;
+    }
+    fn state_dict(&self) -> Vec<(String, Tensor)> {
+        self.slots
+            .iter()
+            .filter_map(|s| {
+                let buf = s.momentum_buffer.as_ref()?;
+                Some((format!("{}.momentum_buffer", s.name), Tensor::from_parts(buf.clone(), s.param.shape().clone(), None)))
+            })
+            .collect()
+    }
+    fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        for s in &mut self.slots {
+            s.momentum_buffer = match lookup(state, &format!("{}.momentum_buffer", s.name)) {
+                Some(t) if t.numel() == s.param.numel() => Some(t.to_vec()),
+                Some(t) => return Err(Error::State(format!("{}.momentum_buffer: expected {}, got {}", s.name, s.param.shape(), t.shape()))),
+                None => None,
+            };
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,165 @@
+//! Tensor shapes and the output-size formulas of convolution and pooling.
+//!
+//! This file is the only home of those formulas: layers, ops and shape inference all call
+//! [`conv_out_size`] and [`pool_out_size`].
+
+use crate::error::{invalid, Result};
+use std::fmt;
+
+/// The dimensions of a tensor, outermost first (NCHW for images).
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
+pub struct Shape(Vec<usize>);
+
+impl Shape {
+    /// Creates a shape from its dimensions.
+    ///
+    /// ```
+    /// let s = convnet::Shape::new([2, 3, 4]);
+    /// assert_eq!(s.numel(), 24);
+    /// assert_eq!(s.to_string(), "[2, 3, 4]");
+    /// ```
+    pub fn new(dims: impl Into<Vec<usize>>) -> Self {
+        Shape(dims.into())
+    }
+
+    /// The dimensions as a slice.
+    pub fn dims(&self) -> &[usize] {
+        &self.0
+    }
+
+    /// Number of dimensions.
+    pub fn rank(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Number of elements (1 for a scalar).
+    pub fn numel(&self) -> usize {
+        self.0.iter().product()
+    }
+
+    /// Row-major (C-contiguous) strides of this shape.
+    pub fn contiguous_strides(&self) -> Vec<usize> {
+        let mut strides = vec![1; self.0.len()];
+        for i in (0..self.0.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * self.0[i + 1];
+        }
+        strides
+    }
+
+    /// Size of dimension `d`; negative `d` counts from the end like Python.
+    pub fn dim(&self, d: isize) -> Option<usize> {
+        let idx = normalize_dim(d, self.rank()).ok()?;
+        Some(self.0[idx])
+    }
+}
+
+/// Turns a possibly negative dimension index into `0..rank`.
+pub(crate) fn normalize_dim(d: isize, rank: usize) -> Result<usize> {
+    let r = rank as isize;
+    let idx = if d < 0 { d + r } else { d };
+    if idx < 0 || idx >= r.max(1) {
+        return Err(invalid(
+            "dim",
+            format!("dimension {d} is out of range for a tensor of rank {rank}"),
+        ));
+    }
+    Ok(idx as usize)
+}
+
+impl fmt::Debug for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[")?;
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                write!(f, ", ")?;
+            }
+            write!(f, "{d}")?;
+        }
+        write!(f, "]")
+    }
+}
+
+impl From<Vec<usize>> for Shape {
+    fn from(v: Vec<usize>) -> Self {
+        Shape(v)
+    }
+}
+
+impl From<&[usize]> for Shape {
+    fn from(v: &[usize]) -> Self {
+        Shape(v.to_vec())
+    }
+}
+
+impl<const N: usize> From<[usize; N]> for Shape {
+    fn from(v: [usize; N]) -> Self {
+        Shape(v.to_vec())
+    }
+}
+
+/// Output length of a convolution along one spatial axis, as `torch.nn.Conv2d` computes it:
+/// `floor((input + 2*padding - dilation*(kernel-1) - 1) / stride) + 1`.
+///
+/// Returns `None` when the (dilated) kernel does not fit into the padded input.
+///
+/// ```
+/// assert_eq!(convnet::shape::conv_out_size(32, 3, 1, 1, 1), Some(32));
+/// assert_eq!(convnet::shape::conv_out_size(32, 3, 2, 1, 1), Some(16));
+/// assert_eq!(convnet::shape::conv_out_size(2, 5, 1, 0, 1), None);
+/// ```
+pub fn conv_out_size(
+    input: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+) -> Option<usize> {
+    let span = dilation * (kernel - 1) + 1;
+    let padded = input + 2 * padding;
+    if kernel == 0 || stride == 0 || span > padded {
+        return None;
+    }
+    Some((padded - span) / stride + 1)
+}
+
+/// Output length of max/avg pooling along one axis, as PyTorch computes it, including
+/// `ceil_mode` and the rule that the last window must start inside the input or its left
+/// padding.
+///
+/// ```
+/// use convnet::shape::pool_out_size;
+/// assert_eq!(pool_out_size(32, 2, 2, 0, 1, false), Some(16));
+/// assert_eq!(pool_out_size(7, 2, 2, 0, 1, false), Some(3));
+/// assert_eq!(pool_out_size(7, 2, 2, 0, 1, true), Some(4));
+/// assert_eq!(pool_out_size(32, 3, 2, 1, 1, false), Some(16));
+/// ```
+pub fn pool_out_size(
+    input: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+    ceil_mode: bool,
+) -> Option<usize> {
+    let span = dilation * (kernel.max(1) - 1) + 1;
+    let padded = input + 2 * padding;
+    if kernel == 0 || stride == 0 || span > padded {
+        return None;
+    }
+    let numer = padded - span;
+    let mut out = if ceil_mode {
+        numer.div_ceil(stride) + 1
+    } else {
+        numer / stride + 1
+    };
+    if ceil_mode && (out - 1) * stride >= input + padding {
+        out -= 1;
+    }
+    Some(out)
+}

@@ -1,0 +1,153 @@
+//! `conv2d`: validation, the CPU kernel, and graph recording.
+
+use super::{record, Tensor};
+use crate::autograd::Op;
+use crate::backend::cpu::conv::{self, ConvGeom};
+use crate::error::{invalid, shape_mismatch, Result};
+use crate::shape::{conv_out_size, Shape};
+
+/// Settings of a 2-D convolution, as `torch.nn.functional.conv2d` takes them.
+///
+/// ```
+/// let p = convnet::Conv2dParams::default().stride(2).padding(1);
+/// assert_eq!((p.stride, p.padding, p.dilation, p.groups), ((2, 2), (1, 1), (1, 1), 1));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dParams {
+    /// Stride (vertical, horizontal).
+    pub stride: (usize, usize),
+    /// Zero padding (vertical, horizontal).
+    pub padding: (usize, usize),
+    /// Dilation (vertical, horizontal).
+    pub dilation: (usize, usize),
+    /// Number of channel groups (`C` for depthwise).
+    pub groups: usize,
+}
+
+impl Default for Conv2dParams {
+    fn default() -> Self {
+        Conv2dParams {
+            stride: (1, 1),
+            padding: (0, 0),
+            dilation: (1, 1),
+            groups: 1,
+        }
+    }
+}
+
+impl Conv2dParams {
+    /// Same stride on both axes.
+    pub fn stride(mut self, s: usize) -> Self {
+        self.stride = (s, s);
+        self
+    }
+    /// Same padding on both axes.
+    pub fn padding(mut self, p: usize) -> Self {
+        self.padding = (p, p);
+        self
+    }
+    /// Same dilation on both axes.
+    pub fn dilation(mut self, d: usize) -> Self {
+        self.dilation = (d, d);
+        self
+    }
+    /// Channel groups.
+    pub fn groups(mut self, g: usize) -> Self {
+        self.groups = g;
+        self
+    }
+
+    /// Output shape for input `[N, C, H, W]` and weight `[K, C/groups, KH, KW]`, or a typed
+    /// error naming the shapes. This is the shape check that layers run at build time.
+    pub fn output_shape(&self, input: &[usize], weight: &[usize]) -> Result<Shape> {
+        Ok(Shape::new(self.geometry(input, weight)?.out_dims()))
+    }
+
+    pub(crate) fn geometry(&self, input: &[usize], weight: &[usize]) -> Result<ConvGeom> {
+        let op = "conv2d";
+        if input.len() != 4 {
+            return Err(shape_mismatch(op, "input [N, C, H, W]", format!("{}", Shape::from(input))));
+        }
+        if weight.len() != 4 {
+            return Err(shape_mismatch(op, "weight [K, C/groups, KH, KW]", format!("{}", Shape::from(weight))));
+        }
+        let (s, p, d, g) = (self.stride, self.padding, self.dilation, self.groups);
+        if s.0 == 0 || s.1 == 0 {
+            return Err(invalid(op, format!("stride must be positive, got {s:?}")));
+        }
+        if d.0 == 0 || d.1 == 0 {
+            return Err(invalid(op, format!("dilation must be positive, got {d:?}")));
+        }
+        if g == 0 {
+            return Err(invalid(op, "groups must be positive"));
+        }
+        let (n, c, h, w) = (input[0], input[1], input[2], input[3]);
+        let (k, cg, kh, kw) = (weight[0], weight[1], weight[2], weight[3]);
+        if kh == 0 || kw == 0 {
+            return Err(invalid(op, format!("kernel size must be positive, got {kh}x{kw}")));
+        }
+        if c % g != 0 || k % g != 0 {
+            return Err(invalid(op, format!("in_channels {c} and out_channels {k} must both be divisible by groups {g}")));
+        }
+        if cg * g != c {
+            return Err(shape_mismatch(
+                op,
+                format!("weight with {} input channels per group (input has {c} channels, groups={g})", c / g),
+                format!("weight {}", Shape::from(weight)),
+            ));
+        }
+        let oh = conv_out_size(h, kh, s.0, p.0, d.0);
+        let ow = conv_out_size(w, kw, s.1, p.1, d.1);
+        let (Some(oh), Some(ow)) = (oh, ow) else {
+            return Err(invalid(
+                op,
+                format!("kernel {kh}x{kw} (dilation {d:?}) is larger than the padded input {}x{} (input {h}x{w}, padding {p:?})", h + 2 * p.0, w + 2 * p.1),
+            ));
+        };
+        Ok(ConvGeom { n, c, h, w, k, kh, kw, oh, ow, stride: s, padding: p, dilation: d, groups: g })
+    }
+}
+
+impl ConvGeom {
+    fn out_dims(&self) -> Vec<usize> {
+        vec![self.n, self.k, self.oh, self.ow]
+    }
+}
+
+impl Tensor {
+    /// 2-D convolution of `self [N, C, H, W]` with `weight [K, C/groups, KH, KW]` and optional
+    /// `bias [K]`, like `torch.nn.functional.conv2d`.
+    ///
+    /// ```
+    /// use convnet::{Conv2dParams, Tensor};
+    /// let x = Tensor::ones([1, 1, 3, 3]);
+    /// let w = Tensor::ones([1, 1, 3, 3]);
+    /// let y = x.conv2d(&w, None, Conv2dParams::default().padding(1))?;
+    /// assert_eq!(y.to_vec(), vec![4., 6., 4., 6., 9., 6., 4., 6., 4.]);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn conv2d(&self, weight: &Tensor, bias: Option<&Tensor>, params: Conv2dParams) -> Result<Tensor> {
+        let geom = params.geometry(self.dims(), weight.dims())?;
+        if let Some(b) = bias {
+            if b.dims() != [geom.k] {
+                return Err(shape_mismatch("conv2d", format!("bias [{}]", geom.k), format!("bias {}", b.shape())));
+            }
+        }
+        let mut y = vec![0f32; geom.n * geom.k * geom.oh * geom.ow];
+        self.with_data(|x| {
+            weight.with_data(|w| match bias {
+                Some(b) => b.with_data(|bv| conv::conv2d_forward(x, w, Some(bv), &geom, &mut y)),
+                None => conv::conv2d_forward(x, w, None, &geom, &mut y),
+            })
+        });
+        let mut inputs = vec![self, weight];
+        inputs.extend(bias);
+        let op = record(&inputs, || Op::Conv2d {
+            input: self.clone(),
+            weight: weight.clone(),
+            bias: bias.cloned(),
+            geom,
+        });
+        Ok(Tensor::from_parts(y, Shape::new(geom.out_dims()), op))
+    }
+}

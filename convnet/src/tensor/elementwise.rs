@@ -1,0 +1,146 @@
+//! Elementwise ops (broadcasting arithmetic, activations, dropout) and matrix products
+//! (`matmul`, `linear`).
+
+use super::{record, Tensor};
+use crate::autograd::Op;
+use crate::backend::cpu::activation::{self, Activation};
+use crate::backend::cpu::elementwise::{self as ew, BinaryKind};
+use crate::backend::cpu::matmul::{matmul, MatRef, Par};
+use crate::error::{invalid, shape_mismatch, Result};
+use crate::rng::Rng;
+use crate::shape::Shape;
+
+impl Tensor {
+    fn binary(&self, rhs: &Tensor, kind: BinaryKind, op_name: &'static str) -> Result<Tensor> {
+        let out_shape = ew::broadcast_shape(self.dims(), rhs.dims()).ok_or_else(|| {
+            shape_mismatch(op_name, format!("a shape broadcastable with {}", self.shape()), rhs.shape().to_string())
+        })?;
+        let mut out = vec![0f32; out_shape.iter().product()];
+        self.with_data(|a| rhs.with_data(|b| ew::binary_forward(kind, a, self.dims(), b, rhs.dims(), &out_shape, &mut out)));
+        let op = record(&[self, rhs], || Op::Binary { kind, lhs: self.clone(), rhs: rhs.clone() });
+        Ok(Tensor::from_parts(out, Shape::new(out_shape), op))
+    }
+
+    /// `self + rhs` with broadcasting (bias, per-channel shift, residual add).
+    ///
+    /// ```
+    /// use convnet::Tensor;
+    /// let x = Tensor::zeros([2, 3, 1, 1]);
+    /// let b = Tensor::from_vec(vec![1., 2., 3.], [3, 1, 1])?;
+    /// assert_eq!(x.add(&b)?.to_vec(), vec![1., 2., 3., 1., 2., 3.]);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn add(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryKind::Add, "add")
+    }
+    /// `self - rhs` with broadcasting.
+    pub fn sub(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryKind::Sub, "sub")
+    }
+    /// `self * rhs` with broadcasting (per-channel scale).
+    pub fn mul(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryKind::Mul, "mul")
+    }
+    /// `self / rhs` with broadcasting.
+    pub fn div(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.binary(rhs, BinaryKind::Div, "div")
+    }
+
+    /// `self * factor + offset`.
+    pub fn affine(&self, factor: f32, offset: f32) -> Result<Tensor> {
+        let out = self.with_data(|x| x.iter().map(|v| v * factor + offset).collect());
+        let op = record(&[self], || Op::Affine { input: self.clone(), factor });
+        Ok(Tensor::from_parts(out, self.shape().clone(), op))
+    }
+
+    /// `self * factor`.
+    pub fn scale(&self, factor: f32) -> Result<Tensor> {
+        self.affine(factor, 0.0)
+    }
+
+    /// Applies a pointwise activation.
+    pub fn activation(&self, act: Activation) -> Result<Tensor> {
+        let mut out = vec![0f32; self.numel()];
+        self.with_data(|x| activation::forward(act, x, &mut out));
+        let op = record(&[self], || Op::Activation { act, input: self.clone() });
+        Ok(Tensor::from_parts(out, self.shape().clone(), op))
+    }
+
+    /// `max(x, 0)`.
+    pub fn relu(&self) -> Result<Tensor> {
+        self.activation(Activation::Relu)
+    }
+    /// Leaky ReLU with the given negative slope (PyTorch default 0.01).
+    pub fn leaky_relu(&self, negative_slope: f32) -> Result<Tensor> {
+        self.activation(Activation::LeakyRelu(negative_slope))
+    }
+    /// Logistic sigmoid.
+    pub fn sigmoid(&self) -> Result<Tensor> {
+        self.activation(Activation::Sigmoid)
+    }
+    /// Hyperbolic tangent.
+    pub fn tanh(&self) -> Result<Tensor> {
+        self.activation(Activation::Tanh)
+    }
+    /// GELU (exact erf form, PyTorch's default).
+    pub fn gelu(&self) -> Result<Tensor> {
+        self.activation(Activation::Gelu)
+    }
+
+    /// Dropout: in training, zeroes each element with probability `p` (drawn from `rng`) and
+    /// scales the rest by `1/(1-p)`; otherwise the identity, like `F.dropout`.
+    pub fn dropout(&self, p: f32, training: bool, rng: &mut Rng) -> Result<Tensor> {
+        if !(0.0..=1.0).contains(&p) || p.is_nan() {
+            return Err(invalid("dropout", format!("probability must be in [0, 1], got {p}")));
+        }
+        if !training || p == 0.0 {
+            return Ok(self.clone());
+        }
+        let keep = 1.0 - p;
+        let scale = if keep > 0.0 { 1.0 / keep } else { 0.0 };
+        let mask: Vec<f32> = (0..self.numel()).map(|_| if rng.next_f32() < p { 0.0 } else { scale }).collect();
+        let out = self.with_data(|x| x.iter().zip(&mask).map(|(a, b)| a * b).collect());
+        let op = record(&[self], || Op::Dropout { input: self.clone(), mask });
+        Ok(Tensor::from_parts(out, self.shape().clone(), op))
+    }
+
+    /// Matrix product of 2-d tensors `[M, K] @ [K, N]`.
+    pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
+        self.expect_rank("matmul", 2, "[M, K]")?;
+        rhs.expect_rank("matmul", 2, "[K, N]")?;
+        let (m, k, n) = (self.dims()[0], self.dims()[1], rhs.dims()[1]);
+        if rhs.dims()[0] != k {
+            return Err(shape_mismatch("matmul", format!("rhs with {k} rows (lhs is {})", self.shape()), format!("rhs {}", rhs.shape())));
+        }
+        let mut out = vec![0f32; m * n];
+        self.with_data(|a| rhs.with_data(|b| matmul(&mut out, MatRef::row_major(a, m, k), MatRef::row_major(b, k, n), false, Par::Rayon)));
+        let op = record(&[self, rhs], || Op::Matmul { a: self.clone(), b: rhs.clone() });
+        Ok(Tensor::from_parts(out, Shape::new([m, n]), op))
+    }
+
+    /// `self [*, I] @ weight[O, I]^T + bias[O]`, like `F.linear`.
+    pub fn linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        weight.expect_rank("linear", 2, "weight [out_features, in_features]")?;
+        let (o, i) = (weight.dims()[0], weight.dims()[1]);
+        if self.rank() == 0 || *self.dims().last().unwrap_or(&0) != i {
+            return Err(shape_mismatch("linear", format!("input [*, {i}]"), format!("input {}", self.shape())));
+        }
+        if let Some(b) = bias {
+            if b.dims() != [o] {
+                return Err(shape_mismatch("linear", format!("bias [{o}]"), format!("bias {}", b.shape())));
+            }
+        }
+        let m = self.numel() / i.max(1);
+        let mut out = vec![0f32; m * o];
+        if let Some(b) = bias {
+            b.with_data(|bv| out.chunks_mut(o).for_each(|row| row.copy_from_slice(bv)));
+        }
+        self.with_data(|x| weight.with_data(|w| matmul(&mut out, MatRef::row_major(x, m, i), MatRef::row_major(w, o, i).t(), bias.is_some(), Par::Rayon)));
+        let mut dims = self.dims().to_vec();
+        *dims.last_mut().expect("rank checked") = o;
+        let mut inputs = vec![self, weight];
+        inputs.extend(bias);
+        let op = record(&inputs, || Op::Linear { input: self.clone(), weight: weight.clone(), bias: bias.cloned() });
+        Ok(Tensor::from_parts(out, Shape::new(dims), op))
+    }
+}
