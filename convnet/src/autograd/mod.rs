@@ -47,7 +47,7 @@ pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Gradients of the leaves of a graph, keyed by tensor identity.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct GradStore {
     grads: HashMap<TensorId, Tensor>,
 }

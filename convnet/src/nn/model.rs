@@ -42,6 +42,12 @@ pub struct Model {
     rows: Vec<SummaryRow>,
 }
 
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Model(input {}, output {}, {} parameters)", Shape::from(self.input_shape.as_slice()), self.output_shape, self.num_parameters())
+    }
+}
+
 impl Model {
     /// Checks `net` for inputs of shape `input_shape` (without the batch dimension).
     pub fn new(net: Box<dyn Module>, input_shape: &[usize]) -> Result<Model> {

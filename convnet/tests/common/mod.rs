@@ -1,0 +1,104 @@
+//! Shared test helpers: fixture loading and `assert_close`.
+#![allow(dead_code)]
+
+use convnet::Tensor;
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// A fixture file written by `tools/fixtures/gen.py`.
+pub struct Fixture {
+    name: String,
+    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    meta: HashMap<String, String>,
+}
+
+impl Fixture {
+    /// Loads `convnet/tests/fixtures/<file>`; a missing file fails with the command that makes it.
+    pub fn load(file: &str) -> Fixture {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(file);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+            panic!("cannot read fixture {}: {e}\nregenerate with: python tools/fixtures/gen.py (torch pinned in tools/fixtures/requirements.txt)", path.display())
+        });
+        let (_, header) = SafeTensors::read_metadata(&bytes).expect("fixture header");
+        let meta = header.metadata().clone().unwrap_or_default();
+        let st = SafeTensors::deserialize(&bytes).expect("fixture body");
+        let mut tensors = HashMap::new();
+        for (name, view) in st.tensors() {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}: fixtures are float32");
+            let data = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            tensors.insert(name.to_string(), (view.shape().to_vec(), data));
+        }
+        Fixture { name: file.to_string(), tensors, meta }
+    }
+
+    /// Tensor `case/name`.
+    pub fn tensor(&self, case: &str, name: &str) -> Tensor {
+        self.try_tensor(case, name).unwrap_or_else(|| panic!("{}: no tensor {case}/{name}", self.name))
+    }
+
+    /// Tensor `case/name` if present.
+    pub fn try_tensor(&self, case: &str, name: &str) -> Option<Tensor> {
+        let (shape, data) = self.tensors.get(&format!("{case}/{name}"))?;
+        Some(Tensor::from_vec(data.clone(), shape.clone()).unwrap())
+    }
+
+    /// Settings of a case, from the file metadata.
+    pub fn settings(&self, case: &str) -> serde_json::Value {
+        let raw = self.meta.get(case).unwrap_or_else(|| panic!("{}: no case {case}", self.name));
+        serde_json::from_str(raw).unwrap()
+    }
+
+    /// Case names in sorted order.
+    pub fn cases(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.meta.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// All tensor names of a case with the given prefix after `case/`.
+    pub fn names_with_prefix(&self, case: &str, prefix: &str) -> Vec<String> {
+        let full = format!("{case}/{prefix}");
+        let mut v: Vec<String> = self.tensors.keys().filter_map(|k| k.strip_prefix(&format!("{case}/")).filter(|_| k.starts_with(&full)).map(str::to_string)).collect();
+        v.sort();
+        v
+    }
+}
+
+/// Asserts `|actual - expected| <= atol + rtol * |expected|` element-wise, reporting the worst
+/// element (index, actual, expected), the max absolute and relative errors and the case.
+pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], rtol: f32, atol: f32) {
+    assert_eq!(actual.len(), expected.len(), "{what}: length {} vs expected {}", actual.len(), expected.len());
+    let mut worst = (0usize, 0f32);
+    let (mut max_abs, mut max_rel) = (0f32, 0f32);
+    for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
+        let err = (a - e).abs();
+        if err.is_nan() || a.is_nan() != e.is_nan() {
+            panic!("{what}: NaN at {i}: actual {a}, expected {e}");
+        }
+        let excess = err - (atol + rtol * e.abs());
+        if excess > worst.1 || i == 0 {
+            worst = (i, excess);
+        }
+        max_abs = max_abs.max(err);
+        max_rel = max_rel.max(err / e.abs().max(1e-12));
+    }
+    if worst.1 > 0.0 {
+        let i = worst.0;
+        panic!(
+            "{what}: not close (rtol {rtol}, atol {atol}): worst at [{i}]: actual {}, expected {}; max abs err {max_abs:e}, max rel err {max_rel:e}",
+            actual[i], expected[i]
+        );
+    }
+}
+
+/// `assert_close` on tensors, also checking the shape.
+pub fn assert_tensor_close(what: &str, actual: &Tensor, expected: &Tensor, rtol: f32, atol: f32) {
+    assert_eq!(actual.dims(), expected.dims(), "{what}: shape");
+    assert_close(what, &actual.to_vec(), &expected.to_vec(), rtol, atol);
+}
+
+/// The default float32 tolerance of the suite.
+pub const RTOL: f32 = 1e-5;
+/// The absolute floor.
+pub const ATOL: f32 = 1e-6;

@@ -1,0 +1,263 @@
+//! Every differentiable op, forward and backward, against PyTorch (float64 references from
+//! float32 inputs, `tools/fixtures/gen.py`). Tolerance: rtol 1e-5, atol 1e-6 unless stated.
+
+mod common;
+
+use common::{assert_tensor_close, Fixture, ATOL, RTOL};
+use convnet::{AvgPool2dParams, Conv2dParams, MaxPool2dParams, Reduction, Tensor};
+use serde_json::Value;
+
+fn pair(v: &Value) -> (usize, usize) {
+    match v {
+        Value::Array(a) => (a[0].as_u64().unwrap() as usize, a[1].as_u64().unwrap() as usize),
+        n => {
+            let k = n.as_u64().unwrap() as usize;
+            (k, k)
+        }
+    }
+}
+
+fn targets(t: &Tensor) -> Vec<usize> {
+    t.to_vec().iter().map(|&v| v as usize).collect()
+}
+
+/// Checks `y` and the gradients of `sum(y * gy)` (or of `y` itself when scalar) for the
+/// given `(input, fixture name)` pairs.
+fn check(fx: &Fixture, case: &str, y: &Tensor, inputs: &[(&Tensor, &str)], rtol: f32, atol: f32) {
+    assert_tensor_close(&format!("{case}/y"), y, &fx.tensor(case, "y"), rtol, atol);
+    let grads = match fx.try_tensor(case, "gy") {
+        Some(gy) => y.backward_with(&gy).unwrap(),
+        None => y.backward().unwrap(),
+    };
+    for (t, name) in inputs {
+        let g = grads.get(t).unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
+        assert_tensor_close(&format!("{case}/{name}"), g, &fx.tensor(case, name), rtol, atol);
+    }
+}
+
+#[test]
+fn conv2d_forward_and_backward() {
+    let fx = Fixture::load("ops.safetensors");
+    let cases: Vec<String> = fx.cases().into_iter().filter(|c| c.starts_with("conv_")).collect();
+    assert!(cases.len() >= 8);
+    for case in cases {
+        let s = fx.settings(&case);
+        let p = Conv2dParams { stride: pair(&s["stride"]), padding: pair(&s["padding"]), dilation: pair(&s["dilation"]), groups: s["groups"].as_u64().unwrap() as usize };
+        let x = fx.tensor(&case, "x").requires_grad();
+        let w = fx.tensor(&case, "w").requires_grad();
+        let b = fx.try_tensor(&case, "b").map(|b| b.requires_grad());
+        let y = x.conv2d(&w, b.as_ref(), p).unwrap();
+        let mut inputs = vec![(&x, "gx"), (&w, "gw")];
+        if let Some(b) = &b {
+            inputs.push((b, "gb"));
+        }
+        // Weight gradients sum N*OH*OW products (up to 256 here): rtol 1e-5 with atol 1e-5.
+        check(&fx, &case, &y, &inputs, RTOL, 1e-5);
+    }
+}
+
+#[test]
+fn max_pool2d_forward_and_backward() {
+    let fx = Fixture::load("ops.safetensors");
+    for case in fx.cases().into_iter().filter(|c| c.starts_with("maxpool_")) {
+        let s = fx.settings(&case);
+        let p = MaxPool2dParams::new(s["kernel"].as_u64().unwrap() as usize)
+            .stride(s["stride"].as_u64().unwrap() as usize)
+            .padding(s["padding"].as_u64().unwrap() as usize)
+            .dilation(s["dilation"].as_u64().unwrap() as usize)
+            .ceil_mode(s["ceil_mode"].as_bool().unwrap());
+        let x = fx.tensor(&case, "x").requires_grad();
+        let y = x.max_pool2d(p).unwrap();
+        // The forward is a selection: exact. Overlapping windows add gradients: default tolerance.
+        assert_eq!(y.to_vec(), fx.tensor(&case, "y").to_vec(), "{case}/y");
+        check(&fx, &case, &y, &[(&x, "gx")], RTOL, ATOL);
+    }
+}
+
+#[test]
+fn avg_pool2d_forward_and_backward() {
+    let fx = Fixture::load("ops.safetensors");
+    for case in fx.cases().into_iter().filter(|c| c.starts_with("avgpool_")) {
+        let s = fx.settings(&case);
+        let p = AvgPool2dParams::new(s["kernel"].as_u64().unwrap() as usize)
+            .stride(s["stride"].as_u64().unwrap() as usize)
+            .padding(s["padding"].as_u64().unwrap() as usize)
+            .ceil_mode(s["ceil_mode"].as_bool().unwrap())
+            .count_include_pad(s["count_include_pad"].as_bool().unwrap());
+        let x = fx.tensor(&case, "x").requires_grad();
+        let y = x.avg_pool2d(p).unwrap();
+        check(&fx, &case, &y, &[(&x, "gx")], RTOL, ATOL);
+    }
+}
+
+#[test]
+fn adaptive_avg_pool2d_forward_and_backward() {
+    let fx = Fixture::load("ops.safetensors");
+    for case in ["adaptive_3x4", "adaptive_1x1"] {
+        let out = pair(&fx.settings(case)["out"]);
+        let x = fx.tensor(case, "x").requires_grad();
+        let y = x.adaptive_avg_pool2d(out).unwrap();
+        check(&fx, case, &y, &[(&x, "gx")], RTOL, ATOL);
+    }
+}
+
+#[test]
+fn linear_and_matmul() {
+    let fx = Fixture::load("ops.safetensors");
+    let x = fx.tensor("linear", "x").requires_grad();
+    let w = fx.tensor("linear", "w").requires_grad();
+    let b = fx.tensor("linear", "b").requires_grad();
+    check(&fx, "linear", &x.linear(&w, Some(&b)).unwrap(), &[(&x, "gx"), (&w, "gw"), (&b, "gb")], RTOL, ATOL);
+    let x = fx.tensor("linear_nobias_batch1", "x").requires_grad();
+    let w = fx.tensor("linear_nobias_batch1", "w").requires_grad();
+    check(&fx, "linear_nobias_batch1", &x.linear(&w, None).unwrap(), &[(&x, "gx"), (&w, "gw")], RTOL, ATOL);
+    let a = fx.tensor("matmul", "a").requires_grad();
+    let b = fx.tensor("matmul", "b").requires_grad();
+    check(&fx, "matmul", &a.matmul(&b).unwrap(), &[(&a, "ga"), (&b, "gb")], RTOL, ATOL);
+}
+
+#[test]
+fn broadcasting_arithmetic() {
+    let fx = Fixture::load("ops.safetensors");
+    for case in ["add_same", "add_channel", "mul_channel", "sub_rows", "div_general", "mul_both_broadcast"] {
+        let a = fx.tensor(case, "a").requires_grad();
+        let b = fx.tensor(case, "b").requires_grad();
+        let y = match fx.settings(case)["kind"].as_str().unwrap() {
+            "add" => a.add(&b),
+            "sub" => a.sub(&b),
+            "mul" => a.mul(&b),
+            "div" => a.div(&b),
+            k => panic!("unknown kind {k}"),
+        }
+        .unwrap();
+        check(&fx, case, &y, &[(&a, "ga"), (&b, "gb")], RTOL, ATOL);
+    }
+}
+
+#[test]
+fn activations() {
+    let fx = Fixture::load("ops.safetensors");
+    for (case, f) in [
+        ("act_relu", Tensor::relu as fn(&Tensor) -> convnet::Result<Tensor>),
+        ("act_sigmoid", Tensor::sigmoid),
+        ("act_tanh", Tensor::tanh),
+        ("act_gelu", Tensor::gelu),
+    ] {
+        let x = fx.tensor(case, "x").requires_grad();
+        check(&fx, case, &f(&x).unwrap(), &[(&x, "gx")], RTOL, ATOL);
+    }
+    let x = fx.tensor("act_leaky_relu", "x").requires_grad();
+    check(&fx, "act_leaky_relu", &x.leaky_relu(0.1).unwrap(), &[(&x, "gx")], RTOL, ATOL);
+    let x = fx.tensor("act_gelu_tanh", "x").requires_grad();
+    let y = x.activation(convnet::Activation::GeluTanh).unwrap();
+    check(&fx, "act_gelu_tanh", &y, &[(&x, "gx")], RTOL, ATOL);
+}
+
+#[test]
+fn softmax_and_log_softmax() {
+    let fx = Fixture::load("ops.safetensors");
+    let x = fx.tensor("softmax_dim1", "x").requires_grad();
+    check(&fx, "softmax_dim1", &x.softmax(1).unwrap(), &[(&x, "gx")], RTOL, ATOL);
+    let x = fx.tensor("log_softmax_last", "x").requires_grad();
+    check(&fx, "log_softmax_last", &x.log_softmax(-1).unwrap(), &[(&x, "gx")], RTOL, ATOL);
+}
+
+#[test]
+fn cross_entropy_nll_mse() {
+    let fx = Fixture::load("ops.safetensors");
+    for case in ["ce_mean", "ce_sum", "ce_smooth", "ce_none"] {
+        let s = fx.settings(case);
+        let red = match s["reduction"].as_str().unwrap() {
+            "mean" => Reduction::Mean,
+            "sum" => Reduction::Sum,
+            _ => Reduction::None,
+        };
+        let x = fx.tensor(case, "x").requires_grad();
+        let t = targets(&fx.tensor(case, "t"));
+        let y = x.cross_entropy(&t, red, s["label_smoothing"].as_f64().unwrap() as f32).unwrap();
+        check(&fx, case, &y, &[(&x, "gx")], RTOL, ATOL);
+    }
+    let x = fx.tensor("nll_mean", "x").requires_grad();
+    let t = targets(&fx.tensor("nll_mean", "t"));
+    check(&fx, "nll_mean", &x.nll_loss(&t, Reduction::Mean).unwrap(), &[(&x, "gx")], RTOL, ATOL);
+    for (case, red) in [("mse_mean", Reduction::Mean), ("mse_sum", Reduction::Sum)] {
+        let a = fx.tensor(case, "a").requires_grad();
+        let b = fx.tensor(case, "b").requires_grad();
+        check(&fx, case, &a.mse_loss(&b, red).unwrap(), &[(&a, "ga"), (&b, "gb")], RTOL, ATOL);
+    }
+}
+
+#[test]
+fn batch_norm2d_train_and_eval() {
+    let fx = Fixture::load("ops.safetensors");
+    for case in ["bn_train", "bn_eval"] {
+        let s = fx.settings(case);
+        let training = s["training"].as_bool().unwrap();
+        let x = fx.tensor(case, "x").requires_grad();
+        let w = fx.tensor(case, "w").requires_grad();
+        let b = fx.tensor(case, "b").requires_grad();
+        let rm = fx.tensor(case, "rm");
+        let rv = fx.tensor(case, "rv");
+        let y = x.batch_norm2d(&rm, &rv, Some(&w), Some(&b), training, 0.1, 1e-5).unwrap();
+        check(&fx, case, &y, &[(&x, "gx"), (&w, "gw"), (&b, "gb")], RTOL, ATOL);
+        assert_tensor_close(&format!("{case}/rm_after"), &rm, &fx.tensor(case, "rm_after"), RTOL, ATOL);
+        assert_tensor_close(&format!("{case}/rv_after"), &rv, &fx.tensor(case, "rv_after"), RTOL, ATOL);
+    }
+}
+
+#[test]
+fn shape_ops_and_reductions() {
+    let fx = Fixture::load("ops.safetensors");
+    let x = fx.tensor("permute", "x").requires_grad();
+    let y = x.permute(&[0, 2, 3, 1]).unwrap();
+    assert!(y.shares_storage(&x), "permute is a view");
+    check(&fx, "permute", &y, &[(&x, "gx")], 0.0, 0.0);
+
+    let a = fx.tensor("concat_dim1", "a").requires_grad();
+    let b = fx.tensor("concat_dim1", "b").requires_grad();
+    check(&fx, "concat_dim1", &Tensor::concat(&[a.clone(), b.clone()], 1).unwrap(), &[(&a, "ga"), (&b, "gb")], 0.0, 0.0);
+
+    let x = fx.tensor("sum_dims_keepdim", "x").requires_grad();
+    check(&fx, "sum_dims_keepdim", &x.sum(&[1, 3], true).unwrap(), &[(&x, "gx")], RTOL, ATOL);
+    let x = fx.tensor("mean_dim0", "x").requires_grad();
+    check(&fx, "mean_dim0", &x.mean(&[0], false).unwrap(), &[(&x, "gx")], RTOL, ATOL);
+    let x = fx.tensor("reshape", "x").requires_grad();
+    let y = x.reshape([6, 20]).unwrap();
+    assert!(y.shares_storage(&x), "reshape of contiguous data is a view");
+    check(&fx, "reshape", &y, &[(&x, "gx")], 0.0, 0.0);
+    let x = fx.tensor("subsample_pad_channels", "x").requires_grad();
+    check(&fx, "subsample_pad_channels", &x.subsample_pad_channels(2, 2, 8).unwrap(), &[(&x, "gx")], 0.0, 0.0);
+}
+
+#[test]
+fn reshape_of_a_permuted_view_gathers_and_backpropagates() {
+    // permute -> reshape (non-contiguous) -> weighted sum; gradient must undo both.
+    let x = Tensor::from_vec((0..24).map(|v| v as f32).collect(), [2, 3, 4]).unwrap().requires_grad();
+    let y = x.permute(&[2, 0, 1]).unwrap().reshape([4, 6]).unwrap();
+    assert_eq!(&y.to_vec()[..6], &[0., 4., 8., 12., 16., 20.]);
+    let w = Tensor::from_vec((0..24).map(|v| v as f32).collect(), [4, 6]).unwrap();
+    let grads = y.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = grads.get(&x).unwrap().to_vec();
+    // x[i, j, k] lands at y[k, i*3 + j], weighted by w at that position.
+    for i in 0..2 {
+        for j in 0..3 {
+            for k in 0..4 {
+                assert_eq!(g[(i * 3 + j) * 4 + k], (k * 6 + i * 3 + j) as f32);
+            }
+        }
+    }
+}
+
+#[test]
+fn dropout_masks_scales_and_backpropagates_through_the_mask() {
+    let mut rng = convnet::Rng::new(5);
+    let x = Tensor::ones([100_000]).requires_grad();
+    let y = x.dropout(0.3, true, &mut rng).unwrap();
+    let v = y.to_vec();
+    let zeros = v.iter().filter(|&&e| e == 0.0).count() as f64 / v.len() as f64;
+    assert!((zeros - 0.3).abs() < 0.01, "dropped fraction {zeros}");
+    assert!(v.iter().all(|&e| e == 0.0 || (e - 1.0 / 0.7).abs() < 1e-6));
+    let g = y.sum_all().unwrap().backward().unwrap().get(&x).unwrap().to_vec();
+    assert_eq!(g, v, "gradient of sum(dropout(ones)) is the mask itself");
+    assert_eq!(x.dropout(0.3, false, &mut rng).unwrap().to_vec(), x.to_vec(), "identity in eval");
+}

@@ -1,0 +1,113 @@
+//! The top of the ladder: the tutorial CNN and a small ResNet (BasicBlocks with BatchNorm,
+//! projection and option-A shortcuts) loaded from PyTorch-exported weights and trained five
+//! SGD-momentum steps. Every step's loss, every final parameter and buffer, and the eval-mode
+//! logits afterwards must match PyTorch (float64 reference).
+//!
+//! Tolerance: the suite default, rtol 1e-5 and atol 1e-6, even though each step's float32
+//! error feeds the next through the weights.
+
+mod common;
+
+use common::{assert_close, assert_tensor_close, Fixture, ATOL, RTOL};
+use convnet::nn::{self, AdaptiveAvgPool2d, BasicBlock, BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, Mode, Model, Sequential, Shortcut, ReLU};
+use convnet::optim::{Optimizer, Sgd, SgdConfig};
+use convnet::{Reduction, Tensor};
+
+
+fn tutorial_cnn() -> Model {
+    Sequential::new()
+        .add("conv1", Conv2d::new(3, 32, 3).padding(1).build().unwrap())
+        .add("relu1", ReLU)
+        .add("pool1", MaxPool2d::new(2))
+        .add("conv2", Conv2d::new(32, 64, 3).padding(1).build().unwrap())
+        .add("relu2", ReLU)
+        .add("pool2", MaxPool2d::new(2))
+        .add("flatten", Flatten::new())
+        .add("fc1", Linear::new(64 * 8 * 8, 128).unwrap())
+        .add("relu3", ReLU)
+        .add("fc2", Linear::new(128, 10).unwrap())
+        .build(&[3, 32, 32])
+        .unwrap()
+}
+
+fn small_resnet() -> Model {
+    Sequential::new()
+        .add("conv1", Conv2d::new(3, 8, 3).padding(1).bias(false).build().unwrap())
+        .add("bn1", BatchNorm2d::new(8).unwrap())
+        .add("relu", ReLU)
+        .add("layer1", Sequential::new().push(BasicBlock::new(8, 8, 1, Shortcut::Projection).unwrap()))
+        .add("layer2", Sequential::new().push(BasicBlock::new(8, 16, 2, Shortcut::Projection).unwrap()))
+        .add("layer3", Sequential::new().push(BasicBlock::new(16, 32, 2, Shortcut::PadChannels).unwrap()))
+        .add("avgpool", AdaptiveAvgPool2d::new(1, 1))
+        .add("flatten", Flatten::new())
+        .add("fc", Linear::new(32, 10).unwrap())
+        .build(&[3, 12, 12])
+        .unwrap()
+}
+
+fn run(case: &str, model: Model) {
+    let fx = Fixture::load("training.safetensors");
+    let s = fx.settings(case);
+    let torch_keys: Vec<String> = s["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
+    let our_keys: Vec<String> = model.state_dict().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(our_keys, torch_keys, "{case}: state_dict names and order match PyTorch");
+
+    let init: Vec<(String, Tensor)> = fx.names_with_prefix(case, "init.").into_iter().map(|n| (n["init.".len()..].to_string(), fx.tensor(case, &n))).collect();
+    model.load_state_dict(&init, false).unwrap();
+
+    let cfg = SgdConfig {
+        lr: s["lr"].as_f64().unwrap(),
+        momentum: s["momentum"].as_f64().unwrap(),
+        weight_decay: s["weight_decay"].as_f64().unwrap(),
+        nesterov: s["nesterov"].as_bool().unwrap(),
+        ..Default::default()
+    };
+    let mut opt = Sgd::new(model.named_parameters(), cfg).unwrap();
+    let x = fx.tensor(case, "x");
+    let t: Vec<usize> = fx.tensor(case, "t").to_vec().iter().map(|&v| v as usize).collect();
+    let mut losses = Vec::new();
+    for _ in 0..5 {
+        let loss = model.forward(&x, Mode::Train).unwrap().cross_entropy(&t, Reduction::Mean, 0.0).unwrap();
+        losses.push(loss.item().unwrap());
+        let grads = loss.backward().unwrap();
+        opt.step(&grads).unwrap();
+    }
+    assert_close(&format!("{case}/losses"), &losses, &fx.tensor(case, "losses").to_vec(), RTOL, ATOL);
+    for (name, t) in model.state_dict() {
+        match fx.try_tensor(case, &format!("final.{name}")) {
+            Some(expected) => assert_tensor_close(&format!("{case}/{name}"), &t, &expected, RTOL, ATOL),
+            None => {
+                assert!(name.ends_with("num_batches_tracked"), "{case}: no reference for {name}");
+                assert_eq!(t.item().unwrap(), 5.0, "{name}");
+            }
+        }
+    }
+    let logits = convnet::no_grad(|| model.forward(&fx.tensor(case, "x_test"), Mode::Eval)).unwrap();
+    assert_tensor_close(&format!("{case}/test_logits"), &logits, &fx.tensor(case, "test_logits"), RTOL, ATOL);
+}
+
+#[test]
+fn tutorial_cnn_trains_like_pytorch() {
+    run("tutorial_cnn", tutorial_cnn());
+}
+
+#[test]
+fn small_resnet_with_batchnorm_trains_like_pytorch() {
+    run("small_resnet", small_resnet());
+}
+
+#[test]
+fn summary_lists_every_layer_with_shapes_and_parameter_counts() {
+    let model = tutorial_cnn();
+    assert_eq!(model.num_parameters(), 545_098);
+    let s = model.summary();
+    assert!(s.contains("fc1 (Linear)"), "{s}");
+    assert!(s.contains("[1, 64, 8, 8]"), "{s}");
+    assert!(s.contains("Trainable params: 545098"), "{s}");
+    let rows = model.summary_rows();
+    assert_eq!(rows.iter().map(|r| r.params).sum::<usize>(), 545_098);
+    let resnet = small_resnet();
+    let names: Vec<&str> = resnet.summary_rows().iter().map(|r| r.name.as_str()).collect();
+    assert!(names.contains(&"layer2.0.downsample.0"), "{names:?}");
+    let _ = nn::named_parameters(resnet.net());
+}
