@@ -25,6 +25,8 @@
 //! # Ok::<(), convnet::Error>(())
 //! ```
 
+#![deny(missing_docs)]
+
 pub mod autograd;
 pub mod backend;
 pub mod device;
@@ -37,10 +39,10 @@ pub mod storage;
 pub mod tensor;
 
 pub use autograd::{is_grad_enabled, no_grad, GradStore};
+pub use backend::cpu::activation::Activation;
 pub use device::Device;
 pub use error::{Error, Result};
 pub use rng::{manual_seed, with_global_rng, Rng};
 pub use shape::Shape;
 pub use storage::{DType, Storage};
 pub use tensor::{AvgPool2dParams, Conv2dParams, MaxPool2dParams, Reduction, Tensor, TensorId};
-pub use backend::cpu::activation::Activation;

@@ -27,9 +27,18 @@ fn tutorial_flatten_size_for_28x28_is_caught_at_build_time_naming_fc1() {
             .build(&[3, hw, hw])
     };
     let (e, s) = msg(build(32));
-    assert!(matches!(&e, Error::Layer { layer, kind: "Linear", .. } if layer == "fc1"), "{e:?}");
-    assert!(s.contains("fc1") && s.contains("3136") && s.contains("4096"), "{s}");
-    assert!(s.contains("[1, 64, 8, 8]"), "names the shape that was flattened: {s}");
+    assert!(
+        matches!(&e, Error::Layer { layer, kind: "Linear", .. } if layer == "fc1"),
+        "{e:?}"
+    );
+    assert!(
+        s.contains("fc1") && s.contains("3136") && s.contains("4096"),
+        "{s}"
+    );
+    assert!(
+        s.contains("[1, 64, 8, 8]"),
+        "names the shape that was flattened: {s}"
+    );
     assert!(build(28).is_ok(), "the same model is valid for 28x28 input");
 }
 
@@ -38,54 +47,112 @@ fn conv_errors_name_the_op_and_shapes() {
     let x = Tensor::zeros([2, 3, 8, 8]);
     let w = Tensor::zeros([4, 3, 3, 3]);
     let (e, s) = msg(x.conv2d(&w, None, Conv2dParams::default().stride(0)));
-    assert!(matches!(e, Error::InvalidArgument { op: "conv2d", .. }) && s.contains("stride"), "{s}");
-    let (_, s) = msg(x.conv2d(&Tensor::zeros([4, 3, 11, 11]), None, Conv2dParams::default()));
+    assert!(
+        matches!(e, Error::InvalidArgument { op: "conv2d", .. }) && s.contains("stride"),
+        "{s}"
+    );
+    let (_, s) = msg(x.conv2d(
+        &Tensor::zeros([4, 3, 11, 11]),
+        None,
+        Conv2dParams::default(),
+    ));
     assert!(s.contains("larger than the padded input"), "{s}");
     let (e, s) = msg(x.conv2d(&Tensor::zeros([4, 2, 3, 3]), None, Conv2dParams::default()));
-    assert!(matches!(e, Error::ShapeMismatch { op: "conv2d", .. }) && s.contains("[4, 2, 3, 3]"), "{s}");
+    assert!(
+        matches!(e, Error::ShapeMismatch { op: "conv2d", .. }) && s.contains("[4, 2, 3, 3]"),
+        "{s}"
+    );
     let (_, s) = msg(Tensor::zeros([3, 8, 8]).conv2d(&w, None, Conv2dParams::default()));
-    assert!(s.contains("[N, C, H, W]") && s.contains("[3, 8, 8]"), "wrong rank: {s}");
+    assert!(
+        s.contains("[N, C, H, W]") && s.contains("[3, 8, 8]"),
+        "wrong rank: {s}"
+    );
     let (_, s) = msg(x.conv2d(&w, Some(&Tensor::zeros([5])), Conv2dParams::default()));
     assert!(s.contains("bias [4]"), "{s}");
-    assert!(Conv2d::new(3, 4, 3).groups(2).build().is_err(), "channels not divisible by groups");
+    assert!(
+        Conv2d::new(3, 4, 3).groups(2).build().is_err(),
+        "channels not divisible by groups"
+    );
 }
 
 #[test]
 fn pooling_errors() {
     let x = Tensor::zeros([1, 2, 4, 4]);
-    assert!(matches!(x.max_pool2d(MaxPool2dParams::new(2).stride(0)), Err(Error::InvalidArgument { op: "max_pool2d", .. })));
+    assert!(matches!(
+        x.max_pool2d(MaxPool2dParams::new(2).stride(0)),
+        Err(Error::InvalidArgument {
+            op: "max_pool2d",
+            ..
+        })
+    ));
     let (_, s) = msg(x.max_pool2d(MaxPool2dParams::new(2).padding(2)));
     assert!(s.contains("at most half"), "{s}");
     let (_, s) = msg(x.avg_pool2d(AvgPool2dParams::new(5)));
     assert!(s.contains("larger than the padded input"), "{s}");
-    assert!(Tensor::zeros([4, 4]).max_pool2d(MaxPool2dParams::new(2)).is_err());
+    assert!(Tensor::zeros([4, 4])
+        .max_pool2d(MaxPool2dParams::new(2))
+        .is_err());
     assert!(x.adaptive_avg_pool2d((0, 1)).is_err());
 }
 
 #[test]
 fn dropout_probability_must_be_a_probability() {
-    assert!(matches!(Dropout::new(-0.1), Err(Error::InvalidArgument { op: "Dropout", .. })));
+    assert!(matches!(
+        Dropout::new(-0.1),
+        Err(Error::InvalidArgument { op: "Dropout", .. })
+    ));
     assert!(Dropout::new(1.5).is_err());
     let mut rng = convnet::Rng::new(0);
-    assert!(matches!(Tensor::ones([3]).dropout(-0.5, true, &mut rng), Err(Error::InvalidArgument { op: "dropout", .. })));
+    assert!(matches!(
+        Tensor::ones([3]).dropout(-0.5, true, &mut rng),
+        Err(Error::InvalidArgument { op: "dropout", .. })
+    ));
 }
 
 #[test]
 fn loss_errors() {
     let logits = Tensor::zeros([2, 3]);
     let (e, s) = msg(logits.cross_entropy(&[0, 3], Reduction::Mean, 0.0));
-    assert!(matches!(e, Error::ClassIndexOutOfRange { op: "cross_entropy", index: 3, num_classes: 3 }), "{s}");
-    assert!(logits.cross_entropy(&[0], Reduction::Mean, 0.0).is_err(), "target count");
-    assert!(logits.cross_entropy(&[0, 1], Reduction::Mean, 1.5).is_err(), "label smoothing range");
+    assert!(
+        matches!(
+            e,
+            Error::ClassIndexOutOfRange {
+                op: "cross_entropy",
+                index: 3,
+                num_classes: 3
+            }
+        ),
+        "{s}"
+    );
+    assert!(
+        logits.cross_entropy(&[0], Reduction::Mean, 0.0).is_err(),
+        "target count"
+    );
+    assert!(
+        logits.cross_entropy(&[0, 1], Reduction::Mean, 1.5).is_err(),
+        "label smoothing range"
+    );
     assert!(logits.nll_loss(&[7, 0], Reduction::Mean).is_err());
-    assert!(logits.mse_loss(&Tensor::zeros([3, 2]), Reduction::Mean).is_err());
-    assert!(Tensor::zeros([6]).cross_entropy(&[0], Reduction::Mean, 0.0).is_err(), "rank");
+    assert!(logits
+        .mse_loss(&Tensor::zeros([3, 2]), Reduction::Mean)
+        .is_err());
+    assert!(
+        Tensor::zeros([6])
+            .cross_entropy(&[0], Reduction::Mean, 0.0)
+            .is_err(),
+        "rank"
+    );
 }
 
 #[test]
 fn arithmetic_and_shape_errors() {
     let (e, s) = msg(Tensor::zeros([2, 3]).add(&Tensor::zeros([4])));
-    assert!(matches!(e, Error::ShapeMismatch { op: "add", .. }) && s.contains("[2, 3]") && s.contains("[4]"), "{s}");
+    assert!(
+        matches!(e, Error::ShapeMismatch { op: "add", .. })
+            && s.contains("[2, 3]")
+            && s.contains("[4]"),
+        "{s}"
+    );
     let (_, s) = msg(Tensor::zeros([2, 3]).matmul(&Tensor::zeros([4, 5])));
     assert!(s.contains("matmul"), "{s}");
     let (_, s) = msg(Tensor::zeros([2, 3]).linear(&Tensor::zeros([4, 5]), None));
@@ -101,9 +168,15 @@ fn arithmetic_and_shape_errors() {
 fn batch_norm_needs_more_than_one_value_per_channel_in_training() {
     let x = Tensor::zeros([1, 2, 1, 1]);
     let (rm, rv) = (Tensor::zeros([2]), Tensor::ones([2]));
-    assert!(x.batch_norm2d(&rm, &rv, None, None, true, 0.1, 1e-5).is_err());
-    assert!(x.batch_norm2d(&rm, &rv, None, None, false, 0.1, 1e-5).is_ok());
-    assert!(x.batch_norm2d(&Tensor::zeros([3]), &rv, None, None, false, 0.1, 1e-5).is_err());
+    assert!(x
+        .batch_norm2d(&rm, &rv, None, None, true, 0.1, 1e-5)
+        .is_err());
+    assert!(x
+        .batch_norm2d(&rm, &rv, None, None, false, 0.1, 1e-5)
+        .is_ok());
+    assert!(x
+        .batch_norm2d(&Tensor::zeros([3]), &rv, None, None, false, 0.1, 1e-5)
+        .is_err());
 }
 
 #[test]
@@ -112,9 +185,16 @@ fn backward_and_model_input_errors() {
     assert!(matches!(e, Error::Backward(_)));
     let (_, s) = msg(Tensor::ones([3]).requires_grad().backward());
     assert!(s.contains("scalar"), "{s}");
-    let model = Sequential::new().add("flatten", Flatten::new()).add("fc", Linear::new(12, 2).unwrap()).build(&[3, 2, 2]).unwrap();
+    let model = Sequential::new()
+        .add("flatten", Flatten::new())
+        .add("fc", Linear::new(12, 2).unwrap())
+        .build(&[3, 2, 2])
+        .unwrap();
     let (_, s) = msg(model.forward(&Tensor::zeros([5, 3, 4, 4]), Mode::Eval));
-    assert!(s.contains("[N, 3, 2, 2]") && s.contains("[5, 3, 4, 4]"), "{s}");
+    assert!(
+        s.contains("[N, 3, 2, 2]") && s.contains("[5, 3, 4, 4]"),
+        "{s}"
+    );
 }
 
 #[test]

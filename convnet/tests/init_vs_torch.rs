@@ -26,7 +26,11 @@ fn conv_and_linear_match_torch_default_init() {
     let layers: Vec<(&str, Tensor, Tensor)> = vec![
         ("conv_3_32_k3", Conv2d::new(3, 32, 3).build().unwrap()).map2(),
         ("conv_64_128_k3", Conv2d::new(64, 128, 3).build().unwrap()).map2(),
-        ("conv_depthwise_32", Conv2d::new(32, 32, 3).groups(32).build().unwrap()).map2(),
+        (
+            "conv_depthwise_32",
+            Conv2d::new(32, 32, 3).groups(32).build().unwrap(),
+        )
+            .map2(),
         ("linear_1024_64", Linear::new(1024, 64).unwrap()).map2(),
         ("linear_128_10", Linear::new(128, 10).unwrap()).map2(),
     ];
@@ -38,14 +42,23 @@ fn conv_and_linear_match_torch_default_init() {
         assert_eq!(w.dims(), tw.dims(), "{case} weight shape");
         assert_eq!(b.dims(), tb.dims(), "{case} bias shape");
         for (what, ours, theirs) in [("weight", &w, &tw), ("bias", &b, &tb)] {
-            assert!(max_abs(ours) <= bound, "{case} {what}: |x| <= 1/sqrt(fan_in) = {bound}");
-            assert!(max_abs(theirs) <= bound * 1.000001, "{case} {what}: torch's own bound agrees");
+            assert!(
+                max_abs(ours) <= bound,
+                "{case} {what}: |x| <= 1/sqrt(fan_in) = {bound}"
+            );
+            assert!(
+                max_abs(theirs) <= bound * 1.000001,
+                "{case} {what}: torch's own bound agrees"
+            );
         }
         // U(-b, b) has std b/sqrt(3); std of n samples has relative error ~ 1/sqrt(2n).
         let expected = bound as f64 / 3f64.sqrt();
         let tol = 4.0 / (2.0 * w.numel() as f64).sqrt();
         for (who, s) in [("convnet", std(&w)), ("torch", std(&tw))] {
-            assert!((s / expected - 1.0).abs() < tol, "{case}: {who} weight std {s} vs {expected} (tol {tol})");
+            assert!(
+                (s / expected - 1.0).abs() < tol,
+                "{case}: {who} weight std {s} vs {expected} (tol {tol})"
+            );
         }
     }
 }
@@ -70,8 +83,17 @@ impl Parts for (&'static str, Linear) {
 fn batchnorm_starts_at_weight_one_bias_zero_mean_zero_var_one() {
     let fx = Fixture::load("init.safetensors");
     let bn = BatchNorm2d::new(7).unwrap();
-    for (name, ours) in [("weight", &bn.weight), ("bias", &bn.bias), ("running_mean", &bn.running_mean), ("running_var", &bn.running_var)] {
-        assert_eq!(ours.to_vec(), fx.tensor("batchnorm_7", name).to_vec(), "{name}");
+    for (name, ours) in [
+        ("weight", &bn.weight),
+        ("bias", &bn.bias),
+        ("running_mean", &bn.running_mean),
+        ("running_var", &bn.running_var),
+    ] {
+        assert_eq!(
+            ours.to_vec(),
+            fx.tensor("batchnorm_7", name).to_vec(),
+            "{name}"
+        );
     }
     assert!(bn.weight.tracks_grad() && bn.bias.tracks_grad());
     assert!(!bn.running_mean.tracks_grad());

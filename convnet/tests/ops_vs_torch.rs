@@ -9,7 +9,10 @@ use serde_json::Value;
 
 fn pair(v: &Value) -> (usize, usize) {
     match v {
-        Value::Array(a) => (a[0].as_u64().unwrap() as usize, a[1].as_u64().unwrap() as usize),
+        Value::Array(a) => (
+            a[0].as_u64().unwrap() as usize,
+            a[1].as_u64().unwrap() as usize,
+        ),
         n => {
             let k = n.as_u64().unwrap() as usize;
             (k, k)
@@ -30,19 +33,36 @@ fn check(fx: &Fixture, case: &str, y: &Tensor, inputs: &[(&Tensor, &str)], rtol:
         None => y.backward().unwrap(),
     };
     for (t, name) in inputs {
-        let g = grads.get(t).unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
-        assert_tensor_close(&format!("{case}/{name}"), g, &fx.tensor(case, name), rtol, atol);
+        let g = grads
+            .get(t)
+            .unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
+        assert_tensor_close(
+            &format!("{case}/{name}"),
+            g,
+            &fx.tensor(case, name),
+            rtol,
+            atol,
+        );
     }
 }
 
 #[test]
 fn conv2d_forward_and_backward() {
     let fx = Fixture::load("ops.safetensors");
-    let cases: Vec<String> = fx.cases().into_iter().filter(|c| c.starts_with("conv_")).collect();
+    let cases: Vec<String> = fx
+        .cases()
+        .into_iter()
+        .filter(|c| c.starts_with("conv_"))
+        .collect();
     assert!(cases.len() >= 8);
     for case in cases {
         let s = fx.settings(&case);
-        let p = Conv2dParams { stride: pair(&s["stride"]), padding: pair(&s["padding"]), dilation: pair(&s["dilation"]), groups: s["groups"].as_u64().unwrap() as usize };
+        let p = Conv2dParams {
+            stride: pair(&s["stride"]),
+            padding: pair(&s["padding"]),
+            dilation: pair(&s["dilation"]),
+            groups: s["groups"].as_u64().unwrap() as usize,
+        };
         let x = fx.tensor(&case, "x").requires_grad();
         let w = fx.tensor(&case, "w").requires_grad();
         let b = fx.try_tensor(&case, "b").map(|b| b.requires_grad());
@@ -107,19 +127,47 @@ fn linear_and_matmul() {
     let x = fx.tensor("linear", "x").requires_grad();
     let w = fx.tensor("linear", "w").requires_grad();
     let b = fx.tensor("linear", "b").requires_grad();
-    check(&fx, "linear", &x.linear(&w, Some(&b)).unwrap(), &[(&x, "gx"), (&w, "gw"), (&b, "gb")], RTOL, ATOL);
+    check(
+        &fx,
+        "linear",
+        &x.linear(&w, Some(&b)).unwrap(),
+        &[(&x, "gx"), (&w, "gw"), (&b, "gb")],
+        RTOL,
+        ATOL,
+    );
     let x = fx.tensor("linear_nobias_batch1", "x").requires_grad();
     let w = fx.tensor("linear_nobias_batch1", "w").requires_grad();
-    check(&fx, "linear_nobias_batch1", &x.linear(&w, None).unwrap(), &[(&x, "gx"), (&w, "gw")], RTOL, ATOL);
+    check(
+        &fx,
+        "linear_nobias_batch1",
+        &x.linear(&w, None).unwrap(),
+        &[(&x, "gx"), (&w, "gw")],
+        RTOL,
+        ATOL,
+    );
     let a = fx.tensor("matmul", "a").requires_grad();
     let b = fx.tensor("matmul", "b").requires_grad();
-    check(&fx, "matmul", &a.matmul(&b).unwrap(), &[(&a, "ga"), (&b, "gb")], RTOL, ATOL);
+    check(
+        &fx,
+        "matmul",
+        &a.matmul(&b).unwrap(),
+        &[(&a, "ga"), (&b, "gb")],
+        RTOL,
+        ATOL,
+    );
 }
 
 #[test]
 fn broadcasting_arithmetic() {
     let fx = Fixture::load("ops.safetensors");
-    for case in ["add_same", "add_channel", "mul_channel", "sub_rows", "div_general", "mul_both_broadcast"] {
+    for case in [
+        "add_same",
+        "add_channel",
+        "mul_channel",
+        "sub_rows",
+        "div_general",
+        "mul_both_broadcast",
+    ] {
         let a = fx.tensor(case, "a").requires_grad();
         let b = fx.tensor(case, "b").requires_grad();
         let y = match fx.settings(case)["kind"].as_str().unwrap() {
@@ -138,7 +186,10 @@ fn broadcasting_arithmetic() {
 fn activations() {
     let fx = Fixture::load("ops.safetensors");
     for (case, f) in [
-        ("act_relu", Tensor::relu as fn(&Tensor) -> convnet::Result<Tensor>),
+        (
+            "act_relu",
+            Tensor::relu as fn(&Tensor) -> convnet::Result<Tensor>,
+        ),
         ("act_sigmoid", Tensor::sigmoid),
         ("act_tanh", Tensor::tanh),
         ("act_gelu", Tensor::gelu),
@@ -147,7 +198,14 @@ fn activations() {
         check(&fx, case, &f(&x).unwrap(), &[(&x, "gx")], RTOL, ATOL);
     }
     let x = fx.tensor("act_leaky_relu", "x").requires_grad();
-    check(&fx, "act_leaky_relu", &x.leaky_relu(0.1).unwrap(), &[(&x, "gx")], RTOL, ATOL);
+    check(
+        &fx,
+        "act_leaky_relu",
+        &x.leaky_relu(0.1).unwrap(),
+        &[(&x, "gx")],
+        RTOL,
+        ATOL,
+    );
     let x = fx.tensor("act_gelu_tanh", "x").requires_grad();
     let y = x.activation(convnet::Activation::GeluTanh).unwrap();
     check(&fx, "act_gelu_tanh", &y, &[(&x, "gx")], RTOL, ATOL);
@@ -157,9 +215,23 @@ fn activations() {
 fn softmax_and_log_softmax() {
     let fx = Fixture::load("ops.safetensors");
     let x = fx.tensor("softmax_dim1", "x").requires_grad();
-    check(&fx, "softmax_dim1", &x.softmax(1).unwrap(), &[(&x, "gx")], RTOL, ATOL);
+    check(
+        &fx,
+        "softmax_dim1",
+        &x.softmax(1).unwrap(),
+        &[(&x, "gx")],
+        RTOL,
+        ATOL,
+    );
     let x = fx.tensor("log_softmax_last", "x").requires_grad();
-    check(&fx, "log_softmax_last", &x.log_softmax(-1).unwrap(), &[(&x, "gx")], RTOL, ATOL);
+    check(
+        &fx,
+        "log_softmax_last",
+        &x.log_softmax(-1).unwrap(),
+        &[(&x, "gx")],
+        RTOL,
+        ATOL,
+    );
 }
 
 #[test]
@@ -174,16 +246,32 @@ fn cross_entropy_nll_mse() {
         };
         let x = fx.tensor(case, "x").requires_grad();
         let t = targets(&fx.tensor(case, "t"));
-        let y = x.cross_entropy(&t, red, s["label_smoothing"].as_f64().unwrap() as f32).unwrap();
+        let y = x
+            .cross_entropy(&t, red, s["label_smoothing"].as_f64().unwrap() as f32)
+            .unwrap();
         check(&fx, case, &y, &[(&x, "gx")], RTOL, ATOL);
     }
     let x = fx.tensor("nll_mean", "x").requires_grad();
     let t = targets(&fx.tensor("nll_mean", "t"));
-    check(&fx, "nll_mean", &x.nll_loss(&t, Reduction::Mean).unwrap(), &[(&x, "gx")], RTOL, ATOL);
+    check(
+        &fx,
+        "nll_mean",
+        &x.nll_loss(&t, Reduction::Mean).unwrap(),
+        &[(&x, "gx")],
+        RTOL,
+        ATOL,
+    );
     for (case, red) in [("mse_mean", Reduction::Mean), ("mse_sum", Reduction::Sum)] {
         let a = fx.tensor(case, "a").requires_grad();
         let b = fx.tensor(case, "b").requires_grad();
-        check(&fx, case, &a.mse_loss(&b, red).unwrap(), &[(&a, "ga"), (&b, "gb")], RTOL, ATOL);
+        check(
+            &fx,
+            case,
+            &a.mse_loss(&b, red).unwrap(),
+            &[(&a, "ga"), (&b, "gb")],
+            RTOL,
+            ATOL,
+        );
     }
 }
 
@@ -198,10 +286,31 @@ fn batch_norm2d_train_and_eval() {
         let b = fx.tensor(case, "b").requires_grad();
         let rm = fx.tensor(case, "rm");
         let rv = fx.tensor(case, "rv");
-        let y = x.batch_norm2d(&rm, &rv, Some(&w), Some(&b), training, 0.1, 1e-5).unwrap();
-        check(&fx, case, &y, &[(&x, "gx"), (&w, "gw"), (&b, "gb")], RTOL, ATOL);
-        assert_tensor_close(&format!("{case}/rm_after"), &rm, &fx.tensor(case, "rm_after"), RTOL, ATOL);
-        assert_tensor_close(&format!("{case}/rv_after"), &rv, &fx.tensor(case, "rv_after"), RTOL, ATOL);
+        let y = x
+            .batch_norm2d(&rm, &rv, Some(&w), Some(&b), training, 0.1, 1e-5)
+            .unwrap();
+        check(
+            &fx,
+            case,
+            &y,
+            &[(&x, "gx"), (&w, "gw"), (&b, "gb")],
+            RTOL,
+            ATOL,
+        );
+        assert_tensor_close(
+            &format!("{case}/rm_after"),
+            &rm,
+            &fx.tensor(case, "rm_after"),
+            RTOL,
+            ATOL,
+        );
+        assert_tensor_close(
+            &format!("{case}/rv_after"),
+            &rv,
+            &fx.tensor(case, "rv_after"),
+            RTOL,
+            ATOL,
+        );
     }
 }
 
@@ -215,24 +324,54 @@ fn shape_ops_and_reductions() {
 
     let a = fx.tensor("concat_dim1", "a").requires_grad();
     let b = fx.tensor("concat_dim1", "b").requires_grad();
-    check(&fx, "concat_dim1", &Tensor::concat(&[a.clone(), b.clone()], 1).unwrap(), &[(&a, "ga"), (&b, "gb")], 0.0, 0.0);
+    check(
+        &fx,
+        "concat_dim1",
+        &Tensor::concat(&[a.clone(), b.clone()], 1).unwrap(),
+        &[(&a, "ga"), (&b, "gb")],
+        0.0,
+        0.0,
+    );
 
     let x = fx.tensor("sum_dims_keepdim", "x").requires_grad();
-    check(&fx, "sum_dims_keepdim", &x.sum(&[1, 3], true).unwrap(), &[(&x, "gx")], RTOL, ATOL);
+    check(
+        &fx,
+        "sum_dims_keepdim",
+        &x.sum(&[1, 3], true).unwrap(),
+        &[(&x, "gx")],
+        RTOL,
+        ATOL,
+    );
     let x = fx.tensor("mean_dim0", "x").requires_grad();
-    check(&fx, "mean_dim0", &x.mean(&[0], false).unwrap(), &[(&x, "gx")], RTOL, ATOL);
+    check(
+        &fx,
+        "mean_dim0",
+        &x.mean(&[0], false).unwrap(),
+        &[(&x, "gx")],
+        RTOL,
+        ATOL,
+    );
     let x = fx.tensor("reshape", "x").requires_grad();
     let y = x.reshape([6, 20]).unwrap();
     assert!(y.shares_storage(&x), "reshape of contiguous data is a view");
     check(&fx, "reshape", &y, &[(&x, "gx")], 0.0, 0.0);
     let x = fx.tensor("subsample_pad_channels", "x").requires_grad();
-    check(&fx, "subsample_pad_channels", &x.subsample_pad_channels(2, 2, 8).unwrap(), &[(&x, "gx")], 0.0, 0.0);
+    check(
+        &fx,
+        "subsample_pad_channels",
+        &x.subsample_pad_channels(2, 2, 8).unwrap(),
+        &[(&x, "gx")],
+        0.0,
+        0.0,
+    );
 }
 
 #[test]
 fn reshape_of_a_permuted_view_gathers_and_backpropagates() {
     // permute -> reshape (non-contiguous) -> weighted sum; gradient must undo both.
-    let x = Tensor::from_vec((0..24).map(|v| v as f32).collect(), [2, 3, 4]).unwrap().requires_grad();
+    let x = Tensor::from_vec((0..24).map(|v| v as f32).collect(), [2, 3, 4])
+        .unwrap()
+        .requires_grad();
     let y = x.permute(&[2, 0, 1]).unwrap().reshape([4, 6]).unwrap();
     assert_eq!(&y.to_vec()[..6], &[0., 4., 8., 12., 16., 20.]);
     let w = Tensor::from_vec((0..24).map(|v| v as f32).collect(), [4, 6]).unwrap();
@@ -257,7 +396,18 @@ fn dropout_masks_scales_and_backpropagates_through_the_mask() {
     let zeros = v.iter().filter(|&&e| e == 0.0).count() as f64 / v.len() as f64;
     assert!((zeros - 0.3).abs() < 0.01, "dropped fraction {zeros}");
     assert!(v.iter().all(|&e| e == 0.0 || (e - 1.0 / 0.7).abs() < 1e-6));
-    let g = y.sum_all().unwrap().backward().unwrap().get(&x).unwrap().to_vec();
+    let g = y
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+        .get(&x)
+        .unwrap()
+        .to_vec();
     assert_eq!(g, v, "gradient of sum(dropout(ones)) is the mask itself");
-    assert_eq!(x.dropout(0.3, false, &mut rng).unwrap().to_vec(), x.to_vec(), "identity in eval");
+    assert_eq!(
+        x.dropout(0.3, false, &mut rng).unwrap().to_vec(),
+        x.to_vec(),
+        "identity in eval"
+    );
 }

@@ -9,10 +9,12 @@
 mod common;
 
 use common::{assert_close, assert_tensor_close, Fixture, ATOL, RTOL};
-use convnet::nn::{self, AdaptiveAvgPool2d, BasicBlock, BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, Mode, Model, Sequential, Shortcut, ReLU};
+use convnet::nn::{
+    self, AdaptiveAvgPool2d, BasicBlock, BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, Mode,
+    Model, ReLU, Sequential, Shortcut,
+};
 use convnet::optim::{Optimizer, Sgd, SgdConfig};
 use convnet::{Reduction, Tensor};
-
 
 fn tutorial_cnn() -> Model {
     Sequential::new()
@@ -32,12 +34,24 @@ fn tutorial_cnn() -> Model {
 
 fn small_resnet() -> Model {
     Sequential::new()
-        .add("conv1", Conv2d::new(3, 8, 3).padding(1).bias(false).build().unwrap())
+        .add(
+            "conv1",
+            Conv2d::new(3, 8, 3).padding(1).bias(false).build().unwrap(),
+        )
         .add("bn1", BatchNorm2d::new(8).unwrap())
         .add("relu", ReLU)
-        .add("layer1", Sequential::new().push(BasicBlock::new(8, 8, 1, Shortcut::Projection).unwrap()))
-        .add("layer2", Sequential::new().push(BasicBlock::new(8, 16, 2, Shortcut::Projection).unwrap()))
-        .add("layer3", Sequential::new().push(BasicBlock::new(16, 32, 2, Shortcut::PadChannels).unwrap()))
+        .add(
+            "layer1",
+            Sequential::new().push(BasicBlock::new(8, 8, 1, Shortcut::Projection).unwrap()),
+        )
+        .add(
+            "layer2",
+            Sequential::new().push(BasicBlock::new(8, 16, 2, Shortcut::Projection).unwrap()),
+        )
+        .add(
+            "layer3",
+            Sequential::new().push(BasicBlock::new(16, 32, 2, Shortcut::PadChannels).unwrap()),
+        )
         .add("avgpool", AdaptiveAvgPool2d::new(1, 1))
         .add("flatten", Flatten::new())
         .add("fc", Linear::new(32, 10).unwrap())
@@ -48,11 +62,23 @@ fn small_resnet() -> Model {
 fn run(case: &str, model: Model) {
     let fx = Fixture::load("training.safetensors");
     let s = fx.settings(case);
-    let torch_keys: Vec<String> = s["keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
+    let torch_keys: Vec<String> = s["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
     let our_keys: Vec<String> = model.state_dict().into_iter().map(|(k, _)| k).collect();
-    assert_eq!(our_keys, torch_keys, "{case}: state_dict names and order match PyTorch");
+    assert_eq!(
+        our_keys, torch_keys,
+        "{case}: state_dict names and order match PyTorch"
+    );
 
-    let init: Vec<(String, Tensor)> = fx.names_with_prefix(case, "init.").into_iter().map(|n| (n["init.".len()..].to_string(), fx.tensor(case, &n))).collect();
+    let init: Vec<(String, Tensor)> = fx
+        .names_with_prefix(case, "init.")
+        .into_iter()
+        .map(|n| (n["init.".len()..].to_string(), fx.tensor(case, &n)))
+        .collect();
     model.load_state_dict(&init, false).unwrap();
 
     let cfg = SgdConfig {
@@ -64,26 +90,53 @@ fn run(case: &str, model: Model) {
     };
     let mut opt = Sgd::new(model.named_parameters(), cfg).unwrap();
     let x = fx.tensor(case, "x");
-    let t: Vec<usize> = fx.tensor(case, "t").to_vec().iter().map(|&v| v as usize).collect();
+    let t: Vec<usize> = fx
+        .tensor(case, "t")
+        .to_vec()
+        .iter()
+        .map(|&v| v as usize)
+        .collect();
     let mut losses = Vec::new();
     for _ in 0..5 {
-        let loss = model.forward(&x, Mode::Train).unwrap().cross_entropy(&t, Reduction::Mean, 0.0).unwrap();
+        let loss = model
+            .forward(&x, Mode::Train)
+            .unwrap()
+            .cross_entropy(&t, Reduction::Mean, 0.0)
+            .unwrap();
         losses.push(loss.item().unwrap());
         let grads = loss.backward().unwrap();
         opt.step(&grads).unwrap();
     }
-    assert_close(&format!("{case}/losses"), &losses, &fx.tensor(case, "losses").to_vec(), RTOL, ATOL);
+    assert_close(
+        &format!("{case}/losses"),
+        &losses,
+        &fx.tensor(case, "losses").to_vec(),
+        RTOL,
+        ATOL,
+    );
     for (name, t) in model.state_dict() {
         match fx.try_tensor(case, &format!("final.{name}")) {
-            Some(expected) => assert_tensor_close(&format!("{case}/{name}"), &t, &expected, RTOL, ATOL),
+            Some(expected) => {
+                assert_tensor_close(&format!("{case}/{name}"), &t, &expected, RTOL, ATOL)
+            }
             None => {
-                assert!(name.ends_with("num_batches_tracked"), "{case}: no reference for {name}");
+                assert!(
+                    name.ends_with("num_batches_tracked"),
+                    "{case}: no reference for {name}"
+                );
                 assert_eq!(t.item().unwrap(), 5.0, "{name}");
             }
         }
     }
-    let logits = convnet::no_grad(|| model.forward(&fx.tensor(case, "x_test"), Mode::Eval)).unwrap();
-    assert_tensor_close(&format!("{case}/test_logits"), &logits, &fx.tensor(case, "test_logits"), RTOL, ATOL);
+    let logits =
+        convnet::no_grad(|| model.forward(&fx.tensor(case, "x_test"), Mode::Eval)).unwrap();
+    assert_tensor_close(
+        &format!("{case}/test_logits"),
+        &logits,
+        &fx.tensor(case, "test_logits"),
+        RTOL,
+        ATOL,
+    );
 }
 
 #[test]
@@ -107,7 +160,11 @@ fn summary_lists_every_layer_with_shapes_and_parameter_counts() {
     let rows = model.summary_rows();
     assert_eq!(rows.iter().map(|r| r.params).sum::<usize>(), 545_098);
     let resnet = small_resnet();
-    let names: Vec<&str> = resnet.summary_rows().iter().map(|r| r.name.as_str()).collect();
+    let names: Vec<&str> = resnet
+        .summary_rows()
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
     assert!(names.contains(&"layer2.0.downsample.0"), "{names:?}");
     let _ = nn::named_parameters(resnet.net());
 }

@@ -77,7 +77,11 @@ impl GradStore {
     /// backward and the optimizer step).
     pub fn insert(&mut self, t: &Tensor, grad: Tensor) -> Result<()> {
         if grad.shape() != t.shape() {
-            return Err(crate::error::shape_mismatch("GradStore::insert", t.shape().to_string(), grad.shape().to_string()));
+            return Err(crate::error::shape_mismatch(
+                "GradStore::insert",
+                t.shape().to_string(),
+                grad.shape().to_string(),
+            ));
         }
         self.grads.insert(t.id(), grad);
         Ok(())
@@ -121,7 +125,11 @@ pub(crate) fn backward(root: &Tensor, grad: Option<&Tensor>) -> Result<GradStore
     let seed = match grad {
         Some(g) => {
             if g.shape() != root.shape() {
-                return Err(crate::error::shape_mismatch("backward", root.shape().to_string(), g.shape().to_string()));
+                return Err(crate::error::shape_mismatch(
+                    "backward",
+                    root.shape().to_string(),
+                    g.shape().to_string(),
+                ));
             }
             g.to_vec()
         }
@@ -139,7 +147,9 @@ pub(crate) fn backward(root: &Tensor, grad: Option<&Tensor>) -> Result<GradStore
     pending.insert(root.id(), seed);
     let mut store = GradStore::default();
     for node in topo_order(root) {
-        let Some(g) = pending.remove(&node.id()) else { continue };
+        let Some(g) = pending.remove(&node.id()) else {
+            continue;
+        };
         match node.op() {
             None => {
                 let t = Tensor::from_parts(g, Shape::from(node.dims()), None);

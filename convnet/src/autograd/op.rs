@@ -15,35 +15,115 @@ use crate::tensor::Tensor;
 
 /// How a result was computed: the inputs and what the backward kernel needs.
 pub(crate) enum Op {
-    Conv2d { input: Tensor, weight: Tensor, bias: Option<Tensor>, geom: ConvGeom },
-    MaxPool2d { input: Tensor, argmax: Vec<u32>, geom: PoolGeom },
-    AvgPool2d { input: Tensor, geom: PoolGeom, count_include_pad: bool },
-    AdaptiveAvgPool2d { input: Tensor, geom: PoolGeom },
+    Conv2d {
+        input: Tensor,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        geom: ConvGeom,
+    },
+    MaxPool2d {
+        input: Tensor,
+        argmax: Vec<u32>,
+        geom: PoolGeom,
+    },
+    AvgPool2d {
+        input: Tensor,
+        geom: PoolGeom,
+        count_include_pad: bool,
+    },
+    AdaptiveAvgPool2d {
+        input: Tensor,
+        geom: PoolGeom,
+    },
     /// `y [M, O] = x [M, I] @ w[O, I]^T + b`
-    Linear { input: Tensor, weight: Tensor, bias: Option<Tensor> },
+    Linear {
+        input: Tensor,
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
     /// `y [M, N] = a [M, K] @ b [K, N]`
-    Matmul { a: Tensor, b: Tensor },
-    Binary { kind: BinaryKind, lhs: Tensor, rhs: Tensor },
+    Matmul {
+        a: Tensor,
+        b: Tensor,
+    },
+    Binary {
+        kind: BinaryKind,
+        lhs: Tensor,
+        rhs: Tensor,
+    },
     /// `y = x * factor + offset`
-    Affine { input: Tensor, factor: f32 },
-    Activation { act: Activation, input: Tensor },
+    Affine {
+        input: Tensor,
+        factor: f32,
+    },
+    Activation {
+        act: Activation,
+        input: Tensor,
+    },
     /// (log-)softmax over the middle axis of `[outer, d, inner]`.
-    Softmax { input: Tensor, outer: usize, d: usize, inner: usize, log: bool },
-    CrossEntropy { logits: Tensor, targets: Vec<usize>, probs: Vec<f32>, smoothing: f32, divisor: f32 },
-    NllLoss { input: Tensor, targets: Vec<usize>, divisor: f32 },
-    MseLoss { input: Tensor, target: Tensor, divisor: f32 },
+    Softmax {
+        input: Tensor,
+        outer: usize,
+        d: usize,
+        inner: usize,
+        log: bool,
+    },
+    CrossEntropy {
+        logits: Tensor,
+        targets: Vec<usize>,
+        probs: Vec<f32>,
+        smoothing: f32,
+        divisor: f32,
+    },
+    NllLoss {
+        input: Tensor,
+        targets: Vec<usize>,
+        divisor: f32,
+    },
+    MseLoss {
+        input: Tensor,
+        target: Tensor,
+        divisor: f32,
+    },
     /// `y = x * mask`, mask holding 0 or 1/(1-p).
-    Dropout { input: Tensor, mask: Vec<f32> },
-    BatchNorm2d { input: Tensor, weight: Option<Tensor>, bias: Option<Tensor>, mean: Vec<f32>, invstd: Vec<f32>, training: bool },
+    Dropout {
+        input: Tensor,
+        mask: Vec<f32>,
+    },
+    BatchNorm2d {
+        input: Tensor,
+        weight: Option<Tensor>,
+        bias: Option<Tensor>,
+        mean: Vec<f32>,
+        invstd: Vec<f32>,
+        training: bool,
+    },
     /// A view with another shape over the same elements.
-    Reshape { input: Tensor },
-    Permute { input: Tensor, dims: Vec<usize> },
-    Concat { inputs: Vec<Tensor>, dim: usize },
+    Reshape {
+        input: Tensor,
+    },
+    Permute {
+        input: Tensor,
+        dims: Vec<usize>,
+    },
+    Concat {
+        inputs: Vec<Tensor>,
+        dim: usize,
+    },
     /// Sum over `dims` times `scale` (`mean` uses 1/count).
-    Sum { input: Tensor, dims: Vec<usize>, scale: f32 },
+    Sum {
+        input: Tensor,
+        dims: Vec<usize>,
+        scale: f32,
+    },
     /// `y[:, c, h, w] = x[:, c - before, h*s, w*s]` for channels in range, else 0: the
     /// parameter-free shortcut of CIFAR ResNets (option A).
-    SubsamplePadChannels { input: Tensor, stride: usize, before: usize, out_channels: usize },
+    SubsamplePadChannels {
+        input: Tensor,
+        stride: usize,
+        before: usize,
+        out_channels: usize,
+    },
 }
 
 fn opt_need(t: &Option<Tensor>) -> bool {
@@ -54,12 +134,27 @@ impl Op {
     /// The tensors this op read.
     pub(crate) fn inputs(&self) -> Vec<&Tensor> {
         match self {
-            Op::Conv2d { input, weight, bias, .. } | Op::Linear { input, weight, bias } => {
+            Op::Conv2d {
+                input,
+                weight,
+                bias,
+                ..
+            }
+            | Op::Linear {
+                input,
+                weight,
+                bias,
+            } => {
                 let mut v = vec![input, weight];
                 v.extend(bias.as_ref());
                 v
             }
-            Op::BatchNorm2d { input, weight, bias, .. } => {
+            Op::BatchNorm2d {
+                input,
+                weight,
+                bias,
+                ..
+            } => {
                 let mut v = vec![input];
                 v.extend(weight.as_ref());
                 v.extend(bias.as_ref());
@@ -89,7 +184,12 @@ impl Op {
     pub(crate) fn backward(&self, out: &Tensor, g: &[f32]) -> Result<Vec<(Tensor, Vec<f32>)>> {
         let mut grads = Vec::new();
         match self {
-            Op::Conv2d { input, weight, bias, geom } => {
+            Op::Conv2d {
+                input,
+                weight,
+                bias,
+                geom,
+            } => {
                 if input.tracks_grad() {
                     let mut dx = vec![0f32; input.numel()];
                     weight.with_data(|w| conv::conv2d_backward_input(g, w, geom, &mut dx));
@@ -106,12 +206,20 @@ impl Op {
                     grads.push((b.clone(), db));
                 }
             }
-            Op::MaxPool2d { input, argmax, geom } => {
+            Op::MaxPool2d {
+                input,
+                argmax,
+                geom,
+            } => {
                 let mut dx = vec![0f32; input.numel()];
                 pool::max_pool2d_backward(g, argmax, geom, &mut dx);
                 grads.push((input.clone(), dx));
             }
-            Op::AvgPool2d { input, geom, count_include_pad } => {
+            Op::AvgPool2d {
+                input,
+                geom,
+                count_include_pad,
+            } => {
                 let mut dx = vec![0f32; input.numel()];
                 pool::avg_pool2d_backward(g, geom, *count_include_pad, &mut dx);
                 grads.push((input.clone(), dx));
@@ -121,18 +229,32 @@ impl Op {
                 pool::adaptive_avg_pool2d_backward(g, geom, &mut dx);
                 grads.push((input.clone(), dx));
             }
-            Op::Linear { input, weight, bias } => {
+            Op::Linear {
+                input,
+                weight,
+                bias,
+            } => {
                 let (o, i) = (weight.dims()[0], weight.dims()[1]);
                 let m = input.numel() / i;
                 let gm = MatRef::row_major(g, m, o);
                 if input.tracks_grad() {
                     let mut dx = vec![0f32; m * i];
-                    weight.with_data(|w| matmul(&mut dx, gm, MatRef::row_major(w, o, i), false, Par::Rayon));
+                    weight.with_data(|w| {
+                        matmul(&mut dx, gm, MatRef::row_major(w, o, i), false, Par::Rayon)
+                    });
                     grads.push((input.clone(), dx));
                 }
                 if weight.tracks_grad() {
                     let mut dw = vec![0f32; o * i];
-                    input.with_data(|x| matmul(&mut dw, gm.t(), MatRef::row_major(x, m, i), false, Par::Rayon));
+                    input.with_data(|x| {
+                        matmul(
+                            &mut dw,
+                            gm.t(),
+                            MatRef::row_major(x, m, i),
+                            false,
+                            Par::Rayon,
+                        )
+                    });
                     grads.push((weight.clone(), dw));
                 }
                 if let Some(b) = bias.as_ref().filter(|b| b.tracks_grad()) {
@@ -144,12 +266,28 @@ impl Op {
                 let gm = MatRef::row_major(g, m, n);
                 if a.tracks_grad() {
                     let mut da = vec![0f32; m * k];
-                    b.with_data(|bv| matmul(&mut da, gm, MatRef::row_major(bv, k, n).t(), false, Par::Rayon));
+                    b.with_data(|bv| {
+                        matmul(
+                            &mut da,
+                            gm,
+                            MatRef::row_major(bv, k, n).t(),
+                            false,
+                            Par::Rayon,
+                        )
+                    });
                     grads.push((a.clone(), da));
                 }
                 if b.tracks_grad() {
                     let mut db = vec![0f32; k * n];
-                    a.with_data(|av| matmul(&mut db, MatRef::row_major(av, m, k).t(), gm, false, Par::Rayon));
+                    a.with_data(|av| {
+                        matmul(
+                            &mut db,
+                            MatRef::row_major(av, m, k).t(),
+                            gm,
+                            false,
+                            Par::Rayon,
+                        )
+                    });
                     grads.push((b.clone(), db));
                 }
             }
@@ -159,22 +297,43 @@ impl Op {
             }
             Op::Activation { act, input } => {
                 let mut dx = vec![0f32; g.len()];
-                input.with_data(|x| out.with_data(|y| activation::backward(*act, x, y, g, &mut dx)));
+                input
+                    .with_data(|x| out.with_data(|y| activation::backward(*act, x, y, g, &mut dx)));
                 grads.push((input.clone(), dx));
             }
-            Op::Softmax { input, outer, d, inner, log } => {
+            Op::Softmax {
+                input,
+                outer,
+                d,
+                inner,
+                log,
+            } => {
                 let mut dx = vec![0f32; g.len()];
                 out.with_data(|y| loss::softmax_backward(y, g, *outer, *d, *inner, *log, &mut dx));
                 grads.push((input.clone(), dx));
             }
-            Op::CrossEntropy { logits, targets, probs, smoothing, divisor } => {
+            Op::CrossEntropy {
+                logits,
+                targets,
+                probs,
+                smoothing,
+                divisor,
+            } => {
                 let c = logits.dims()[1];
                 let mut dx = vec![0f32; logits.numel()];
-                let scale: Vec<f32> = if g.len() == 1 { vec![g[0] / divisor] } else { g.to_vec() };
+                let scale: Vec<f32> = if g.len() == 1 {
+                    vec![g[0] / divisor]
+                } else {
+                    g.to_vec()
+                };
                 loss::cross_entropy_backward(probs, targets, c, *smoothing, &scale, &mut dx);
                 grads.push((logits.clone(), dx));
             }
-            Op::NllLoss { input, targets, divisor } => {
+            Op::NllLoss {
+                input,
+                targets,
+                divisor,
+            } => {
                 let c = input.dims()[1];
                 let mut dx = vec![0f32; input.numel()];
                 for (n, &t) in targets.iter().enumerate() {
@@ -182,9 +341,15 @@ impl Op {
                 }
                 grads.push((input.clone(), dx));
             }
-            Op::MseLoss { input, target, divisor } => {
+            Op::MseLoss {
+                input,
+                target,
+                divisor,
+            } => {
                 let s = g[0] * 2.0 / divisor;
-                let diff: Vec<f32> = input.with_data(|a| target.with_data(|b| a.iter().zip(b).map(|(x, y)| s * (x - y)).collect()));
+                let diff: Vec<f32> = input.with_data(|a| {
+                    target.with_data(|b| a.iter().zip(b).map(|(x, y)| s * (x - y)).collect())
+                });
                 if target.tracks_grad() {
                     grads.push((target.clone(), diff.iter().map(|v| -v).collect()));
                 }
@@ -193,13 +358,36 @@ impl Op {
                 }
             }
             Op::Dropout { input, mask } => {
-                grads.push((input.clone(), g.iter().zip(mask).map(|(a, b)| a * b).collect()));
+                grads.push((
+                    input.clone(),
+                    g.iter().zip(mask).map(|(a, b)| a * b).collect(),
+                ));
             }
-            Op::BatchNorm2d { input, weight, bias, mean, invstd, training } => {
+            Op::BatchNorm2d {
+                input,
+                weight,
+                bias,
+                mean,
+                invstd,
+                training,
+            } => {
                 let d = input.dims();
                 let (n, c, hw) = (d[0], d[1], d[2] * d[3]);
                 let w = weight.as_ref().map(Tensor::to_vec);
-                let (dx, dw, db) = input.with_data(|x| norm::backward(x, g, mean, invstd, w.as_deref(), n, c, hw, *training, input.tracks_grad()));
+                let (dx, dw, db) = input.with_data(|x| {
+                    norm::backward(
+                        x,
+                        g,
+                        mean,
+                        invstd,
+                        w.as_deref(),
+                        n,
+                        c,
+                        hw,
+                        *training,
+                        input.tracks_grad(),
+                    )
+                });
                 if let Some(dx) = dx {
                     grads.push((input.clone(), dx));
                 }
@@ -240,10 +428,23 @@ impl Op {
                 }
             }
             Op::Sum { input, dims, scale } => {
-                let small: Vec<usize> = input.dims().iter().enumerate().map(|(i, &d)| if dims.contains(&i) { 1 } else { d }).collect();
-                grads.push((input.clone(), elementwise::expand_to(g, &small, input.dims(), *scale)));
+                let small: Vec<usize> = input
+                    .dims()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &d)| if dims.contains(&i) { 1 } else { d })
+                    .collect();
+                grads.push((
+                    input.clone(),
+                    elementwise::expand_to(g, &small, input.dims(), *scale),
+                ));
             }
-            Op::SubsamplePadChannels { input, stride, before, out_channels } => {
+            Op::SubsamplePadChannels {
+                input,
+                stride,
+                before,
+                out_channels,
+            } => {
                 let d = input.dims();
                 let (n, c, h, w) = (d[0], d[1], d[2], d[3]);
                 let (oh, ow) = (out.dims()[2], out.dims()[3]);
@@ -252,7 +453,8 @@ impl Op {
                     for ch in 0..c {
                         for i in 0..oh {
                             for j in 0..ow {
-                                dx[((b * c + ch) * h + i * stride) * w + j * stride] = g[((b * out_channels + ch + before) * oh + i) * ow + j];
+                                dx[((b * c + ch) * h + i * stride) * w + j * stride] =
+                                    g[((b * out_channels + ch + before) * oh + i) * ow + j];
                             }
                         }
                     }
@@ -265,18 +467,35 @@ impl Op {
     }
 }
 
-fn binary_backward(kind: BinaryKind, lhs: &Tensor, rhs: &Tensor, out: &Tensor, g: &[f32], grads: &mut Vec<(Tensor, Vec<f32>)>) {
+fn binary_backward(
+    kind: BinaryKind,
+    lhs: &Tensor,
+    rhs: &Tensor,
+    out: &Tensor,
+    g: &[f32],
+    grads: &mut Vec<(Tensor, Vec<f32>)>,
+) {
     let os = out.dims();
     let (ls, rs) = (lhs.dims(), rhs.dims());
     let same = ls == os && rs == os;
     if lhs.tracks_grad() {
         let gl = match kind {
             BinaryKind::Add | BinaryKind::Sub if ls == os => g.to_vec(),
-            BinaryKind::Add | BinaryKind::Sub => elementwise::reduce_to_shape(g, os, ls, None, |a, _| a),
-            BinaryKind::Mul if same => rhs.with_data(|r| g.iter().zip(r).map(|(a, b)| a * b).collect()),
-            BinaryKind::Mul => rhs.with_data(|r| elementwise::reduce_to_shape(g, os, ls, Some((r, rs)), |a, b| a * b)),
-            BinaryKind::Div if same => rhs.with_data(|r| g.iter().zip(r).map(|(a, b)| a / b).collect()),
-            BinaryKind::Div => rhs.with_data(|r| elementwise::reduce_to_shape(g, os, ls, Some((r, rs)), |a, b| a / b)),
+            BinaryKind::Add | BinaryKind::Sub => {
+                elementwise::reduce_to_shape(g, os, ls, None, |a, _| a)
+            }
+            BinaryKind::Mul if same => {
+                rhs.with_data(|r| g.iter().zip(r).map(|(a, b)| a * b).collect())
+            }
+            BinaryKind::Mul => rhs.with_data(|r| {
+                elementwise::reduce_to_shape(g, os, ls, Some((r, rs)), |a, b| a * b)
+            }),
+            BinaryKind::Div if same => {
+                rhs.with_data(|r| g.iter().zip(r).map(|(a, b)| a / b).collect())
+            }
+            BinaryKind::Div => rhs.with_data(|r| {
+                elementwise::reduce_to_shape(g, os, ls, Some((r, rs)), |a, b| a / b)
+            }),
         };
         grads.push((lhs.clone(), gl));
     }
@@ -286,12 +505,20 @@ fn binary_backward(kind: BinaryKind, lhs: &Tensor, rhs: &Tensor, out: &Tensor, g
             BinaryKind::Sub if rs == os => g.iter().map(|v| -v).collect(),
             BinaryKind::Add => elementwise::reduce_to_shape(g, os, rs, None, |a, _| a),
             BinaryKind::Sub => elementwise::reduce_to_shape(g, os, rs, None, |a, _| -a),
-            BinaryKind::Mul if same => lhs.with_data(|l| g.iter().zip(l).map(|(a, b)| a * b).collect()),
-            BinaryKind::Mul => lhs.with_data(|l| elementwise::reduce_to_shape(g, os, rs, Some((l, ls)), |a, b| a * b)),
+            BinaryKind::Mul if same => {
+                lhs.with_data(|l| g.iter().zip(l).map(|(a, b)| a * b).collect())
+            }
+            BinaryKind::Mul => lhs.with_data(|l| {
+                elementwise::reduce_to_shape(g, os, rs, Some((l, ls)), |a, b| a * b)
+            }),
             BinaryKind::Div => {
                 // d(a/b)/db = -a/b^2 = -out/b
                 let mut q = vec![0f32; g.len()];
-                out.with_data(|o| rhs.with_data(|r| elementwise::binary_forward(BinaryKind::Div, o, os, r, rs, os, &mut q)));
+                out.with_data(|o| {
+                    rhs.with_data(|r| {
+                        elementwise::binary_forward(BinaryKind::Div, o, os, r, rs, os, &mut q)
+                    })
+                });
                 q.iter_mut().for_each(|v| *v = -*v);
                 if rs == os {
                     g.iter().zip(&q).map(|(a, b)| a * b).collect()

@@ -27,6 +27,10 @@ pub fn kaiming_uniform(shape: impl Into<Shape>, fan_in: usize) -> Tensor {
 
 /// Bias drawn from `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`; returns a trainable leaf.
 pub fn uniform_bias(len: usize, fan_in: usize) -> Tensor {
-    let bound = if fan_in > 0 { 1.0 / (fan_in as f32).sqrt() } else { 0.0 };
+    let bound = if fan_in > 0 {
+        1.0 / (fan_in as f32).sqrt()
+    } else {
+        0.0
+    };
     with_global_rng(|r| Tensor::rand_uniform([len], -bound, bound, r)).requires_grad()
 }

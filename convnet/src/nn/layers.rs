@@ -8,7 +8,13 @@ use crate::rng::with_global_rng;
 use crate::shape::Shape;
 use crate::tensor::{AvgPool2dParams, Conv2dParams, MaxPool2dParams, Tensor};
 
-fn visit_opt(prefix: &str, name: &str, t: &Option<Tensor>, role: TensorRole, f: &mut dyn FnMut(String, &Tensor, TensorRole)) {
+fn visit_opt(
+    prefix: &str,
+    name: &str,
+    t: &Option<Tensor>,
+    role: TensorRole,
+    f: &mut dyn FnMut(String, &Tensor, TensorRole),
+) {
     if let Some(t) = t {
         f(super::join(prefix, name), t, role);
     }
@@ -44,8 +50,15 @@ impl Conv2d {
     /// assert_eq!(conv.weight.dims(), &[32, 3, 3, 3]);
     /// # Ok::<(), convnet::Error>(())
     /// ```
+    #[allow(clippy::new_ret_no_self)]
     pub fn new(in_channels: usize, out_channels: usize, kernel_size: usize) -> Conv2dBuilder {
-        Conv2dBuilder { in_channels, out_channels, kernel: (kernel_size, kernel_size), params: Conv2dParams::default(), bias: true }
+        Conv2dBuilder {
+            in_channels,
+            out_channels,
+            kernel: (kernel_size, kernel_size),
+            params: Conv2dParams::default(),
+            bias: true,
+        }
     }
 }
 
@@ -90,18 +103,47 @@ impl Conv2dBuilder {
         let p = self.params;
         let (kh, kw) = self.kernel;
         if self.in_channels == 0 || self.out_channels == 0 || kh == 0 || kw == 0 {
-            return Err(invalid("Conv2d", "channels and kernel size must be positive"));
+            return Err(invalid(
+                "Conv2d",
+                "channels and kernel size must be positive",
+            ));
         }
-        if p.stride.0 == 0 || p.stride.1 == 0 || p.dilation.0 == 0 || p.dilation.1 == 0 || p.groups == 0 {
-            return Err(invalid("Conv2d", format!("stride {:?}, dilation {:?} and groups {} must be positive", p.stride, p.dilation, p.groups)));
+        if p.stride.0 == 0
+            || p.stride.1 == 0
+            || p.dilation.0 == 0
+            || p.dilation.1 == 0
+            || p.groups == 0
+        {
+            return Err(invalid(
+                "Conv2d",
+                format!(
+                    "stride {:?}, dilation {:?} and groups {} must be positive",
+                    p.stride, p.dilation, p.groups
+                ),
+            ));
         }
         if self.in_channels % p.groups != 0 || self.out_channels % p.groups != 0 {
-            return Err(invalid("Conv2d", format!("in_channels {} and out_channels {} must be divisible by groups {}", self.in_channels, self.out_channels, p.groups)));
+            return Err(invalid(
+                "Conv2d",
+                format!(
+                    "in_channels {} and out_channels {} must be divisible by groups {}",
+                    self.in_channels, self.out_channels, p.groups
+                ),
+            ));
         }
         let fan_in = self.in_channels / p.groups * kh * kw;
-        let weight = init::kaiming_uniform([self.out_channels, self.in_channels / p.groups, kh, kw], fan_in);
-        let bias = self.bias.then(|| init::uniform_bias(self.out_channels, fan_in));
-        Ok(Conv2d { weight, bias, params: p })
+        let weight = init::kaiming_uniform(
+            [self.out_channels, self.in_channels / p.groups, kh, kw],
+            fan_in,
+        );
+        let bias = self
+            .bias
+            .then(|| init::uniform_bias(self.out_channels, fan_in));
+        Ok(Conv2d {
+            weight,
+            bias,
+            params: p,
+        })
     }
 }
 
@@ -115,12 +157,20 @@ impl Module for Conv2d {
     fn output_shape(&self, input: &[usize]) -> Result<Shape> {
         let c = self.weight.dims()[1] * self.params.groups;
         if input.len() == 4 && input[1] != c {
-            return Err(shape_mismatch("conv2d", format!("{c} input channels"), format!("{} channels (input {})", input[1], Shape::from(input))));
+            return Err(shape_mismatch(
+                "conv2d",
+                format!("{c} input channels"),
+                format!("{} channels (input {})", input[1], Shape::from(input)),
+            ));
         }
         self.params.output_shape(input, self.weight.dims())
     }
     fn visit_tensors(&self, prefix: &str, f: &mut dyn FnMut(String, &Tensor, TensorRole)) {
-        f(super::join(prefix, "weight"), &self.weight, TensorRole::Parameter);
+        f(
+            super::join(prefix, "weight"),
+            &self.weight,
+            TensorRole::Parameter,
+        );
         visit_opt(prefix, "bias", &self.bias, TensorRole::Parameter, f);
     }
 }
@@ -144,7 +194,10 @@ impl Linear {
     /// A linear layer with or without bias.
     pub fn with_bias(in_features: usize, out_features: usize, bias: bool) -> Result<Linear> {
         if in_features == 0 || out_features == 0 {
-            return Err(invalid("Linear", format!("features must be positive, got {in_features} -> {out_features}")));
+            return Err(invalid(
+                "Linear",
+                format!("features must be positive, got {in_features} -> {out_features}"),
+            ));
         }
         let weight = init::kaiming_uniform([out_features, in_features], in_features);
         let bias = bias.then(|| init::uniform_bias(out_features, in_features));
@@ -172,12 +225,22 @@ impl Module for Linear {
                 *out.last_mut().expect("non-empty") = self.weight.dims()[0];
                 Ok(Shape::new(out))
             }
-            Some(&got) => Err(invalid("linear", format!("expected {want} input features, got {got}"))),
-            None => Err(invalid("linear", format!("expected input [*, {want}], got a scalar"))),
+            Some(&got) => Err(invalid(
+                "linear",
+                format!("expected {want} input features, got {got}"),
+            )),
+            None => Err(invalid(
+                "linear",
+                format!("expected input [*, {want}], got a scalar"),
+            )),
         }
     }
     fn visit_tensors(&self, prefix: &str, f: &mut dyn FnMut(String, &Tensor, TensorRole)) {
-        f(super::join(prefix, "weight"), &self.weight, TensorRole::Parameter);
+        f(
+            super::join(prefix, "weight"),
+            &self.weight,
+            TensorRole::Parameter,
+        );
         visit_opt(prefix, "bias", &self.bias, TensorRole::Parameter, f);
     }
 }
@@ -258,10 +321,17 @@ impl Module for AdaptiveAvgPool2d {
     }
     fn output_shape(&self, input: &[usize]) -> Result<Shape> {
         if input.len() != 4 {
-            return Err(shape_mismatch("adaptive_avg_pool2d", "input [N, C, H, W]", Shape::from(input).to_string()));
+            return Err(shape_mismatch(
+                "adaptive_avg_pool2d",
+                "input [N, C, H, W]",
+                Shape::from(input).to_string(),
+            ));
         }
         if self.0 .0 == 0 || self.0 .1 == 0 {
-            return Err(invalid("adaptive_avg_pool2d", "output size must be positive"));
+            return Err(invalid(
+                "adaptive_avg_pool2d",
+                "output size must be positive",
+            ));
         }
         Ok(Shape::new([input[0], input[1], self.0 .0, self.0 .1]))
     }
@@ -356,7 +426,10 @@ impl Dropout {
     /// ```
     pub fn new(p: f32) -> Result<Dropout> {
         if !(0.0..=1.0).contains(&p) {
-            return Err(invalid("Dropout", format!("probability must be in [0, 1], got {p}")));
+            return Err(invalid(
+                "Dropout",
+                format!("probability must be in [0, 1], got {p}"),
+            ));
         }
         Ok(Dropout { p })
     }
@@ -416,7 +489,15 @@ impl BatchNorm2d {
 
 impl Module for BatchNorm2d {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let y = x.batch_norm2d(&self.running_mean, &self.running_var, Some(&self.weight), Some(&self.bias), mode.is_train(), self.momentum, self.eps)?;
+        let y = x.batch_norm2d(
+            &self.running_mean,
+            &self.running_var,
+            Some(&self.weight),
+            Some(&self.bias),
+            mode.is_train(),
+            self.momentum,
+            self.eps,
+        )?;
         if mode.is_train() {
             self.num_batches_tracked.update_data(|n| n[0] += 1.0)?;
         }
@@ -428,16 +509,40 @@ impl Module for BatchNorm2d {
     fn output_shape(&self, input: &[usize]) -> Result<Shape> {
         let c = self.weight.numel();
         if input.len() != 4 || input[1] != c {
-            return Err(shape_mismatch("batch_norm2d", format!("input [N, {c}, H, W]"), Shape::from(input).to_string()));
+            return Err(shape_mismatch(
+                "batch_norm2d",
+                format!("input [N, {c}, H, W]"),
+                Shape::from(input).to_string(),
+            ));
         }
         Ok(Shape::from(input))
     }
     fn visit_tensors(&self, prefix: &str, f: &mut dyn FnMut(String, &Tensor, TensorRole)) {
-        f(super::join(prefix, "weight"), &self.weight, TensorRole::Parameter);
-        f(super::join(prefix, "bias"), &self.bias, TensorRole::Parameter);
-        f(super::join(prefix, "running_mean"), &self.running_mean, TensorRole::Buffer);
-        f(super::join(prefix, "running_var"), &self.running_var, TensorRole::Buffer);
-        f(super::join(prefix, "num_batches_tracked"), &self.num_batches_tracked, TensorRole::Buffer);
+        f(
+            super::join(prefix, "weight"),
+            &self.weight,
+            TensorRole::Parameter,
+        );
+        f(
+            super::join(prefix, "bias"),
+            &self.bias,
+            TensorRole::Parameter,
+        );
+        f(
+            super::join(prefix, "running_mean"),
+            &self.running_mean,
+            TensorRole::Buffer,
+        );
+        f(
+            super::join(prefix, "running_var"),
+            &self.running_var,
+            TensorRole::Buffer,
+        );
+        f(
+            super::join(prefix, "num_batches_tracked"),
+            &self.num_batches_tracked,
+            TensorRole::Buffer,
+        );
     }
 }
 
@@ -463,7 +568,14 @@ impl Module for Flatten {
     }
     fn output_shape(&self, input: &[usize]) -> Result<Shape> {
         if self.start_dim >= input.len() {
-            return Err(invalid("flatten", format!("start_dim {} is out of range for input {}", self.start_dim, Shape::from(input))));
+            return Err(invalid(
+                "flatten",
+                format!(
+                    "start_dim {} is out of range for input {}",
+                    self.start_dim,
+                    Shape::from(input)
+                ),
+            ));
         }
         let mut out = input[..self.start_dim].to_vec();
         out.push(input[self.start_dim..].iter().product());

@@ -10,8 +10,8 @@ mod sequential;
 
 pub use init::{kaiming_uniform, uniform_bias};
 pub use layers::{
-    AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, Conv2dBuilder, Dropout, Flatten, Linear,
-    MaxPool2d, Softmax, GELU, LeakyReLU, ReLU, Sigmoid, Tanh,
+    AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, Conv2dBuilder, Dropout, Flatten, LeakyReLU,
+    Linear, MaxPool2d, ReLU, Sigmoid, Softmax, Tanh, GELU,
 };
 pub use model::{Model, SummaryRow};
 pub use resnet::{BasicBlock, Shortcut};
@@ -69,7 +69,11 @@ pub trait Module: Send + Sync {
     fn infer(&self, path: &str, input: &[usize], rows: &mut Vec<SummaryRow>) -> Result<Shape> {
         let out = self.output_shape(input).map_err(|e| match e {
             Error::Layer { .. } => e,
-            other => Error::Layer { layer: path.to_string(), kind: self.kind(), msg: layer_message(&other) },
+            other => Error::Layer {
+                layer: path.to_string(),
+                kind: self.kind(),
+                msg: layer_message(&other),
+            },
         })?;
         let mut params = 0;
         self.visit_tensors("", &mut |_, t, role| {
@@ -77,7 +81,12 @@ pub trait Module: Send + Sync {
                 params += t.numel();
             }
         });
-        rows.push(SummaryRow { name: path.to_string(), kind: self.kind(), output_shape: out.clone(), params });
+        rows.push(SummaryRow {
+            name: path.to_string(),
+            kind: self.kind(),
+            output_shape: out.clone(),
+            params,
+        });
         Ok(out)
     }
 }

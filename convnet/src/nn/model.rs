@@ -44,7 +44,13 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Model(input {}, output {}, {} parameters)", Shape::from(self.input_shape.as_slice()), self.output_shape, self.num_parameters())
+        write!(
+            f,
+            "Model(input {}, output {}, {} parameters)",
+            Shape::from(self.input_shape.as_slice()),
+            self.output_shape,
+            self.num_parameters()
+        )
     }
 }
 
@@ -55,7 +61,12 @@ impl Model {
         batched.extend_from_slice(input_shape);
         let mut rows = Vec::new();
         let output_shape = net.infer("", &batched, &mut rows)?;
-        Ok(Model { net, input_shape: input_shape.to_vec(), output_shape, rows })
+        Ok(Model {
+            net,
+            input_shape: input_shape.to_vec(),
+            output_shape,
+            rows,
+        })
     }
 
     /// Input shape without the batch dimension, e.g. `[3, 32, 32]`.
@@ -76,7 +87,18 @@ impl Model {
     /// Runs the network on a batch `[N, ...input_shape]`.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         if x.rank() != self.input_shape.len() + 1 || x.dims()[1..] != self.input_shape[..] {
-            return Err(shape_mismatch("Model::forward", format!("input [N, {}]", self.input_shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")), x.shape().to_string()));
+            return Err(shape_mismatch(
+                "Model::forward",
+                format!(
+                    "input [N, {}]",
+                    self.input_shape
+                        .iter()
+                        .map(|d| d.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                x.shape().to_string(),
+            ));
         }
         self.net.forward(x, mode)
     }
@@ -104,7 +126,11 @@ impl Model {
             match own.iter().find(|(n, _)| n == name) {
                 Some((_, t)) => {
                     if t.numel() != value.numel() {
-                        return Err(Error::State(format!("{name}: expected shape {}, got {}", t.shape(), value.shape())));
+                        return Err(Error::State(format!(
+                            "{name}: expected shape {}, got {}",
+                            t.shape(),
+                            value.shape()
+                        )));
                     }
                     value.with_data(|d| t.copy_from_slice(d))?;
                 }
@@ -113,7 +139,10 @@ impl Model {
             }
         }
         if strict {
-            if let Some((missing, _)) = own.iter().find(|(n, _)| !entries.iter().any(|(e, _)| e == n)) {
+            if let Some((missing, _)) = own
+                .iter()
+                .find(|(n, _)| !entries.iter().any(|(e, _)| e == n))
+            {
                 return Err(Error::State(format!("missing key {missing}")));
             }
         }
@@ -127,14 +156,35 @@ impl Model {
 
     /// A printable table: layer, output shape, parameters, and totals.
     pub fn summary(&self) -> String {
-        let name_w = self.rows.iter().map(|r| r.name.len() + r.kind.len() + 3).max().unwrap_or(0).max(18);
-        let shape_w = self.rows.iter().map(|r| r.output_shape.to_string().len()).max().unwrap_or(0).max(14);
+        let name_w = self
+            .rows
+            .iter()
+            .map(|r| r.name.len() + r.kind.len() + 3)
+            .max()
+            .unwrap_or(0)
+            .max(18);
+        let shape_w = self
+            .rows
+            .iter()
+            .map(|r| r.output_shape.to_string().len())
+            .max()
+            .unwrap_or(0)
+            .max(14);
         let mut s = String::new();
-        let _ = writeln!(s, "{:<name_w$}  {:<shape_w$}  {:>10}", "Layer (type)", "Output shape", "Params");
+        let _ = writeln!(
+            s,
+            "{:<name_w$}  {:<shape_w$}  {:>10}",
+            "Layer (type)", "Output shape", "Params"
+        );
         let _ = writeln!(s, "{}", "-".repeat(name_w + shape_w + 14));
         for r in &self.rows {
             let label = format!("{} ({})", r.name, r.kind);
-            let _ = writeln!(s, "{label:<name_w$}  {:<shape_w$}  {:>10}", r.output_shape.to_string(), r.params);
+            let _ = writeln!(
+                s,
+                "{label:<name_w$}  {:<shape_w$}  {:>10}",
+                r.output_shape.to_string(),
+                r.params
+            );
         }
         let _ = writeln!(s, "{}", "-".repeat(name_w + shape_w + 14));
         let buffers: usize = {
@@ -146,7 +196,11 @@ impl Model {
             });
             n
         };
-        let _ = writeln!(s, "Input shape: {}", Shape::from(self.input_shape.as_slice()));
+        let _ = writeln!(
+            s,
+            "Input shape: {}",
+            Shape::from(self.input_shape.as_slice())
+        );
         let _ = writeln!(s, "Trainable params: {}", self.num_parameters());
         let _ = write!(s, "Buffers: {buffers}");
         s

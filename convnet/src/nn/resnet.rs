@@ -27,33 +27,66 @@ pub struct BasicBlock {
 
 impl BasicBlock {
     /// A block `in_planes -> planes` whose first convolution has `stride`.
-    pub fn new(in_planes: usize, planes: usize, stride: usize, shortcut: Shortcut) -> Result<BasicBlock> {
-        let conv1 = Conv2d::new(in_planes, planes, 3).stride(stride).padding(1).bias(false).build()?;
+    pub fn new(
+        in_planes: usize,
+        planes: usize,
+        stride: usize,
+        shortcut: Shortcut,
+    ) -> Result<BasicBlock> {
+        let conv1 = Conv2d::new(in_planes, planes, 3)
+            .stride(stride)
+            .padding(1)
+            .bias(false)
+            .build()?;
         let bn1 = BatchNorm2d::new(planes)?;
-        let conv2 = Conv2d::new(planes, planes, 3).padding(1).bias(false).build()?;
+        let conv2 = Conv2d::new(planes, planes, 3)
+            .padding(1)
+            .bias(false)
+            .build()?;
         let bn2 = BatchNorm2d::new(planes)?;
         let reshape = stride != 1 || in_planes != planes;
         let (downsample, pad) = match (reshape, shortcut) {
             (false, _) => (None, None),
             (true, Shortcut::Projection) => (
-                Some(Sequential::new().push(Conv2d::new(in_planes, planes, 1).stride(stride).bias(false).build()?).push(BatchNorm2d::new(planes)?)),
+                Some(
+                    Sequential::new()
+                        .push(
+                            Conv2d::new(in_planes, planes, 1)
+                                .stride(stride)
+                                .bias(false)
+                                .build()?,
+                        )
+                        .push(BatchNorm2d::new(planes)?),
+                ),
                 None,
             ),
             (true, Shortcut::PadChannels) => {
                 if planes < in_planes {
-                    return Err(crate::error::invalid("BasicBlock", format!("option-A shortcut cannot shrink {in_planes} channels to {planes}")));
+                    return Err(crate::error::invalid(
+                        "BasicBlock",
+                        format!("option-A shortcut cannot shrink {in_planes} channels to {planes}"),
+                    ));
                 }
                 let extra = planes - in_planes;
                 (None, Some((stride, extra / 2, planes)))
             }
         };
-        Ok(BasicBlock { conv1, bn1, conv2, bn2, downsample, pad })
+        Ok(BasicBlock {
+            conv1,
+            bn1,
+            conv2,
+            bn2,
+            downsample,
+            pad,
+        })
     }
 
     fn shortcut(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match (&self.downsample, self.pad) {
             (Some(ds), _) => ds.forward(x, mode),
-            (None, Some((stride, before, planes))) => x.subsample_pad_channels(stride, before, planes),
+            (None, Some((stride, before, planes))) => {
+                x.subsample_pad_channels(stride, before, planes)
+            }
             (None, None) => Ok(x.clone()),
         }
     }
@@ -61,7 +94,10 @@ impl BasicBlock {
 
 impl Module for BasicBlock {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let h = self.bn1.forward(&self.conv1.forward(x, mode)?, mode)?.relu()?;
+        let h = self
+            .bn1
+            .forward(&self.conv1.forward(x, mode)?, mode)?
+            .relu()?;
         let h = self.bn2.forward(&self.conv2.forward(&h, mode)?, mode)?;
         h.add(&self.shortcut(x, mode)?)?.relu()
     }
@@ -91,11 +127,20 @@ impl Module for BasicBlock {
         let s = self.bn2.infer(&join(path, "bn2"), s.dims(), rows)?;
         let short = match (&self.downsample, self.pad) {
             (Some(ds), _) => ds.infer(&join(path, "downsample"), input, rows)?,
-            (None, Some((stride, _, planes))) => Shape::new([input[0], planes, input[2].div_ceil(stride), input[3].div_ceil(stride)]),
+            (None, Some((stride, _, planes))) => Shape::new([
+                input[0],
+                planes,
+                input[2].div_ceil(stride),
+                input[3].div_ceil(stride),
+            ]),
             (None, None) => Shape::from(input),
         };
         if short != s {
-            return Err(Error::Layer { layer: path.to_string(), kind: "BasicBlock", msg: format!("residual branch gives {s} but the shortcut gives {short}") });
+            return Err(Error::Layer {
+                layer: path.to_string(),
+                kind: "BasicBlock",
+                msg: format!("residual branch gives {s} but the shortcut gives {short}"),
+            });
         }
         Ok(s)
     }

@@ -86,7 +86,11 @@ impl Module for Sequential {
                         Some((prev, prev_in)) => format!(" (its input {shape} is the output of {prev}, whose input was {prev_in})"),
                         None => format!(" (its input is the model input {shape})"),
                     };
-                    return Err(Error::Layer { layer, kind, msg: msg + &context });
+                    return Err(Error::Layer {
+                        layer,
+                        kind,
+                        msg: msg + &context,
+                    });
                 }
                 Err(e) => return Err(e),
             }

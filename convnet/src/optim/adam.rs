@@ -1,5 +1,6 @@
 //! Adam and AdamW, `torch.optim.Adam` / `torch.optim.AdamW` (single-tensor formulas).
 
+use super::non_negative;
 use super::{lookup, Optimizer};
 use crate::autograd::GradStore;
 use crate::backend::cpu::optim::{adam_step, AdamStep};
@@ -25,14 +26,25 @@ pub struct AdamConfig {
 
 impl Default for AdamConfig {
     fn default() -> Self {
-        AdamConfig { lr: 1e-3, betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0, amsgrad: false, decoupled_weight_decay: false }
+        AdamConfig {
+            lr: 1e-3,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+            amsgrad: false,
+            decoupled_weight_decay: false,
+        }
     }
 }
 
 impl AdamConfig {
     /// AdamW's defaults (`weight_decay = 0.01`, decoupled).
     pub fn adamw() -> Self {
-        AdamConfig { weight_decay: 0.01, decoupled_weight_decay: true, ..Default::default() }
+        AdamConfig {
+            weight_decay: 0.01,
+            decoupled_weight_decay: true,
+            ..Default::default()
+        }
     }
 }
 
@@ -55,14 +67,36 @@ impl Adam {
     /// Creates the optimizer over named parameters.
     pub fn new(params: Vec<(String, Tensor)>, cfg: AdamConfig) -> Result<Adam> {
         let (b1, b2) = cfg.betas;
-        if !(cfg.lr >= 0.0) || !(cfg.eps >= 0.0) || !(cfg.weight_decay >= 0.0) || !(0.0..1.0).contains(&b1) || !(0.0..1.0).contains(&b2) {
-            return Err(invalid("Adam", format!("invalid hyperparameters: lr {}, betas {:?}, eps {}, weight_decay {}", cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)));
+        if !non_negative(cfg.lr)
+            || !non_negative(cfg.eps)
+            || !non_negative(cfg.weight_decay)
+            || !(0.0..1.0).contains(&b1)
+            || !(0.0..1.0).contains(&b2)
+        {
+            return Err(invalid(
+                "Adam",
+                format!(
+                    "invalid hyperparameters: lr {}, betas {:?}, eps {}, weight_decay {}",
+                    cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay
+                ),
+            ));
         }
         let slots = params
             .into_iter()
             .map(|(name, param)| {
                 let n = param.numel();
-                Slot { name, param, step: 0, exp_avg: vec![0.0; n], exp_avg_sq: vec![0.0; n], max_exp_avg_sq: if cfg.amsgrad { vec![0.0; n] } else { Vec::new() } }
+                Slot {
+                    name,
+                    param,
+                    step: 0,
+                    exp_avg: vec![0.0; n],
+                    exp_avg_sq: vec![0.0; n],
+                    max_exp_avg_sq: if cfg.amsgrad {
+                        vec![0.0; n]
+                    } else {
+                        Vec::new()
+                    },
+                }
             })
             .collect();
         Ok(Adam { cfg, slots })
@@ -73,7 +107,9 @@ impl Optimizer for Adam {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         let c = self.cfg;
         for slot in &mut self.slots {
-            let Some(g) = grads.get(&slot.param) else { continue };
+            let Some(g) = grads.get(&slot.param) else {
+                continue;
+            };
             slot.step += 1;
             let t = slot.step as i32;
             let s = AdamStep {
@@ -86,8 +122,16 @@ impl Optimizer for Adam {
                 bias_correction1: (1.0 - c.betas.0.powi(t)) as f32,
                 bias_correction2_sqrt: (1.0 - c.betas.1.powi(t)).sqrt() as f32,
             };
-            let max_v = if c.amsgrad { Some(slot.max_exp_avg_sq.as_mut_slice()) } else { None };
-            g.with_data(|gd| slot.param.update_data(|p| adam_step(p, gd, &mut slot.exp_avg, &mut slot.exp_avg_sq, max_v, &s)))?;
+            let max_v = if c.amsgrad {
+                Some(slot.max_exp_avg_sq.as_mut_slice())
+            } else {
+                None
+            };
+            g.with_data(|gd| {
+                slot.param.update_data(|p| {
+                    adam_step(p, gd, &mut slot.exp_avg, &mut slot.exp_avg_sq, max_v, &s)
+                })
+            })?;
         }
         Ok(())
     }
@@ -121,7 +165,11 @@ impl Optimizer for Adam {
                 let key = format!("{}.{slot}", s.name);
                 match lookup(state, &key) {
                     Some(t) if t.numel() == s.param.numel() => Ok(t.to_vec()),
-                    Some(t) => Err(Error::State(format!("{key}: expected {}, got {}", s.param.shape(), t.shape()))),
+                    Some(t) => Err(Error::State(format!(
+                        "{key}: expected {}, got {}",
+                        s.param.shape(),
+                        t.shape()
+                    ))),
                     None => Err(Error::State(format!("missing optimizer state {key}"))),
                 }
             };
@@ -130,7 +178,9 @@ impl Optimizer for Adam {
             if amsgrad {
                 s.max_exp_avg_sq = get("max_exp_avg_sq")?;
             }
-            s.step = lookup(state, &format!("{}.step", s.name)).ok_or_else(|| Error::State(format!("missing optimizer state {}.step", s.name)))?.item()? as u64;
+            s.step = lookup(state, &format!("{}.step", s.name))
+                .ok_or_else(|| Error::State(format!("missing optimizer state {}.step", s.name)))?
+                .item()? as u64;
         }
         Ok(())
     }

@@ -10,7 +10,9 @@ mod schedule;
 mod sgd;
 
 pub use adam::{Adam, AdamConfig};
-pub use schedule::{ConstantLr, CosineAnnealingLr, LinearWarmup, LrSchedule, MultiStepLr, OneCycleLr, StepLr};
+pub use schedule::{
+    ConstantLr, CosineAnnealingLr, LinearWarmup, LrSchedule, MultiStepLr, OneCycleLr, StepLr,
+};
 pub use sgd::{Sgd, SgdConfig};
 
 use crate::autograd::GradStore;
@@ -37,6 +39,11 @@ pub trait Optimizer {
 
     /// Restores state saved by [`Optimizer::state_dict`].
     fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<()>;
+}
+
+/// True for `v >= 0` (false for NaN): the check every rate and decay must pass.
+pub(crate) fn non_negative(v: f64) -> bool {
+    v >= 0.0
 }
 
 /// Finds `name` in a saved state list.

@@ -49,7 +49,11 @@ impl StepLr {
         if step_size == 0 {
             return Err(invalid("StepLR", "step_size must be positive"));
         }
-        Ok(StepLr { base_lr, step_size, gamma })
+        Ok(StepLr {
+            base_lr,
+            step_size,
+            gamma,
+        })
     }
 }
 
@@ -70,7 +74,11 @@ pub struct MultiStepLr {
 impl MultiStepLr {
     /// `MultiStepLR(optimizer, milestones, gamma)`.
     pub fn new(base_lr: f64, milestones: Vec<usize>, gamma: f64) -> Self {
-        MultiStepLr { base_lr, milestones, gamma }
+        MultiStepLr {
+            base_lr,
+            milestones,
+            gamma,
+        }
     }
 }
 
@@ -95,13 +103,19 @@ impl CosineAnnealingLr {
         if t_max == 0 {
             return Err(invalid("CosineAnnealingLR", "T_max must be positive"));
         }
-        Ok(CosineAnnealingLr { base_lr, t_max, eta_min })
+        Ok(CosineAnnealingLr {
+            base_lr,
+            t_max,
+            eta_min,
+        })
     }
 }
 
 impl LrSchedule for CosineAnnealingLr {
     fn lr_at(&self, step: usize) -> f64 {
-        self.eta_min + (self.base_lr - self.eta_min) * (1.0 + (PI * step as f64 / self.t_max as f64).cos()) / 2.0
+        self.eta_min
+            + (self.base_lr - self.eta_min) * (1.0 + (PI * step as f64 / self.t_max as f64).cos())
+                / 2.0
     }
 }
 
@@ -126,11 +140,26 @@ impl OneCycleLr {
     }
 
     /// All settings.
-    pub fn with(max_lr: f64, total_steps: usize, pct_start: f64, div_factor: f64, final_div_factor: f64, momentum: (f64, f64)) -> Result<Self> {
+    pub fn with(
+        max_lr: f64,
+        total_steps: usize,
+        pct_start: f64,
+        div_factor: f64,
+        final_div_factor: f64,
+        momentum: (f64, f64),
+    ) -> Result<Self> {
         if total_steps < 2 || !(0.0..=1.0).contains(&pct_start) {
             return Err(invalid("OneCycleLR", format!("need total_steps >= 2 and pct_start in [0, 1], got {total_steps} and {pct_start}")));
         }
-        Ok(OneCycleLr { max_lr, total_steps, pct_start, div_factor, final_div_factor, base_momentum: momentum.0, max_momentum: momentum.1 })
+        Ok(OneCycleLr {
+            max_lr,
+            total_steps,
+            pct_start,
+            div_factor,
+            final_div_factor,
+            base_momentum: momentum.0,
+            max_momentum: momentum.1,
+        })
     }
 
     fn phase(&self, step: usize) -> (f64, usize) {
@@ -181,7 +210,11 @@ impl LinearWarmup {
         if !(start_factor > 0.0 && start_factor <= 1.0) || warmup_steps == 0 {
             return Err(invalid("LinearLR", format!("start_factor must be in (0, 1] and total_iters positive, got {start_factor} and {warmup_steps}")));
         }
-        Ok(LinearWarmup { base_lr, start_factor, warmup_steps })
+        Ok(LinearWarmup {
+            base_lr,
+            start_factor,
+            warmup_steps,
+        })
     }
 }
 

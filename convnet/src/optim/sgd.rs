@@ -1,5 +1,6 @@
 //! Stochastic gradient descent, `torch.optim.SGD`.
 
+use super::non_negative;
 use super::{lookup, Optimizer};
 use crate::autograd::GradStore;
 use crate::backend::cpu::optim::sgd_step;
@@ -23,7 +24,13 @@ pub struct SgdConfig {
 
 impl Default for SgdConfig {
     fn default() -> Self {
-        SgdConfig { lr: 0.01, momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false }
+        SgdConfig {
+            lr: 0.01,
+            momentum: 0.0,
+            dampening: 0.0,
+            weight_decay: 0.0,
+            nesterov: false,
+        }
     }
 }
 
@@ -43,13 +50,29 @@ pub struct Sgd {
 impl Sgd {
     /// Creates the optimizer over named parameters.
     pub fn new(params: Vec<(String, Tensor)>, cfg: SgdConfig) -> Result<Sgd> {
-        if !(cfg.lr >= 0.0) || !(cfg.momentum >= 0.0) || !(cfg.weight_decay >= 0.0) {
-            return Err(invalid("SGD", format!("lr {}, momentum {} and weight_decay {} must be non-negative", cfg.lr, cfg.momentum, cfg.weight_decay)));
+        if !non_negative(cfg.lr) || !non_negative(cfg.momentum) || !non_negative(cfg.weight_decay) {
+            return Err(invalid(
+                "SGD",
+                format!(
+                    "lr {}, momentum {} and weight_decay {} must be non-negative",
+                    cfg.lr, cfg.momentum, cfg.weight_decay
+                ),
+            ));
         }
         if cfg.nesterov && (cfg.momentum <= 0.0 || cfg.dampening != 0.0) {
-            return Err(invalid("SGD", "Nesterov momentum requires a momentum and zero dampening"));
+            return Err(invalid(
+                "SGD",
+                "Nesterov momentum requires a momentum and zero dampening",
+            ));
         }
-        let slots = params.into_iter().map(|(name, param)| Slot { name, param, momentum_buffer: None }).collect();
+        let slots = params
+            .into_iter()
+            .map(|(name, param)| Slot {
+                name,
+                param,
+                momentum_buffer: None,
+            })
+            .collect();
         Ok(Sgd { cfg, slots })
     }
 
@@ -63,11 +86,33 @@ impl Optimizer for Sgd {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         let c = self.cfg;
         for slot in &mut self.slots {
-            let Some(g) = grads.get(&slot.param) else { continue };
+            let Some(g) = grads.get(&slot.param) else {
+                continue;
+            };
             let first = slot.momentum_buffer.is_none();
-            let buf = if c.momentum != 0.0 { Some(slot.momentum_buffer.get_or_insert_with(|| vec![0.0; g.numel()]).as_mut_slice()) } else { None };
+            let buf = if c.momentum != 0.0 {
+                Some(
+                    slot.momentum_buffer
+                        .get_or_insert_with(|| vec![0.0; g.numel()])
+                        .as_mut_slice(),
+                )
+            } else {
+                None
+            };
             g.with_data(|gd| {
-                slot.param.update_data(|p| sgd_step(p, gd, buf, c.lr as f32, c.momentum as f32, c.dampening as f32, c.nesterov, c.weight_decay as f32, first))
+                slot.param.update_data(|p| {
+                    sgd_step(
+                        p,
+                        gd,
+                        buf,
+                        c.lr as f32,
+                        c.momentum as f32,
+                        c.dampening as f32,
+                        c.nesterov,
+                        c.weight_decay as f32,
+                        first,
+                    )
+                })
             })?;
         }
         Ok(())
@@ -86,7 +131,10 @@ impl Optimizer for Sgd {
             .iter()
             .filter_map(|s| {
                 let buf = s.momentum_buffer.as_ref()?;
-                Some((format!("{}.momentum_buffer", s.name), Tensor::from_parts(buf.clone(), s.param.shape().clone(), None)))
+                Some((
+                    format!("{}.momentum_buffer", s.name),
+                    Tensor::from_parts(buf.clone(), s.param.shape().clone(), None),
+                ))
             })
             .collect()
     }
@@ -94,7 +142,14 @@ impl Optimizer for Sgd {
         for s in &mut self.slots {
             s.momentum_buffer = match lookup(state, &format!("{}.momentum_buffer", s.name)) {
                 Some(t) if t.numel() == s.param.numel() => Some(t.to_vec()),
-                Some(t) => return Err(Error::State(format!("{}.momentum_buffer: expected {}, got {}", s.name, s.param.shape(), t.shape()))),
+                Some(t) => {
+                    return Err(Error::State(format!(
+                        "{}.momentum_buffer: expected {}, got {}",
+                        s.name,
+                        s.param.shape(),
+                        t.shape()
+                    )))
+                }
                 None => None,
             };
         }

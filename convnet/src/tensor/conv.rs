@@ -66,10 +66,18 @@ impl Conv2dParams {
     pub(crate) fn geometry(&self, input: &[usize], weight: &[usize]) -> Result<ConvGeom> {
         let op = "conv2d";
         if input.len() != 4 {
-            return Err(shape_mismatch(op, "input [N, C, H, W]", format!("{}", Shape::from(input))));
+            return Err(shape_mismatch(
+                op,
+                "input [N, C, H, W]",
+                format!("{}", Shape::from(input)),
+            ));
         }
         if weight.len() != 4 {
-            return Err(shape_mismatch(op, "weight [K, C/groups, KH, KW]", format!("{}", Shape::from(weight))));
+            return Err(shape_mismatch(
+                op,
+                "weight [K, C/groups, KH, KW]",
+                format!("{}", Shape::from(weight)),
+            ));
         }
         let (s, p, d, g) = (self.stride, self.padding, self.dilation, self.groups);
         if s.0 == 0 || s.1 == 0 {
@@ -84,15 +92,26 @@ impl Conv2dParams {
         let (n, c, h, w) = (input[0], input[1], input[2], input[3]);
         let (k, cg, kh, kw) = (weight[0], weight[1], weight[2], weight[3]);
         if kh == 0 || kw == 0 {
-            return Err(invalid(op, format!("kernel size must be positive, got {kh}x{kw}")));
+            return Err(invalid(
+                op,
+                format!("kernel size must be positive, got {kh}x{kw}"),
+            ));
         }
         if c % g != 0 || k % g != 0 {
-            return Err(invalid(op, format!("in_channels {c} and out_channels {k} must both be divisible by groups {g}")));
+            return Err(invalid(
+                op,
+                format!(
+                    "in_channels {c} and out_channels {k} must both be divisible by groups {g}"
+                ),
+            ));
         }
         if cg * g != c {
             return Err(shape_mismatch(
                 op,
-                format!("weight with {} input channels per group (input has {c} channels, groups={g})", c / g),
+                format!(
+                    "weight with {} input channels per group (input has {c} channels, groups={g})",
+                    c / g
+                ),
                 format!("weight {}", Shape::from(weight)),
             ));
         }
@@ -104,7 +123,21 @@ impl Conv2dParams {
                 format!("kernel {kh}x{kw} (dilation {d:?}) is larger than the padded input {}x{} (input {h}x{w}, padding {p:?})", h + 2 * p.0, w + 2 * p.1),
             ));
         };
-        Ok(ConvGeom { n, c, h, w, k, kh, kw, oh, ow, stride: s, padding: p, dilation: d, groups: g })
+        Ok(ConvGeom {
+            n,
+            c,
+            h,
+            w,
+            k,
+            kh,
+            kw,
+            oh,
+            ow,
+            stride: s,
+            padding: p,
+            dilation: d,
+            groups: g,
+        })
     }
 }
 
@@ -126,11 +159,20 @@ impl Tensor {
     /// assert_eq!(y.to_vec(), vec![4., 6., 4., 6., 9., 6., 4., 6., 4.]);
     /// # Ok::<(), convnet::Error>(())
     /// ```
-    pub fn conv2d(&self, weight: &Tensor, bias: Option<&Tensor>, params: Conv2dParams) -> Result<Tensor> {
+    pub fn conv2d(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        params: Conv2dParams,
+    ) -> Result<Tensor> {
         let geom = params.geometry(self.dims(), weight.dims())?;
         if let Some(b) = bias {
             if b.dims() != [geom.k] {
-                return Err(shape_mismatch("conv2d", format!("bias [{}]", geom.k), format!("bias {}", b.shape())));
+                return Err(shape_mismatch(
+                    "conv2d",
+                    format!("bias [{}]", geom.k),
+                    format!("bias {}", b.shape()),
+                ));
             }
         }
         let mut y = vec![0f32; geom.n * geom.k * geom.oh * geom.ow];

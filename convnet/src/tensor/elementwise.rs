@@ -13,11 +13,23 @@ use crate::shape::Shape;
 impl Tensor {
     fn binary(&self, rhs: &Tensor, kind: BinaryKind, op_name: &'static str) -> Result<Tensor> {
         let out_shape = ew::broadcast_shape(self.dims(), rhs.dims()).ok_or_else(|| {
-            shape_mismatch(op_name, format!("a shape broadcastable with {}", self.shape()), rhs.shape().to_string())
+            shape_mismatch(
+                op_name,
+                format!("a shape broadcastable with {}", self.shape()),
+                rhs.shape().to_string(),
+            )
         })?;
         let mut out = vec![0f32; out_shape.iter().product()];
-        self.with_data(|a| rhs.with_data(|b| ew::binary_forward(kind, a, self.dims(), b, rhs.dims(), &out_shape, &mut out)));
-        let op = record(&[self, rhs], || Op::Binary { kind, lhs: self.clone(), rhs: rhs.clone() });
+        self.with_data(|a| {
+            rhs.with_data(|b| {
+                ew::binary_forward(kind, a, self.dims(), b, rhs.dims(), &out_shape, &mut out)
+            })
+        });
+        let op = record(&[self, rhs], || Op::Binary {
+            kind,
+            lhs: self.clone(),
+            rhs: rhs.clone(),
+        });
         Ok(Tensor::from_parts(out, Shape::new(out_shape), op))
     }
 
@@ -49,7 +61,10 @@ impl Tensor {
     /// `self * factor + offset`.
     pub fn affine(&self, factor: f32, offset: f32) -> Result<Tensor> {
         let out = self.with_data(|x| x.iter().map(|v| v * factor + offset).collect());
-        let op = record(&[self], || Op::Affine { input: self.clone(), factor });
+        let op = record(&[self], || Op::Affine {
+            input: self.clone(),
+            factor,
+        });
         Ok(Tensor::from_parts(out, self.shape().clone(), op))
     }
 
@@ -62,7 +77,10 @@ impl Tensor {
     pub fn activation(&self, act: Activation) -> Result<Tensor> {
         let mut out = vec![0f32; self.numel()];
         self.with_data(|x| activation::forward(act, x, &mut out));
-        let op = record(&[self], || Op::Activation { act, input: self.clone() });
+        let op = record(&[self], || Op::Activation {
+            act,
+            input: self.clone(),
+        });
         Ok(Tensor::from_parts(out, self.shape().clone(), op))
     }
 
@@ -91,16 +109,24 @@ impl Tensor {
     /// scales the rest by `1/(1-p)`; otherwise the identity, like `F.dropout`.
     pub fn dropout(&self, p: f32, training: bool, rng: &mut Rng) -> Result<Tensor> {
         if !(0.0..=1.0).contains(&p) || p.is_nan() {
-            return Err(invalid("dropout", format!("probability must be in [0, 1], got {p}")));
+            return Err(invalid(
+                "dropout",
+                format!("probability must be in [0, 1], got {p}"),
+            ));
         }
         if !training || p == 0.0 {
             return Ok(self.clone());
         }
         let keep = 1.0 - p;
         let scale = if keep > 0.0 { 1.0 / keep } else { 0.0 };
-        let mask: Vec<f32> = (0..self.numel()).map(|_| if rng.next_f32() < p { 0.0 } else { scale }).collect();
+        let mask: Vec<f32> = (0..self.numel())
+            .map(|_| if rng.next_f32() < p { 0.0 } else { scale })
+            .collect();
         let out = self.with_data(|x| x.iter().zip(&mask).map(|(a, b)| a * b).collect());
-        let op = record(&[self], || Op::Dropout { input: self.clone(), mask });
+        let op = record(&[self], || Op::Dropout {
+            input: self.clone(),
+            mask,
+        });
         Ok(Tensor::from_parts(out, self.shape().clone(), op))
     }
 
@@ -110,11 +136,28 @@ impl Tensor {
         rhs.expect_rank("matmul", 2, "[K, N]")?;
         let (m, k, n) = (self.dims()[0], self.dims()[1], rhs.dims()[1]);
         if rhs.dims()[0] != k {
-            return Err(shape_mismatch("matmul", format!("rhs with {k} rows (lhs is {})", self.shape()), format!("rhs {}", rhs.shape())));
+            return Err(shape_mismatch(
+                "matmul",
+                format!("rhs with {k} rows (lhs is {})", self.shape()),
+                format!("rhs {}", rhs.shape()),
+            ));
         }
         let mut out = vec![0f32; m * n];
-        self.with_data(|a| rhs.with_data(|b| matmul(&mut out, MatRef::row_major(a, m, k), MatRef::row_major(b, k, n), false, Par::Rayon)));
-        let op = record(&[self, rhs], || Op::Matmul { a: self.clone(), b: rhs.clone() });
+        self.with_data(|a| {
+            rhs.with_data(|b| {
+                matmul(
+                    &mut out,
+                    MatRef::row_major(a, m, k),
+                    MatRef::row_major(b, k, n),
+                    false,
+                    Par::Rayon,
+                )
+            })
+        });
+        let op = record(&[self, rhs], || Op::Matmul {
+            a: self.clone(),
+            b: rhs.clone(),
+        });
         Ok(Tensor::from_parts(out, Shape::new([m, n]), op))
     }
 
@@ -123,11 +166,19 @@ impl Tensor {
         weight.expect_rank("linear", 2, "weight [out_features, in_features]")?;
         let (o, i) = (weight.dims()[0], weight.dims()[1]);
         if self.rank() == 0 || *self.dims().last().unwrap_or(&0) != i {
-            return Err(shape_mismatch("linear", format!("input [*, {i}]"), format!("input {}", self.shape())));
+            return Err(shape_mismatch(
+                "linear",
+                format!("input [*, {i}]"),
+                format!("input {}", self.shape()),
+            ));
         }
         if let Some(b) = bias {
             if b.dims() != [o] {
-                return Err(shape_mismatch("linear", format!("bias [{o}]"), format!("bias {}", b.shape())));
+                return Err(shape_mismatch(
+                    "linear",
+                    format!("bias [{o}]"),
+                    format!("bias {}", b.shape()),
+                ));
             }
         }
         let m = self.numel() / i.max(1);
@@ -135,12 +186,26 @@ impl Tensor {
         if let Some(b) = bias {
             b.with_data(|bv| out.chunks_mut(o).for_each(|row| row.copy_from_slice(bv)));
         }
-        self.with_data(|x| weight.with_data(|w| matmul(&mut out, MatRef::row_major(x, m, i), MatRef::row_major(w, o, i).t(), bias.is_some(), Par::Rayon)));
+        self.with_data(|x| {
+            weight.with_data(|w| {
+                matmul(
+                    &mut out,
+                    MatRef::row_major(x, m, i),
+                    MatRef::row_major(w, o, i).t(),
+                    bias.is_some(),
+                    Par::Rayon,
+                )
+            })
+        });
         let mut dims = self.dims().to_vec();
         *dims.last_mut().expect("rank checked") = o;
         let mut inputs = vec![self, weight];
         inputs.extend(bias);
-        let op = record(&inputs, || Op::Linear { input: self.clone(), weight: weight.clone(), bias: bias.cloned() });
+        let op = record(&inputs, || Op::Linear {
+            input: self.clone(),
+            weight: weight.clone(),
+            bias: bias.cloned(),
+        });
         Ok(Tensor::from_parts(out, Shape::new(dims), op))
     }
 }

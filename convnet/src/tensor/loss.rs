@@ -23,17 +23,34 @@ fn check_targets(op: &'static str, logits: &Tensor, targets: &[usize]) -> Result
     logits.expect_rank(op, 2, "[N, C]")?;
     let (n, c) = (logits.dims()[0], logits.dims()[1]);
     if targets.len() != n {
-        return Err(shape_mismatch(op, format!("{n} targets (input is {})", logits.shape()), format!("{} targets", targets.len())));
+        return Err(shape_mismatch(
+            op,
+            format!("{n} targets (input is {})", logits.shape()),
+            format!("{} targets", targets.len()),
+        ));
     }
     if let Some(&bad) = targets.iter().find(|&&t| t >= c) {
-        return Err(Error::ClassIndexOutOfRange { op, index: bad as i64, num_classes: c });
+        return Err(Error::ClassIndexOutOfRange {
+            op,
+            index: bad as i64,
+            num_classes: c,
+        });
     }
     Ok((n, c))
 }
 
-fn reduce_rows(per_row_total: f64, per_row: Vec<f32>, n: usize, reduction: Reduction) -> (Vec<f32>, Shape, f32) {
+fn reduce_rows(
+    per_row_total: f64,
+    per_row: Vec<f32>,
+    n: usize,
+    reduction: Reduction,
+) -> (Vec<f32>, Shape, f32) {
     match reduction {
-        Reduction::Mean => (vec![(per_row_total / n as f64) as f32], Shape::new(Vec::new()), n as f32),
+        Reduction::Mean => (
+            vec![(per_row_total / n as f64) as f32],
+            Shape::new(Vec::new()),
+            n as f32,
+        ),
         Reduction::Sum => (vec![per_row_total as f32], Shape::new(Vec::new()), 1.0),
         Reduction::None => (per_row, Shape::new([n]), 1.0),
     }
@@ -48,7 +65,13 @@ impl Tensor {
         let inner: usize = dims.get(d + 1..).map_or(1, |s| s.iter().product());
         let mut out = vec![0f32; self.numel()];
         self.with_data(|x| loss::softmax_forward(x, outer, len, inner, log, &mut out));
-        let op = record(&[self], || Op::Softmax { input: self.clone(), outer, d: len, inner, log });
+        let op = record(&[self], || Op::Softmax {
+            input: self.clone(),
+            outer,
+            d: len,
+            inner,
+            log,
+        });
         Ok(Tensor::from_parts(out, self.shape().clone(), op))
     }
 
@@ -80,10 +103,18 @@ impl Tensor {
     /// assert!(logits.cross_entropy(&[0, 4], Reduction::Mean, 0.0).is_err()); // class 4 of 4
     /// # Ok::<(), convnet::Error>(())
     /// ```
-    pub fn cross_entropy(&self, targets: &[usize], reduction: Reduction, label_smoothing: f32) -> Result<Tensor> {
+    pub fn cross_entropy(
+        &self,
+        targets: &[usize],
+        reduction: Reduction,
+        label_smoothing: f32,
+    ) -> Result<Tensor> {
         let (n, c) = check_targets("cross_entropy", self, targets)?;
         if !(0.0..=1.0).contains(&label_smoothing) {
-            return Err(invalid("cross_entropy", format!("label_smoothing must be in [0, 1], got {label_smoothing}")));
+            return Err(invalid(
+                "cross_entropy",
+                format!("label_smoothing must be in [0, 1], got {label_smoothing}"),
+            ));
         }
         if n == 0 {
             return Err(invalid("cross_entropy", "empty batch"));
@@ -94,7 +125,13 @@ impl Tensor {
             if reduction == Reduction::None {
                 let mut t = 0.0;
                 for (i, row_loss) in per_row.iter_mut().enumerate() {
-                    let l = loss::cross_entropy_forward(&x[i * c..(i + 1) * c], &targets[i..=i], c, label_smoothing, &mut probs[i * c..(i + 1) * c]);
+                    let l = loss::cross_entropy_forward(
+                        &x[i * c..(i + 1) * c],
+                        &targets[i..=i],
+                        c,
+                        label_smoothing,
+                        &mut probs[i * c..(i + 1) * c],
+                    );
                     *row_loss = l as f32;
                     t += l;
                 }
@@ -104,7 +141,13 @@ impl Tensor {
             }
         });
         let (data, shape, divisor) = reduce_rows(total, per_row, n, reduction);
-        let op = record(&[self], || Op::CrossEntropy { logits: self.clone(), targets: targets.to_vec(), probs, smoothing: label_smoothing, divisor });
+        let op = record(&[self], || Op::CrossEntropy {
+            logits: self.clone(),
+            targets: targets.to_vec(),
+            probs,
+            smoothing: label_smoothing,
+            divisor,
+        });
         Ok(Tensor::from_parts(data, shape, op))
     }
 
@@ -114,28 +157,51 @@ impl Tensor {
         if n == 0 {
             return Err(invalid("nll_loss", "empty batch"));
         }
-        let per_row: Vec<f32> = self.with_data(|x| targets.iter().enumerate().map(|(i, &t)| -x[i * c + t]).collect());
+        let per_row: Vec<f32> = self.with_data(|x| {
+            targets
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| -x[i * c + t])
+                .collect()
+        });
         let total: f64 = per_row.iter().map(|&v| v as f64).sum();
         let (data, shape, divisor) = reduce_rows(total, per_row, n, reduction);
-        let op = record(&[self], || Op::NllLoss { input: self.clone(), targets: targets.to_vec(), divisor });
+        let op = record(&[self], || Op::NllLoss {
+            input: self.clone(),
+            targets: targets.to_vec(),
+            divisor,
+        });
         Ok(Tensor::from_parts(data, shape, op))
     }
 
     /// Mean (or summed) squared error between same-shaped tensors, like `F.mse_loss`.
     pub fn mse_loss(&self, target: &Tensor, reduction: Reduction) -> Result<Tensor> {
         if self.shape() != target.shape() {
-            return Err(shape_mismatch("mse_loss", format!("target {}", self.shape()), format!("target {}", target.shape())));
+            return Err(shape_mismatch(
+                "mse_loss",
+                format!("target {}", self.shape()),
+                format!("target {}", target.shape()),
+            ));
         }
         if reduction == Reduction::None {
-            return Err(invalid("mse_loss", "reduction None is not supported; use Mean or Sum"));
+            return Err(invalid(
+                "mse_loss",
+                "reduction None is not supported; use Mean or Sum",
+            ));
         }
-        let total: f64 = self.with_data(|a| target.with_data(|b| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum()));
+        let total: f64 = self.with_data(|a| {
+            target.with_data(|b| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum())
+        });
         let n = self.numel().max(1);
         let (value, divisor) = match reduction {
             Reduction::Mean => ((total / n as f64) as f32, n as f32),
             _ => (total as f32, 1.0),
         };
-        let op = record(&[self, target], || Op::MseLoss { input: self.clone(), target: target.clone(), divisor });
+        let op = record(&[self, target], || Op::MseLoss {
+            input: self.clone(),
+            target: target.clone(),
+            divisor,
+        });
         Ok(Tensor::from_parts(vec![value], Shape::new(Vec::new()), op))
     }
 }

@@ -293,7 +293,8 @@ impl Tensor {
             return out;
         }
         loop {
-            let off: usize = self.0.offset + idx.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>();
+            let off: usize =
+                self.0.offset + idx.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>();
             out.push(all[off]);
             let mut d = dims.len();
             loop {
@@ -318,7 +319,11 @@ impl Tensor {
     /// The single value of a one-element tensor.
     pub fn item(&self) -> Result<f32> {
         if self.numel() != 1 {
-            return Err(shape_mismatch("item", "one element", self.shape().to_string()));
+            return Err(shape_mismatch(
+                "item",
+                "one element",
+                self.shape().to_string(),
+            ));
         }
         Ok(self.with_data(|d| d[0]))
     }
@@ -368,7 +373,12 @@ impl Tensor {
 
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Tensor(shape={}, requires_grad={}", self.shape(), self.tracks_grad())?;
+        write!(
+            f,
+            "Tensor(shape={}, requires_grad={}",
+            self.shape(),
+            self.tracks_grad()
+        )?;
         if self.numel() <= 8 {
             write!(f, ", data={:?}", self.to_vec())?;
         }

@@ -30,7 +30,13 @@ pub struct MaxPool2dParams {
 impl MaxPool2dParams {
     /// Square window of size `k`, stride `k`, no padding.
     pub fn new(k: usize) -> Self {
-        MaxPool2dParams { kernel: (k, k), stride: (k, k), padding: (0, 0), dilation: (1, 1), ceil_mode: false }
+        MaxPool2dParams {
+            kernel: (k, k),
+            stride: (k, k),
+            padding: (0, 0),
+            dilation: (1, 1),
+            ceil_mode: false,
+        }
     }
     /// Same stride on both axes.
     pub fn stride(mut self, s: usize) -> Self {
@@ -54,7 +60,15 @@ impl MaxPool2dParams {
     }
     /// Output shape for input `[N, C, H, W]`.
     pub fn output_shape(&self, input: &[usize]) -> Result<Shape> {
-        let g = pool_geometry("max_pool2d", input, self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode)?;
+        let g = pool_geometry(
+            "max_pool2d",
+            input,
+            self.kernel,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.ceil_mode,
+        )?;
         Ok(Shape::new([input[0], input[1], g.oh, g.ow]))
     }
 }
@@ -77,7 +91,13 @@ pub struct AvgPool2dParams {
 impl AvgPool2dParams {
     /// Square window of size `k`, stride `k`, no padding, `count_include_pad = true`.
     pub fn new(k: usize) -> Self {
-        AvgPool2dParams { kernel: (k, k), stride: (k, k), padding: (0, 0), ceil_mode: false, count_include_pad: true }
+        AvgPool2dParams {
+            kernel: (k, k),
+            stride: (k, k),
+            padding: (0, 0),
+            ceil_mode: false,
+            count_include_pad: true,
+        }
     }
     /// Same stride on both axes.
     pub fn stride(mut self, s: usize) -> Self {
@@ -101,28 +121,81 @@ impl AvgPool2dParams {
     }
     /// Output shape for input `[N, C, H, W]`.
     pub fn output_shape(&self, input: &[usize]) -> Result<Shape> {
-        let g = pool_geometry("avg_pool2d", input, self.kernel, self.stride, self.padding, (1, 1), self.ceil_mode)?;
+        let g = pool_geometry(
+            "avg_pool2d",
+            input,
+            self.kernel,
+            self.stride,
+            self.padding,
+            (1, 1),
+            self.ceil_mode,
+        )?;
         Ok(Shape::new([input[0], input[1], g.oh, g.ow]))
     }
 }
 
-fn pool_geometry(op: &'static str, input: &[usize], kernel: (usize, usize), stride: (usize, usize), padding: (usize, usize), dilation: (usize, usize), ceil: bool) -> Result<PoolGeom> {
+fn pool_geometry(
+    op: &'static str,
+    input: &[usize],
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    padding: (usize, usize),
+    dilation: (usize, usize),
+    ceil: bool,
+) -> Result<PoolGeom> {
     if input.len() != 4 {
-        return Err(shape_mismatch(op, "input [N, C, H, W]", format!("{}", Shape::from(input))));
+        return Err(shape_mismatch(
+            op,
+            "input [N, C, H, W]",
+            format!("{}", Shape::from(input)),
+        ));
     }
-    if kernel.0 == 0 || kernel.1 == 0 || stride.0 == 0 || stride.1 == 0 || dilation.0 == 0 || dilation.1 == 0 {
-        return Err(invalid(op, format!("kernel {kernel:?}, stride {stride:?} and dilation {dilation:?} must be positive")));
+    if kernel.0 == 0
+        || kernel.1 == 0
+        || stride.0 == 0
+        || stride.1 == 0
+        || dilation.0 == 0
+        || dilation.1 == 0
+    {
+        return Err(invalid(
+            op,
+            format!(
+                "kernel {kernel:?}, stride {stride:?} and dilation {dilation:?} must be positive"
+            ),
+        ));
     }
     if 2 * padding.0 > kernel.0 || 2 * padding.1 > kernel.1 {
-        return Err(invalid(op, format!("padding {padding:?} must be at most half the kernel size {kernel:?}")));
+        return Err(invalid(
+            op,
+            format!("padding {padding:?} must be at most half the kernel size {kernel:?}"),
+        ));
     }
     let (h, w) = (input[2], input[3]);
     let oh = pool_out_size(h, kernel.0, stride.0, padding.0, dilation.0, ceil);
     let ow = pool_out_size(w, kernel.1, stride.1, padding.1, dilation.1, ceil);
     let (Some(oh), Some(ow)) = (oh, ow) else {
-        return Err(invalid(op, format!("kernel {}x{} is larger than the padded input {}x{} (input {h}x{w})", kernel.0, kernel.1, h + 2 * padding.0, w + 2 * padding.1)));
+        return Err(invalid(
+            op,
+            format!(
+                "kernel {}x{} is larger than the padded input {}x{} (input {h}x{w})",
+                kernel.0,
+                kernel.1,
+                h + 2 * padding.0,
+                w + 2 * padding.1
+            ),
+        ));
     };
-    Ok(PoolGeom { planes: input[0] * input[1], h, w, oh, ow, kernel, stride, padding, dilation })
+    Ok(PoolGeom {
+        planes: input[0] * input[1],
+        h,
+        w,
+        oh,
+        ow,
+        kernel,
+        stride,
+        padding,
+        dilation,
+    })
 }
 
 impl Tensor {
@@ -135,38 +208,93 @@ impl Tensor {
     /// # Ok::<(), convnet::Error>(())
     /// ```
     pub fn max_pool2d(&self, p: MaxPool2dParams) -> Result<Tensor> {
-        let geom = pool_geometry("max_pool2d", self.dims(), p.kernel, p.stride, p.padding, p.dilation, p.ceil_mode)?;
+        let geom = pool_geometry(
+            "max_pool2d",
+            self.dims(),
+            p.kernel,
+            p.stride,
+            p.padding,
+            p.dilation,
+            p.ceil_mode,
+        )?;
         let len = geom.planes * geom.oh * geom.ow;
         let mut y = vec![0f32; len];
         let mut argmax = vec![0u32; len];
         self.with_data(|x| pool::max_pool2d_forward(x, &geom, &mut y, &mut argmax));
-        let op = record(&[self], || Op::MaxPool2d { input: self.clone(), argmax, geom });
-        Ok(Tensor::from_parts(y, Shape::new([self.dims()[0], self.dims()[1], geom.oh, geom.ow]), op))
+        let op = record(&[self], || Op::MaxPool2d {
+            input: self.clone(),
+            argmax,
+            geom,
+        });
+        Ok(Tensor::from_parts(
+            y,
+            Shape::new([self.dims()[0], self.dims()[1], geom.oh, geom.ow]),
+            op,
+        ))
     }
 
     /// Average pooling over `[N, C, H, W]`, like `F.avg_pool2d`.
     pub fn avg_pool2d(&self, p: AvgPool2dParams) -> Result<Tensor> {
-        let geom = pool_geometry("avg_pool2d", self.dims(), p.kernel, p.stride, p.padding, (1, 1), p.ceil_mode)?;
+        let geom = pool_geometry(
+            "avg_pool2d",
+            self.dims(),
+            p.kernel,
+            p.stride,
+            p.padding,
+            (1, 1),
+            p.ceil_mode,
+        )?;
         let mut y = vec![0f32; geom.planes * geom.oh * geom.ow];
         self.with_data(|x| pool::avg_pool2d_forward(x, &geom, p.count_include_pad, &mut y));
-        let op = record(&[self], || Op::AvgPool2d { input: self.clone(), geom, count_include_pad: p.count_include_pad });
-        Ok(Tensor::from_parts(y, Shape::new([self.dims()[0], self.dims()[1], geom.oh, geom.ow]), op))
+        let op = record(&[self], || Op::AvgPool2d {
+            input: self.clone(),
+            geom,
+            count_include_pad: p.count_include_pad,
+        });
+        Ok(Tensor::from_parts(
+            y,
+            Shape::new([self.dims()[0], self.dims()[1], geom.oh, geom.ow]),
+            op,
+        ))
     }
 
     /// Adaptive average pooling to `out` = (OH, OW), like `F.adaptive_avg_pool2d`.
     pub fn adaptive_avg_pool2d(&self, out: (usize, usize)) -> Result<Tensor> {
         self.expect_rank("adaptive_avg_pool2d", 4, "[N, C, H, W]")?;
         if out.0 == 0 || out.1 == 0 {
-            return Err(invalid("adaptive_avg_pool2d", format!("output size must be positive, got {out:?}")));
+            return Err(invalid(
+                "adaptive_avg_pool2d",
+                format!("output size must be positive, got {out:?}"),
+            ));
         }
         let d = self.dims();
-        let geom = PoolGeom { planes: d[0] * d[1], h: d[2], w: d[3], oh: out.0, ow: out.1, kernel: (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1) };
+        let geom = PoolGeom {
+            planes: d[0] * d[1],
+            h: d[2],
+            w: d[3],
+            oh: out.0,
+            ow: out.1,
+            kernel: (1, 1),
+            stride: (1, 1),
+            padding: (0, 0),
+            dilation: (1, 1),
+        };
         if d[2] == 0 || d[3] == 0 {
-            return Err(invalid("adaptive_avg_pool2d", format!("input spatial size must be positive, got {}", self.shape())));
+            return Err(invalid(
+                "adaptive_avg_pool2d",
+                format!("input spatial size must be positive, got {}", self.shape()),
+            ));
         }
         let mut y = vec![0f32; geom.planes * out.0 * out.1];
         self.with_data(|x| pool::adaptive_avg_pool2d_forward(x, &geom, &mut y));
-        let op = record(&[self], || Op::AdaptiveAvgPool2d { input: self.clone(), geom });
-        Ok(Tensor::from_parts(y, Shape::new([d[0], d[1], out.0, out.1]), op))
+        let op = record(&[self], || Op::AdaptiveAvgPool2d {
+            input: self.clone(),
+            geom,
+        });
+        Ok(Tensor::from_parts(
+            y,
+            Shape::new([d[0], d[1], out.0, out.1]),
+            op,
+        ))
     }
 }

@@ -8,7 +8,10 @@ use crate::shape::{normalize_dim, Shape};
 
 impl Tensor {
     fn reduce(&self, dims: &[isize], keepdim: bool, mean: bool) -> Result<Tensor> {
-        let mut ds: Vec<usize> = dims.iter().map(|&d| normalize_dim(d, self.rank())).collect::<Result<_>>()?;
+        let mut ds: Vec<usize> = dims
+            .iter()
+            .map(|&d| normalize_dim(d, self.rank()))
+            .collect::<Result<_>>()?;
         ds.sort_unstable();
         ds.dedup();
         if self.rank() == 0 {
@@ -27,9 +30,19 @@ impl Tensor {
             .dims()
             .iter()
             .enumerate()
-            .filter_map(|(i, &d)| if ds.contains(&i) { keepdim.then_some(1) } else { Some(d) })
+            .filter_map(|(i, &d)| {
+                if ds.contains(&i) {
+                    keepdim.then_some(1)
+                } else {
+                    Some(d)
+                }
+            })
             .collect();
-        let op = record(&[self], || Op::Sum { input: self.clone(), dims: ds.clone(), scale });
+        let op = record(&[self], || Op::Sum {
+            input: self.clone(),
+            dims: ds.clone(),
+            scale,
+        });
         Ok(Tensor::from_parts(out, Shape::new(shape), op))
     }
 
@@ -57,13 +70,20 @@ impl Tensor {
 
     /// Index of the largest value along the last dimension, per row (for accuracy).
     pub fn argmax_last(&self) -> Result<Vec<usize>> {
-        let c = *self.dims().last().ok_or_else(|| invalid("argmax", "scalar has no last dimension"))?;
+        let c = *self
+            .dims()
+            .last()
+            .ok_or_else(|| invalid("argmax", "scalar has no last dimension"))?;
         if c == 0 {
             return Err(invalid("argmax", "last dimension is empty"));
         }
         Ok(self.with_data(|x| {
             x.chunks(c)
-                .map(|row| row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best }))
+                .map(|row| {
+                    row.iter()
+                        .enumerate()
+                        .fold(0, |best, (i, &v)| if v > row[best] { i } else { best })
+                })
                 .collect()
         }))
     }

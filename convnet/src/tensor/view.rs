@@ -18,9 +18,19 @@ impl Tensor {
     pub fn reshape(&self, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();
         if shape.numel() != self.numel() {
-            return Err(shape_mismatch("reshape", format!("a shape with {} elements (from {})", self.numel(), self.shape()), shape.to_string()));
+            return Err(shape_mismatch(
+                "reshape",
+                format!(
+                    "a shape with {} elements (from {})",
+                    self.numel(),
+                    self.shape()
+                ),
+                shape.to_string(),
+            ));
         }
-        let op = record(&[self], || Op::Reshape { input: self.clone() });
+        let op = record(&[self], || Op::Reshape {
+            input: self.clone(),
+        });
         if self.is_contiguous() {
             let strides = shape.contiguous_strides();
             Ok(self.view_with(shape, strides, self.0.offset, op))
@@ -32,7 +42,13 @@ impl Tensor {
     /// Flattens dimensions `start_dim..` into one, like `torch.flatten(x, start_dim)`.
     pub fn flatten(&self, start_dim: usize) -> Result<Tensor> {
         if start_dim >= self.rank().max(1) {
-            return Err(invalid("flatten", format!("start_dim {start_dim} is out of range for shape {}", self.shape())));
+            return Err(invalid(
+                "flatten",
+                format!(
+                    "start_dim {start_dim} is out of range for shape {}",
+                    self.shape()
+                ),
+            ));
         }
         let mut dims = self.dims()[..start_dim].to_vec();
         dims.push(self.dims()[start_dim..].iter().product());
@@ -43,12 +59,25 @@ impl Tensor {
     pub fn permute(&self, dims: &[usize]) -> Result<Tensor> {
         let r = self.rank();
         let mut seen = vec![false; r];
-        if dims.len() != r || dims.iter().any(|&d| d >= r || std::mem::replace(&mut seen[d], true)) {
-            return Err(invalid("permute", format!("{dims:?} is not a permutation of the {r} dimensions of {}", self.shape())));
+        if dims.len() != r
+            || dims
+                .iter()
+                .any(|&d| d >= r || std::mem::replace(&mut seen[d], true))
+        {
+            return Err(invalid(
+                "permute",
+                format!(
+                    "{dims:?} is not a permutation of the {r} dimensions of {}",
+                    self.shape()
+                ),
+            ));
         }
         let shape = Shape::new(dims.iter().map(|&d| self.dims()[d]).collect::<Vec<_>>());
         let strides = dims.iter().map(|&d| self.0.strides[d]).collect();
-        let op = record(&[self], || Op::Permute { input: self.clone(), dims: dims.to_vec() });
+        let op = record(&[self], || Op::Permute {
+            input: self.clone(),
+            dims: dims.to_vec(),
+        });
         Ok(self.view_with(shape, strides, self.0.offset, op))
     }
 
@@ -62,14 +91,21 @@ impl Tensor {
 
     /// Concatenates tensors along `dim`, like `torch.cat`.
     pub fn concat(tensors: &[Tensor], dim: isize) -> Result<Tensor> {
-        let first = tensors.first().ok_or_else(|| invalid("concat", "no tensors given"))?;
+        let first = tensors
+            .first()
+            .ok_or_else(|| invalid("concat", "no tensors given"))?;
         let d = normalize_dim(dim, first.rank())?;
         let mut out_dims = first.dims().to_vec();
         out_dims[d] = 0;
         for t in tensors {
-            let same_rest = t.rank() == first.rank() && (0..first.rank()).all(|i| i == d || t.dims()[i] == first.dims()[i]);
+            let same_rest = t.rank() == first.rank()
+                && (0..first.rank()).all(|i| i == d || t.dims()[i] == first.dims()[i]);
             if !same_rest {
-                return Err(shape_mismatch("concat", format!("shapes equal to {} except in dimension {d}", first.shape()), t.shape().to_string()));
+                return Err(shape_mismatch(
+                    "concat",
+                    format!("shapes equal to {} except in dimension {d}", first.shape()),
+                    t.shape().to_string(),
+                ));
             }
             out_dims[d] += t.dims()[d];
         }
@@ -84,14 +120,22 @@ impl Tensor {
             }
         }
         let refs: Vec<&Tensor> = tensors.iter().collect();
-        let op = record(&refs, || Op::Concat { inputs: tensors.to_vec(), dim: d });
+        let op = record(&refs, || Op::Concat {
+            inputs: tensors.to_vec(),
+            dim: d,
+        });
         Ok(Tensor::from_parts(out, Shape::new(out_dims), op))
     }
 
     /// The parameter-free "option A" shortcut of CIFAR ResNets (He et al. 2016):
     /// `x[:, :, ::stride, ::stride]` zero-padded with `before` channels in front and as many
     /// behind as needed to reach `out_channels`.
-    pub fn subsample_pad_channels(&self, stride: usize, before: usize, out_channels: usize) -> Result<Tensor> {
+    pub fn subsample_pad_channels(
+        &self,
+        stride: usize,
+        before: usize,
+        out_channels: usize,
+    ) -> Result<Tensor> {
         self.expect_rank("subsample_pad_channels", 4, "[N, C, H, W]")?;
         let d = self.dims();
         let (n, c, h, w) = (d[0], d[1], d[2], d[3]);
@@ -105,13 +149,23 @@ impl Tensor {
                 for ch in 0..c {
                     for i in 0..oh {
                         for j in 0..ow {
-                            out[((b * out_channels + ch + before) * oh + i) * ow + j] = x[((b * c + ch) * h + i * stride) * w + j * stride];
+                            out[((b * out_channels + ch + before) * oh + i) * ow + j] =
+                                x[((b * c + ch) * h + i * stride) * w + j * stride];
                         }
                     }
                 }
             }
         });
-        let op = record(&[self], || Op::SubsamplePadChannels { input: self.clone(), stride, before, out_channels });
-        Ok(Tensor::from_parts(out, Shape::new([n, out_channels, oh, ow]), op))
+        let op = record(&[self], || Op::SubsamplePadChannels {
+            input: self.clone(),
+            stride,
+            before,
+            out_channels,
+        });
+        Ok(Tensor::from_parts(
+            out,
+            Shape::new([n, out_channels, oh, ow]),
+            op,
+        ))
     }
 }

@@ -16,7 +16,9 @@ pub struct Fixture {
 impl Fixture {
     /// Loads `convnet/tests/fixtures/<file>`; a missing file fails with the command that makes it.
     pub fn load(file: &str) -> Fixture {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(file);
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(file);
         let bytes = std::fs::read(&path).unwrap_or_else(|e| {
             panic!("cannot read fixture {}: {e}\nregenerate with: python tools/fixtures/gen.py (torch pinned in tools/fixtures/requirements.txt)", path.display())
         });
@@ -25,16 +27,29 @@ impl Fixture {
         let st = SafeTensors::deserialize(&bytes).expect("fixture body");
         let mut tensors = HashMap::new();
         for (name, view) in st.tensors() {
-            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}: fixtures are float32");
-            let data = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            assert_eq!(
+                view.dtype(),
+                safetensors::Dtype::F32,
+                "{name}: fixtures are float32"
+            );
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
             tensors.insert(name.to_string(), (view.shape().to_vec(), data));
         }
-        Fixture { name: file.to_string(), tensors, meta }
+        Fixture {
+            name: file.to_string(),
+            tensors,
+            meta,
+        }
     }
 
     /// Tensor `case/name`.
     pub fn tensor(&self, case: &str, name: &str) -> Tensor {
-        self.try_tensor(case, name).unwrap_or_else(|| panic!("{}: no tensor {case}/{name}", self.name))
+        self.try_tensor(case, name)
+            .unwrap_or_else(|| panic!("{}: no tensor {case}/{name}", self.name))
     }
 
     /// Tensor `case/name` if present.
@@ -45,7 +60,10 @@ impl Fixture {
 
     /// Settings of a case, from the file metadata.
     pub fn settings(&self, case: &str) -> serde_json::Value {
-        let raw = self.meta.get(case).unwrap_or_else(|| panic!("{}: no case {case}", self.name));
+        let raw = self
+            .meta
+            .get(case)
+            .unwrap_or_else(|| panic!("{}: no case {case}", self.name));
         serde_json::from_str(raw).unwrap()
     }
 
@@ -59,7 +77,15 @@ impl Fixture {
     /// All tensor names of a case with the given prefix after `case/`.
     pub fn names_with_prefix(&self, case: &str, prefix: &str) -> Vec<String> {
         let full = format!("{case}/{prefix}");
-        let mut v: Vec<String> = self.tensors.keys().filter_map(|k| k.strip_prefix(&format!("{case}/")).filter(|_| k.starts_with(&full)).map(str::to_string)).collect();
+        let mut v: Vec<String> = self
+            .tensors
+            .keys()
+            .filter_map(|k| {
+                k.strip_prefix(&format!("{case}/"))
+                    .filter(|_| k.starts_with(&full))
+                    .map(str::to_string)
+            })
+            .collect();
         v.sort();
         v
     }
@@ -68,7 +94,13 @@ impl Fixture {
 /// Asserts `|actual - expected| <= atol + rtol * |expected|` element-wise, reporting the worst
 /// element (index, actual, expected), the max absolute and relative errors and the case.
 pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], rtol: f32, atol: f32) {
-    assert_eq!(actual.len(), expected.len(), "{what}: length {} vs expected {}", actual.len(), expected.len());
+    assert_eq!(
+        actual.len(),
+        expected.len(),
+        "{what}: length {} vs expected {}",
+        actual.len(),
+        expected.len()
+    );
     let mut worst = (0usize, 0f32);
     let (mut max_abs, mut max_rel) = (0f32, 0f32);
     for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {

@@ -67,17 +67,26 @@ impl ConvGeom {
     }
     /// True when im2col would be the identity (1x1, stride 1, no padding).
     fn is_pointwise(&self) -> bool {
-        self.kh == 1
-            && self.kw == 1
-            && self.stride == (1, 1)
-            && self.padding == (0, 0)
+        self.kh == 1 && self.kw == 1 && self.stride == (1, 1) && self.padding == (0, 0)
     }
     /// Range of output columns `ow` whose input column `ow*sw - pw + kw*dw` is inside `0..W`.
     fn valid_ow(&self, kw: usize) -> (usize, usize) {
-        valid_range(self.w, self.ow, self.stride.1, self.padding.1, kw * self.dilation.1)
+        valid_range(
+            self.w,
+            self.ow,
+            self.stride.1,
+            self.padding.1,
+            kw * self.dilation.1,
+        )
     }
     fn valid_oh(&self, kh: usize) -> (usize, usize) {
-        valid_range(self.h, self.oh, self.stride.0, self.padding.0, kh * self.dilation.0)
+        valid_range(
+            self.h,
+            self.oh,
+            self.stride.0,
+            self.padding.0,
+            kh * self.dilation.0,
+        )
     }
     /// Multiply-accumulates of the forward pass (for FLOP counts).
     pub fn macs(&self) -> usize {
@@ -88,7 +97,11 @@ impl ConvGeom {
 /// Output positions `o` in `lo..hi` with `0 <= o*stride - pad + shift < len`.
 fn valid_range(len: usize, out: usize, stride: usize, pad: usize, shift: usize) -> (usize, usize) {
     // o*stride + shift >= pad  <=>  o >= ceil((pad - shift) / stride)
-    let lo = if shift >= pad { 0 } else { (pad - shift).div_ceil(stride) };
+    let lo = if shift >= pad {
+        0
+    } else {
+        (pad - shift).div_ceil(stride)
+    };
     // o*stride + shift - pad <= len - 1  <=>  o <= (len - 1 + pad - shift) / stride
     let hi = if len + pad > shift {
         ((len - 1 + pad - shift) / stride + 1).min(out)
@@ -205,8 +218,15 @@ pub fn conv2d_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, 
                         im2col(x_grp, g, col);
                         col
                     };
-                    let w_grp = MatRef::row_major(&w[grp * kg * rows..(grp + 1) * kg * rows], kg, rows);
-                    matmul(y_grp, w_grp, MatRef::row_major(col_ref, rows, ohw), true, par);
+                    let w_grp =
+                        MatRef::row_major(&w[grp * kg * rows..(grp + 1) * kg * rows], kg, rows);
+                    matmul(
+                        y_grp,
+                        w_grp,
+                        MatRef::row_major(col_ref, rows, ohw),
+                        true,
+                        par,
+                    );
                 }
             },
         );
@@ -225,8 +245,10 @@ pub fn conv2d_backward_input(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32]
             |col, (dx_img, dy_img)| {
                 for grp in 0..g.groups {
                     let dx_grp = &mut dx_img[grp * cg * g.h * g.w..(grp + 1) * cg * g.h * g.w];
-                    let dy_grp = MatRef::row_major(&dy_img[grp * kg * ohw..(grp + 1) * kg * ohw], kg, ohw);
-                    let w_t = MatRef::row_major(&w[grp * kg * rows..(grp + 1) * kg * rows], kg, rows).t();
+                    let dy_grp =
+                        MatRef::row_major(&dy_img[grp * kg * ohw..(grp + 1) * kg * ohw], kg, ohw);
+                    let w_t =
+                        MatRef::row_major(&w[grp * kg * rows..(grp + 1) * kg * rows], kg, rows).t();
                     if pointwise {
                         matmul(dx_grp, w_t, dy_grp, false, par);
                     } else {
@@ -259,7 +281,13 @@ pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32
             };
             let dy_grp = MatRef::row_major(&dy_img[grp * kg * ohw..(grp + 1) * kg * ohw], kg, ohw);
             let col_t = MatRef::row_major(col_ref, rows, ohw).t();
-            matmul(&mut acc[grp * kg * rows..(grp + 1) * kg * rows], dy_grp, col_t, true, par);
+            matmul(
+                &mut acc[grp * kg * rows..(grp + 1) * kg * rows],
+                dy_grp,
+                col_t,
+                true,
+                par,
+            );
         }
     };
     let threads = rayon::current_num_threads();
@@ -329,8 +357,10 @@ pub fn conv2d_naive(
                         let ci = grp * cg + c;
                         for ki in 0..g.kh {
                             for kj in 0..g.kw {
-                                let ih = (oh * g.stride.0 + ki * g.dilation.0) as isize - g.padding.0 as isize;
-                                let iw = (ow * g.stride.1 + kj * g.dilation.1) as isize - g.padding.1 as isize;
+                                let ih = (oh * g.stride.0 + ki * g.dilation.0) as isize
+                                    - g.padding.0 as isize;
+                                let iw = (ow * g.stride.1 + kj * g.dilation.1) as isize
+                                    - g.padding.1 as isize;
                                 if ih < 0 || iw < 0 || ih >= g.h as isize || iw >= g.w as isize {
                                     continue;
                                 }
@@ -357,18 +387,43 @@ mod tests {
     use crate::shape::conv_out_size;
     use crate::Rng;
 
-    fn geom(n: usize, c: usize, h: usize, w: usize, k: usize, kh: usize, kw: usize, s: (usize, usize), p: (usize, usize), d: (usize, usize), groups: usize) -> ConvGeom {
+    #[allow(clippy::too_many_arguments)]
+    fn geom(
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        k: usize,
+        kh: usize,
+        kw: usize,
+        s: (usize, usize),
+        p: (usize, usize),
+        d: (usize, usize),
+        groups: usize,
+    ) -> ConvGeom {
         ConvGeom {
-            n, c, h, w, k, kh, kw,
+            n,
+            c,
+            h,
+            w,
+            k,
+            kh,
+            kw,
             oh: conv_out_size(h, kh, s.0, p.0, d.0).unwrap(),
             ow: conv_out_size(w, kw, s.1, p.1, d.1).unwrap(),
-            stride: s, padding: p, dilation: d, groups,
+            stride: s,
+            padding: p,
+            dilation: d,
+            groups,
         }
     }
 
     fn close(a: &[f32], b: &[f32], what: &str) {
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= 1e-5 + 1e-5 * y.abs(), "{what}[{i}]: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= 1e-5 + 1e-5 * y.abs(),
+                "{what}[{i}]: {x} vs {y}"
+            );
         }
     }
 

@@ -38,8 +38,16 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let rank = a.len().max(b.len());
     let mut out = vec![0; rank];
     for i in 0..rank {
-        let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
-        let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
+        let da = if i + a.len() >= rank {
+            a[i + a.len() - rank]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= rank {
+            b[i + b.len() - rank]
+        } else {
+            1
+        };
         out[i] = if da == db || db == 1 {
             da
         } else if da == 1 {
@@ -94,7 +102,9 @@ fn walk2(out: &[usize], sa: &[usize], sb: &[usize], mut f: impl FnMut(usize, usi
 /// `(outer, mid, inner)` such that `out = outer x mid x inner` and `small` indexes by `mid`.
 fn channel_pattern(small: &[usize], out: &[usize]) -> Option<(usize, usize, usize)> {
     let pad = out.len() - small.len();
-    let full: Vec<usize> = std::iter::repeat_n(1, pad).chain(small.iter().copied()).collect();
+    let full: Vec<usize> = std::iter::repeat_n(1, pad)
+        .chain(small.iter().copied())
+        .collect();
     let non1: Vec<usize> = (0..full.len()).filter(|&i| full[i] != 1).collect();
     let (first, last) = match (non1.first(), non1.last()) {
         (Some(&f), Some(&l)) => (f, l),
@@ -110,7 +120,15 @@ fn channel_pattern(small: &[usize], out: &[usize]) -> Option<(usize, usize, usiz
 }
 
 /// `out = a (op) b` with broadcasting; `out` has the broadcast shape `out_shape`.
-pub fn binary_forward(kind: BinaryKind, a: &[f32], a_shape: &[usize], b: &[f32], b_shape: &[usize], out_shape: &[usize], out: &mut [f32]) {
+pub fn binary_forward(
+    kind: BinaryKind,
+    a: &[f32],
+    a_shape: &[usize],
+    b: &[f32],
+    b_shape: &[usize],
+    out_shape: &[usize],
+    out: &mut [f32],
+) {
     if a_shape == b_shape {
         let body = |o: &mut [f32], x: &[f32], y: &[f32]| {
             for i in 0..o.len() {
@@ -119,7 +137,10 @@ pub fn binary_forward(kind: BinaryKind, a: &[f32], a_shape: &[usize], b: &[f32],
         };
         if out.len() >= PAR_MIN_ELEMS {
             let c = PAR_MIN_ELEMS / 4;
-            out.par_chunks_mut(c).zip(a.par_chunks(c)).zip(b.par_chunks(c)).for_each(|((o, x), y)| body(o, x, y));
+            out.par_chunks_mut(c)
+                .zip(a.par_chunks(c))
+                .zip(b.par_chunks(c))
+                .for_each(|((o, x), y)| body(o, x, y));
         } else {
             body(out, a, b);
         }
@@ -138,24 +159,36 @@ pub fn binary_forward(kind: BinaryKind, a: &[f32], a_shape: &[usize], b: &[f32],
     }
     let sa = broadcast_strides(a_shape, out_shape);
     let sb = broadcast_strides(b_shape, out_shape);
-    walk2(out_shape, &sa, &sb, |i, ia, ib| out[i] = kind.apply(a[ia], b[ib]));
+    walk2(out_shape, &sa, &sb, |i, ia, ib| {
+        out[i] = kind.apply(a[ia], b[ib])
+    });
 }
 
 /// Sums `g` (of shape `out_shape`) down to `target` (broadcastable to `out_shape`): the
 /// gradient of a broadcast. When `scale_by` is given, each term is first multiplied by that
 /// tensor's element at the same output position (it has shape `other_shape`).
-pub fn reduce_to_shape(g: &[f32], out_shape: &[usize], target: &[usize], scale_by: Option<(&[f32], &[usize])>, map: impl Fn(f32, f32) -> f32) -> Vec<f32> {
+pub fn reduce_to_shape(
+    g: &[f32],
+    out_shape: &[usize],
+    target: &[usize],
+    scale_by: Option<(&[f32], &[usize])>,
+    map: impl Fn(f32, f32) -> f32,
+) -> Vec<f32> {
     let n: usize = target.iter().product();
     let mut acc = vec![0f64; n];
     let st = broadcast_strides(target, out_shape);
     match scale_by {
         Some((other, other_shape)) => {
             let so = broadcast_strides(other_shape, out_shape);
-            walk2(out_shape, &st, &so, |i, it, io| acc[it] += map(g[i], other[io]) as f64);
+            walk2(out_shape, &st, &so, |i, it, io| {
+                acc[it] += map(g[i], other[io]) as f64
+            });
         }
         None => {
             let zeros = vec![0; out_shape.len()];
-            walk2(out_shape, &st, &zeros, |i, it, _| acc[it] += map(g[i], 0.0) as f64);
+            walk2(out_shape, &st, &zeros, |i, it, _| {
+                acc[it] += map(g[i], 0.0) as f64
+            });
         }
     }
     acc.into_iter().map(|v| v as f32).collect()
@@ -164,7 +197,11 @@ pub fn reduce_to_shape(g: &[f32], out_shape: &[usize], target: &[usize], scale_b
 /// Sums `x` over the dimensions in `dims` (sorted, unique); the result has those
 /// dimensions removed. Accumulates in `f64`.
 pub fn sum_dims(x: &[f32], shape: &[usize], dims: &[usize]) -> Vec<f32> {
-    let kept: Vec<usize> = shape.iter().enumerate().map(|(i, &d)| if dims.contains(&i) { 1 } else { d }).collect();
+    let kept: Vec<usize> = shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| if dims.contains(&i) { 1 } else { d })
+        .collect();
     let n: usize = kept.iter().product();
     let mut acc = vec![0f64; n];
     let st = broadcast_strides(&kept, shape);
@@ -189,7 +226,10 @@ mod tests {
 
     #[test]
     fn broadcast_shapes() {
-        assert_eq!(broadcast_shape(&[2, 3, 4, 5], &[3, 1, 1]), Some(vec![2, 3, 4, 5]));
+        assert_eq!(
+            broadcast_shape(&[2, 3, 4, 5], &[3, 1, 1]),
+            Some(vec![2, 3, 4, 5])
+        );
         assert_eq!(broadcast_shape(&[1, 4], &[3, 1]), Some(vec![3, 4]));
         assert_eq!(broadcast_shape(&[2, 3], &[4]), None);
     }
@@ -200,7 +240,15 @@ mod tests {
         let b = [10.0, 20.0, 30.0];
         let shape = [2, 3, 2, 2];
         let mut fast = vec![0.0; a.len()];
-        binary_forward(BinaryKind::Add, &a, &shape, &b, &[3, 1, 1], &shape, &mut fast);
+        binary_forward(
+            BinaryKind::Add,
+            &a,
+            &shape,
+            &b,
+            &[3, 1, 1],
+            &shape,
+            &mut fast,
+        );
         let mut slow = vec![0.0; a.len()];
         let sa = broadcast_strides(&shape, &shape);
         let sb = broadcast_strides(&[3, 1, 1], &shape);

@@ -28,7 +28,15 @@ pub fn softmax_forward(x: &[f32], outer: usize, d: usize, inner: usize, log: boo
 
 /// Gradient of softmax (`log == false`, `y` = softmax output) or log-softmax (`y` = its
 /// output): `dx = y * (dy - sum(dy*y))` or `dx = dy - exp(y) * sum(dy)`.
-pub fn softmax_backward(y: &[f32], dy: &[f32], outer: usize, d: usize, inner: usize, log: bool, dx: &mut [f32]) {
+pub fn softmax_backward(
+    y: &[f32],
+    dy: &[f32],
+    outer: usize,
+    d: usize,
+    inner: usize,
+    log: bool,
+    dx: &mut [f32],
+) {
     for o in 0..outer {
         for i in 0..inner {
             let at = |k: usize| (o * d + k) * inner + i;
@@ -51,9 +59,18 @@ pub fn softmax_backward(y: &[f32], dy: &[f32], outer: usize, d: usize, inner: us
 ///
 /// Per row: `loss = (1-eps) * -logp[y] + eps/C * sum_c -logp[c]`. Returns the sum over rows
 /// and writes the row softmax probabilities into `probs` for the backward pass.
-pub fn cross_entropy_forward(logits: &[f32], targets: &[usize], c: usize, eps: f32, probs: &mut [f32]) -> f64 {
+pub fn cross_entropy_forward(
+    logits: &[f32],
+    targets: &[usize],
+    c: usize,
+    eps: f32,
+    probs: &mut [f32],
+) -> f64 {
     let mut total = 0f64;
-    for (row, (&t, p)) in logits.chunks(c).zip(targets.iter().zip(probs.chunks_mut(c))) {
+    for (row, (&t, p)) in logits
+        .chunks(c)
+        .zip(targets.iter().zip(probs.chunks_mut(c)))
+    {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
         let lse = max as f64 + sum.ln();
@@ -73,7 +90,14 @@ pub fn cross_entropy_forward(logits: &[f32], targets: &[usize], c: usize, eps: f
 }
 
 /// `dlogits = scale * (probs - ((1-eps)*onehot(y) + eps/C))`, `scale` = upstream / divisor.
-pub fn cross_entropy_backward(probs: &[f32], targets: &[usize], c: usize, eps: f32, scale: &[f32], dx: &mut [f32]) {
+pub fn cross_entropy_backward(
+    probs: &[f32],
+    targets: &[usize],
+    c: usize,
+    eps: f32,
+    scale: &[f32],
+    dx: &mut [f32],
+) {
     let smooth = eps / c as f32;
     for (n, (d, p)) in dx.chunks_mut(c).zip(probs.chunks(c)).enumerate() {
         let s = scale[if scale.len() == 1 { 0 } else { n }];

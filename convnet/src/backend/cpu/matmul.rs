@@ -108,7 +108,11 @@ pub fn matmul_naive(dst: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) {
                 acc += a.at(i, p) as f64 * b.at(p, j) as f64;
             }
             let d = &mut dst[i * b.cols + j];
-            *d = if accumulate { *d + acc as f32 } else { acc as f32 };
+            *d = if accumulate {
+                *d + acc as f32
+            } else {
+                acc as f32
+            };
         }
     }
 }

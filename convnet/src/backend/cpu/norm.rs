@@ -14,13 +14,19 @@ pub fn batch_stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f
         .map(|ch| {
             let mut s = 0f64;
             for b in 0..n {
-                s += x[(b * c + ch) * hw..(b * c + ch + 1) * hw].iter().map(|&v| v as f64).sum::<f64>();
+                s += x[(b * c + ch) * hw..(b * c + ch + 1) * hw]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .sum::<f64>();
             }
             let m = (n * hw) as f64;
             let mean = s / m;
             let mut ss = 0f64;
             for b in 0..n {
-                ss += x[(b * c + ch) * hw..(b * c + ch + 1) * hw].iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>();
+                ss += x[(b * c + ch) * hw..(b * c + ch + 1) * hw]
+                    .iter()
+                    .map(|&v| (v as f64 - mean).powi(2))
+                    .sum::<f64>();
             }
             (mean, ss / m)
         })
@@ -28,22 +34,47 @@ pub fn batch_stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f
 }
 
 /// `y = (x - mean) * invstd * weight + bias`, per channel.
-pub fn normalize(x: &[f32], mean: &[f32], invstd: &[f32], weight: Option<&[f32]>, bias: Option<&[f32]>, n: usize, c: usize, hw: usize, y: &mut [f32]) {
-    y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (yp, xp))| {
-        let ch = plane % c;
-        let scale = invstd[ch] * weight.map_or(1.0, |w| w[ch]);
-        let shift = bias.map_or(0.0, |b| b[ch]) - mean[ch] * scale;
-        for (o, &v) in yp.iter_mut().zip(xp) {
-            *o = v * scale + shift;
-        }
-    });
+#[allow(clippy::too_many_arguments)]
+pub fn normalize(
+    x: &[f32],
+    mean: &[f32],
+    invstd: &[f32],
+    weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    n: usize,
+    c: usize,
+    hw: usize,
+    y: &mut [f32],
+) {
+    y.par_chunks_mut(hw)
+        .zip(x.par_chunks(hw))
+        .enumerate()
+        .for_each(|(plane, (yp, xp))| {
+            let ch = plane % c;
+            let scale = invstd[ch] * weight.map_or(1.0, |w| w[ch]);
+            let shift = bias.map_or(0.0, |b| b[ch]) - mean[ch] * scale;
+            for (o, &v) in yp.iter_mut().zip(xp) {
+                *o = v * scale + shift;
+            }
+        });
     let _ = n;
 }
 
 /// Gradients of batch norm: returns `(dx, dweight, dbias)` where `dx` is computed only when
 /// `need_dx`. In training mode the batch statistics depend on `x`, adding the two mean terms.
 #[allow(clippy::too_many_arguments)]
-pub fn backward(x: &[f32], dy: &[f32], mean: &[f32], invstd: &[f32], weight: Option<&[f32]>, n: usize, c: usize, hw: usize, training: bool, need_dx: bool) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+pub fn backward(
+    x: &[f32],
+    dy: &[f32],
+    mean: &[f32],
+    invstd: &[f32],
+    weight: Option<&[f32]>,
+    n: usize,
+    c: usize,
+    hw: usize,
+    training: bool,
+    need_dx: bool,
+) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
     // Per channel: sum(dy) and sum(dy * xhat).
     let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()

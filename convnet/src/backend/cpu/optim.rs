@@ -4,7 +4,17 @@
 /// SGD with momentum, dampening, Nesterov and L2 weight decay. `buf` is `None` when momentum
 /// is 0; `first` marks the step that initialises the buffer to the gradient.
 #[allow(clippy::too_many_arguments)]
-pub fn sgd_step(p: &mut [f32], g: &[f32], buf: Option<&mut [f32]>, lr: f32, momentum: f32, dampening: f32, nesterov: bool, weight_decay: f32, first: bool) {
+pub fn sgd_step(
+    p: &mut [f32],
+    g: &[f32],
+    buf: Option<&mut [f32]>,
+    lr: f32,
+    momentum: f32,
+    dampening: f32,
+    nesterov: bool,
+    weight_decay: f32,
+    first: bool,
+) {
     match buf {
         None => {
             for (pi, &gi) in p.iter_mut().zip(g) {
@@ -14,8 +24,16 @@ pub fn sgd_step(p: &mut [f32], g: &[f32], buf: Option<&mut [f32]>, lr: f32, mome
         }
         Some(buf) => {
             for ((pi, &gi), bi) in p.iter_mut().zip(g).zip(buf.iter_mut()) {
-                let d = if weight_decay != 0.0 { gi + weight_decay * *pi } else { gi };
-                *bi = if first { d } else { momentum * *bi + (1.0 - dampening) * d };
+                let d = if weight_decay != 0.0 {
+                    gi + weight_decay * *pi
+                } else {
+                    gi
+                };
+                *bi = if first {
+                    d
+                } else {
+                    momentum * *bi + (1.0 - dampening) * d
+                };
                 let step = if nesterov { d + momentum * *bi } else { *bi };
                 *pi -= lr * step;
             }
@@ -45,7 +63,14 @@ pub struct AdamStep {
 }
 
 /// One Adam/AdamW update; `max_v` is `Some` with AMSGrad.
-pub fn adam_step(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], mut max_v: Option<&mut [f32]>, s: &AdamStep) {
+pub fn adam_step(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    mut max_v: Option<&mut [f32]>,
+    s: &AdamStep,
+) {
     let step_size = s.lr / s.bias_correction1;
     for i in 0..p.len() {
         let mut gi = g[i];

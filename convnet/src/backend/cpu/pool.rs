@@ -42,7 +42,14 @@ impl PoolGeom {
 
 /// Input rows (or columns) a max-pool window at output position `o` covers:
 /// `(start, end, step)` with `start` the first in-bounds tap.
-fn max_window(o: usize, stride: usize, pad: usize, kernel: usize, dil: usize, len: usize) -> (usize, usize, usize) {
+fn max_window(
+    o: usize,
+    stride: usize,
+    pad: usize,
+    kernel: usize,
+    dil: usize,
+    len: usize,
+) -> (usize, usize, usize) {
     let mut start = (o * stride) as isize - pad as isize;
     let end = (start + ((kernel - 1) * dil) as isize + 1).min(len as isize);
     while start < 0 {
@@ -59,13 +66,24 @@ pub fn max_pool2d_forward(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &mut [
         .zip(x.par_chunks(g.in_plane()))
         .for_each(|((y_p, a_p), x_p)| {
             // The common non-overlapping 2x2 / stride 2 window without padding: unrolled.
-            if g.kernel == (2, 2) && g.stride == (2, 2) && g.padding == (0, 0) && g.dilation == (1, 1) && g.h >= 2 * g.oh && g.w >= 2 * g.ow {
+            if g.kernel == (2, 2)
+                && g.stride == (2, 2)
+                && g.padding == (0, 0)
+                && g.dilation == (1, 1)
+                && g.h >= 2 * g.oh
+                && g.w >= 2 * g.ow
+            {
                 for oh in 0..g.oh {
                     let r0 = &x_p[2 * oh * g.w..2 * oh * g.w + g.w];
                     let r1 = &x_p[(2 * oh + 1) * g.w..(2 * oh + 1) * g.w + g.w];
                     for ow in 0..g.ow {
                         let c = 2 * ow;
-                        let cand = [(r0[c], c), (r0[c + 1], c + 1), (r1[c], g.w + c), (r1[c + 1], g.w + c + 1)];
+                        let cand = [
+                            (r0[c], c),
+                            (r0[c + 1], c + 1),
+                            (r1[c], g.w + c),
+                            (r1[c + 1], g.w + c + 1),
+                        ];
                         let mut best = cand[0];
                         for &(v, i) in &cand[1..] {
                             if v > best.0 || v.is_nan() && !best.0.is_nan() {
@@ -81,7 +99,8 @@ pub fn max_pool2d_forward(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &mut [
             for oh in 0..g.oh {
                 let (h0, h1, hs) = max_window(oh, g.stride.0, g.padding.0, kh, g.dilation.0, g.h);
                 for ow in 0..g.ow {
-                    let (w0, w1, ws) = max_window(ow, g.stride.1, g.padding.1, kw, g.dilation.1, g.w);
+                    let (w0, w1, ws) =
+                        max_window(ow, g.stride.1, g.padding.1, kw, g.dilation.1, g.w);
                     let mut best = f32::NEG_INFINITY;
                     let mut best_i = h0 * g.w + w0;
                     'window: for ih in (h0..h1).step_by(hs) {
@@ -118,7 +137,13 @@ pub fn max_pool2d_backward(dy: &[f32], argmax: &[u32], g: &PoolGeom, dx: &mut [f
 
 /// The clipped window and divisor of average pooling at one output position, as PyTorch's
 /// `avg_pool2d` computes them: the divisor counts padded taps when `count_include_pad`.
-fn avg_window(o: usize, stride: usize, pad: usize, kernel: usize, len: usize) -> (usize, usize, usize) {
+fn avg_window(
+    o: usize,
+    stride: usize,
+    pad: usize,
+    kernel: usize,
+    len: usize,
+) -> (usize, usize, usize) {
     let start = (o * stride) as isize - pad as isize;
     let end = (start + kernel as isize).min((len + pad) as isize);
     let padded_count = (end - start) as usize;
@@ -136,7 +161,11 @@ pub fn avg_pool2d_forward(x: &[f32], g: &PoolGeom, count_include_pad: bool, y: &
                 let (h0, h1, hc) = avg_window(oh, g.stride.0, g.padding.0, g.kernel.0, g.h);
                 for ow in 0..g.ow {
                     let (w0, w1, wc) = avg_window(ow, g.stride.1, g.padding.1, g.kernel.1, g.w);
-                    let div = if count_include_pad { hc * wc } else { (h1 - h0) * (w1 - w0) };
+                    let div = if count_include_pad {
+                        hc * wc
+                    } else {
+                        (h1 - h0) * (w1 - w0)
+                    };
                     let mut acc = 0f32;
                     for ih in h0..h1 {
                         for v in &x_p[ih * g.w + w0..ih * g.w + w1] {
@@ -159,7 +188,11 @@ pub fn avg_pool2d_backward(dy: &[f32], g: &PoolGeom, count_include_pad: bool, dx
                 let (h0, h1, hc) = avg_window(oh, g.stride.0, g.padding.0, g.kernel.0, g.h);
                 for ow in 0..g.ow {
                     let (w0, w1, wc) = avg_window(ow, g.stride.1, g.padding.1, g.kernel.1, g.w);
-                    let div = if count_include_pad { hc * wc } else { (h1 - h0) * (w1 - w0) };
+                    let div = if count_include_pad {
+                        hc * wc
+                    } else {
+                        (h1 - h0) * (w1 - w0)
+                    };
                     if div == 0 {
                         continue;
                     }
@@ -230,8 +263,10 @@ pub fn max_pool2d_naive(x: &[f32], g: &PoolGeom) -> Vec<f32> {
                 let mut best = f32::NEG_INFINITY;
                 for ki in 0..g.kernel.0 {
                     for kj in 0..g.kernel.1 {
-                        let ih = (oh * g.stride.0 + ki * g.dilation.0) as isize - g.padding.0 as isize;
-                        let iw = (ow * g.stride.1 + kj * g.dilation.1) as isize - g.padding.1 as isize;
+                        let ih =
+                            (oh * g.stride.0 + ki * g.dilation.0) as isize - g.padding.0 as isize;
+                        let iw =
+                            (ow * g.stride.1 + kj * g.dilation.1) as isize - g.padding.1 as isize;
                         if ih >= 0 && iw >= 0 && (ih as usize) < g.h && (iw as usize) < g.w {
                             best = best.max(x[p * g.in_plane() + ih as usize * g.w + iw as usize]);
                         }
