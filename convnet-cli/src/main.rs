@@ -1,10 +1,17 @@
-//! The `convnet` command-line tool.
+//! The `convnet` command: train, evaluate, predict and inspect CNNs.
+//!
+//! Errors print their chain and exit with status 1; nothing a user types makes it panic.
+
+mod common;
+mod eval;
+mod train;
 
 use clap::{Parser, Subcommand};
+use std::process::ExitCode;
 
-/// Train, evaluate and inspect convolutional neural networks.
+/// Train, evaluate and inspect convolutional neural networks, offline, on the CPU.
 #[derive(Parser)]
-#[command(name = "convnet", version, about)]
+#[command(name = "convnet", version, about, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -12,16 +19,35 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the layer table of the tutorial CNN for an input shape.
-    Summary,
+    /// Train a model (default: the tutorial CNN on the bundled CIFAR-10 sample) and test it.
+    Train(Box<train::TrainArgs>),
+    /// Evaluate a model on a data set's test split: loss, accuracy, per-class accuracy, confusion matrix.
+    Eval(eval::EvalArgs),
+    /// Classify images with a trained model and print the top classes.
+    Predict(eval::PredictArgs),
+    /// Print a model's layer table (output shapes and parameter counts).
+    Summary(eval::SummaryArgs),
+    /// List the built-in architectures.
+    Models,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Summary => {
-            println!("convnet {}", env!("CARGO_PKG_VERSION"));
+    let result = match cli.command {
+        Command::Train(a) => train::run(*a),
+        Command::Eval(a) => eval::run_eval(a),
+        Command::Predict(a) => eval::run_predict(a),
+        Command::Summary(a) => eval::run_summary(a),
+        Command::Models => eval::run_models(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
         }
     }
-    Ok(())
 }

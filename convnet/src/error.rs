@@ -81,6 +81,16 @@ pub enum Error {
         /// What is wrong and how to fix it.
         msg: String,
     },
+    /// The training loss became NaN or infinite.
+    #[error("training diverged: the loss is {loss} at epoch {epoch}, step {step}; lower the learning rate (the last good checkpoint is kept)")]
+    Diverged {
+        /// Epoch (1-based) in which it happened.
+        epoch: usize,
+        /// Optimizer step at which it happened.
+        step: usize,
+        /// The non-finite loss.
+        loss: f32,
+    },
     /// A named tensor or parameter is missing or has the wrong shape.
     #[error("state: {0}")]
     State(String),

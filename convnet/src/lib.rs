@@ -29,20 +29,24 @@
 
 pub mod autograd;
 pub mod backend;
+pub mod checkpoint;
+pub mod data;
 pub mod device;
 pub mod error;
+pub mod models;
 pub mod nn;
 pub mod optim;
 pub mod rng;
 pub mod shape;
 pub mod storage;
 pub mod tensor;
+pub mod train;
 
 pub use autograd::{is_grad_enabled, no_grad, GradStore};
 pub use backend::cpu::activation::Activation;
 pub use device::Device;
 pub use error::{Error, Result};
-pub use rng::{manual_seed, with_global_rng, Rng};
+pub use rng::{global_rng_state, manual_seed, set_global_rng_state, with_global_rng, Rng};
 pub use shape::Shape;
 pub use storage::{DType, Storage};
 pub use tensor::{AvgPool2dParams, Conv2dParams, MaxPool2dParams, Reduction, Tensor, TensorId};

@@ -123,3 +123,13 @@ pub fn with_global_rng<R>(f: impl FnOnce(&mut Rng) -> R) -> R {
     let mut guard = GLOBAL.lock().unwrap_or_else(|e| e.into_inner());
     f(guard.get_or_insert_with(|| Rng::new(0)))
 }
+
+/// The process-wide generator's state (for checkpoints), seeding it with 0 if never seeded.
+pub fn global_rng_state() -> [u64; 4] {
+    with_global_rng(|r| r.state())
+}
+
+/// Restores the process-wide generator from [`global_rng_state`].
+pub fn set_global_rng_state(state: [u64; 4]) {
+    *GLOBAL.lock().unwrap_or_else(|e| e.into_inner()) = Some(Rng::from_state(state));
+}

@@ -1,0 +1,255 @@
+//! `convnet eval`, `predict`, `summary` and `models`.
+
+use crate::common::{load_model, open_data, parse_shape, set_threads, ModelSource};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use convnet::data::{DataLoader, FolderOptions, LoaderConfig, Transform};
+use convnet::nn::Mode;
+use convnet::train::evaluate;
+use convnet::Tensor;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// How a command names its model.
+#[derive(Args, Debug)]
+pub struct ModelArgs {
+    /// A checkpoint written by `convnet train`.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Architecture of a plain state_dict given with --weights (e.g. exported from PyTorch).
+    #[arg(long)]
+    model: Option<String>,
+    /// A plain state_dict `.safetensors` for --model.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Input shape CxHxW for --model/--weights.
+    #[arg(long, default_value = "3x32x32")]
+    input: String,
+}
+
+impl ModelArgs {
+    fn source(&self, classes: Option<Vec<String>>) -> Result<ModelSource<'_>> {
+        Ok(ModelSource {
+            checkpoint: self.checkpoint.as_deref(),
+            model: self.model.as_deref(),
+            weights: self.weights.as_deref(),
+            input: parse_shape(&self.input)?,
+            classes,
+        })
+    }
+}
+
+/// Arguments of `convnet eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Data set whose test split is evaluated (default: the bundled CIFAR-10 sample).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Fraction held out for testing when the data has no test split.
+    #[arg(long, default_value_t = 0.2)]
+    holdout: f64,
+    /// Use only the first N test images.
+    #[arg(long)]
+    limit_test: Option<usize>,
+    /// Compute threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Print one JSON object with the results as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run_eval(a: EvalArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    let (_, mut test) = open_data(a.data.as_deref(), &FolderOptions::default(), a.holdout)?;
+    if let Some(n) = a.limit_test {
+        test = test.take(n);
+    }
+    let loaded = load_model(&a.model.source(Some(test.classes().to_vec()))?)?;
+    let (m, shape) = (&loaded.meta, test.image_shape());
+    if m.input_shape != shape {
+        bail!(
+            "the model takes {:?} images but the data has {:?}",
+            m.input_shape,
+            shape
+        );
+    }
+    if m.classes.len() != test.classes().len() {
+        bail!(
+            "the model has {} classes but the data has {}",
+            m.classes.len(),
+            test.classes().len()
+        );
+    }
+    let names = test.classes().to_vec();
+    let loader = DataLoader::new(
+        Arc::new(test),
+        Transform {
+            normalize: m.normalize.clone(),
+            augment: None,
+        },
+        LoaderConfig {
+            batch_size: 256,
+            shuffle: false,
+            ..Default::default()
+        },
+    )?;
+    let r = evaluate(&loaded.model, &loader)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "accuracy": r.accuracy, "loss": r.loss, "per_class_accuracy": r.per_class_accuracy, "confusion_matrix": r.confusion, "classes": names })
+        );
+        return Ok(());
+    }
+    println!(
+        "model {} ({}) on {} test images",
+        m.architecture,
+        loaded.source.display(),
+        loader.dataset().len()
+    );
+    println!("loss {:.4}  accuracy {:.2}%\n", r.loss, 100.0 * r.accuracy);
+    let w = names.iter().map(String::len).max().unwrap_or(5).max(5);
+    println!("{:<w$}  accuracy", "class");
+    for (n, acc) in names.iter().zip(&r.per_class_accuracy) {
+        println!("{n:<w$}  {:6.2}%", 100.0 * acc);
+    }
+    println!("\nconfusion matrix (rows: true class, columns: predicted)");
+    print!("{:<w$}", "");
+    for i in 0..names.len() {
+        print!(" {i:>5}");
+    }
+    println!();
+    for (i, row) in r.confusion.iter().enumerate() {
+        print!("{:<w$}", format!("{i} {}", names[i]));
+        for v in row {
+            print!(" {v:>5}");
+        }
+        println!();
+    }
+    Ok(())
+}
+
+/// Arguments of `convnet predict`.
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Images to classify (any size: resized to the model's input).
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Number of classes to show per image.
+    #[arg(long, default_value_t = 3)]
+    top_k: usize,
+    /// Print one JSON object with the predictions as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Decodes `path` and turns it into a normalised `[C, H, W]` input for the model.
+fn load_image(path: &PathBuf, shape: [usize; 3], t: &Transform) -> Result<Vec<f32>> {
+    let img =
+        image::open(path).with_context(|| format!("{}: not a readable image", path.display()))?;
+    let [c, h, w] = shape;
+    let img = if img.width() as usize != w || img.height() as usize != h {
+        img.resize_exact(w as u32, h as u32, image::imageops::FilterType::Triangle)
+    } else {
+        img
+    };
+    let planes: Vec<u8> = if c == 1 {
+        img.to_luma8().into_raw()
+    } else {
+        let rgb = img.to_rgb8().into_raw();
+        let mut p = vec![0u8; 3 * h * w];
+        for (i, px) in rgb.chunks_exact(3).enumerate() {
+            for ch in 0..3 {
+                p[ch * h * w + i] = px[ch];
+            }
+        }
+        p
+    };
+    let mut out = vec![0f32; c * h * w];
+    t.apply(&planes, shape, &mut convnet::Rng::new(0), &mut out);
+    Ok(out)
+}
+
+pub fn run_predict(a: PredictArgs) -> Result<()> {
+    if a.top_k == 0 {
+        bail!("--top-k must be positive");
+    }
+    let loaded = load_model(&a.model.source(None)?)?;
+    let m = &loaded.meta;
+    let t = Transform {
+        normalize: m.normalize.clone(),
+        augment: None,
+    };
+    let mut results = Vec::new();
+    for path in &a.images {
+        let x = Tensor::from_vec(
+            load_image(path, m.input_shape, &t)?,
+            [1, m.input_shape[0], m.input_shape[1], m.input_shape[2]],
+        )?;
+        let probs =
+            convnet::no_grad(|| loaded.model.forward(&x, Mode::Eval)?.softmax(-1))?.to_vec();
+        let mut order: Vec<usize> = (0..probs.len()).collect();
+        order.sort_by(|&i, &j| probs[j].total_cmp(&probs[i]));
+        let top: Vec<(usize, f32)> = order
+            .into_iter()
+            .take(a.top_k)
+            .map(|i| (i, probs[i]))
+            .collect();
+        if !a.json {
+            println!("{}", path.display());
+            for (i, p) in &top {
+                println!("  {:>6.2}%  {} ({i})", 100.0 * p, m.classes[*i]);
+            }
+        }
+        results.push(serde_json::json!({
+            "image": path.display().to_string(),
+            "top": top.iter().map(|(i, p)| serde_json::json!({"index": i, "label": m.classes[*i], "probability": p})).collect::<Vec<_>>(),
+        }));
+    }
+    if a.json {
+        println!("{}", serde_json::json!({ "predictions": results }));
+    }
+    Ok(())
+}
+
+/// Arguments of `convnet summary`.
+#[derive(Args, Debug)]
+pub struct SummaryArgs {
+    /// Architecture (see `convnet models`).
+    #[arg(long)]
+    model: String,
+    /// Input shape CxHxW.
+    #[arg(long, default_value = "3x32x32")]
+    input: String,
+    /// Number of classes.
+    #[arg(long, default_value_t = 10)]
+    num_classes: usize,
+}
+
+pub fn run_summary(a: SummaryArgs) -> Result<()> {
+    let model = convnet::models::build(&a.model, parse_shape(&a.input)?, a.num_classes)?;
+    println!("{}", model.summary());
+    Ok(())
+}
+
+pub fn run_models() -> Result<()> {
+    println!(
+        "{:<10} {:>10}  {:<8}  description",
+        "name", "params", "input"
+    );
+    for (name, desc) in convnet::models::ARCHITECTURES {
+        let model = convnet::models::build(name, [3, 32, 32], 10)?;
+        println!(
+            "{name:<10} {:>10}  {:<8}  {desc}",
+            model.num_parameters(),
+            "3x32x32"
+        );
+    }
+    println!("\n1-channel inputs (e.g. MNIST 1x28x28) are chosen from the data; `convnet summary --model NAME --input 1x28x28` shows the sizes.");
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! The data loader: batches of transformed images with seeded shuffling, `drop_last`, and
+//! background prefetch on worker threads.
+//!
+//! Determinism: the order of epoch `e` is a permutation drawn from `(seed, e)`, and every
+//! image's augmentation from `(seed, e, index)`, so a run — or a resumed run — sees the same
+//! batches whatever the number of workers. Worker `k` builds batches `k, k + W, ...` and the
+//! iterator takes them round-robin; the bounded channels keep `prefetch` batches ready per
+//! worker so the training step does not wait. Sharding for data-parallel training takes
+//! every `world_size`-th batch starting at `rank`.
+
+use super::{ImageDataset, Transform};
+use crate::error::{invalid, Result};
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Settings of a [`DataLoader`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoaderConfig {
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Reshuffle every epoch.
+    pub shuffle: bool,
+    /// Drop the last incomplete batch.
+    pub drop_last: bool,
+    /// Seed of shuffling and augmentation.
+    pub seed: u64,
+    /// Background threads building batches (at least 1).
+    pub workers: usize,
+    /// Batches each worker keeps ready.
+    pub prefetch: usize,
+    /// This process's index among `world_size` data-parallel processes.
+    pub rank: usize,
+    /// Number of data-parallel processes.
+    pub world_size: usize,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig {
+            batch_size: 64,
+            shuffle: true,
+            drop_last: false,
+            seed: 0,
+            workers: 1,
+            prefetch: 2,
+            rank: 0,
+            world_size: 1,
+        }
+    }
+}
+
+/// One batch: images `[B, C, H, W]`, their labels, and their indices in the data set.
+#[derive(Debug)]
+pub struct Batch {
+    /// Normalised (and augmented) images.
+    pub images: Tensor,
+    /// Class indices.
+    pub labels: Vec<usize>,
+    /// Positions in the data set.
+    pub indices: Vec<usize>,
+}
+
+/// Batches over an in-memory [`ImageDataset`].
+#[derive(Clone)]
+pub struct DataLoader {
+    data: Arc<ImageDataset>,
+    transform: Arc<Transform>,
+    cfg: LoaderConfig,
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    (a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .rotate_left(29)
+        .wrapping_mul(0xBF58_476D_1CE4_E5B9)
+}
+
+impl DataLoader {
+    /// Creates a loader; fails on a zero batch size, no workers or an invalid shard.
+    pub fn new(data: Arc<ImageDataset>, transform: Transform, cfg: LoaderConfig) -> Result<Self> {
+        if cfg.batch_size == 0 || cfg.workers == 0 || cfg.prefetch == 0 {
+            return Err(invalid(
+                "DataLoader",
+                format!("batch_size, workers and prefetch must be positive, got {cfg:?}"),
+            ));
+        }
+        if cfg.world_size == 0 || cfg.rank >= cfg.world_size {
+            return Err(invalid(
+                "DataLoader",
+                format!(
+                    "rank {} must be below world_size {}",
+                    cfg.rank, cfg.world_size
+                ),
+            ));
+        }
+        if data.is_empty() {
+            return Err(invalid(
+                "DataLoader",
+                format!("data set {} is empty", data.source),
+            ));
+        }
+        Ok(DataLoader {
+            data,
+            transform: Arc::new(transform),
+            cfg,
+        })
+    }
+
+    /// The data set.
+    pub fn dataset(&self) -> &ImageDataset {
+        &self.data
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &LoaderConfig {
+        &self.cfg
+    }
+
+    /// Example indices of every batch of `epoch` for this rank.
+    pub fn batches(&self, epoch: usize) -> Vec<Vec<usize>> {
+        let mut order: Vec<usize> = (0..self.data.len()).collect();
+        if self.cfg.shuffle {
+            Rng::new(mix(self.cfg.seed, epoch as u64 + 1)).shuffle(&mut order);
+        }
+        let mut batches: Vec<Vec<usize>> = order
+            .chunks(self.cfg.batch_size)
+            .map(<[usize]>::to_vec)
+            .collect();
+        if self.cfg.drop_last
+            && batches
+                .last()
+                .is_some_and(|b| b.len() < self.cfg.batch_size)
+        {
+            batches.pop();
+        }
+        batches
+            .into_iter()
+            .skip(self.cfg.rank)
+            .step_by(self.cfg.world_size)
+            .collect()
+    }
+
+    /// Number of batches per epoch for this rank.
+    pub fn num_batches(&self) -> usize {
+        self.batches(0).len()
+    }
+
+    /// Builds one batch (on the calling thread).
+    pub fn make_batch(&self, epoch: usize, indices: &[usize]) -> Result<Batch> {
+        let shape = self.data.image_shape();
+        let per = shape.iter().product::<usize>();
+        let mut buf = vec![0f32; indices.len() * per];
+        for (k, &i) in indices.iter().enumerate() {
+            let mut rng = Rng::new(mix(mix(self.cfg.seed, epoch as u64 + 1), i as u64 + 1));
+            self.transform.apply(
+                self.data.image(i),
+                shape,
+                &mut rng,
+                &mut buf[k * per..(k + 1) * per],
+            );
+        }
+        let images = Tensor::from_vec(buf, [indices.len(), shape[0], shape[1], shape[2]])?;
+        Ok(Batch {
+            images,
+            labels: indices.iter().map(|&i| self.data.label(i)).collect(),
+            indices: indices.to_vec(),
+        })
+    }
+
+    /// Iterates over the batches of `epoch`, built ahead on worker threads.
+    pub fn epoch(&self, epoch: usize) -> EpochIter {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// Like [`DataLoader::epoch`], starting at batch `start` (to resume mid-epoch).
+    pub fn epoch_from(&self, epoch: usize, start: usize) -> EpochIter {
+        let batches: Arc<Vec<Vec<usize>>> =
+            Arc::new(self.batches(epoch).into_iter().skip(start).collect());
+        let workers = self.cfg.workers.min(batches.len().max(1));
+        let mut receivers = Vec::with_capacity(workers);
+        let mut handles = Vec::with_capacity(workers);
+        for w in 0..workers {
+            let (tx, rx) = sync_channel(self.cfg.prefetch);
+            let loader = self.clone();
+            let batches = batches.clone();
+            handles.push(std::thread::spawn(move || {
+                for b in batches.iter().skip(w).step_by(workers) {
+                    if tx.send(loader.make_batch(epoch, b)).is_err() {
+                        return;
+                    }
+                }
+            }));
+            receivers.push(rx);
+        }
+        EpochIter {
+            receivers,
+            handles,
+            next: 0,
+            remaining: batches.len(),
+        }
+    }
+}
+
+/// The batches of one epoch (see [`DataLoader::epoch`]).
+pub struct EpochIter {
+    receivers: Vec<Receiver<Result<Batch>>>,
+    handles: Vec<JoinHandle<()>>,
+    next: usize,
+    remaining: usize,
+}
+
+impl Iterator for EpochIter {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        if self.remaining == 0 {
+            return None;
+        }
+        self.remaining -= 1;
+        let rx = &self.receivers[self.next % self.receivers.len()];
+        self.next += 1;
+        Some(rx.recv().unwrap_or_else(|_| {
+            Err(invalid(
+                "DataLoader",
+                "a worker thread stopped unexpectedly",
+            ))
+        }))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.remaining, Some(self.remaining))
+    }
+}
+
+impl Drop for EpochIter {
+    fn drop(&mut self) {
+        self.receivers.clear();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}

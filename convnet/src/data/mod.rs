@@ -1,0 +1,303 @@
+//! Data sets, readers, transforms and the loader.
+//!
+//! Every reader produces an [`ImageDataset`]: decoded 8-bit images `[N, C, H, W]` in memory
+//! with class indices and names. [`open`] recognises what a path holds:
+//!
+//! - CIFAR-10 binary (`data_batch_1.bin`..`data_batch_5.bin`, `test_batch.bin`,
+//!   `batches.meta.txt`) or CIFAR-100 binary (`train.bin`, `test.bin`), as a folder or the
+//!   official `.tar.gz`;
+//! - MNIST / Fashion-MNIST IDX files (`*-images-idx3-ubyte`, `*-labels-idx1-ubyte`, raw or
+//!   `.gz`);
+//! - image folders `<root>/<class>/*.{jpg,jpeg,png}` (classes from sorted folder names, as
+//!   torchvision's `ImageFolder`), as a directory or a `.tar.gz` of one;
+//! - a folder holding `train` and `test` (folders or `.tar.gz` archives): a train/test pair.
+//!
+//! Readers check magic numbers, sizes and counts, and their errors name the file and say how
+//! to fix it.
+
+mod archive;
+mod cache;
+mod cifar;
+mod folder;
+mod idx;
+mod loader;
+mod transform;
+
+pub use cache::cache_dir;
+pub use folder::FolderOptions;
+pub use loader::{Batch, DataLoader, EpochIter, LoaderConfig};
+pub use transform::{Augment, Normalize, Transform};
+
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// Decoded 8-bit images with labels, all of one size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageDataset {
+    pixels: Vec<u8>,
+    labels: Vec<u32>,
+    shape: [usize; 3],
+    classes: Vec<String>,
+    /// Where the data came from (for messages).
+    pub source: String,
+    /// Unreadable files skipped while reading (image folders with `skip_bad_images`).
+    pub skipped: usize,
+}
+
+impl ImageDataset {
+    /// Builds a data set, checking that the sizes agree and every label names a class.
+    ///
+    /// ```
+    /// use convnet::data::ImageDataset;
+    /// let ds = ImageDataset::new(vec![0; 2 * 3 * 4 * 4], vec![0, 1], [3, 4, 4], vec!["a".into(), "b".into()], "memory")?;
+    /// assert_eq!(ds.len(), 2);
+    /// assert!(ImageDataset::new(vec![0; 48], vec![2], [3, 4, 4], vec!["a".into()], "memory").is_err());
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn new(
+        pixels: Vec<u8>,
+        labels: Vec<u32>,
+        shape: [usize; 3],
+        classes: Vec<String>,
+        source: impl Into<String>,
+    ) -> Result<Self> {
+        let source = source.into();
+        let per = shape.iter().product::<usize>();
+        if per == 0 || pixels.len() != labels.len() * per {
+            return Err(Error::Format {
+                path: PathBuf::from(&source),
+                msg: format!(
+                    "{} pixel bytes do not hold {} images of {:?}",
+                    pixels.len(),
+                    labels.len(),
+                    shape
+                ),
+            });
+        }
+        if let Some((i, &l)) = labels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l as usize >= classes.len())
+        {
+            return Err(Error::Format {
+                path: PathBuf::from(&source),
+                msg: format!(
+                    "label {l} of example {i} is out of range for {} classes",
+                    classes.len()
+                ),
+            });
+        }
+        Ok(ImageDataset {
+            pixels,
+            labels,
+            shape,
+            classes,
+            source,
+            skipped: 0,
+        })
+    }
+
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// True when there are no examples.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Image shape `[C, H, W]`.
+    pub fn image_shape(&self) -> [usize; 3] {
+        self.shape
+    }
+
+    /// Class names, index = label.
+    pub fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    /// Pixels of example `i`, `[C, H, W]` bytes.
+    pub fn image(&self, i: usize) -> &[u8] {
+        let per = self.shape.iter().product::<usize>();
+        &self.pixels[i * per..(i + 1) * per]
+    }
+
+    /// Label of example `i`.
+    pub fn label(&self, i: usize) -> usize {
+        self.labels[i] as usize
+    }
+
+    /// All labels.
+    pub fn labels(&self) -> &[u32] {
+        &self.labels
+    }
+
+    /// The examples at `indices`, in that order.
+    pub fn select(&self, indices: &[usize]) -> ImageDataset {
+        let mut pixels = Vec::with_capacity(indices.len() * self.image(0).len().max(1));
+        let mut labels = Vec::with_capacity(indices.len());
+        for &i in indices {
+            pixels.extend_from_slice(self.image(i));
+            labels.push(self.labels[i]);
+        }
+        ImageDataset {
+            pixels,
+            labels,
+            shape: self.shape,
+            classes: self.classes.clone(),
+            source: self.source.clone(),
+            skipped: self.skipped,
+        }
+    }
+
+    /// The first `n` examples (all if fewer).
+    pub fn take(&self, n: usize) -> ImageDataset {
+        let idx: Vec<usize> = (0..n.min(self.len())).collect();
+        self.select(&idx)
+    }
+
+    /// Splits off the last `n` examples: `(first len-n, last n)`.
+    pub fn split_tail(&self, n: usize) -> (ImageDataset, ImageDataset) {
+        let cut = self.len().saturating_sub(n);
+        let head: Vec<usize> = (0..cut).collect();
+        let tail: Vec<usize> = (cut..self.len()).collect();
+        (self.select(&head), self.select(&tail))
+    }
+
+    /// Splits off the last `fraction` of every class (for class-sorted image folders).
+    pub fn split_per_class(&self, fraction: f64) -> (ImageDataset, ImageDataset) {
+        let (mut head, mut tail) = (Vec::new(), Vec::new());
+        for c in 0..self.classes.len() {
+            let members: Vec<usize> = (0..self.len())
+                .filter(|&i| self.labels[i] as usize == c)
+                .collect();
+            let cut = members.len()
+                - ((members.len() as f64 * fraction).round() as usize).min(members.len());
+            head.extend_from_slice(&members[..cut]);
+            tail.extend_from_slice(&members[cut..]);
+        }
+        (self.select(&head), self.select(&tail))
+    }
+}
+
+/// What a data path holds: a train/test pair, or one set to be split by the caller.
+#[derive(Debug)]
+pub enum DataSplit {
+    /// Separate training and test sets.
+    Pair {
+        /// Training examples.
+        train: ImageDataset,
+        /// Test examples.
+        test: ImageDataset,
+    },
+    /// One set (e.g. only MNIST's `t10k` files); `sorted_by_class` says how to hold out data.
+    Single {
+        /// The examples.
+        data: ImageDataset,
+        /// True for image folders, whose order is class by class.
+        sorted_by_class: bool,
+    },
+}
+
+impl DataSplit {
+    /// Train and test sets; a single set is split, holding out `holdout` of it (the tail for
+    /// IDX data, the tail of each class for image folders).
+    pub fn into_train_test(self, holdout: f64) -> (ImageDataset, ImageDataset) {
+        match self {
+            DataSplit::Pair { train, test } => (train, test),
+            DataSplit::Single {
+                data,
+                sorted_by_class: true,
+            } => data.split_per_class(holdout),
+            DataSplit::Single {
+                data,
+                sorted_by_class: false,
+            } => {
+                let n = (data.len() as f64 * holdout).round() as usize;
+                data.split_tail(n)
+            }
+        }
+    }
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn format_err(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Format {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+/// Reads an image folder packed as a `.tar.gz` held in memory (e.g. a sample embedded in a
+/// binary); `name` identifies it in messages.
+pub fn image_folder_from_tar_gz_bytes(
+    name: &str,
+    bytes: &[u8],
+    opts: &FolderOptions,
+) -> Result<ImageDataset> {
+    let path = Path::new(name);
+    folder::from_archive(path, archive::read_tar_gz_from(bytes, path)?, opts)
+}
+
+/// Opens a data path of any supported layout (see the module docs).
+pub fn open(path: &Path, opts: &FolderOptions) -> Result<DataSplit> {
+    let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
+    if meta.is_file() {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.contains("idx") {
+            return idx::open_single(path);
+        }
+        if !(name.ends_with(".tar.gz") || name.ends_with(".tgz")) {
+            return Err(format_err(
+                path,
+                "not a data set: expected a folder, a .tar.gz archive, or an IDX file",
+            ));
+        }
+        let entries = archive::read_tar_gz(path)?;
+        if let Some(split) = cifar::from_archive(path, &entries)? {
+            return Ok(split);
+        }
+        let data = folder::from_archive(path, entries, opts)?;
+        return Ok(DataSplit::Single {
+            data,
+            sorted_by_class: true,
+        });
+    }
+    if let Some(split) = cifar::from_dir(path)? {
+        return Ok(split);
+    }
+    if let Some(split) = idx::from_dir(path)? {
+        return Ok(split);
+    }
+    let part = |name: &str| -> Option<PathBuf> {
+        [
+            path.join(name),
+            path.join(format!("{name}.tar.gz")),
+            path.join(format!("{name}.tgz")),
+        ]
+        .into_iter()
+        .find(|p| p.exists())
+    };
+    if let (Some(train), Some(test)) = (part("train"), part("test")) {
+        let train = folder::open(&train, opts)?;
+        let test = folder::open(&test, opts)?;
+        if train.image_shape() != test.image_shape() || train.classes() != test.classes() {
+            return Err(format_err(path, format!(
+                "train and test differ: train has {} classes of {:?} images, test has {} classes of {:?} images",
+                train.classes().len(), train.image_shape(), test.classes().len(), test.image_shape()
+            )));
+        }
+        return Ok(DataSplit::Pair { train, test });
+    }
+    Ok(DataSplit::Single {
+        data: folder::open(path, opts)?,
+        sorted_by_class: true,
+    })
+}
