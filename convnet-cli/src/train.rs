@@ -85,6 +85,9 @@ pub struct TrainArgs {
     /// Continue the run in this folder (its model.safetensors and train_state.safetensors).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Stop once this many epochs are complete, leaving the run to be continued with --resume.
+    #[arg(long)]
+    stop_after: Option<usize>,
     /// Use only the first N training images.
     #[arg(long)]
     limit_train: Option<usize>,
@@ -276,7 +279,8 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     let run_json = serde_json::to_string(&SavedRun::from_args(&a))?;
     let mut last = None;
     let mut train_ips = Vec::new();
-    while trainer.epoch() < a.epochs {
+    let stop_at = a.stop_after.map_or(a.epochs, |s| s.min(a.epochs));
+    while trainer.epoch() < stop_at {
         let epoch = trainer.epoch() + 1;
         let bar = ProgressBar::new(train_loader.num_batches() as u64);
         bar.set_style(
@@ -428,6 +432,7 @@ impl SavedRun {
             device: "cpu".into(),
             out: None,
             resume: None,
+            stop_after: None,
             limit_train: self.limit_train,
             limit_test: self.limit_test,
             holdout: self.holdout,

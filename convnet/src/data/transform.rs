@@ -104,7 +104,8 @@ impl Transform {
                 self.normalize.mean[ch % self.normalize.mean.len()],
                 self.normalize.std[ch % self.normalize.std.len()],
             );
-            let (scale, shift) = (1.0 / (255.0 * s), -m / s);
+            // torchvision's arithmetic, `(v / 255 - mean) / std`, tabulated for the 256 byte values.
+            let table: [f32; 256] = std::array::from_fn(|v| (v as f32 / 255.0 - m) / s);
             let src = &img[ch * h * w..(ch + 1) * h * w];
             let dst = &mut out[ch * h * w..(ch + 1) * h * w];
             for y in 0..h {
@@ -117,7 +118,7 @@ impl Transform {
                     } else {
                         0
                     };
-                    dst[y * w + x] = v as f32 * scale + shift;
+                    dst[y * w + x] = table[v as usize];
                 }
             }
         }

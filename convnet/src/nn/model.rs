@@ -125,7 +125,7 @@ impl Model {
         for (name, value) in entries {
             match own.iter().find(|(n, _)| n == name) {
                 Some((_, t)) => {
-                    if t.numel() != value.numel() {
+                    if t.dims() != value.dims() {
                         return Err(Error::State(format!(
                             "{name}: expected shape {}, got {}",
                             t.shape(),

@@ -1,0 +1,177 @@
+"""PyTorch twin of `convnet train`: the same models, recipe and data, for accuracy and speed
+comparisons. Dev-time only.
+
+    python tools/twin/train_twin.py --data PATH/cifar10-jpeg --model seed-cnn --epochs 10
+    python tools/twin/train_twin.py --data PATH/cifar10-jpeg --model resnet20 --epochs 30 \\
+        --lr 0.1 --nesterov --weight-decay 5e-4 --augment --schedule onecycle --batch-size 128
+
+Reads the image-folder archives (train.tar.gz, test.tar.gz) with PIL, normalises with the
+CIFAR-10 statistics, and prints one line per epoch and a final JSON line like convnet's.
+"""
+
+import argparse
+import io
+import json
+import math
+import os
+import tarfile
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+
+def read_folder_archive(path):
+    images, labels, classes = {}, [], None
+    with tarfile.open(path) as t:
+        for m in t:
+            parts = [p for p in m.name.split("/") if p not in ("", ".")]
+            if m.isfile() and len(parts) == 3 and parts[2].lower().endswith((".jpg", ".jpeg", ".png")):
+                images[(parts[1], parts[2])] = t.extractfile(m).read()
+    classes = sorted({c for c, _ in images})
+    keys = sorted(images)
+    x = np.stack([np.asarray(Image.open(io.BytesIO(images[k])).convert("RGB")) for k in keys])
+    y = np.array([classes.index(c) for c, _ in keys])
+    return x.transpose(0, 3, 1, 2).copy(), y, classes
+
+
+class SeedCNN(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.fc1 = nn.Linear(64 * 8 * 8, 128)
+        self.fc2 = nn.Linear(128, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+class Block(nn.Module):
+    def __init__(self, inp, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inp, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.pad = (planes - inp) // 2 if (stride != 1 or inp != planes) else None
+        self.stride = stride
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        short = x if self.pad is None else F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.pad, self.pad))
+        return F.relu(out + short)
+
+
+class ResNet20(nn.Module):
+    """Same state_dict names as convnet's resnet20."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        inp, layers = 16, []
+        for stage, planes in enumerate([16, 32, 64]):
+            blocks = []
+            for b in range(3):
+                blocks.append(Block(inp, planes, 2 if stage > 0 and b == 0 else 1))
+                inp = planes
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+MODELS = {"seed-cnn": SeedCNN, "resnet20": ResNet20}
+
+
+def augment(x, gen):
+    n = x.shape[0]
+    padded = F.pad(x, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (n,), generator=gen)
+    dx = torch.randint(0, 9, (n,), generator=gen)
+    out = torch.stack([padded[i, :, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32] for i in range(n)])
+    flip = torch.rand(n, generator=gen) < 0.5
+    out[flip] = out[flip].flip(3)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--model", default="seed-cnn")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument("--nesterov", action="store_true")
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--schedule", default="constant", choices=["constant", "cosine", "onecycle"])
+    ap.add_argument("--augment", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    t0 = time.time()
+    xtr, ytr, classes = read_folder_archive(os.path.join(args.data, "train.tar.gz"))
+    xte, yte, _ = read_folder_archive(os.path.join(args.data, "test.tar.gz"))
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+    norm = lambda a: ((torch.from_numpy(a).float() / 255.0) - mean) / std
+    xtr, xte = norm(xtr).to(dev), norm(xte).to(dev)
+    ytr, yte = torch.from_numpy(ytr).to(dev), torch.from_numpy(yte).to(dev)
+    print(f"data: {len(ytr)} train, {len(yte)} test, {time.time() - t0:.1f}s", flush=True)
+    model = MODELS[args.model]().to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay)
+    steps = math.ceil(len(ytr) / args.batch_size)
+    sched = None
+    if args.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * steps)
+    elif args.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps)
+    gen = torch.Generator().manual_seed(args.seed)
+    ips = []
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        perm = torch.randperm(len(ytr), generator=gen).to(dev)
+        t0, tot, correct, seen = time.time(), 0.0, 0, 0
+        for i in range(steps):
+            idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
+            x, y = xtr[idx], ytr[idx]
+            if args.augment:
+                x = augment(x.cpu(), gen).to(dev)
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if sched:
+                sched.step()
+            tot += loss.item() * len(y)
+            correct += (out.argmax(1) == y).sum().item()
+            seen += len(y)
+        secs = time.time() - t0
+        ips.append(seen / secs)
+        model.eval()
+        with torch.no_grad():
+            outs = torch.cat([model(xte[j : j + 500]) for j in range(0, len(yte), 500)])
+            tl, ta = F.cross_entropy(outs, yte).item(), (outs.argmax(1) == yte).float().mean().item()
+        print(f"epoch {epoch:3d}/{args.epochs} train loss {tot / seen:.4f} acc {100 * correct / seen:.2f}% test loss {tl:.4f} acc {100 * ta:.2f}% {secs:.1f}s ({seen / secs:.0f} img/s)", flush=True)
+    print(json.dumps(dict(framework="pytorch", model=args.model, test_accuracy=ta, test_loss=tl, epochs=args.epochs, train_images_per_sec=sum(ips) / len(ips))))
+
+
+if __name__ == "__main__":
+    main()
