@@ -50,7 +50,7 @@ pub struct EvalArgs {
     /// Fraction held out for testing when the data has no test split.
     #[arg(long, default_value_t = 0.2)]
     holdout: f64,
-    /// Use only the first N test images.
+    /// Use only N test images, spread evenly over the set.
     #[arg(long)]
     limit_test: Option<usize>,
     /// Compute threads (0 = all cores).
@@ -65,7 +65,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     set_threads(a.threads)?;
     let (_, mut test) = open_data(a.data.as_deref(), &FolderOptions::default(), a.holdout)?;
     if let Some(n) = a.limit_test {
-        test = test.take(n);
+        test = test.spread(n);
     }
     let loaded = load_model(&a.model.source(Some(test.classes().to_vec()))?)?;
     let (m, shape) = (&loaded.meta, test.image_shape());
@@ -111,7 +111,13 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         loader.dataset().len()
     );
     println!("loss {:.4}  accuracy {:.2}%\n", r.loss, 100.0 * r.accuracy);
-    let w = names.iter().map(String::len).max().unwrap_or(5).max(5);
+    let w = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{i} {n}").len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
     println!("{:<w$}  accuracy", "class");
     for (n, acc) in names.iter().zip(&r.per_class_accuracy) {
         println!("{n:<w$}  {:6.2}%", 100.0 * acc);

@@ -9,6 +9,11 @@ mod train;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+// Training allocates and frees large activation buffers every step; mimalloc keeps them
+// mapped instead of returning them to the kernel, avoiding a page fault per touched page.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Train, evaluate and inspect convolutional neural networks, offline, on the CPU.
 #[derive(Parser)]
 #[command(name = "convnet", version, about, propagate_version = true)]

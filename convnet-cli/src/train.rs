@@ -88,10 +88,10 @@ pub struct TrainArgs {
     /// Stop once this many epochs are complete, leaving the run to be continued with --resume.
     #[arg(long)]
     stop_after: Option<usize>,
-    /// Use only the first N training images.
+    /// Use only N training images, spread evenly over the set (keeps the class balance).
     #[arg(long)]
     limit_train: Option<usize>,
-    /// Use only the first N test images.
+    /// Use only N test images, spread evenly over the set.
     #[arg(long)]
     limit_test: Option<usize>,
     /// Fraction held out for testing when the data has no test split.
@@ -179,10 +179,10 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     };
     let (mut train_set, mut test_set) = open_data(a.data.as_deref(), &opts, a.holdout)?;
     if let Some(n) = a.limit_train {
-        train_set = train_set.take(n);
+        train_set = train_set.spread(n);
     }
     if let Some(n) = a.limit_test {
-        test_set = test_set.take(n);
+        test_set = test_set.spread(n);
     }
     for (name, ds) in [("training", &train_set), ("test", &test_set)] {
         if ds.skipped > 0 {

@@ -193,9 +193,12 @@ pub fn save_checkpoint(
     save_tensors(path, state, meta.to_map())
 }
 
+/// Named tensors in file order, as `state_dict()` gives them.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
 /// Reads every tensor of a safetensors file as `f32` (`f64`, `f16`, `bf16` and integer
 /// tensors are converted), with the file's metadata.
-pub fn load_tensors(path: &Path) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
+pub fn load_tensors(path: &Path) -> Result<(NamedTensors, HashMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::Io {
         path: path.to_path_buf(),
         source: e,
@@ -253,7 +256,7 @@ pub fn load_tensors(path: &Path) -> Result<(Vec<(String, Tensor)>, HashMap<Strin
 }
 
 /// Loads a checkpoint written by [`save_checkpoint`].
-pub fn load_checkpoint(path: &Path) -> Result<(Vec<(String, Tensor)>, CheckpointMeta)> {
+pub fn load_checkpoint(path: &Path) -> Result<(NamedTensors, CheckpointMeta)> {
     let (tensors, meta) = load_tensors(path)?;
     if meta.get("format").map(String::as_str) != Some("convnet-checkpoint") {
         return Err(Error::Format {

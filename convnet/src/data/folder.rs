@@ -35,6 +35,9 @@ fn is_image(name: &str) -> bool {
     lower.ends_with(".jpg") || lower.ends_with(".jpeg") || lower.ends_with(".png")
 }
 
+/// Planar pixels and their `[C, H, W]`.
+type Decoded = (Vec<u8>, [usize; 3]);
+
 /// One file to decode: where it is (for messages), its class, and how to get its bytes.
 struct Item {
     path: PathBuf,
@@ -86,7 +89,7 @@ fn decode_all(
     source: &Path,
     opts: &FolderOptions,
 ) -> Result<ImageDataset> {
-    let decoded: Vec<(PathBuf, usize, Result<Option<(Vec<u8>, [usize; 3])>>)> = items
+    let decoded: Vec<(PathBuf, usize, Result<Option<Decoded>>)> = items
         .into_par_iter()
         .map(|item| {
             let d = decode(&item.path, item.bytes, opts);

@@ -157,6 +157,21 @@ impl ImageDataset {
         self.select(&idx)
     }
 
+    /// `n` examples spread evenly over the set (all if fewer): a subset that keeps the class
+    /// balance of class-sorted data, unlike [`ImageDataset::take`].
+    ///
+    /// ```
+    /// use convnet::data::ImageDataset;
+    /// let ds = ImageDataset::new(vec![0; 6], vec![0, 0, 0, 1, 1, 1], [1, 1, 1], vec!["a".into(), "b".into()], "memory")?;
+    /// assert_eq!(ds.spread(2).labels(), &[0, 1]);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn spread(&self, n: usize) -> ImageDataset {
+        let n = n.min(self.len());
+        let idx: Vec<usize> = (0..n).map(|i| i * self.len() / n).collect();
+        self.select(&idx)
+    }
+
     /// Splits off the last `n` examples: `(first len-n, last n)`.
     pub fn split_tail(&self, n: usize) -> (ImageDataset, ImageDataset) {
         let cut = self.len().saturating_sub(n);
