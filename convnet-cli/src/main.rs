@@ -2,6 +2,7 @@
 //!
 //! Errors print their chain and exit with status 1; nothing a user types makes it panic.
 
+mod bench;
 mod common;
 mod eval;
 mod train;
@@ -34,6 +35,8 @@ enum Command {
     Summary(eval::SummaryArgs),
     /// List the built-in architectures.
     Models,
+    /// Time the training step (or inference) on synthetic data: images/s, GFLOP/s, peak RSS.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         Command::Predict(a) => eval::run_predict(a),
         Command::Summary(a) => eval::run_summary(a),
         Command::Models => eval::run_models(),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,151 @@
+//! `convnet bench`: images/s and GFLOP/s of the real training step (forward, loss,
+//! backward, optimizer) or of inference, on synthetic data of the model's input shape.
+
+use crate::common::{parse_shape, set_threads};
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use convnet::nn::{Mode, Model};
+use convnet::optim::{Optimizer, Sgd, SgdConfig};
+use convnet::{Reduction, Rng, Tensor};
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum BenchMode {
+    Train,
+    Infer,
+}
+
+/// Arguments of `convnet bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Architecture (see `convnet models`).
+    #[arg(long, default_value = "seed-cnn")]
+    model: String,
+    /// Images per step.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Compute threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// What to time.
+    #[arg(long, value_enum, default_value_t = BenchMode::Train)]
+    mode: BenchMode,
+    /// Input shape CxHxW.
+    #[arg(long, default_value = "3x32x32")]
+    input: String,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// Print one JSON object with the results as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Forward multiply-accumulates per image of every Conv2d and Linear layer, from the
+/// summary's output shapes; and those of the first layer (whose input gradient is not needed).
+pub fn forward_macs(model: &Model) -> (f64, f64) {
+    let params = model.named_parameters();
+    let mut total = 0f64;
+    let mut first = None;
+    for row in model.summary_rows() {
+        let Some((_, w)) = params
+            .iter()
+            .find(|(n, _)| *n == format!("{}.weight", row.name))
+        else {
+            continue;
+        };
+        let macs = match row.kind {
+            "Conv2d" => {
+                w.numel() as f64 * row.output_shape.dims()[2..].iter().product::<usize>() as f64
+            }
+            "Linear" => w.numel() as f64,
+            _ => continue,
+        };
+        first.get_or_insert(macs);
+        total += macs;
+    }
+    (total, first.unwrap_or(0.0))
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    if a.batch_size == 0 || a.steps == 0 {
+        bail!("--batch-size and --steps must be positive");
+    }
+    let shape = parse_shape(&a.input)?;
+    convnet::manual_seed(0);
+    let model = convnet::models::build(&a.model, shape, 10)?;
+    let mut rng = Rng::new(1);
+    let x = Tensor::randn([a.batch_size, shape[0], shape[1], shape[2]], &mut rng);
+    let y: Vec<usize> = (0..a.batch_size).map(|_| rng.below(10) as usize).collect();
+    let mut opt = Sgd::new(
+        model.named_parameters(),
+        SgdConfig {
+            lr: 0.01,
+            momentum: 0.9,
+            ..Default::default()
+        },
+    )?;
+    let mut times = Vec::with_capacity(a.steps);
+    for i in 0..a.warmup + a.steps {
+        let t0 = Instant::now();
+        match a.mode {
+            BenchMode::Train => {
+                let loss =
+                    model
+                        .forward(&x, Mode::Train)?
+                        .cross_entropy(&y, Reduction::Mean, 0.0)?;
+                let grads = loss.backward()?;
+                opt.step(&grads)?;
+            }
+            BenchMode::Infer => {
+                convnet::no_grad(|| model.forward(&x, Mode::Eval))?;
+            }
+        }
+        if i >= a.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let ips = a.batch_size as f64 / median;
+    let (macs, first) = forward_macs(&model);
+    let flops_per_image = match a.mode {
+        BenchMode::Train => 2.0 * (3.0 * macs - first),
+        BenchMode::Infer => 2.0 * macs,
+    };
+    let gflops = ips * flops_per_image / 1e9;
+    let rss = peak_rss_mib();
+    let threads = rayon::current_num_threads();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "framework": "convnet", "model": a.model, "mode": format!("{:?}", a.mode).to_lowercase(),
+                "batch_size": a.batch_size, "threads": threads, "step_ms": median * 1e3,
+                "images_per_sec": ips, "gflops": gflops, "peak_rss_mib": rss,
+                "mflop_per_image": flops_per_image / 1e6,
+            })
+        );
+    } else {
+        println!(
+            "{} {:?} batch {} on {threads} threads: {:.2} ms/step (median of {}), {:.0} images/s, {:.1} GFLOP/s ({:.1} MFLOP/image), peak RSS {:.0} MiB",
+            a.model, a.mode, a.batch_size, median * 1e3, a.steps, ips, gflops, flops_per_image / 1e6, rss
+        );
+    }
+    Ok(())
+}
