@@ -246,3 +246,73 @@ fn summary_and_models_describe_the_zoo() {
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("fc1 (Linear)") && s.contains("[1, 3136]"), "{s}");
 }
+
+#[test]
+fn a_state_dict_exported_from_pytorch_predicts_like_pytorch() {
+    // tools/fixtures/gen.py saved a PyTorch LeNet-5 state_dict and its logits on a probe image.
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../convnet/tests/fixtures");
+    let weights = fixtures.join("torch_lenet5_state_dict.safetensors");
+    let probe = std::fs::read(fixtures.join("torch_lenet5_probe.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&probe).unwrap();
+    let expected: Vec<f32> = st
+        .tensor("lenet5_probe/probs")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let dir = temp("torch-weights");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("probe.png");
+    image::RgbImage::from_fn(32, 32, |x, y| {
+        let px = |c: u32| ((7 * (c * 1024 + y * 32 + x)) % 256) as u8;
+        image::Rgb([px(0), px(1), px(2)])
+    })
+    .save(&img)
+    .unwrap();
+    let p = last_json(&convnet(&[
+        "predict",
+        "--model",
+        "lenet5",
+        "--weights",
+        weights.to_str().unwrap(),
+        img.to_str().unwrap(),
+        "--top-k",
+        "10",
+        "--json",
+    ]));
+    for t in p["predictions"][0]["top"].as_array().unwrap() {
+        let (i, prob) = (
+            t["index"].as_u64().unwrap() as usize,
+            t["probability"].as_f64().unwrap() as f32,
+        );
+        assert!(
+            (prob - expected[i]).abs() < 1e-5,
+            "class {i}: convnet {prob}, PyTorch {}",
+            expected[i]
+        );
+    }
+    // The same weights evaluate on the bundled sample (10 classes, 3x32x32).
+    let e = last_json(&convnet(&[
+        "eval",
+        "--model",
+        "lenet5",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--limit-test",
+        "200",
+        "--json",
+    ]));
+    assert!(e["accuracy"].as_f64().unwrap() >= 0.0);
+    // Weights for another architecture are refused with the reason.
+    fails_with(
+        &[
+            "eval",
+            "--model",
+            "seed-cnn",
+            "--weights",
+            weights.to_str().unwrap(),
+        ],
+        "is not a state_dict of seed-cnn",
+    );
+}
