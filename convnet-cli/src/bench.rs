@@ -39,9 +39,29 @@ pub struct BenchArgs {
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 30)]
     steps: usize,
+    /// Print a per-op breakdown of forward and backward time and GFLOP/s.
+    #[arg(long)]
+    profile: bool,
     /// Print one JSON object with the results as the last line of stdout.
     #[arg(long)]
     json: bool,
+}
+
+fn print_profile(steps: usize, step_secs: f64) {
+    let rows = convnet::profile::rows();
+    let per = |secs: f64| 1e3 * secs / steps as f64;
+    let gf = |flops: f64, secs: f64| if flops > 0.0 && secs > 0.0 { format!("{:8.1}", flops / secs / 1e9) } else { format!("{:>8}", "-") };
+    println!("\n{:<72} {:>9} {:>9} {:>8} {:>8} {:>6}", "op (shape)", "fwd ms", "bwd ms", "fwd GF/s", "bwd GF/s", "share");
+    let mut total = 0.0;
+    for r in &rows {
+        let t = per(r.forward_secs) + per(r.backward_secs);
+        total += t;
+        println!(
+            "{:<72} {:>9.3} {:>9.3} {} {} {:>5.1}%",
+            r.key, per(r.forward_secs), per(r.backward_secs), gf(r.forward_flops, r.forward_secs), gf(r.backward_flops, r.backward_secs), 100.0 * t / (1e3 * step_secs)
+        );
+    }
+    println!("{:<72} {:>19.3} ms/step in ops; {:.3} ms/step elsewhere (optimizer, graph, allocation)", "total", total, 1e3 * step_secs - total);
 }
 
 /// Forward multiply-accumulates per image of every Conv2d and Linear layer, from the
@@ -102,6 +122,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     )?;
     let mut times = Vec::with_capacity(a.steps);
     for i in 0..a.warmup + a.steps {
+        if a.profile && i == a.warmup {
+            convnet::profile::enable(true);
+        }
         let t0 = Instant::now();
         match a.mode {
             BenchMode::Train => {
@@ -120,6 +143,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
+    convnet::profile::enable(false);
+    let mean_step = times.iter().sum::<f64>() / times.len() as f64;
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let ips = a.batch_size as f64 / median;
@@ -131,6 +156,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let gflops = ips * flops_per_image / 1e9;
     let rss = peak_rss_mib();
     let threads = rayon::current_num_threads();
+    if a.profile {
+        print_profile(a.steps, mean_step);
+    }
     if a.json {
         println!(
             "{}",

@@ -36,6 +36,7 @@ pub mod error;
 pub mod models;
 pub mod nn;
 pub mod optim;
+pub mod profile;
 pub mod rng;
 pub mod shape;
 pub mod storage;

@@ -180,6 +180,42 @@ impl Op {
         }
     }
 
+    /// Op name and input shape, the key of profile rows (the forward uses the same key).
+    pub(crate) fn profile_key(&self) -> String {
+        let first = |name: &str, t: &Tensor| format!("{name} {}", t.shape());
+        match self {
+            Op::Conv2d { geom, .. } => geom.describe(),
+            Op::Linear { input, weight, .. } => format!("linear {} w{}", input.shape(), weight.shape()),
+            Op::Matmul { a, b } => format!("matmul {} {}", a.shape(), b.shape()),
+            Op::MaxPool2d { input, .. } => first("max_pool2d", input),
+            Op::AvgPool2d { input, .. } => first("avg_pool2d", input),
+            Op::AdaptiveAvgPool2d { input, .. } => first("adaptive_avg_pool2d", input),
+            Op::Binary { kind, lhs, .. } => first(&format!("{kind:?}").to_lowercase(), lhs),
+            Op::Affine { input, .. } => first("affine", input),
+            Op::Activation { act, input } => first(&act.name().to_lowercase(), input),
+            Op::Softmax { input, log, .. } => first(if *log { "log_softmax" } else { "softmax" }, input),
+            Op::CrossEntropy { logits, .. } => first("cross_entropy", logits),
+            Op::NllLoss { input, .. } => first("nll_loss", input),
+            Op::MseLoss { input, .. } => first("mse_loss", input),
+            Op::Dropout { input, .. } => first("dropout", input),
+            Op::BatchNorm2d { input, .. } => first("batch_norm2d", input),
+            Op::Reshape { input } => first("reshape", input),
+            Op::Permute { input, .. } => first("permute", input),
+            Op::Concat { inputs, .. } => first("concat", &inputs[0]),
+            Op::Sum { input, .. } => first("sum", input),
+            Op::SubsamplePadChannels { input, .. } => first("subsample_pad_channels", input),
+        }
+    }
+
+    /// Floating-point operations of the backward kernels (conv and linear only).
+    pub(crate) fn backward_flops(&self) -> f64 {
+        match self {
+            Op::Conv2d { input, geom, .. } => 2.0 * geom.macs() as f64 * if input.tracks_grad() { 2.0 } else { 1.0 },
+            Op::Linear { input, weight, .. } => 2.0 * (input.numel() * weight.dims()[0]) as f64 * if input.tracks_grad() { 2.0 } else { 1.0 },
+            _ => 0.0,
+        }
+    }
+
     /// Gradients of the inputs that track one, given `g` = d(loss)/d(out).
     pub(crate) fn backward(&self, out: &Tensor, g: &[f32]) -> Result<Vec<(Tensor, Vec<f32>)>> {
         let mut grads = Vec::new();

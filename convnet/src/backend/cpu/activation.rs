@@ -104,8 +104,17 @@ impl Activation {
     }
 }
 
-/// `y = f(x)` elementwise.
+/// `y = f(x)` elementwise (ReLU gets a branch-free loop of its own).
 pub fn forward(act: Activation, x: &[f32], y: &mut [f32]) {
+    if act == Activation::Relu {
+        let body = |yc: &mut [f32], xc: &[f32]| yc.iter_mut().zip(xc).for_each(|(o, &i)| *o = if i > 0.0 || i.is_nan() { i } else { 0.0 });
+        if x.len() >= PAR_MIN_ELEMS {
+            y.par_chunks_mut(PAR_MIN_ELEMS / 4).zip(x.par_chunks(PAR_MIN_ELEMS / 4)).for_each(|(yc, xc)| body(yc, xc));
+        } else {
+            body(y, x);
+        }
+        return;
+    }
     if x.len() >= PAR_MIN_ELEMS {
         y.par_chunks_mut(PAR_MIN_ELEMS / 4)
             .zip(x.par_chunks(PAR_MIN_ELEMS / 4))
@@ -115,11 +124,25 @@ pub fn forward(act: Activation, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// `dx = dy * f'(x)` elementwise.
+/// `dx = dy * f'(x)` elementwise (ReLU gets a branch-free loop of its own).
 pub fn backward(act: Activation, x: &[f32], y: &[f32], dy: &[f32], dx: &mut [f32]) {
+    if act == Activation::Relu {
+        let body = |dxc: &mut [f32], yc: &[f32], dyc: &[f32]| {
+            for ((d, &y), &g) in dxc.iter_mut().zip(yc).zip(dyc) {
+                *d = if y > 0.0 { g } else { 0.0 };
+            }
+        };
+        if x.len() >= PAR_MIN_ELEMS {
+            let c = PAR_MIN_ELEMS / 4;
+            dx.par_chunks_mut(c).zip(y.par_chunks(c)).zip(dy.par_chunks(c)).for_each(|((dxc, yc), dyc)| body(dxc, yc, dyc));
+        } else {
+            body(dx, y, dy);
+        }
+        return;
+    }
     let body = |dxc: &mut [f32], xc: &[f32], yc: &[f32], dyc: &[f32]| {
-        for i in 0..dxc.len() {
-            dxc[i] = dyc[i] * act.derivative(xc[i], yc[i]);
+        for (((d, &x), &y), &g) in dxc.iter_mut().zip(xc).zip(yc).zip(dyc) {
+            *d = g * act.derivative(x, y);
         }
     };
     if x.len() >= PAR_MIN_ELEMS {

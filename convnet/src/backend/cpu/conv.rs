@@ -88,6 +88,14 @@ impl ConvGeom {
             kh * self.dilation.0,
         )
     }
+    /// A short description for profiles: `conv2d [N, C, H, W] w[K, CG, KH, KW] s.. p.. d.. g..`.
+    pub fn describe(&self) -> String {
+        format!(
+            "conv2d [{}, {}, {}, {}] w[{}, {}, {}, {}] s{:?} p{:?} d{:?} g{}",
+            self.n, self.c, self.h, self.w, self.k, self.cg(), self.kh, self.kw, self.stride, self.padding, self.dilation, self.groups
+        )
+    }
+
     /// Multiply-accumulates of the forward pass (for FLOP counts).
     pub fn macs(&self) -> usize {
         self.n * self.k * self.out_plane() * self.col_rows()
@@ -233,7 +241,56 @@ pub fn conv2d_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, 
 }
 
 /// `dx = conv2d_input_grad(dy, w)`: the gradient with respect to the input.
+///
+/// With stride 1 this is itself a convolution: `dy` correlated with the kernel flipped in
+/// space and transposed in channels, padded by `dilation*(KH-1) - padding`. That form runs
+/// through the forward kernel, whose products are as large as the forward pass's, instead of
+/// `W^T @ dY` products with an inner dimension of only KG (16 in a ResNet's first stage).
 pub fn conv2d_backward_input(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32]) {
+    let span = |k: usize, d: usize| d * (k - 1);
+    if g.stride == (1, 1) && g.padding.0 <= span(g.kh, g.dilation.0) && g.padding.1 <= span(g.kw, g.dilation.1) && !g.is_pointwise() {
+        let flipped = flip_transpose(w, g);
+        let tg = ConvGeom {
+            n: g.n,
+            c: g.k,
+            h: g.oh,
+            w: g.ow,
+            k: g.c,
+            kh: g.kh,
+            kw: g.kw,
+            oh: g.h,
+            ow: g.w,
+            stride: (1, 1),
+            padding: (span(g.kh, g.dilation.0) - g.padding.0, span(g.kw, g.dilation.1) - g.padding.1),
+            dilation: g.dilation,
+            groups: g.groups,
+        };
+        conv2d_forward(dy, &flipped, None, &tg, dx);
+        return;
+    }
+    conv2d_backward_input_col2im(dy, w, g, dx);
+}
+
+/// `w [K, CG, KH, KW]` -> `w' [C, KG, KH, KW]` with `w'[g*CG + c, k, i, j] = w[g*KG + k, c, KH-1-i, KW-1-j]`.
+fn flip_transpose(w: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let (cg, kg, kk) = (g.cg(), g.kg(), g.kh * g.kw);
+    let mut out = vec![0f32; w.len()];
+    for grp in 0..g.groups {
+        for k in 0..kg {
+            for c in 0..cg {
+                let src = &w[((grp * kg + k) * cg + c) * kk..((grp * kg + k) * cg + c + 1) * kk];
+                let dst = &mut out[((grp * cg + c) * kg + k) * kk..((grp * cg + c) * kg + k + 1) * kk];
+                for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                    *d = *s;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The general input gradient: `dcol = W^T @ dY` per image and group, then col2im.
+pub fn conv2d_backward_input_col2im(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32]) {
     let (cg, kg, rows, ohw) = (g.cg(), g.kg(), g.col_rows(), g.out_plane());
     let par = inner_par(g);
     let pointwise = g.is_pointwise();
@@ -263,11 +320,16 @@ pub fn conv2d_backward_input(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32]
 
 /// `dw = conv2d_weight_grad(x, dy)`: the gradient with respect to the weight, summed over the
 /// batch. Each rayon split accumulates its own partial sum; the partials are then added.
+///
+/// The products are formed transposed, `dW_g^T [CG*KH*KW, KG] += col @ dY_g^T`, into a
+/// row-major buffer: measured with the `gemm` crate at ResNet shapes (KG = 16, OH*OW = 1024)
+/// this orientation runs about 6x faster than `dY_g @ col^T`. The result is transposed once.
 pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
     let (cg, kg, rows, ohw) = (g.cg(), g.kg(), g.col_rows(), g.out_plane());
     let w_len = g.k * rows;
     let pointwise = g.is_pointwise();
     let col_len = if pointwise { 0 } else { rows * ohw };
+    // acc holds, per group, dW_g^T as a row-major [rows, kg] block.
     let per_image = |acc: &mut [f32], col: &mut Vec<f32>, n: usize, par: Par| {
         let x_img = &x[n * g.in_image()..(n + 1) * g.in_image()];
         let dy_img = &dy[n * g.out_image()..(n + 1) * g.out_image()];
@@ -279,43 +341,47 @@ pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32
                 im2col(x_grp, g, col);
                 col
             };
-            let dy_grp = MatRef::row_major(&dy_img[grp * kg * ohw..(grp + 1) * kg * ohw], kg, ohw);
-            let col_t = MatRef::row_major(col_ref, rows, ohw).t();
-            matmul(
-                &mut acc[grp * kg * rows..(grp + 1) * kg * rows],
-                dy_grp,
-                col_t,
-                true,
-                par,
-            );
+            let dy_t = MatRef::row_major(&dy_img[grp * kg * ohw..(grp + 1) * kg * ohw], kg, ohw).t();
+            matmul(&mut acc[grp * kg * rows..(grp + 1) * kg * rows], MatRef::row_major(col_ref, rows, ohw), dy_t, true, par);
         }
     };
     let threads = rayon::current_num_threads();
-    if g.n < threads * 2 {
-        dw.fill(0.0);
+    let mut acc = if g.n < threads * 2 {
+        let mut acc = vec![0f32; w_len];
         let mut col = vec![0f32; col_len];
         for n in 0..g.n {
-            per_image(dw, &mut col, n, Par::Rayon);
+            per_image(&mut acc, &mut col, n, Par::Rayon);
         }
-        return;
-    }
-    let chunk = g.n.div_ceil(threads);
-    let partials: Vec<Vec<f32>> = (0..g.n)
-        .into_par_iter()
-        .chunks(chunk)
-        .map(|images| {
-            let mut acc = vec![0f32; w_len];
-            let mut col = vec![0f32; col_len];
-            for n in images {
-                per_image(&mut acc, &mut col, n, Par::Seq);
+        acc
+    } else {
+        let chunk = g.n.div_ceil(threads);
+        let partials: Vec<Vec<f32>> = (0..g.n)
+            .into_par_iter()
+            .chunks(chunk)
+            .map(|images| {
+                let mut acc = vec![0f32; w_len];
+                let mut col = vec![0f32; col_len];
+                for n in images {
+                    per_image(&mut acc, &mut col, n, Par::Seq);
+                }
+                acc
+            })
+            .collect();
+        let mut it = partials.into_iter();
+        let mut first = it.next().unwrap_or_else(|| vec![0f32; w_len]);
+        for p in it {
+            first.iter_mut().zip(&p).for_each(|(d, s)| *d += s);
+        }
+        first
+    };
+    // [rows, kg] -> [kg, rows] per group.
+    for grp in 0..g.groups {
+        let block = &mut acc[grp * kg * rows..(grp + 1) * kg * rows];
+        let out = &mut dw[grp * kg * rows..(grp + 1) * kg * rows];
+        for r in 0..rows {
+            for k in 0..kg {
+                out[k * rows + r] = block[r * kg + k];
             }
-            acc
-        })
-        .collect();
-    dw.copy_from_slice(&partials[0]);
-    for p in &partials[1..] {
-        for (d, s) in dw.iter_mut().zip(p) {
-            *d += s;
         }
     }
 }
@@ -436,6 +502,9 @@ mod tests {
             geom(5, 4, 6, 5, 7, 1, 1, (1, 1), (0, 0), (1, 1), 1),
             geom(4, 3, 6, 7, 2, 1, 1, (2, 2), (1, 0), (1, 1), 1),
             geom(1, 2, 4, 4, 3, 5, 5, (3, 3), (2, 2), (1, 1), 1),
+            geom(3, 6, 7, 8, 4, 3, 2, (1, 1), (1, 0), (2, 1), 2),
+            geom(2, 4, 9, 9, 4, 3, 3, (1, 1), (1, 1), (1, 1), 4),
+            geom(2, 3, 6, 5, 2, 3, 3, (1, 1), (0, 2), (1, 1), 1),
         ];
         let mut rng = Rng::new(3);
         for g in cases {
@@ -451,6 +520,9 @@ mod tests {
             let mut dx = vec![7.0; x.len()];
             conv2d_backward_input(&dy, &w, &g, &mut dx);
             close(&dx, &dx_ref, &format!("{g:?} dx"));
+            let mut dx = vec![7.0; x.len()];
+            conv2d_backward_input_col2im(&dy, &w, &g, &mut dx);
+            close(&dx, &dx_ref, &format!("{g:?} dx (col2im)"));
             let mut dw = vec![7.0; w.len()];
             conv2d_backward_weight(&x, &dy, &g, &mut dw);
             close(&dw, &dw_ref, &format!("{g:?} dw"));

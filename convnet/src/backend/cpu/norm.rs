@@ -7,6 +7,26 @@
 
 use rayon::prelude::*;
 
+/// `sum(f(x))` over a slice: 16 float32 lanes (vectorised; each lane adds only len/16 terms),
+/// combined in float64.
+#[inline]
+fn lane_sum(xs: &[f32], f: impl Fn(usize, f32) -> f32) -> f64 {
+    let mut acc = [0f32; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail = chunks.remainder();
+    for (ci, c) in chunks.enumerate() {
+        for i in 0..16 {
+            acc[i] += f(ci * 16 + i, c[i]);
+        }
+    }
+    let base = xs.len() - tail.len();
+    let mut s: f64 = acc.iter().map(|&v| v as f64).sum();
+    for (i, &v) in tail.iter().enumerate() {
+        s += f(base + i, v) as f64;
+    }
+    s
+}
+
 /// Per-channel batch statistics: `(mean, biased variance)` over N, H and W.
 pub fn batch_stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
     (0..c)
@@ -80,15 +100,14 @@ pub fn backward(
         .into_par_iter()
         .map(|ch| {
             let (mut sdy, mut sdyx) = (0f64, 0f64);
-            let (m, is) = (mean[ch] as f64, invstd[ch] as f64);
+            let m = mean[ch];
             for b in 0..n {
                 let r = (b * c + ch) * hw..(b * c + ch + 1) * hw;
-                for (&g, &v) in dy[r.clone()].iter().zip(&x[r]) {
-                    sdy += g as f64;
-                    sdyx += g as f64 * (v as f64 - m) * is;
-                }
+                let (gp, xp) = (&dy[r.clone()], &x[r]);
+                sdy += lane_sum(gp, |_, g| g);
+                sdyx += lane_sum(gp, |i, g| g * (xp[i] - m));
             }
-            (sdy, sdyx)
+            (sdy, sdyx * invstd[ch] as f64)
         })
         .collect();
     let dbias: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
@@ -102,15 +121,19 @@ pub fn backward(
             let w = weight.map_or(1.0, |w| w[ch] as f64);
             let r = plane * hw..(plane + 1) * hw;
             if training {
+                // dx = k * (count*g - sdy - xhat*sdyx) with xhat = (x - m)*is, folded into
+                // dx = a*g + b*x + c0 so the loop is three float32 operations per element.
                 let (sdy, sdyx) = sums[ch];
                 let k = w * is / count;
+                let (a, b) = ((k * count) as f32, (-k * sdyx * is) as f32);
+                let c0 = (-k * sdy + k * sdyx * is * m) as f32;
                 for ((o, &g), &v) in dxp.iter_mut().zip(&dy[r.clone()]).zip(&x[r]) {
-                    let xhat = (v as f64 - m) * is;
-                    *o = (k * (count * g as f64 - sdy - xhat * sdyx)) as f32;
+                    *o = a * g + b * v + c0;
                 }
             } else {
+                let a = (w * is) as f32;
                 for (o, &g) in dxp.iter_mut().zip(&dy[r]) {
-                    *o = (g as f64 * w * is) as f32;
+                    *o = g * a;
                 }
             }
         });
