@@ -50,18 +50,37 @@ pub struct BenchArgs {
 fn print_profile(steps: usize, step_secs: f64) {
     let rows = convnet::profile::rows();
     let per = |secs: f64| 1e3 * secs / steps as f64;
-    let gf = |flops: f64, secs: f64| if flops > 0.0 && secs > 0.0 { format!("{:8.1}", flops / secs / 1e9) } else { format!("{:>8}", "-") };
-    println!("\n{:<72} {:>9} {:>9} {:>8} {:>8} {:>6}", "op (shape)", "fwd ms", "bwd ms", "fwd GF/s", "bwd GF/s", "share");
+    let gf = |flops: f64, secs: f64| {
+        if flops > 0.0 && secs > 0.0 {
+            format!("{:8.1}", flops / secs / 1e9)
+        } else {
+            format!("{:>8}", "-")
+        }
+    };
+    println!(
+        "\n{:<72} {:>9} {:>9} {:>8} {:>8} {:>6}",
+        "op (shape)", "fwd ms", "bwd ms", "fwd GF/s", "bwd GF/s", "share"
+    );
     let mut total = 0.0;
     for r in &rows {
         let t = per(r.forward_secs) + per(r.backward_secs);
         total += t;
         println!(
             "{:<72} {:>9.3} {:>9.3} {} {} {:>5.1}%",
-            r.key, per(r.forward_secs), per(r.backward_secs), gf(r.forward_flops, r.forward_secs), gf(r.backward_flops, r.backward_secs), 100.0 * t / (1e3 * step_secs)
+            r.key,
+            per(r.forward_secs),
+            per(r.backward_secs),
+            gf(r.forward_flops, r.forward_secs),
+            gf(r.backward_flops, r.backward_secs),
+            100.0 * t / (1e3 * step_secs)
         );
     }
-    println!("{:<72} {:>19.3} ms/step in ops; {:.3} ms/step elsewhere (optimizer, graph, allocation)", "total", total, 1e3 * step_secs - total);
+    println!(
+        "{:<72} {:>19.3} ms/step in ops; {:.3} ms/step elsewhere (optimizer, graph, allocation)",
+        "total",
+        total,
+        1e3 * step_secs - total
+    );
 }
 
 /// Forward multiply-accumulates per image of every Conv2d and Linear layer, from the

@@ -45,13 +45,23 @@ pub fn is_enabled() -> bool {
 /// The rows collected so far, slowest first.
 pub fn rows() -> Vec<ProfileRow> {
     let guard = ROWS.lock().unwrap_or_else(|e| e.into_inner());
-    let mut v: Vec<ProfileRow> = guard.as_ref().map(|m| m.values().cloned().collect()).unwrap_or_default();
-    v.sort_by(|a, b| (b.forward_secs + b.backward_secs).total_cmp(&(a.forward_secs + a.backward_secs)));
+    let mut v: Vec<ProfileRow> = guard
+        .as_ref()
+        .map(|m| m.values().cloned().collect())
+        .unwrap_or_default();
+    v.sort_by(|a, b| {
+        (b.forward_secs + b.backward_secs).total_cmp(&(a.forward_secs + a.backward_secs))
+    });
     v
 }
 
 /// Runs `f`, charging its time to `key()` (computed only when profiling).
-pub(crate) fn timed<R>(backward: bool, key: impl FnOnce() -> String, flops: impl FnOnce() -> f64, f: impl FnOnce() -> R) -> R {
+pub(crate) fn timed<R>(
+    backward: bool,
+    key: impl FnOnce() -> String,
+    flops: impl FnOnce() -> f64,
+    f: impl FnOnce() -> R,
+) -> R {
     if !is_enabled() {
         return f();
     }
@@ -60,7 +70,13 @@ pub(crate) fn timed<R>(backward: bool, key: impl FnOnce() -> String, flops: impl
     let secs = t0.elapsed().as_secs_f64();
     let (key, flops) = (key(), flops());
     let mut guard = ROWS.lock().unwrap_or_else(|e| e.into_inner());
-    let row = guard.get_or_insert_with(HashMap::new).entry(key.clone()).or_insert_with(|| ProfileRow { key, ..Default::default() });
+    let row = guard
+        .get_or_insert_with(HashMap::new)
+        .entry(key.clone())
+        .or_insert_with(|| ProfileRow {
+            key,
+            ..Default::default()
+        });
     if backward {
         row.backward_calls += 1;
         row.backward_secs += secs;

@@ -156,7 +156,12 @@ pub(crate) fn backward(root: &Tensor, grad: Option<&Tensor>) -> Result<GradStore
                 store.grads.insert(node.id(), t);
             }
             Some(op) => {
-                let input_grads = crate::profile::timed(true, || op.profile_key(), || op.backward_flops(), || op.backward(&node, &g))?;
+                let input_grads = crate::profile::timed(
+                    true,
+                    || op.profile_key(),
+                    || op.backward_flops(),
+                    || op.backward(&node, &g),
+                )?;
                 for (input, gi) in input_grads {
                     debug_assert_eq!(gi.len(), input.numel());
                     match pending.get_mut(&input.id()) {

@@ -185,7 +185,9 @@ impl Op {
         let first = |name: &str, t: &Tensor| format!("{name} {}", t.shape());
         match self {
             Op::Conv2d { geom, .. } => geom.describe(),
-            Op::Linear { input, weight, .. } => format!("linear {} w{}", input.shape(), weight.shape()),
+            Op::Linear { input, weight, .. } => {
+                format!("linear {} w{}", input.shape(), weight.shape())
+            }
             Op::Matmul { a, b } => format!("matmul {} {}", a.shape(), b.shape()),
             Op::MaxPool2d { input, .. } => first("max_pool2d", input),
             Op::AvgPool2d { input, .. } => first("avg_pool2d", input),
@@ -193,7 +195,9 @@ impl Op {
             Op::Binary { kind, lhs, .. } => first(&format!("{kind:?}").to_lowercase(), lhs),
             Op::Affine { input, .. } => first("affine", input),
             Op::Activation { act, input } => first(&act.name().to_lowercase(), input),
-            Op::Softmax { input, log, .. } => first(if *log { "log_softmax" } else { "softmax" }, input),
+            Op::Softmax { input, log, .. } => {
+                first(if *log { "log_softmax" } else { "softmax" }, input)
+            }
             Op::CrossEntropy { logits, .. } => first("cross_entropy", logits),
             Op::NllLoss { input, .. } => first("nll_loss", input),
             Op::MseLoss { input, .. } => first("mse_loss", input),
@@ -210,8 +214,13 @@ impl Op {
     /// Floating-point operations of the backward kernels (conv and linear only).
     pub(crate) fn backward_flops(&self) -> f64 {
         match self {
-            Op::Conv2d { input, geom, .. } => 2.0 * geom.macs() as f64 * if input.tracks_grad() { 2.0 } else { 1.0 },
-            Op::Linear { input, weight, .. } => 2.0 * (input.numel() * weight.dims()[0]) as f64 * if input.tracks_grad() { 2.0 } else { 1.0 },
+            Op::Conv2d { input, geom, .. } => {
+                2.0 * geom.macs() as f64 * if input.tracks_grad() { 2.0 } else { 1.0 }
+            }
+            Op::Linear { input, weight, .. } => {
+                2.0 * (input.numel() * weight.dims()[0]) as f64
+                    * if input.tracks_grad() { 2.0 } else { 1.0 }
+            }
             _ => 0.0,
         }
     }

@@ -176,14 +176,21 @@ impl Tensor {
             }
         }
         let mut y = vec![0f32; geom.n * geom.k * geom.oh * geom.ow];
-        crate::profile::timed(false, || geom.describe(), || 2.0 * geom.macs() as f64, || {
-            self.with_data(|x| {
-                weight.with_data(|w| match bias {
-                    Some(b) => b.with_data(|bv| conv::conv2d_forward(x, w, Some(bv), &geom, &mut y)),
-                    None => conv::conv2d_forward(x, w, None, &geom, &mut y),
+        crate::profile::timed(
+            false,
+            || geom.describe(),
+            || 2.0 * geom.macs() as f64,
+            || {
+                self.with_data(|x| {
+                    weight.with_data(|w| match bias {
+                        Some(b) => {
+                            b.with_data(|bv| conv::conv2d_forward(x, w, Some(bv), &geom, &mut y))
+                        }
+                        None => conv::conv2d_forward(x, w, None, &geom, &mut y),
+                    })
                 })
-            })
-        });
+            },
+        );
         let mut inputs = vec![self, weight];
         inputs.extend(bias);
         let op = record(&inputs, || Op::Conv2d {

@@ -109,48 +109,53 @@ impl Tensor {
         reduction: Reduction,
         label_smoothing: f32,
     ) -> Result<Tensor> {
-        crate::profile::timed(false, || format!("cross_entropy {}", self.shape()), || 0.0, || -> Result<Tensor> {
-            let (n, c) = check_targets("cross_entropy", self, targets)?;
-            if !(0.0..=1.0).contains(&label_smoothing) {
-                return Err(invalid(
-                    "cross_entropy",
-                    format!("label_smoothing must be in [0, 1], got {label_smoothing}"),
-                ));
-            }
-            if n == 0 {
-                return Err(invalid("cross_entropy", "empty batch"));
-            }
-            let mut probs = vec![0f32; n * c];
-            let mut per_row = vec![0f32; if reduction == Reduction::None { n } else { 0 }];
-            let total = self.with_data(|x| {
-                if reduction == Reduction::None {
-                    let mut t = 0.0;
-                    for (i, row_loss) in per_row.iter_mut().enumerate() {
-                        let l = loss::cross_entropy_forward(
-                            &x[i * c..(i + 1) * c],
-                            &targets[i..=i],
-                            c,
-                            label_smoothing,
-                            &mut probs[i * c..(i + 1) * c],
-                        );
-                        *row_loss = l as f32;
-                        t += l;
-                    }
-                    t
-                } else {
-                    loss::cross_entropy_forward(x, targets, c, label_smoothing, &mut probs)
+        crate::profile::timed(
+            false,
+            || format!("cross_entropy {}", self.shape()),
+            || 0.0,
+            || -> Result<Tensor> {
+                let (n, c) = check_targets("cross_entropy", self, targets)?;
+                if !(0.0..=1.0).contains(&label_smoothing) {
+                    return Err(invalid(
+                        "cross_entropy",
+                        format!("label_smoothing must be in [0, 1], got {label_smoothing}"),
+                    ));
                 }
-            });
-            let (data, shape, divisor) = reduce_rows(total, per_row, n, reduction);
-            let op = record(&[self], || Op::CrossEntropy {
-                logits: self.clone(),
-                targets: targets.to_vec(),
-                probs,
-                smoothing: label_smoothing,
-                divisor,
-            });
-            Ok(Tensor::from_parts(data, shape, op))
-        })
+                if n == 0 {
+                    return Err(invalid("cross_entropy", "empty batch"));
+                }
+                let mut probs = vec![0f32; n * c];
+                let mut per_row = vec![0f32; if reduction == Reduction::None { n } else { 0 }];
+                let total = self.with_data(|x| {
+                    if reduction == Reduction::None {
+                        let mut t = 0.0;
+                        for (i, row_loss) in per_row.iter_mut().enumerate() {
+                            let l = loss::cross_entropy_forward(
+                                &x[i * c..(i + 1) * c],
+                                &targets[i..=i],
+                                c,
+                                label_smoothing,
+                                &mut probs[i * c..(i + 1) * c],
+                            );
+                            *row_loss = l as f32;
+                            t += l;
+                        }
+                        t
+                    } else {
+                        loss::cross_entropy_forward(x, targets, c, label_smoothing, &mut probs)
+                    }
+                });
+                let (data, shape, divisor) = reduce_rows(total, per_row, n, reduction);
+                let op = record(&[self], || Op::CrossEntropy {
+                    logits: self.clone(),
+                    targets: targets.to_vec(),
+                    probs,
+                    smoothing: label_smoothing,
+                    divisor,
+                });
+                Ok(Tensor::from_parts(data, shape, op))
+            },
+        )
     }
 
     /// Negative log-likelihood of log-probabilities `[N, C]`, like `F.nll_loss`.

@@ -23,95 +23,100 @@ impl Tensor {
         momentum: f32,
         eps: f32,
     ) -> Result<Tensor> {
-        crate::profile::timed(false, || format!("batch_norm2d {}", self.shape()), || 0.0, || -> Result<Tensor> {
-            let op_name = "batch_norm2d";
-            self.expect_rank(op_name, 4, "[N, C, H, W]")?;
-            let d = self.dims();
-            let (n, c, hw) = (d[0], d[1], d[2] * d[3]);
-            for (what, t) in [
-                ("running_mean", Some(running_mean)),
-                ("running_var", Some(running_var)),
-                ("weight", weight),
-                ("bias", bias),
-            ] {
-                if let Some(t) = t {
-                    if t.dims() != [c] {
-                        return Err(shape_mismatch(
-                            op_name,
-                            format!("{what} [{c}]"),
-                            format!("{what} {}", t.shape()),
-                        ));
+        crate::profile::timed(
+            false,
+            || format!("batch_norm2d {}", self.shape()),
+            || 0.0,
+            || -> Result<Tensor> {
+                let op_name = "batch_norm2d";
+                self.expect_rank(op_name, 4, "[N, C, H, W]")?;
+                let d = self.dims();
+                let (n, c, hw) = (d[0], d[1], d[2] * d[3]);
+                for (what, t) in [
+                    ("running_mean", Some(running_mean)),
+                    ("running_var", Some(running_var)),
+                    ("weight", weight),
+                    ("bias", bias),
+                ] {
+                    if let Some(t) = t {
+                        if t.dims() != [c] {
+                            return Err(shape_mismatch(
+                                op_name,
+                                format!("{what} [{c}]"),
+                                format!("{what} {}", t.shape()),
+                            ));
+                        }
                     }
                 }
-            }
-            if eps <= 0.0 || !(0.0..=1.0).contains(&momentum) {
-                return Err(invalid(op_name, format!("eps must be positive and momentum in [0, 1], got eps={eps}, momentum={momentum}")));
-            }
-            let (mean, invstd): (Vec<f32>, Vec<f32>) = if training {
-                let count = n * hw;
-                if count <= 1 {
-                    return Err(invalid(
-                        op_name,
-                        format!(
+                if eps <= 0.0 || !(0.0..=1.0).contains(&momentum) {
+                    return Err(invalid(op_name, format!("eps must be positive and momentum in [0, 1], got eps={eps}, momentum={momentum}")));
+                }
+                let (mean, invstd): (Vec<f32>, Vec<f32>) = if training {
+                    let count = n * hw;
+                    if count <= 1 {
+                        return Err(invalid(
+                            op_name,
+                            format!(
                             "expected more than 1 value per channel when training, got input {}",
                             self.shape()
                         ),
-                    ));
-                }
-                let (bm, bv) = self.with_data(|x| norm::batch_stats(x, n, c, hw));
-                let unbias = count as f64 / (count - 1) as f64;
-                let m = momentum as f64;
-                running_mean.update_data(|r| {
-                    r.iter_mut()
-                        .zip(&bm)
-                        .for_each(|(r, b)| *r = ((1.0 - m) * *r as f64 + m * b) as f32)
-                })?;
-                running_var.update_data(|r| {
-                    r.iter_mut()
-                        .zip(&bv)
-                        .for_each(|(r, b)| *r = ((1.0 - m) * *r as f64 + m * b * unbias) as f32)
-                })?;
-                let invstd = bv
-                    .iter()
-                    .map(|v| (1.0 / (v + eps as f64).sqrt()) as f32)
-                    .collect();
-                (bm.iter().map(|&v| v as f32).collect::<Vec<f32>>(), invstd)
-            } else {
-                let invstd = running_var.with_data(|v| {
-                    v.iter()
-                        .map(|&v| (1.0 / (v as f64 + eps as f64).sqrt()) as f32)
-                        .collect()
+                        ));
+                    }
+                    let (bm, bv) = self.with_data(|x| norm::batch_stats(x, n, c, hw));
+                    let unbias = count as f64 / (count - 1) as f64;
+                    let m = momentum as f64;
+                    running_mean.update_data(|r| {
+                        r.iter_mut()
+                            .zip(&bm)
+                            .for_each(|(r, b)| *r = ((1.0 - m) * *r as f64 + m * b) as f32)
+                    })?;
+                    running_var.update_data(|r| {
+                        r.iter_mut()
+                            .zip(&bv)
+                            .for_each(|(r, b)| *r = ((1.0 - m) * *r as f64 + m * b * unbias) as f32)
+                    })?;
+                    let invstd = bv
+                        .iter()
+                        .map(|v| (1.0 / (v + eps as f64).sqrt()) as f32)
+                        .collect();
+                    (bm.iter().map(|&v| v as f32).collect::<Vec<f32>>(), invstd)
+                } else {
+                    let invstd = running_var.with_data(|v| {
+                        v.iter()
+                            .map(|&v| (1.0 / (v as f64 + eps as f64).sqrt()) as f32)
+                            .collect()
+                    });
+                    (running_mean.to_vec(), invstd)
+                };
+                let mut y = vec![0f32; self.numel()];
+                let w = weight.map(Tensor::to_vec);
+                let b = bias.map(Tensor::to_vec);
+                self.with_data(|x| {
+                    norm::normalize(
+                        x,
+                        &mean,
+                        &invstd,
+                        w.as_deref(),
+                        b.as_deref(),
+                        n,
+                        c,
+                        hw,
+                        &mut y,
+                    )
                 });
-                (running_mean.to_vec(), invstd)
-            };
-            let mut y = vec![0f32; self.numel()];
-            let w = weight.map(Tensor::to_vec);
-            let b = bias.map(Tensor::to_vec);
-            self.with_data(|x| {
-                norm::normalize(
-                    x,
-                    &mean,
-                    &invstd,
-                    w.as_deref(),
-                    b.as_deref(),
-                    n,
-                    c,
-                    hw,
-                    &mut y,
-                )
-            });
-            let mut inputs = vec![self];
-            inputs.extend(weight);
-            inputs.extend(bias);
-            let op = record(&inputs, || Op::BatchNorm2d {
-                input: self.clone(),
-                weight: weight.cloned(),
-                bias: bias.cloned(),
-                mean,
-                invstd,
-                training,
-            });
-            Ok(Tensor::from_parts(y, self.shape().clone(), op))
-        })
+                let mut inputs = vec![self];
+                inputs.extend(weight);
+                inputs.extend(bias);
+                let op = record(&inputs, || Op::BatchNorm2d {
+                    input: self.clone(),
+                    weight: weight.cloned(),
+                    bias: bias.cloned(),
+                    mean,
+                    invstd,
+                    training,
+                });
+                Ok(Tensor::from_parts(y, self.shape().clone(), op))
+            },
+        )
     }
 }

@@ -208,99 +208,114 @@ impl Tensor {
     /// # Ok::<(), convnet::Error>(())
     /// ```
     pub fn max_pool2d(&self, p: MaxPool2dParams) -> Result<Tensor> {
-        crate::profile::timed(false, || format!("max_pool2d {}", self.shape()), || 0.0, || -> Result<Tensor> {
-            let geom = pool_geometry(
-                "max_pool2d",
-                self.dims(),
-                p.kernel,
-                p.stride,
-                p.padding,
-                p.dilation,
-                p.ceil_mode,
-            )?;
-            let len = geom.planes * geom.oh * geom.ow;
-            let mut y = vec![0f32; len];
-            let mut argmax = vec![0u32; len];
-            self.with_data(|x| pool::max_pool2d_forward(x, &geom, &mut y, &mut argmax));
-            let op = record(&[self], || Op::MaxPool2d {
-                input: self.clone(),
-                argmax,
-                geom,
-            });
-            Ok(Tensor::from_parts(
-                y,
-                Shape::new([self.dims()[0], self.dims()[1], geom.oh, geom.ow]),
-                op,
-            ))
-        })
+        crate::profile::timed(
+            false,
+            || format!("max_pool2d {}", self.shape()),
+            || 0.0,
+            || -> Result<Tensor> {
+                let geom = pool_geometry(
+                    "max_pool2d",
+                    self.dims(),
+                    p.kernel,
+                    p.stride,
+                    p.padding,
+                    p.dilation,
+                    p.ceil_mode,
+                )?;
+                let len = geom.planes * geom.oh * geom.ow;
+                let mut y = vec![0f32; len];
+                let mut argmax = vec![0u32; len];
+                self.with_data(|x| pool::max_pool2d_forward(x, &geom, &mut y, &mut argmax));
+                let op = record(&[self], || Op::MaxPool2d {
+                    input: self.clone(),
+                    argmax,
+                    geom,
+                });
+                Ok(Tensor::from_parts(
+                    y,
+                    Shape::new([self.dims()[0], self.dims()[1], geom.oh, geom.ow]),
+                    op,
+                ))
+            },
+        )
     }
 
     /// Average pooling over `[N, C, H, W]`, like `F.avg_pool2d`.
     pub fn avg_pool2d(&self, p: AvgPool2dParams) -> Result<Tensor> {
-        crate::profile::timed(false, || format!("avg_pool2d {}", self.shape()), || 0.0, || -> Result<Tensor> {
-            let geom = pool_geometry(
-                "avg_pool2d",
-                self.dims(),
-                p.kernel,
-                p.stride,
-                p.padding,
-                (1, 1),
-                p.ceil_mode,
-            )?;
-            let mut y = vec![0f32; geom.planes * geom.oh * geom.ow];
-            self.with_data(|x| pool::avg_pool2d_forward(x, &geom, p.count_include_pad, &mut y));
-            let op = record(&[self], || Op::AvgPool2d {
-                input: self.clone(),
-                geom,
-                count_include_pad: p.count_include_pad,
-            });
-            Ok(Tensor::from_parts(
-                y,
-                Shape::new([self.dims()[0], self.dims()[1], geom.oh, geom.ow]),
-                op,
-            ))
-        })
+        crate::profile::timed(
+            false,
+            || format!("avg_pool2d {}", self.shape()),
+            || 0.0,
+            || -> Result<Tensor> {
+                let geom = pool_geometry(
+                    "avg_pool2d",
+                    self.dims(),
+                    p.kernel,
+                    p.stride,
+                    p.padding,
+                    (1, 1),
+                    p.ceil_mode,
+                )?;
+                let mut y = vec![0f32; geom.planes * geom.oh * geom.ow];
+                self.with_data(|x| pool::avg_pool2d_forward(x, &geom, p.count_include_pad, &mut y));
+                let op = record(&[self], || Op::AvgPool2d {
+                    input: self.clone(),
+                    geom,
+                    count_include_pad: p.count_include_pad,
+                });
+                Ok(Tensor::from_parts(
+                    y,
+                    Shape::new([self.dims()[0], self.dims()[1], geom.oh, geom.ow]),
+                    op,
+                ))
+            },
+        )
     }
 
     /// Adaptive average pooling to `out` = (OH, OW), like `F.adaptive_avg_pool2d`.
     pub fn adaptive_avg_pool2d(&self, out: (usize, usize)) -> Result<Tensor> {
-        crate::profile::timed(false, || format!("adaptive_avg_pool2d {}", self.shape()), || 0.0, || -> Result<Tensor> {
-            self.expect_rank("adaptive_avg_pool2d", 4, "[N, C, H, W]")?;
-            if out.0 == 0 || out.1 == 0 {
-                return Err(invalid(
-                    "adaptive_avg_pool2d",
-                    format!("output size must be positive, got {out:?}"),
-                ));
-            }
-            let d = self.dims();
-            let geom = PoolGeom {
-                planes: d[0] * d[1],
-                h: d[2],
-                w: d[3],
-                oh: out.0,
-                ow: out.1,
-                kernel: (1, 1),
-                stride: (1, 1),
-                padding: (0, 0),
-                dilation: (1, 1),
-            };
-            if d[2] == 0 || d[3] == 0 {
-                return Err(invalid(
-                    "adaptive_avg_pool2d",
-                    format!("input spatial size must be positive, got {}", self.shape()),
-                ));
-            }
-            let mut y = vec![0f32; geom.planes * out.0 * out.1];
-            self.with_data(|x| pool::adaptive_avg_pool2d_forward(x, &geom, &mut y));
-            let op = record(&[self], || Op::AdaptiveAvgPool2d {
-                input: self.clone(),
-                geom,
-            });
-            Ok(Tensor::from_parts(
-                y,
-                Shape::new([d[0], d[1], out.0, out.1]),
-                op,
-            ))
-        })
+        crate::profile::timed(
+            false,
+            || format!("adaptive_avg_pool2d {}", self.shape()),
+            || 0.0,
+            || -> Result<Tensor> {
+                self.expect_rank("adaptive_avg_pool2d", 4, "[N, C, H, W]")?;
+                if out.0 == 0 || out.1 == 0 {
+                    return Err(invalid(
+                        "adaptive_avg_pool2d",
+                        format!("output size must be positive, got {out:?}"),
+                    ));
+                }
+                let d = self.dims();
+                let geom = PoolGeom {
+                    planes: d[0] * d[1],
+                    h: d[2],
+                    w: d[3],
+                    oh: out.0,
+                    ow: out.1,
+                    kernel: (1, 1),
+                    stride: (1, 1),
+                    padding: (0, 0),
+                    dilation: (1, 1),
+                };
+                if d[2] == 0 || d[3] == 0 {
+                    return Err(invalid(
+                        "adaptive_avg_pool2d",
+                        format!("input spatial size must be positive, got {}", self.shape()),
+                    ));
+                }
+                let mut y = vec![0f32; geom.planes * out.0 * out.1];
+                self.with_data(|x| pool::adaptive_avg_pool2d_forward(x, &geom, &mut y));
+                let op = record(&[self], || Op::AdaptiveAvgPool2d {
+                    input: self.clone(),
+                    geom,
+                });
+                Ok(Tensor::from_parts(
+                    y,
+                    Shape::new([d[0], d[1], out.0, out.1]),
+                    op,
+                ))
+            },
+        )
     }
 }

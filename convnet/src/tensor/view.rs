@@ -136,38 +136,43 @@ impl Tensor {
         before: usize,
         out_channels: usize,
     ) -> Result<Tensor> {
-        crate::profile::timed(false, || format!("subsample_pad_channels {}", self.shape()), || 0.0, || -> Result<Tensor> {
-            self.expect_rank("subsample_pad_channels", 4, "[N, C, H, W]")?;
-            let d = self.dims();
-            let (n, c, h, w) = (d[0], d[1], d[2], d[3]);
-            if stride == 0 || before + c > out_channels {
-                return Err(invalid("subsample_pad_channels", format!("stride {stride} must be positive and {before} + {c} channels must fit in {out_channels}")));
-            }
-            let (oh, ow) = (h.div_ceil(stride), w.div_ceil(stride));
-            let mut out = vec![0f32; n * out_channels * oh * ow];
-            self.with_data(|x| {
-                for b in 0..n {
-                    for ch in 0..c {
-                        for i in 0..oh {
-                            for j in 0..ow {
-                                out[((b * out_channels + ch + before) * oh + i) * ow + j] =
-                                    x[((b * c + ch) * h + i * stride) * w + j * stride];
+        crate::profile::timed(
+            false,
+            || format!("subsample_pad_channels {}", self.shape()),
+            || 0.0,
+            || -> Result<Tensor> {
+                self.expect_rank("subsample_pad_channels", 4, "[N, C, H, W]")?;
+                let d = self.dims();
+                let (n, c, h, w) = (d[0], d[1], d[2], d[3]);
+                if stride == 0 || before + c > out_channels {
+                    return Err(invalid("subsample_pad_channels", format!("stride {stride} must be positive and {before} + {c} channels must fit in {out_channels}")));
+                }
+                let (oh, ow) = (h.div_ceil(stride), w.div_ceil(stride));
+                let mut out = vec![0f32; n * out_channels * oh * ow];
+                self.with_data(|x| {
+                    for b in 0..n {
+                        for ch in 0..c {
+                            for i in 0..oh {
+                                for j in 0..ow {
+                                    out[((b * out_channels + ch + before) * oh + i) * ow + j] =
+                                        x[((b * c + ch) * h + i * stride) * w + j * stride];
+                                }
                             }
                         }
                     }
-                }
-            });
-            let op = record(&[self], || Op::SubsamplePadChannels {
-                input: self.clone(),
-                stride,
-                before,
-                out_channels,
-            });
-            Ok(Tensor::from_parts(
-                out,
-                Shape::new([n, out_channels, oh, ow]),
-                op,
-            ))
-        })
+                });
+                let op = record(&[self], || Op::SubsamplePadChannels {
+                    input: self.clone(),
+                    stride,
+                    before,
+                    out_channels,
+                });
+                Ok(Tensor::from_parts(
+                    out,
+                    Shape::new([n, out_channels, oh, ow]),
+                    op,
+                ))
+            },
+        )
     }
 }

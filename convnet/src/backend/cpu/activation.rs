@@ -107,9 +107,15 @@ impl Activation {
 /// `y = f(x)` elementwise (ReLU gets a branch-free loop of its own).
 pub fn forward(act: Activation, x: &[f32], y: &mut [f32]) {
     if act == Activation::Relu {
-        let body = |yc: &mut [f32], xc: &[f32]| yc.iter_mut().zip(xc).for_each(|(o, &i)| *o = if i > 0.0 || i.is_nan() { i } else { 0.0 });
+        let body = |yc: &mut [f32], xc: &[f32]| {
+            yc.iter_mut()
+                .zip(xc)
+                .for_each(|(o, &i)| *o = if i > 0.0 || i.is_nan() { i } else { 0.0 })
+        };
         if x.len() >= PAR_MIN_ELEMS {
-            y.par_chunks_mut(PAR_MIN_ELEMS / 4).zip(x.par_chunks(PAR_MIN_ELEMS / 4)).for_each(|(yc, xc)| body(yc, xc));
+            y.par_chunks_mut(PAR_MIN_ELEMS / 4)
+                .zip(x.par_chunks(PAR_MIN_ELEMS / 4))
+                .for_each(|(yc, xc)| body(yc, xc));
         } else {
             body(y, x);
         }
@@ -134,7 +140,10 @@ pub fn backward(act: Activation, x: &[f32], y: &[f32], dy: &[f32], dx: &mut [f32
         };
         if x.len() >= PAR_MIN_ELEMS {
             let c = PAR_MIN_ELEMS / 4;
-            dx.par_chunks_mut(c).zip(y.par_chunks(c)).zip(dy.par_chunks(c)).for_each(|((dxc, yc), dyc)| body(dxc, yc, dyc));
+            dx.par_chunks_mut(c)
+                .zip(y.par_chunks(c))
+                .zip(dy.par_chunks(c))
+                .for_each(|((dxc, yc), dyc)| body(dxc, yc, dyc));
         } else {
             body(dx, y, dy);
         }

@@ -92,7 +92,18 @@ impl ConvGeom {
     pub fn describe(&self) -> String {
         format!(
             "conv2d [{}, {}, {}, {}] w[{}, {}, {}, {}] s{:?} p{:?} d{:?} g{}",
-            self.n, self.c, self.h, self.w, self.k, self.cg(), self.kh, self.kw, self.stride, self.padding, self.dilation, self.groups
+            self.n,
+            self.c,
+            self.h,
+            self.w,
+            self.k,
+            self.cg(),
+            self.kh,
+            self.kw,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups
         )
     }
 
@@ -248,7 +259,11 @@ pub fn conv2d_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, 
 /// `W^T @ dY` products with an inner dimension of only KG (16 in a ResNet's first stage).
 pub fn conv2d_backward_input(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32]) {
     let span = |k: usize, d: usize| d * (k - 1);
-    if g.stride == (1, 1) && g.padding.0 <= span(g.kh, g.dilation.0) && g.padding.1 <= span(g.kw, g.dilation.1) && !g.is_pointwise() {
+    if g.stride == (1, 1)
+        && g.padding.0 <= span(g.kh, g.dilation.0)
+        && g.padding.1 <= span(g.kw, g.dilation.1)
+        && !g.is_pointwise()
+    {
         let flipped = flip_transpose(w, g);
         let tg = ConvGeom {
             n: g.n,
@@ -261,7 +276,10 @@ pub fn conv2d_backward_input(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32]
             oh: g.h,
             ow: g.w,
             stride: (1, 1),
-            padding: (span(g.kh, g.dilation.0) - g.padding.0, span(g.kw, g.dilation.1) - g.padding.1),
+            padding: (
+                span(g.kh, g.dilation.0) - g.padding.0,
+                span(g.kw, g.dilation.1) - g.padding.1,
+            ),
             dilation: g.dilation,
             groups: g.groups,
         };
@@ -279,7 +297,8 @@ fn flip_transpose(w: &[f32], g: &ConvGeom) -> Vec<f32> {
         for k in 0..kg {
             for c in 0..cg {
                 let src = &w[((grp * kg + k) * cg + c) * kk..((grp * kg + k) * cg + c + 1) * kk];
-                let dst = &mut out[((grp * cg + c) * kg + k) * kk..((grp * cg + c) * kg + k + 1) * kk];
+                let dst =
+                    &mut out[((grp * cg + c) * kg + k) * kk..((grp * cg + c) * kg + k + 1) * kk];
                 for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
                     *d = *s;
                 }
@@ -341,8 +360,15 @@ pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32
                 im2col(x_grp, g, col);
                 col
             };
-            let dy_t = MatRef::row_major(&dy_img[grp * kg * ohw..(grp + 1) * kg * ohw], kg, ohw).t();
-            matmul(&mut acc[grp * kg * rows..(grp + 1) * kg * rows], MatRef::row_major(col_ref, rows, ohw), dy_t, true, par);
+            let dy_t =
+                MatRef::row_major(&dy_img[grp * kg * ohw..(grp + 1) * kg * ohw], kg, ohw).t();
+            matmul(
+                &mut acc[grp * kg * rows..(grp + 1) * kg * rows],
+                MatRef::row_major(col_ref, rows, ohw),
+                dy_t,
+                true,
+                par,
+            );
         }
     };
     let threads = rayon::current_num_threads();
@@ -386,17 +412,29 @@ pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32
     }
 }
 
-/// `db[k] = sum over n, oh, ow of dy[n, k, oh, ow]`.
+/// `db[k] = sum over n, oh, ow of dy[n, k, oh, ow]` (channels in parallel; 16 float32
+/// lanes per plane, planes added in float64).
 pub fn conv2d_backward_bias(dy: &[f32], g: &ConvGeom, db: &mut [f32]) {
     let ohw = g.out_plane();
-    for (k, d) in db.iter_mut().enumerate() {
-        let mut acc = 0f64;
-        for n in 0..g.n {
-            let plane = &dy[(n * g.k + k) * ohw..(n * g.k + k + 1) * ohw];
-            acc += plane.iter().map(|&v| v as f64).sum::<f64>();
-        }
+    db.par_iter_mut().enumerate().for_each(|(k, d)| {
+        let acc: f64 = (0..g.n)
+            .map(|n| lane_sum(&dy[(n * g.k + k) * ohw..(n * g.k + k + 1) * ohw]))
+            .sum();
         *d = acc as f32;
+    });
+}
+
+/// Sum of a slice in 16 float32 lanes, combined in float64.
+fn lane_sum(xs: &[f32]) -> f64 {
+    let mut acc = [0f32; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
     }
+    acc.iter().map(|&v| v as f64).sum::<f64>() + tail
 }
 
 /// Direct seven-loop convolution with `f64` accumulation: the reference for the kernels above.

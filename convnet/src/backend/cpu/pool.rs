@@ -65,7 +65,8 @@ pub fn max_pool2d_forward(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &mut [
         .zip(argmax.par_chunks_mut(g.out_plane()))
         .zip(x.par_chunks(g.in_plane()))
         .for_each(|((y_p, a_p), x_p)| {
-            // The common non-overlapping 2x2 / stride 2 window without padding: unrolled.
+            // The common non-overlapping 2x2 / stride 2 window without padding: branch-free
+            // selects over the four taps (NaN wins, as in PyTorch), vectorisable.
             if g.kernel == (2, 2)
                 && g.stride == (2, 2)
                 && g.padding == (0, 0)
@@ -74,24 +75,29 @@ pub fn max_pool2d_forward(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &mut [
                 && g.w >= 2 * g.ow
             {
                 for oh in 0..g.oh {
-                    let r0 = &x_p[2 * oh * g.w..2 * oh * g.w + g.w];
-                    let r1 = &x_p[(2 * oh + 1) * g.w..(2 * oh + 1) * g.w + g.w];
-                    for ow in 0..g.ow {
-                        let c = 2 * ow;
-                        let cand = [
-                            (r0[c], c),
-                            (r0[c + 1], c + 1),
-                            (r1[c], g.w + c),
-                            (r1[c + 1], g.w + c + 1),
-                        ];
-                        let mut best = cand[0];
-                        for &(v, i) in &cand[1..] {
-                            if v > best.0 || v.is_nan() && !best.0.is_nan() {
-                                best = (v, i);
-                            }
+                    let r0 = &x_p[2 * oh * g.w..2 * oh * g.w + 2 * g.ow];
+                    let r1 = &x_p[(2 * oh + 1) * g.w..(2 * oh + 1) * g.w + 2 * g.ow];
+                    let base = (2 * oh * g.w) as u32;
+                    let w = g.w as u32;
+                    let y_row = &mut y_p[oh * g.ow..(oh + 1) * g.ow];
+                    let a_row = &mut a_p[oh * g.ow..(oh + 1) * g.ow];
+                    for (ow, ((y, a), (p0, p1))) in y_row
+                        .iter_mut()
+                        .zip(a_row.iter_mut())
+                        .zip(r0.chunks_exact(2).zip(r1.chunks_exact(2)))
+                        .enumerate()
+                    {
+                        let c = base + 2 * ow as u32;
+                        // Non-short-circuit `|`/`&` keep these as selects, not branches.
+                        let take = |v: f32, t: f32| (t > v) | (t.is_nan() & !v.is_nan());
+                        let (mut v, mut i) = (p0[0], c);
+                        for (t, ti) in [(p0[1], c + 1), (p1[0], c + w), (p1[1], c + w + 1)] {
+                            let m = take(v, t);
+                            v = if m { t } else { v };
+                            i = if m { ti } else { i };
                         }
-                        y_p[oh * g.ow + ow] = best.0;
-                        a_p[oh * g.ow + ow] = (2 * oh * g.w + best.1) as u32;
+                        *y = v;
+                        *a = i;
                     }
                 }
                 return;
