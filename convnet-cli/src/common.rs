@@ -78,20 +78,11 @@ pub fn parse_shape(s: &str) -> Result<[usize; 3]> {
 
 /// Default class names for a model given without a checkpoint.
 pub fn default_classes(channels: usize, n: usize) -> Vec<String> {
-    const CIFAR10: [&str; 10] = [
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ];
     if channels == 3 && n == 10 {
-        CIFAR10.iter().map(|s| s.to_string()).collect()
+        data::CIFAR10_CLASSES
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     } else {
         (0..n).map(|i| i.to_string()).collect()
     }

@@ -3,7 +3,7 @@
 use crate::common::{load_model, open_data, parse_shape, set_threads, ModelSource};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use convnet::data::{DataLoader, FolderOptions, LoaderConfig, Transform};
+use convnet::data::{DataLoader, FolderOptions, Transform};
 use convnet::nn::Mode;
 use convnet::train::evaluate;
 use convnet::Tensor;
@@ -84,18 +84,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         );
     }
     let names = test.classes().to_vec();
-    let loader = DataLoader::new(
-        Arc::new(test),
-        Transform {
-            normalize: m.normalize.clone(),
-            augment: None,
-        },
-        LoaderConfig {
-            batch_size: 256,
-            shuffle: false,
-            ..Default::default()
-        },
-    )?;
+    let loader = DataLoader::for_evaluation(Arc::new(test), m.normalize.clone())?;
     let r = evaluate(&loaded.model, &loader)?;
     if a.json {
         println!(
@@ -167,14 +156,7 @@ fn load_image(path: &PathBuf, shape: [usize; 3], t: &Transform) -> Result<Vec<f3
     let planes: Vec<u8> = if c == 1 {
         img.to_luma8().into_raw()
     } else {
-        let rgb = img.to_rgb8().into_raw();
-        let mut p = vec![0u8; 3 * h * w];
-        for (i, px) in rgb.chunks_exact(3).enumerate() {
-            for ch in 0..3 {
-                p[ch * h * w + i] = px[ch];
-            }
-        }
-        p
+        convnet::data::image_to_planes(&img.to_rgb8().into_raw(), 3, h * w)
     };
     let mut out = vec![0f32; c * h * w];
     t.apply(&planes, shape, &mut convnet::Rng::new(0), &mut out);

@@ -216,18 +216,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             ..Default::default()
         },
     )?;
-    let test_loader = DataLoader::new(
-        Arc::new(test_set),
-        Transform {
-            normalize: normalize.clone(),
-            augment: None,
-        },
-        LoaderConfig {
-            batch_size: 256,
-            shuffle: false,
-            ..Default::default()
-        },
-    )?;
+    let test_loader = DataLoader::for_evaluation(Arc::new(test_set), normalize.clone())?;
     let out = a.out.clone().unwrap_or_else(|| default_out(&a.model));
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let ckpt_path = out.join("model.safetensors");

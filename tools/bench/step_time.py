@@ -1,5 +1,6 @@
-"""PyTorch twin of `cargo run --release --example step_time`: the tutorial CNN's training
-step (forward, cross-entropy, backward, SGD momentum 0.9), median of 30 steps after 5 warm-up.
+"""PyTorch twin of `convnet bench --model seed-cnn --batch-size N --threads 2`: the tutorial
+CNN's training step (forward, cross-entropy, backward, SGD momentum 0.9), median of 30 steps
+after 5 warm-up. For the full grid of models, batches and threads use compare.py.
 
     python tools/bench/step_time.py 64        # threads: torch.set_num_threads(2)
 """

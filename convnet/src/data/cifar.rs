@@ -12,7 +12,8 @@ use crate::error::Result;
 use std::path::{Path, PathBuf};
 
 const PIXELS: usize = 3 * 32 * 32;
-const CIFAR10_NAMES: [&str; 10] = [
+/// CIFAR-10's class names in label order.
+pub const CIFAR10_CLASSES: [&str; 10] = [
     "airplane",
     "automobile",
     "bird",
@@ -102,7 +103,7 @@ fn class_names(kind: Kind, text: Option<String>) -> Vec<String> {
         return parsed;
     }
     match kind {
-        Kind::Cifar10 => CIFAR10_NAMES.iter().map(|s| s.to_string()).collect(),
+        Kind::Cifar10 => CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect(),
         Kind::Cifar100 => (0..100).map(|i| format!("class_{i}")).collect(),
     }
 }

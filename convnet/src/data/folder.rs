@@ -268,8 +268,12 @@ fn build_from_archive(
     )
 }
 
-/// Interleaved `[H*W*C]` bytes to planar `[C, H, W]`.
-fn image_to_planes(hwc: &[u8], c: usize, hw: usize) -> Vec<u8> {
+/// Interleaved `[H*W*C]` bytes (as image decoders give them) to planar `[C, H, W]`.
+///
+/// ```
+/// assert_eq!(convnet::data::image_to_planes(&[1, 2, 3, 4, 5, 6], 3, 2), vec![1, 4, 2, 5, 3, 6]);
+/// ```
+pub fn image_to_planes(hwc: &[u8], c: usize, hw: usize) -> Vec<u8> {
     let mut out = vec![0u8; c * hw];
     for (p, px) in hwc.chunks_exact(c).enumerate() {
         for (ch, &v) in px.iter().enumerate() {

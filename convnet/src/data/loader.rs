@@ -108,6 +108,22 @@ impl DataLoader {
         })
     }
 
+    /// A loader for evaluation: batches of 256 in data-set order, no augmentation.
+    pub fn for_evaluation(data: Arc<ImageDataset>, normalize: super::Normalize) -> Result<Self> {
+        DataLoader::new(
+            data,
+            Transform {
+                normalize,
+                augment: None,
+            },
+            LoaderConfig {
+                batch_size: 256,
+                shuffle: false,
+                ..Default::default()
+            },
+        )
+    }
+
     /// The data set.
     pub fn dataset(&self) -> &ImageDataset {
         &self.data

@@ -24,6 +24,8 @@ mod loader;
 mod transform;
 
 pub use cache::cache_dir;
+pub use cifar::CIFAR10_CLASSES;
+pub use folder::image_to_planes;
 pub use folder::FolderOptions;
 pub use loader::{Batch, DataLoader, EpochIter, LoaderConfig};
 pub use transform::{Augment, Normalize, Transform};
