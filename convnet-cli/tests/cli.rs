@@ -218,7 +218,22 @@ fn mistakes_end_with_a_message_and_a_non_zero_status() {
     );
     fails_with(&["train", "--resume", "/no/run/dir"], "no training state");
     let diverge = temp("diverge");
-    fails_with(&["train", "--lr", "1e12", "--epochs", "1", "--limit-train", "512", "--limit-test", "64", "--out", diverge.to_str().unwrap()], "training diverged");
+    fails_with(
+        &[
+            "train",
+            "--lr",
+            "1e12",
+            "--epochs",
+            "1",
+            "--limit-train",
+            "512",
+            "--limit-test",
+            "64",
+            "--out",
+            diverge.to_str().unwrap(),
+        ],
+        "training diverged",
+    );
     let dir = temp("notimg");
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("a.jpg");
