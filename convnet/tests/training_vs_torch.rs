@@ -10,26 +10,15 @@ mod common;
 
 use common::{assert_close, assert_tensor_close, Fixture, ATOL, RTOL};
 use convnet::nn::{
-    self, AdaptiveAvgPool2d, BasicBlock, BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, Mode,
-    Model, ReLU, Sequential, Shortcut,
+    self, AdaptiveAvgPool2d, BasicBlock, BatchNorm2d, Conv2d, Flatten, Linear, Mode, Model, ReLU,
+    Sequential, Shortcut,
 };
 use convnet::optim::{Optimizer, Sgd, SgdConfig};
 use convnet::{Reduction, Tensor};
 
+/// The tutorial CNN is the zoo's `seed-cnn` (same layers, same names).
 fn tutorial_cnn() -> Model {
-    Sequential::new()
-        .add("conv1", Conv2d::new(3, 32, 3).padding(1).build().unwrap())
-        .add("relu1", ReLU)
-        .add("pool1", MaxPool2d::new(2))
-        .add("conv2", Conv2d::new(32, 64, 3).padding(1).build().unwrap())
-        .add("relu2", ReLU)
-        .add("pool2", MaxPool2d::new(2))
-        .add("flatten", Flatten::new())
-        .add("fc1", Linear::new(64 * 8 * 8, 128).unwrap())
-        .add("relu3", ReLU)
-        .add("fc2", Linear::new(128, 10).unwrap())
-        .build(&[3, 32, 32])
-        .unwrap()
+    convnet::models::build("seed-cnn", [3, 32, 32], 10).unwrap()
 }
 
 fn small_resnet() -> Model {

@@ -182,6 +182,37 @@ const C10_TRAIN: [&str; 5] = [
     "data_batch_5.bin",
 ];
 
+/// Which release `has` describes, read through `files`; `None` if it is neither.
+fn detect(
+    has: impl Fn(&str) -> bool,
+    files: &dyn Files,
+    source: &str,
+) -> Result<Option<DataSplit>> {
+    if has("data_batch_1.bin") || has("test_batch.bin") {
+        return build(
+            Kind::Cifar10,
+            files,
+            &C10_TRAIN,
+            "test_batch.bin",
+            "batches.meta.txt",
+            source,
+        )
+        .map(Some);
+    }
+    if has("train.bin") && has("test.bin") {
+        return build(
+            Kind::Cifar100,
+            files,
+            &["train.bin"],
+            "test.bin",
+            "fine_label_names.txt",
+            source,
+        )
+        .map(Some);
+    }
+    Ok(None)
+}
+
 /// CIFAR-10/100 in a folder (or its `cifar-10-batches-bin` / `cifar-100-binary` subfolder).
 pub(crate) fn from_dir(path: &Path) -> Result<Option<DataSplit>> {
     for dir in [
@@ -190,27 +221,12 @@ pub(crate) fn from_dir(path: &Path) -> Result<Option<DataSplit>> {
         path.join("cifar-100-binary"),
     ] {
         let source = dir.display().to_string();
-        if dir.join("data_batch_1.bin").exists() || dir.join("test_batch.bin").exists() {
-            return build(
-                Kind::Cifar10,
-                &DirFiles(dir),
-                &C10_TRAIN,
-                "test_batch.bin",
-                "batches.meta.txt",
-                &source,
-            )
-            .map(Some);
-        }
-        if dir.join("train.bin").exists() && dir.join("test.bin").exists() {
-            return build(
-                Kind::Cifar100,
-                &DirFiles(dir),
-                &["train.bin"],
-                "test.bin",
-                "fine_label_names.txt",
-                &source,
-            )
-            .map(Some);
+        if let Some(split) = detect(
+            |name| dir.join(name).exists(),
+            &DirFiles(dir.clone()),
+            &source,
+        )? {
+            return Ok(Some(split));
         }
     }
     Ok(None)
@@ -226,29 +242,9 @@ pub(crate) fn from_archive(
             .iter()
             .any(|(n, _)| n == name || n.ends_with(&format!("/{name}")))
     };
-    let source = path.display().to_string();
-    let files = ArchiveFiles(path, entries);
-    if has("data_batch_1.bin") || has("test_batch.bin") {
-        return build(
-            Kind::Cifar10,
-            &files,
-            &C10_TRAIN,
-            "test_batch.bin",
-            "batches.meta.txt",
-            &source,
-        )
-        .map(Some);
-    }
-    if has("train.bin") && has("test.bin") {
-        return build(
-            Kind::Cifar100,
-            &files,
-            &["train.bin"],
-            "test.bin",
-            "fine_label_names.txt",
-            &source,
-        )
-        .map(Some);
-    }
-    Ok(None)
+    detect(
+        has,
+        &ArchiveFiles(path, entries),
+        &path.display().to_string(),
+    )
 }
