@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use convnet::checkpoint::{load_checkpoint, load_tensors, CheckpointMeta};
-use convnet::data::{self, FolderOptions, ImageDataset, Normalize};
+use convnet::data::{self, FolderOptions, ImageDataset};
 use convnet::nn::Model;
 use convnet::Device;
 use std::path::{Path, PathBuf};
@@ -100,7 +100,7 @@ pub struct ModelSource<'a> {
     pub checkpoint: Option<&'a Path>,
     pub model: Option<&'a str>,
     pub weights: Option<&'a Path>,
-    pub input: [usize; 3],
+    pub input: Option<[usize; 3]>,
     pub classes: Option<Vec<String>>,
 }
 
@@ -121,6 +121,8 @@ pub fn load_model(src: &ModelSource) -> Result<Loaded> {
             })
         }
         (None, Some(name), Some(weights)) => {
+            let arch = convnet::models::architecture(name)?;
+            let input = src.input.unwrap_or(arch.default_input);
             let (tensors, _) = load_tensors(weights)?;
             let classes = match &src.classes {
                 Some(c) => c.clone(),
@@ -129,24 +131,24 @@ pub fn load_model(src: &ModelSource) -> Result<Loaded> {
                         .iter()
                         .rev()
                         .find(|(k, t)| k.ends_with(".weight") && t.rank() == 2)
-                        .map_or(10, |(_, t)| t.dims()[0]);
-                    default_classes(src.input[0], n)
+                        .map_or(arch.default_classes, |(_, t)| t.dims()[0]);
+                    default_classes(input[0], n)
                 }
             };
-            let model = convnet::models::build(name, src.input, classes.len())?;
+            let model = convnet::models::build(name, input, classes.len())?;
             model.load_state_dict(&tensors, true).with_context(|| {
                 format!(
                     "{} is not a state_dict of {name} for input {:?} with {} classes",
                     weights.display(),
-                    src.input,
+                    input,
                     classes.len()
                 )
             })?;
             let meta = CheckpointMeta {
                 architecture: name.to_string(),
-                input_shape: src.input,
+                input_shape: input,
                 classes,
-                normalize: Normalize::default_for(src.input[0]),
+                normalize: arch.default_normalize(input[0]),
                 epoch: 0,
                 step: 0,
             };

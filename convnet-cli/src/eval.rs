@@ -22,18 +22,19 @@ pub struct ModelArgs {
     /// A plain state_dict `.safetensors` for --model.
     #[arg(long)]
     weights: Option<PathBuf>,
-    /// Input shape CxHxW for --model/--weights.
-    #[arg(long, default_value = "3x32x32")]
-    input: String,
+    /// Input shape CxHxW for --model/--weights (default: the architecture's, e.g. 3x32x32
+    /// for CIFAR models, 3x224x224 for ImageNet ones).
+    #[arg(long)]
+    input: Option<String>,
 }
 
 impl ModelArgs {
-    fn source(&self, classes: Option<Vec<String>>) -> Result<ModelSource<'_>> {
+    pub fn source(&self, classes: Option<Vec<String>>) -> Result<ModelSource<'_>> {
         Ok(ModelSource {
             checkpoint: self.checkpoint.as_deref(),
             model: self.model.as_deref(),
             weights: self.weights.as_deref(),
-            input: parse_shape(&self.input)?,
+            input: self.input.as_deref().map(parse_shape).transpose()?,
             classes,
         })
     }
@@ -211,33 +212,46 @@ pub struct SummaryArgs {
     /// Architecture (see `convnet models`).
     #[arg(long)]
     model: String,
-    /// Input shape CxHxW.
-    #[arg(long, default_value = "3x32x32")]
-    input: String,
-    /// Number of classes.
-    #[arg(long, default_value_t = 10)]
-    num_classes: usize,
+    /// Input shape CxHxW (default: the architecture's).
+    #[arg(long)]
+    input: Option<String>,
+    /// Number of classes (default: the architecture's).
+    #[arg(long)]
+    num_classes: Option<usize>,
 }
 
 pub fn run_summary(a: SummaryArgs) -> Result<()> {
-    let model = convnet::models::build(&a.model, parse_shape(&a.input)?, a.num_classes)?;
+    let arch = convnet::models::architecture(&a.model)?;
+    let input = match &a.input {
+        Some(s) => parse_shape(s)?,
+        None => arch.default_input,
+    };
+    let model = convnet::models::build(
+        &a.model,
+        input,
+        a.num_classes.unwrap_or(arch.default_classes),
+    )?;
     println!("{}", model.summary());
     Ok(())
 }
 
 pub fn run_models() -> Result<()> {
     println!(
-        "{:<10} {:>10}  {:<8}  description",
-        "name", "params", "input"
+        "{:<15} {:>11}  {:<10} {:>7}  description",
+        "name", "params", "input", "classes"
     );
-    for (name, desc) in convnet::models::ARCHITECTURES {
-        let model = convnet::models::build(name, [3, 32, 32], 10)?;
+    for arch in convnet::models::ARCHITECTURES {
+        let [c, h, w] = arch.default_input;
+        let model = convnet::models::build(arch.name, arch.default_input, arch.default_classes)?;
         println!(
-            "{name:<10} {:>10}  {:<8}  {desc}",
+            "{:<15} {:>11}  {:<10} {:>7}  {}",
+            arch.name,
             model.num_parameters(),
-            "3x32x32"
+            format!("{c}x{h}x{w}"),
+            arch.default_classes,
+            arch.description
         );
     }
-    println!("\n1-channel inputs (e.g. MNIST 1x28x28) are chosen from the data; `convnet summary --model NAME --input 1x28x28` shows the sizes.");
+    println!("\nInput size and class count follow the data when training; `convnet summary --model NAME --input CxHxW --num-classes N` shows any other size.");
     Ok(())
 }

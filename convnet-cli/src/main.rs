@@ -5,6 +5,7 @@
 mod bench;
 mod common;
 mod eval;
+mod export;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +34,8 @@ enum Command {
     Predict(eval::PredictArgs),
     /// Print a model's layer table (output shapes and parameter counts).
     Summary(eval::SummaryArgs),
+    /// Write a model as ONNX (for ONNX Runtime, TensorRT, ...) or as a plain PyTorch state_dict.
+    Export(export::ExportArgs),
     /// List the built-in architectures.
     Models,
     /// Time the training step (or inference) on synthetic data: images/s, GFLOP/s, peak RSS.
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => eval::run_eval(a),
         Command::Predict(a) => eval::run_predict(a),
         Command::Summary(a) => eval::run_summary(a),
+        Command::Export(a) => export::run(a),
         Command::Models => eval::run_models(),
         Command::Bench(a) => bench::run(a),
     };

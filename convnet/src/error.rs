@@ -91,6 +91,9 @@ pub enum Error {
         /// The non-finite loss.
         loss: f32,
     },
+    /// A model or setting that an exporter or backend cannot express.
+    #[error("{0}")]
+    Unsupported(String),
     /// A named tensor or parameter is missing or has the wrong shape.
     #[error("state: {0}")]
     State(String),

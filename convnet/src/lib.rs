@@ -35,6 +35,7 @@ pub mod device;
 pub mod error;
 pub mod models;
 pub mod nn;
+pub mod onnx;
 pub mod optim;
 pub mod profile;
 pub mod rng;

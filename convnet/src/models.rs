@@ -1,25 +1,129 @@
 //! The model zoo: built-in architectures by name, sized from the data.
 //!
+//! Every architecture takes its input size `[C, H, W]` and class count as parameters; a
+//! size an architecture cannot take is an error naming the layer that fails. `state_dict`
+//! names follow the PyTorch reference implementations, so weights move both ways:
+//!
 //! - `seed-cnn`: the PyTorch tutorial's CNN (two conv 3x3 + ReLU + max-pool 2 stages, 32
 //!   and 64 channels, then fc1 -> 128 -> classes). fc1's input size follows the image size:
 //!   64*8*8 for 32x32 CIFAR images, 64*7*7 for 28x28 MNIST digits.
 //! - `lenet5`: LeCun's LeNet-5 with ReLU and max pooling (6 and 16 channels of 5x5, then
 //!   120-84-classes); 28x28 inputs get padding 2 on the first convolution.
-//! - `resnet20`: the CIFAR ResNet-20 of He et al. (2016): 3 stages of 3 basic blocks with
-//!   16/32/64 channels, BatchNorm, parameter-free option-A shortcuts, global average pooling.
+//! - `resnet20`, `resnet32`, `resnet56`: the CIFAR ResNets of He et al. (2016): 3 stages of
+//!   3/5/9 basic blocks with 16/32/64 channels, BatchNorm, parameter-free option-A
+//!   shortcuts, global average pooling.
+//! - `vgg11-bn`, `vgg16-bn`: torchvision's VGG feature stacks (configurations A and D with
+//!   BatchNorm, names `features.N`) with a CIFAR-sized classifier: one `classifier` Linear
+//!   from the last feature map (512 x H/32 x W/32).
+//! - `resnet18`, `resnet34`, `resnet50`: torchvision's ResNets (ImageNet stem: 7x7/2
+//!   convolution and 3x3/2 max-pool; basic blocks or bottlenecks with projection
+//!   shortcuts), 1000 classes and 224x224 by default; `-cifar` variants replace the stem by
+//!   a 3x3/1 convolution without max-pool, for 32x32 images.
+//! - `mobilenet_v2`: torchvision's MobileNetV2 (width 1.0): inverted residual blocks with
+//!   depthwise convolutions and ReLU6, dropout 0.2 before the classifier.
+//!
+//! The torchvision architectures start from torchvision's initialisation (Kaiming-normal
+//! convolutions in fan-out mode, zero biases; VGG and MobileNet classifiers from N(0, 0.01)).
 
+use crate::data::Normalize;
 use crate::error::{invalid, Error, Result};
 use crate::nn::{
-    AdaptiveAvgPool2d, BasicBlock, BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, Model, Module,
-    ReLU, Sequential, Shortcut,
+    conv_bn_relu6, AdaptiveAvgPool2d, BasicBlock, BatchNorm2d, Bottleneck, Conv2d, Dropout,
+    Flatten, InvertedResidual, Linear, MaxPool2d, Model, Module, ReLU, Sequential, Shortcut,
 };
+use crate::rng::with_global_rng;
+use crate::tensor::MaxPool2dParams;
 
-/// Names and one-line descriptions of the built-in architectures.
-pub const ARCHITECTURES: [(&str, &str); 3] = [
-    ("seed-cnn", "the PyTorch CNN tutorial's model: 2x (conv3x3 + ReLU + maxpool2), fc 128, fc classes"),
-    ("lenet5", "LeNet-5: conv5x5 6 + pool, conv5x5 16 + pool, fc 120, fc 84, fc classes"),
-    ("resnet20", "CIFAR ResNet-20 (He et al. 2016): 3x3 basic-block stages of 16/32/64 channels, BatchNorm, option-A shortcuts"),
+/// A built-in architecture and its defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Architecture {
+    /// Name used by `--model`.
+    pub name: &'static str,
+    /// One-line description.
+    pub description: &'static str,
+    /// Input `[C, H, W]` it is designed for.
+    pub default_input: [usize; 3],
+    /// Class count of its usual data set.
+    pub default_classes: usize,
+    /// True for the ImageNet-stem torchvision models, which expect ImageNet normalisation.
+    pub imagenet: bool,
+}
+
+impl Architecture {
+    /// The input normalisation the architecture's weights expect for `channels` channels:
+    /// ImageNet's for ImageNet models, else the data set default (CIFAR-10 or MNIST).
+    pub fn default_normalize(&self, channels: usize) -> Normalize {
+        if self.imagenet && channels == 3 {
+            Normalize::imagenet()
+        } else {
+            Normalize::default_for(channels)
+        }
+    }
+}
+
+const fn arch(
+    name: &'static str,
+    description: &'static str,
+    default_input: [usize; 3],
+    default_classes: usize,
+    imagenet: bool,
+) -> Architecture {
+    Architecture {
+        name,
+        description,
+        default_input,
+        default_classes,
+        imagenet,
+    }
+}
+
+const CIFAR: [usize; 3] = [3, 32, 32];
+const IMAGENET: [usize; 3] = [3, 224, 224];
+
+/// The built-in architectures, in the order `convnet models` lists them.
+pub const ARCHITECTURES: &[Architecture] = &[
+    arch("seed-cnn", "the PyTorch CNN tutorial's model: 2x (conv3x3 + ReLU + maxpool2), fc 128, fc classes", CIFAR, 10, false),
+    arch("lenet5", "LeNet-5: conv5x5 6 + pool, conv5x5 16 + pool, fc 120, fc 84, fc classes", [1, 28, 28], 10, false),
+    arch("resnet20", "CIFAR ResNet-20 (He et al. 2016): 3x3 basic-block stages of 16/32/64 channels, option-A shortcuts", CIFAR, 10, false),
+    arch("resnet32", "CIFAR ResNet-32: 3x5 basic blocks of 16/32/64 channels, option-A shortcuts", CIFAR, 10, false),
+    arch("resnet56", "CIFAR ResNet-56: 3x9 basic blocks of 16/32/64 channels, option-A shortcuts", CIFAR, 10, false),
+    arch("vgg11-bn", "VGG-11 with BatchNorm (torchvision features, config A), CIFAR classifier", CIFAR, 10, false),
+    arch("vgg16-bn", "VGG-16 with BatchNorm (torchvision features, config D), CIFAR classifier", CIFAR, 10, false),
+    arch("resnet18", "torchvision ResNet-18: ImageNet stem, basic blocks [2, 2, 2, 2]", IMAGENET, 1000, true),
+    arch("resnet34", "torchvision ResNet-34: ImageNet stem, basic blocks [3, 4, 6, 3]", IMAGENET, 1000, true),
+    arch("resnet50", "torchvision ResNet-50: ImageNet stem, bottlenecks [3, 4, 6, 3]", IMAGENET, 1000, true),
+    arch("resnet18-cifar", "ResNet-18 with a CIFAR stem (3x3/1 conv, no max-pool)", CIFAR, 10, false),
+    arch("resnet34-cifar", "ResNet-34 with a CIFAR stem (3x3/1 conv, no max-pool)", CIFAR, 10, false),
+    arch("resnet50-cifar", "ResNet-50 with a CIFAR stem (3x3/1 conv, no max-pool)", CIFAR, 10, false),
+    arch("mobilenet_v2", "torchvision MobileNetV2 (width 1.0): inverted residuals, depthwise convs, ReLU6", IMAGENET, 1000, true),
 ];
+
+/// Looks up a built-in architecture by name.
+///
+/// ```
+/// let a = convnet::models::architecture("resnet18")?;
+/// assert_eq!((a.default_input, a.default_classes), ([3, 224, 224], 1000));
+/// assert!(convnet::models::architecture("vgg99").is_err());
+/// # Ok::<(), convnet::Error>(())
+/// ```
+pub fn architecture(name: &str) -> Result<&'static Architecture> {
+    ARCHITECTURES
+        .iter()
+        .find(|a| a.name == name)
+        .ok_or_else(|| {
+            invalid(
+                "models",
+                format!(
+                    "unknown model {name:?}; available: {}",
+                    ARCHITECTURES
+                        .iter()
+                        .map(|a| a.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })
+}
 
 /// Flattened feature count of `features` for input `[C, H, W]`.
 fn features_out(name: &str, features: &Sequential, input: [usize; 3]) -> Result<usize> {
@@ -113,6 +217,177 @@ fn resnet_cifar(input: [usize; 3], classes: usize, blocks: usize) -> Result<Mode
         .build(&input)
 }
 
+/// VGG configurations: output channels of each 3x3 convolution, 0 for a 2x2 max-pool.
+const VGG11: &[usize] = &[64, 0, 128, 0, 256, 256, 0, 512, 512, 0, 512, 512, 0];
+const VGG16: &[usize] = &[
+    64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512, 0,
+];
+
+fn vgg_bn(name: &str, cfg: &[usize], input: [usize; 3], classes: usize) -> Result<Model> {
+    let features = || -> Result<Sequential> {
+        let mut f = Sequential::new();
+        let mut c = input[0];
+        for &v in cfg {
+            if v == 0 {
+                f = f.push(MaxPool2d::new(2));
+            } else {
+                f = f
+                    .push(Conv2d::new(c, v, 3).padding(1).build()?)
+                    .push(BatchNorm2d::new(v)?)
+                    .push(ReLU);
+                c = v;
+            }
+        }
+        Ok(f)
+    };
+    let flat = features_out(name, &Sequential::new().add("features", features()?), input)?;
+    let model = Sequential::new()
+        .add("features", features()?)
+        .add("flatten", Flatten::new())
+        .add("classifier", Linear::new(flat, classes)?)
+        .build(&input)?;
+    torchvision_init(&model, true)?;
+    Ok(model)
+}
+
+/// A torchvision ResNet: `blocks` per stage of basic blocks or (with `bottleneck`)
+/// bottlenecks; `imagenet_stem` picks the 7x7/2 convolution + max-pool stem, else a 3x3/1
+/// convolution.
+fn resnet_torchvision(
+    name: &str,
+    input: [usize; 3],
+    classes: usize,
+    blocks: [usize; 4],
+    bottleneck: bool,
+    imagenet_stem: bool,
+) -> Result<Model> {
+    let mut net = Sequential::new();
+    net = if imagenet_stem {
+        net.add(
+            "conv1",
+            Conv2d::new(input[0], 64, 7)
+                .stride(2)
+                .padding(3)
+                .bias(false)
+                .build()?,
+        )
+    } else {
+        net.add(
+            "conv1",
+            Conv2d::new(input[0], 64, 3)
+                .padding(1)
+                .bias(false)
+                .build()?,
+        )
+    };
+    net = net.add("bn1", BatchNorm2d::new(64)?).add("relu", ReLU);
+    if imagenet_stem {
+        net = net.add(
+            "maxpool",
+            MaxPool2d::with(MaxPool2dParams::new(3).stride(2).padding(1)),
+        );
+    }
+    let expansion = if bottleneck { Bottleneck::EXPANSION } else { 1 };
+    let mut in_planes = 64;
+    for (stage, (planes, n)) in [64, 128, 256, 512].into_iter().zip(blocks).enumerate() {
+        let mut layer = Sequential::new();
+        for b in 0..n {
+            let stride = if stage > 0 && b == 0 { 2 } else { 1 };
+            layer = if bottleneck {
+                layer.push(Bottleneck::new(in_planes, planes, stride)?)
+            } else {
+                layer.push(BasicBlock::new(
+                    in_planes,
+                    planes,
+                    stride,
+                    Shortcut::Projection,
+                )?)
+            };
+            in_planes = planes * expansion;
+        }
+        net = net.add(format!("layer{}", stage + 1), layer);
+    }
+    let net = net
+        .add("avgpool", AdaptiveAvgPool2d::new(1, 1))
+        .add("flatten", Flatten::new())
+        .add("fc", Linear::new(512 * expansion, classes)?);
+    let model = with_size_hint(name, input, net.build(&input))?;
+    torchvision_init(&model, false)?;
+    Ok(model)
+}
+
+fn mobilenet_v2(input: [usize; 3], classes: usize) -> Result<Model> {
+    // (expansion t, output channels c, repeats n, first stride s) from the paper's Table 2.
+    const SETTINGS: [(usize, usize, usize, usize); 7] = [
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ];
+    let mut features = Sequential::new().push(conv_bn_relu6(input[0], 32, 3, 2, 1)?);
+    let mut c = 32;
+    for (t, out, n, s) in SETTINGS {
+        for i in 0..n {
+            let stride = if i == 0 { s } else { 1 };
+            features = features.push(InvertedResidual::new(c, out, stride, t)?);
+            c = out;
+        }
+    }
+    features = features.push(conv_bn_relu6(c, 1280, 1, 1, 1)?);
+    let net = Sequential::new()
+        .add("features", features)
+        .add("avgpool", AdaptiveAvgPool2d::new(1, 1))
+        .add("flatten", Flatten::new())
+        .add(
+            "classifier",
+            Sequential::new()
+                .push(Dropout::new(0.2)?)
+                .push(Linear::new(1280, classes)?),
+        );
+    let model = with_size_hint("mobilenet_v2", input, net.build(&input))?;
+    torchvision_init(&model, true)?;
+    Ok(model)
+}
+
+/// Adds "`name` cannot take HxW images" to a layer's shape error.
+fn with_size_hint(name: &str, input: [usize; 3], built: Result<Model>) -> Result<Model> {
+    built.map_err(|e| match e {
+        Error::Layer { layer, kind, msg } => Error::Layer {
+            layer,
+            kind,
+            msg: format!("{msg}; {name} cannot take {}x{} images", input[1], input[2]),
+        },
+        other => other,
+    })
+}
+
+/// torchvision's initialisation: convolution weights from N(0, 2 / fan_out) with
+/// `fan_out = out_channels * kh * kw`, convolution biases zero; with `normal_linear`,
+/// Linear weights from N(0, 0.01^2) and zero biases (VGG, MobileNet), else PyTorch's
+/// default Linear initialisation is kept (ResNet). BatchNorm keeps weight 1, bias 0.
+fn torchvision_init(model: &Model, normal_linear: bool) -> Result<()> {
+    let state = model.named_parameters();
+    for (name, t) in &state {
+        let Some(owner) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        let dims = t.dims().to_vec();
+        let std = match dims.len() {
+            4 => (2.0 / (dims[0] * dims[2] * dims[3]) as f32).sqrt(),
+            2 if normal_linear => 0.01,
+            _ => continue,
+        };
+        t.update_data(|w| with_global_rng(|r| w.iter_mut().for_each(|v| *v = r.normal() * std)))?;
+        if let Some((_, b)) = state.iter().find(|(n, _)| *n == format!("{owner}.bias")) {
+            b.update_data(|v| v.fill(0.0))?;
+        }
+    }
+    Ok(())
+}
+
 /// Builds architecture `name` for inputs `[C, H, W]` and `num_classes` outputs, initialised
 /// from the global generator.
 ///
@@ -120,26 +395,37 @@ fn resnet_cifar(input: [usize; 3], classes: usize, blocks: usize) -> Result<Mode
 /// let m = convnet::models::build("seed-cnn", [1, 28, 28], 10)?;
 /// assert_eq!(m.named_parameters()[4].1.dims(), &[128, 64 * 7 * 7]); // fc1.weight
 /// assert!(convnet::models::build("vgg99", [3, 32, 32], 10).is_err());
+/// let err = convnet::models::build("vgg11-bn", [3, 16, 16], 10).unwrap_err();
+/// assert!(err.to_string().contains("vgg11-bn cannot take 16x16 images"));
 /// # Ok::<(), convnet::Error>(())
 /// ```
 pub fn build(name: &str, input: [usize; 3], num_classes: usize) -> Result<Model> {
     if num_classes == 0 {
         return Err(invalid("models::build", "num_classes must be positive"));
     }
-    match name {
+    let arch = architecture(name)?;
+    match arch.name {
         "seed-cnn" => seed_cnn(input, num_classes),
         "lenet5" => lenet5(input, num_classes),
-        "resnet20" => resnet_cifar(input, num_classes, 3),
-        _ => Err(invalid(
+        "resnet20" => with_size_hint(name, input, resnet_cifar(input, num_classes, 3)),
+        "resnet32" => with_size_hint(name, input, resnet_cifar(input, num_classes, 5)),
+        "resnet56" => with_size_hint(name, input, resnet_cifar(input, num_classes, 9)),
+        "vgg11-bn" => vgg_bn(name, VGG11, input, num_classes),
+        "vgg16-bn" => vgg_bn(name, VGG16, input, num_classes),
+        "resnet18" => resnet_torchvision(name, input, num_classes, [2, 2, 2, 2], false, true),
+        "resnet34" => resnet_torchvision(name, input, num_classes, [3, 4, 6, 3], false, true),
+        "resnet50" => resnet_torchvision(name, input, num_classes, [3, 4, 6, 3], true, true),
+        "resnet18-cifar" => {
+            resnet_torchvision(name, input, num_classes, [2, 2, 2, 2], false, false)
+        }
+        "resnet34-cifar" => {
+            resnet_torchvision(name, input, num_classes, [3, 4, 6, 3], false, false)
+        }
+        "resnet50-cifar" => resnet_torchvision(name, input, num_classes, [3, 4, 6, 3], true, false),
+        "mobilenet_v2" => mobilenet_v2(input, num_classes),
+        other => Err(invalid(
             "models::build",
-            format!(
-                "unknown model {name:?}; available: {}",
-                ARCHITECTURES
-                    .iter()
-                    .map(|(n, _)| *n)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            format!("{other} is listed but has no builder"),
         )),
     }
 }

@@ -190,6 +190,7 @@ fn activations() {
             "act_relu",
             Tensor::relu as fn(&Tensor) -> convnet::Result<Tensor>,
         ),
+        ("act_relu6", Tensor::relu6),
         ("act_sigmoid", Tensor::sigmoid),
         ("act_tanh", Tensor::tanh),
         ("act_gelu", Tensor::gelu),

@@ -4,6 +4,7 @@
 
 mod init;
 mod layers;
+mod mobilenet;
 mod model;
 mod resnet;
 mod sequential;
@@ -11,10 +12,11 @@ mod sequential;
 pub use init::{kaiming_uniform, uniform_bias};
 pub use layers::{
     AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, Conv2dBuilder, Dropout, Flatten, LeakyReLU,
-    Linear, MaxPool2d, ReLU, Sigmoid, Softmax, Tanh, GELU,
+    Linear, MaxPool2d, ReLU, ReLU6, Sigmoid, Softmax, Tanh, GELU,
 };
+pub use mobilenet::{conv_bn_relu6, InvertedResidual};
 pub use model::{Model, SummaryRow};
-pub use resnet::{BasicBlock, Shortcut};
+pub use resnet::{BasicBlock, Bottleneck, Shortcut};
 pub use sequential::Sequential;
 
 use crate::error::{Error, Result};
@@ -62,6 +64,20 @@ pub trait Module: Send + Sync {
     /// Calls `f` for every parameter and buffer with its `state_dict` name under `prefix`.
     fn visit_tensors(&self, prefix: &str, f: &mut dyn FnMut(String, &Tensor, TensorRole)) {
         let _ = (prefix, f);
+    }
+
+    /// Appends this layer's ONNX nodes (eval-mode semantics) reading the value `input` of
+    /// shape `shape` (batch included) and returns the name of its output. Layers without an
+    /// ONNX form say so.
+    fn export_onnx(
+        &self,
+        path: &str,
+        input: &str,
+        shape: &[usize],
+        g: &mut crate::onnx::GraphBuilder,
+    ) -> Result<String> {
+        let _ = (input, shape, g);
+        Err(crate::onnx::unsupported(path, self.kind(), "no ONNX form"))
     }
 
     /// Shape inference with summary rows; containers override it to recurse. Errors name the

@@ -1,12 +1,14 @@
-//! The ResNet basic block (He et al. 2016), torchvision's `BasicBlock` layout and names:
-//! `conv1, bn1, relu, conv2, bn2`, plus a `downsample` shortcut when the shape changes.
+//! The ResNet blocks of He et al. (2016) in torchvision's layout and names: `BasicBlock`
+//! (`conv1, bn1, relu, conv2, bn2`) and `Bottleneck` (`conv1` 1x1, `conv2` 3x3, `conv3` 1x1
+//! with `bn1..bn3`), plus a `downsample` shortcut when the shape changes.
 
 use super::{join, BatchNorm2d, Conv2d, Mode, Module, Sequential, SummaryRow, TensorRole};
 use crate::error::{Error, Result};
+use crate::onnx::GraphBuilder;
 use crate::shape::Shape;
 use crate::tensor::Tensor;
 
-/// How a [`BasicBlock`] matches its shortcut to a changed shape.
+/// How a residual block matches its shortcut to a changed shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Shortcut {
     /// 1x1 convolution + BatchNorm (`downsample.0`, `downsample.1`), torchvision's option B.
@@ -15,18 +17,218 @@ pub enum Shortcut {
     PadChannels,
 }
 
+/// The identity path of a residual block, adapted to the residual branch's output shape.
+enum ShortcutPath {
+    Identity,
+    Projection(Sequential),
+    /// Subsample by `stride`, put `before` zero channels in front, `planes` channels in all.
+    Pad {
+        stride: usize,
+        before: usize,
+        planes: usize,
+    },
+}
+
+impl ShortcutPath {
+    fn new(in_planes: usize, planes: usize, stride: usize, kind: Shortcut) -> Result<Self> {
+        if stride == 1 && in_planes == planes {
+            return Ok(ShortcutPath::Identity);
+        }
+        match kind {
+            Shortcut::Projection => Ok(ShortcutPath::Projection(
+                Sequential::new()
+                    .push(
+                        Conv2d::new(in_planes, planes, 1)
+                            .stride(stride)
+                            .bias(false)
+                            .build()?,
+                    )
+                    .push(BatchNorm2d::new(planes)?),
+            )),
+            Shortcut::PadChannels => {
+                if planes < in_planes {
+                    return Err(crate::error::invalid(
+                        "BasicBlock",
+                        format!("option-A shortcut cannot shrink {in_planes} channels to {planes}"),
+                    ));
+                }
+                Ok(ShortcutPath::Pad {
+                    stride,
+                    before: (planes - in_planes) / 2,
+                    planes,
+                })
+            }
+        }
+    }
+
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        match self {
+            ShortcutPath::Identity => Ok(x.clone()),
+            ShortcutPath::Projection(ds) => ds.forward(x, mode),
+            ShortcutPath::Pad {
+                stride,
+                before,
+                planes,
+            } => x.subsample_pad_channels(*stride, *before, *planes),
+        }
+    }
+
+    fn visit_tensors(&self, prefix: &str, f: &mut dyn FnMut(String, &Tensor, TensorRole)) {
+        if let ShortcutPath::Projection(ds) = self {
+            ds.visit_tensors(&join(prefix, "downsample"), f);
+        }
+    }
+
+    fn export_onnx(
+        &self,
+        path: &str,
+        input: &str,
+        shape: &[usize],
+        g: &mut GraphBuilder,
+    ) -> Result<String> {
+        match self {
+            ShortcutPath::Identity => Ok(input.to_string()),
+            ShortcutPath::Projection(ds) => {
+                ds.export_onnx(&join(path, "downsample"), input, shape, g)
+            }
+            ShortcutPath::Pad {
+                stride,
+                before,
+                planes,
+            } => {
+                let s = *stride as i64;
+                let starts = g.ints(path, &[0, 0]);
+                let ends = g.ints(path, &[i64::MAX, i64::MAX]);
+                let axes = g.ints(path, &[2, 3]);
+                let steps = g.ints(path, &[s, s]);
+                let sub = g.node("Slice", path, &[input, &starts, &ends, &axes, &steps], &[]);
+                let after = (planes - shape[1] - before) as i64;
+                let pads = g.ints(path, &[0, *before as i64, 0, 0, 0, after, 0, 0]);
+                Ok(g.node("Pad", path, &[&sub, &pads], &[]))
+            }
+        }
+    }
+
+    /// Checks that the shortcut of `input` has the branch's output shape `branch`.
+    fn infer(
+        &self,
+        path: &str,
+        kind: &'static str,
+        input: &[usize],
+        branch: &Shape,
+        rows: &mut Vec<SummaryRow>,
+    ) -> Result<()> {
+        let short = match self {
+            ShortcutPath::Identity => Shape::from(input),
+            ShortcutPath::Projection(ds) => ds.infer(&join(path, "downsample"), input, rows)?,
+            ShortcutPath::Pad { stride, planes, .. } => Shape::new([
+                input[0],
+                *planes,
+                input[2].div_ceil(*stride),
+                input[3].div_ceil(*stride),
+            ]),
+        };
+        if &short != branch {
+            return Err(Error::Layer {
+                layer: path.to_string(),
+                kind,
+                msg: format!("residual branch gives {branch} but the shortcut gives {short}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Runs the conv+BN pairs in order, with a ReLU after each except the last, then adds
+/// the shortcut and applies a final ReLU: the forward pass shared by both block kinds.
+fn residual_forward(
+    convs: &[(&Conv2d, &BatchNorm2d)],
+    shortcut: &ShortcutPath,
+    x: &Tensor,
+    mode: Mode,
+) -> Result<Tensor> {
+    let mut h = x.clone();
+    for (i, (conv, bn)) in convs.iter().enumerate() {
+        h = bn.forward(&conv.forward(&h, mode)?, mode)?;
+        if i + 1 < convs.len() {
+            h = h.relu()?;
+        }
+    }
+    h.add(&shortcut.forward(x, mode)?)?.relu()
+}
+
+fn residual_export(
+    convs: &[(&Conv2d, &BatchNorm2d)],
+    shortcut: &ShortcutPath,
+    path: &str,
+    input: &str,
+    shape: &[usize],
+    g: &mut GraphBuilder,
+) -> Result<String> {
+    let mut h = input.to_string();
+    let mut s = Shape::from(shape);
+    for (i, (conv, bn)) in convs.iter().enumerate() {
+        let conv_path = join(path, &format!("conv{}", i + 1));
+        h = conv.export_onnx(&conv_path, &h, s.dims(), g)?;
+        s = conv.output_shape(s.dims())?;
+        h = bn.export_onnx(&join(path, &format!("bn{}", i + 1)), &h, s.dims(), g)?;
+        if i + 1 < convs.len() {
+            h = g.node("Relu", path, &[&h], &[]);
+        }
+    }
+    let short = shortcut.export_onnx(path, input, shape, g)?;
+    let sum = g.node("Add", path, &[&h, &short], &[]);
+    Ok(g.node("Relu", path, &[&sum], &[]))
+}
+
+fn residual_visit(
+    convs: &[(&Conv2d, &BatchNorm2d)],
+    shortcut: &ShortcutPath,
+    prefix: &str,
+    f: &mut dyn FnMut(String, &Tensor, TensorRole),
+) {
+    for (i, (conv, bn)) in convs.iter().enumerate() {
+        conv.visit_tensors(&join(prefix, &format!("conv{}", i + 1)), f);
+        bn.visit_tensors(&join(prefix, &format!("bn{}", i + 1)), f);
+    }
+    shortcut.visit_tensors(prefix, f);
+}
+
+fn residual_infer(
+    convs: &[(&Conv2d, &BatchNorm2d)],
+    shortcut: &ShortcutPath,
+    kind: &'static str,
+    path: &str,
+    input: &[usize],
+    rows: &mut Vec<SummaryRow>,
+) -> Result<Shape> {
+    let mut s = Shape::from(input);
+    for (i, (conv, bn)) in convs.iter().enumerate() {
+        s = conv.infer(&join(path, &format!("conv{}", i + 1)), s.dims(), rows)?;
+        s = bn.infer(&join(path, &format!("bn{}", i + 1)), s.dims(), rows)?;
+    }
+    shortcut.infer(path, kind, input, &s, rows)?;
+    Ok(s)
+}
+
 /// `relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`.
 pub struct BasicBlock {
     conv1: Conv2d,
     bn1: BatchNorm2d,
     conv2: Conv2d,
     bn2: BatchNorm2d,
-    downsample: Option<Sequential>,
-    pad: Option<(usize, usize, usize)>,
+    shortcut: ShortcutPath,
 }
 
 impl BasicBlock {
     /// A block `in_planes -> planes` whose first convolution has `stride`.
+    ///
+    /// ```
+    /// use convnet::nn::{BasicBlock, Module, Shortcut};
+    /// let b = BasicBlock::new(16, 32, 2, Shortcut::Projection)?;
+    /// assert_eq!(b.output_shape(&[1, 16, 8, 8])?.dims(), &[1, 32, 4, 4]);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
     pub fn new(
         in_planes: usize,
         planes: usize,
@@ -44,66 +246,37 @@ impl BasicBlock {
             .bias(false)
             .build()?;
         let bn2 = BatchNorm2d::new(planes)?;
-        let reshape = stride != 1 || in_planes != planes;
-        let (downsample, pad) = match (reshape, shortcut) {
-            (false, _) => (None, None),
-            (true, Shortcut::Projection) => (
-                Some(
-                    Sequential::new()
-                        .push(
-                            Conv2d::new(in_planes, planes, 1)
-                                .stride(stride)
-                                .bias(false)
-                                .build()?,
-                        )
-                        .push(BatchNorm2d::new(planes)?),
-                ),
-                None,
-            ),
-            (true, Shortcut::PadChannels) => {
-                if planes < in_planes {
-                    return Err(crate::error::invalid(
-                        "BasicBlock",
-                        format!("option-A shortcut cannot shrink {in_planes} channels to {planes}"),
-                    ));
-                }
-                let extra = planes - in_planes;
-                (None, Some((stride, extra / 2, planes)))
-            }
-        };
         Ok(BasicBlock {
             conv1,
             bn1,
             conv2,
             bn2,
-            downsample,
-            pad,
+            shortcut: ShortcutPath::new(in_planes, planes, stride, shortcut)?,
         })
     }
 
-    fn shortcut(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        match (&self.downsample, self.pad) {
-            (Some(ds), _) => ds.forward(x, mode),
-            (None, Some((stride, before, planes))) => {
-                x.subsample_pad_channels(stride, before, planes)
-            }
-            (None, None) => Ok(x.clone()),
-        }
+    fn convs(&self) -> [(&Conv2d, &BatchNorm2d); 2] {
+        [(&self.conv1, &self.bn1), (&self.conv2, &self.bn2)]
     }
 }
 
 impl Module for BasicBlock {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let h = self
-            .bn1
-            .forward(&self.conv1.forward(x, mode)?, mode)?
-            .relu()?;
-        let h = self.bn2.forward(&self.conv2.forward(&h, mode)?, mode)?;
-        h.add(&self.shortcut(x, mode)?)?.relu()
+        residual_forward(&self.convs(), &self.shortcut, x, mode)
     }
 
     fn kind(&self) -> &'static str {
         "BasicBlock"
+    }
+
+    fn export_onnx(
+        &self,
+        path: &str,
+        input: &str,
+        shape: &[usize],
+        g: &mut GraphBuilder,
+    ) -> Result<String> {
+        residual_export(&self.convs(), &self.shortcut, path, input, shape, g)
     }
 
     fn output_shape(&self, input: &[usize]) -> Result<Shape> {
@@ -111,37 +284,109 @@ impl Module for BasicBlock {
     }
 
     fn visit_tensors(&self, prefix: &str, f: &mut dyn FnMut(String, &Tensor, TensorRole)) {
-        self.conv1.visit_tensors(&join(prefix, "conv1"), f);
-        self.bn1.visit_tensors(&join(prefix, "bn1"), f);
-        self.conv2.visit_tensors(&join(prefix, "conv2"), f);
-        self.bn2.visit_tensors(&join(prefix, "bn2"), f);
-        if let Some(ds) = &self.downsample {
-            ds.visit_tensors(&join(prefix, "downsample"), f);
-        }
+        residual_visit(&self.convs(), &self.shortcut, prefix, f)
     }
 
     fn infer(&self, path: &str, input: &[usize], rows: &mut Vec<SummaryRow>) -> Result<Shape> {
-        let s = self.conv1.infer(&join(path, "conv1"), input, rows)?;
-        let s = self.bn1.infer(&join(path, "bn1"), s.dims(), rows)?;
-        let s = self.conv2.infer(&join(path, "conv2"), s.dims(), rows)?;
-        let s = self.bn2.infer(&join(path, "bn2"), s.dims(), rows)?;
-        let short = match (&self.downsample, self.pad) {
-            (Some(ds), _) => ds.infer(&join(path, "downsample"), input, rows)?,
-            (None, Some((stride, _, planes))) => Shape::new([
-                input[0],
-                planes,
-                input[2].div_ceil(stride),
-                input[3].div_ceil(stride),
-            ]),
-            (None, None) => Shape::from(input),
-        };
-        if short != s {
-            return Err(Error::Layer {
-                layer: path.to_string(),
-                kind: "BasicBlock",
-                msg: format!("residual branch gives {s} but the shortcut gives {short}"),
-            });
-        }
-        Ok(s)
+        residual_infer(
+            &self.convs(),
+            &self.shortcut,
+            self.kind(),
+            path,
+            input,
+            rows,
+        )
+    }
+}
+
+/// torchvision's `Bottleneck` (ResNet-50 and deeper):
+/// `relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x))` with a 1x1
+/// reduction to `planes`, a 3x3 convolution carrying the stride, and a 1x1 expansion to
+/// `4 * planes` channels.
+pub struct Bottleneck {
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    conv2: Conv2d,
+    bn2: BatchNorm2d,
+    conv3: Conv2d,
+    bn3: BatchNorm2d,
+    shortcut: ShortcutPath,
+}
+
+impl Bottleneck {
+    /// Output channels per `planes`.
+    pub const EXPANSION: usize = 4;
+
+    /// A block `in_planes -> 4 * planes` whose 3x3 convolution has `stride`; the shortcut is
+    /// a projection when the shape changes.
+    ///
+    /// ```
+    /// use convnet::nn::{Bottleneck, Module};
+    /// let b = Bottleneck::new(64, 64, 1)?;
+    /// assert_eq!(b.output_shape(&[1, 64, 8, 8])?.dims(), &[1, 256, 8, 8]);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn new(in_planes: usize, planes: usize, stride: usize) -> Result<Bottleneck> {
+        let out = planes * Self::EXPANSION;
+        Ok(Bottleneck {
+            conv1: Conv2d::new(in_planes, planes, 1).bias(false).build()?,
+            bn1: BatchNorm2d::new(planes)?,
+            conv2: Conv2d::new(planes, planes, 3)
+                .stride(stride)
+                .padding(1)
+                .bias(false)
+                .build()?,
+            bn2: BatchNorm2d::new(planes)?,
+            conv3: Conv2d::new(planes, out, 1).bias(false).build()?,
+            bn3: BatchNorm2d::new(out)?,
+            shortcut: ShortcutPath::new(in_planes, out, stride, Shortcut::Projection)?,
+        })
+    }
+
+    fn convs(&self) -> [(&Conv2d, &BatchNorm2d); 3] {
+        [
+            (&self.conv1, &self.bn1),
+            (&self.conv2, &self.bn2),
+            (&self.conv3, &self.bn3),
+        ]
+    }
+}
+
+impl Module for Bottleneck {
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        residual_forward(&self.convs(), &self.shortcut, x, mode)
+    }
+
+    fn kind(&self) -> &'static str {
+        "Bottleneck"
+    }
+
+    fn export_onnx(
+        &self,
+        path: &str,
+        input: &str,
+        shape: &[usize],
+        g: &mut GraphBuilder,
+    ) -> Result<String> {
+        residual_export(&self.convs(), &self.shortcut, path, input, shape, g)
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Result<Shape> {
+        self.infer("", input, &mut Vec::new())
+    }
+
+    fn visit_tensors(&self, prefix: &str, f: &mut dyn FnMut(String, &Tensor, TensorRole)) {
+        residual_visit(&self.convs(), &self.shortcut, prefix, f)
+    }
+
+    fn infer(&self, path: &str, input: &[usize], rows: &mut Vec<SummaryRow>) -> Result<Shape> {
+        residual_infer(
+            &self.convs(),
+            &self.shortcut,
+            self.kind(),
+            path,
+            input,
+            rows,
+        )
     }
 }

@@ -61,6 +61,22 @@ impl Module for Sequential {
         "Sequential"
     }
 
+    fn export_onnx(
+        &self,
+        path: &str,
+        input: &str,
+        shape: &[usize],
+        g: &mut crate::onnx::GraphBuilder,
+    ) -> Result<String> {
+        let mut value = input.to_string();
+        let mut shape = Shape::from(shape);
+        for (name, child) in &self.children {
+            value = child.export_onnx(&join(path, name), &value, shape.dims(), g)?;
+            shape = child.output_shape(shape.dims())?;
+        }
+        Ok(value)
+    }
+
     fn output_shape(&self, input: &[usize]) -> Result<Shape> {
         self.infer("", input, &mut Vec::new())
     }

@@ -126,6 +126,10 @@ impl Tensor {
     pub fn relu(&self) -> Result<Tensor> {
         self.activation(Activation::Relu)
     }
+    /// `min(max(x, 0), 6)`, as `torch.nn.functional.relu6`.
+    pub fn relu6(&self) -> Result<Tensor> {
+        self.activation(Activation::Relu6)
+    }
     /// Leaky ReLU with the given negative slope (PyTorch default 0.01).
     pub fn leaky_relu(&self, negative_slope: f32) -> Result<Tensor> {
         self.activation(Activation::LeakyRelu(negative_slope))

@@ -1,4 +1,4 @@
-//! Pointwise activations and their derivatives, mirroring `torch.relu`, `leaky_relu`,
+//! Pointwise activations and their derivatives, mirroring `torch.relu`, `relu6`, `leaky_relu`,
 //! `sigmoid`, `tanh` and `gelu` (exact erf form and the tanh approximation).
 //!
 //! Backward kernels receive the forward input `x` and/or output `y`, whichever the
@@ -14,6 +14,8 @@ pub enum Activation {
     Relu,
     /// `x` if positive else `slope * x`.
     LeakyRelu(f32),
+    /// `min(max(x, 0), 6)` (`nn.ReLU6`, a `hardtanh(0, 6)`).
+    Relu6,
     /// `1 / (1 + exp(-x))`.
     Sigmoid,
     /// Hyperbolic tangent.
@@ -47,6 +49,13 @@ impl Activation {
                     x * s
                 }
             }
+            Activation::Relu6 => {
+                if x.is_nan() {
+                    x
+                } else {
+                    x.clamp(0.0, 6.0)
+                }
+            }
             Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
             Activation::Tanh => x.tanh(),
             Activation::Gelu => 0.5 * x * (1.0 + libm::erff(x * FRAC_1_SQRT_2)),
@@ -75,6 +84,13 @@ impl Activation {
                     s
                 }
             }
+            Activation::Relu6 => {
+                if x > 0.0 && x < 6.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
             Activation::Sigmoid => y * (1.0 - y),
             Activation::Tanh => 1.0 - y * y,
             Activation::Gelu => {
@@ -97,6 +113,7 @@ impl Activation {
         match self {
             Activation::Relu => "ReLU",
             Activation::LeakyRelu(_) => "LeakyReLU",
+            Activation::Relu6 => "ReLU6",
             Activation::Sigmoid => "Sigmoid",
             Activation::Tanh => "Tanh",
             Activation::Gelu | Activation::GeluTanh => "GELU",

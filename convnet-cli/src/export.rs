@@ -1,0 +1,47 @@
+//! `convnet export`: a model as an ONNX graph and/or a plain PyTorch `state_dict`.
+
+use crate::common::load_model;
+use crate::eval::ModelArgs;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use convnet::checkpoint::{save_tensors, write_atomic};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// Arguments of `convnet export`.
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Write an ONNX model (opset 17) here.
+    #[arg(long)]
+    onnx: Option<PathBuf>,
+    /// Write the parameters and buffers as a plain `state_dict` safetensors file, loadable
+    /// with `model.load_state_dict(safetensors.torch.load_file(FILE))`.
+    #[arg(long)]
+    state_dict: Option<PathBuf>,
+}
+
+pub fn run(a: ExportArgs) -> Result<()> {
+    if a.onnx.is_none() && a.state_dict.is_none() {
+        bail!("say what to write: --onnx FILE and/or --state-dict FILE");
+    }
+    let loaded = load_model(&a.model.source(None)?)?;
+    let name = loaded.meta.architecture.clone();
+    if let Some(path) = &a.onnx {
+        let bytes = convnet::onnx::export(&loaded.model, &name)
+            .with_context(|| format!("cannot export {name} to ONNX"))?;
+        write_atomic(path, &bytes)?;
+        println!(
+            "wrote {} ({name}, input [N, {}], {} bytes)",
+            path.display(),
+            loaded.meta.input_shape.map(|d| d.to_string()).join(", "),
+            bytes.len()
+        );
+    }
+    if let Some(path) = &a.state_dict {
+        save_tensors(path, &loaded.model.state_dict(), HashMap::new())?;
+        println!("wrote {} ({name} state_dict)", path.display());
+    }
+    Ok(())
+}
