@@ -16,6 +16,8 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+mod torch_file;
+
 /// Version of the checkpoint metadata layout.
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -196,13 +198,24 @@ pub fn save_checkpoint(
 /// Named tensors in file order, as `state_dict()` gives them.
 pub type NamedTensors = Vec<(String, Tensor)>;
 
-/// Reads every tensor of a safetensors file as `f32` (`f64`, `f16`, `bf16` and integer
-/// tensors are converted), with the file's metadata.
+/// Reads every tensor of a safetensors file, or of a PyTorch `torch.save` file (`.pt`,
+/// `.pth`; a `state_dict` of tensors, read without running any code), as `f32` (`f64`,
+/// `f16`, `bf16` and integer tensors are converted), with the file's metadata (none for
+/// PyTorch files).
 pub fn load_tensors(path: &Path) -> Result<(NamedTensors, HashMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::Io {
         path: path.to_path_buf(),
         source: e,
     })?;
+    if bytes.starts_with(b"PK\x03\x04") {
+        return Ok((torch_file::load(path, &bytes)?, HashMap::new()));
+    }
+    if bytes.starts_with(&[0x80, 0x02]) {
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            msg: "a PyTorch file in the legacy (pre-1.6) format; re-save it with a current torch.save, or as safetensors".into(),
+        });
+    }
     let corrupt = |e: safetensors::SafeTensorError| {
         Error::Format {
         path: path.to_path_buf(),
