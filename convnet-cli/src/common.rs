@@ -4,6 +4,8 @@
 use anyhow::{bail, Context, Result};
 use convnet::checkpoint::{load_checkpoint, load_tensors, CheckpointMeta};
 use convnet::data::{self, FolderOptions, ImageDataset};
+use convnet::model_file::ModelFile;
+use convnet::models::ModelSpec;
 use convnet::nn::Model;
 use convnet::Device;
 use std::path::{Path, PathBuf};
@@ -95,22 +97,32 @@ pub struct Loaded {
     pub source: PathBuf,
 }
 
-/// How the user named the model: a convnet checkpoint, or an architecture and plain weights.
+/// How the user named the model: a convnet checkpoint, or an architecture (built-in or a
+/// model file) and plain weights.
 pub struct ModelSource<'a> {
     pub checkpoint: Option<&'a Path>,
     pub model: Option<&'a str>,
+    pub model_file: Option<&'a Path>,
     pub weights: Option<&'a Path>,
     pub input: Option<[usize; 3]>,
     pub classes: Option<Vec<String>>,
+    /// Build `model`/`model_file` with fresh initial weights when no weights are given.
+    pub random_init: bool,
 }
 
 /// Loads a model from a checkpoint or from `--model NAME --weights FILE`.
 pub fn load_model(src: &ModelSource) -> Result<Loaded> {
-    match (src.checkpoint, src.model, src.weights) {
+    let spec = match (src.model, src.model_file) {
+        (Some(_), Some(_)) => bail!("give --model or --model-file, not both"),
+        (Some(name), None) => Some(ModelSpec::zoo(name)?),
+        (None, Some(path)) => Some(ModelSpec::File(ModelFile::from_path(path)?)),
+        (None, None) => None,
+    };
+    match (src.checkpoint, spec, src.weights) {
         (Some(ckpt), None, None) => {
             let (tensors, meta) = load_checkpoint(ckpt)?;
-            let model =
-                convnet::models::build(&meta.architecture, meta.input_shape, meta.classes.len())?;
+            let spec = ModelSpec::from_checkpoint(&meta.architecture, meta.model_spec.as_deref())?;
+            let model = spec.build(meta.input_shape, meta.classes.len())?;
             model.load_state_dict(&tensors, true).with_context(|| {
                 format!("{} does not fit {}", ckpt.display(), meta.architecture)
             })?;
@@ -120,9 +132,12 @@ pub fn load_model(src: &ModelSource) -> Result<Loaded> {
                 source: ckpt.to_path_buf(),
             })
         }
-        (None, Some(name), Some(weights)) => {
-            let arch = convnet::models::architecture(name)?;
-            let input = src.input.unwrap_or(arch.default_input);
+        (None, Some(spec), Some(weights)) => {
+            let name = spec.name().to_string();
+            let input = src
+                .input
+                .or(spec.default_input())
+                .context("the model file gives no input size: pass --input CxHxW")?;
             let (tensors, _) = load_tensors(weights)?;
             let classes = match &src.classes {
                 Some(c) => c.clone(),
@@ -131,11 +146,13 @@ pub fn load_model(src: &ModelSource) -> Result<Loaded> {
                         .iter()
                         .rev()
                         .find(|(k, t)| k.ends_with(".weight") && t.rank() == 2)
-                        .map_or(arch.default_classes, |(_, t)| t.dims()[0]);
+                        .map(|(_, t)| t.dims()[0])
+                        .or(spec.default_classes())
+                        .unwrap_or(10);
                     default_classes(input[0], n)
                 }
             };
-            let model = convnet::models::build(name, input, classes.len())?;
+            let model = spec.build(input, classes.len())?;
             model.load_state_dict(&tensors, true).with_context(|| {
                 format!(
                     "{} is not a state_dict of {name} for input {:?} with {} classes",
@@ -145,12 +162,13 @@ pub fn load_model(src: &ModelSource) -> Result<Loaded> {
                 )
             })?;
             let meta = CheckpointMeta {
-                architecture: name.to_string(),
+                architecture: name,
                 input_shape: input,
                 classes,
-                normalize: arch.default_normalize(input[0]),
+                normalize: spec.default_normalize(input[0]),
                 epoch: 0,
                 step: 0,
+                model_spec: spec.model_spec(),
             };
             Ok(Loaded {
                 model,
@@ -158,10 +176,38 @@ pub fn load_model(src: &ModelSource) -> Result<Loaded> {
                 source: weights.to_path_buf(),
             })
         }
-        (None, None, None) => {
-            bail!("name a model: --checkpoint FILE, or --model NAME --weights FILE")
+        (None, Some(spec), None) if src.random_init => {
+            let input = src
+                .input
+                .or(spec.default_input())
+                .context("the model file gives no input size: pass --input CxHxW")?;
+            let n = spec.default_classes().unwrap_or(10);
+            let classes = src
+                .classes
+                .clone()
+                .unwrap_or_else(|| default_classes(input[0], n));
+            let model = spec.build(input, classes.len())?;
+            let meta = CheckpointMeta {
+                architecture: spec.name().to_string(),
+                input_shape: input,
+                classes,
+                normalize: spec.default_normalize(input[0]),
+                epoch: 0,
+                step: 0,
+                model_spec: spec.model_spec(),
+            };
+            Ok(Loaded {
+                model,
+                meta,
+                source: PathBuf::from("(random initialisation)"),
+            })
         }
-        (Some(_), _, _) => bail!("--checkpoint cannot be combined with --model/--weights"),
-        _ => bail!("--model and --weights go together"),
+        (None, None, None) => {
+            bail!("name a model: --checkpoint FILE, or --model NAME (or --model-file FILE) with --weights FILE")
+        }
+        (Some(_), _, _) => {
+            bail!("--checkpoint cannot be combined with --model/--model-file/--weights")
+        }
+        _ => bail!("--model (or --model-file) and --weights go together"),
     }
 }

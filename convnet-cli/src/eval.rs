@@ -4,6 +4,8 @@ use crate::common::{load_model, open_data, parse_shape, set_threads, ModelSource
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use convnet::data::{DataLoader, FolderOptions, Transform};
+use convnet::model_file::ModelFile;
+use convnet::models::ModelSpec;
 use convnet::nn::Mode;
 use convnet::train::evaluate;
 use convnet::Tensor;
@@ -19,7 +21,11 @@ pub struct ModelArgs {
     /// Architecture of a plain state_dict given with --weights (e.g. exported from PyTorch).
     #[arg(long)]
     model: Option<String>,
-    /// A plain state_dict `.safetensors` for --model.
+    /// A model described in a TOML or JSON file, for --weights.
+    #[arg(long)]
+    model_file: Option<PathBuf>,
+    /// Plain weights for --model/--model-file: a `state_dict` as `.safetensors`, or a
+    /// PyTorch `.pt`/`.pth` file (tensors only; nothing in it is run).
     #[arg(long)]
     weights: Option<PathBuf>,
     /// Input shape CxHxW for --model/--weights (default: the architecture's, e.g. 3x32x32
@@ -33,9 +39,11 @@ impl ModelArgs {
         Ok(ModelSource {
             checkpoint: self.checkpoint.as_deref(),
             model: self.model.as_deref(),
+            model_file: self.model_file.as_deref(),
             weights: self.weights.as_deref(),
             input: self.input.as_deref().map(parse_shape).transpose()?,
             classes,
+            random_init: false,
         })
     }
 }
@@ -68,7 +76,9 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     if let Some(n) = a.limit_test {
         test = test.spread(n);
     }
-    let loaded = load_model(&a.model.source(Some(test.classes().to_vec()))?)?;
+    let mut source = a.model.source(Some(test.classes().to_vec()))?;
+    source.input = source.input.or(Some(test.image_shape()));
+    let loaded = load_model(&source)?;
     let (m, shape) = (&loaded.meta, test.image_shape());
     if m.input_shape != shape {
         bail!(
@@ -210,8 +220,15 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
 #[derive(Args, Debug)]
 pub struct SummaryArgs {
     /// Architecture (see `convnet models`).
+    #[arg(
+        long,
+        required_unless_present = "model_file",
+        conflicts_with = "model_file"
+    )]
+    model: Option<String>,
+    /// A model described in a TOML or JSON file.
     #[arg(long)]
-    model: String,
+    model_file: Option<PathBuf>,
     /// Input shape CxHxW (default: the architecture's).
     #[arg(long)]
     input: Option<String>,
@@ -221,16 +238,19 @@ pub struct SummaryArgs {
 }
 
 pub fn run_summary(a: SummaryArgs) -> Result<()> {
-    let arch = convnet::models::architecture(&a.model)?;
+    let spec = match (&a.model, &a.model_file) {
+        (Some(name), _) => ModelSpec::zoo(name)?,
+        (None, Some(path)) => ModelSpec::File(ModelFile::from_path(path)?),
+        (None, None) => bail!("name a model: --model NAME or --model-file FILE"),
+    };
     let input = match &a.input {
         Some(s) => parse_shape(s)?,
-        None => arch.default_input,
+        None => spec
+            .default_input()
+            .context("the model file gives no input size: pass --input CxHxW")?,
     };
-    let model = convnet::models::build(
-        &a.model,
-        input,
-        a.num_classes.unwrap_or(arch.default_classes),
-    )?;
+    let classes = a.num_classes.or(spec.default_classes()).unwrap_or(10);
+    let model = spec.build(input, classes)?;
     println!("{}", model.summary());
     Ok(())
 }

@@ -20,13 +20,27 @@ pub struct ExportArgs {
     /// with `model.load_state_dict(safetensors.torch.load_file(FILE))`.
     #[arg(long)]
     state_dict: Option<PathBuf>,
+    /// Export --model/--model-file with freshly initialised weights (seeded by --seed)
+    /// instead of trained ones, e.g. to test a deployment pipeline.
+    #[arg(long, conflicts_with_all = ["weights", "checkpoint"])]
+    random_init: bool,
+    /// Seed for --random-init and --reference-io.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write a reference batch: `input` (2 images from N(0, 1)) and convnet's eval-mode
+    /// `logits` for it, to check the exported model against.
+    #[arg(long)]
+    reference_io: Option<PathBuf>,
 }
 
 pub fn run(a: ExportArgs) -> Result<()> {
     if a.onnx.is_none() && a.state_dict.is_none() {
         bail!("say what to write: --onnx FILE and/or --state-dict FILE");
     }
-    let loaded = load_model(&a.model.source(None)?)?;
+    convnet::manual_seed(a.seed);
+    let mut source = a.model.source(None)?;
+    source.random_init = a.random_init;
+    let loaded = load_model(&source)?;
     let name = loaded.meta.architecture.clone();
     if let Some(path) = &a.onnx {
         let bytes = convnet::onnx::export(&loaded.model, &name)
@@ -38,6 +52,17 @@ pub fn run(a: ExportArgs) -> Result<()> {
             loaded.meta.input_shape.map(|d| d.to_string()).join(", "),
             bytes.len()
         );
+    }
+    if let Some(path) = &a.reference_io {
+        let [c, h, w] = loaded.meta.input_shape;
+        let input = convnet::with_global_rng(|r| convnet::Tensor::randn([2, c, h, w], r));
+        let logits = loaded.model.forward(&input, convnet::nn::Mode::Eval)?;
+        save_tensors(
+            path,
+            &[("input".into(), input), ("logits".into(), logits)],
+            HashMap::new(),
+        )?;
+        println!("wrote {} (reference input and logits)", path.display());
     }
     if let Some(path) = &a.state_dict {
         save_tensors(path, &loaded.model.state_dict(), HashMap::new())?;

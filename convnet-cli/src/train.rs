@@ -5,6 +5,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use convnet::checkpoint::{load_checkpoint, save_checkpoint, CheckpointMeta};
 use convnet::data::{Augment, DataLoader, FolderOptions, LoaderConfig, Normalize, Transform};
+use convnet::model_file::ModelFile;
+use convnet::models::ModelSpec;
 use convnet::train::{evaluate, OptimizerKind, ScheduleKind, TrainConfig, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
@@ -31,8 +33,11 @@ pub enum SchedArg {
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
     /// Architecture (see `convnet models`).
-    #[arg(long, default_value = "seed-cnn")]
+    #[arg(long, default_value = "seed-cnn", conflicts_with = "model_file")]
     model: String,
+    /// A model described in a TOML or JSON file (see examples/models), instead of --model.
+    #[arg(long)]
+    model_file: Option<PathBuf>,
     /// Data set: CIFAR-10/100 binary, MNIST IDX, an image folder, or a folder with train/ and test/
     /// (folders or .tar.gz). Default: the CIFAR-10 sample bundled with convnet.
     #[arg(long)]
@@ -154,6 +159,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     }
     // A resumed run takes its settings from the run it continues; --epochs may extend it.
     let mut resume_meta = None;
+    let mut saved_spec = None;
     if let Some(dir) = a.resume.clone() {
         let state_path = dir.join("train_state.safetensors");
         let (_, meta) = convnet::checkpoint::load_tensors(&state_path).with_context(|| {
@@ -164,13 +170,23 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
                 .context("training state has no run settings")?,
         )?;
         let (epochs, json, out) = (a.epochs, a.json, a.out.clone());
-        a = serde_json::from_value::<SavedRun>(saved)
-            .context("training state has unreadable run settings")?
-            .into_args(epochs, json);
+        let saved = serde_json::from_value::<SavedRun>(saved)
+            .context("training state has unreadable run settings")?;
+        saved_spec = Some(ModelSpec::from_checkpoint(
+            &saved.model,
+            saved.model_spec.as_deref(),
+        )?);
+        a = saved.into_args(epochs, json);
         a.out = Some(out.unwrap_or(dir.clone()));
         a.resume = Some(dir);
         resume_meta = Some(meta);
     }
+    let spec = match (saved_spec, &a.model_file) {
+        (Some(s), _) => s,
+        (None, Some(path)) => ModelSpec::File(ModelFile::from_path(path)?),
+        (None, None) => ModelSpec::zoo(&a.model)?,
+    };
+    a.model = spec.name().to_string();
     let cfg = config(&a);
     convnet::manual_seed(a.seed);
     let opts = FolderOptions {
@@ -198,7 +214,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     let shape = train_set.image_shape();
     let classes = train_set.classes().to_vec();
     let normalize = Normalize::default_for(shape[0]);
-    let model = convnet::models::build(&a.model, shape, classes.len())?;
+    let model = spec.build(shape, classes.len())?;
     let augment = a.augment.then_some(Augment {
         cutout: a.cutout,
         ..Augment::cifar()
@@ -265,7 +281,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             out.display()
         );
     }
-    let run_json = serde_json::to_string(&SavedRun::from_args(&a))?;
+    let run_json = serde_json::to_string(&SavedRun::from_args(&a, &spec))?;
     let mut last = None;
     let mut train_ips = Vec::new();
     let stop_at = a.stop_after.map_or(a.epochs, |s| s.min(a.epochs));
@@ -303,6 +319,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             normalize: normalize.clone(),
             epoch,
             step: trainer.step(),
+            model_spec: spec.model_spec(),
         };
         trainer.save_state(
             &state_path,
@@ -354,6 +371,8 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SavedRun {
     model: String,
+    #[serde(default)]
+    model_spec: Option<String>,
     data: Option<PathBuf>,
     batch_size: usize,
     optimizer: String,
@@ -374,10 +393,11 @@ struct SavedRun {
 }
 
 impl SavedRun {
-    fn from_args(a: &TrainArgs) -> Self {
+    fn from_args(a: &TrainArgs, spec: &ModelSpec) -> Self {
         let name = |v: &dyn ValueEnumName| v.name();
         SavedRun {
             model: a.model.clone(),
+            model_spec: spec.model_spec(),
             data: a
                 .data
                 .as_ref()
@@ -404,6 +424,7 @@ impl SavedRun {
     fn into_args(self, epochs: usize, json: bool) -> TrainArgs {
         TrainArgs {
             model: self.model,
+            model_file: None,
             data: self.data,
             epochs,
             batch_size: self.batch_size,

@@ -293,6 +293,8 @@ fn a_state_dict_exported_from_pytorch_predicts_like_pytorch() {
         "lenet5",
         "--weights",
         weights.to_str().unwrap(),
+        "--input",
+        "3x32x32",
         img.to_str().unwrap(),
         "--top-k",
         "10",
@@ -331,5 +333,111 @@ fn a_state_dict_exported_from_pytorch_predicts_like_pytorch() {
             weights.to_str().unwrap(),
         ],
         "is not a state_dict of seed-cnn",
+    );
+}
+
+#[test]
+fn a_model_file_trains_and_its_checkpoint_works_without_the_file() {
+    let dir = temp("model-file");
+    std::fs::create_dir_all(&dir).unwrap();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models");
+    let file = dir.join("net.toml");
+    std::fs::copy(examples.join("tutorial-cnn.toml"), &file).unwrap();
+    let run = dir.join("run");
+    let t = last_json(&convnet(&[
+        "train",
+        "--model-file",
+        file.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--limit-train",
+        "300",
+        "--limit-test",
+        "100",
+        "--out",
+        run.to_str().unwrap(),
+        "--json",
+    ]));
+    std::fs::remove_file(&file).unwrap();
+    let ckpt = run.join("model.safetensors");
+    let e = last_json(&convnet(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--limit-test",
+        "100",
+        "--json",
+    ]));
+    assert_eq!(e["accuracy"], t["test_accuracy"]);
+    let onnx = run.join("model.onnx");
+    let out = convnet(&[
+        "export",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--onnx",
+        onnx.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::metadata(&onnx).unwrap().len() > 4 * 545_098);
+    let out = convnet(&[
+        "summary",
+        "--model-file",
+        examples.join("small-resnet.toml").to_str().unwrap(),
+    ]);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("block2.downsample.0 (Conv2d)"), "{s}");
+    fails_with(
+        &["summary", "--model-file", "no/such/net.toml"],
+        "no/such/net.toml",
+    );
+    fails_with(
+        &["export", "--model", "seed-cnn", "--random-init"],
+        "--onnx FILE and/or --state-dict FILE",
+    );
+}
+
+#[test]
+fn pytorch_pt_files_load_through_the_cli_and_code_in_them_never_runs() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../convnet/tests/fixtures/pt");
+    let dir = temp("pt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("digit.png");
+    image::GrayImage::from_fn(28, 28, |x, y| image::Luma([((x * 9 + y * 5) % 256) as u8]))
+        .save(&img)
+        .unwrap();
+    for file in ["lenet5_state_dict.pt", "lenet5_checkpoint.pth"] {
+        let p = last_json(&convnet(&[
+            "predict",
+            "--model",
+            "lenet5",
+            "--weights",
+            fixtures.join(file).to_str().unwrap(),
+            img.to_str().unwrap(),
+            "--top-k",
+            "10",
+            "--json",
+        ]));
+        let top = p["predictions"][0]["top"].as_array().unwrap();
+        let total: f64 = top.iter().map(|t| t["probability"].as_f64().unwrap()).sum();
+        assert_eq!(top.len(), 10);
+        assert!(
+            (total - 1.0).abs() < 1e-5,
+            "{file}: probabilities sum to {total}"
+        );
+    }
+    fails_with(
+        &[
+            "predict",
+            "--model",
+            "lenet5",
+            "--weights",
+            fixtures.join("runs_code.pt").to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+        "refusing to load",
     );
 }

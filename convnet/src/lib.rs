@@ -33,6 +33,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod model_file;
 pub mod models;
 pub mod nn;
 pub mod onnx;

@@ -429,3 +429,85 @@ pub fn build(name: &str, input: [usize; 3], num_classes: usize) -> Result<Model>
         )),
     }
 }
+
+/// The architecture a command builds: a built-in one or a model file.
+#[derive(Clone, Debug)]
+pub enum ModelSpec {
+    /// A model-zoo architecture.
+    Zoo(&'static Architecture),
+    /// A network described in a TOML/JSON file.
+    File(crate::model_file::ModelFile),
+}
+
+impl ModelSpec {
+    /// A built-in architecture by name.
+    pub fn zoo(name: &str) -> Result<ModelSpec> {
+        Ok(ModelSpec::Zoo(architecture(name)?))
+    }
+
+    /// What a checkpoint was built from: `model_spec` metadata (a model file's contents) if
+    /// present, else the zoo architecture `architecture`.
+    ///
+    /// ```
+    /// let spec = convnet::models::ModelSpec::from_checkpoint("resnet20", None)?;
+    /// assert_eq!(spec.name(), "resnet20");
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn from_checkpoint(architecture: &str, model_spec: Option<&str>) -> Result<ModelSpec> {
+        match model_spec {
+            Some(json) => Ok(ModelSpec::File(crate::model_file::ModelFile::from_json(
+                json,
+                &format!("the model_spec of {architecture}"),
+            )?)),
+            None => ModelSpec::zoo(architecture),
+        }
+    }
+
+    /// The architecture's name (a model file's `name`).
+    pub fn name(&self) -> &str {
+        match self {
+            ModelSpec::Zoo(a) => a.name,
+            ModelSpec::File(f) => &f.name,
+        }
+    }
+
+    /// The model file's contents as JSON, to store in checkpoints; `None` for zoo models.
+    pub fn model_spec(&self) -> Option<String> {
+        match self {
+            ModelSpec::Zoo(_) => None,
+            ModelSpec::File(f) => Some(f.to_json()),
+        }
+    }
+
+    /// The input `[C, H, W]` the architecture is meant for, if it says.
+    pub fn default_input(&self) -> Option<[usize; 3]> {
+        match self {
+            ModelSpec::Zoo(a) => Some(a.default_input),
+            ModelSpec::File(f) => f.input,
+        }
+    }
+
+    /// The class count the architecture is meant for, if it says.
+    pub fn default_classes(&self) -> Option<usize> {
+        match self {
+            ModelSpec::Zoo(a) => Some(a.default_classes),
+            ModelSpec::File(f) => f.num_classes,
+        }
+    }
+
+    /// The input normalisation its weights expect for `channels` channels.
+    pub fn default_normalize(&self, channels: usize) -> Normalize {
+        match self {
+            ModelSpec::Zoo(a) => a.default_normalize(channels),
+            ModelSpec::File(_) => Normalize::default_for(channels),
+        }
+    }
+
+    /// Builds the network for inputs `[C, H, W]` and `num_classes` outputs.
+    pub fn build(&self, input: [usize; 3], num_classes: usize) -> Result<Model> {
+        match self {
+            ModelSpec::Zoo(a) => build(a.name, input, num_classes),
+            ModelSpec::File(f) => f.build(input, num_classes),
+        }
+    }
+}

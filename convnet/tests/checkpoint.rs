@@ -20,6 +20,7 @@ fn meta() -> CheckpointMeta {
         normalize: Normalize::cifar10(),
         epoch: 3,
         step: 1200,
+        model_spec: None,
     }
 }
 

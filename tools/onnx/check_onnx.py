@@ -1,6 +1,8 @@
 """Exports every zoo architecture with `convnet export --onnx` and runs the graph in ONNX
 Runtime on the interoperability fixtures: the ONNX logits must match the reference logits
-that convnet itself reproduces in `convnet/tests/zoo_vs_torch.rs`.
+that convnet itself reproduces in `convnet/tests/zoo_vs_torch.rs`. The example model files
+(examples/models) are exported with fresh weights and `--reference-io`, and ONNX Runtime
+must reproduce the logits convnet computed for that batch.
 
     pip install -r tools/onnx/requirements.txt
     python tools/onnx/check_onnx.py target/release/convnet          # committed fixtures
@@ -55,12 +57,28 @@ def read_safetensors(path):
 
 
 def check(convnet, directory, name, tmp):
+    """A zoo architecture with the fixture weights, against the fixture logits."""
     weights = os.path.join(directory, f"{name}.weights.safetensors")
     probe = read_safetensors(os.path.join(directory, f"{name}.probe.safetensors"))
-    x, want = probe["input"], probe["logits"]
+    x = probe["input"]
     model = os.path.join(tmp, f"{name}.onnx")
     cmd = [convnet, "export", "--model", name, "--weights", weights, "--input", "x".join(map(str, x.shape[1:])), "--onnx", model]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return compare(name, model, x, probe["logits"])
+
+
+def check_model_file(convnet, path, tmp):
+    """A model file with fresh weights, against convnet's own logits for a reference batch."""
+    name = os.path.basename(path)
+    model = os.path.join(tmp, f"{name}.onnx")
+    io = os.path.join(tmp, f"{name}.io.safetensors")
+    cmd = [convnet, "export", "--model-file", path, "--random-init", "--seed", "3", "--onnx", model, "--reference-io", io]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    ref = read_safetensors(io)
+    return compare(name, model, ref["input"], ref["logits"])
+
+
+def compare(name, model, x, want):
     try:
         import onnx
 
@@ -75,7 +93,7 @@ def check(convnet, directory, name, tmp):
     bound = TOL * np.abs(want) + TOL * scale
     worst = float((err / bound).max())
     status = "ok" if worst <= 1.0 else "MISMATCH"
-    print(f"{name:15s} {status:8s} max |onnx - ref| = {err.max():.2e} (max |ref| {scale:.2f}, {worst:.2f} of the bound); {checked}")
+    print(f"{name:18s} {status:8s} max |onnx - ref| = {err.max():.2e} (max |ref| {scale:.2f}, {worst:.1e} of the bound); {checked}")
     return worst <= 1.0
 
 
@@ -87,8 +105,11 @@ def main():
     if "--large" in sys.argv[2:]:
         jobs += [(os.path.join(FIXTURES, "zoo-large"), n) for n in LARGE]
     print(f"onnxruntime {ort.__version__}")
+    examples = os.path.join(ROOT, "examples", "models")
     with tempfile.TemporaryDirectory() as tmp:
         ok = all([check(convnet, d, n, tmp) for d, n in jobs])
+        files = sorted(os.listdir(examples))
+        ok = all([check_model_file(convnet, os.path.join(examples, f), tmp) for f in files]) and ok
     sys.exit(0 if ok else 1)
 
 

@@ -36,12 +36,15 @@ pub struct CheckpointMeta {
     pub epoch: usize,
     /// Completed optimizer steps.
     pub step: usize,
+    /// For a model built from a model file: the file's contents as JSON, so the checkpoint
+    /// rebuilds without the file.
+    pub model_spec: Option<String>,
 }
 
 impl CheckpointMeta {
     fn to_map(&self) -> HashMap<String, String> {
         let j = |v: serde_json::Value| v.to_string();
-        HashMap::from([
+        let mut m = HashMap::from([
             ("format".into(), "convnet-checkpoint".into()),
             ("format_version".into(), FORMAT_VERSION.to_string()),
             ("architecture".into(), self.architecture.clone()),
@@ -57,7 +60,11 @@ impl CheckpointMeta {
             ),
             ("epoch".into(), self.epoch.to_string()),
             ("step".into(), self.step.to_string()),
-        ])
+        ]);
+        if let Some(spec) = &self.model_spec {
+            m.insert("model_spec".into(), spec.clone());
+        }
+        m
     }
 
     fn from_map(path: &Path, m: &HashMap<String, String>) -> Result<Self> {
@@ -94,6 +101,7 @@ impl CheckpointMeta {
             },
             epoch: get("epoch")?.parse().map_err(|_| bad("epoch"))?,
             step: get("step")?.parse().map_err(|_| bad("step"))?,
+            model_spec: m.get("model_spec").cloned(),
         })
     }
 }

@@ -546,6 +546,9 @@ activation_layer!(
 activation_layer!(
     /// `nn.GELU` (exact form).
     GELU, "GELU", Activation::Gelu);
+activation_layer!(
+    /// `nn.GELU(approximate="tanh")`.
+    GELUTanh, "GELU", Activation::GeluTanh);
 
 /// `nn.LeakyReLU` with its negative slope (PyTorch default 0.01).
 #[derive(Clone, Copy, Debug)]

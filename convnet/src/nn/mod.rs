@@ -11,8 +11,8 @@ mod sequential;
 
 pub use init::{kaiming_uniform, uniform_bias};
 pub use layers::{
-    AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, Conv2dBuilder, Dropout, Flatten, LeakyReLU,
-    Linear, MaxPool2d, ReLU, ReLU6, Sigmoid, Softmax, Tanh, GELU,
+    AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, Conv2dBuilder, Dropout, Flatten, GELUTanh,
+    LeakyReLU, Linear, MaxPool2d, ReLU, ReLU6, Sigmoid, Softmax, Tanh, GELU,
 };
 pub use mobilenet::{conv_bn_relu6, InvertedResidual};
 pub use model::{Model, SummaryRow};

@@ -24,6 +24,12 @@ impl Sequential {
         self
     }
 
+    /// Appends an already boxed child under `name`.
+    pub fn add_boxed(mut self, name: impl Into<String>, layer: Box<dyn Module>) -> Self {
+        self.children.push((name.into(), layer));
+        self
+    }
+
     /// Appends a child named by its index, like `nn.Sequential(a, b, c)`.
     pub fn push(mut self, layer: impl Module + 'static) -> Self {
         let name = self.children.len().to_string();
