@@ -101,6 +101,7 @@ pub struct Loaded {
 /// model file) and plain weights.
 pub struct ModelSource<'a> {
     pub checkpoint: Option<&'a Path>,
+    pub pretrained: Option<&'a str>,
     pub model: Option<&'a str>,
     pub model_file: Option<&'a Path>,
     pub weights: Option<&'a Path>,
@@ -112,6 +113,17 @@ pub struct ModelSource<'a> {
 
 /// Loads a model from a checkpoint or from `--model NAME --weights FILE`.
 pub fn load_model(src: &ModelSource) -> Result<Loaded> {
+    if let Some(name) = src.pretrained {
+        let (tensors, meta) = crate::pretrained::load(name)?;
+        let spec = ModelSpec::from_checkpoint(&meta.architecture, meta.model_spec.as_deref())?;
+        let model = spec.build(meta.input_shape, meta.classes.len())?;
+        model.load_state_dict(&tensors, true)?;
+        return Ok(Loaded {
+            model,
+            meta,
+            source: PathBuf::from(format!("pretrained {name}")),
+        });
+    }
     let spec = match (src.model, src.model_file) {
         (Some(_), Some(_)) => bail!("give --model or --model-file, not both"),
         (Some(name), None) => Some(ModelSpec::zoo(name)?),

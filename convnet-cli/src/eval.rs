@@ -18,6 +18,9 @@ pub struct ModelArgs {
     /// A checkpoint written by `convnet train`.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
+    /// A pretrained model built into convnet (see `convnet models`), e.g. resnet20-cifar10.
+    #[arg(long, conflicts_with_all = ["checkpoint", "model", "model_file", "weights"])]
+    pretrained: Option<String>,
     /// Architecture of a plain state_dict given with --weights (e.g. exported from PyTorch).
     #[arg(long)]
     model: Option<String>,
@@ -38,6 +41,7 @@ impl ModelArgs {
     pub fn source(&self, classes: Option<Vec<String>>) -> Result<ModelSource<'_>> {
         Ok(ModelSource {
             checkpoint: self.checkpoint.as_deref(),
+            pretrained: self.pretrained.as_deref(),
             model: self.model.as_deref(),
             model_file: self.model_file.as_deref(),
             weights: self.weights.as_deref(),
@@ -270,6 +274,17 @@ pub fn run_models() -> Result<()> {
             format!("{c}x{h}x{w}"),
             arch.default_classes,
             arch.description
+        );
+    }
+    println!("\npretrained (--pretrained NAME): accuracy on the CIFAR-10 test set and on the bundled sample; how it was made");
+    for e in crate::pretrained::entries()? {
+        println!(
+            "  {:<17} {:<9} {:6.2}% {:6.2}%  {}",
+            e.name,
+            e.architecture,
+            100.0 * e.cifar10_test_accuracy,
+            100.0 * e.sample_test_accuracy,
+            e.command
         );
     }
     println!("\nInput size and class count follow the data when training; `convnet summary --model NAME --input CxHxW --num-classes N` shows any other size.");

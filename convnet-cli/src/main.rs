@@ -6,6 +6,7 @@ mod bench;
 mod common;
 mod eval;
 mod export;
+mod pretrained;
 mod train;
 
 use clap::{Parser, Subcommand};

@@ -441,3 +441,55 @@ fn pytorch_pt_files_load_through_the_cli_and_code_in_them_never_runs() {
         "refusing to load",
     );
 }
+
+/// Accuracy a shipped checkpoint may differ from its recorded score on the bundled sample:
+/// two of its 1,000 test images (the run is deterministic; this allows a near-tie to flip
+/// under another CPU's rounding).
+const PRETRAINED_MARGIN: f64 = 0.002;
+
+#[test]
+fn shipped_pretrained_models_reproduce_their_recorded_accuracy_offline() {
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../pretrained/manifest.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let entries = manifest.as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    let dir = temp("pretrained");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("plane.png");
+    image::RgbImage::from_fn(48, 40, |x, y| {
+        image::Rgb([120, 160 + (y % 40) as u8, 220 - (x % 60) as u8])
+    })
+    .save(&img)
+    .unwrap();
+    for e in entries {
+        let name = e["name"].as_str().unwrap();
+        let want = e["sample_test_accuracy"].as_f64().unwrap();
+        let got = last_json(&convnet(&["eval", "--pretrained", name, "--json"]));
+        let acc = got["accuracy"].as_f64().unwrap();
+        assert!(
+            (acc - want).abs() <= PRETRAINED_MARGIN,
+            "{name}: {acc} on the bundled sample, recorded {want}"
+        );
+        assert!(
+            e["cifar10_test_accuracy"].as_f64().unwrap() > 0.6,
+            "{name}: recorded CIFAR-10 accuracy"
+        );
+        let p = last_json(&convnet(&[
+            "predict",
+            "--pretrained",
+            name,
+            img.to_str().unwrap(),
+            "--json",
+        ]));
+        assert_eq!(p["predictions"][0]["top"].as_array().unwrap().len(), 3);
+    }
+    fails_with(
+        &["eval", "--pretrained", "resnet99-imagenet"],
+        "no pretrained model \"resnet99-imagenet\"; available: seed-cnn-cifar10, resnet20-cifar10",
+    );
+}

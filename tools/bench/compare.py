@@ -28,13 +28,13 @@ def torch_worker(args):
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, os.path.join(ROOT, "tools", "twin"))
-    from train_twin import MODELS
+    sys.path.insert(0, os.path.join(ROOT, "tools", "fixtures"))
+    import torch_zoo
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = MODELS[args.model]()
-    x = torch.randn(args.batch, 3, 32, 32)
+    model = torch_zoo.build(args.model, 10, (3, args.size, args.size))
+    x = torch.randn(args.batch, 3, args.size, args.size)
     y = torch.randint(0, 10, (args.batch,))
     if args.variant == "channels_last":
         model = model.to(memory_format=torch.channels_last)
@@ -75,6 +75,8 @@ def main():
     ap.add_argument("--model", default="seed-cnn")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--sizes", default="32", help="image sizes (same architecture), for the cost curve")
     ap.add_argument("--mode", default="train")
     ap.add_argument("--variant", default="eager")
     ap.add_argument("--warmup", type=int, default=5)
@@ -95,41 +97,43 @@ def main():
         for mode in args.modes.split(","):
             for batch in [int(b) for b in args.batches.split(",")]:
                 for threads in [int(t) for t in args.thread_counts.split(",")]:
-                    configs.append((model, mode, batch, threads))
+                    for size in [int(s) for s in args.sizes.split(",")]:
+                        configs.append((model, mode, batch, threads, size))
     variants = ["eager", "channels_last"] + (["compile"] if args.compile else [])
     results = {}
     for rnd in range(args.rounds):
-        for model, mode, batch, threads in configs:
-            steps = str(max(5, min(args.steps, int(3000 / batch))))
+        for model, mode, batch, threads, size in configs:
+            steps = str(max(5, min(args.steps, int(3000 * 1024 / (batch * size * size)))))
             runs = [("convnet", [args.convnet, "bench", "--model", model, "--batch-size", str(batch), "--threads", str(threads),
-                                 "--mode", mode, "--steps", steps, "--json"])]
+                                 "--mode", mode, "--steps", steps, "--input", f"3x{size}x{size}", "--json"])]
             for v in variants:
                 if v == "channels_last" and model == "seed-cnn":
                     continue
                 runs.append((f"torch-{v}", [sys.executable, __file__, "--worker", "torch", "--model", model, "--batch", str(batch),
-                                             "--threads", str(threads), "--mode", mode, "--variant", v, "--steps", steps]))
+                                             "--threads", str(threads), "--mode", mode, "--variant", v, "--steps", steps, "--size", str(size)]))
             if rnd % 2:
                 runs.reverse()
             for name, cmd in runs:
                 r = run(cmd)
-                results.setdefault((model, mode, batch, threads, name), []).append(r)
-                print(f"round {rnd + 1}: {model} {mode} b{batch} t{threads} {name}: {r['images_per_sec']:.0f} img/s", file=sys.stderr, flush=True)
+                results.setdefault((model, mode, batch, threads, size, name), []).append(r)
+                print(f"round {rnd + 1}: {model} {mode} b{batch} t{threads} {size}px {name}: {r['images_per_sec']:.0f} img/s", file=sys.stderr, flush=True)
 
     def med(key, field="images_per_sec"):
         v = results.get(key)
         return statistics.median(r[field] for r in v) if v else None
 
-    print(f"| model | mode | batch | threads | convnet img/s | PyTorch eager | channels-last | {'compiled | ' if args.compile else ''}ratio vs eager | ratio vs best torch | RSS convnet / torch (MiB) |")
-    print(f"|---|---|---|---|---|---|---|{'---|' if args.compile else ''}---|---|---|")
-    for model, mode, batch, threads in configs:
-        c = med((model, mode, batch, threads, "convnet"))
-        e = med((model, mode, batch, threads, "torch-eager"))
-        cl = med((model, mode, batch, threads, "torch-channels_last"))
-        co = med((model, mode, batch, threads, "torch-compile"))
+    print(f"| model | mode | batch | threads | image | convnet img/s | PyTorch eager | channels-last | {'compiled | ' if args.compile else ''}ratio vs eager | ratio vs best torch | RSS convnet / torch (MiB) |")
+    print(f"|---|---|---|---|---|---|---|---|{'---|' if args.compile else ''}---|---|---|")
+    for model, mode, batch, threads, size in configs:
+        k = (model, mode, batch, threads, size)
+        c = med(k + ("convnet",))
+        e = med(k + ("torch-eager",))
+        cl = med(k + ("torch-channels_last",))
+        co = med(k + ("torch-compile",))
         best = max(v for v in [e, cl, co] if v)
         fmt = lambda v: f"{v:.0f}" if v else "—"
-        rc, rt = med((model, mode, batch, threads, "convnet"), "peak_rss_mib"), med((model, mode, batch, threads, "torch-eager"), "peak_rss_mib")
-        print(f"| {model} | {mode} | {batch} | {threads} | {fmt(c)} | {fmt(e)} | {fmt(cl)} | {fmt(co) + ' | ' if args.compile else ''}{c / e:.2f}x | {c / best:.2f}x | {rc:.0f} / {rt:.0f} |")
+        rc, rt = med(k + ("convnet",), "peak_rss_mib"), med(k + ("torch-eager",), "peak_rss_mib")
+        print(f"| {model} | {mode} | {batch} | {threads} | {size} | {fmt(c)} | {fmt(e)} | {fmt(cl)} | {fmt(co) + ' | ' if args.compile else ''}{c / e:.2f}x | {c / best:.2f}x | {rc:.0f} / {rt:.0f} |")
 
 
 if __name__ == "__main__":

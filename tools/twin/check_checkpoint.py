@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from train_twin import MODELS, read_folder_archive
+from train_twin import read_folder_archive
+import torch_zoo  # noqa: E402  (importable once train_twin is)
 
 ckpt, data = sys.argv[1], sys.argv[2]
 with safe_open(ckpt, "pt") as f:
     meta = f.metadata()
-model = MODELS[meta["architecture"]](len(json.loads(meta["classes"])))
+model = torch_zoo.build(meta["architecture"], len(json.loads(meta["classes"])), json.loads(meta["input_shape"]))
 missing = model.load_state_dict(load_file(ckpt), strict=True)
 model.eval()
 x, y, _ = read_folder_archive(data)

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import sys
 import tarfile
 import time
 
@@ -22,6 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures"))
+import torch_zoo  # noqa: E402
 
 
 def read_folder_archive(path):
@@ -38,61 +42,9 @@ def read_folder_archive(path):
     return x.transpose(0, 3, 1, 2).copy(), y, classes
 
 
-class SeedCNN(nn.Module):
-    def __init__(self, classes=10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.fc1 = nn.Linear(64 * 8 * 8, 128)
-        self.fc2 = nn.Linear(128, classes)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
-
-
-class Block(nn.Module):
-    def __init__(self, inp, planes, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inp, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.pad = (planes - inp) // 2 if (stride != 1 or inp != planes) else None
-        self.stride = stride
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        short = x if self.pad is None else F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.pad, self.pad))
-        return F.relu(out + short)
-
-
-class ResNet20(nn.Module):
-    """Same state_dict names as convnet's resnet20."""
-
-    def __init__(self, classes=10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        inp, layers = 16, []
-        for stage, planes in enumerate([16, 32, 64]):
-            blocks = []
-            for b in range(3):
-                blocks.append(Block(inp, planes, 2 if stage > 0 and b == 0 else 1))
-                inp = planes
-            layers.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = layers
-        self.fc = nn.Linear(64, classes)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-MODELS = {"seed-cnn": SeedCNN, "resnet20": ResNet20}
+def build_model(name, classes=10):
+    """The PyTorch twin of a convnet zoo architecture (tools/fixtures/torch_zoo.py)."""
+    return torch_zoo.build(name, classes)
 
 
 def augment(x, gen):
@@ -134,7 +86,7 @@ def main():
     xtr, xte = norm(xtr).to(dev), norm(xte).to(dev)
     ytr, yte = torch.from_numpy(ytr).to(dev), torch.from_numpy(yte).to(dev)
     print(f"data: {len(ytr)} train, {len(yte)} test, {time.time() - t0:.1f}s", flush=True)
-    model = MODELS[args.model]().to(dev)
+    model = build_model(args.model).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay)
     steps = math.ceil(len(ytr) / args.batch_size)
     sched = None

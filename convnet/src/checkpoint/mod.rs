@@ -215,8 +215,16 @@ pub fn load_tensors(path: &Path) -> Result<(NamedTensors, HashMap<String, String
         path: path.to_path_buf(),
         source: e,
     })?;
+    tensors_from_bytes(path, &bytes)
+}
+
+/// [`load_tensors`] for a file already in memory; `path` names it in errors.
+pub fn tensors_from_bytes(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<(NamedTensors, HashMap<String, String>)> {
     if bytes.starts_with(b"PK\x03\x04") {
-        return Ok((torch_file::load(path, &bytes)?, HashMap::new()));
+        return Ok((torch_file::load(path, bytes)?, HashMap::new()));
     }
     if bytes.starts_with(&[0x80, 0x02]) {
         return Err(Error::Format {
@@ -230,9 +238,9 @@ pub fn load_tensors(path: &Path) -> Result<(NamedTensors, HashMap<String, String
         msg: format!("not a valid safetensors file ({e}); it may be truncated or corrupt — re-export or re-download it"),
     }
     };
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(corrupt)?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(corrupt)?;
     let meta = header.metadata().clone().unwrap_or_default();
-    let st = SafeTensors::deserialize(&bytes).map_err(corrupt)?;
+    let st = SafeTensors::deserialize(bytes).map_err(corrupt)?;
     let mut out = Vec::new();
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
@@ -278,7 +286,17 @@ pub fn load_tensors(path: &Path) -> Result<(NamedTensors, HashMap<String, String
 
 /// Loads a checkpoint written by [`save_checkpoint`].
 pub fn load_checkpoint(path: &Path) -> Result<(NamedTensors, CheckpointMeta)> {
-    let (tensors, meta) = load_tensors(path)?;
+    let bytes = std::fs::read(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    checkpoint_from_bytes(path, &bytes)
+}
+
+/// [`load_checkpoint`] for a file already in memory (e.g. weights built into a program);
+/// `path` names it in errors.
+pub fn checkpoint_from_bytes(path: &Path, bytes: &[u8]) -> Result<(NamedTensors, CheckpointMeta)> {
+    let (tensors, meta) = tensors_from_bytes(path, bytes)?;
     if meta.get("format").map(String::as_str) != Some("convnet-checkpoint") {
         return Err(Error::Format {
             path: path.to_path_buf(),
