@@ -28,9 +28,8 @@ pub fn set_threads(threads: usize) -> Result<()> {
 /// Checks the requested device.
 pub fn check_device(spec: &str) -> Result<Device> {
     let d = Device::parse(spec).with_context(|| format!("--device {spec}"))?;
-    if d != Device::Cpu {
-        bail!("device {d} is not supported by this build");
-    }
+    d.ensure_supported()
+        .with_context(|| format!("--device {spec}"))?;
     Ok(d)
 }
 

@@ -198,6 +198,7 @@ fn mistakes_end_with_a_message_and_a_non_zero_status() {
         &["train", "--model", "vgg99", "--epochs", "1"],
         "unknown model",
     );
+    #[cfg(not(feature = "cuda"))]
     fails_with(
         &["train", "--device", "cuda", "--epochs", "1"],
         "built without CUDA",
@@ -491,5 +492,31 @@ fn shipped_pretrained_models_reproduce_their_recorded_accuracy_offline() {
     fails_with(
         &["eval", "--pretrained", "resnet99-imagenet"],
         "no pretrained model \"resnet99-imagenet\"; available: seed-cnn-cifar10, resnet20-cifar10",
+    );
+}
+
+/// With the `cuda` feature on a machine without the NVIDIA driver, asking for a GPU is a
+/// readable error (cudarc's loader would panic; convnet probes first). On a machine with a
+/// GPU, the device is found and the missing kernels are named instead.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_build_without_a_driver_says_why_instead_of_panicking() {
+    let out = Command::new(env!("CARGO_BIN_EXE_convnet"))
+        .args(["train", "--device", "cuda:0", "--epochs", "1"])
+        .env("CONVNET_CUDA_LIB_DIR", "/nonexistent-cuda-libs")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("CUDA unavailable: cannot load the NVIDIA driver library libcuda.so.1")
+            && stderr.contains("CONVNET_CUDA_LIB_DIR")
+            || stderr.contains("CUDA kernels are not written yet"),
+        "{stderr}"
+    );
+    fails_with(
+        &["train", "--device", "cuda:7", "--epochs", "1"],
+        "CUDA unavailable",
     );
 }

@@ -11,7 +11,11 @@ use std::fmt;
 /// ```
 /// use convnet::Device;
 /// assert_eq!(Device::parse("cpu").unwrap(), Device::Cpu);
-/// assert!(Device::cuda(0).is_err()); // built without the `cuda` feature
+/// // Without the `cuda` feature, or without a GPU, asking for one is an error that says why.
+/// match Device::cuda(0) {
+///     Ok(gpu) => println!("using {gpu}"),
+///     Err(e) => println!("staying on the CPU: {e}"),
+/// }
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Device {
@@ -23,10 +27,20 @@ pub enum Device {
 }
 
 impl Device {
-    /// The CUDA device with the given ordinal, if this build and machine can provide it.
+    /// The CUDA device with the given ordinal, if this build and machine can provide it:
+    /// [`Error::CudaNotBuilt`] without the `cuda` feature, [`Error::CudaUnavailable`] with
+    /// the reason when the driver or the device is missing.
     pub fn cuda(ordinal: usize) -> Result<Device> {
-        let _ = ordinal;
-        Err(Error::CudaNotBuilt)
+        #[cfg(feature = "cuda")]
+        {
+            crate::backend::cuda::probe(ordinal)?;
+            Ok(Device::Cuda(ordinal))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = ordinal;
+            Err(Error::CudaNotBuilt)
+        }
     }
 
     /// Parses `cpu`, `cuda` or `cuda:N`, checking that the device is usable.
@@ -44,10 +58,15 @@ impl Device {
         }
     }
 
-    /// Fails unless this device can run kernels in this build.
-    pub(crate) fn ensure_supported(self) -> Result<()> {
+    /// Fails unless tensors can live and kernels can run on this device in this build.
+    pub fn ensure_supported(self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => Err(Error::CudaUnavailable(format!(
+                "cuda:{n} was found, but convnet's CUDA kernels are not written yet; use --device cpu"
+            ))),
+            #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => Err(Error::CudaNotBuilt),
         }
     }

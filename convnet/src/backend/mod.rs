@@ -2,3 +2,6 @@
 //! trust their callers (the tensor ops) to have validated shapes.
 
 pub mod cpu;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;

@@ -1,0 +1,121 @@
+//! The CUDA backend (cargo feature `cuda`), on `cudarc` with run-time library loading: a
+//! build needs no CUDA installation, and a machine without a GPU gets an error, never a
+//! panic.
+//!
+//! What exists so far is device discovery: finding the NVIDIA driver library (`libcuda`),
+//! counting devices and opening a context. The kernels (cuDNN convolutions, cuBLAS GEMMs,
+//! NVRTC-compiled element-wise kernels) are not written yet, so tensors cannot live on a
+//! CUDA device and asking for one says so.
+//!
+//! Library discovery: `CONVNET_CUDA_LIB_DIR` (a folder holding `libcuda.so.1`, and later
+//! cuDNN, cuBLAS and NVRTC), then the dynamic loader's usual search (`LD_LIBRARY_PATH`,
+//! the system library folders).
+
+use crate::error::{Error, Result};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// Environment variable naming a folder with the CUDA libraries.
+pub const LIB_DIR_VAR: &str = "CONVNET_CUDA_LIB_DIR";
+
+/// File names under which the driver library is looked up, most specific first.
+const DRIVER_NAMES: [&str; 2] = ["libcuda.so.1", "libcuda.so"];
+
+/// What a successful probe found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The ordinal asked for.
+    pub ordinal: usize,
+    /// The device's name as the driver reports it.
+    pub name: String,
+    /// How many CUDA devices the machine has.
+    pub count: usize,
+}
+
+fn unavailable(reason: impl Into<String>) -> Error {
+    Error::CudaUnavailable(reason.into())
+}
+
+/// Loads the driver library once and keeps it loaded, so that cudarc's own loader (which
+/// panics when it finds nothing) later finds it by its `libcuda.so.1` name.
+fn load_driver() -> Result<()> {
+    static DRIVER: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    DRIVER
+        .get_or_init(|| {
+            let dir = std::env::var_os(LIB_DIR_VAR).map(PathBuf::from);
+            let mut tried = Vec::new();
+            for name in DRIVER_NAMES {
+                let candidates = match &dir {
+                    Some(d) => vec![d.join(name), PathBuf::from(name)],
+                    None => vec![PathBuf::from(name)],
+                };
+                for path in candidates {
+                    // SAFETY: loading the NVIDIA driver runs its initialisers, which is what
+                    // every CUDA program does; nothing else is called here.
+                    match unsafe { libloading::Library::new(&path) } {
+                        Ok(lib) => {
+                            // Keep the driver loaded for the life of the process.
+                            std::mem::forget(lib);
+                            return Ok(());
+                        }
+                        Err(e) => {
+                            let why = std::error::Error::source(&e)
+                                .map_or_else(|| e.to_string(), |s| s.to_string());
+                            tried.push(format!("{}: {why}", path.display()))
+                        }
+                    }
+                }
+            }
+            Err(format!(
+                "cannot load the NVIDIA driver library libcuda.so.1 ({}); install the NVIDIA driver, or set {LIB_DIR_VAR} or LD_LIBRARY_PATH to the folder that holds it",
+                tried.first().map(String::as_str).unwrap_or("not found")
+            ))
+        })
+        .clone()
+        .map_err(unavailable)
+}
+
+/// Runs a cudarc call, turning a panic inside it into an error.
+fn contained<T>(what: &str, f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T> {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let out = std::panic::catch_unwind(f);
+    std::panic::set_hook(previous);
+    out.map_err(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown failure".into());
+        unavailable(format!("{what}: {msg}"))
+    })
+}
+
+/// Finds CUDA device `ordinal`: the driver library, the device count, a context and the
+/// device name. Every failure is [`Error::CudaUnavailable`] with the reason.
+pub fn probe(ordinal: usize) -> Result<DeviceInfo> {
+    load_driver()?;
+    let count = contained(
+        "counting CUDA devices",
+        cudarc::driver::CudaContext::device_count,
+    )?
+    .map_err(|e| unavailable(format!("the CUDA driver cannot count devices: {e:?}")))?;
+    let count = usize::try_from(count).unwrap_or(0);
+    if ordinal >= count {
+        return Err(unavailable(format!(
+            "cuda:{ordinal} does not exist: this machine has {count} CUDA device(s)"
+        )));
+    }
+    let ctx = contained("opening a CUDA context", || {
+        cudarc::driver::CudaContext::new(ordinal)
+    })?
+    .map_err(|e| unavailable(format!("cannot open cuda:{ordinal}: {e:?}")))?;
+    let name = ctx
+        .name()
+        .map_err(|e| unavailable(format!("cannot query cuda:{ordinal}: {e:?}")))?;
+    Ok(DeviceInfo {
+        ordinal,
+        name,
+        count,
+    })
+}
