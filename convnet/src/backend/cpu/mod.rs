@@ -5,6 +5,8 @@
 
 pub mod activation;
 pub mod conv;
+#[cfg(target_arch = "x86_64")]
+pub mod conv_direct;
 pub mod elementwise;
 pub mod loss;
 pub mod matmul;

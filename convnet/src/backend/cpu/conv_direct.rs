@@ -1,0 +1,323 @@
+//! Direct 3x3, stride-1, padding-1 convolution with AVX-512: the shape of every convolution
+//! in a CIFAR ResNet's stages (and, through the flipped-kernel form, of their input
+//! gradients). Mirrors `torch.nn.functional.conv2d(x, w, b, stride=1, padding=1)`.
+//!
+//! Legend: N batch, C input channels, H/W input size (= OH/OW output size), K output
+//! channels. Layouts: input `[N, C, H, W]`, weight `[K, C, 3, 3]`, output `[N, K, H, W]`.
+//!
+//! Method: each image is copied into a zero-bordered buffer `[C, H+2, W+2]`, so no tap
+//! needs a bounds check. Output is produced in blocks of 4 output channels x 4 tiles, a tile
+//! being 16 consecutive outputs of one row (one 512-bit register): 16 accumulators stay in
+//! registers while the loop runs over C and the 9 taps, loading each input vector once for
+//! 4 output channels (the weights are packed so that those 4 are adjacent). im2col + GEMM
+//! spends its time writing and re-reading a 9x larger matrix and runs a GEMM whose M is only
+//! K; this kernel does neither. Used when W is a multiple of 16, or 8 with an even H (two
+//! rows per register), and K a multiple of 4, on CPUs with AVX-512F/DQ; everything else
+//! takes the im2col path.
+
+use super::conv::ConvGeom;
+use rayon::prelude::*;
+use std::arch::x86_64::*;
+
+/// Output channels per block.
+const OCB: usize = 4;
+/// Output vectors (16 outputs each) per block.
+const TILES: usize = 4;
+const LANES: usize = 16;
+
+/// True when this kernel computes `conv2d_forward` for `g` on this CPU.
+pub fn applies(g: &ConvGeom) -> bool {
+    g.kh == 3
+        && g.kw == 3
+        && g.stride == (1, 1)
+        && g.dilation == (1, 1)
+        && g.padding == (1, 1)
+        && g.groups == 1
+        && g.k % OCB == 0
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && (g.ow % LANES == 0
+            || (g.ow == LANES / 2
+                && g.oh % 2 == 0
+                && std::arch::is_x86_feature_detected!("avx512dq")))
+}
+
+/// Where the 16 outputs of a tile are. Rows at least 16 wide are cut into 16-wide tiles;
+/// 8-wide rows are paired, a tile holding two consecutive rows (contiguous in the output,
+/// two 8-float pieces in the padded input).
+#[derive(Clone, Copy)]
+struct Tiles {
+    per_row: usize,
+    paired: bool,
+    ow: usize,
+    pw: usize,
+}
+
+impl Tiles {
+    fn new(g: &ConvGeom) -> Self {
+        Tiles {
+            per_row: (g.ow / LANES).max(1),
+            paired: g.ow < LANES,
+            ow: g.ow,
+            pw: g.w + 2,
+        }
+    }
+    fn count(&self, oh: usize) -> usize {
+        if self.paired {
+            oh / 2
+        } else {
+            oh * self.per_row
+        }
+    }
+    /// (offset of the tile's top-left tap in a padded plane, offset of its first output).
+    fn offsets(&self, t: usize) -> (usize, usize) {
+        if self.paired {
+            (2 * t * self.pw, 2 * t * self.ow)
+        } else {
+            let (r, v) = (t / self.per_row, t % self.per_row);
+            (r * self.pw + v * LANES, r * self.ow + v * LANES)
+        }
+    }
+    /// Loads a tile's 16 inputs at `p` (a tap's position for the tile).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    unsafe fn load(&self, p: *const f32) -> __m512 {
+        if self.paired {
+            let lo = _mm256_loadu_ps(p);
+            let hi = _mm256_loadu_ps(p.add(self.pw));
+            _mm512_insertf32x8::<1>(_mm512_castps256_ps512(lo), hi)
+        } else {
+            _mm512_loadu_ps(p)
+        }
+    }
+}
+
+/// `w [K, C, 3, 3]` -> `[K/4, C, 9, 4]`: the 4 output channels of a block side by side.
+fn pack_weights(w: &[f32], g: &ConvGeom) -> Vec<f32> {
+    let mut p = vec![0f32; w.len()];
+    for kb in 0..g.k / OCB {
+        for c in 0..g.c {
+            for tap in 0..9 {
+                for o in 0..OCB {
+                    p[((kb * g.c + c) * 9 + tap) * OCB + o] = w[((kb * OCB + o) * g.c + c) * 9 + tap];
+                }
+            }
+        }
+    }
+    p
+}
+
+/// `y = conv2d(x, w) + bias` for geometries where [`applies`] holds.
+pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, y: &mut [f32]) {
+    assert!(applies(g), "conv_direct::forward called for {g:?}");
+    let packed = pack_weights(w, g);
+    let (pw, ph) = (g.w + 2, g.h + 2);
+    let in_image = g.c * g.h * g.w;
+    let out_image = g.k * g.oh * g.ow;
+    y.par_chunks_mut(out_image)
+        .zip(x.par_chunks(in_image))
+        .for_each_init(
+            // One zero-bordered image per worker; only the interior is ever written.
+            || vec![0f32; g.c * ph * pw],
+            |xp, (y_img, x_img)| {
+                pad_image(x_img, g, xp);
+                // SAFETY: `applies` checked that the CPU has AVX-512F; the buffers have the
+                // sizes the geometry gives (checked by the asserts inside).
+                unsafe { forward_image(xp, &packed, bias, g, y_img) };
+            },
+        );
+}
+
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn forward_image(xp: &[f32], wp: &[f32], bias: Option<&[f32]>, g: &ConvGeom, y: &mut [f32]) {
+    let plane = (g.h + 2) * (g.w + 2);
+    let map = Tiles::new(g);
+    let tiles = map.count(g.oh);
+    assert!(xp.len() >= g.c * plane && wp.len() == g.k * g.c * 9 && y.len() == g.k * g.oh * g.ow);
+    if let Some(b) = bias {
+        assert!(b.len() == g.k);
+    }
+    for kb in 0..g.k / OCB {
+        let w_block = &wp[kb * g.c * 9 * OCB..(kb + 1) * g.c * 9 * OCB];
+        let b4: [f32; OCB] = match bias {
+            Some(b) => [b[kb * OCB], b[kb * OCB + 1], b[kb * OCB + 2], b[kb * OCB + 3]],
+            None => [0.0; OCB],
+        };
+        let mut t0 = 0;
+        while t0 + TILES <= tiles {
+            block::<TILES>(xp, w_block, g, map, t0, b4, kb, y);
+            t0 += TILES;
+        }
+        while t0 < tiles {
+            block::<1>(xp, w_block, g, map, t0, b4, kb, y);
+            t0 += 1;
+        }
+    }
+}
+
+/// Computes `T` tiles starting at tile `t0` for output channels `kb*4 .. kb*4+4`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn block<const T: usize>(
+    xp: &[f32],
+    w_block: &[f32],
+    g: &ConvGeom,
+    map: Tiles,
+    t0: usize,
+    b4: [f32; OCB],
+    kb: usize,
+    y: &mut [f32],
+) {
+    let pw = g.w + 2;
+    let plane = (g.h + 2) * pw;
+    let mut acc = [[_mm512_setzero_ps(); T]; OCB];
+    for (o, row) in acc.iter_mut().enumerate() {
+        *row = [_mm512_set1_ps(b4[o]); T];
+    }
+    // Offset of each tile's first input element (top-left tap) in a padded plane.
+    let mut offs = [0usize; T];
+    for (t, off) in offs.iter_mut().enumerate() {
+        *off = map.offsets(t0 + t).0;
+    }
+    let xb = xp.as_ptr();
+    let wb = w_block.as_ptr();
+    for c in 0..g.c {
+        // SAFETY: every load reads 16 floats starting at most at (H+1)*pw + W - 16 + 2 +
+        // c*plane, inside the padded image; weights stay inside the block.
+        let xc = xb.add(c * plane);
+        let wc = wb.add(c * 9 * OCB);
+        for kh in 0..3 {
+            for kw in 0..3 {
+                let tap = kh * 3 + kw;
+                let w0 = _mm512_set1_ps(*wc.add(tap * OCB));
+                let w1 = _mm512_set1_ps(*wc.add(tap * OCB + 1));
+                let w2 = _mm512_set1_ps(*wc.add(tap * OCB + 2));
+                let w3 = _mm512_set1_ps(*wc.add(tap * OCB + 3));
+                for t in 0..T {
+                    let xv = map.load(xc.add(offs[t] + kh * pw + kw));
+                    acc[0][t] = _mm512_fmadd_ps(w0, xv, acc[0][t]);
+                    acc[1][t] = _mm512_fmadd_ps(w1, xv, acc[1][t]);
+                    acc[2][t] = _mm512_fmadd_ps(w2, xv, acc[2][t]);
+                    acc[3][t] = _mm512_fmadd_ps(w3, xv, acc[3][t]);
+                }
+            }
+        }
+    }
+    let ohw = g.oh * g.ow;
+    let yp = y.as_mut_ptr();
+    for (o, row) in acc.iter().enumerate() {
+        for (t, v) in row.iter().enumerate() {
+            // SAFETY: a tile's 16 outputs are contiguous and inside channel kb*4+o.
+            _mm512_storeu_ps(yp.add((kb * OCB + o) * ohw + map.offsets(t0 + t).1), *v);
+        }
+    }
+}
+
+/// Copies image `x_img [C, H, W]` into the interior of the zero-bordered `xp [C, H+2, W+2]`.
+fn pad_image(x_img: &[f32], g: &ConvGeom, xp: &mut [f32]) {
+    let (pw, ph) = (g.w + 2, g.h + 2);
+    for c in 0..g.c {
+        for r in 0..g.h {
+            let src = &x_img[(c * g.h + r) * g.w..(c * g.h + r + 1) * g.w];
+            let at = c * ph * pw + (r + 1) * pw + 1;
+            xp[at..at + g.w].copy_from_slice(src);
+        }
+    }
+}
+
+/// `dw = conv2d_weight_grad(x, dy)` summed over the batch, for geometries where [`applies`]
+/// holds. For each pair of output channels and each input channel, 18 vector accumulators
+/// (2 channels x 9 taps) run over every output tile of a thread's images, each loaded `dy`
+/// vector serving 9 taps and each input vector 2 channels; the lanes are summed once at the
+/// end. Threads take contiguous runs of images and add their partial sums.
+pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
+    assert!(applies(g), "conv_direct::backward_weight called for {g:?}");
+    let plane = (g.h + 2) * (g.w + 2);
+    let in_image = g.c * g.h * g.w;
+    let out_image = g.k * g.oh * g.ow;
+    let chunk = g.n.div_ceil(rayon::current_num_threads()).max(1);
+    let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(chunk))
+        .into_par_iter()
+        .map(|part| {
+            let images = part * chunk..((part + 1) * chunk).min(g.n);
+            let count = images.len();
+            let mut xp = vec![0f32; count * g.c * plane];
+            for (i, n) in images.clone().enumerate() {
+                pad_image(
+                    &x[n * in_image..(n + 1) * in_image],
+                    g,
+                    &mut xp[i * g.c * plane..(i + 1) * g.c * plane],
+                );
+            }
+            let mut lanes = vec![0f32; g.k * g.c * 9 * LANES];
+            // Images are taken a few at a time, as many as keep their inputs and output
+            // gradients within about 256 KiB (L2), so each (channel pair, input channel)
+            // pass reads from cache while its accumulators span several images.
+            let per_image_bytes = 4 * (g.c * plane + out_image);
+            let group = (256 * 1024 / per_image_bytes).clamp(1, count.max(1));
+            for first in (0..count).step_by(group) {
+                let last = (first + group).min(count);
+                let xs = &xp[first * g.c * plane..last * g.c * plane];
+                let dys = &dy[(images.start + first) * out_image..(images.start + last) * out_image];
+                // SAFETY: `applies` checked AVX-512F/DQ; sizes are asserted inside.
+                unsafe { weight_images(xs, dys, last - first, g, &mut lanes) };
+            }
+            lanes
+        })
+        .collect();
+    for (i, d) in dw.iter_mut().enumerate() {
+        let mut s = 0f64;
+        for p in &partials {
+            s += p[i * LANES..(i + 1) * LANES]
+                .iter()
+                .map(|&v| v as f64)
+                .sum::<f64>();
+        }
+        *d = s as f32;
+    }
+}
+
+/// Adds to the lane partial sums `lanes [K, C, 9, 16]` the weight gradient of `count` images:
+/// padded inputs `xp [count, C, H+2, W+2]`, output gradients `dys [count, K, OH, OW]`.
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn weight_images(xp: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lanes: &mut [f32]) {
+    let pw = g.w + 2;
+    let plane = (g.h + 2) * pw;
+    let ohw = g.oh * g.ow;
+    let map = Tiles::new(g);
+    let tiles = map.count(g.oh);
+    assert!(xp.len() == count * g.c * plane && dys.len() == count * g.k * ohw);
+    assert!(lanes.len() == g.k * g.c * 9 * LANES && g.k % 2 == 0);
+    let (xb, db) = (xp.as_ptr(), dys.as_ptr());
+    for kp in 0..g.k / 2 {
+        for c in 0..g.c {
+            let mut acc = [[_mm512_setzero_ps(); 9]; 2];
+            for n in 0..count {
+                let xc = xb.add((n * g.c + c) * plane);
+                let d0p = db.add((n * g.k + 2 * kp) * ohw);
+                let d1p = d0p.add(ohw);
+                for t in 0..tiles {
+                    let (xo, o) = map.offsets(t);
+                    // SAFETY: o + 16 <= OH*OW; the input loads stay inside the padded
+                    // plane (see `block`).
+                    let d0 = _mm512_loadu_ps(d0p.add(o));
+                    let d1 = _mm512_loadu_ps(d1p.add(o));
+                    let base = xc.add(xo);
+                    for kh in 0..3 {
+                        for kw in 0..3 {
+                            let xv = map.load(base.add(kh * pw + kw));
+                            acc[0][kh * 3 + kw] = _mm512_fmadd_ps(d0, xv, acc[0][kh * 3 + kw]);
+                            acc[1][kh * 3 + kw] = _mm512_fmadd_ps(d1, xv, acc[1][kh * 3 + kw]);
+                        }
+                    }
+                }
+            }
+            for (o, taps) in acc.iter().enumerate() {
+                for (tap, v) in taps.iter().enumerate() {
+                    let p = lanes.as_mut_ptr().add((((2 * kp + o) * g.c + c) * 9 + tap) * LANES);
+                    _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *v));
+                }
+            }
+        }
+    }
+}
