@@ -630,7 +630,10 @@ mod direct_tests {
             let check = |got: &[f32], want: &[f32], what: &str| {
                 let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
                 for (i, (a, e)) in got.iter().zip(want).enumerate() {
-                    assert!((a - e).abs() <= 1e-5 * (e.abs() + rms), "{g:?} {what}[{i}]: {a} vs {e}");
+                    assert!(
+                        (a - e).abs() <= 1e-5 * (e.abs() + rms),
+                        "{g:?} {what}[{i}]: {a} vs {e}"
+                    );
                 }
             };
             let mut y = vec![7.0; y_ref.len()];

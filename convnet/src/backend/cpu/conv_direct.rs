@@ -98,7 +98,8 @@ fn pack_weights(w: &[f32], g: &ConvGeom) -> Vec<f32> {
         for c in 0..g.c {
             for tap in 0..9 {
                 for o in 0..OCB {
-                    p[((kb * g.c + c) * 9 + tap) * OCB + o] = w[((kb * OCB + o) * g.c + c) * 9 + tap];
+                    p[((kb * g.c + c) * 9 + tap) * OCB + o] =
+                        w[((kb * OCB + o) * g.c + c) * 9 + tap];
                 }
             }
         }
@@ -139,7 +140,12 @@ unsafe fn forward_image(xp: &[f32], wp: &[f32], bias: Option<&[f32]>, g: &ConvGe
     for kb in 0..g.k / OCB {
         let w_block = &wp[kb * g.c * 9 * OCB..(kb + 1) * g.c * 9 * OCB];
         let b4: [f32; OCB] = match bias {
-            Some(b) => [b[kb * OCB], b[kb * OCB + 1], b[kb * OCB + 2], b[kb * OCB + 3]],
+            Some(b) => [
+                b[kb * OCB],
+                b[kb * OCB + 1],
+                b[kb * OCB + 2],
+                b[kb * OCB + 3],
+            ],
             None => [0.0; OCB],
         };
         let mut t0 = 0;
@@ -258,7 +264,8 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
             for first in (0..count).step_by(group) {
                 let last = (first + group).min(count);
                 let xs = &xp[first * g.c * plane..last * g.c * plane];
-                let dys = &dy[(images.start + first) * out_image..(images.start + last) * out_image];
+                let dys =
+                    &dy[(images.start + first) * out_image..(images.start + last) * out_image];
                 // SAFETY: `applies` checked AVX-512F/DQ; sizes are asserted inside.
                 unsafe { weight_images(xs, dys, last - first, g, &mut lanes) };
             }
@@ -314,7 +321,9 @@ unsafe fn weight_images(xp: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lan
             }
             for (o, taps) in acc.iter().enumerate() {
                 for (tap, v) in taps.iter().enumerate() {
-                    let p = lanes.as_mut_ptr().add((((2 * kp + o) * g.c + c) * 9 + tap) * LANES);
+                    let p = lanes
+                        .as_mut_ptr()
+                        .add((((2 * kp + o) * g.c + c) * 9 + tap) * LANES);
                     _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *v));
                 }
             }

@@ -7,47 +7,54 @@
 
 use rayon::prelude::*;
 
-/// `sum(f(x))` over a slice: 16 float32 lanes (vectorised; each lane adds only len/16 terms),
-/// combined in float64.
+/// `(sum(g), sum(g * (x - m)))` in one pass over 16 float32 lanes, combined in float64.
 #[inline]
-fn lane_sum(xs: &[f32], f: impl Fn(usize, f32) -> f32) -> f64 {
-    let mut acc = [0f32; 16];
-    let chunks = xs.chunks_exact(16);
-    let tail = chunks.remainder();
-    for (ci, c) in chunks.enumerate() {
+fn lane_sums2(gs: &[f32], xs: &[f32], m: f32) -> (f64, f64) {
+    let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
+    let (gc, xc) = (gs.chunks_exact(16), xs.chunks_exact(16));
+    let (gt, xt) = (gc.remainder(), xc.remainder());
+    for (g, x) in gc.zip(xc) {
         for i in 0..16 {
-            acc[i] += f(ci * 16 + i, c[i]);
+            a[i] += g[i];
+            b[i] += g[i] * (x[i] - m);
         }
     }
-    let base = xs.len() - tail.len();
-    let mut s: f64 = acc.iter().map(|&v| v as f64).sum();
-    for (i, &v) in tail.iter().enumerate() {
-        s += f(base + i, v) as f64;
+    let mut sa: f64 = a.iter().map(|&v| v as f64).sum();
+    let mut sb: f64 = b.iter().map(|&v| v as f64).sum();
+    for (&g, &x) in gt.iter().zip(xt) {
+        sa += g as f64;
+        sb += (g * (x - m)) as f64;
     }
-    s
+    (sa, sb)
 }
 
-/// Per-channel batch statistics: `(mean, biased variance)` over N, H and W.
+/// `sum(f(x))` in float64 over 16 independent lanes, so the additions vectorise instead of
+/// waiting on one another.
+#[inline]
+fn lane_sum_f64(xs: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0f64; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += f(c[i] as f64);
+        }
+    }
+    acc.iter().sum::<f64>() + tail.iter().map(|&v| f(v as f64)).sum::<f64>()
+}
+
+/// Per-channel batch statistics: `(mean, biased variance)` over N, H and W, accumulated in
+/// float64 (two passes: the mean, then squared deviations from it).
 pub fn batch_stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let mut s = 0f64;
-            for b in 0..n {
-                s += x[(b * c + ch) * hw..(b * c + ch + 1) * hw]
-                    .iter()
-                    .map(|&v| v as f64)
-                    .sum::<f64>();
-            }
+            let plane = |b: usize| &x[(b * c + ch) * hw..(b * c + ch + 1) * hw];
             let m = (n * hw) as f64;
-            let mean = s / m;
-            let mut ss = 0f64;
-            for b in 0..n {
-                ss += x[(b * c + ch) * hw..(b * c + ch + 1) * hw]
-                    .iter()
-                    .map(|&v| (v as f64 - mean).powi(2))
-                    .sum::<f64>();
-            }
+            let mean = (0..n).map(|b| lane_sum_f64(plane(b), |v| v)).sum::<f64>() / m;
+            let ss: f64 = (0..n)
+                .map(|b| lane_sum_f64(plane(b), |v| (v - mean) * (v - mean)))
+                .sum();
             (mean, ss / m)
         })
         .unzip()
@@ -103,9 +110,9 @@ pub fn backward(
             let m = mean[ch];
             for b in 0..n {
                 let r = (b * c + ch) * hw..(b * c + ch + 1) * hw;
-                let (gp, xp) = (&dy[r.clone()], &x[r]);
-                sdy += lane_sum(gp, |_, g| g);
-                sdyx += lane_sum(gp, |i, g| g * (xp[i] - m));
+                let (a, bsum) = lane_sums2(&dy[r.clone()], &x[r], m);
+                sdy += a;
+                sdyx += bsum;
             }
             (sdy, sdyx * invstd[ch] as f64)
         })
