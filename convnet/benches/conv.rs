@@ -1,10 +1,12 @@
 //! Micro-benchmarks of the convolution kernels (forward, input gradient, weight gradient) at
-//! the layer shapes of seed-cnn and resnet20 (batch 64), next to the naive reference.
+//! the layer shapes of seed-cnn and resnet20 (batch 64): the dispatched kernel (direct
+//! AVX-512 where it applies), the im2col + GEMM path, and the naive reference.
 //!
 //! Run: `cargo bench -p convnet --bench conv` (never part of the test run).
 
 use convnet::backend::cpu::conv::{
-    conv2d_backward_input, conv2d_backward_weight, conv2d_forward, conv2d_naive, ConvGeom,
+    conv2d_backward_input, conv2d_backward_weight, conv2d_backward_weight_gemm, conv2d_forward,
+    conv2d_forward_im2col, conv2d_naive, ConvGeom,
 };
 use convnet::shape::conv_out_size;
 use convnet::Rng;
@@ -52,17 +54,24 @@ fn bench(c: &mut Criterion) {
         let mut group = c.benchmark_group(name.clone());
         group.throughput(Throughput::Elements(2 * g.macs() as u64)); // FLOPs: read as GFLOP/s
         group.sample_size(20);
+        // "dispatched" is what training runs: the direct kernel where it applies.
         let mut y = vec![0f32; dy.len()];
-        group.bench_function(BenchmarkId::new("forward", "im2col+gemm"), |b| {
+        group.bench_function(BenchmarkId::new("forward", "dispatched"), |b| {
             b.iter(|| conv2d_forward(&x, &w, None, &g, &mut y))
         });
+        group.bench_function(BenchmarkId::new("forward", "im2col+gemm"), |b| {
+            b.iter(|| conv2d_forward_im2col(&x, &w, None, &g, &mut y))
+        });
         let mut dx = vec![0f32; x.len()];
-        group.bench_function(BenchmarkId::new("input_grad", "fast"), |b| {
+        group.bench_function(BenchmarkId::new("input_grad", "dispatched"), |b| {
             b.iter(|| conv2d_backward_input(&dy, &w, &g, &mut dx))
         });
         let mut dw = vec![0f32; w.len()];
-        group.bench_function(BenchmarkId::new("weight_grad", "fast"), |b| {
+        group.bench_function(BenchmarkId::new("weight_grad", "dispatched"), |b| {
             b.iter(|| conv2d_backward_weight(&x, &dy, &g, &mut dw))
+        });
+        group.bench_function(BenchmarkId::new("weight_grad", "im2col+gemm"), |b| {
+            b.iter(|| conv2d_backward_weight_gemm(&x, &dy, &g, &mut dw))
         });
         // The naive reference computes all three at once; one image keeps it short.
         let one = ConvGeom { n: 1, ..g };

@@ -276,6 +276,36 @@ fn cross_entropy_nll_mse() {
     }
 }
 
+/// The fused op gives bit-for-bit the outputs and gradients of batch_norm2d then relu
+/// (both checked against PyTorch above and below).
+#[test]
+fn batch_norm2d_relu_is_batch_norm_then_relu() {
+    let fx = Fixture::load("ops.safetensors");
+    for case in ["bn_train", "bn_eval"] {
+        let training = fx.settings(case)["training"].as_bool().unwrap();
+        let run = |fused: bool| {
+            let x = fx.tensor(case, "x").requires_grad();
+            let w = fx.tensor(case, "w").requires_grad();
+            let b = fx.tensor(case, "b").requires_grad();
+            let (rm, rv) = (fx.tensor(case, "rm"), fx.tensor(case, "rv"));
+            let y = if fused {
+                x.batch_norm2d_relu(&rm, &rv, Some(&w), Some(&b), training, 0.1, 1e-5)
+            } else {
+                x.batch_norm2d(&rm, &rv, Some(&w), Some(&b), training, 0.1, 1e-5)
+                    .and_then(|y| y.relu())
+            }
+            .unwrap();
+            let gy = fx.tensor(case, "gy");
+            let grads = y.backward_with(&gy).unwrap();
+            let g = |t: &Tensor| grads.get(t).unwrap().to_vec();
+            (y.to_vec(), g(&x), g(&w), g(&b), rm.to_vec(), rv.to_vec())
+        };
+        let (fused, apart) = (run(true), run(false));
+        assert!(fused.0.iter().any(|&v| v == 0.0) && fused.0.iter().any(|&v| v > 0.0));
+        assert_eq!(fused, apart, "{case}");
+    }
+}
+
 #[test]
 fn batch_norm2d_train_and_eval() {
     let fx = Fixture::load("ops.safetensors");

@@ -97,6 +97,8 @@ pub(crate) enum Op {
         mean: Vec<f32>,
         invstd: Vec<f32>,
         training: bool,
+        /// A ReLU fused after the normalisation.
+        relu: bool,
     },
     /// A view with another shape over the same elements.
     Reshape {
@@ -415,10 +417,12 @@ impl Op {
                 mean,
                 invstd,
                 training,
+                relu,
             } => {
                 let d = input.dims();
                 let (n, c, hw) = (d[0], d[1], d[2] * d[3]);
                 let w = weight.as_ref().map(Tensor::to_vec);
+                let b = bias.as_ref().map(Tensor::to_vec);
                 let (dx, dw, db) = input.with_data(|x| {
                     norm::backward(
                         x,
@@ -426,10 +430,12 @@ impl Op {
                         mean,
                         invstd,
                         w.as_deref(),
+                        b.as_deref(),
                         n,
                         c,
                         hw,
                         *training,
+                        *relu,
                         input.tracks_grad(),
                     )
                 });

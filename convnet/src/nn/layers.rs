@@ -694,9 +694,14 @@ impl BatchNorm2d {
     }
 }
 
-impl Module for BatchNorm2d {
-    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let y = x.batch_norm2d(
+impl BatchNorm2d {
+    /// `relu(self.forward(x))` as one fused op ([`Tensor::batch_norm2d_relu`]).
+    pub fn forward_relu(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.run(x, mode, true)
+    }
+
+    fn run(&self, x: &Tensor, mode: Mode, relu: bool) -> Result<Tensor> {
+        let args = (
             &self.running_mean,
             &self.running_var,
             Some(&self.weight),
@@ -704,11 +709,22 @@ impl Module for BatchNorm2d {
             mode.is_train(),
             self.momentum,
             self.eps,
-        )?;
+        );
+        let y = if relu {
+            x.batch_norm2d_relu(args.0, args.1, args.2, args.3, args.4, args.5, args.6)?
+        } else {
+            x.batch_norm2d(args.0, args.1, args.2, args.3, args.4, args.5, args.6)?
+        };
         if mode.is_train() {
             self.num_batches_tracked.update_data(|n| n[0] += 1.0)?;
         }
         Ok(y)
+    }
+}
+
+impl Module for BatchNorm2d {
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.run(x, mode, false)
     }
     fn kind(&self) -> &'static str {
         "BatchNorm2d"

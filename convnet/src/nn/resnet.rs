@@ -149,10 +149,12 @@ fn residual_forward(
 ) -> Result<Tensor> {
     let mut h = x.clone();
     for (i, (conv, bn)) in convs.iter().enumerate() {
-        h = bn.forward(&conv.forward(&h, mode)?, mode)?;
-        if i + 1 < convs.len() {
-            h = h.relu()?;
-        }
+        let c = conv.forward(&h, mode)?;
+        h = if i + 1 < convs.len() {
+            bn.forward_relu(&c, mode)?
+        } else {
+            bn.forward(&c, mode)?
+        };
     }
     h.add(&shortcut.forward(x, mode)?)?.relu()
 }

@@ -23,9 +23,77 @@ impl Tensor {
         momentum: f32,
         eps: f32,
     ) -> Result<Tensor> {
+        self.batch_norm2d_impl(
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            false,
+        )
+    }
+
+    /// `batch_norm2d(..).relu()` in one op: the ReLU is applied as the normalised values are
+    /// written, and its mask is folded into batch norm's backward pass, saving two passes
+    /// over the activation. Same results as the two ops.
+    ///
+    /// ```
+    /// use convnet::Tensor;
+    /// let x = Tensor::randn([2, 3, 4, 4], &mut convnet::Rng::new(0));
+    /// let (m, v) = (Tensor::zeros([3]), Tensor::ones([3]));
+    /// let fused = x.batch_norm2d_relu(&m, &v, None, None, true, 0.1, 1e-5)?;
+    /// let (m, v) = (Tensor::zeros([3]), Tensor::ones([3]));
+    /// let apart = x.batch_norm2d(&m, &v, None, None, true, 0.1, 1e-5)?.relu()?;
+    /// assert_eq!(fused.to_vec(), apart.to_vec());
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn batch_norm2d_relu(
+        &self,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        training: bool,
+        momentum: f32,
+        eps: f32,
+    ) -> Result<Tensor> {
+        self.batch_norm2d_impl(
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            true,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm2d_impl(
+        &self,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        training: bool,
+        momentum: f32,
+        eps: f32,
+        relu: bool,
+    ) -> Result<Tensor> {
         crate::profile::timed(
             false,
-            || format!("batch_norm2d {}", self.shape()),
+            || {
+                let op = if relu {
+                    "batch_norm2d+relu"
+                } else {
+                    "batch_norm2d"
+                };
+                format!("{op} {}", self.shape())
+            },
             || 0.0,
             || -> Result<Tensor> {
                 let op_name = "batch_norm2d";
@@ -98,9 +166,9 @@ impl Tensor {
                         &invstd,
                         w.as_deref(),
                         b.as_deref(),
-                        n,
                         c,
                         hw,
+                        relu,
                         &mut y,
                     )
                 });
@@ -114,6 +182,7 @@ impl Tensor {
                     mean,
                     invstd,
                     training,
+                    relu,
                 });
                 Ok(Tensor::from_parts(y, self.shape().clone(), op))
             },

@@ -217,6 +217,17 @@ pub fn conv2d_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, 
     if super::conv_direct::applies(g) {
         return super::conv_direct::forward(x, w, bias, g, y);
     }
+    conv2d_forward_im2col(x, w, bias, g, y)
+}
+
+/// [`conv2d_forward`] through im2col + GEMM, for any geometry.
+pub fn conv2d_forward_im2col(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    y: &mut [f32],
+) {
     let (cg, kg, rows, ohw) = (g.cg(), g.kg(), g.col_rows(), g.out_plane());
     let par = inner_par(g);
     let pointwise = g.is_pointwise();
@@ -354,6 +365,11 @@ pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32
     if super::conv_direct::applies(g) {
         return super::conv_direct::backward_weight(x, dy, g, dw);
     }
+    conv2d_backward_weight_gemm(x, dy, g, dw)
+}
+
+/// [`conv2d_backward_weight`] through im2col + GEMM, for any geometry.
+pub fn conv2d_backward_weight_gemm(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
     let (cg, kg, rows, ohw) = (g.cg(), g.kg(), g.col_rows(), g.out_plane());
     let w_len = g.k * rows;
     let pointwise = g.is_pointwise();
@@ -600,6 +616,8 @@ mod direct_tests {
             (1, 8, 5, 48, 12, false),
             (2, 64, 8, 8, 64, false),
             (3, 6, 4, 8, 8, true),
+            // Enough images that each thread's weight gradient runs over several groups.
+            (9, 16, 32, 32, 16, false),
         ] {
             let g = ConvGeom {
                 n,

@@ -7,21 +7,47 @@
 
 use rayon::prelude::*;
 
-/// `(sum(g), sum(g * (x - m)))` in one pass over 16 float32 lanes, combined in float64.
+/// The per-channel affine form of normalisation, `y = x * scale + shift`.
 #[inline]
-fn lane_sums2(gs: &[f32], xs: &[f32], m: f32) -> (f64, f64) {
+fn affine(
+    ch: usize,
+    mean: &[f32],
+    invstd: &[f32],
+    w: Option<&[f32]>,
+    b: Option<&[f32]>,
+) -> (f32, f32) {
+    let scale = invstd[ch] * w.map_or(1.0, |w| w[ch]);
+    (scale, b.map_or(0.0, |b| b[ch]) - mean[ch] * scale)
+}
+
+/// The upstream gradient `g` seen through a fused ReLU: kept where the normalised output
+/// `x * scale + shift` (recomputed with the forward pass's exact operations) was positive.
+#[inline]
+fn through_relu(g: f32, x: f32, relu: Option<(f32, f32)>) -> f32 {
+    match relu {
+        Some((scale, shift)) if x * scale + shift <= 0.0 || (x * scale + shift).is_nan() => 0.0,
+        _ => g,
+    }
+}
+
+/// `(sum(g'), sum(g' * (x - m)))` in one pass over 16 float32 lanes, combined in float64,
+/// where `g'` is `g` through the fused ReLU if any.
+#[inline]
+fn lane_sums2(gs: &[f32], xs: &[f32], m: f32, relu: Option<(f32, f32)>) -> (f64, f64) {
     let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
     let (gc, xc) = (gs.chunks_exact(16), xs.chunks_exact(16));
     let (gt, xt) = (gc.remainder(), xc.remainder());
     for (g, x) in gc.zip(xc) {
         for i in 0..16 {
-            a[i] += g[i];
-            b[i] += g[i] * (x[i] - m);
+            let g = through_relu(g[i], x[i], relu);
+            a[i] += g;
+            b[i] += g * (x[i] - m);
         }
     }
     let mut sa: f64 = a.iter().map(|&v| v as f64).sum();
     let mut sb: f64 = b.iter().map(|&v| v as f64).sum();
     for (&g, &x) in gt.iter().zip(xt) {
+        let g = through_relu(g, x, relu);
         sa += g as f64;
         sb += (g * (x - m)) as f64;
     }
@@ -60,7 +86,8 @@ pub fn batch_stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f
         .unzip()
 }
 
-/// `y = (x - mean) * invstd * weight + bias`, per channel.
+/// `y = (x - mean) * invstd * weight + bias`, per channel, followed by a ReLU when `relu`
+/// (the fused `batch_norm2d_relu`, one pass instead of two).
 #[allow(clippy::too_many_arguments)]
 pub fn normalize(
     x: &[f32],
@@ -68,27 +95,33 @@ pub fn normalize(
     invstd: &[f32],
     weight: Option<&[f32]>,
     bias: Option<&[f32]>,
-    n: usize,
     c: usize,
     hw: usize,
+    relu: bool,
     y: &mut [f32],
 ) {
     y.par_chunks_mut(hw)
         .zip(x.par_chunks(hw))
         .enumerate()
         .for_each(|(plane, (yp, xp))| {
-            let ch = plane % c;
-            let scale = invstd[ch] * weight.map_or(1.0, |w| w[ch]);
-            let shift = bias.map_or(0.0, |b| b[ch]) - mean[ch] * scale;
-            for (o, &v) in yp.iter_mut().zip(xp) {
-                *o = v * scale + shift;
+            let (scale, shift) = affine(plane % c, mean, invstd, weight, bias);
+            if relu {
+                for (o, &v) in yp.iter_mut().zip(xp) {
+                    let t = v * scale + shift;
+                    *o = if t > 0.0 || t.is_nan() { t } else { 0.0 };
+                }
+            } else {
+                for (o, &v) in yp.iter_mut().zip(xp) {
+                    *o = v * scale + shift;
+                }
             }
         });
-    let _ = n;
 }
 
 /// Gradients of batch norm: returns `(dx, dweight, dbias)` where `dx` is computed only when
 /// `need_dx`. In training mode the batch statistics depend on `x`, adding the two mean terms.
+/// With `relu` (the fused op), `dy` is first masked where the forward output was not
+/// positive, recomputed from `x`, `bias` and the statistics.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     x: &[f32],
@@ -96,12 +129,15 @@ pub fn backward(
     mean: &[f32],
     invstd: &[f32],
     weight: Option<&[f32]>,
+    bias: Option<&[f32]>,
     n: usize,
     c: usize,
     hw: usize,
     training: bool,
+    relu: bool,
     need_dx: bool,
 ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let mask = |ch: usize| relu.then(|| affine(ch, mean, invstd, weight, bias));
     // Per channel: sum(dy) and sum(dy * xhat).
     let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
@@ -110,7 +146,7 @@ pub fn backward(
             let m = mean[ch];
             for b in 0..n {
                 let r = (b * c + ch) * hw..(b * c + ch + 1) * hw;
-                let (a, bsum) = lane_sums2(&dy[r.clone()], &x[r], m);
+                let (a, bsum) = lane_sums2(&dy[r.clone()], &x[r], m, mask(ch));
                 sdy += a;
                 sdyx += bsum;
             }
@@ -134,13 +170,15 @@ pub fn backward(
                 let k = w * is / count;
                 let (a, b) = ((k * count) as f32, (-k * sdyx * is) as f32);
                 let c0 = (-k * sdy + k * sdyx * is * m) as f32;
+                let relu = mask(ch);
                 for ((o, &g), &v) in dxp.iter_mut().zip(&dy[r.clone()]).zip(&x[r]) {
-                    *o = a * g + b * v + c0;
+                    *o = a * through_relu(g, v, relu) + b * v + c0;
                 }
             } else {
                 let a = (w * is) as f32;
-                for (o, &g) in dxp.iter_mut().zip(&dy[r]) {
-                    *o = g * a;
+                let relu = mask(ch);
+                for ((o, &g), &v) in dxp.iter_mut().zip(&dy[r.clone()]).zip(&x[r]) {
+                    *o = through_relu(g, v, relu) * a;
                 }
             }
         });
