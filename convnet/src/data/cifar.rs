@@ -62,7 +62,7 @@ fn parse_batch(
     labels: &mut Vec<u32>,
 ) -> Result<()> {
     let rec = kind.record();
-    if bytes.is_empty() || bytes.len() % rec != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(rec) {
         return Err(format_err(path, format!(
             "{} bytes is not a whole number of {}-byte {} records ({} full records and {} bytes left over): the file is truncated or not a {} binary batch; download the binary version again",
             bytes.len(), rec, kind.name(), bytes.len() / rec, bytes.len() % rec, kind.name()

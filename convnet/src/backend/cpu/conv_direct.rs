@@ -33,11 +33,11 @@ pub fn applies(g: &ConvGeom) -> bool {
         && g.dilation == (1, 1)
         && g.padding == (1, 1)
         && g.groups == 1
-        && g.k % OCB == 0
+        && g.k.is_multiple_of(OCB)
         && std::arch::is_x86_feature_detected!("avx512f")
-        && (g.ow % LANES == 0
+        && (g.ow.is_multiple_of(LANES)
             || (g.ow == LANES / 2
-                && g.oh % 2 == 0
+                && g.oh.is_multiple_of(2)
                 && std::arch::is_x86_feature_detected!("avx512dq")))
 }
 
