@@ -128,7 +128,8 @@ impl Conv2dBuilder {
                 ),
             ));
         }
-        if self.in_channels % p.groups != 0 || self.out_channels % p.groups != 0 {
+        if !self.in_channels.is_multiple_of(p.groups) || !self.out_channels.is_multiple_of(p.groups)
+        {
             return Err(invalid(
                 "Conv2d",
                 format!(

@@ -294,7 +294,7 @@ unsafe fn weight_images(xp: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lan
     let map = Tiles::new(g);
     let tiles = map.count(g.oh);
     assert!(xp.len() == count * g.c * plane && dys.len() == count * g.k * ohw);
-    assert!(lanes.len() == g.k * g.c * 9 * LANES && g.k % 2 == 0);
+    assert!(lanes.len() == g.k * g.c * 9 * LANES && g.k.is_multiple_of(2));
     let (xb, db) = (xp.as_ptr(), dys.as_ptr());
     for kp in 0..g.k / 2 {
         for c in 0..g.c {
