@@ -362,7 +362,7 @@ pub fn conv2d_backward_input_col2im(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mu
 /// this orientation runs about 6x faster than `dY_g @ col^T`. The result is transposed once.
 pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::conv_direct::applies(g) {
+    if super::conv_direct::weight_grad_applies(g) {
         return super::conv_direct::backward_weight(x, dy, g, dw);
     }
     conv2d_backward_weight_gemm(x, dy, g, dw)
@@ -663,6 +663,9 @@ mod direct_tests {
             let mut dw = vec![7.0; wt.len()];
             conv2d_backward_weight(&x, &dy, &g, &mut dw);
             check(&dw, &dw_ref, "dw");
+            let mut dw = vec![7.0; wt.len()];
+            super::super::conv_direct::backward_weight(&x, &dy, &g, &mut dw);
+            check(&dw, &dw_ref, "dw (direct)");
         }
     }
 }

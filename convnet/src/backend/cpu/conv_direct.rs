@@ -41,6 +41,14 @@ pub fn applies(g: &ConvGeom) -> bool {
                 && std::arch::is_x86_feature_detected!("avx512dq")))
 }
 
+/// True when [`backward_weight`] is the faster weight gradient for `g`: rows of 16 or more.
+/// On 8-wide images the paired-row loads cost more than they save and im2col + GEMM wins
+/// (measured with `cargo bench -p convnet --bench conv`: 64->64 channels at 8x8, 179 vs
+/// 219 GFLOP/s).
+pub fn weight_grad_applies(g: &ConvGeom) -> bool {
+    applies(g) && g.ow.is_multiple_of(LANES)
+}
+
 /// Where the 16 outputs of a tile are. Rows at least 16 wide are cut into 16-wide tiles;
 /// 8-wide rows are paired, a tile holding two consecutive rows (contiguous in the output,
 /// two 8-float pieces in the padded input).
