@@ -58,6 +58,72 @@ fn max_window(
     (start as usize, end.max(start) as usize, dil)
 }
 
+/// The 2x2 / stride-2 window of one plane with AVX-512: per row, up to 16 outputs at a time;
+/// the two input rows are loaded (masked at the row's end), split into even and odd columns
+/// with a two-source permute, and reduced with PyTorch's rule (a larger value or a NaN
+/// replaces the current one; the first of equal values keeps the index).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn max_pool_2x2_avx512(x_p: &[f32], g: &PoolGeom, y_p: &mut [f32], a_p: &mut [u32]) {
+    use std::arch::x86_64::*;
+    assert!(x_p.len() >= g.h * g.w && g.h >= 2 * g.oh && g.w >= 2 * g.ow);
+    assert!(y_p.len() == g.oh * g.ow && a_p.len() == g.oh * g.ow);
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let lane = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let mask_of = |n: usize| -> u16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as u16
+        }
+    };
+    // Takes `t` (index `ti`) over `v` (index `vi`) where t > v, or t is NaN and v is not.
+    let step = |v: __m512, vi: __m512i, t: __m512, ti: __m512i| {
+        let m = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(t, v)
+            | (_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(t, t)
+                & !_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v));
+        (
+            _mm512_mask_blend_ps(m, v, t),
+            _mm512_mask_blend_epi32(m, vi, ti),
+        )
+    };
+    let xb = x_p.as_ptr();
+    for oh in 0..g.oh {
+        let row0 = 2 * oh * g.w;
+        let row1 = row0 + g.w;
+        let mut ow0 = 0;
+        while ow0 < g.ow {
+            let n = (g.ow - ow0).min(16);
+            let (m_lo, m_hi) = (mask_of(2 * n), mask_of((2 * n).saturating_sub(16)));
+            // SAFETY: columns 2*ow0 .. 2*(ow0+n) of rows 2*oh and 2*oh+1 are inside the
+            // plane (W >= 2*OW, H >= 2*OH); masked lanes are not read.
+            let load = |row: usize| {
+                let p = xb.add(row + 2 * ow0);
+                let lo = _mm512_maskz_loadu_ps(m_lo, p);
+                let hi = _mm512_maskz_loadu_ps(m_hi, p.add(16));
+                (
+                    _mm512_permutex2var_ps(lo, even, hi),
+                    _mm512_permutex2var_ps(lo, odd, hi),
+                )
+            };
+            let (e0, o0) = load(row0);
+            let (e1, o1) = load(row1);
+            let c = _mm512_add_epi32(_mm512_set1_epi32((row0 + 2 * ow0) as i32), lane);
+            let w = _mm512_set1_epi32(g.w as i32);
+            let one = _mm512_set1_epi32(1);
+            let (v, i) = (e0, c);
+            let (v, i) = step(v, i, o0, _mm512_add_epi32(c, one));
+            let (v, i) = step(v, i, e1, _mm512_add_epi32(c, w));
+            let (v, i) = step(v, i, o1, _mm512_add_epi32(_mm512_add_epi32(c, w), one));
+            let out = mask_of(n);
+            _mm512_mask_storeu_ps(y_p.as_mut_ptr().add(oh * g.ow + ow0), out, v);
+            _mm512_mask_storeu_epi32(a_p.as_mut_ptr().add(oh * g.ow + ow0) as *mut i32, out, i);
+            ow0 += n;
+        }
+    }
+}
+
 /// Max pooling: writes `y [P, OH, OW]` and `argmax [P, OH, OW]`.
 pub fn max_pool2d_forward(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &mut [u32]) {
     let (kh, kw) = g.kernel;
@@ -74,6 +140,13 @@ pub fn max_pool2d_forward(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &mut [
                 && g.h >= 2 * g.oh
                 && g.w >= 2 * g.ow
             {
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: AVX-512F was just detected; the window checks above bound
+                    // every access (see the function).
+                    unsafe { max_pool_2x2_avx512(x_p, g, y_p, a_p) };
+                    return;
+                }
                 for oh in 0..g.oh {
                     let r0 = &x_p[2 * oh * g.w..2 * oh * g.w + 2 * g.ow];
                     let r1 = &x_p[(2 * oh + 1) * g.w..(2 * oh + 1) * g.w + 2 * g.ow];
@@ -300,6 +373,9 @@ mod tests {
             (9, 7, 3, 2, 1, 1, false),
             (10, 11, 3, 2, 1, 2, true),
             (5, 6, 3, 1, 1, 1, false),
+            (32, 32, 2, 2, 0, 1, false),
+            (16, 16, 2, 2, 0, 1, false),
+            (12, 67, 2, 2, 0, 1, false),
         ] {
             let g = PoolGeom {
                 planes: 3,
@@ -320,6 +396,40 @@ mod tests {
             for (i, &ai) in a.iter().enumerate() {
                 let plane = i / (g.oh * g.ow);
                 assert_eq!(x[plane * h * w + ai as usize], y[i]);
+            }
+        }
+    }
+
+    /// PyTorch's tie and NaN rules on the 2x2 fast path: equal values keep the first tap,
+    /// a NaN wins its window.
+    #[test]
+    fn max_pool_2x2_ties_keep_the_first_tap_and_nan_wins() {
+        let (h, w) = (4, 36);
+        let g = PoolGeom {
+            planes: 1,
+            h,
+            w,
+            oh: 2,
+            ow: 18,
+            kernel: (2, 2),
+            stride: (2, 2),
+            padding: (0, 0),
+            dilation: (1, 1),
+        };
+        let mut x = vec![1.0f32; h * w];
+        x[w + 5] = f32::NAN; // window (0, 2), its bottom-right tap
+        let mut y = vec![0.0; 36];
+        let mut a = vec![0u32; 36];
+        max_pool2d_forward(&x, &g, &mut y, &mut a);
+        for oh in 0..2 {
+            for ow in 0..18 {
+                let i = oh * 18 + ow;
+                if (oh, ow) == (0, 2) {
+                    assert!(y[i].is_nan());
+                    assert_eq!(a[i] as usize, w + 5);
+                } else {
+                    assert_eq!((y[i], a[i] as usize), (1.0, 2 * oh * w + 2 * ow), "{i}");
+                }
             }
         }
     }
