@@ -110,18 +110,43 @@ pub struct ModelSource<'a> {
     pub random_init: bool,
 }
 
+/// Rebuilds a checkpoint's model (zoo architecture or stored model file) and loads it.
+fn from_checkpoint(
+    tensors: &[(String, convnet::Tensor)],
+    meta: CheckpointMeta,
+    source: PathBuf,
+) -> Result<Loaded> {
+    let spec = ModelSpec::from_checkpoint(&meta.architecture, meta.model_spec.as_deref())?;
+    let model = spec.build(meta.input_shape, meta.classes.len())?;
+    model
+        .load_state_dict(tensors, true)
+        .with_context(|| format!("{} does not fit {}", source.display(), meta.architecture))?;
+    Ok(Loaded {
+        model,
+        meta,
+        source,
+    })
+}
+
+/// What an architecture given without a checkpoint is fed: the input shape asked for or
+/// its default, normalisation, and no training history.
+fn fresh_meta(spec: &ModelSpec, input: [usize; 3], classes: Vec<String>) -> CheckpointMeta {
+    CheckpointMeta {
+        architecture: spec.name().to_string(),
+        input_shape: input,
+        classes,
+        normalize: spec.default_normalize(input[0]),
+        epoch: 0,
+        step: 0,
+        model_spec: spec.model_spec(),
+    }
+}
+
 /// Loads a model from a checkpoint or from `--model NAME --weights FILE`.
 pub fn load_model(src: &ModelSource) -> Result<Loaded> {
     if let Some(name) = src.pretrained {
         let (tensors, meta) = crate::pretrained::load(name)?;
-        let spec = ModelSpec::from_checkpoint(&meta.architecture, meta.model_spec.as_deref())?;
-        let model = spec.build(meta.input_shape, meta.classes.len())?;
-        model.load_state_dict(&tensors, true)?;
-        return Ok(Loaded {
-            model,
-            meta,
-            source: PathBuf::from(format!("pretrained {name}")),
-        });
+        return from_checkpoint(&tensors, meta, PathBuf::from(format!("pretrained {name}")));
     }
     let spec = match (src.model, src.model_file) {
         (Some(_), Some(_)) => bail!("give --model or --model-file, not both"),
@@ -129,26 +154,18 @@ pub fn load_model(src: &ModelSource) -> Result<Loaded> {
         (None, Some(path)) => Some(ModelSpec::File(ModelFile::from_path(path)?)),
         (None, None) => None,
     };
+    let input_of = |spec: &ModelSpec| {
+        src.input
+            .or(spec.default_input())
+            .context("the model file gives no input size: pass --input CxHxW")
+    };
     match (src.checkpoint, spec, src.weights) {
         (Some(ckpt), None, None) => {
             let (tensors, meta) = load_checkpoint(ckpt)?;
-            let spec = ModelSpec::from_checkpoint(&meta.architecture, meta.model_spec.as_deref())?;
-            let model = spec.build(meta.input_shape, meta.classes.len())?;
-            model.load_state_dict(&tensors, true).with_context(|| {
-                format!("{} does not fit {}", ckpt.display(), meta.architecture)
-            })?;
-            Ok(Loaded {
-                model,
-                meta,
-                source: ckpt.to_path_buf(),
-            })
+            from_checkpoint(&tensors, meta, ckpt.to_path_buf())
         }
         (None, Some(spec), Some(weights)) => {
-            let name = spec.name().to_string();
-            let input = src
-                .input
-                .or(spec.default_input())
-                .context("the model file gives no input size: pass --input CxHxW")?;
+            let input = input_of(&spec)?;
             let (tensors, _) = load_tensors(weights)?;
             let classes = match &src.classes {
                 Some(c) => c.clone(),
@@ -166,50 +183,29 @@ pub fn load_model(src: &ModelSource) -> Result<Loaded> {
             let model = spec.build(input, classes.len())?;
             model.load_state_dict(&tensors, true).with_context(|| {
                 format!(
-                    "{} is not a state_dict of {name} for input {:?} with {} classes",
+                    "{} is not a state_dict of {} for input {:?} with {} classes",
                     weights.display(),
+                    spec.name(),
                     input,
                     classes.len()
                 )
             })?;
-            let meta = CheckpointMeta {
-                architecture: name,
-                input_shape: input,
-                classes,
-                normalize: spec.default_normalize(input[0]),
-                epoch: 0,
-                step: 0,
-                model_spec: spec.model_spec(),
-            };
             Ok(Loaded {
                 model,
-                meta,
+                meta: fresh_meta(&spec, input, classes),
                 source: weights.to_path_buf(),
             })
         }
         (None, Some(spec), None) if src.random_init => {
-            let input = src
-                .input
-                .or(spec.default_input())
-                .context("the model file gives no input size: pass --input CxHxW")?;
+            let input = input_of(&spec)?;
             let n = spec.default_classes().unwrap_or(10);
             let classes = src
                 .classes
                 .clone()
                 .unwrap_or_else(|| default_classes(input[0], n));
-            let model = spec.build(input, classes.len())?;
-            let meta = CheckpointMeta {
-                architecture: spec.name().to_string(),
-                input_shape: input,
-                classes,
-                normalize: spec.default_normalize(input[0]),
-                epoch: 0,
-                step: 0,
-                model_spec: spec.model_spec(),
-            };
             Ok(Loaded {
-                model,
-                meta,
+                model: spec.build(input, classes.len())?,
+                meta: fresh_meta(&spec, input, classes),
                 source: PathBuf::from("(random initialisation)"),
             })
         }

@@ -127,16 +127,11 @@ pub fn architecture(name: &str) -> Result<&'static Architecture> {
 
 /// Flattened feature count of `features` for input `[C, H, W]`.
 fn features_out(name: &str, features: &Sequential, input: [usize; 3]) -> Result<usize> {
-    let s = features
-        .output_shape(&[1, input[0], input[1], input[2]])
-        .map_err(|e| match e {
-            Error::Layer { layer, kind, msg } => Error::Layer {
-                layer,
-                kind,
-                msg: format!("{msg}; {name} cannot take {}x{} images", input[1], input[2]),
-            },
-            other => other,
-        })?;
+    let s = with_size_hint(
+        name,
+        input,
+        features.output_shape(&[1, input[0], input[1], input[2]]),
+    )?;
     Ok(s.dims()[1..].iter().product())
 }
 
@@ -353,7 +348,7 @@ fn mobilenet_v2(input: [usize; 3], classes: usize) -> Result<Model> {
 }
 
 /// Adds "`name` cannot take HxW images" to a layer's shape error.
-fn with_size_hint(name: &str, input: [usize; 3], built: Result<Model>) -> Result<Model> {
+fn with_size_hint<T>(name: &str, input: [usize; 3], built: Result<T>) -> Result<T> {
     built.map_err(|e| match e {
         Error::Layer { layer, kind, msg } => Error::Layer {
             layer,

@@ -88,6 +88,8 @@ enum Value {
     Dict(Vec<(Value, Value)>),
     /// A whitelisted callable `module.name`.
     Global(String),
+    /// A `torch.*Storage` type named in a persistent id.
+    StorageClass(StorageType),
     /// A storage reference from a persistent id.
     Storage {
         ty: StorageType,
@@ -311,7 +313,7 @@ impl Machine {
         let full = format!("{module}.{name}");
         if module == "torch" {
             if let Some(ty) = StorageType::from_name(name) {
-                return Ok(Value::Global(format!("storage:{ty:?}")));
+                return Ok(Value::StorageClass(ty));
             }
         }
         if ALLOWED_GLOBALS.contains(&full.as_str()) {
@@ -381,28 +383,9 @@ impl Machine {
             return Err(format!("unknown persistent id {pid:?}"));
         };
         match items.as_slice() {
-            [Value::Str(tag), Value::Global(ty), Value::Str(key), ..] if tag == "storage" => {
-                let ty = ty
-                    .strip_prefix("storage:")
-                    .and_then(|t| {
-                        [
-                            StorageType::F32,
-                            StorageType::F64,
-                            StorageType::F16,
-                            StorageType::BF16,
-                            StorageType::I64,
-                            StorageType::I32,
-                            StorageType::I16,
-                            StorageType::I8,
-                            StorageType::U8,
-                            StorageType::Bool,
-                        ]
-                        .into_iter()
-                        .find(|s| format!("{s:?}") == t)
-                    })
-                    .ok_or_else(|| format!("unsupported storage type {ty}"))?;
+            [Value::Str(tag), Value::StorageClass(ty), Value::Str(key), ..] if tag == "storage" => {
                 Ok(Value::Storage {
-                    ty,
+                    ty: *ty,
                     key: key.clone(),
                 })
             }

@@ -213,6 +213,56 @@ fn residual_infer(
     Ok(s)
 }
 
+/// `Module` for a residual block type with a `convs()` list of conv+BN pairs and a
+/// `shortcut`: both block kinds share every method through the `residual_*` functions.
+macro_rules! residual_module {
+    ($block:ident) => {
+        impl Module for $block {
+            fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+                residual_forward(&self.convs(), &self.shortcut, x, mode)
+            }
+
+            fn kind(&self) -> &'static str {
+                stringify!($block)
+            }
+
+            fn export_onnx(
+                &self,
+                path: &str,
+                input: &str,
+                shape: &[usize],
+                g: &mut GraphBuilder,
+            ) -> Result<String> {
+                residual_export(&self.convs(), &self.shortcut, path, input, shape, g)
+            }
+
+            fn output_shape(&self, input: &[usize]) -> Result<Shape> {
+                self.infer("", input, &mut Vec::new())
+            }
+
+            fn visit_tensors(&self, prefix: &str, f: &mut dyn FnMut(String, &Tensor, TensorRole)) {
+                residual_visit(&self.convs(), &self.shortcut, prefix, f)
+            }
+
+            fn infer(
+                &self,
+                path: &str,
+                input: &[usize],
+                rows: &mut Vec<SummaryRow>,
+            ) -> Result<Shape> {
+                residual_infer(
+                    &self.convs(),
+                    &self.shortcut,
+                    self.kind(),
+                    path,
+                    input,
+                    rows,
+                )
+            }
+        }
+    };
+}
+
 /// `relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`.
 pub struct BasicBlock {
     conv1: Conv2d,
@@ -262,44 +312,7 @@ impl BasicBlock {
     }
 }
 
-impl Module for BasicBlock {
-    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        residual_forward(&self.convs(), &self.shortcut, x, mode)
-    }
-
-    fn kind(&self) -> &'static str {
-        "BasicBlock"
-    }
-
-    fn export_onnx(
-        &self,
-        path: &str,
-        input: &str,
-        shape: &[usize],
-        g: &mut GraphBuilder,
-    ) -> Result<String> {
-        residual_export(&self.convs(), &self.shortcut, path, input, shape, g)
-    }
-
-    fn output_shape(&self, input: &[usize]) -> Result<Shape> {
-        self.infer("", input, &mut Vec::new())
-    }
-
-    fn visit_tensors(&self, prefix: &str, f: &mut dyn FnMut(String, &Tensor, TensorRole)) {
-        residual_visit(&self.convs(), &self.shortcut, prefix, f)
-    }
-
-    fn infer(&self, path: &str, input: &[usize], rows: &mut Vec<SummaryRow>) -> Result<Shape> {
-        residual_infer(
-            &self.convs(),
-            &self.shortcut,
-            self.kind(),
-            path,
-            input,
-            rows,
-        )
-    }
-}
+residual_module!(BasicBlock);
 
 /// torchvision's `Bottleneck` (ResNet-50 and deeper):
 /// `relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x))` with a 1x1
@@ -354,41 +367,4 @@ impl Bottleneck {
     }
 }
 
-impl Module for Bottleneck {
-    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        residual_forward(&self.convs(), &self.shortcut, x, mode)
-    }
-
-    fn kind(&self) -> &'static str {
-        "Bottleneck"
-    }
-
-    fn export_onnx(
-        &self,
-        path: &str,
-        input: &str,
-        shape: &[usize],
-        g: &mut GraphBuilder,
-    ) -> Result<String> {
-        residual_export(&self.convs(), &self.shortcut, path, input, shape, g)
-    }
-
-    fn output_shape(&self, input: &[usize]) -> Result<Shape> {
-        self.infer("", input, &mut Vec::new())
-    }
-
-    fn visit_tensors(&self, prefix: &str, f: &mut dyn FnMut(String, &Tensor, TensorRole)) {
-        residual_visit(&self.convs(), &self.shortcut, prefix, f)
-    }
-
-    fn infer(&self, path: &str, input: &[usize], rows: &mut Vec<SummaryRow>) -> Result<Shape> {
-        residual_infer(
-            &self.convs(),
-            &self.shortcut,
-            self.kind(),
-            path,
-            input,
-            rows,
-        )
-    }
-}
+residual_module!(Bottleneck);
