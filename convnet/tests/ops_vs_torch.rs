@@ -306,6 +306,63 @@ fn batch_norm2d_relu_is_batch_norm_then_relu() {
     }
 }
 
+/// The fused end of a residual block gives bit-for-bit the outputs and gradients (input,
+/// scale, shift and residual) of batch_norm2d, add, relu.
+#[test]
+fn batch_norm2d_add_relu_is_batch_norm_add_relu() {
+    let fx = Fixture::load("ops.safetensors");
+    for case in ["bn_train", "bn_eval"] {
+        let training = fx.settings(case)["training"].as_bool().unwrap();
+        let run = |fused: bool| {
+            let x = fx.tensor(case, "x").requires_grad();
+            let w = fx.tensor(case, "w").requires_grad();
+            let b = fx.tensor(case, "b").requires_grad();
+            let res = Tensor::randn(x.dims().to_vec(), &mut convnet::Rng::new(7)).requires_grad();
+            let (rm, rv) = (fx.tensor(case, "rm"), fx.tensor(case, "rv"));
+            let y = if fused {
+                x.batch_norm2d_add_relu(&res, &rm, &rv, Some(&w), Some(&b), training, 0.1, 1e-5)
+            } else {
+                x.batch_norm2d(&rm, &rv, Some(&w), Some(&b), training, 0.1, 1e-5)
+                    .and_then(|y| y.add(&res))
+                    .and_then(|y| y.relu())
+            }
+            .unwrap();
+            let gy = fx.tensor(case, "gy");
+            let grads = y.backward_with(&gy).unwrap();
+            let g = |t: &Tensor| grads.get(t).unwrap().to_vec();
+            let all = (g(&x), g(&w), g(&b), g(&res));
+            (y.to_vec(), all, rm.to_vec(), rv.to_vec())
+        };
+        let (fused, apart) = (run(true), run(false));
+        assert!(fused.0.contains(&0.0) && fused.0.iter().any(|&v| v > 0.0));
+        assert!(fused.1 .3.contains(&0.0) && fused.1 .3.iter().any(|&v| v != 0.0));
+        assert_eq!(fused, apart, "{case}");
+    }
+}
+
+#[test]
+fn batch_norm2d_add_relu_rejects_a_residual_of_another_shape() {
+    let x = Tensor::zeros([2, 3, 4, 4]);
+    let (m, v) = (Tensor::zeros([3]), Tensor::ones([3]));
+    let err = x
+        .batch_norm2d_add_relu(
+            &Tensor::zeros([2, 3, 4, 5]),
+            &m,
+            &v,
+            None,
+            None,
+            true,
+            0.1,
+            1e-5,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("[2, 3, 4, 5]") && err.contains("[2, 3, 4, 4]"),
+        "{err}"
+    );
+}
+
 #[test]
 fn batch_norm2d_train_and_eval() {
     let fx = Fixture::load("ops.safetensors");

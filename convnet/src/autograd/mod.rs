@@ -9,7 +9,7 @@
 
 mod op;
 
-pub(crate) use op::Op;
+pub(crate) use op::{BnEpilogue, Op};
 
 use crate::error::{Error, Result};
 use crate::shape::Shape;

@@ -13,6 +13,14 @@ use crate::backend::cpu::{
 use crate::error::Result;
 use crate::tensor::Tensor;
 
+/// What a batch-norm op applied to its output in the same pass.
+pub(crate) enum BnEpilogue {
+    None,
+    Relu,
+    /// `relu(bn(x) + residual)`.
+    AddRelu(Tensor),
+}
+
 /// How a result was computed: the inputs and what the backward kernel needs.
 pub(crate) enum Op {
     Conv2d {
@@ -97,8 +105,8 @@ pub(crate) enum Op {
         mean: Vec<f32>,
         invstd: Vec<f32>,
         training: bool,
-        /// A ReLU fused after the normalisation.
-        relu: bool,
+        /// What was fused after the normalisation.
+        epilogue: BnEpilogue,
     },
     /// A view with another shape over the same elements.
     Reshape {
@@ -155,11 +163,15 @@ impl Op {
                 input,
                 weight,
                 bias,
+                epilogue,
                 ..
             } => {
                 let mut v = vec![input];
                 v.extend(weight.as_ref());
                 v.extend(bias.as_ref());
+                if let BnEpilogue::AddRelu(residual) = epilogue {
+                    v.push(residual);
+                }
                 v
             }
             Op::Matmul { a, b } => vec![a, b],
@@ -417,13 +429,13 @@ impl Op {
                 mean,
                 invstd,
                 training,
-                relu,
+                epilogue,
             } => {
                 let d = input.dims();
                 let (n, c, hw) = (d[0], d[1], d[2] * d[3]);
                 let w = weight.as_ref().map(Tensor::to_vec);
                 let b = bias.as_ref().map(Tensor::to_vec);
-                let (dx, dw, db) = input.with_data(|x| {
+                let run = |x: &[f32], fused: norm::Epilogue<'_>| {
                     norm::backward(
                         x,
                         g,
@@ -435,18 +447,30 @@ impl Op {
                         c,
                         hw,
                         *training,
-                        *relu,
+                        fused,
                         input.tracks_grad(),
                     )
+                };
+                let r = input.with_data(|x| match epilogue {
+                    BnEpilogue::None => run(x, norm::Epilogue::None),
+                    BnEpilogue::Relu => run(x, norm::Epilogue::Relu),
+                    BnEpilogue::AddRelu(res) => {
+                        res.with_data(|res| run(x, norm::Epilogue::AddRelu(res)))
+                    }
                 });
-                if let Some(dx) = dx {
+                if let Some(dx) = r.dx {
                     grads.push((input.clone(), dx));
                 }
                 if opt_need(weight) {
-                    grads.push((weight.clone().expect("checked"), dw));
+                    grads.push((weight.clone().expect("checked"), r.dweight));
                 }
                 if opt_need(bias) {
-                    grads.push((bias.clone().expect("checked"), db));
+                    grads.push((bias.clone().expect("checked"), r.dbias));
+                }
+                if let (BnEpilogue::AddRelu(res), Some(dres)) = (epilogue, r.dresidual) {
+                    if res.tracks_grad() {
+                        grads.push((res.clone(), dres));
+                    }
                 }
             }
             Op::Reshape { input } => grads.push((input.clone(), g.to_vec())),

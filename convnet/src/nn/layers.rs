@@ -698,10 +698,16 @@ impl BatchNorm2d {
 impl BatchNorm2d {
     /// `relu(self.forward(x))` as one fused op ([`Tensor::batch_norm2d_relu`]).
     pub fn forward_relu(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        self.run(x, mode, true)
+        self.run(x, mode, Fused::Relu)
     }
 
-    fn run(&self, x: &Tensor, mode: Mode, relu: bool) -> Result<Tensor> {
+    /// `relu(self.forward(x) + residual)` as one fused op
+    /// ([`Tensor::batch_norm2d_add_relu`]): the end of a residual block.
+    pub fn forward_add_relu(&self, x: &Tensor, residual: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.run(x, mode, Fused::AddRelu(residual))
+    }
+
+    fn run(&self, x: &Tensor, mode: Mode, fused: Fused<'_>) -> Result<Tensor> {
         let args = (
             &self.running_mean,
             &self.running_var,
@@ -711,10 +717,16 @@ impl BatchNorm2d {
             self.momentum,
             self.eps,
         );
-        let y = if relu {
-            x.batch_norm2d_relu(args.0, args.1, args.2, args.3, args.4, args.5, args.6)?
-        } else {
-            x.batch_norm2d(args.0, args.1, args.2, args.3, args.4, args.5, args.6)?
+        let y = match fused {
+            Fused::Nothing => {
+                x.batch_norm2d(args.0, args.1, args.2, args.3, args.4, args.5, args.6)?
+            }
+            Fused::Relu => {
+                x.batch_norm2d_relu(args.0, args.1, args.2, args.3, args.4, args.5, args.6)?
+            }
+            Fused::AddRelu(r) => {
+                x.batch_norm2d_add_relu(r, args.0, args.1, args.2, args.3, args.4, args.5, args.6)?
+            }
         };
         if mode.is_train() {
             self.num_batches_tracked.update_data(|n| n[0] += 1.0)?;
@@ -723,9 +735,17 @@ impl BatchNorm2d {
     }
 }
 
+/// What [`BatchNorm2d::run`] fuses after the normalisation.
+#[derive(Clone, Copy)]
+enum Fused<'a> {
+    Nothing,
+    Relu,
+    AddRelu(&'a Tensor),
+}
+
 impl Module for BatchNorm2d {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        self.run(x, mode, false)
+        self.run(x, mode, Fused::Nothing)
     }
     fn kind(&self) -> &'static str {
         "BatchNorm2d"

@@ -153,10 +153,11 @@ fn residual_forward(
         h = if i + 1 < convs.len() {
             bn.forward_relu(&c, mode)?
         } else {
-            bn.forward(&c, mode)?
+            // The last BN, the shortcut's addition and the final ReLU are one pass.
+            bn.forward_add_relu(&c, &shortcut.forward(x, mode)?, mode)?
         };
     }
-    h.add(&shortcut.forward(x, mode)?)?.relu()
+    Ok(h)
 }
 
 fn residual_export(

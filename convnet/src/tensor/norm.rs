@@ -2,7 +2,7 @@
 //! in evaluation.
 
 use super::{record, Tensor};
-use crate::autograd::Op;
+use crate::autograd::{BnEpilogue, Op};
 use crate::backend::cpu::norm;
 use crate::error::{invalid, shape_mismatch, Result};
 
@@ -31,7 +31,7 @@ impl Tensor {
             training,
             momentum,
             eps,
-            false,
+            BnEpilogue::None,
         )
     }
 
@@ -68,7 +68,54 @@ impl Tensor {
             training,
             momentum,
             eps,
-            true,
+            BnEpilogue::Relu,
+        )
+    }
+
+    /// `batch_norm2d(..).add(residual).relu()` in one op, the end of a residual block: one
+    /// pass forward, and backward the ReLU mask is folded into batch norm's first pass, which
+    /// also yields the residual's gradient. Same results as the three ops.
+    ///
+    /// ```
+    /// use convnet::Tensor;
+    /// let mut rng = convnet::Rng::new(0);
+    /// let x = Tensor::randn([2, 3, 4, 4], &mut rng);
+    /// let shortcut = Tensor::randn([2, 3, 4, 4], &mut rng);
+    /// let (m, v) = (Tensor::zeros([3]), Tensor::ones([3]));
+    /// let fused = x.batch_norm2d_add_relu(&shortcut, &m, &v, None, None, true, 0.1, 1e-5)?;
+    /// let (m, v) = (Tensor::zeros([3]), Tensor::ones([3]));
+    /// let apart = x.batch_norm2d(&m, &v, None, None, true, 0.1, 1e-5)?.add(&shortcut)?.relu()?;
+    /// assert_eq!(fused.to_vec(), apart.to_vec());
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn batch_norm2d_add_relu(
+        &self,
+        residual: &Tensor,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        training: bool,
+        momentum: f32,
+        eps: f32,
+    ) -> Result<Tensor> {
+        if residual.shape() != self.shape() {
+            return Err(shape_mismatch(
+                "batch_norm2d_add_relu",
+                format!("residual {}", self.shape()),
+                format!("residual {}", residual.shape()),
+            ));
+        }
+        self.batch_norm2d_impl(
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            BnEpilogue::AddRelu(residual.clone()),
         )
     }
 
@@ -82,16 +129,21 @@ impl Tensor {
         training: bool,
         momentum: f32,
         eps: f32,
-        relu: bool,
+        epilogue: BnEpilogue,
     ) -> Result<Tensor> {
+        let label = match epilogue {
+            BnEpilogue::None => "batch_norm2d",
+            BnEpilogue::Relu => "batch_norm2d+relu",
+            BnEpilogue::AddRelu(_) => "batch_norm2d+add+relu",
+        };
+        let residual = match &epilogue {
+            BnEpilogue::AddRelu(r) => Some(r.clone()),
+            _ => None,
+        };
         crate::profile::timed(
             false,
             || {
-                let op = if relu {
-                    "batch_norm2d+relu"
-                } else {
-                    "batch_norm2d"
-                };
+                let op = label;
                 format!("{op} {}", self.shape())
             },
             || 0.0,
@@ -160,21 +212,31 @@ impl Tensor {
                 let w = weight.map(Tensor::to_vec);
                 let b = bias.map(Tensor::to_vec);
                 self.with_data(|x| {
-                    norm::normalize(
-                        x,
-                        &mean,
-                        &invstd,
-                        w.as_deref(),
-                        b.as_deref(),
-                        c,
-                        hw,
-                        relu,
-                        &mut y,
-                    )
+                    let run = |fused: norm::Epilogue<'_>, y: &mut [f32]| {
+                        norm::normalize(
+                            x,
+                            &mean,
+                            &invstd,
+                            w.as_deref(),
+                            b.as_deref(),
+                            c,
+                            hw,
+                            fused,
+                            y,
+                        )
+                    };
+                    match &epilogue {
+                        BnEpilogue::None => run(norm::Epilogue::None, &mut y),
+                        BnEpilogue::Relu => run(norm::Epilogue::Relu, &mut y),
+                        BnEpilogue::AddRelu(res) => {
+                            res.with_data(|r| run(norm::Epilogue::AddRelu(r), &mut y))
+                        }
+                    }
                 });
                 let mut inputs = vec![self];
                 inputs.extend(weight);
                 inputs.extend(bias);
+                inputs.extend(residual.as_ref());
                 let op = record(&inputs, || Op::BatchNorm2d {
                     input: self.clone(),
                     weight: weight.cloned(),
@@ -182,7 +244,7 @@ impl Tensor {
                     mean,
                     invstd,
                     training,
-                    relu,
+                    epilogue,
                 });
                 Ok(Tensor::from_parts(y, self.shape().clone(), op))
             },

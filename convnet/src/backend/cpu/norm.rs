@@ -86,8 +86,20 @@ pub fn batch_stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f
         .unzip()
 }
 
-/// `y = (x - mean) * invstd * weight + bias`, per channel, followed by a ReLU when `relu`
-/// (the fused `batch_norm2d_relu`, one pass instead of two).
+/// What the normalisation's pass also applies to its output, so that the common sequences
+/// after batch norm cost no extra pass over the activation.
+#[derive(Clone, Copy)]
+pub enum Epilogue<'a> {
+    /// Plain batch norm.
+    None,
+    /// `relu(y)`.
+    Relu,
+    /// `relu(y + residual)`, `residual` laid out like the input: the end of a residual block.
+    AddRelu(&'a [f32]),
+}
+
+/// `y = (x - mean) * invstd * weight + bias`, per channel, followed by the epilogue (one pass
+/// instead of up to three).
 #[allow(clippy::too_many_arguments)]
 pub fn normalize(
     x: &[f32],
@@ -97,31 +109,52 @@ pub fn normalize(
     bias: Option<&[f32]>,
     c: usize,
     hw: usize,
-    relu: bool,
+    epilogue: Epilogue<'_>,
     y: &mut [f32],
 ) {
+    let relu = |t: f32| if t > 0.0 || t.is_nan() { t } else { 0.0 };
     y.par_chunks_mut(hw)
         .zip(x.par_chunks(hw))
         .enumerate()
         .for_each(|(plane, (yp, xp))| {
             let (scale, shift) = affine(plane % c, mean, invstd, weight, bias);
-            if relu {
-                for (o, &v) in yp.iter_mut().zip(xp) {
-                    let t = v * scale + shift;
-                    *o = if t > 0.0 || t.is_nan() { t } else { 0.0 };
+            match epilogue {
+                Epilogue::None => {
+                    for (o, &v) in yp.iter_mut().zip(xp) {
+                        *o = v * scale + shift;
+                    }
                 }
-            } else {
-                for (o, &v) in yp.iter_mut().zip(xp) {
-                    *o = v * scale + shift;
+                Epilogue::Relu => {
+                    for (o, &v) in yp.iter_mut().zip(xp) {
+                        *o = relu(v * scale + shift);
+                    }
+                }
+                Epilogue::AddRelu(residual) => {
+                    let rp = &residual[plane * hw..(plane + 1) * hw];
+                    for ((o, &v), &r) in yp.iter_mut().zip(xp).zip(rp) {
+                        *o = relu((v * scale + shift) + r);
+                    }
                 }
             }
         });
 }
 
-/// Gradients of batch norm: returns `(dx, dweight, dbias)` where `dx` is computed only when
-/// `need_dx`. In training mode the batch statistics depend on `x`, adding the two mean terms.
-/// With `relu` (the fused op), `dy` is first masked where the forward output was not
-/// positive, recomputed from `x`, `bias` and the statistics.
+/// The gradients of batch norm with its epilogue.
+pub struct Grads {
+    /// Of the input, when asked for.
+    pub dx: Option<Vec<f32>>,
+    /// Of the scale.
+    pub dweight: Vec<f32>,
+    /// Of the shift.
+    pub dbias: Vec<f32>,
+    /// Of the residual of [`Epilogue::AddRelu`]: the upstream gradient through the ReLU.
+    pub dresidual: Option<Vec<f32>>,
+}
+
+/// Gradients of batch norm: `dx` is computed only when `need_dx`. In training mode the batch
+/// statistics depend on `x`, adding the two mean terms. A fused ReLU first masks `dy` where
+/// the forward output was not positive, recomputed from `x` (and the residual) with the
+/// forward pass's exact operations.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     x: &[f32],
@@ -134,27 +167,70 @@ pub fn backward(
     c: usize,
     hw: usize,
     training: bool,
-    relu: bool,
+    epilogue: Epilogue<'_>,
     need_dx: bool,
-) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
-    let mask = |ch: usize| relu.then(|| affine(ch, mean, invstd, weight, bias));
-    // Per channel: sum(dy) and sum(dy * xhat).
+) -> Grads {
+    let relu_mask = |ch: usize| {
+        matches!(epilogue, Epilogue::Relu).then(|| affine(ch, mean, invstd, weight, bias))
+    };
+    // With a residual, the masked gradient is needed twice (it is the residual's gradient),
+    // so it is written out as the sums are taken.
+    let mut dres = match epilogue {
+        Epilogue::AddRelu(_) => vec![0f32; dy.len()],
+        _ => Vec::new(),
+    };
+    // Per plane: sum(dy') and sum(dy' * (x - mean)), dy' being dy through the epilogue.
+    let plane_sums = |plane: usize, dres_plane: &mut [f32]| -> (f64, f64) {
+        let ch = plane % c;
+        let r = plane * hw..(plane + 1) * hw;
+        match epilogue {
+            Epilogue::AddRelu(residual) => {
+                let (scale, shift) = affine(ch, mean, invstd, weight, bias);
+                for (((o, &g), &v), &res) in dres_plane
+                    .iter_mut()
+                    .zip(&dy[r.clone()])
+                    .zip(&x[r.clone()])
+                    .zip(&residual[r.clone()])
+                {
+                    let s = (v * scale + shift) + res;
+                    *o = if s <= 0.0 || s.is_nan() { 0.0 } else { g };
+                }
+                lane_sums2(dres_plane, &x[r], mean[ch], None)
+            }
+            _ => lane_sums2(&dy[r.clone()], &x[r], mean[ch], relu_mask(ch)),
+        }
+    };
+    let per_plane: Vec<(f64, f64)> = if dres.is_empty() {
+        (0..n * c)
+            .into_par_iter()
+            .map(|plane| plane_sums(plane, &mut []))
+            .collect()
+    } else {
+        dres.par_chunks_mut(hw)
+            .enumerate()
+            .map(|(plane, d)| plane_sums(plane, d))
+            .collect()
+    };
     let sums: Vec<(f64, f64)> = (0..c)
-        .into_par_iter()
         .map(|ch| {
             let (mut sdy, mut sdyx) = (0f64, 0f64);
-            let m = mean[ch];
             for b in 0..n {
-                let r = (b * c + ch) * hw..(b * c + ch + 1) * hw;
-                let (a, bsum) = lane_sums2(&dy[r.clone()], &x[r], m, mask(ch));
+                let (a, s) = per_plane[b * c + ch];
                 sdy += a;
-                sdyx += bsum;
+                sdyx += s;
             }
             (sdy, sdyx * invstd[ch] as f64)
         })
         .collect();
     let dbias: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
     let dweight: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
+    // The gradient the dx pass starts from: the masked one when it was written out.
+    let (g_in, relu_mask): (&[f32], &(dyn Fn(usize) -> Option<(f32, f32)> + Sync)) =
+        if dres.is_empty() {
+            (dy, &relu_mask)
+        } else {
+            (&dres, &|_| None)
+        };
     let dx = need_dx.then(|| {
         let mut dx = vec![0f32; x.len()];
         let count = (n * hw) as f64;
@@ -163,6 +239,7 @@ pub fn backward(
             let (m, is) = (mean[ch] as f64, invstd[ch] as f64);
             let w = weight.map_or(1.0, |w| w[ch] as f64);
             let r = plane * hw..(plane + 1) * hw;
+            let relu = relu_mask(ch);
             if training {
                 // dx = k * (count*g - sdy - xhat*sdyx) with xhat = (x - m)*is, folded into
                 // dx = a*g + b*x + c0 so the loop is three float32 operations per element.
@@ -170,19 +247,22 @@ pub fn backward(
                 let k = w * is / count;
                 let (a, b) = ((k * count) as f32, (-k * sdyx * is) as f32);
                 let c0 = (-k * sdy + k * sdyx * is * m) as f32;
-                let relu = mask(ch);
-                for ((o, &g), &v) in dxp.iter_mut().zip(&dy[r.clone()]).zip(&x[r]) {
+                for ((o, &g), &v) in dxp.iter_mut().zip(&g_in[r.clone()]).zip(&x[r]) {
                     *o = a * through_relu(g, v, relu) + b * v + c0;
                 }
             } else {
                 let a = (w * is) as f32;
-                let relu = mask(ch);
-                for ((o, &g), &v) in dxp.iter_mut().zip(&dy[r.clone()]).zip(&x[r]) {
+                for ((o, &g), &v) in dxp.iter_mut().zip(&g_in[r.clone()]).zip(&x[r]) {
                     *o = through_relu(g, v, relu) * a;
                 }
             }
         });
         dx
     });
-    (dx, dweight, dbias)
+    Grads {
+        dx,
+        dweight,
+        dbias,
+        dresidual: (!dres.is_empty()).then_some(dres),
+    }
 }
