@@ -225,12 +225,8 @@ pub fn backward(
     let dbias: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
     let dweight: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
     // The gradient the dx pass starts from: the masked one when it was written out.
-    let (g_in, relu_mask): (&[f32], &(dyn Fn(usize) -> Option<(f32, f32)> + Sync)) =
-        if dres.is_empty() {
-            (dy, &relu_mask)
-        } else {
-            (&dres, &|_| None)
-        };
+    let masked = !dres.is_empty();
+    let g_in: &[f32] = if masked { &dres } else { dy };
     let dx = need_dx.then(|| {
         let mut dx = vec![0f32; x.len()];
         let count = (n * hw) as f64;
@@ -239,7 +235,7 @@ pub fn backward(
             let (m, is) = (mean[ch] as f64, invstd[ch] as f64);
             let w = weight.map_or(1.0, |w| w[ch] as f64);
             let r = plane * hw..(plane + 1) * hw;
-            let relu = relu_mask(ch);
+            let relu = if masked { None } else { relu_mask(ch) };
             if training {
                 // dx = k * (count*g - sdy - xhat*sdyx) with xhat = (x - m)*is, folded into
                 // dx = a*g + b*x + c0 so the loop is three float32 operations per element.
