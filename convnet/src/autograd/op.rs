@@ -9,6 +9,7 @@ use crate::backend::cpu::{
     matmul::{matmul, MatRef, Par},
     norm,
     pool::{self, PoolGeom},
+    shortcut,
 };
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -521,19 +522,17 @@ impl Op {
                 out_channels,
             } => {
                 let d = input.dims();
-                let (n, c, h, w) = (d[0], d[1], d[2], d[3]);
-                let (oh, ow) = (out.dims()[2], out.dims()[3]);
+                let (c, h, w) = (d[1], d[2], d[3]);
                 let mut dx = vec![0f32; input.numel()];
-                for b in 0..n {
-                    for ch in 0..c {
-                        for i in 0..oh {
-                            for j in 0..ow {
-                                dx[((b * c + ch) * h + i * stride) * w + j * stride] =
-                                    g[((b * out_channels + ch + before) * oh + i) * ow + j];
-                            }
-                        }
-                    }
-                }
+                let geom = shortcut::Subsample {
+                    c,
+                    h,
+                    w,
+                    stride: *stride,
+                    before: *before,
+                    out_channels: *out_channels,
+                };
+                shortcut::backward(g, &geom, &mut dx);
                 grads.push((input.clone(), dx));
             }
         }

@@ -3,6 +3,7 @@
 
 use super::{record, Tensor};
 use crate::autograd::Op;
+use crate::backend::cpu::shortcut;
 use crate::error::{invalid, shape_mismatch, Result};
 use crate::shape::{normalize_dim, Shape};
 
@@ -149,18 +150,15 @@ impl Tensor {
                 }
                 let (oh, ow) = (h.div_ceil(stride), w.div_ceil(stride));
                 let mut out = vec![0f32; n * out_channels * oh * ow];
-                self.with_data(|x| {
-                    for b in 0..n {
-                        for ch in 0..c {
-                            for i in 0..oh {
-                                for j in 0..ow {
-                                    out[((b * out_channels + ch + before) * oh + i) * ow + j] =
-                                        x[((b * c + ch) * h + i * stride) * w + j * stride];
-                                }
-                            }
-                        }
-                    }
-                });
+                let geom = shortcut::Subsample {
+                    c,
+                    h,
+                    w,
+                    stride,
+                    before,
+                    out_channels,
+                };
+                self.with_data(|x| shortcut::forward(x, &geom, &mut out));
                 let op = record(&[self], || Op::SubsamplePadChannels {
                     input: self.clone(),
                     stride,

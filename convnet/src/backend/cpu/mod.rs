@@ -13,6 +13,7 @@ pub mod matmul;
 pub mod norm;
 pub mod optim;
 pub mod pool;
+pub mod shortcut;
 
 /// Number of worker threads kernels may use (rayon's pool size).
 pub fn num_threads() -> usize {
