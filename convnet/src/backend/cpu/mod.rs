@@ -14,6 +14,7 @@ pub mod norm;
 pub mod optim;
 pub mod pool;
 pub mod shortcut;
+pub mod simd;
 
 /// Number of worker threads kernels may use (rayon's pool size).
 pub fn num_threads() -> usize {
