@@ -55,8 +55,6 @@ pub(crate) use vectorized_fn;
 
 #[cfg(test)]
 mod tests {
-    use super::vectorized_fn;
-
     vectorized_fn! {
         fn affine(x: &[f32], out: &mut [f32]) {
             for (o, &v) in out.iter_mut().zip(x) {
