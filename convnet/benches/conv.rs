@@ -44,6 +44,7 @@ fn shapes() -> Vec<(String, ConvGeom)> {
         geom("seed-cnn conv2 32->64 @16", 64, 32, 16, 64, 1),
         geom("resnet20 16->16 @32", 64, 16, 32, 16, 1),
         geom("resnet20 16->32 s2 @32", 64, 16, 32, 32, 2),
+        geom("resnet20 32->64 s2 @16", 64, 32, 16, 64, 2),
         geom("resnet20 32->32 @16", 64, 32, 16, 32, 1),
         geom("resnet20 64->64 @8", 64, 64, 8, 64, 1),
     ]

@@ -608,17 +608,25 @@ mod direct_tests {
             return;
         }
         let mut rng = Rng::new(5);
-        for (n, c, h, w, k, bias) in [
-            (2, 16, 32, 32, 16, true),
-            (2, 32, 16, 16, 32, false),
-            (1, 3, 16, 32, 8, true),
-            (3, 5, 7, 16, 4, true),
-            (1, 8, 5, 48, 12, false),
-            (2, 64, 8, 8, 64, false),
-            (3, 6, 4, 8, 8, true),
+        for (n, c, h, w, k, bias, s) in [
+            (2, 16, 32, 32, 16, true, 1),
+            (2, 32, 16, 16, 32, false, 1),
+            (1, 3, 16, 32, 8, true, 1),
+            (3, 5, 7, 16, 4, true, 1),
+            (1, 8, 5, 48, 12, false, 1),
+            (2, 64, 8, 8, 64, false, 1),
+            (3, 6, 4, 8, 8, true, 1),
             // Enough images that each thread's weight gradient runs over several groups.
-            (9, 16, 32, 32, 16, false),
+            (9, 16, 32, 32, 16, false, 1),
+            // Stride 2: ResNet's downsampling shapes (16-wide and paired 8-wide outputs),
+            // a non-square one, and several weight-gradient groups.
+            (2, 16, 32, 32, 32, true, 2),
+            (2, 32, 16, 16, 64, false, 2),
+            (1, 4, 20, 32, 8, true, 2),
+            (3, 5, 8, 16, 4, false, 2),
+            (9, 16, 32, 32, 16, false, 2),
         ] {
+            let (oh, ow) = ((h - 1) / s + 1, (w - 1) / s + 1);
             let g = ConvGeom {
                 n,
                 c,
@@ -627,9 +635,9 @@ mod direct_tests {
                 k,
                 kh: 3,
                 kw: 3,
-                oh: h,
-                ow: w,
-                stride: (1, 1),
+                oh,
+                ow,
+                stride: (s, s),
                 padding: (1, 1),
                 dilation: (1, 1),
                 groups: 1,
@@ -639,7 +647,7 @@ mod direct_tests {
             let x = r(n * c * h * w);
             let wt = r(k * c * 9);
             let b = r(k);
-            let dy = r(n * k * h * w);
+            let dy = r(n * k * oh * ow);
             let b = bias.then_some(b);
             let (y_ref, dx_ref, dw_ref) = conv2d_naive(&x, &wt, b.as_deref(), &dy, &g);
             // A sum of C*9 products of unit-variance values: float32 rounding grows with

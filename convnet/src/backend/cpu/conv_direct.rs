@@ -29,7 +29,8 @@ const LANES: usize = 16;
 pub fn applies(g: &ConvGeom) -> bool {
     g.kh == 3
         && g.kw == 3
-        && g.stride == (1, 1)
+        && (g.stride == (1, 1)
+            || (g.stride == (2, 2) && g.h.is_multiple_of(2) && g.w.is_multiple_of(2)))
         && g.dilation == (1, 1)
         && g.padding == (1, 1)
         && g.groups == 1
@@ -49,15 +50,17 @@ pub fn weight_grad_applies(g: &ConvGeom) -> bool {
     applies(g) && g.ow.is_multiple_of(LANES)
 }
 
-/// Where the 16 outputs of a tile are. Rows at least 16 wide are cut into 16-wide tiles;
-/// 8-wide rows are paired, a tile holding two consecutive rows (contiguous in the output,
-/// two 8-float pieces in the padded input).
+/// Where the 16 outputs of a tile are and where its inputs are in the prepared image (see
+/// [`prepare_image`]). Output rows at least 16 wide are cut into 16-wide tiles; 8-wide rows
+/// are paired, a tile holding two consecutive rows (contiguous in the output, two 8-float
+/// pieces in the input).
 #[derive(Clone, Copy)]
 struct Tiles {
     per_row: usize,
     paired: bool,
     ow: usize,
-    pw: usize,
+    /// Prepared-image floats between the inputs of consecutive output rows: `stride * (W+2)`.
+    in_row: usize,
 }
 
 impl Tiles {
@@ -66,7 +69,7 @@ impl Tiles {
             per_row: (g.ow / LANES).max(1),
             paired: g.ow < LANES,
             ow: g.ow,
-            pw: g.w + 2,
+            in_row: g.stride.0 * (g.w + 2),
         }
     }
     fn count(&self, oh: usize) -> usize {
@@ -76,13 +79,25 @@ impl Tiles {
             oh * self.per_row
         }
     }
-    /// (offset of the tile's top-left tap in a padded plane, offset of its first output).
+    /// (offset of the tile's top-left input in a prepared plane, offset of its first output).
     fn offsets(&self, t: usize) -> (usize, usize) {
         if self.paired {
-            (2 * t * self.pw, 2 * t * self.ow)
+            (2 * t * self.in_row, 2 * t * self.ow)
         } else {
             let (r, v) = (t / self.per_row, t % self.per_row);
-            (r * self.pw + v * LANES, r * self.ow + v * LANES)
+            (r * self.in_row + v * LANES, r * self.ow + v * LANES)
+        }
+    }
+    /// Offset of tap `(kh, kw)` from a tile's top-left input in a prepared image with padded
+    /// rows `pw` wide, for stride `S` (a constant, so that the offsets fold into addresses).
+    #[inline(always)]
+    fn tap<const S: usize>(kh: usize, kw: usize, pw: usize) -> usize {
+        if S == 1 {
+            kh * pw + kw
+        } else {
+            // Even padded columns first, then odd ones: column 2j + kw of the padded row is
+            // entry j + kw/2 of the even (kw = 0, 2) or odd (kw = 1) half.
+            kh * pw + (kw % 2) * (pw / 2) + kw / 2
         }
     }
     /// Loads a tile's 16 inputs at `p` (a tap's position for the tile).
@@ -91,7 +106,7 @@ impl Tiles {
     unsafe fn load(&self, p: *const f32) -> __m512 {
         if self.paired {
             let lo = _mm256_loadu_ps(p);
-            let hi = _mm256_loadu_ps(p.add(self.pw));
+            let hi = _mm256_loadu_ps(p.add(self.in_row));
             _mm512_insertf32x8::<1>(_mm512_castps256_ps512(lo), hi)
         } else {
             _mm512_loadu_ps(p)
@@ -128,7 +143,7 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, y: &mut
             // One zero-bordered image per worker; only the interior is ever written.
             || vec![0f32; g.c * ph * pw],
             |xp, (y_img, x_img)| {
-                pad_image(x_img, g, xp);
+                prepare_image(x_img, g, xp);
                 // SAFETY: `applies` checked that the CPU has AVX-512F; the buffers have the
                 // sizes the geometry gives (checked by the asserts inside).
                 unsafe { forward_image(xp, &packed, bias, g, y_img) };
@@ -158,11 +173,19 @@ unsafe fn forward_image(xp: &[f32], wp: &[f32], bias: Option<&[f32]>, g: &ConvGe
         };
         let mut t0 = 0;
         while t0 + TILES <= tiles {
-            block::<TILES>(xp, w_block, g, map, t0, b4, kb, y);
+            if g.stride.0 == 1 {
+                block::<TILES, 1>(xp, w_block, g, map, t0, b4, kb, y);
+            } else {
+                block::<TILES, 2>(xp, w_block, g, map, t0, b4, kb, y);
+            }
             t0 += TILES;
         }
         while t0 < tiles {
-            block::<1>(xp, w_block, g, map, t0, b4, kb, y);
+            if g.stride.0 == 1 {
+                block::<1, 1>(xp, w_block, g, map, t0, b4, kb, y);
+            } else {
+                block::<1, 2>(xp, w_block, g, map, t0, b4, kb, y);
+            }
             t0 += 1;
         }
     }
@@ -172,7 +195,7 @@ unsafe fn forward_image(xp: &[f32], wp: &[f32], bias: Option<&[f32]>, g: &ConvGe
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn block<const T: usize>(
+unsafe fn block<const T: usize, const S: usize>(
     xp: &[f32],
     w_block: &[f32],
     g: &ConvGeom,
@@ -208,7 +231,7 @@ unsafe fn block<const T: usize>(
                 let w2 = _mm512_set1_ps(*wc.add(tap * OCB + 2));
                 let w3 = _mm512_set1_ps(*wc.add(tap * OCB + 3));
                 for t in 0..T {
-                    let xv = map.load(xc.add(offs[t] + kh * pw + kw));
+                    let xv = map.load(xc.add(offs[t] + Tiles::tap::<S>(kh, kw, pw)));
                     acc[0][t] = _mm512_fmadd_ps(w0, xv, acc[0][t]);
                     acc[1][t] = _mm512_fmadd_ps(w1, xv, acc[1][t]);
                     acc[2][t] = _mm512_fmadd_ps(w2, xv, acc[2][t]);
@@ -228,13 +251,25 @@ unsafe fn block<const T: usize>(
 }
 
 /// Copies image `x_img [C, H, W]` into the interior of the zero-bordered `xp [C, H+2, W+2]`.
-fn pad_image(x_img: &[f32], g: &ConvGeom, xp: &mut [f32]) {
+/// For stride 2, each padded row is stored as its even columns then its odd ones, so that
+/// every tap of 16 outputs (inputs two columns apart) is 16 consecutive floats.
+fn prepare_image(x_img: &[f32], g: &ConvGeom, xp: &mut [f32]) {
     let (pw, ph) = (g.w + 2, g.h + 2);
+    let half = pw / 2;
     for c in 0..g.c {
         for r in 0..g.h {
             let src = &x_img[(c * g.h + r) * g.w..(c * g.h + r + 1) * g.w];
-            let at = c * ph * pw + (r + 1) * pw + 1;
-            xp[at..at + g.w].copy_from_slice(src);
+            let row = c * ph * pw + (r + 1) * pw;
+            if g.stride.0 == 1 {
+                xp[row + 1..row + 1 + g.w].copy_from_slice(src);
+            } else {
+                // Padded column j+1: odd columns (even j) to the odd half, even ones to the even.
+                let (even, odd) = xp[row..row + pw].split_at_mut(half);
+                for (j, pair) in src.chunks_exact(2).enumerate() {
+                    odd[j] = pair[0];
+                    even[j + 1] = pair[1];
+                }
+            }
         }
     }
 }
@@ -257,7 +292,7 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
             let count = images.len();
             let mut xp = vec![0f32; count * g.c * plane];
             for (i, n) in images.clone().enumerate() {
-                pad_image(
+                prepare_image(
                     &x[n * in_image..(n + 1) * in_image],
                     g,
                     &mut xp[i * g.c * plane..(i + 1) * g.c * plane],
@@ -275,7 +310,13 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
                 let dys =
                     &dy[(images.start + first) * out_image..(images.start + last) * out_image];
                 // SAFETY: `applies` checked AVX-512F/DQ; sizes are asserted inside.
-                unsafe { weight_images(xs, dys, last - first, g, &mut lanes) };
+                unsafe {
+                    if g.stride.0 == 1 {
+                        weight_images::<1>(xs, dys, last - first, g, &mut lanes)
+                    } else {
+                        weight_images::<2>(xs, dys, last - first, g, &mut lanes)
+                    }
+                };
             }
             lanes
         })
@@ -295,7 +336,13 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
 /// Adds to the lane partial sums `lanes [K, C, 9, 16]` the weight gradient of `count` images:
 /// padded inputs `xp [count, C, H+2, W+2]`, output gradients `dys [count, K, OH, OW]`.
 #[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn weight_images(xp: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lanes: &mut [f32]) {
+unsafe fn weight_images<const S: usize>(
+    xp: &[f32],
+    dys: &[f32],
+    count: usize,
+    g: &ConvGeom,
+    lanes: &mut [f32],
+) {
     let pw = g.w + 2;
     let plane = (g.h + 2) * pw;
     let ohw = g.oh * g.ow;
@@ -320,7 +367,7 @@ unsafe fn weight_images(xp: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lan
                     let base = xc.add(xo);
                     for kh in 0..3 {
                         for kw in 0..3 {
-                            let xv = map.load(base.add(kh * pw + kw));
+                            let xv = map.load(base.add(Tiles::tap::<S>(kh, kw, pw)));
                             acc[0][kh * 3 + kw] = _mm512_fmadd_ps(d0, xv, acc[0][kh * 3 + kw]);
                             acc[1][kh * 3 + kw] = _mm512_fmadd_ps(d1, xv, acc[1][kh * 3 + kw]);
                         }
