@@ -165,7 +165,7 @@ pub(crate) fn backward(root: &Tensor, grad: Option<&Tensor>) -> Result<GradStore
                 for (input, gi) in input_grads {
                     debug_assert_eq!(gi.len(), input.numel());
                     match pending.get_mut(&input.id()) {
-                        Some(acc) => acc.iter_mut().zip(&gi).for_each(|(a, b)| *a += b),
+                        Some(acc) => crate::backend::cpu::elementwise::add_assign(acc, &gi),
                         None => {
                             pending.insert(input.id(), gi);
                         }

@@ -5,6 +5,7 @@
 //! stretches. Same-shape operands and a per-channel operand (`[C, 1, 1]` against `[N, C, H,
 //! W]`, the bias/scale pattern) take fast paths; other patterns use a general strided walk.
 
+use super::simd::vectorized_fn;
 use super::PAR_MIN_ELEMS;
 use rayon::prelude::*;
 
@@ -31,6 +32,25 @@ impl BinaryKind {
             BinaryKind::Div => a / b,
         }
     }
+}
+
+/// `acc += g` element by element, in parallel over large buffers (gradient accumulation).
+pub fn add_assign(acc: &mut [f32], g: &[f32]) {
+    assert_eq!(acc.len(), g.len(), "add_assign of different lengths");
+    if acc.len() < PAR_MIN_ELEMS {
+        return add_assign_chunk(acc, g);
+    }
+    acc.par_chunks_mut(PAR_MIN_ELEMS)
+        .zip(g.par_chunks(PAR_MIN_ELEMS))
+        .for_each(|(a, b)| add_assign_chunk(a, b));
+}
+
+vectorized_fn! {
+fn add_assign_chunk(acc: &mut [f32], g: &[f32]) {
+    for (a, &b) in acc.iter_mut().zip(g) {
+        *a += b;
+    }
+}
 }
 
 /// The result shape of broadcasting `a` with `b`, or `None` if they are incompatible.

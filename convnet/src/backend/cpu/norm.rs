@@ -305,75 +305,109 @@ pub fn backward(
         Epilogue::AddRelu(_) => vec![0f32; dy.len()],
         _ => Vec::new(),
     };
-    // Per plane: sum(dy') and sum(dy' * (x - mean)), dy' being dy through the epilogue.
-    let plane_sums = |plane: usize, dres_plane: &mut [f32]| -> (f64, f64) {
-        let ch = plane % c;
-        let r = plane * hw..(plane + 1) * hw;
-        match epilogue {
-            Epilogue::AddRelu(residual) => {
-                let (scale, shift) = affine(ch, mean, invstd, weight, bias);
-                let (g, xs, res) = (&dy[r.clone()], &x[r.clone()], &residual[r.clone()]);
-                mask_add_relu(g, xs, res, scale, shift, dres_plane);
-                lane_sums2(dres_plane, xs, mean[ch], None)
-            }
-            _ => lane_sums2(&dy[r.clone()], &x[r], mean[ch], relu_mask(ch)),
-        }
-    };
-    let per_plane: Vec<(f64, f64)> = if dres.is_empty() {
-        (0..n * c)
-            .into_par_iter()
-            .map(|plane| plane_sums(plane, &mut []))
-            .collect()
+    let mut dx = if need_dx {
+        vec![0f32; x.len()]
     } else {
-        dres.par_chunks_mut(hw)
-            .enumerate()
-            .map(|(plane, d)| plane_sums(plane, d))
-            .collect()
+        Vec::new()
     };
+    let (dres_planes, dx_planes) = (
+        PlaneWriter::new(&mut dres, hw),
+        PlaneWriter::new(&mut dx, hw),
+    );
+    let count = (n * hw) as f64;
+    // One channel at a time per thread, both passes back to back: the channel's planes are
+    // still in cache for the second pass (a batch's activation can exceed the L3 cache, so
+    // two whole-tensor passes would read it from memory twice).
     let sums: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
         .map(|ch| {
+            let planes = (0..n).map(|b| (b * c + ch, (b * c + ch) * hw..(b * c + ch + 1) * hw));
+            // Pass 1: sum(dy') and sum(dy' * (x - mean)), dy' being dy through the epilogue.
             let (mut sdy, mut sdyx) = (0f64, 0f64);
-            for b in 0..n {
-                let (a, s) = per_plane[b * c + ch];
+            for (plane, r) in planes.clone() {
+                let (a, b) = match epilogue {
+                    Epilogue::AddRelu(residual) => {
+                        let (scale, shift) = affine(ch, mean, invstd, weight, bias);
+                        let (g, xs, res) = (&dy[r.clone()], &x[r.clone()], &residual[r]);
+                        // SAFETY: plane b*c + ch belongs to this channel's task alone.
+                        let out = unsafe { dres_planes.plane(plane) };
+                        mask_add_relu(g, xs, res, scale, shift, out);
+                        lane_sums2(out, xs, mean[ch], None)
+                    }
+                    _ => lane_sums2(&dy[r.clone()], &x[r], mean[ch], relu_mask(ch)),
+                };
                 sdy += a;
-                sdyx += s;
+                sdyx += b;
             }
-            (sdy, sdyx * invstd[ch] as f64)
+            let sums = (sdy, sdyx * invstd[ch] as f64);
+            if need_dx {
+                // Pass 2: the input gradient, from the masked gradient when it was written.
+                let (m, is) = (mean[ch] as f64, invstd[ch] as f64);
+                let w = weight.map_or(1.0, |w| w[ch] as f64);
+                for (plane, r) in planes {
+                    let (g_in, relu) = match epilogue {
+                        // SAFETY: as above; pass 1 finished writing this plane.
+                        Epilogue::AddRelu(_) => (unsafe { &*dres_planes.plane(plane) }, None),
+                        _ => (&dy[r.clone()], relu_mask(ch)),
+                    };
+                    // SAFETY: plane b*c + ch belongs to this channel's task alone.
+                    let out = unsafe { dx_planes.plane(plane) };
+                    if training {
+                        // dx = k * (count*g - sdy - xhat*sdyx) with xhat = (x - m)*is, folded
+                        // into dx = a*g + b*x + c0: three float32 operations per element.
+                        let (sdy, sdyx) = sums;
+                        let k = w * is / count;
+                        let (a, b) = ((k * count) as f32, (-k * sdyx * is) as f32);
+                        let c0 = (-k * sdy + k * sdyx * is * m) as f32;
+                        dx_train_plane(g_in, &x[r], a, b, c0, relu, out);
+                    } else {
+                        dx_eval_plane(g_in, &x[r], (w * is) as f32, relu, out);
+                    }
+                }
+            }
+            sums
         })
         .collect();
-    let dbias: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
-    let dweight: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
-    // The gradient the dx pass starts from: the masked one when it was written out.
-    let masked = !dres.is_empty();
-    let g_in: &[f32] = if masked { &dres } else { dy };
-    let dx = need_dx.then(|| {
-        let mut dx = vec![0f32; x.len()];
-        let count = (n * hw) as f64;
-        dx.par_chunks_mut(hw).enumerate().for_each(|(plane, dxp)| {
-            let ch = plane % c;
-            let (m, is) = (mean[ch] as f64, invstd[ch] as f64);
-            let w = weight.map_or(1.0, |w| w[ch] as f64);
-            let r = plane * hw..(plane + 1) * hw;
-            let relu = if masked { None } else { relu_mask(ch) };
-            if training {
-                // dx = k * (count*g - sdy - xhat*sdyx) with xhat = (x - m)*is, folded into
-                // dx = a*g + b*x + c0 so the loop is three float32 operations per element.
-                let (sdy, sdyx) = sums[ch];
-                let k = w * is / count;
-                let (a, b) = ((k * count) as f32, (-k * sdyx * is) as f32);
-                let c0 = (-k * sdy + k * sdyx * is * m) as f32;
-                dx_train_plane(&g_in[r.clone()], &x[r], a, b, c0, relu, dxp);
-            } else {
-                dx_eval_plane(&g_in[r.clone()], &x[r], (w * is) as f32, relu, dxp);
-            }
-        });
-        dx
-    });
     Grads {
-        dx,
-        dweight,
-        dbias,
+        dx: need_dx.then_some(dx),
+        dweight: sums.iter().map(|s| s.1 as f32).collect(),
+        dbias: sums.iter().map(|s| s.0 as f32).collect(),
         dresidual: (!dres.is_empty()).then_some(dres),
+    }
+}
+
+/// A buffer of `hw`-float planes that parallel tasks write, each plane by exactly one task
+/// (here: the planes of one channel), which slices cannot express without copying.
+struct PlaneWriter<'a> {
+    ptr: *mut f32,
+    len: usize,
+    hw: usize,
+    _buffer: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: the writer only hands out planes through `plane`, whose callers guarantee that no
+// two tasks touch the same plane.
+unsafe impl Sync for PlaneWriter<'_> {}
+
+impl<'a> PlaneWriter<'a> {
+    fn new(buffer: &'a mut [f32], hw: usize) -> Self {
+        PlaneWriter {
+            ptr: buffer.as_mut_ptr(),
+            len: buffer.len(),
+            hw,
+            _buffer: std::marker::PhantomData,
+        }
+    }
+
+    /// Plane `p` of the buffer.
+    ///
+    /// # Safety
+    /// No other reference to plane `p` may be alive while the returned one is.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn plane(&self, p: usize) -> &mut [f32] {
+        assert!((p + 1) * self.hw <= self.len, "plane {p} out of range");
+        // SAFETY: in bounds (asserted); exclusive by the caller's guarantee.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(p * self.hw), self.hw) }
     }
 }
 
