@@ -60,3 +60,13 @@ impl Storage {
         }
     }
 }
+
+impl Drop for Storage {
+    /// Large host buffers go back to the pool of recycled buffers for the next step's
+    /// tensors of the same size (see `backend::cpu::recycle`).
+    fn drop(&mut self) {
+        match self {
+            Storage::Cpu(v) => crate::backend::cpu::recycle::give_back(std::mem::take(v)),
+        }
+    }
+}

@@ -47,3 +47,59 @@ fn no_grad_records_no_graph() {
     );
     assert!(y.sum_all().unwrap().backward().is_err());
 }
+
+/// Large activations and gradients reuse the buffers of earlier tensors without zeroing
+/// them first; that is only correct if every kernel given such a buffer writes all of it.
+/// Before each run of a block (conv with a 3-channel input, conv, BN + residual + ReLU, conv
+/// with stride 2; forward and backward), NaN-filled tensors of the block's sizes are freed so
+/// that the run's buffers come from them: an element a kernel leaves unwritten stays NaN.
+/// Both runs must be finite and equal.
+#[test]
+fn recycled_buffers_never_leak_earlier_values() {
+    let params = Conv2dParams::default().padding(1);
+    let mut rng = Rng::new(9);
+    let w0 = Tensor::randn([16, 3, 3, 3], &mut rng).requires_grad();
+    let w1 = Tensor::randn([16, 16, 3, 3], &mut rng).requires_grad();
+    let w2 = Tensor::randn([32, 16, 3, 3], &mut rng).requires_grad();
+    let (gamma, beta) = (
+        Tensor::ones([16]).requires_grad(),
+        Tensor::zeros([16]).requires_grad(),
+    );
+    let poison = || {
+        // 8 images: every activation and gradient is above the size that is recycled.
+        let many: Vec<Tensor> = (0..40)
+            .flat_map(|_| {
+                [
+                    Tensor::full(f32::NAN, [8, 16, 32, 32]),
+                    Tensor::full(f32::NAN, [8, 32, 16, 16]),
+                ]
+            })
+            .collect();
+        drop(many);
+    };
+    let run = |x: &Tensor| {
+        poison();
+        let h = x.conv2d(&w0, None, params).unwrap();
+        let c = h.conv2d(&w1, None, params).unwrap();
+        let (m, v) = (Tensor::zeros([16]), Tensor::ones([16]));
+        let y = c
+            .batch_norm2d_add_relu(&h, &m, &v, Some(&gamma), Some(&beta), true, 0.1, 1e-5)
+            .unwrap();
+        let z = y.conv2d(&w2, None, params.stride(2)).unwrap();
+        let grads = z.sum_all().unwrap().backward().unwrap();
+        let g = |t: &Tensor| grads.get(t).unwrap().to_vec();
+        (z.to_vec(), g(&w0), g(&w1), g(&w2), g(&gamma), g(&beta))
+    };
+    let x = Tensor::randn([8, 3, 32, 32], &mut Rng::new(1));
+    let (first, again) = (run(&x), run(&x));
+    for (i, part) in [&first.0, &first.1, &first.2, &first.3, &first.4, &first.5]
+        .iter()
+        .enumerate()
+    {
+        assert!(
+            part.iter().all(|v| v.is_finite()),
+            "part {i} has a non-finite value"
+        );
+    }
+    assert_eq!(first, again);
+}

@@ -162,6 +162,7 @@ pub(crate) fn backward(root: &Tensor, grad: Option<&Tensor>) -> Result<GradStore
                     || op.backward_flops(),
                     || op.backward(&node, &g),
                 )?;
+                crate::backend::cpu::recycle::give_back(g);
                 for (input, gi) in input_grads {
                     debug_assert_eq!(gi.len(), input.numel());
                     match pending.get_mut(&input.id()) {

@@ -9,7 +9,7 @@ use crate::backend::cpu::{
     matmul::{matmul, MatRef, Par},
     norm,
     pool::{self, PoolGeom},
-    shortcut,
+    recycle, shortcut,
 };
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -251,7 +251,8 @@ impl Op {
                 geom,
             } => {
                 if input.tracks_grad() {
-                    let mut dx = vec![0f32; input.numel()];
+                    // conv2d_backward_input writes every element.
+                    let mut dx = recycle::take_overwritten(input.numel());
                     weight.with_data(|w| conv::conv2d_backward_input(g, w, geom, &mut dx));
                     grads.push((input.clone(), dx));
                 }

@@ -3,6 +3,7 @@
 use super::{record, Tensor};
 use crate::autograd::Op;
 use crate::backend::cpu::conv::{self, ConvGeom};
+use crate::backend::cpu::recycle;
 use crate::error::{invalid, shape_mismatch, Result};
 use crate::shape::{conv_out_size, Shape};
 
@@ -175,7 +176,8 @@ impl Tensor {
                 ));
             }
         }
-        let mut y = vec![0f32; geom.n * geom.k * geom.oh * geom.ow];
+        // conv2d_forward writes every output.
+        let mut y = recycle::take_overwritten(geom.n * geom.k * geom.oh * geom.ow);
         crate::profile::timed(
             false,
             || geom.describe(),

@@ -3,7 +3,7 @@
 
 use super::{record, Tensor};
 use crate::autograd::{BnEpilogue, Op};
-use crate::backend::cpu::norm;
+use crate::backend::cpu::{norm, recycle};
 use crate::error::{invalid, shape_mismatch, Result};
 
 impl Tensor {
@@ -208,7 +208,8 @@ impl Tensor {
                     });
                     (running_mean.to_vec(), invstd)
                 };
-                let mut y = vec![0f32; self.numel()];
+                // normalize writes every output.
+                let mut y = recycle::take_overwritten(self.numel());
                 let w = weight.map(Tensor::to_vec);
                 let b = bias.map(Tensor::to_vec);
                 self.with_data(|x| {

@@ -13,6 +13,7 @@ pub mod matmul;
 pub mod norm;
 pub mod optim;
 pub mod pool;
+pub mod recycle;
 pub mod shortcut;
 pub mod simd;
 

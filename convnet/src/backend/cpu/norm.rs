@@ -5,6 +5,7 @@
 //! uses the running statistics. Statistics are accumulated in `f64`. Channels run in
 //! parallel.
 
+use super::recycle;
 use super::simd::vectorized_fn;
 use rayon::prelude::*;
 
@@ -302,11 +303,11 @@ pub fn backward(
     // With a residual, the masked gradient is needed twice (it is the residual's gradient),
     // so it is written out as the sums are taken.
     let mut dres = match epilogue {
-        Epilogue::AddRelu(_) => vec![0f32; dy.len()],
+        Epilogue::AddRelu(_) => recycle::take_overwritten(dy.len()),
         _ => Vec::new(),
     };
     let mut dx = if need_dx {
-        vec![0f32; x.len()]
+        recycle::take_overwritten(x.len())
     } else {
         Vec::new()
     };
