@@ -64,7 +64,7 @@ impl Device {
             Device::Cpu => Ok(()),
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => Err(Error::CudaUnavailable(format!(
-                "cuda:{n} was found, but convnet's CUDA kernels are not written yet; use --device cpu"
+                "cuda:{n} was found, but tensors cannot live on a CUDA device yet (device storage and the cuDNN/cuBLAS dispatch are not written); use --device cpu"
             ))),
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => Err(Error::CudaNotBuilt),

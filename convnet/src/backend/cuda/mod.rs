@@ -2,10 +2,11 @@
 //! build needs no CUDA installation, and a machine without a GPU gets an error, never a
 //! panic.
 //!
-//! What exists so far is device discovery: finding the NVIDIA driver library (`libcuda`),
-//! counting devices and opening a context. The kernels (cuDNN convolutions, cuBLAS GEMMs,
-//! NVRTC-compiled element-wise kernels) are not written yet, so tensors cannot live on a
-//! CUDA device and asking for one says so.
+//! What exists so far: device discovery (finding the NVIDIA driver library `libcuda`,
+//! counting devices, opening a context) and the CUDA C kernels for everything but
+//! convolutions and matrix products ([`kernels`], compiled by NVRTC, checked to compile).
+//! Device storage, the cuDNN convolutions, the cuBLAS GEMMs and the dispatch from tensor ops
+//! are not written yet, so tensors cannot live on a CUDA device and asking for one says so.
 //!
 //! Library discovery: `CONVNET_CUDA_LIB_DIR` (a folder holding `libcuda.so.1`, and later
 //! cuDNN, cuBLAS and NVRTC), then the dynamic loader's usual search (`LD_LIBRARY_PATH`,
@@ -20,6 +21,10 @@ pub const LIB_DIR_VAR: &str = "CONVNET_CUDA_LIB_DIR";
 
 /// File names under which the driver library is looked up, most specific first.
 const DRIVER_NAMES: [&str; 2] = ["libcuda.so.1", "libcuda.so"];
+/// File names under which NVRTC is looked up (CUDA 13 first).
+const NVRTC_NAMES: [&str; 2] = ["libnvrtc.so.13", "libnvrtc.so"];
+
+pub mod kernels;
 
 /// What a successful probe found.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,43 +41,70 @@ fn unavailable(reason: impl Into<String>) -> Error {
     Error::CudaUnavailable(reason.into())
 }
 
-/// Loads the driver library once and keeps it loaded, so that cudarc's own loader (which
-/// panics when it finds nothing) later finds it by its `libcuda.so.1` name.
-fn load_driver() -> Result<()> {
-    static DRIVER: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    DRIVER
-        .get_or_init(|| {
-            let dir = std::env::var_os(LIB_DIR_VAR).map(PathBuf::from);
-            let mut tried = Vec::new();
-            for name in DRIVER_NAMES {
-                let candidates = match &dir {
-                    Some(d) => vec![d.join(name), PathBuf::from(name)],
-                    None => vec![PathBuf::from(name)],
-                };
-                for path in candidates {
-                    // SAFETY: loading the NVIDIA driver runs its initialisers, which is what
-                    // every CUDA program does; nothing else is called here.
-                    match unsafe { libloading::Library::new(&path) } {
-                        Ok(lib) => {
-                            // Keep the driver loaded for the life of the process.
-                            std::mem::forget(lib);
-                            return Ok(());
-                        }
-                        Err(e) => {
-                            let why = std::error::Error::source(&e)
-                                .map_or_else(|| e.to_string(), |s| s.to_string());
-                            tried.push(format!("{}: {why}", path.display()))
-                        }
+/// Loads a CUDA library once and keeps it loaded, so that cudarc's own loader (which panics
+/// when it finds nothing) later finds it by its usual name. Tries `CONVNET_CUDA_LIB_DIR`
+/// first, then the dynamic loader's search path.
+fn preload(
+    cell: &'static OnceLock<std::result::Result<(), String>>,
+    what: &str,
+    hint: &str,
+    names: &[&str],
+) -> Result<()> {
+    cell.get_or_init(|| {
+        let dir = std::env::var_os(LIB_DIR_VAR).map(PathBuf::from);
+        let mut tried = Vec::new();
+        for name in names {
+            let candidates = match &dir {
+                Some(d) => vec![d.join(name), PathBuf::from(name)],
+                None => vec![PathBuf::from(name)],
+            };
+            for path in candidates {
+                // SAFETY: loading a CUDA library runs its initialisers, which is what every
+                // CUDA program does; nothing else is called here.
+                match unsafe { libloading::Library::new(&path) } {
+                    Ok(lib) => {
+                        // Keep the library loaded for the life of the process.
+                        std::mem::forget(lib);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        let why = std::error::Error::source(&e)
+                            .map_or_else(|| e.to_string(), |s| s.to_string());
+                        tried.push(format!("{}: {why}", path.display()))
                     }
                 }
             }
-            Err(format!(
-                "cannot load the NVIDIA driver library libcuda.so.1 ({}); install the NVIDIA driver, or set {LIB_DIR_VAR} or LD_LIBRARY_PATH to the folder that holds it",
-                tried.first().map(String::as_str).unwrap_or("not found")
-            ))
-        })
-        .clone()
-        .map_err(unavailable)
+        }
+        Err(format!(
+            "cannot load {what} {} ({}); {hint}set {LIB_DIR_VAR} or LD_LIBRARY_PATH to the folder that holds it",
+            names[0],
+            tried.first().map(String::as_str).unwrap_or("not found")
+        ))
+    })
+    .clone()
+    .map_err(unavailable)
+}
+
+/// The NVIDIA driver library (`libcuda`), needed for any device.
+fn load_driver() -> Result<()> {
+    static DRIVER: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    preload(
+        &DRIVER,
+        "the NVIDIA driver library",
+        "install the NVIDIA driver, or ",
+        &DRIVER_NAMES,
+    )
+}
+
+/// NVRTC, the run-time CUDA C compiler (no GPU needed).
+fn load_nvrtc() -> Result<()> {
+    static NVRTC: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    preload(
+        &NVRTC,
+        "the CUDA run-time compiler",
+        "install NVRTC (CUDA 13), or ",
+        &NVRTC_NAMES,
+    )
 }
 
 /// Runs a cudarc call, turning a panic inside it into an error.

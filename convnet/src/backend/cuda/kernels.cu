@@ -1,0 +1,304 @@
+// convnet's CUDA kernels: everything that is not a convolution (cuDNN) or a matrix product
+// (cuBLAS). Compiled at run time by NVRTC (see nvrtc.rs), so a build needs no CUDA toolkit.
+//
+// Conventions: float32 data, [N, C, H, W] layouts as on the CPU, one thread per element
+// with grid-stride loops unless a kernel says otherwise. Reductions accumulate in double,
+// as the CPU kernels do, so that the two devices agree to float32 rounding. Compiled with
+// --fmad=false: a*b+c stays a multiply then an add, the CPU's operations.
+
+extern "C" {
+
+#define GRID_STRIDE(i, n) \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
+         i += (long long)blockDim.x * gridDim.x)
+
+// ---- element-wise ------------------------------------------------------------------------
+
+// y = relu(x); NaN passes through as in torch.relu.
+__global__ void relu_forward(const float* x, float* y, long long n) {
+    GRID_STRIDE(i, n) {
+        float v = x[i];
+        y[i] = (v > 0.0f || v != v) ? v : 0.0f;
+    }
+}
+
+// dx = g where the output was positive, else 0.
+__global__ void relu_backward(const float* g, const float* y, float* dx, long long n) {
+    GRID_STRIDE(i, n) { dx[i] = y[i] > 0.0f ? g[i] : 0.0f; }
+}
+
+// y = a + b (same shapes).
+__global__ void add_forward(const float* a, const float* b, float* y, long long n) {
+    GRID_STRIDE(i, n) { y[i] = a[i] + b[i]; }
+}
+
+// acc += g: gradient accumulation.
+__global__ void add_assign(float* acc, const float* g, long long n) {
+    GRID_STRIDE(i, n) { acc[i] += g[i]; }
+}
+
+// y = x * mask, mask holding 0 or 1/(1-p) (dropout; the mask is drawn on the host's
+// generator so that CPU and GPU runs with one seed drop the same units).
+__global__ void mul_mask(const float* x, const float* mask, float* y, long long n) {
+    GRID_STRIDE(i, n) { y[i] = x[i] * mask[i]; }
+}
+
+// ---- batch normalisation ([N, C, H, W], statistics over N, H, W) --------------------------
+
+// Sums a double across the block (blockDim.x a power of two, at most 1024).
+__device__ double block_sum(double v, double* shared) {
+    shared[threadIdx.x] = v;
+    __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) shared[threadIdx.x] += shared[threadIdx.x + s];
+        __syncthreads();
+    }
+    double total = shared[0];
+    __syncthreads();
+    return total;
+}
+
+// One block per channel: mean, then the biased variance from squared deviations (two
+// passes, like the CPU). Launch with blockDim.x * sizeof(double) bytes of shared memory.
+__global__ void bn_stats(const float* x, double* mean, double* var, int n, int c, int hw) {
+    extern __shared__ double shared[];
+    int ch = blockIdx.x;
+    long long count = (long long)n * hw;
+    double s = 0.0;
+    for (long long j = threadIdx.x; j < count; j += blockDim.x) {
+        long long b = j / hw, p = j % hw;
+        s += (double)x[(b * c + ch) * hw + p];
+    }
+    double m = block_sum(s, shared) / (double)count;
+    double ss = 0.0;
+    for (long long j = threadIdx.x; j < count; j += blockDim.x) {
+        long long b = j / hw, p = j % hw;
+        double d = (double)x[(b * c + ch) * hw + p] - m;
+        ss += d * d;
+    }
+    double v = block_sum(ss, shared) / (double)count;
+    if (threadIdx.x == 0) {
+        mean[ch] = m;
+        var[ch] = v;
+    }
+}
+
+// y = x * scale[ch] + shift[ch], then the epilogue: 0 none, 1 relu, 2 relu(y + residual).
+// scale = invstd * weight and shift = bias - mean * scale are formed on the host in float32,
+// exactly as the CPU kernel forms them.
+__global__ void bn_normalize(const float* x, const float* scale, const float* shift,
+                             const float* residual, float* y, int c, int hw, long long n,
+                             int epilogue) {
+    GRID_STRIDE(i, n) {
+        int ch = (int)((i / hw) % c);
+        float t = x[i] * scale[ch] + shift[ch];
+        if (epilogue == 2) t = t + residual[i];
+        if (epilogue >= 1) t = (t > 0.0f || t != t) ? t : 0.0f;
+        y[i] = t;
+    }
+}
+
+// The gradient batch norm sees: dy through the epilogue's ReLU (recomputed from x, and the
+// residual for epilogue 2), written to gm when gm is not null (it is the residual's
+// gradient for epilogue 2).
+__device__ float bn_masked_grad(const float* dy, const float* x, const float* residual,
+                                float scale, float shift, int epilogue, long long i) {
+    if (epilogue == 0) return dy[i];
+    float t = x[i] * scale + shift;
+    if (epilogue == 2) t = t + residual[i];
+    return t > 0.0f ? dy[i] : 0.0f;
+}
+
+// One block per channel: sums[2*ch] = sum(dy'), sums[2*ch+1] = sum(dy' * (x - mean)),
+// in double. Launch with blockDim.x * sizeof(double) bytes of shared memory.
+__global__ void bn_backward_reduce(const float* dy, const float* x, const float* residual,
+                                   const float* mean, const float* scale, const float* shift,
+                                   float* gm, double* sums, int n, int c, int hw,
+                                   int epilogue) {
+    extern __shared__ double shared[];
+    int ch = blockIdx.x;
+    long long count = (long long)n * hw;
+    double a = 0.0, b = 0.0;
+    for (long long j = threadIdx.x; j < count; j += blockDim.x) {
+        long long i = ((j / hw) * c + ch) * hw + j % hw;
+        float g = bn_masked_grad(dy, x, residual, scale[ch], shift[ch], epilogue, i);
+        if (gm) gm[i] = g;
+        a += (double)g;
+        b += (double)(g * (x[i] - mean[ch]));
+    }
+    double sa = block_sum(a, shared);
+    double sb = block_sum(b, shared);
+    if (threadIdx.x == 0) {
+        sums[2 * ch] = sa;
+        sums[2 * ch + 1] = sb;
+    }
+}
+
+// dx = a[ch] * g' + b[ch] * x + c0[ch] (training; the host folds the batch-statistics terms
+// into a, b, c0 as the CPU does) or g' * a[ch] (eval: b = c0 = 0). g' is gm when the masked
+// gradient was written out, else dy through the ReLU epilogue (1) or dy itself (0).
+__global__ void bn_backward_dx(const float* dy, const float* gm, const float* x,
+                               const float* scale, const float* shift, const float* a,
+                               const float* b, const float* c0, float* dx, int c, int hw,
+                               long long n, int epilogue, int training) {
+    GRID_STRIDE(i, n) {
+        int ch = (int)((i / hw) % c);
+        float g = gm ? gm[i] : bn_masked_grad(dy, x, 0, scale[ch], shift[ch], epilogue, i);
+        dx[i] = training ? a[ch] * g + b[ch] * x[i] + c0[ch] : g * a[ch];
+    }
+}
+
+// ---- pooling ([planes, H, W]) ------------------------------------------------------------
+
+// Max pooling with the argmax (flat index in the input plane) kept for backward. NaN wins
+// (PyTorch propagates it); among equal values the first in row-major window order wins.
+__global__ void max_pool2d_forward(const float* x, float* y, int* argmax, int h, int w,
+                                   int oh, int ow, int kh, int kw, int sh, int sw, int ph,
+                                   int pw, int dh, int dw, long long n_out) {
+    GRID_STRIDE(i, n_out) {
+        long long plane = i / ((long long)oh * ow);
+        int o = (int)(i % ((long long)oh * ow));
+        int oy = o / ow, ox = o % ow;
+        const float* xp = x + plane * h * w;
+        float best = -__int_as_float(0x7f800000);
+        int best_at = -1;
+        for (int ky = 0; ky < kh; ++ky) {
+            int iy = oy * sh - ph + ky * dh;
+            if (iy < 0 || iy >= h) continue;
+            for (int kx = 0; kx < kw; ++kx) {
+                int ix = ox * sw - pw + kx * dw;
+                if (ix < 0 || ix >= w) continue;
+                float v = xp[iy * w + ix];
+                if (best_at < 0 || v > best || (v != v && best == best)) {
+                    best = v;
+                    best_at = iy * w + ix;
+                }
+            }
+        }
+        y[i] = best;
+        argmax[i] = best_at;
+    }
+}
+
+// dx[argmax] += g; windows may overlap, hence the atomic add. dx must start at zero.
+__global__ void max_pool2d_backward(const float* g, const int* argmax, float* dx, int h,
+                                    int w, int oh, int ow, long long n_out) {
+    GRID_STRIDE(i, n_out) {
+        long long plane = i / ((long long)oh * ow);
+        int at = argmax[i];
+        if (at >= 0) atomicAdd(&dx[plane * h * w + at], g[i]);
+    }
+}
+
+// Average pooling over the window (count_include_pad selects PyTorch's divisor rule);
+// adaptive pooling to 1x1 is the window covering the whole plane.
+__global__ void avg_pool2d_forward(const float* x, float* y, int h, int w, int oh, int ow,
+                                   int kh, int kw, int sh, int sw, int ph, int pw,
+                                   int count_include_pad, long long n_out) {
+    GRID_STRIDE(i, n_out) {
+        long long plane = i / ((long long)oh * ow);
+        int o = (int)(i % ((long long)oh * ow));
+        int oy = o / ow, ox = o % ow;
+        const float* xp = x + plane * h * w;
+        int y0 = oy * sh - ph, x0 = ox * sw - pw;
+        int y1 = min(y0 + kh, h + ph), x1 = min(x0 + kw, w + pw);
+        int pool = (y1 - y0) * (x1 - x0);
+        y0 = max(y0, 0);
+        x0 = max(x0, 0);
+        y1 = min(y1, h);
+        x1 = min(x1, w);
+        double s = 0.0;
+        for (int iy = y0; iy < y1; ++iy)
+            for (int ix = x0; ix < x1; ++ix) s += (double)xp[iy * w + ix];
+        int divisor = count_include_pad ? pool : (y1 - y0) * (x1 - x0);
+        y[i] = (float)(s / (double)divisor);
+    }
+}
+
+// ---- loss ----------------------------------------------------------------------------------
+
+// Softmax cross-entropy with label smoothing, one block per row (blockDim.x a power of two):
+// probs = softmax(logits) (kept for backward), loss[row] = -sum(q * log_softmax) where q is
+// (1 - smoothing) on the target plus smoothing / C everywhere. Rows whose target is
+// ignore_index get loss 0 and zero probabilities. Launch with
+// blockDim.x * sizeof(double) bytes of shared memory.
+__global__ void softmax_cross_entropy_forward(const float* logits, const long long* targets,
+                                              float* probs, float* loss, int c,
+                                              float smoothing, long long ignore_index) {
+    extern __shared__ double shared[];
+    int row = blockIdx.x;
+    const float* z = logits + (long long)row * c;
+    float* p = probs + (long long)row * c;
+    long long t = targets[row];
+    // Row maximum, for a stable exponent.
+    double m = -__longlong_as_double(0x7ff0000000000000LL);
+    for (int j = threadIdx.x; j < c; j += blockDim.x) m = fmax(m, (double)z[j]);
+    shared[threadIdx.x] = m;
+    __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) shared[threadIdx.x] = fmax(shared[threadIdx.x], shared[threadIdx.x + s]);
+        __syncthreads();
+    }
+    m = shared[0];
+    __syncthreads();
+    double e = 0.0, zsum = 0.0;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) {
+        e += exp((double)z[j] - m);
+        zsum += (double)z[j];
+    }
+    double total = block_sum(e, shared);
+    double all = block_sum(zsum, shared);
+    double lse = m + log(total);
+    for (int j = threadIdx.x; j < c; j += blockDim.x)
+        p[j] = t == ignore_index ? 0.0f : (float)(exp((double)z[j] - m) / total);
+    if (threadIdx.x == 0) {
+        if (t == ignore_index) {
+            loss[row] = 0.0f;
+        } else {
+            double target_term = lse - (double)z[t];
+            double uniform_term = lse - all / (double)c;
+            loss[row] = (float)((1.0 - smoothing) * target_term + smoothing * uniform_term);
+        }
+    }
+}
+
+// dx = (probs - q) * scale[row or 0]: scale is the upstream gradient divided by the
+// reduction's divisor (one value, or one per row for reduction "none").
+__global__ void softmax_cross_entropy_backward(const float* probs, const long long* targets,
+                                               const float* scale, int per_row, float* dx,
+                                               int c, float smoothing,
+                                               long long ignore_index, long long n) {
+    GRID_STRIDE(i, n) {
+        long long row = i / c;
+        int j = (int)(i % c);
+        long long t = targets[row];
+        if (t == ignore_index) {
+            dx[i] = 0.0f;
+        } else {
+            float q = smoothing / (float)c + (j == t ? 1.0f - smoothing : 0.0f);
+            dx[i] = (probs[i] - q) * scale[per_row ? row : 0];
+        }
+    }
+}
+
+// ---- optimizer -----------------------------------------------------------------------------
+
+// One SGD step for one parameter, as torch.optim.SGD: d = g + wd * p; with momentum the
+// buffer becomes d (first step) or momentum * buf + (1 - dampening) * d, and the update is
+// buf or, with Nesterov, d + momentum * buf; p -= lr * update.
+__global__ void sgd_step(float* p, const float* g, float* buf, long long n, float lr,
+                         float momentum, float dampening, float weight_decay, int nesterov,
+                         int first_step) {
+    GRID_STRIDE(i, n) {
+        float d = g[i];
+        if (weight_decay != 0.0f) d = d + weight_decay * p[i];
+        if (momentum != 0.0f) {
+            float b = first_step ? d : momentum * buf[i] + (1.0f - dampening) * d;
+            buf[i] = b;
+            d = nesterov ? d + momentum * b : b;
+        }
+        p[i] = p[i] - lr * d;
+    }
+}
+
+}  // extern "C"

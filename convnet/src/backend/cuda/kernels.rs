@@ -1,0 +1,97 @@
+//! The CUDA C kernels for everything that is not a convolution or a matrix product
+//! (`kernels.cu`: element-wise ops, batch norm with its fused epilogues, pooling with argmax,
+//! softmax cross-entropy, the SGD step), embedded in the binary and compiled by NVRTC on
+//! first use. Compiling needs NVRTC but no GPU, so the sources are checked on any machine
+//! that has the library (`embedded_kernels_compile_with_nvrtc`).
+
+use super::{contained, load_nvrtc, unavailable};
+use crate::error::Result;
+
+/// The CUDA C source of every kernel.
+pub const SOURCE: &str = include_str!("kernels.cu");
+
+/// The entry points `SOURCE` defines, by name.
+pub const NAMES: &[&str] = &[
+    "relu_forward",
+    "relu_backward",
+    "add_forward",
+    "add_assign",
+    "mul_mask",
+    "bn_stats",
+    "bn_normalize",
+    "bn_backward_reduce",
+    "bn_backward_dx",
+    "max_pool2d_forward",
+    "max_pool2d_backward",
+    "avg_pool2d_forward",
+    "softmax_cross_entropy_forward",
+    "softmax_cross_entropy_backward",
+    "sgd_step",
+];
+
+/// Compiles [`SOURCE`] to PTX for the given virtual architecture (e.g. `compute_90` for
+/// Hopper), without fused multiply-add contraction so that float32 results follow the CPU
+/// kernels' separate multiply and add. Fails with [`crate::Error::CudaUnavailable`] when
+/// NVRTC cannot be loaded, and with the compiler's log when the source does not compile.
+pub fn compile_ptx(arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
+    load_nvrtc()?;
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch),
+        fmad: Some(false),
+        prec_div: Some(true),
+        prec_sqrt: Some(true),
+        name: Some("convnet_kernels.cu".into()),
+        ..Default::default()
+    };
+    contained("compiling the CUDA kernels", || {
+        cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
+    })?
+    .map_err(|e| unavailable(format!("NVRTC rejected the embedded kernels: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs NVRTC (`CONVNET_CUDA_LIB_DIR` pointing at `libnvrtc.so.13`), not a GPU; run with
+    /// `cargo test -p convnet --features cuda -- --ignored nvrtc`.
+    #[test]
+    #[ignore = "needs NVRTC: set CONVNET_CUDA_LIB_DIR and run with --ignored"]
+    fn embedded_kernels_compile_with_nvrtc() {
+        let ptx = compile_ptx("compute_90").expect("the kernels compile");
+        let text = ptx.to_src();
+        for name in NAMES {
+            assert!(
+                text.contains(&format!(".entry {name}(")),
+                "no entry point {name} in the PTX"
+            );
+        }
+    }
+
+    /// Where NVRTC is absent (CI), compiling is an error that says what to install or set,
+    /// not a panic from cudarc's loader.
+    #[test]
+    fn without_nvrtc_the_error_names_the_library_and_the_variable() {
+        match compile_ptx("compute_90") {
+            Ok(_) => eprintln!("NVRTC is present here; the error path runs where it is absent"),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("libnvrtc.so.13") && msg.contains("CONVNET_CUDA_LIB_DIR"),
+                    "{msg}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_listed_kernel_is_in_the_source() {
+        for name in NAMES {
+            assert!(
+                SOURCE.contains(&format!("__global__ void {name}(")),
+                "{name} is listed but not defined"
+            );
+        }
+        assert_eq!(SOURCE.matches("__global__ void ").count(), NAMES.len());
+    }
+}

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# GPU check for the CUDA backend: runs on a machine with an NVIDIA GPU and no Rust toolchain,
+# from a kit of prebuilt binaries and the CIFAR-10 archives; compares convnet with its PyTorch
+# twin on the same GPU in the same run.
+#
+#   bash tools/gpu_check.sh --prepare KIT DATA   # here: build with --features cuda, copy the
+#                                                # binaries, tests and CIFAR-10 archives to KIT
+#   bash tools/gpu_check.sh --kit KIT            # there: the whole check
+#   bash tools/gpu_check.sh --kit KIT --dry-run  # anywhere: check the kit and the libraries,
+#                                                # print the commands, run no GPU work
+#
+# What the check runs, in order: library discovery (CONVNET_CUDA_LIB_DIR, LD_LIBRARY_PATH);
+# the CUDA test binaries (each op on cuda against the CPU); `convnet train --device cuda` for
+# seed-cnn (10 epochs, batch 64) and resnet20 (3 epochs, batch 128); the PyTorch twin
+# (tools/twin/train_twin.py --device cuda) with the same recipes; then a table of training
+# images/s, the ratio, and test accuracy for both.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=run kit="" data="" dry=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --prepare) mode=prepare kit="$2" data="$3"; shift 3 ;;
+        --kit) kit="$2"; shift 2 ;;
+        --dry-run) dry=1; shift ;;
+        *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+[ -n "$kit" ] || { echo "gpu_check: give --kit KIT or --prepare KIT DATA" >&2; exit 2; }
+
+if [ "$mode" = prepare ]; then
+    for f in train.tar.gz test.tar.gz; do
+        [ -f "$data/$f" ] || { echo "gpu_check: $data/$f not found" >&2; exit 1; }
+    done
+    mkdir -p "$kit/bin/tests" "$kit/data/cifar10-jpeg"
+    cargo build --release --locked -p convnet-cli --features cuda
+    cp target/release/convnet "$kit/bin/"
+    # The test binaries of the CUDA build that hold CUDA tests (cargo lists them), except the
+    # CLI's, which run the binary at its build path. Stripped: the kit must stay small.
+    cargo test --release --locked --workspace --features convnet-cli/cuda --no-run \
+        --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["executable"])' |
+        while read -r exe; do
+            case "$(basename "$exe")" in cli-*) continue ;; esac
+            if "$exe" --list --include-ignored 2>/dev/null | grep -q cuda; then
+                cp "$exe" "$kit/bin/tests/"
+            fi
+        done
+    strip "$kit/bin/convnet" "$kit"/bin/tests/*
+    cp "$data/train.tar.gz" "$data/test.tar.gz" "$kit/data/cifar10-jpeg/"
+    du -sh "$kit"
+    exit 0
+fi
+
+fail() { echo "gpu_check: $*" >&2; exit 1; }
+convnet="$kit/bin/convnet"
+data="$kit/data/cifar10-jpeg"
+[ -x "$convnet" ] || fail "$convnet missing: run --prepare first"
+[ -f "$data/train.tar.gz" ] && [ -f "$data/test.tar.gz" ] || fail "CIFAR-10 archives missing in $data"
+python=${PYTHON:-python3}
+
+# Library discovery: the driver on the system path; cuDNN, cuBLAS and NVRTC often only inside
+# a Python environment.
+find_lib() {
+    for root in /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/local/cuda*/lib64 /opt /usr/local/lib; do
+        [ -d "$root" ] || continue
+        hit=$(find -L "$root" -maxdepth 8 -name "$1" -print -quit 2>/dev/null || true)
+        [ -n "$hit" ] && { dirname "$hit"; return 0; }
+    done
+    hit=$("$python" -c "import site,glob,os
+for s in site.getsitepackages():
+    g = glob.glob(os.path.join(s, 'nvidia', '**', '$1'), recursive=True)
+    if g: print(os.path.dirname(g[0])); break" 2>/dev/null || true)
+    [ -n "$hit" ] && { echo "$hit"; return 0; }
+    return 1
+}
+libdirs=""
+missing=""
+for lib in libcuda.so.1 libcudnn.so.9 libcublas.so.13 libnvrtc.so.13; do
+    if d=$(find_lib "$lib"); then
+        echo "found $lib in $d"
+        case ":$libdirs:" in *":$d:"*) ;; *) libdirs="$libdirs:$d" ;; esac
+    else
+        echo "missing $lib"
+        missing="$missing $lib"
+    fi
+done
+export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+nvrtc_dir=$(find_lib libnvrtc.so.13 || true)
+export CONVNET_CUDA_LIB_DIR="${nvrtc_dir:-}"
+command -v nvidia-smi >/dev/null && nvidia-smi -L || echo "nvidia-smi not found"
+
+seed_cnn="--model seed-cnn --epochs 10 --batch-size 64"
+resnet20="--model resnet20 --epochs 3 --batch-size 128 --lr 0.1 --nesterov --weight-decay 5e-4 --schedule onecycle --augment"
+out="${TMPDIR:-/tmp}/convnet-gpu-check-$$"
+steps=(
+    "tests: for t in $kit/bin/tests/*; do \$t --include-ignored cuda; done"
+    "convnet seed-cnn: $convnet train --device cuda --data $data $seed_cnn --json --out $out/seed-cnn"
+    "pytorch seed-cnn: $python tools/twin/train_twin.py --device cuda --data $data $seed_cnn"
+    "convnet resnet20: $convnet train --device cuda --data $data $resnet20 --json --out $out/resnet20"
+    "pytorch resnet20: $python tools/twin/train_twin.py --device cuda --data $data $resnet20"
+)
+if [ "$dry" = 1 ]; then
+    echo "dry run: kit complete ($(ls "$kit/bin/tests" | wc -l) test binaries); libraries missing:${missing:- none}"
+    "$convnet" train --help >/dev/null || fail "$convnet does not run here"
+    "$python" -c "import torch" 2>/dev/null && echo "PyTorch importable" || echo "PyTorch not importable (needed for the twin)"
+    printf 'would run:\n'
+    printf '  %s\n' "${steps[@]}"
+    exit 0
+fi
+[ -z "$missing" ] || fail "libraries missing:$missing"
+
+for t in "$kit"/bin/tests/*; do "$t" --include-ignored cuda; done
+run_json() { "$@" | tee /dev/stderr | tail -1; }
+cs=$(run_json "$convnet" train --device cuda --data "$data" $seed_cnn --json --out "$out/seed-cnn")
+ps=$(run_json "$python" tools/twin/train_twin.py --device cuda --data "$data" $seed_cnn)
+cr=$(run_json "$convnet" train --device cuda --data "$data" $resnet20 --json --out "$out/resnet20")
+pr=$(run_json "$python" tools/twin/train_twin.py --device cuda --data "$data" $resnet20)
+"$python" - "$cs" "$ps" "$cr" "$pr" <<'PY'
+import json, sys
+rows = [("seed-cnn b64", sys.argv[1], sys.argv[2], 2.0), ("resnet20 b128", sys.argv[3], sys.argv[4], 1.2)]
+print("| model | convnet img/s | PyTorch img/s | ratio | target | convnet acc | PyTorch acc |")
+print("|---|---|---|---|---|---|---|")
+for name, c, p, target in rows:
+    c, p = json.loads(c), json.loads(p)
+    ci, pi = c["train_images_per_sec"], p["train_images_per_sec"]
+    print(f"| {name} | {ci:.0f} | {pi:.0f} | {ci / pi:.2f}x | {target}x | {100 * c['test_accuracy']:.2f}% | {100 * p['test_accuracy']:.2f}% |")
+PY
