@@ -276,31 +276,51 @@ fn cross_entropy_nll_mse() {
     }
 }
 
+/// The inputs of one batch-norm fixture case, plus a random residual of the input's shape.
+struct BnCase {
+    x: Tensor,
+    w: Tensor,
+    b: Tensor,
+    rm: Tensor,
+    rv: Tensor,
+    res: Tensor,
+    training: bool,
+}
+
+/// Output, gradients (input, scale, shift, residual when it gets one) and running statistics
+/// after `op` on a fresh copy of fixture case `case` and a backward pass with its `gy`.
+type BnRun = (Vec<f32>, Vec<Option<Vec<f32>>>, Vec<f32>, Vec<f32>);
+
+fn run_bn_case(fx: &Fixture, case: &str, op: impl Fn(&BnCase) -> convnet::Result<Tensor>) -> BnRun {
+    let x = fx.tensor(case, "x").requires_grad();
+    let c = BnCase {
+        res: Tensor::randn(x.dims().to_vec(), &mut convnet::Rng::new(7)).requires_grad(),
+        x,
+        w: fx.tensor(case, "w").requires_grad(),
+        b: fx.tensor(case, "b").requires_grad(),
+        rm: fx.tensor(case, "rm"),
+        rv: fx.tensor(case, "rv"),
+        training: fx.settings(case)["training"].as_bool().unwrap(),
+    };
+    let y = op(&c).unwrap();
+    let grads = y.backward_with(&fx.tensor(case, "gy")).unwrap();
+    let g = [&c.x, &c.w, &c.b, &c.res].map(|t| grads.get(t).map(|g| g.to_vec()));
+    (y.to_vec(), g.to_vec(), c.rm.to_vec(), c.rv.to_vec())
+}
+
 /// The fused op gives bit-for-bit the outputs and gradients of batch_norm2d then relu
 /// (both checked against PyTorch above and below).
 #[test]
 fn batch_norm2d_relu_is_batch_norm_then_relu() {
     let fx = Fixture::load("ops.safetensors");
     for case in ["bn_train", "bn_eval"] {
-        let training = fx.settings(case)["training"].as_bool().unwrap();
-        let run = |fused: bool| {
-            let x = fx.tensor(case, "x").requires_grad();
-            let w = fx.tensor(case, "w").requires_grad();
-            let b = fx.tensor(case, "b").requires_grad();
-            let (rm, rv) = (fx.tensor(case, "rm"), fx.tensor(case, "rv"));
-            let y = if fused {
-                x.batch_norm2d_relu(&rm, &rv, Some(&w), Some(&b), training, 0.1, 1e-5)
-            } else {
-                x.batch_norm2d(&rm, &rv, Some(&w), Some(&b), training, 0.1, 1e-5)
-                    .and_then(|y| y.relu())
-            }
-            .unwrap();
-            let gy = fx.tensor(case, "gy");
-            let grads = y.backward_with(&gy).unwrap();
-            let g = |t: &Tensor| grads.get(t).unwrap().to_vec();
-            (y.to_vec(), g(&x), g(&w), g(&b), rm.to_vec(), rv.to_vec())
-        };
-        let (fused, apart) = (run(true), run(false));
+        let fused = run_bn_case(&fx, case, |c| {
+            c.x.batch_norm2d_relu(&c.rm, &c.rv, Some(&c.w), Some(&c.b), c.training, 0.1, 1e-5)
+        });
+        let apart = run_bn_case(&fx, case, |c| {
+            c.x.batch_norm2d(&c.rm, &c.rv, Some(&c.w), Some(&c.b), c.training, 0.1, 1e-5)?
+                .relu()
+        });
         assert!(fused.0.contains(&0.0) && fused.0.iter().any(|&v| v > 0.0));
         assert_eq!(fused, apart, "{case}");
     }
@@ -312,30 +332,18 @@ fn batch_norm2d_relu_is_batch_norm_then_relu() {
 fn batch_norm2d_add_relu_is_batch_norm_add_relu() {
     let fx = Fixture::load("ops.safetensors");
     for case in ["bn_train", "bn_eval"] {
-        let training = fx.settings(case)["training"].as_bool().unwrap();
-        let run = |fused: bool| {
-            let x = fx.tensor(case, "x").requires_grad();
-            let w = fx.tensor(case, "w").requires_grad();
-            let b = fx.tensor(case, "b").requires_grad();
-            let res = Tensor::randn(x.dims().to_vec(), &mut convnet::Rng::new(7)).requires_grad();
-            let (rm, rv) = (fx.tensor(case, "rm"), fx.tensor(case, "rv"));
-            let y = if fused {
-                x.batch_norm2d_add_relu(&res, &rm, &rv, Some(&w), Some(&b), training, 0.1, 1e-5)
-            } else {
-                x.batch_norm2d(&rm, &rv, Some(&w), Some(&b), training, 0.1, 1e-5)
-                    .and_then(|y| y.add(&res))
-                    .and_then(|y| y.relu())
-            }
-            .unwrap();
-            let gy = fx.tensor(case, "gy");
-            let grads = y.backward_with(&gy).unwrap();
-            let g = |t: &Tensor| grads.get(t).unwrap().to_vec();
-            let all = (g(&x), g(&w), g(&b), g(&res));
-            (y.to_vec(), all, rm.to_vec(), rv.to_vec())
-        };
-        let (fused, apart) = (run(true), run(false));
+        let fused = run_bn_case(&fx, case, |c| {
+            let (w, b) = (Some(&c.w), Some(&c.b));
+            c.x.batch_norm2d_add_relu(&c.res, &c.rm, &c.rv, w, b, c.training, 0.1, 1e-5)
+        });
+        let apart = run_bn_case(&fx, case, |c| {
+            c.x.batch_norm2d(&c.rm, &c.rv, Some(&c.w), Some(&c.b), c.training, 0.1, 1e-5)?
+                .add(&c.res)?
+                .relu()
+        });
         assert!(fused.0.contains(&0.0) && fused.0.iter().any(|&v| v > 0.0));
-        assert!(fused.1 .3.contains(&0.0) && fused.1 .3.iter().any(|&v| v != 0.0));
+        let dres = fused.1[3].as_ref().expect("the residual gets a gradient");
+        assert!(dres.contains(&0.0) && dres.iter().any(|&v| v != 0.0));
         assert_eq!(fused, apart, "{case}");
     }
 }
