@@ -7,6 +7,14 @@ mod common;
 use common::Fixture;
 use convnet::nn::{BatchNorm2d, Conv2d, Linear};
 use convnet::Tensor;
+use std::sync::{Mutex, MutexGuard};
+
+/// The tests of this file reseed and draw from the process-wide generator; the test harness
+/// runs them on parallel threads, so each holds this lock to keep its draws uninterleaved.
+fn global_rng() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn std(t: &Tensor) -> f64 {
     let v = t.to_vec();
@@ -21,6 +29,7 @@ fn max_abs(t: &Tensor) -> f32 {
 
 #[test]
 fn conv_and_linear_match_torch_default_init() {
+    let _rng = global_rng();
     let fx = Fixture::load("init.safetensors");
     convnet::manual_seed(11);
     let layers: Vec<(&str, Tensor, Tensor)> = vec![
@@ -101,6 +110,7 @@ fn batchnorm_starts_at_weight_one_bias_zero_mean_zero_var_one() {
 
 #[test]
 fn seeding_makes_initialisation_reproducible() {
+    let _rng = global_rng();
     convnet::manual_seed(5);
     let a = Conv2d::new(3, 4, 3).build().unwrap().weight.to_vec();
     convnet::manual_seed(5);
