@@ -131,9 +131,7 @@ pub(crate) enum Op {
     /// parameter-free shortcut of CIFAR ResNets (option A).
     SubsamplePadChannels {
         input: Tensor,
-        stride: usize,
-        before: usize,
-        out_channels: usize,
+        geom: shortcut::Subsample,
     },
 }
 
@@ -516,24 +514,9 @@ impl Op {
                     elementwise::expand_to(g, &small, input.dims(), *scale),
                 ));
             }
-            Op::SubsamplePadChannels {
-                input,
-                stride,
-                before,
-                out_channels,
-            } => {
-                let d = input.dims();
-                let (c, h, w) = (d[1], d[2], d[3]);
+            Op::SubsamplePadChannels { input, geom } => {
                 let mut dx = vec![0f32; input.numel()];
-                let geom = shortcut::Subsample {
-                    c,
-                    h,
-                    w,
-                    stride: *stride,
-                    before: *before,
-                    out_channels: *out_channels,
-                };
-                shortcut::backward(g, &geom, &mut dx);
+                shortcut::backward(g, geom, &mut dx);
                 grads.push((input.clone(), dx));
             }
         }

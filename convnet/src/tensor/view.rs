@@ -148,8 +148,6 @@ impl Tensor {
                 if stride == 0 || before + c > out_channels {
                     return Err(invalid("subsample_pad_channels", format!("stride {stride} must be positive and {before} + {c} channels must fit in {out_channels}")));
                 }
-                let (oh, ow) = (h.div_ceil(stride), w.div_ceil(stride));
-                let mut out = vec![0f32; n * out_channels * oh * ow];
                 let geom = shortcut::Subsample {
                     c,
                     h,
@@ -158,12 +156,12 @@ impl Tensor {
                     before,
                     out_channels,
                 };
+                let (oh, ow) = geom.out_hw();
+                let mut out = vec![0f32; n * out_channels * oh * ow];
                 self.with_data(|x| shortcut::forward(x, &geom, &mut out));
                 let op = record(&[self], || Op::SubsamplePadChannels {
                     input: self.clone(),
-                    stride,
-                    before,
-                    out_channels,
+                    geom,
                 });
                 Ok(Tensor::from_parts(
                     out,
