@@ -22,6 +22,34 @@ pub(crate) enum BnEpilogue {
     AddRelu(Tensor),
 }
 
+impl BnEpilogue {
+    /// The op's name in profiles.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            BnEpilogue::None => "batch_norm2d",
+            BnEpilogue::Relu => "batch_norm2d+relu",
+            BnEpilogue::AddRelu(_) => "batch_norm2d+add+relu",
+        }
+    }
+
+    /// The residual input, if any.
+    pub(crate) fn residual(&self) -> Option<&Tensor> {
+        match self {
+            BnEpilogue::AddRelu(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Runs `f` with the kernels' form of this epilogue (the residual's data borrowed).
+    pub(crate) fn with_kernel_form<R>(&self, f: impl FnOnce(norm::Epilogue<'_>) -> R) -> R {
+        match self {
+            BnEpilogue::None => f(norm::Epilogue::None),
+            BnEpilogue::Relu => f(norm::Epilogue::Relu),
+            BnEpilogue::AddRelu(res) => res.with_data(|r| f(norm::Epilogue::AddRelu(r))),
+        }
+    }
+}
+
 /// How a result was computed: the inputs and what the backward kernel needs.
 pub(crate) enum Op {
     Conv2d {
@@ -168,9 +196,7 @@ impl Op {
                 let mut v = vec![input];
                 v.extend(weight.as_ref());
                 v.extend(bias.as_ref());
-                if let BnEpilogue::AddRelu(residual) = epilogue {
-                    v.push(residual);
-                }
+                v.extend(epilogue.residual());
                 v
             }
             Op::Matmul { a, b } => vec![a, b],
@@ -435,28 +461,23 @@ impl Op {
                 let (n, c, hw) = (d[0], d[1], d[2] * d[3]);
                 let w = weight.as_ref().map(Tensor::to_vec);
                 let b = bias.as_ref().map(Tensor::to_vec);
-                let run = |x: &[f32], fused: norm::Epilogue<'_>| {
-                    norm::backward(
-                        x,
-                        g,
-                        mean,
-                        invstd,
-                        w.as_deref(),
-                        b.as_deref(),
-                        n,
-                        c,
-                        hw,
-                        *training,
-                        fused,
-                        input.tracks_grad(),
-                    )
-                };
-                let r = input.with_data(|x| match epilogue {
-                    BnEpilogue::None => run(x, norm::Epilogue::None),
-                    BnEpilogue::Relu => run(x, norm::Epilogue::Relu),
-                    BnEpilogue::AddRelu(res) => {
-                        res.with_data(|res| run(x, norm::Epilogue::AddRelu(res)))
-                    }
+                let r = input.with_data(|x| {
+                    epilogue.with_kernel_form(|fused| {
+                        norm::backward(
+                            x,
+                            g,
+                            mean,
+                            invstd,
+                            w.as_deref(),
+                            b.as_deref(),
+                            n,
+                            c,
+                            hw,
+                            *training,
+                            fused,
+                            input.tracks_grad(),
+                        )
+                    })
                 });
                 if let Some(dx) = r.dx {
                     grads.push((input.clone(), dx));
@@ -467,7 +488,7 @@ impl Op {
                 if opt_need(bias) {
                     grads.push((bias.clone().expect("checked"), r.dbias));
                 }
-                if let (BnEpilogue::AddRelu(res), Some(dres)) = (epilogue, r.dresidual) {
+                if let (Some(res), Some(dres)) = (epilogue.residual(), r.dresidual) {
                     if res.tracks_grad() {
                         grads.push((res.clone(), dres));
                     }

@@ -131,21 +131,10 @@ impl Tensor {
         eps: f32,
         epilogue: BnEpilogue,
     ) -> Result<Tensor> {
-        let label = match epilogue {
-            BnEpilogue::None => "batch_norm2d",
-            BnEpilogue::Relu => "batch_norm2d+relu",
-            BnEpilogue::AddRelu(_) => "batch_norm2d+add+relu",
-        };
-        let residual = match &epilogue {
-            BnEpilogue::AddRelu(r) => Some(r.clone()),
-            _ => None,
-        };
+        let label = epilogue.label();
         crate::profile::timed(
             false,
-            || {
-                let op = label;
-                format!("{op} {}", self.shape())
-            },
+            || format!("{label} {}", self.shape()),
             || 0.0,
             || -> Result<Tensor> {
                 let op_name = "batch_norm2d";
@@ -213,7 +202,7 @@ impl Tensor {
                 let w = weight.map(Tensor::to_vec);
                 let b = bias.map(Tensor::to_vec);
                 self.with_data(|x| {
-                    let run = |fused: norm::Epilogue<'_>, y: &mut [f32]| {
+                    epilogue.with_kernel_form(|fused| {
                         norm::normalize(
                             x,
                             &mean,
@@ -223,17 +212,12 @@ impl Tensor {
                             c,
                             hw,
                             fused,
-                            y,
+                            &mut y,
                         )
-                    };
-                    match &epilogue {
-                        BnEpilogue::None => run(norm::Epilogue::None, &mut y),
-                        BnEpilogue::Relu => run(norm::Epilogue::Relu, &mut y),
-                        BnEpilogue::AddRelu(res) => {
-                            res.with_data(|r| run(norm::Epilogue::AddRelu(r), &mut y))
-                        }
-                    }
+                    })
                 });
+                // The op takes the epilogue (and its residual) by value below.
+                let residual = epilogue.residual().cloned();
                 let mut inputs = vec![self];
                 inputs.extend(weight);
                 inputs.extend(bias);
