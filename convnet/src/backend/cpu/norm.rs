@@ -5,6 +5,7 @@
 //! uses the running statistics. Statistics are accumulated in `f64`. Channels run in
 //! parallel.
 
+use super::activation::Activation;
 use super::recycle;
 use super::simd::vectorized_fn;
 use rayon::prelude::*;
@@ -58,11 +59,7 @@ fn lane_sums2_by(gs: &[f32], xs: &[f32], m: f32, through: impl Fn(f32, f32) -> f
     }
     let mut sa: f64 = a.iter().map(|&v| v as f64).sum();
     let mut sb: f64 = b.iter().map(|&v| v as f64).sum();
-    for (&g, &x) in gt.iter().zip(xt) {
-        let g = through(g, x);
-        sa += g as f64;
-        sb += (g * (x - m)) as f64;
-    }
+    tail_sums(gt, xt, m, &mut sa, &mut sb, through);
     (sa, sb)
 }
 
@@ -127,6 +124,7 @@ unsafe fn lane_sums2_avx512(
     (sa, sb)
 }
 
+/// Adds the elements past the last full 16-lane chunk to the sums, one at a time.
 #[inline(always)]
 fn tail_sums(
     gs: &[f32],
@@ -235,11 +233,7 @@ pub fn normalize(
 /// `relu(t)`, NaN passing through as in `torch.relu`.
 #[inline(always)]
 fn relu(t: f32) -> f32 {
-    if t > 0.0 || t.is_nan() {
-        t
-    } else {
-        0.0
-    }
+    Activation::Relu.apply(t)
 }
 
 vectorized_fn! {
@@ -323,19 +317,20 @@ pub fn backward(
         .into_par_iter()
         .map(|ch| {
             let planes = (0..n).map(|b| (b * c + ch, (b * c + ch) * hw..(b * c + ch + 1) * hw));
+            let (scale, shift) = affine(ch, mean, invstd, weight, bias);
+            let relu = relu_mask(ch);
             // Pass 1: sum(dy') and sum(dy' * (x - mean)), dy' being dy through the epilogue.
             let (mut sdy, mut sdyx) = (0f64, 0f64);
             for (plane, r) in planes.clone() {
                 let (a, b) = match epilogue {
                     Epilogue::AddRelu(residual) => {
-                        let (scale, shift) = affine(ch, mean, invstd, weight, bias);
                         let (g, xs, res) = (&dy[r.clone()], &x[r.clone()], &residual[r]);
                         // SAFETY: plane b*c + ch belongs to this channel's task alone.
                         let out = unsafe { dres_planes.plane(plane) };
                         mask_add_relu(g, xs, res, scale, shift, out);
                         lane_sums2(out, xs, mean[ch], None)
                     }
-                    _ => lane_sums2(&dy[r.clone()], &x[r], mean[ch], relu_mask(ch)),
+                    _ => lane_sums2(&dy[r.clone()], &x[r], mean[ch], relu),
                 };
                 sdy += a;
                 sdyx += b;
@@ -345,21 +340,20 @@ pub fn backward(
                 // Pass 2: the input gradient, from the masked gradient when it was written.
                 let (m, is) = (mean[ch] as f64, invstd[ch] as f64);
                 let w = weight.map_or(1.0, |w| w[ch] as f64);
+                // dx = k * (count*g - sdy - xhat*sdyx) with xhat = (x - m)*is, folded into
+                // dx = a*g + b*x + c0 (three float32 operations per element); eval: g * a.
+                let k = w * is / count;
+                let (a, b) = ((k * count) as f32, (-k * sums.1 * is) as f32);
+                let c0 = (-k * sums.0 + k * sums.1 * is * m) as f32;
                 for (plane, r) in planes {
                     let (g_in, relu) = match epilogue {
                         // SAFETY: as above; pass 1 finished writing this plane.
                         Epilogue::AddRelu(_) => (unsafe { &*dres_planes.plane(plane) }, None),
-                        _ => (&dy[r.clone()], relu_mask(ch)),
+                        _ => (&dy[r.clone()], relu),
                     };
                     // SAFETY: plane b*c + ch belongs to this channel's task alone.
                     let out = unsafe { dx_planes.plane(plane) };
                     if training {
-                        // dx = k * (count*g - sdy - xhat*sdyx) with xhat = (x - m)*is, folded
-                        // into dx = a*g + b*x + c0: three float32 operations per element.
-                        let (sdy, sdyx) = sums;
-                        let k = w * is / count;
-                        let (a, b) = ((k * count) as f32, (-k * sdyx * is) as f32);
-                        let c0 = (-k * sdy + k * sdyx * is * m) as f32;
                         dx_train_plane(g_in, &x[r], a, b, c0, relu, out);
                     } else {
                         dx_eval_plane(g_in, &x[r], (w * is) as f32, relu, out);
