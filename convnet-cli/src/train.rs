@@ -113,7 +113,7 @@ pub struct TrainArgs {
     json: bool,
 }
 
-fn config(a: &TrainArgs) -> TrainConfig {
+fn config(a: &TrainArgs, device: convnet::Device) -> TrainConfig {
     TrainConfig {
         epochs: a.epochs,
         optimizer: match a.optimizer {
@@ -132,6 +132,7 @@ fn config(a: &TrainArgs) -> TrainConfig {
             SchedArg::Onecycle => ScheduleKind::OneCycle,
         },
         label_smoothing: a.label_smoothing,
+        device,
     }
 }
 
@@ -152,7 +153,8 @@ fn append_line(path: &Path, line: &str) -> Result<()> {
 }
 
 pub fn run(mut a: TrainArgs) -> Result<()> {
-    check_device(&a.device)?;
+    // The device of this invocation (a resumed run may continue on another one).
+    let device = check_device(&a.device)?;
     set_threads(a.threads)?;
     if a.epochs == 0 || a.batch_size == 0 {
         bail!("--epochs and --batch-size must be positive");
@@ -187,7 +189,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         (None, None) => ModelSpec::zoo(&a.model)?,
     };
     a.model = spec.name().to_string();
-    let cfg = config(&a);
+    let cfg = config(&a, device);
     convnet::manual_seed(a.seed);
     let opts = FolderOptions {
         skip_bad_images: a.skip_bad_images,

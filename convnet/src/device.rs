@@ -1,6 +1,8 @@
 //! The device a tensor lives on, chosen at run time.
 
-use crate::error::{Error, Result};
+#[cfg(not(feature = "cuda"))]
+use crate::error::Error;
+use crate::error::Result;
 use std::fmt;
 
 /// Where tensors are stored and kernels run.
@@ -62,10 +64,9 @@ impl Device {
     pub fn ensure_supported(self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
+            // Sets the device up on first use (kernels compiled, library handles made).
             #[cfg(feature = "cuda")]
-            Device::Cuda(n) => Err(Error::CudaUnavailable(format!(
-                "cuda:{n} was found, but tensors cannot live on a CUDA device yet (device storage and the cuDNN/cuBLAS dispatch are not written); use --device cpu"
-            ))),
+            Device::Cuda(n) => crate::backend::cuda::runtime::with(n, |_| Ok(())),
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => Err(Error::CudaNotBuilt),
         }

@@ -27,6 +27,24 @@
 
 #![deny(missing_docs)]
 
+/// Runs `$body` (which may name `crate::backend::cuda`) with `$g` bound to the GPU ordinal;
+/// in builds without the `cuda` feature no tensor can be on a GPU, so this is never reached
+/// and says so with [`crate::Error::CudaNotBuilt`].
+macro_rules! on_gpu {
+    ($gpu:expr, |$g:ident| $body:expr) => {{
+        #[cfg(feature = "cuda")]
+        {
+            let $g: usize = $gpu;
+            $body
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = $gpu;
+            Err(crate::error::Error::CudaNotBuilt)
+        }
+    }};
+}
+
 pub mod autograd;
 pub mod backend;
 pub mod checkpoint;

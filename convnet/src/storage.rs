@@ -17,6 +17,9 @@ pub enum DType {
 pub enum Storage {
     /// A host buffer.
     Cpu(Vec<f32>),
+    /// A buffer on a CUDA device (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    Cuda(crate::backend::cuda::DeviceBuffer),
 }
 
 impl Storage {
@@ -24,6 +27,8 @@ impl Storage {
     pub fn device(&self) -> Device {
         match self {
             Storage::Cpu(_) => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => Device::Cuda(b.ordinal()),
         }
     }
 
@@ -31,6 +36,8 @@ impl Storage {
     pub fn dtype(&self) -> DType {
         match self {
             Storage::Cpu(_) => DType::F32,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => DType::F32,
         }
     }
 
@@ -38,6 +45,8 @@ impl Storage {
     pub fn len(&self) -> usize {
         match self {
             Storage::Cpu(v) => v.len(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.len(),
         }
     }
 
@@ -46,17 +55,43 @@ impl Storage {
         self.len() == 0
     }
 
-    /// Host slice of the data.
-    pub(crate) fn as_slice(&self) -> &[f32] {
+    /// Host slice of the data; `None` for device storage (see [`Storage::read_range`]).
+    pub(crate) fn host(&self) -> Option<&[f32]> {
         match self {
-            Storage::Cpu(v) => v,
+            Storage::Cpu(v) => Some(v),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => None,
         }
     }
 
-    /// Mutable host slice of the data.
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [f32] {
+    /// Mutable host slice of the data; `None` for device storage.
+    pub(crate) fn host_mut(&mut self) -> Option<&mut [f32]> {
         match self {
-            Storage::Cpu(v) => v,
+            Storage::Cpu(v) => Some(v),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => None,
+        }
+    }
+
+    /// Elements `offset..offset + len` as a host vector (a copy from the device for device
+    /// storage, which waits for the device's queued work).
+    pub(crate) fn read_range(&self, offset: usize, len: usize) -> crate::error::Result<Vec<f32>> {
+        match self {
+            Storage::Cpu(v) => Ok(v[offset..offset + len].to_vec()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.to_host(offset, len),
+        }
+    }
+
+    /// Overwrites elements `offset..offset + data.len()`.
+    pub(crate) fn write_range(&mut self, offset: usize, data: &[f32]) -> crate::error::Result<()> {
+        match self {
+            Storage::Cpu(v) => {
+                v[offset..offset + data.len()].copy_from_slice(data);
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.write_host(offset, data),
         }
     }
 }
@@ -67,6 +102,9 @@ impl Drop for Storage {
     fn drop(&mut self) {
         match self {
             Storage::Cpu(v) => crate::backend::cpu::recycle::give_back(std::mem::take(v)),
+            // Device memory goes back to the device's memory pool (stream-ordered free).
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => {}
         }
     }
 }

@@ -8,6 +8,7 @@
 
 use crate::checkpoint::{load_tensors, save_tensors};
 use crate::data::DataLoader;
+use crate::device::Device;
 use crate::error::{invalid, Error, Result};
 use crate::nn::{Mode, Model};
 use crate::optim::{
@@ -62,6 +63,8 @@ pub struct TrainConfig {
     pub schedule: ScheduleKind,
     /// Label smoothing of the cross-entropy.
     pub label_smoothing: f32,
+    /// Where the model is trained; batches are copied there.
+    pub device: Device,
 }
 
 impl Default for TrainConfig {
@@ -75,6 +78,7 @@ impl Default for TrainConfig {
             weight_decay: 0.0,
             schedule: ScheduleKind::Constant,
             label_smoothing: 0.0,
+            device: Device::Cpu,
         }
     }
 }
@@ -208,6 +212,7 @@ impl Trainer {
                 "epochs and steps per epoch must be positive",
             ));
         }
+        model.to_device(cfg.device)?;
         let optimizer = make_optimizer(&cfg, model.named_parameters())?;
         let schedule = make_schedule(&cfg, steps_per_epoch)?;
         Ok(Trainer {
@@ -253,7 +258,8 @@ impl Trainer {
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         for (i, batch) in loader.epoch(self.epoch).enumerate() {
             let batch = batch?;
-            let logits = self.model.forward(&batch.images, Mode::Train)?;
+            let images = batch.images.to_device(self.cfg.device)?;
+            let logits = self.model.forward(&images, Mode::Train)?;
             let loss =
                 logits.cross_entropy(&batch.labels, Reduction::Mean, self.cfg.label_smoothing)?;
             let value = loss.item()?;
@@ -348,10 +354,12 @@ pub fn evaluate(model: &Model, loader: &DataLoader) -> Result<EvalReport> {
     let mut confusion = vec![vec![0u64; classes]; classes];
     let mut loss_sum = 0f64;
     let mut seen = 0usize;
+    let device = model.device();
     crate::autograd::no_grad(|| -> Result<()> {
         for batch in loader.epoch(0) {
             let batch = batch?;
-            let logits = model.forward(&batch.images, Mode::Eval)?;
+            let images = batch.images.to_device(device)?;
+            let logits = model.forward(&images, Mode::Eval)?;
             if logits.dims().get(1) != Some(&classes) {
                 return Err(invalid(
                     "evaluate",

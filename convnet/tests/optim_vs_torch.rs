@@ -8,22 +8,28 @@ use convnet::optim::{
     Adam, AdamConfig, CosineAnnealingLr, LinearWarmup, LrSchedule, MultiStepLr, OneCycleLr,
     Optimizer, Sgd, SgdConfig, StepLr,
 };
-use convnet::{GradStore, Tensor};
+use convnet::{Device, GradStore, Tensor};
+
+on_each_device!(
+    optimizers_follow_torch_over_six_steps,
+    optimizer_state_round_trips_by_name
+);
 
 fn f(v: &serde_json::Value, key: &str, default: f64) -> f64 {
     v.get(key).and_then(|x| x.as_f64()).unwrap_or(default)
 }
 
+/// A gradient for `param`, on its device.
 fn grad_store(param: &Tensor, g: Vec<f32>) -> GradStore {
     let mut store = GradStore::default();
+    let g = Tensor::from_vec(g, param.shape().clone()).unwrap();
     store
-        .insert(param, Tensor::from_vec(g, param.shape().clone()).unwrap())
+        .insert(param, g.to_device(param.device()).unwrap())
         .unwrap();
     store
 }
 
-#[test]
-fn optimizers_follow_torch_over_six_steps() {
+fn optimizers_follow_torch_over_six_steps(dev: Device) {
     let fx = Fixture::load("optim.safetensors");
     let cases: Vec<String> = fx
         .cases()
@@ -33,7 +39,7 @@ fn optimizers_follow_torch_over_six_steps() {
     assert_eq!(cases.len(), 8);
     for case in cases {
         let s = fx.settings(&case);
-        let p = fx.tensor(&case, "p0").requires_grad();
+        let p = fx.tensor_on(dev, &case, "p0").requires_grad();
         let named = vec![("w".to_string(), p.clone())];
         let mut opt: Box<dyn Optimizer> = match s["kind"].as_str().unwrap() {
             "SGD" => Box::new(
@@ -95,14 +101,10 @@ fn optimizers_follow_torch_over_six_steps() {
     }
 }
 
-#[test]
-fn optimizer_state_round_trips_by_name() {
-    let p = Tensor::from_vec(vec![1.0, 2.0, 3.0], [3])
-        .unwrap()
-        .requires_grad();
-    let q = Tensor::from_vec(vec![1.0, 2.0, 3.0], [3])
-        .unwrap()
-        .requires_grad();
+fn optimizer_state_round_trips_by_name(dev: Device) {
+    let start = Tensor::from_vec(vec![1.0, 2.0, 3.0], [3]).unwrap();
+    let p = start.to_device(dev).unwrap().requires_grad();
+    let q = start.to_device(dev).unwrap().requires_grad();
     let cfg = AdamConfig {
         amsgrad: true,
         ..AdamConfig::adamw()

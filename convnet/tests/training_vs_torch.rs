@@ -14,7 +14,12 @@ use convnet::nn::{
     Sequential, Shortcut,
 };
 use convnet::optim::{Optimizer, Sgd, SgdConfig};
-use convnet::{Reduction, Tensor};
+use convnet::{Device, Reduction, Tensor};
+
+on_each_device!(
+    tutorial_cnn_trains_like_pytorch,
+    small_resnet_with_batchnorm_trains_like_pytorch
+);
 
 /// The tutorial CNN is the zoo's `seed-cnn` (same layers, same names).
 fn tutorial_cnn() -> Model {
@@ -48,7 +53,7 @@ fn small_resnet() -> Model {
         .unwrap()
 }
 
-fn run(case: &str, model: Model) {
+fn run(dev: Device, case: &str, model: Model) {
     let fx = Fixture::load("training.safetensors");
     let s = fx.settings(case);
     let torch_keys: Vec<String> = s["keys"]
@@ -69,6 +74,7 @@ fn run(case: &str, model: Model) {
         .map(|n| (n["init.".len()..].to_string(), fx.tensor(case, &n)))
         .collect();
     model.load_state_dict(&init, false).unwrap();
+    model.to_device(dev).unwrap();
 
     let cfg = SgdConfig {
         lr: s["lr"].as_f64().unwrap(),
@@ -78,7 +84,7 @@ fn run(case: &str, model: Model) {
         ..Default::default()
     };
     let mut opt = Sgd::new(model.named_parameters(), cfg).unwrap();
-    let x = fx.tensor(case, "x");
+    let x = fx.tensor_on(dev, case, "x");
     let t: Vec<usize> = fx
         .tensor(case, "t")
         .to_vec()
@@ -118,7 +124,7 @@ fn run(case: &str, model: Model) {
         }
     }
     let logits =
-        convnet::no_grad(|| model.forward(&fx.tensor(case, "x_test"), Mode::Eval)).unwrap();
+        convnet::no_grad(|| model.forward(&fx.tensor_on(dev, case, "x_test"), Mode::Eval)).unwrap();
     assert_tensor_close(
         &format!("{case}/test_logits"),
         &logits,
@@ -128,14 +134,12 @@ fn run(case: &str, model: Model) {
     );
 }
 
-#[test]
-fn tutorial_cnn_trains_like_pytorch() {
-    run("tutorial_cnn", tutorial_cnn());
+fn tutorial_cnn_trains_like_pytorch(dev: Device) {
+    run(dev, "tutorial_cnn", tutorial_cnn());
 }
 
-#[test]
-fn small_resnet_with_batchnorm_trains_like_pytorch() {
-    run("small_resnet", small_resnet());
+fn small_resnet_with_batchnorm_trains_like_pytorch(dev: Device) {
+    run(dev, "small_resnet", small_resnet());
 }
 
 #[test]

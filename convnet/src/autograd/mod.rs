@@ -11,8 +11,10 @@ mod op;
 
 pub(crate) use op::{BnEpilogue, Op};
 
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::shape::Shape;
+use crate::storage::Storage;
 use crate::tensor::{Tensor, TensorId};
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
@@ -131,7 +133,7 @@ pub(crate) fn backward(root: &Tensor, grad: Option<&Tensor>) -> Result<GradStore
                     g.shape().to_string(),
                 ));
             }
-            g.to_vec()
+            g.try_to_vec()?
         }
         None => {
             if root.numel() != 1 {
@@ -143,8 +145,8 @@ pub(crate) fn backward(root: &Tensor, grad: Option<&Tensor>) -> Result<GradStore
             vec![1.0]
         }
     };
-    let mut pending: HashMap<TensorId, Vec<f32>> = HashMap::new();
-    pending.insert(root.id(), seed);
+    let mut pending: HashMap<TensorId, Storage> = HashMap::new();
+    pending.insert(root.id(), seed_on(root.device(), seed)?);
     let mut store = GradStore::default();
     for node in topo_order(root) {
         let Some(g) = pending.remove(&node.id()) else {
@@ -152,7 +154,7 @@ pub(crate) fn backward(root: &Tensor, grad: Option<&Tensor>) -> Result<GradStore
         };
         match node.op() {
             None => {
-                let t = Tensor::from_parts(g, Shape::from(node.dims()), None);
+                let t = Tensor::from_storage(g, Shape::from(node.dims()), None);
                 store.grads.insert(node.id(), t);
             }
             Some(op) => {
@@ -160,13 +162,13 @@ pub(crate) fn backward(root: &Tensor, grad: Option<&Tensor>) -> Result<GradStore
                     true,
                     || op.profile_key(),
                     || op.backward_flops(),
-                    || op.backward(&node, &g),
+                    || op_backward(op, &node, &g),
                 )?;
-                crate::backend::cpu::recycle::give_back(g);
+                // A host gradient's buffer goes back to the pool when `g` drops here.
+                drop(g);
                 for (input, gi) in input_grads {
-                    debug_assert_eq!(gi.len(), input.numel());
                     match pending.get_mut(&input.id()) {
-                        Some(acc) => crate::backend::cpu::elementwise::add_assign(acc, &gi),
+                        Some(acc) => accumulate(acc, &gi, input.numel())?,
                         None => {
                             pending.insert(input.id(), gi);
                         }
@@ -176,4 +178,61 @@ pub(crate) fn backward(root: &Tensor, grad: Option<&Tensor>) -> Result<GradStore
         }
     }
     Ok(store)
+}
+
+/// The seed gradient on the root's device.
+fn seed_on(device: Device, seed: Vec<f32>) -> Result<Storage> {
+    match device {
+        Device::Cpu => Ok(Storage::Cpu(seed)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => Ok(Storage::Cuda(crate::backend::cuda::backward::upload(
+            n, &seed,
+        )?)),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(Error::CudaNotBuilt),
+    }
+}
+
+/// Runs `op`'s backward kernel on the device that holds the gradient `g`.
+fn op_backward(op: &Op, out: &Tensor, g: &Storage) -> Result<Vec<(Tensor, Storage)>> {
+    match g {
+        Storage::Cpu(g) => Ok(op
+            .backward(out, g)?
+            .into_iter()
+            .map(|(t, gi)| {
+                debug_assert_eq!(gi.len(), t.numel());
+                (t, Storage::Cpu(gi))
+            })
+            .collect()),
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(b) => Ok(
+            crate::backend::cuda::backward::backward(op, out, b, b.ordinal())?
+                .into_iter()
+                .map(|(t, gi)| (t, Storage::Cuda(gi)))
+                .collect(),
+        ),
+    }
+}
+
+/// `acc += g` for a tensor reached along several paths.
+fn accumulate(acc: &mut Storage, g: &Storage, n: usize) -> Result<()> {
+    match (acc, g) {
+        (Storage::Cpu(acc), Storage::Cpu(g)) => {
+            crate::backend::cpu::elementwise::add_assign(acc, g);
+            Ok(())
+        }
+        #[cfg(feature = "cuda")]
+        (Storage::Cuda(acc), Storage::Cuda(g)) => {
+            crate::backend::cuda::backward::add_assign(acc, g, n)
+        }
+        #[allow(unreachable_patterns)]
+        (acc, g) => {
+            let _ = n;
+            Err(Error::DeviceMismatch {
+                op: "backward",
+                a: acc.device().to_string(),
+                b: g.device().to_string(),
+            })
+        }
+    }
 }

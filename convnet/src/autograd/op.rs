@@ -161,6 +161,9 @@ pub(crate) enum Op {
         input: Tensor,
         geom: shortcut::Subsample,
     },
+    /// An op computed on a GPU whose saved state lives in device memory.
+    #[cfg(feature = "cuda")]
+    Cuda(crate::backend::cuda::ops::CudaOp),
 }
 
 fn opt_need(t: &Option<Tensor>) -> bool {
@@ -216,6 +219,8 @@ impl Op {
             | Op::Sum { input, .. }
             | Op::SubsamplePadChannels { input, .. } => vec![input],
             Op::CrossEntropy { logits, .. } => vec![logits],
+            #[cfg(feature = "cuda")]
+            Op::Cuda(op) => op.inputs(),
         }
     }
 
@@ -247,6 +252,8 @@ impl Op {
             Op::Concat { inputs, .. } => first("concat", &inputs[0]),
             Op::Sum { input, .. } => first("sum", input),
             Op::SubsamplePadChannels { input, .. } => first("subsample_pad_channels", input),
+            #[cfg(feature = "cuda")]
+            Op::Cuda(op) => op.profile_key(),
         }
     }
 
@@ -539,6 +546,13 @@ impl Op {
                 let mut dx = vec![0f32; input.numel()];
                 shortcut::backward(g, geom, &mut dx);
                 grads.push((input.clone(), dx));
+            }
+            #[cfg(feature = "cuda")]
+            Op::Cuda(op) => {
+                return Err(crate::error::Error::Backward(format!(
+                    "{} ran on a GPU but its gradient arrived in host memory",
+                    op.profile_key()
+                )))
             }
         }
         grads.retain(|(t, _)| t.tracks_grad());

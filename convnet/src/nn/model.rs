@@ -113,6 +113,38 @@ impl Model {
         super::state_dict(self.net.as_ref())
     }
 
+    /// The device of the parameters (the CPU for a model without any).
+    pub fn device(&self) -> crate::Device {
+        self.named_parameters()
+            .first()
+            .map_or(crate::Device::Cpu, |(_, t)| t.device())
+    }
+
+    /// Moves every parameter and buffer to `device` in place (the layers, and optimizers
+    /// made afterwards, see the moved tensors). Inputs must then be on the same device.
+    /// BatchNorm's `num_batches_tracked` stays on the host: it is a counter that no kernel
+    /// reads, and keeping it there spares a device round trip per layer and step.
+    ///
+    /// ```
+    /// use convnet::{models, Device};
+    /// let model = models::build("seed-cnn", [3, 32, 32], 10)?;
+    /// model.to_device(Device::Cpu)?;
+    /// assert_eq!(model.device(), Device::Cpu);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn to_device(&self, device: crate::Device) -> Result<()> {
+        for (name, t) in self.state_dict() {
+            if name.ends_with("num_batches_tracked") {
+                continue;
+            }
+            t.move_to_device(device).map_err(|e| match e {
+                Error::InvalidArgument { msg, .. } => Error::State(format!("{name}: {msg}")),
+                other => other,
+            })?;
+        }
+        Ok(())
+    }
+
     /// Number of trainable parameters.
     pub fn num_parameters(&self) -> usize {
         self.named_parameters().iter().map(|(_, t)| t.numel()).sum()

@@ -5,7 +5,7 @@ use super::{lookup, Optimizer};
 use crate::autograd::GradStore;
 use crate::backend::cpu::optim::{adam_step, AdamStep};
 use crate::error::{invalid, Error, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{gpu_of, Tensor};
 
 /// Hyperparameters of [`Adam`]. `decoupled_weight_decay` selects AdamW.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -52,9 +52,32 @@ struct Slot {
     name: String,
     param: Tensor,
     step: u64,
-    exp_avg: Vec<f32>,
-    exp_avg_sq: Vec<f32>,
-    max_exp_avg_sq: Vec<f32>,
+    /// The moments, on the parameter's device; made at the first step (or when loaded).
+    moments: Option<Moments>,
+}
+
+struct Moments {
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Option<Tensor>,
+}
+
+impl Moments {
+    /// Moments from host values (zeros for a fresh start) on `param`'s device.
+    fn on_device_of(
+        param: &Tensor,
+        values: [Vec<f32>; 2],
+        max: Option<Vec<f32>>,
+    ) -> Result<Moments> {
+        let shape = param.shape().clone();
+        let place = |v: Vec<f32>| Tensor::from_vec(v, shape.clone())?.to_device(param.device());
+        let [m, v] = values;
+        Ok(Moments {
+            exp_avg: place(m)?,
+            exp_avg_sq: place(v)?,
+            max_exp_avg_sq: max.map(place).transpose()?,
+        })
+    }
 }
 
 /// Adam / AdamW with optional AMSGrad.
@@ -83,20 +106,11 @@ impl Adam {
         }
         let slots = params
             .into_iter()
-            .map(|(name, param)| {
-                let n = param.numel();
-                Slot {
-                    name,
-                    param,
-                    step: 0,
-                    exp_avg: vec![0.0; n],
-                    exp_avg_sq: vec![0.0; n],
-                    max_exp_avg_sq: if cfg.amsgrad {
-                        vec![0.0; n]
-                    } else {
-                        Vec::new()
-                    },
-                }
+            .map(|(name, param)| Slot {
+                name,
+                param,
+                step: 0,
+                moments: None,
             })
             .collect();
         Ok(Adam { cfg, slots })
@@ -122,15 +136,42 @@ impl Optimizer for Adam {
                 bias_correction1: (1.0 - c.betas.0.powi(t)) as f32,
                 bias_correction2_sqrt: (1.0 - c.betas.1.powi(t)).sqrt() as f32,
             };
-            let max_v = if c.amsgrad {
-                Some(slot.max_exp_avg_sq.as_mut_slice())
-            } else {
-                None
-            };
+            if slot.moments.is_none() {
+                let n = slot.param.numel();
+                let max = c.amsgrad.then(|| vec![0.0; n]);
+                slot.moments = Some(Moments::on_device_of(
+                    &slot.param,
+                    [vec![0.0; n], vec![0.0; n]],
+                    max,
+                )?);
+            }
+            let m = slot.moments.as_ref().expect("made above");
+            let mut inputs = vec![&slot.param, g, &m.exp_avg, &m.exp_avg_sq];
+            inputs.extend(m.max_exp_avg_sq.as_ref());
+            if let Some(gpu) = gpu_of("Adam", &inputs)? {
+                on_gpu!(gpu, |d| crate::backend::cuda::optim::adam_step(
+                    d,
+                    &slot.param,
+                    g,
+                    &m.exp_avg,
+                    &m.exp_avg_sq,
+                    m.max_exp_avg_sq.as_ref(),
+                    &s
+                ))?;
+                continue;
+            }
             g.with_data(|gd| {
-                slot.param.update_data(|p| {
-                    adam_step(p, gd, &mut slot.exp_avg, &mut slot.exp_avg_sq, max_v, &s)
-                })
+                m.exp_avg.update_data(|ea| {
+                    m.exp_avg_sq.update_data(|eas| match &m.max_exp_avg_sq {
+                        Some(mx) => mx.update_data(|mv| {
+                            slot.param
+                                .update_data(|p| adam_step(p, gd, ea, eas, Some(mv), &s))
+                        })?,
+                        None => slot
+                            .param
+                            .update_data(|p| adam_step(p, gd, ea, eas, None, &s)),
+                    })?
+                })?
             })?;
         }
         Ok(())
@@ -148,12 +189,23 @@ impl Optimizer for Adam {
         let mut out = Vec::new();
         for s in &self.slots {
             let shape = s.param.shape().clone();
-            let t = |v: &Vec<f32>| Tensor::from_parts(v.clone(), shape.clone(), None);
+            // Host copies; zeros before the first step.
+            let t = |v: Option<&Tensor>| {
+                let data = v.map_or_else(|| vec![0.0; shape.numel()], Tensor::to_vec);
+                Tensor::from_parts(data, shape.clone(), None)
+            };
+            let m = s.moments.as_ref();
             out.push((format!("{}.step", s.name), Tensor::scalar(s.step as f32)));
-            out.push((format!("{}.exp_avg", s.name), t(&s.exp_avg)));
-            out.push((format!("{}.exp_avg_sq", s.name), t(&s.exp_avg_sq)));
+            out.push((format!("{}.exp_avg", s.name), t(m.map(|m| &m.exp_avg))));
+            out.push((
+                format!("{}.exp_avg_sq", s.name),
+                t(m.map(|m| &m.exp_avg_sq)),
+            ));
             if self.cfg.amsgrad {
-                out.push((format!("{}.max_exp_avg_sq", s.name), t(&s.max_exp_avg_sq)));
+                out.push((
+                    format!("{}.max_exp_avg_sq", s.name),
+                    t(m.and_then(|m| m.max_exp_avg_sq.as_ref())),
+                ));
             }
         }
         out
@@ -164,7 +216,7 @@ impl Optimizer for Adam {
             let get = |slot: &str| -> Result<Vec<f32>> {
                 let key = format!("{}.{slot}", s.name);
                 match lookup(state, &key) {
-                    Some(t) if t.numel() == s.param.numel() => Ok(t.to_vec()),
+                    Some(t) if t.numel() == s.param.numel() => t.try_to_vec(),
                     Some(t) => Err(Error::State(format!(
                         "{key}: expected {}, got {}",
                         s.param.shape(),
@@ -173,11 +225,13 @@ impl Optimizer for Adam {
                     None => Err(Error::State(format!("missing optimizer state {key}"))),
                 }
             };
-            s.exp_avg = get("exp_avg")?;
-            s.exp_avg_sq = get("exp_avg_sq")?;
-            if amsgrad {
-                s.max_exp_avg_sq = get("max_exp_avg_sq")?;
-            }
+            let values = [get("exp_avg")?, get("exp_avg_sq")?];
+            let max = if amsgrad {
+                Some(get("max_exp_avg_sq")?)
+            } else {
+                None
+            };
+            s.moments = Some(Moments::on_device_of(&s.param, values, max)?);
             s.step = lookup(state, &format!("{}.step", s.name))
                 .ok_or_else(|| Error::State(format!("missing optimizer state {}.step", s.name)))?
                 .item()? as u64;

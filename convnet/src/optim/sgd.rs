@@ -5,7 +5,7 @@ use super::{lookup, Optimizer};
 use crate::autograd::GradStore;
 use crate::backend::cpu::optim::sgd_step;
 use crate::error::{invalid, Error, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{gpu_of, Tensor};
 
 /// Hyperparameters of [`Sgd`], with PyTorch's defaults except `lr` (required there; 0.01 here).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -37,7 +37,8 @@ impl Default for SgdConfig {
 struct Slot {
     name: String,
     param: Tensor,
-    momentum_buffer: Option<Vec<f32>>,
+    /// On the parameter's device.
+    momentum_buffer: Option<Tensor>,
 }
 
 /// SGD with momentum, dampening, Nesterov and weight decay:
@@ -90,29 +91,46 @@ impl Optimizer for Sgd {
                 continue;
             };
             let first = slot.momentum_buffer.is_none();
-            let buf = if c.momentum != 0.0 {
-                Some(
-                    slot.momentum_buffer
-                        .get_or_insert_with(|| vec![0.0; g.numel()])
-                        .as_mut_slice(),
+            if c.momentum != 0.0 && first {
+                let zeros = Tensor::zeros(slot.param.shape().clone());
+                slot.momentum_buffer = Some(zeros.to_device(slot.param.device())?);
+            }
+            let buf = slot.momentum_buffer.as_ref().filter(|_| c.momentum != 0.0);
+            let (lr, momentum, dampening) = (c.lr as f32, c.momentum as f32, c.dampening as f32);
+            let weight_decay = c.weight_decay as f32;
+            let mut inputs = vec![&slot.param, g];
+            inputs.extend(buf);
+            if let Some(gpu) = gpu_of("SGD", &inputs)? {
+                on_gpu!(gpu, |d| crate::backend::cuda::optim::sgd_step(
+                    d,
+                    &slot.param,
+                    g,
+                    buf,
+                    lr,
+                    momentum,
+                    dampening,
+                    c.nesterov,
+                    weight_decay,
+                    first
+                ))?;
+                continue;
+            }
+            let step = |p: &mut [f32], gd: &[f32], b: Option<&mut [f32]>| {
+                sgd_step(
+                    p,
+                    gd,
+                    b,
+                    lr,
+                    momentum,
+                    dampening,
+                    c.nesterov,
+                    weight_decay,
+                    first,
                 )
-            } else {
-                None
             };
-            g.with_data(|gd| {
-                slot.param.update_data(|p| {
-                    sgd_step(
-                        p,
-                        gd,
-                        buf,
-                        c.lr as f32,
-                        c.momentum as f32,
-                        c.dampening as f32,
-                        c.nesterov,
-                        c.weight_decay as f32,
-                        first,
-                    )
-                })
+            g.with_data(|gd| match buf {
+                Some(b) => b.update_data(|bd| slot.param.update_data(|p| step(p, gd, Some(bd))))?,
+                None => slot.param.update_data(|p| step(p, gd, None)),
             })?;
         }
         Ok(())
@@ -133,7 +151,7 @@ impl Optimizer for Sgd {
                 let buf = s.momentum_buffer.as_ref()?;
                 Some((
                     format!("{}.momentum_buffer", s.name),
-                    Tensor::from_parts(buf.clone(), s.param.shape().clone(), None),
+                    Tensor::from_parts(buf.to_vec(), s.param.shape().clone(), None),
                 ))
             })
             .collect()
@@ -141,7 +159,10 @@ impl Optimizer for Sgd {
     fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<()> {
         for s in &mut self.slots {
             s.momentum_buffer = match lookup(state, &format!("{}.momentum_buffer", s.name)) {
-                Some(t) if t.numel() == s.param.numel() => Some(t.to_vec()),
+                Some(t) if t.numel() == s.param.numel() => {
+                    let copy = Tensor::from_vec(t.try_to_vec()?, s.param.shape().clone())?;
+                    Some(copy.to_device(s.param.device())?)
+                }
                 Some(t) => {
                     return Err(Error::State(format!(
                         "{}.momentum_buffer: expected {}, got {}",

@@ -1,6 +1,6 @@
 //! `conv2d`: validation, the CPU kernel, and graph recording.
 
-use super::{record, Tensor};
+use super::{gpu_of, record, Tensor};
 use crate::autograd::Op;
 use crate::backend::cpu::conv::{self, ConvGeom};
 use crate::backend::cpu::recycle;
@@ -176,6 +176,13 @@ impl Tensor {
                 ));
             }
         }
+        let mut inputs = vec![self, weight];
+        inputs.extend(bias);
+        if let Some(gpu) = gpu_of("conv2d", &inputs)? {
+            return on_gpu!(gpu, |g| crate::backend::cuda::ops::conv2d(
+                g, self, weight, bias, geom
+            ));
+        }
         // conv2d_forward writes every output.
         let mut y = recycle::take_overwritten(geom.n * geom.k * geom.oh * geom.ow);
         crate::profile::timed(
@@ -193,8 +200,6 @@ impl Tensor {
                 })
             },
         );
-        let mut inputs = vec![self, weight];
-        inputs.extend(bias);
         let op = record(&inputs, || Op::Conv2d {
             input: self.clone(),
             weight: weight.clone(),

@@ -1,7 +1,7 @@
 //! Elementwise ops (broadcasting arithmetic, activations, dropout) and matrix products
 //! (`matmul`, `linear`).
 
-use super::{record, Tensor};
+use super::{gpu_of, host_only, record, Tensor};
 use crate::autograd::Op;
 use crate::backend::cpu::activation::{self, Activation};
 use crate::backend::cpu::elementwise::{self as ew, BinaryKind};
@@ -40,6 +40,12 @@ impl Tensor {
                         rhs.shape().to_string(),
                     )
                 })?;
+                if let Some(gpu) = gpu_of(op_name, &[self, rhs])? {
+                    if kind != BinaryKind::Add {
+                        host_only(op_name, &[self, rhs])?;
+                    }
+                    return on_gpu!(gpu, |g| crate::backend::cuda::ops::add(g, self, rhs));
+                }
                 let mut out = vec![0f32; out_shape.iter().product()];
                 self.with_data(|a| {
                     rhs.with_data(|b| {
@@ -91,6 +97,7 @@ impl Tensor {
 
     /// `self * factor + offset`.
     pub fn affine(&self, factor: f32, offset: f32) -> Result<Tensor> {
+        host_only("affine", &[self])?;
         let out = self.with_data(|x| x.iter().map(|v| v * factor + offset).collect());
         let op = record(&[self], || Op::Affine {
             input: self.clone(),
@@ -111,6 +118,9 @@ impl Tensor {
             || format!("{} {}", act.name().to_lowercase(), self.shape()),
             || 0.0,
             || -> Result<Tensor> {
+                if let Some(gpu) = gpu_of("activation", &[self])? {
+                    return on_gpu!(gpu, |g| crate::backend::cuda::ops::activation(g, self, act));
+                }
                 let mut out = vec![0f32; self.numel()];
                 self.with_data(|x| activation::forward(act, x, &mut out));
                 let op = record(&[self], || Op::Activation {
@@ -164,6 +174,9 @@ impl Tensor {
         let mask: Vec<f32> = (0..self.numel())
             .map(|_| if rng.next_f32() < p { 0.0 } else { scale })
             .collect();
+        if let Some(gpu) = gpu_of("dropout", &[self])? {
+            return on_gpu!(gpu, |g| crate::backend::cuda::ops::dropout(g, self, &mask));
+        }
         let out = self.with_data(|x| x.iter().zip(&mask).map(|(a, b)| a * b).collect());
         let op = record(&[self], || Op::Dropout {
             input: self.clone(),
@@ -174,6 +187,7 @@ impl Tensor {
 
     /// Matrix product of 2-d tensors `[M, K] @ [K, N]`.
     pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
+        host_only("matmul", &[self, rhs])?;
         self.expect_rank("matmul", 2, "[M, K]")?;
         rhs.expect_rank("matmul", 2, "[K, N]")?;
         let (m, k, n) = (self.dims()[0], self.dims()[1], rhs.dims()[1]);
@@ -228,6 +242,15 @@ impl Tensor {
                         ));
                     }
                 }
+                let mut inputs = vec![self, weight];
+                inputs.extend(bias);
+                if let Some(gpu) = gpu_of("linear", &inputs)? {
+                    let mut dims = self.dims().to_vec();
+                    *dims.last_mut().expect("rank checked") = o;
+                    return on_gpu!(gpu, |g| crate::backend::cuda::ops::linear(
+                        g, self, weight, bias, dims
+                    ));
+                }
                 let m = self.numel() / i.max(1);
                 let mut out = vec![0f32; m * o];
                 if let Some(b) = bias {
@@ -259,8 +282,6 @@ impl Tensor {
                 });
                 let mut dims = self.dims().to_vec();
                 *dims.last_mut().expect("rank checked") = o;
-                let mut inputs = vec![self, weight];
-                inputs.extend(bias);
                 let op = record(&inputs, || Op::Linear {
                     input: self.clone(),
                     weight: weight.clone(),

@@ -1,7 +1,7 @@
 //! Softmax and losses: `softmax`, `log_softmax`, fused `cross_entropy`, `nll_loss`,
 //! `mse_loss`.
 
-use super::{record, Tensor};
+use super::{gpu_of, host_only, record, Tensor};
 use crate::autograd::Op;
 use crate::backend::cpu::loss;
 use crate::error::{invalid, shape_mismatch, Error, Result};
@@ -58,6 +58,7 @@ fn reduce_rows(
 
 impl Tensor {
     fn softmax_impl(&self, dim: isize, log: bool) -> Result<Tensor> {
+        host_only(if log { "log_softmax" } else { "softmax" }, &[self])?;
         let d = normalize_dim(dim, self.rank())?;
         let dims = self.dims();
         let outer: usize = dims[..d].iter().product();
@@ -124,6 +125,22 @@ impl Tensor {
                 if n == 0 {
                     return Err(invalid("cross_entropy", "empty batch"));
                 }
+                if let Some(gpu) = gpu_of("cross_entropy", &[self])? {
+                    return on_gpu!(gpu, |g| {
+                        let divisor = match reduction {
+                            Reduction::Mean => Some(n as f32),
+                            Reduction::Sum => Some(1.0),
+                            Reduction::None => None,
+                        };
+                        crate::backend::cuda::ops::cross_entropy(
+                            g,
+                            self,
+                            targets,
+                            label_smoothing,
+                            divisor,
+                        )
+                    });
+                }
                 let mut probs = vec![0f32; n * c];
                 let mut per_row = vec![0f32; if reduction == Reduction::None { n } else { 0 }];
                 let total = self.with_data(|x| {
@@ -160,6 +177,7 @@ impl Tensor {
 
     /// Negative log-likelihood of log-probabilities `[N, C]`, like `F.nll_loss`.
     pub fn nll_loss(&self, targets: &[usize], reduction: Reduction) -> Result<Tensor> {
+        host_only("nll_loss", &[self])?;
         let (n, c) = check_targets("nll_loss", self, targets)?;
         if n == 0 {
             return Err(invalid("nll_loss", "empty batch"));
@@ -183,6 +201,7 @@ impl Tensor {
 
     /// Mean (or summed) squared error between same-shaped tensors, like `F.mse_loss`.
     pub fn mse_loss(&self, target: &Tensor, reduction: Reduction) -> Result<Tensor> {
+        host_only("mse_loss", &[self, target])?;
         if self.shape() != target.shape() {
             return Err(shape_mismatch(
                 "mse_loss",

@@ -126,25 +126,102 @@ impl Tensor {
         Tensor::from_parts(data, shape, None)
     }
 
-    /// Places a tensor on a device. Only `Cpu` is available in this build.
+    /// A copy of the tensor on `device` (the same tensor when it is already there), cut off
+    /// from the graph but keeping whether it requires a gradient. With the `cuda` feature,
+    /// `Device::Cuda(n)` uploads to GPU `n`; without it, asking for a GPU is an error.
+    ///
+    /// ```
+    /// use convnet::{Device, Tensor};
+    /// let x = Tensor::ones([2, 2]);
+    /// assert_eq!(x.to_device(Device::Cpu)?.device(), Device::Cpu);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
     pub fn to_device(&self, device: Device) -> Result<Tensor> {
         device.ensure_supported()?;
-        Ok(self.clone())
+        if self.device() == device {
+            return Ok(self.clone());
+        }
+        let storage = self.storage_on(device)?;
+        let shape = self.shape().clone();
+        let t = Tensor::from_storage(storage, shape, None);
+        Ok(if self.tracks_grad() {
+            t.requires_grad()
+        } else {
+            t
+        })
     }
 
-    /// Builds a contiguous result tensor; `op` is recorded only if it is `Some`.
-    pub(crate) fn from_parts(data: Vec<f32>, shape: Shape, op: Option<Op>) -> Tensor {
+    /// Moves this tensor's storage to `device` in place: every handle sharing the storage
+    /// (a layer's parameter and the optimizer's view of it) sees the move. The tensor must
+    /// own its whole storage contiguously, as parameters and buffers do.
+    pub fn move_to_device(&self, device: Device) -> Result<()> {
+        device.ensure_supported()?;
+        if self.device() == device {
+            return Ok(());
+        }
+        let whole = read(&self.0.storage).len();
+        if !self.is_contiguous() || self.0.offset != 0 || whole.max(1) != self.numel().max(1) {
+            return Err(invalid(
+                "move_to_device",
+                "only a tensor that owns its whole storage (a parameter or buffer) can be moved in place; use to_device for views",
+            ));
+        }
+        let storage = self.storage_on(device)?;
+        *write(&self.0.storage) = storage;
+        Ok(())
+    }
+
+    /// This tensor's elements in a new storage on `device`.
+    fn storage_on(&self, device: Device) -> Result<Storage> {
+        match device {
+            Device::Cpu => Ok(Storage::Cpu(self.try_to_vec()?)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                let host = self.try_to_vec()?;
+                let buf = crate::backend::cuda::runtime::with(n, |rt| rt.upload(&host))?;
+                Ok(Storage::Cuda(buf))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(crate::error::Error::CudaNotBuilt),
+        }
+    }
+
+    /// Builds a contiguous tensor over `storage`; `op` is recorded only if it is `Some`.
+    pub(crate) fn from_storage(storage: Storage, shape: Shape, op: Option<Op>) -> Tensor {
         let strides = shape.contiguous_strides();
         let requires_grad = op.is_some();
         Tensor(Arc::new(Inner {
             id: TensorId::fresh(),
-            storage: Arc::new(RwLock::new(Storage::Cpu(data))),
+            storage: Arc::new(RwLock::new(storage)),
             shape,
             strides,
             offset: 0,
             op,
             requires_grad,
         }))
+    }
+
+    /// The device address of this tensor's first element, for CUDA kernels; fails unless the
+    /// tensor is contiguous and on a GPU. The address stays valid while `self` is alive.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_ptr(&self, op: &'static str) -> Result<u64> {
+        let guard = read(&self.0.storage);
+        match &*guard {
+            Storage::Cuda(b) if self.is_contiguous() => Ok(b.ptr(self.0.offset)),
+            Storage::Cuda(_) => Err(crate::error::Error::Unsupported(format!(
+                "{op}: non-contiguous tensors on a GPU are not supported; call contiguous() on the CPU first"
+            ))),
+            other => Err(crate::error::Error::DeviceMismatch {
+                op,
+                a: "cuda".into(),
+                b: other.device().to_string(),
+            }),
+        }
+    }
+
+    /// Builds a contiguous result tensor; `op` is recorded only if it is `Some`.
+    pub(crate) fn from_parts(data: Vec<f32>, shape: Shape, op: Option<Op>) -> Tensor {
+        Tensor::from_storage(Storage::Cpu(data), shape, op)
     }
 
     /// A new handle on the same storage with another layout (a view).
@@ -272,15 +349,66 @@ impl Tensor {
 
     /// Runs `f` on the elements in row-major order, borrowing them when the tensor is
     /// contiguous and gathering a copy otherwise.
+    ///
+    /// For a tensor on a GPU this copies the elements to the host first (waiting for the
+    /// device). Should the device have failed, the elements read as NaN and the failure is
+    /// reported by the next fallible call on that device ([`Tensor::item`],
+    /// [`Tensor::try_to_vec`], any op), since CUDA errors persist in the device's context.
     pub fn with_data<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
         let guard = read(&self.0.storage);
-        let all = guard.as_slice();
+        let Some(all) = guard.host() else {
+            let host = self
+                .device_elements(&guard)
+                .unwrap_or_else(|_| vec![f32::NAN; self.numel()]);
+            drop(guard);
+            return f(&host);
+        };
         if self.is_contiguous() {
             f(&all[self.0.offset..self.0.offset + self.numel()])
         } else {
             let gathered = self.gather(all);
             drop(guard);
             f(&gathered)
+        }
+    }
+
+    /// The elements of a device tensor in row-major order, copied to the host.
+    fn device_elements(&self, storage: &Storage) -> Result<Vec<f32>> {
+        if self.is_contiguous() {
+            storage.read_range(self.0.offset, self.numel())
+        } else {
+            // Copy the span the view covers, then gather from it on the host.
+            let span = self.storage_span();
+            let all = storage.read_range(0, span)?;
+            Ok(self.gather(&all))
+        }
+    }
+
+    /// One past the largest storage index this view reaches.
+    fn storage_span(&self) -> usize {
+        if self.numel() == 0 {
+            return self.0.offset;
+        }
+        self.0.offset
+            + self
+                .dims()
+                .iter()
+                .zip(&self.0.strides)
+                .map(|(d, s)| (d - 1) * s)
+                .sum::<usize>()
+            + 1
+    }
+
+    /// The elements in row-major order, or the device's error when copying them from a GPU
+    /// fails.
+    pub fn try_to_vec(&self) -> Result<Vec<f32>> {
+        let guard = read(&self.0.storage);
+        match guard.host() {
+            Some(_) => {
+                drop(guard);
+                Ok(self.to_vec())
+            }
+            None => self.device_elements(&guard),
         }
     }
 
@@ -325,7 +453,7 @@ impl Tensor {
                 self.shape().to_string(),
             ));
         }
-        Ok(self.with_data(|d| d[0]))
+        Ok(self.try_to_vec()?[0])
     }
 
     /// Mutates the elements in place (for optimizers and running statistics). The tensor
@@ -338,7 +466,16 @@ impl Tensor {
         let mut guard = write(&self.0.storage);
         let n = self.numel();
         let off = self.0.offset;
-        Ok(f(&mut guard.as_mut_slice()[off..off + n]))
+        match guard.host_mut() {
+            Some(all) => Ok(f(&mut all[off..off + n])),
+            None => {
+                // Device storage: edit a host copy and write it back.
+                let mut host = guard.read_range(off, n)?;
+                let r = f(&mut host);
+                guard.write_range(off, &host)?;
+                Ok(r)
+            }
+        }
     }
 
     /// Overwrites the elements with `data` (same number of elements).
@@ -383,6 +520,37 @@ impl fmt::Debug for Tensor {
             write!(f, ", data={:?}", self.to_vec())?;
         }
         write!(f, ")")
+    }
+}
+
+/// The GPU the op runs on when any of `inputs` is on one (all must be on the same device),
+/// `None` when all are on the CPU.
+pub(crate) fn gpu_of(op: &'static str, inputs: &[&Tensor]) -> Result<Option<usize>> {
+    let first = inputs.first().map_or(Device::Cpu, |t| t.device());
+    for t in inputs.iter().skip(1) {
+        let d = t.device();
+        if d != first {
+            return Err(crate::error::Error::DeviceMismatch {
+                op,
+                a: first.to_string(),
+                b: d.to_string(),
+            });
+        }
+    }
+    Ok(match first {
+        Device::Cpu => None,
+        Device::Cuda(n) => Some(n),
+    })
+}
+
+/// Fails when an op that has no GPU kernel yet is given a tensor on a GPU, instead of
+/// silently computing on the host.
+pub(crate) fn host_only(op: &'static str, inputs: &[&Tensor]) -> Result<()> {
+    match gpu_of(op, inputs)? {
+        None => Ok(()),
+        Some(n) => Err(crate::error::Error::Unsupported(format!(
+            "{op} has no CUDA kernel yet (tensor on cuda:{n}); move the tensor with to_device(Device::Cpu)"
+        ))),
     }
 }
 

@@ -1,7 +1,7 @@
 //! `batch_norm2d`: batch statistics and running-stat update in training, running statistics
 //! in evaluation.
 
-use super::{record, Tensor};
+use super::{gpu_of, record, Tensor};
 use crate::autograd::{BnEpilogue, Op};
 use crate::backend::cpu::{norm, recycle};
 use crate::error::{invalid, shape_mismatch, Result};
@@ -160,17 +160,35 @@ impl Tensor {
                 if eps <= 0.0 || !(0.0..=1.0).contains(&momentum) {
                     return Err(invalid(op_name, format!("eps must be positive and momentum in [0, 1], got eps={eps}, momentum={momentum}")));
                 }
-                let (mean, invstd): (Vec<f32>, Vec<f32>) = if training {
-                    let count = n * hw;
-                    if count <= 1 {
-                        return Err(invalid(
-                            op_name,
-                            format!(
+                let count = n * hw;
+                if training && count <= 1 {
+                    return Err(invalid(
+                        op_name,
+                        format!(
                             "expected more than 1 value per channel when training, got input {}",
                             self.shape()
                         ),
-                        ));
-                    }
+                    ));
+                }
+                let mut inputs = vec![self, running_mean, running_var];
+                inputs.extend(weight);
+                inputs.extend(bias);
+                inputs.extend(epilogue.residual());
+                if let Some(gpu) = gpu_of(op_name, &inputs)? {
+                    return on_gpu!(gpu, |g| crate::backend::cuda::ops::batch_norm2d(
+                        g,
+                        self,
+                        running_mean,
+                        running_var,
+                        weight,
+                        bias,
+                        training,
+                        momentum,
+                        eps,
+                        epilogue
+                    ));
+                }
+                let (mean, invstd): (Vec<f32>, Vec<f32>) = if training {
                     let (bm, bv) = self.with_data(|x| norm::batch_stats(x, n, c, hw));
                     let unbias = count as f64 / (count - 1) as f64;
                     let m = momentum as f64;

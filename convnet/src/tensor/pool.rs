@@ -1,7 +1,7 @@
 //! Pooling ops: `max_pool2d` (argmax saved for backward), `avg_pool2d`,
 //! `adaptive_avg_pool2d`.
 
-use super::{record, Tensor};
+use super::{gpu_of, record, Tensor};
 use crate::autograd::Op;
 use crate::backend::cpu::pool::{self, PoolGeom};
 use crate::error::{invalid, shape_mismatch, Result};
@@ -222,6 +222,11 @@ impl Tensor {
                     p.dilation,
                     p.ceil_mode,
                 )?;
+                if let Some(gpu) = gpu_of("max_pool2d", &[self])? {
+                    return on_gpu!(gpu, |g| crate::backend::cuda::ops::max_pool2d(
+                        g, self, geom
+                    ));
+                }
                 let len = geom.planes * geom.oh * geom.ow;
                 let mut y = vec![0f32; len];
                 let mut argmax = vec![0u32; len];
@@ -256,13 +261,23 @@ impl Tensor {
                     (1, 1),
                     p.ceil_mode,
                 )?;
-                let mut y = vec![0f32; geom.planes * geom.oh * geom.ow];
-                self.with_data(|x| pool::avg_pool2d_forward(x, &geom, p.count_include_pad, &mut y));
-                let op = record(&[self], || Op::AvgPool2d {
+                let record_as = || Op::AvgPool2d {
                     input: self.clone(),
                     geom,
                     count_include_pad: p.count_include_pad,
-                });
+                };
+                if let Some(gpu) = gpu_of("avg_pool2d", &[self])? {
+                    return on_gpu!(gpu, |g| crate::backend::cuda::ops::avg_pool2d(
+                        g,
+                        self,
+                        geom,
+                        p.count_include_pad,
+                        record_as
+                    ));
+                }
+                let mut y = vec![0f32; geom.planes * geom.oh * geom.ow];
+                self.with_data(|x| pool::avg_pool2d_forward(x, &geom, p.count_include_pad, &mut y));
+                let op = record(&[self], record_as);
                 Ok(Tensor::from_parts(
                     y,
                     Shape::new([self.dims()[0], self.dims()[1], geom.oh, geom.ow]),
@@ -303,6 +318,17 @@ impl Tensor {
                         "adaptive_avg_pool2d",
                         format!("input spatial size must be positive, got {}", self.shape()),
                     ));
+                }
+                if let Some(gpu) = gpu_of("adaptive_avg_pool2d", &[self])? {
+                    return on_gpu!(gpu, |g| {
+                        let window = crate::backend::cuda::ops::adaptive_as_window(&geom)?;
+                        crate::backend::cuda::ops::avg_pool2d(g, self, window, true, || {
+                            Op::AdaptiveAvgPool2d {
+                                input: self.clone(),
+                                geom,
+                            }
+                        })
+                    });
                 }
                 let mut y = vec![0f32; geom.planes * out.0 * out.1];
                 self.with_data(|x| pool::adaptive_avg_pool2d_forward(x, &geom, &mut y));

@@ -1,6 +1,6 @@
 //! Reductions: `sum` and `mean` over dimensions or over everything.
 
-use super::{record, Tensor};
+use super::{host_only, record, Tensor};
 use crate::autograd::Op;
 use crate::backend::cpu::elementwise as ew;
 use crate::error::{invalid, Result};
@@ -8,6 +8,7 @@ use crate::shape::{normalize_dim, Shape};
 
 impl Tensor {
     fn reduce(&self, dims: &[isize], keepdim: bool, mean: bool) -> Result<Tensor> {
+        host_only(if mean { "mean" } else { "sum" }, &[self])?;
         let mut ds: Vec<usize> = dims
             .iter()
             .map(|&d| normalize_dim(d, self.rank()))

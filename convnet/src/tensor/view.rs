@@ -1,7 +1,7 @@
 //! Shape ops: `reshape`/`flatten` (views when contiguous), `permute` (a strided view),
 //! `contiguous`, `concat`, and the channel-padding shortcut of CIFAR ResNets.
 
-use super::{record, Tensor};
+use super::{gpu_of, host_only, record, Tensor};
 use crate::autograd::Op;
 use crate::backend::cpu::shortcut;
 use crate::error::{invalid, shape_mismatch, Result};
@@ -36,6 +36,7 @@ impl Tensor {
             let strides = shape.contiguous_strides();
             Ok(self.view_with(shape, strides, self.0.offset, op))
         } else {
+            host_only("reshape of a non-contiguous tensor", &[self])?;
             Ok(Tensor::from_parts(self.to_vec(), shape, op))
         }
     }
@@ -95,6 +96,7 @@ impl Tensor {
         let first = tensors
             .first()
             .ok_or_else(|| invalid("concat", "no tensors given"))?;
+        host_only("concat", &tensors.iter().collect::<Vec<_>>())?;
         let d = normalize_dim(dim, first.rank())?;
         let mut out_dims = first.dims().to_vec();
         out_dims[d] = 0;
@@ -156,6 +158,11 @@ impl Tensor {
                     before,
                     out_channels,
                 };
+                if let Some(gpu) = gpu_of("subsample_pad_channels", &[self])? {
+                    return on_gpu!(gpu, |g| crate::backend::cuda::ops::subsample_pad_channels(
+                        g, self, geom
+                    ));
+                }
                 let (oh, ow) = geom.out_hw();
                 let mut out = vec![0f32; n * out_channels * oh * ow];
                 self.with_data(|x| shortcut::forward(x, &geom, &mut out));

@@ -2,9 +2,45 @@
 #![allow(dead_code)]
 
 use convnet::Tensor;
+
+/// Turns `fn $name(device: Device)` into the tests `$name::cpu` and, with the `cuda`
+/// feature, `$name::cuda` on GPU 0: one test body per device. The CUDA variant is ignored
+/// unless asked for (`cargo test --features cuda -- --ignored`), so a machine without a GPU
+/// shows it as ignored, never as passed.
+#[macro_export]
+macro_rules! on_each_device {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn cpu() {
+                super::$name(convnet::Device::Cpu)
+            }
+            #[cfg(feature = "cuda")]
+            #[test]
+            #[ignore = "needs a CUDA GPU: cargo test --features cuda -- --ignored"]
+            fn cuda() {
+                super::$name(convnet::Device::Cuda(0))
+            }
+        }
+    )*};
+}
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::path::PathBuf;
+
+/// The fixture folder: `CONVNET_FIXTURE_DIR` when set, else the source tree's, else
+/// `convnet/tests/fixtures` under the working directory (for test binaries built on one
+/// machine and run from a checkout on another, as the GPU check does).
+pub fn fixture_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CONVNET_FIXTURE_DIR") {
+        return PathBuf::from(dir);
+    }
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    if built.is_dir() {
+        return built;
+    }
+    PathBuf::from("convnet/tests/fixtures")
+}
 
 /// A fixture file written by `tools/fixtures/gen.py`.
 pub struct Fixture {
@@ -16,9 +52,7 @@ pub struct Fixture {
 impl Fixture {
     /// Loads `convnet/tests/fixtures/<file>`; a missing file fails with the command that makes it.
     pub fn load(file: &str) -> Fixture {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(file);
+        let path = fixture_dir().join(file);
         let bytes = std::fs::read(&path).unwrap_or_else(|e| {
             panic!("cannot read fixture {}: {e}\nregenerate with: python tools/fixtures/gen.py (torch pinned in tools/fixtures/requirements.txt)", path.display())
         });
@@ -50,6 +84,11 @@ impl Fixture {
     pub fn tensor(&self, case: &str, name: &str) -> Tensor {
         self.try_tensor(case, name)
             .unwrap_or_else(|| panic!("{}: no tensor {case}/{name}", self.name))
+    }
+
+    /// Tensor `case/name` placed on `device`.
+    pub fn tensor_on(&self, device: convnet::Device, case: &str, name: &str) -> Tensor {
+        self.tensor(case, name).to_device(device).unwrap()
     }
 
     /// Tensor `case/name` if present.

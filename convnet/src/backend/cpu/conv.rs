@@ -17,7 +17,7 @@ use super::matmul::{matmul, MatRef, Par};
 use rayon::prelude::*;
 
 /// Geometry of one convolution, validated by the caller.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConvGeom {
     /// Batch size N.
     pub n: usize,

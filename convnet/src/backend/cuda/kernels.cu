@@ -14,17 +14,56 @@ extern "C" {
 
 // ---- element-wise ------------------------------------------------------------------------
 
-// y = relu(x); NaN passes through as in torch.relu.
-__global__ void relu_forward(const float* x, float* y, long long n) {
-    GRID_STRIDE(i, n) {
-        float v = x[i];
-        y[i] = (v > 0.0f || v != v) ? v : 0.0f;
+// Activation kinds, as backend::cpu::activation::Activation: 0 relu, 1 leaky relu (param =
+// slope), 2 relu6, 3 sigmoid, 4 tanh, 5 gelu (erf), 6 gelu (tanh approximation).
+__device__ float act_apply(int kind, float x, float param) {
+    switch (kind) {
+    case 0: return (x > 0.0f || x != x) ? x : 0.0f;
+    case 1: return x > 0.0f ? x : x * param;
+    case 2: return x != x ? x : fminf(fmaxf(x, 0.0f), 6.0f);
+    case 3: return 1.0f / (1.0f + expf(-x));
+    case 4: return tanhf(x);
+    case 5: return 0.5f * x * (1.0f + erff(x * 0.70710678f));
+    default: {
+        float inner = 0.7978846f * (x + 0.044715f * x * x * x);
+        return 0.5f * x * (1.0f + tanhf(inner));
+    }
     }
 }
 
-// dx = g where the output was positive, else 0.
-__global__ void relu_backward(const float* g, const float* y, float* dx, long long n) {
-    GRID_STRIDE(i, n) { dx[i] = y[i] > 0.0f ? g[i] : 0.0f; }
+// f'(x) through the input x and the output y (sigmoid and tanh use y).
+__device__ float act_derivative(int kind, float x, float y, float param) {
+    switch (kind) {
+    case 0: return y > 0.0f ? 1.0f : 0.0f;
+    case 1: return x > 0.0f ? 1.0f : param;
+    case 2: return (x > 0.0f && x < 6.0f) ? 1.0f : 0.0f;
+    case 3: return y * (1.0f - y);
+    case 4: return 1.0f - y * y;
+    case 5: {
+        float cdf = 0.5f * (1.0f + erff(x * 0.70710678f));
+        float pdf = 0.3989423f * expf(-0.5f * x * x);
+        return cdf + x * pdf;
+    }
+    default: {
+        float x2 = x * x;
+        float inner = 0.7978846f * (x + 0.044715f * x2 * x);
+        float t = tanhf(inner);
+        float d_inner = 0.7978846f * (1.0f + 3.0f * 0.044715f * x2);
+        return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * d_inner;
+    }
+    }
+}
+
+// y = f(x).
+__global__ void activation_forward(const float* x, float* y, long long n, int kind,
+                                   float param) {
+    GRID_STRIDE(i, n) { y[i] = act_apply(kind, x[i], param); }
+}
+
+// dx = g * f'(x).
+__global__ void activation_backward(const float* g, const float* x, const float* y, float* dx,
+                                    long long n, int kind, float param) {
+    GRID_STRIDE(i, n) { dx[i] = g[i] * act_derivative(kind, x[i], y[i], param); }
 }
 
 // y = a + b (same shapes).
@@ -262,11 +301,11 @@ __global__ void softmax_cross_entropy_forward(const float* logits, const long lo
     }
 }
 
-// dx = (probs - q) * scale[row or 0]: scale is the upstream gradient divided by the
-// reduction's divisor (one value, or one per row for reduction "none").
+// dx = (probs - q) * (g[row or 0] / divisor): g is the upstream gradient (one value, or one
+// per row for reduction "none", with divisor 1), divisor the reduction's.
 __global__ void softmax_cross_entropy_backward(const float* probs, const long long* targets,
-                                               const float* scale, int per_row, float* dx,
-                                               int c, float smoothing,
+                                               const float* g, int per_row, float divisor,
+                                               float* dx, int c, float smoothing,
                                                long long ignore_index, long long n) {
     GRID_STRIDE(i, n) {
         long long row = i / c;
@@ -276,7 +315,7 @@ __global__ void softmax_cross_entropy_backward(const float* probs, const long lo
             dx[i] = 0.0f;
         } else {
             float q = smoothing / (float)c + (j == t ? 1.0f - smoothing : 0.0f);
-            dx[i] = (probs[i] - q) * scale[per_row ? row : 0];
+            dx[i] = (probs[i] - q) * (g[per_row ? row : 0] / divisor);
         }
     }
 }
@@ -298,6 +337,188 @@ __global__ void sgd_step(float* p, const float* g, float* buf, long long n, floa
             d = nesterov ? d + momentum * b : b;
         }
         p[i] = p[i] - lr * d;
+    }
+}
+
+// ---- bias, reductions and copies ------------------------------------------------------------
+
+// y[n, ch, p] += bias[ch] over [N, C, HW] (convolution bias; HW = 1 for a linear layer's
+// rows, with C its output features).
+__global__ void add_channel_bias(float* y, const float* bias, int c, int hw, long long n) {
+    GRID_STRIDE(i, n) { y[i] = y[i] + bias[(i / hw) % c]; }
+}
+
+// out[ch] = sum over N and HW of g[n, ch, p], in double (a bias gradient). One block per
+// channel; launch with blockDim.x * sizeof(double) bytes of shared memory.
+__global__ void channel_sum(const float* g, float* out, int n, int c, int hw) {
+    extern __shared__ double shared[];
+    int ch = blockIdx.x;
+    long long count = (long long)n * hw;
+    double s = 0.0;
+    for (long long j = threadIdx.x; j < count; j += blockDim.x) {
+        long long b = j / hw, p = j % hw;
+        s += (double)g[(b * c + ch) * hw + p];
+    }
+    double total = block_sum(s, shared);
+    if (threadIdx.x == 0) out[ch] = (float)total;
+}
+
+// out[0] = sum(x) / divisor in double (a mean or sum reduction of per-row losses); one
+// block, launched with blockDim.x * sizeof(double) bytes of shared memory.
+__global__ void sum_scaled(const float* x, float* out, long long n, double divisor) {
+    extern __shared__ double shared[];
+    double s = 0.0;
+    for (long long j = threadIdx.x; j < n; j += blockDim.x) s += (double)x[j];
+    double total = block_sum(s, shared);
+    if (threadIdx.x == 0) out[0] = (float)(total / divisor);
+}
+
+// y = x * factor (an upstream gradient's scale; factor 1 is a copy).
+__global__ void scale_copy(const float* x, float* y, long long n, float factor) {
+    GRID_STRIDE(i, n) { y[i] = x[i] * factor; }
+}
+
+// ---- batch normalisation on the device (per-channel constants) -----------------------------
+
+// One thread per channel, after bn_stats (training) or from the running statistics (eval):
+// mean/invstd/scale/shift in float32 exactly as the CPU forms them, and in training the
+// running statistics updated in double with the unbiased variance (PyTorch's rule).
+// weight/bias may be null (no affine).
+__global__ void bn_finalize(const double* bmean, const double* bvar, float* running_mean,
+                            float* running_var, const float* weight, const float* bias,
+                            float* mean, float* invstd, float* scale, float* shift, int c,
+                            float eps, float momentum, double unbias, int training) {
+    int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    float m, is;
+    if (training) {
+        double bm = bmean[ch], bv = bvar[ch], mo = (double)momentum;
+        running_mean[ch] = (float)((1.0 - mo) * (double)running_mean[ch] + mo * bm);
+        running_var[ch] = (float)((1.0 - mo) * (double)running_var[ch] + mo * bv * unbias);
+        m = (float)bm;
+        is = (float)(1.0 / sqrt(bv + (double)eps));
+    } else {
+        m = running_mean[ch];
+        is = (float)(1.0 / sqrt((double)running_var[ch] + (double)eps));
+    }
+    mean[ch] = m;
+    invstd[ch] = is;
+    float sc = is * (weight ? weight[ch] : 1.0f);
+    scale[ch] = sc;
+    shift[ch] = (bias ? bias[ch] : 0.0f) - m * sc;
+}
+
+// One thread per channel, after bn_backward_reduce: the weight and bias gradients and the
+// coefficients of dx = a * g' + b * x + c0 (training) or dx = g' * a (eval), folded in double
+// as the CPU kernel folds them.
+__global__ void bn_backward_finalize(const double* sums, const float* mean,
+                                     const float* invstd, const float* weight, float* dweight,
+                                     float* dbias, float* a, float* b, float* c0, int c,
+                                     double count, int training) {
+    int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    double sdy = sums[2 * ch], is = (double)invstd[ch], m = (double)mean[ch];
+    double sdyx = sums[2 * ch + 1] * is;
+    dweight[ch] = (float)sdyx;
+    dbias[ch] = (float)sdy;
+    double w = weight ? (double)weight[ch] : 1.0;
+    if (training) {
+        double k = w * is / count;
+        a[ch] = (float)(k * count);
+        b[ch] = (float)(-k * sdyx * is);
+        c0[ch] = (float)(-k * sdy + k * sdyx * is * m);
+    } else {
+        a[ch] = (float)(w * is);
+        b[ch] = 0.0f;
+        c0[ch] = 0.0f;
+    }
+}
+
+// ---- average-pool backward and the option-A shortcut ----------------------------------------
+
+// dx[window] += g / divisor for each output (windows may overlap: atomic). dx starts at 0.
+__global__ void avg_pool2d_backward(const float* g, float* dx, int h, int w, int oh, int ow,
+                                    int kh, int kw, int sh, int sw, int ph, int pw,
+                                    int count_include_pad, long long n_out) {
+    GRID_STRIDE(i, n_out) {
+        long long plane = i / ((long long)oh * ow);
+        int o = (int)(i % ((long long)oh * ow));
+        int oy = o / ow, ox = o % ow;
+        float* dp = dx + plane * h * w;
+        int y0 = oy * sh - ph, x0 = ox * sw - pw;
+        int y1 = min(y0 + kh, h + ph), x1 = min(x0 + kw, w + pw);
+        int pool = (y1 - y0) * (x1 - x0);
+        y0 = max(y0, 0);
+        x0 = max(x0, 0);
+        y1 = min(y1, h);
+        x1 = min(x1, w);
+        int divisor = count_include_pad ? pool : (y1 - y0) * (x1 - x0);
+        float v = g[i] / (float)divisor;
+        for (int iy = y0; iy < y1; ++iy)
+            for (int ix = x0; ix < x1; ++ix) atomicAdd(&dp[iy * w + ix], v);
+    }
+}
+
+// out[b, oc, y, x] = x[b, oc - before, y*s, x*s] for input channels, else 0.
+__global__ void subsample_pad_forward(const float* x, float* out, int c, int h, int w,
+                                      int stride, int before, int oc_total, int oh, int ow,
+                                      long long n_out) {
+    GRID_STRIDE(i, n_out) {
+        long long plane = i / ((long long)oh * ow);
+        int o = (int)(i % ((long long)oh * ow));
+        int b = (int)(plane / oc_total), oc = (int)(plane % oc_total);
+        int ch = oc - before;
+        float v = 0.0f;
+        if (ch >= 0 && ch < c) {
+            int y = o / ow, xx = o % ow;
+            v = x[((long long)b * c + ch) * h * w + (long long)y * stride * w + xx * stride];
+        }
+        out[i] = v;
+    }
+}
+
+// dx[b, ch, y, x] = g[b, ch + before, y/s, x/s] where y and x are multiples of s, else 0.
+__global__ void subsample_pad_backward(const float* g, float* dx, int c, int h, int w,
+                                       int stride, int before, int oc_total, int oh, int ow,
+                                       long long n_in) {
+    GRID_STRIDE(i, n_in) {
+        long long plane = i / ((long long)h * w);
+        int p = (int)(i % ((long long)h * w));
+        int b = (int)(plane / c), ch = (int)(plane % c);
+        int y = p / w, xx = p % w;
+        float v = 0.0f;
+        if (y % stride == 0 && xx % stride == 0) {
+            long long oplane = (long long)b * oc_total + ch + before;
+            v = g[oplane * oh * ow + (long long)(y / stride) * ow + xx / stride];
+        }
+        dx[i] = v;
+    }
+}
+
+// One Adam/AdamW step, as backend::cpu::optim::adam_step (max_v null without AMSGrad).
+__global__ void adam_step(float* p, const float* g, float* m, float* v, float* max_v,
+                          long long n, float lr, float beta1, float beta2, float eps,
+                          float weight_decay, int decoupled, float bias_correction1,
+                          float bias_correction2_sqrt) {
+    float step_size = lr / bias_correction1;
+    GRID_STRIDE(i, n) {
+        float gi = g[i];
+        float pi = p[i];
+        if (weight_decay != 0.0f) {
+            if (decoupled) pi = pi * (1.0f - lr * weight_decay);
+            else gi = gi + weight_decay * pi;
+        }
+        float mi = m[i] + (1.0f - beta1) * (gi - m[i]);
+        float vi = v[i] * beta2 + (1.0f - beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        float second = vi;
+        if (max_v) {
+            second = fmaxf(max_v[i], vi);
+            max_v[i] = second;
+        }
+        float denom = sqrtf(second) / bias_correction2_sqrt + eps;
+        p[i] = pi - step_size * mi / denom;
     }
 }
 

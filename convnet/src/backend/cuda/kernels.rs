@@ -1,6 +1,7 @@
 //! The CUDA C kernels for everything that is not a convolution or a matrix product
-//! (`kernels.cu`: element-wise ops, batch norm with its fused epilogues, pooling with argmax,
-//! softmax cross-entropy, the SGD step), embedded in the binary and compiled by NVRTC on
+//! (`kernels.cu`: activations, element-wise ops, bias and reductions, batch norm with its
+//! fused epilogues, pooling with argmax, the option-A shortcut, softmax cross-entropy, the
+//! SGD and Adam steps), embedded in the binary and compiled by NVRTC on
 //! first use. Compiling needs NVRTC but no GPU, so the sources are checked on any machine
 //! that has the library (`embedded_kernels_compile_with_nvrtc`).
 
@@ -12,8 +13,8 @@ pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// The entry points `SOURCE` defines, by name.
 pub const NAMES: &[&str] = &[
-    "relu_forward",
-    "relu_backward",
+    "activation_forward",
+    "activation_backward",
     "add_forward",
     "add_assign",
     "mul_mask",
@@ -27,6 +28,16 @@ pub const NAMES: &[&str] = &[
     "softmax_cross_entropy_forward",
     "softmax_cross_entropy_backward",
     "sgd_step",
+    "add_channel_bias",
+    "channel_sum",
+    "sum_scaled",
+    "scale_copy",
+    "bn_finalize",
+    "bn_backward_finalize",
+    "avg_pool2d_backward",
+    "subsample_pad_forward",
+    "subsample_pad_backward",
+    "adam_step",
 ];
 
 /// Compiles [`SOURCE`] to PTX for the given virtual architecture (e.g. `compute_90` for

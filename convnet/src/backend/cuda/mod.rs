@@ -2,15 +2,20 @@
 //! build needs no CUDA installation, and a machine without a GPU gets an error, never a
 //! panic.
 //!
-//! What exists so far: device discovery (finding the NVIDIA driver library `libcuda`,
-//! counting devices, opening a context) and the CUDA C kernels for everything but
-//! convolutions and matrix products ([`kernels`], compiled by NVRTC, checked to compile).
-//! Device storage, the cuDNN convolutions, the cuBLAS GEMMs and the dispatch from tensor ops
-//! are not written yet, so tensors cannot live on a CUDA device and asking for one says so.
+//! - [`runtime`]: one GPU's context, its single stream, the kernels compiled by NVRTC from
+//!   [`kernels`] on first use, the cuBLAS and cuDNN handles, the convolution plan cache.
+//! - `buffer`: device memory behind a tensor, from the driver's stream-ordered allocator
+//!   with a pool that keeps freed memory (steady-state training allocates nothing new).
+//! - `conv` (cuDNN), `blas` (cuBLAS): convolutions and matrix products.
+//! - `ops` and `backward`: the forward and backward of each tensor op on the GPU, called
+//!   by the tensor ops and by autograd when their operands live on a GPU.
 //!
-//! Library discovery: `CONVNET_CUDA_LIB_DIR` (a folder holding `libcuda.so.1`, and later
-//! cuDNN, cuBLAS and NVRTC), then the dynamic loader's usual search (`LD_LIBRARY_PATH`,
-//! the system library folders).
+//! Numerics follow the CPU kernels: float32 data, reductions in double, no fused
+//! multiply-add in the CUDA C kernels, no TF32 in cuDNN or cuBLAS.
+//!
+//! Library discovery: `CONVNET_CUDA_LIB_DIR` (a folder holding `libcuda.so.1`, cuDNN,
+//! cuBLAS and NVRTC), then the dynamic loader's usual search (`LD_LIBRARY_PATH`, the system
+//! library folders).
 
 use crate::error::{Error, Result};
 use std::path::PathBuf;
@@ -24,7 +29,16 @@ const DRIVER_NAMES: [&str; 2] = ["libcuda.so.1", "libcuda.so"];
 /// File names under which NVRTC is looked up (CUDA 13 first).
 const NVRTC_NAMES: [&str; 2] = ["libnvrtc.so.13", "libnvrtc.so"];
 
+pub(crate) mod backward;
+mod blas;
+mod buffer;
+mod conv;
 pub mod kernels;
+pub(crate) mod ops;
+pub(crate) mod optim;
+pub(crate) mod runtime;
+
+pub use buffer::DeviceBuffer;
 
 /// What a successful probe found.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,7 +51,7 @@ pub struct DeviceInfo {
     pub count: usize,
 }
 
-fn unavailable(reason: impl Into<String>) -> Error {
+pub(crate) fn unavailable(reason: impl Into<String>) -> Error {
     Error::CudaUnavailable(reason.into())
 }
 
@@ -93,6 +107,28 @@ fn load_driver() -> Result<()> {
         "the NVIDIA driver library",
         "install the NVIDIA driver, or ",
         &DRIVER_NAMES,
+    )
+}
+
+/// cuBLAS (and the cuBLASLt it depends on).
+fn load_cublas() -> Result<()> {
+    static CUBLAS: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    preload(
+        &CUBLAS,
+        "cuBLAS",
+        "install cuBLAS (CUDA 13), or ",
+        &["libcublas.so.13", "libcublas.so"],
+    )
+}
+
+/// cuDNN 9.
+fn load_cudnn() -> Result<()> {
+    static CUDNN: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    preload(
+        &CUDNN,
+        "cuDNN",
+        "install cuDNN 9, or ",
+        &["libcudnn.so.9", "libcudnn.so"],
     )
 }
 

@@ -1,0 +1,347 @@
+//! 2-D convolution on the GPU through cuDNN: forward, backward-data and backward-filter,
+//! mirroring `backend::cpu::conv` (same `ConvGeom`, NCHW float32, groups and dilation).
+//!
+//! Each distinct geometry gets a plan, made once and cached: the tensor, filter and
+//! convolution descriptors and the algorithm of each direction, chosen by timing the
+//! candidates (`cudnnFind*`, what `torch.backends.cudnn.benchmark = True` does) among those
+//! that use plain float32 arithmetic (`CUDNN_FMA_MATH`: no TF32, so results stay within
+//! float32 rounding of the CPU's). The workspace is one device buffer shared by all plans.
+
+use super::runtime::Runtime;
+use super::unavailable;
+use crate::backend::cpu::conv::ConvGeom;
+use crate::error::Result;
+use cudarc::cudnn::{result as dnn, sys};
+use std::collections::HashMap;
+use std::ffi::{c_int, c_void};
+
+fn cudnn_error(what: &str, e: impl std::fmt::Debug) -> crate::Error {
+    unavailable(format!("cuDNN {what}: {e:?}"))
+}
+
+/// Descriptors and chosen algorithms of one convolution geometry.
+pub(crate) struct Plan {
+    x: sys::cudnnTensorDescriptor_t,
+    y: sys::cudnnTensorDescriptor_t,
+    w: sys::cudnnFilterDescriptor_t,
+    conv: sys::cudnnConvolutionDescriptor_t,
+    fwd: Option<(sys::cudnnConvolutionFwdAlgo_t, usize)>,
+    bwd_data: Option<(sys::cudnnConvolutionBwdDataAlgo_t, usize)>,
+    bwd_filter: Option<(sys::cudnnConvolutionBwdFilterAlgo_t, usize)>,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: the descriptors were created by `Plan::new` and are used by nothing else.
+        unsafe {
+            let _ = dnn::destroy_tensor_descriptor(self.x);
+            let _ = dnn::destroy_tensor_descriptor(self.y);
+            let _ = dnn::destroy_filter_descriptor(self.w);
+            let _ = dnn::destroy_convolution_descriptor(self.conv);
+        }
+    }
+}
+
+/// Plans by geometry.
+#[derive(Default)]
+pub(crate) struct PlanCache {
+    plans: HashMap<ConvGeom, Plan>,
+}
+
+impl PlanCache {
+    /// Drops every plan (before the cuDNN handle goes).
+    pub(crate) fn clear(&mut self) {
+        self.plans.clear();
+    }
+}
+
+fn int(v: usize) -> Result<c_int> {
+    c_int::try_from(v).map_err(|_| unavailable(format!("size {v} is too large for cuDNN")))
+}
+
+fn tensor4d(dims: [usize; 4]) -> Result<sys::cudnnTensorDescriptor_t> {
+    let d = dnn::create_tensor_descriptor().map_err(|e| cudnn_error("tensor descriptor", e))?;
+    let dims = [int(dims[0])?, int(dims[1])?, int(dims[2])?, int(dims[3])?];
+    // SAFETY: `d` was just created.
+    unsafe {
+        dnn::set_tensor4d_descriptor(
+            d,
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+            sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            dims,
+        )
+    }
+    .map_err(|e| cudnn_error("tensor descriptor", e))?;
+    Ok(d)
+}
+
+impl Plan {
+    fn new(g: &ConvGeom) -> Result<Plan> {
+        let x = tensor4d([g.n, g.c, g.h, g.w])?;
+        let y = tensor4d([g.n, g.k, g.oh, g.ow])?;
+        let w = dnn::create_filter_descriptor().map_err(|e| cudnn_error("filter descriptor", e))?;
+        let conv = dnn::create_convolution_descriptor()
+            .map_err(|e| cudnn_error("convolution descriptor", e))?;
+        let plan = Plan {
+            x,
+            y,
+            w,
+            conv,
+            fwd: None,
+            bwd_data: None,
+            bwd_filter: None,
+        };
+        // SAFETY: the descriptors were just created and are owned by `plan`.
+        unsafe {
+            dnn::set_filter4d_descriptor(
+                w,
+                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+                [int(g.k)?, int(g.c / g.groups)?, int(g.kh)?, int(g.kw)?],
+            )
+            .map_err(|e| cudnn_error("filter descriptor", e))?;
+            dnn::set_convolution2d_descriptor(
+                conv,
+                int(g.padding.0)?,
+                int(g.padding.1)?,
+                int(g.stride.0)?,
+                int(g.stride.1)?,
+                int(g.dilation.0)?,
+                int(g.dilation.1)?,
+                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            )
+            .map_err(|e| cudnn_error("convolution descriptor", e))?;
+            dnn::set_convolution_group_count(conv, int(g.groups)?)
+                .map_err(|e| cudnn_error("group count", e))?;
+            dnn::set_convolution_math_type(conv, sys::cudnnMathType_t::CUDNN_FMA_MATH)
+                .map_err(|e| cudnn_error("math type", e))?;
+        }
+        Ok(plan)
+    }
+}
+
+/// Picks the fastest successful candidate that does plain float32 arithmetic.
+macro_rules! fastest {
+    ($results:expr, $count:expr) => {
+        $results[..$count as usize]
+            .iter()
+            .filter(|r| r.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
+            .filter(|r| {
+                !matches!(
+                    r.mathType,
+                    sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+                        | sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
+                )
+            })
+            .min_by(|a, b| a.time.total_cmp(&b.time))
+            .map(|r| (r.algo, r.memory))
+    };
+}
+
+impl Runtime {
+    /// The plan of `g`, made on first use.
+    fn plan(&mut self, g: &ConvGeom) -> Result<&mut Plan> {
+        if !self.convs.plans.contains_key(g) {
+            let plan = Plan::new(g)?;
+            self.convs.plans.insert(*g, plan);
+        }
+        Ok(self.convs.plans.get_mut(g).expect("inserted above"))
+    }
+
+    /// `y [N, K, OH, OW] = conv(x [N, C, H, W], w [K, C/G, KH, KW])` (no bias), at device
+    /// addresses.
+    pub(crate) fn conv2d_forward(&mut self, g: &ConvGeom, x: u64, w: u64, y: u64) -> Result<()> {
+        let handle = self.cudnn;
+        let plan = self.plan(g)?;
+        let (algo, bytes) = match plan.fwd {
+            Some(a) => a,
+            None => {
+                const N: usize =
+                    sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as usize;
+                let mut count: c_int = 0;
+                // SAFETY: zeroed perf structs are valid (plain data); cuDNN writes `count`.
+                let mut results: [sys::cudnnConvolutionFwdAlgoPerf_t; N] =
+                    unsafe { std::mem::zeroed() };
+                // SAFETY: live handle and descriptors; the call allocates its own memory.
+                unsafe {
+                    sys::cudnnFindConvolutionForwardAlgorithm(
+                        handle,
+                        plan.x,
+                        plan.w,
+                        plan.conv,
+                        plan.y,
+                        N as c_int,
+                        &mut count,
+                        results.as_mut_ptr(),
+                    )
+                    .result()
+                }
+                .map_err(|e| cudnn_error("choosing a forward algorithm", e))?;
+                let chosen = fastest!(results, count).ok_or_else(|| {
+                    unavailable(format!("cuDNN has no float32 forward algorithm for {g:?}"))
+                })?;
+                plan.fwd = Some(chosen);
+                chosen
+            }
+        };
+        let (xd, wd, cd, yd) = (plan.x, plan.w, plan.conv, plan.y);
+        let ws = self.workspace(bytes)?;
+        let (alpha, beta) = (1f32, 0f32);
+        // SAFETY: addresses of live buffers of the plan's sizes; the workspace holds `bytes`.
+        unsafe {
+            dnn::convolution_forward(
+                handle,
+                (&alpha as *const f32).cast(),
+                xd,
+                x as *const c_void,
+                wd,
+                w as *const c_void,
+                cd,
+                algo,
+                ws as *mut c_void,
+                bytes,
+                (&beta as *const f32).cast(),
+                yd,
+                y as *mut c_void,
+            )
+        }
+        .map_err(|e| cudnn_error("convolution forward", e))
+    }
+
+    /// `dx [N, C, H, W]` from `dy [N, K, OH, OW]` and `w`, at device addresses.
+    pub(crate) fn conv2d_backward_input(
+        &mut self,
+        g: &ConvGeom,
+        dy: u64,
+        w: u64,
+        dx: u64,
+    ) -> Result<()> {
+        let handle = self.cudnn;
+        let plan = self.plan(g)?;
+        let (algo, bytes) = match plan.bwd_data {
+            Some(a) => a,
+            None => {
+                const N: usize =
+                    sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT
+                        as usize;
+                let mut count: c_int = 0;
+                // SAFETY: as in the forward pass.
+                let mut results: [sys::cudnnConvolutionBwdDataAlgoPerf_t; N] =
+                    unsafe { std::mem::zeroed() };
+                // SAFETY: as in the forward pass.
+                unsafe {
+                    sys::cudnnFindConvolutionBackwardDataAlgorithm(
+                        handle,
+                        plan.w,
+                        plan.y,
+                        plan.conv,
+                        plan.x,
+                        N as c_int,
+                        &mut count,
+                        results.as_mut_ptr(),
+                    )
+                    .result()
+                }
+                .map_err(|e| cudnn_error("choosing a backward-data algorithm", e))?;
+                let chosen = fastest!(results, count).ok_or_else(|| {
+                    unavailable(format!(
+                        "cuDNN has no float32 backward-data algorithm for {g:?}"
+                    ))
+                })?;
+                plan.bwd_data = Some(chosen);
+                chosen
+            }
+        };
+        let (xd, wd, cd, yd) = (plan.x, plan.w, plan.conv, plan.y);
+        let ws = self.workspace(bytes)?;
+        let (alpha, beta) = (1f32, 0f32);
+        // SAFETY: as in the forward pass.
+        unsafe {
+            dnn::convolution_backward_data(
+                handle,
+                (&alpha as *const f32).cast(),
+                wd,
+                w as *const c_void,
+                yd,
+                dy as *const c_void,
+                cd,
+                algo,
+                ws as *mut c_void,
+                bytes,
+                (&beta as *const f32).cast(),
+                xd,
+                dx as *mut c_void,
+            )
+        }
+        .map_err(|e| cudnn_error("convolution backward-data", e))
+    }
+
+    /// `dw [K, C/G, KH, KW]` from `x` and `dy`, at device addresses (overwritten).
+    pub(crate) fn conv2d_backward_weight(
+        &mut self,
+        g: &ConvGeom,
+        x: u64,
+        dy: u64,
+        dw: u64,
+    ) -> Result<()> {
+        let handle = self.cudnn;
+        let plan = self.plan(g)?;
+        let (algo, bytes) = match plan.bwd_filter {
+            Some(a) => a,
+            None => {
+                const N: usize =
+                    sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT
+                        as usize;
+                let mut count: c_int = 0;
+                // SAFETY: as in the forward pass.
+                let mut results: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; N] =
+                    unsafe { std::mem::zeroed() };
+                // SAFETY: as in the forward pass.
+                unsafe {
+                    sys::cudnnFindConvolutionBackwardFilterAlgorithm(
+                        handle,
+                        plan.x,
+                        plan.y,
+                        plan.conv,
+                        plan.w,
+                        N as c_int,
+                        &mut count,
+                        results.as_mut_ptr(),
+                    )
+                    .result()
+                }
+                .map_err(|e| cudnn_error("choosing a backward-filter algorithm", e))?;
+                let chosen = fastest!(results, count).ok_or_else(|| {
+                    unavailable(format!(
+                        "cuDNN has no float32 backward-filter algorithm for {g:?}"
+                    ))
+                })?;
+                plan.bwd_filter = Some(chosen);
+                chosen
+            }
+        };
+        let (xd, wd, cd, yd) = (plan.x, plan.w, plan.conv, plan.y);
+        let ws = self.workspace(bytes)?;
+        let (alpha, beta) = (1f32, 0f32);
+        // SAFETY: as in the forward pass.
+        unsafe {
+            dnn::convolution_backward_filter(
+                handle,
+                (&alpha as *const f32).cast(),
+                xd,
+                x as *const c_void,
+                yd,
+                dy as *const c_void,
+                cd,
+                algo,
+                ws as *mut c_void,
+                bytes,
+                (&beta as *const f32).cast(),
+                wd,
+                dw as *mut c_void,
+            )
+        }
+        .map_err(|e| cudnn_error("convolution backward-filter", e))
+    }
+}
