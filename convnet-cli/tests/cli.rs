@@ -497,7 +497,7 @@ fn shipped_pretrained_models_reproduce_their_recorded_accuracy_offline() {
 
 /// With the `cuda` feature on a machine without the NVIDIA driver, asking for a GPU is a
 /// readable error (cudarc's loader would panic; convnet probes first). On a machine with a
-/// GPU, the device is found and the missing kernels are named instead.
+/// GPU the driver is found on the loader's path and the run trains on it.
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_build_without_a_driver_says_why_instead_of_panicking() {
@@ -507,14 +507,17 @@ fn cuda_build_without_a_driver_says_why_instead_of_panicking() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(
-        stderr.contains("CUDA unavailable: cannot load the NVIDIA driver library libcuda.so.1")
-            && stderr.contains("CONVNET_CUDA_LIB_DIR")
-            || stderr.contains("tensors cannot live on a CUDA device yet"),
-        "{stderr}"
-    );
+    if stderr.contains("CUDA unavailable") {
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains("cannot load the NVIDIA driver library libcuda.so.1")
+                && stderr.contains("CONVNET_CUDA_LIB_DIR"),
+            "{stderr}"
+        );
+    } else {
+        assert!(out.status.success(), "{stderr}");
+    }
     fails_with(
         &["train", "--device", "cuda:7", "--epochs", "1"],
         "CUDA unavailable",

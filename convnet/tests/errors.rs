@@ -197,6 +197,7 @@ fn backward_and_model_input_errors() {
     );
 }
 
+#[cfg(not(feature = "cuda"))]
 #[test]
 fn cuda_is_a_clear_error_in_a_cpu_build() {
     let (e, s) = msg(Device::cuda(0));
@@ -205,4 +206,26 @@ fn cuda_is_a_clear_error_in_a_cpu_build() {
     assert!(Device::parse("cuda:1").is_err());
     assert!(Device::parse("tpu").is_err());
     assert!(Tensor::zeros([1]).to_device(Device::Cuda(0)).is_err());
+}
+
+/// A CUDA build on a machine without a usable GPU: every way of asking for one (the device,
+/// a tensor, a model) is a `CudaUnavailable` error with the reason, never a panic.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_without_a_gpu_is_a_clear_error() {
+    let Err(e) = Device::cuda(0) else {
+        eprintln!("a GPU is present; the no-GPU error path runs where there is none");
+        return;
+    };
+    assert!(matches!(e, Error::CudaUnavailable(_)), "{e}");
+    let e = Tensor::zeros([2]).to_device(Device::Cuda(0)).unwrap_err();
+    assert!(matches!(e, Error::CudaUnavailable(_)), "{e}");
+    let model = convnet::models::build("lenet5", [1, 28, 28], 10).unwrap();
+    let e = model.to_device(Device::Cuda(0)).unwrap_err();
+    assert!(matches!(e, Error::CudaUnavailable(_)), "{e}");
+    assert_eq!(
+        model.device(),
+        Device::Cpu,
+        "a failed move leaves the model where it was"
+    );
 }

@@ -133,6 +133,8 @@ impl Model {
     /// # Ok::<(), convnet::Error>(())
     /// ```
     pub fn to_device(&self, device: crate::Device) -> Result<()> {
+        // Fail before moving anything when the device cannot be used at all.
+        device.ensure_supported()?;
         for (name, t) in self.state_dict() {
             if name.ends_with("num_batches_tracked") {
                 continue;

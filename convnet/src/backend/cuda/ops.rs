@@ -659,3 +659,63 @@ pub(crate) fn cross_entropy(
     });
     Ok(result(out, shape, op))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(h: usize, w: usize, oh: usize, ow: usize) -> PoolGeom {
+        PoolGeom {
+            planes: 2,
+            h,
+            w,
+            oh,
+            ow,
+            kernel: (1, 1),
+            stride: (1, 1),
+            padding: (0, 0),
+            dilation: (1, 1),
+        }
+    }
+
+    #[test]
+    fn adaptive_pooling_maps_to_a_window_only_when_sizes_divide() {
+        let g = adaptive_as_window(&pool(8, 6, 1, 1)).unwrap();
+        assert_eq!((g.kernel, g.stride, g.padding), ((8, 6), (8, 6), (0, 0)));
+        let g = adaptive_as_window(&pool(8, 6, 4, 3)).unwrap();
+        assert_eq!((g.kernel, g.stride), ((2, 2), (2, 2)));
+        let err = adaptive_as_window(&pool(7, 7, 3, 3))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("7x7 to 3x3") && err.contains("no CUDA kernel"),
+            "{err}"
+        );
+    }
+
+    /// The kernels' activation switch has one case per code, in the order of
+    /// `activation_code`; a new activation must be added to both.
+    #[test]
+    fn activation_codes_are_distinct_and_known_to_the_kernels() {
+        let all = [
+            Activation::Relu,
+            Activation::LeakyRelu(0.1),
+            Activation::Relu6,
+            Activation::Sigmoid,
+            Activation::Tanh,
+            Activation::Gelu,
+            Activation::GeluTanh,
+        ];
+        let codes: Vec<i32> = all.iter().map(|&a| activation_code(a).0).collect();
+        assert_eq!(codes, (0..7).collect::<Vec<_>>());
+        assert_eq!(activation_code(Activation::LeakyRelu(0.1)).1, 0.1);
+        let src = super::super::kernels::SOURCE;
+        for code in 0..6 {
+            assert!(
+                src.contains(&format!("case {code}:")),
+                "no case {code} in kernels.cu"
+            );
+        }
+        assert!(src.contains("default: {"), "GELU-tanh is the default case");
+    }
+}

@@ -263,3 +263,20 @@ macro_rules! launch {
     }};
 }
 pub(crate) use launch;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_supported_compute_capability_gets_an_architecture() {
+        assert_eq!(arch_for(9, 0).unwrap(), "compute_90");
+        assert_eq!(arch_for(8, 6).unwrap(), "compute_86");
+        assert_eq!(arch_for(10, 0).unwrap(), "compute_100");
+        // Newer minor versions fall back to the family's base.
+        assert_eq!(arch_for(9, 5).unwrap(), "compute_90");
+        assert_eq!(arch_for(8, 8).unwrap(), "compute_80");
+        let err = arch_for(6, 1).unwrap_err().to_string();
+        assert!(err.contains("6.1") && err.contains("7.5"), "{err}");
+    }
+}
