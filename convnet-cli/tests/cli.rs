@@ -523,3 +523,60 @@ fn cuda_build_without_a_driver_says_why_instead_of_panicking() {
         "CUDA unavailable",
     );
 }
+
+/// The whole training command on the GPU code path (the CUDA kernels run by the host
+/// emulator): model and batches moved to the device, training, evaluation, checkpoint. It
+/// follows the CPU run of the same seed: nearly the same test loss and accuracy.
+#[cfg(feature = "cuda-emulator")]
+#[test]
+fn training_on_the_emulated_gpu_follows_the_cpu_run() {
+    let run = |device: &str| {
+        let out_dir = temp(&format!("train-{}", device.replace(':', "-")));
+        let args = [
+            "train",
+            "--epochs",
+            "1",
+            "--limit-train",
+            "256",
+            "--limit-test",
+            "200",
+            "--device",
+            device,
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--json",
+        ];
+        last_json(&convnet(&args))
+    };
+    let cpu = run("cpu");
+    let gpu = run("cuda:1000");
+    let (cl, gl) = (
+        cpu["test_loss"].as_f64().unwrap(),
+        gpu["test_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (cl - gl).abs() < 1e-4 * cl.abs(),
+        "test loss: cpu {cl}, emulated gpu {gl}"
+    );
+    let (ca, ga) = (
+        cpu["test_accuracy"].as_f64().unwrap(),
+        gpu["test_accuracy"].as_f64().unwrap(),
+    );
+    assert!(
+        (ca - ga).abs() <= 0.01,
+        "test accuracy: cpu {ca}, emulated gpu {ga}"
+    );
+    // The checkpoint written from device tensors evaluates (on the CPU, whole test set) like
+    // the one written by the CPU run.
+    let eval = |r: &serde_json::Value| {
+        let ckpt = r["checkpoint"].as_str().unwrap();
+        last_json(&convnet(&["eval", "--checkpoint", ckpt, "--json"]))["accuracy"]
+            .as_f64()
+            .unwrap()
+    };
+    let (ce, ge) = (eval(&cpu), eval(&gpu));
+    assert!(
+        (ce - ge).abs() <= 0.01,
+        "eval accuracy: cpu {ce}, emulated gpu {ge}"
+    );
+}

@@ -6,7 +6,8 @@ use convnet::Tensor;
 /// Turns `fn $name(device: Device)` into the tests `$name::cpu` and, with the `cuda`
 /// feature, `$name::cuda` on GPU 0: one test body per device. The CUDA variant is ignored
 /// unless asked for (`cargo test --features cuda -- --ignored`), so a machine without a GPU
-/// shows it as ignored, never as passed.
+/// shows it as ignored, never as passed. With `cuda-emulator`, `$name::cuda_emulated` runs
+/// the GPU code path with the kernels executed on the host.
 #[macro_export]
 macro_rules! on_each_device {
     ($($name:ident),* $(,)?) => {$(
@@ -20,6 +21,14 @@ macro_rules! on_each_device {
             #[ignore = "needs a CUDA GPU: cargo test --features cuda -- --ignored"]
             fn cuda() {
                 super::$name(convnet::Device::Cuda(0))
+            }
+            // The GPU code path with the CUDA C kernels run on the host (no GPU needed).
+            #[cfg(feature = "cuda-emulator")]
+            #[test]
+            fn cuda_emulated() {
+                super::$name(convnet::Device::Cuda(
+                    convnet::backend::cuda::emulator::ORDINAL,
+                ))
             }
         }
     )*};

@@ -11,7 +11,6 @@ use crate::backend::cpu::elementwise::BinaryKind;
 use crate::backend::cpu::pool::PoolGeom;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
-use cudarc::driver::DevicePtr;
 
 type Grads = Vec<(Tensor, DeviceBuffer)>;
 
@@ -285,7 +284,7 @@ fn cuda_backward(
             let len = geom.planes * geom.oh * geom.ow;
             let dx = with(ordinal, |rt| {
                 let dx = rt.zeros(input.numel())?;
-                let (ap, _sync) = argmax.device_ptr(&rt.stream);
+                let ap = argmax.ptr(0);
                 launch!(
                     rt,
                     "max_pool2d_backward",
@@ -331,7 +330,7 @@ fn cuda_backward(
             let len = n * c;
             let dx = with(ordinal, |rt| {
                 let dx = rt.uninit(len)?;
-                let (tp, _sync) = targets.device_ptr(&rt.stream);
+                let tp = targets.ptr(0);
                 launch!(
                     rt,
                     "softmax_cross_entropy_backward",

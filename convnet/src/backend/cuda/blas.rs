@@ -4,7 +4,7 @@
 //!
 //! Legend: `x [M, I]` input rows, `w [O, I]` weight, `y [M, O]` output, all row-major.
 
-use super::runtime::Runtime;
+use super::runtime::{Gpu, Kind, Runtime};
 use super::unavailable;
 use crate::error::Result;
 use cudarc::cublas::{result as blas, sys};
@@ -14,50 +14,104 @@ fn int(v: usize) -> Result<c_int> {
     c_int::try_from(v).map_err(|_| unavailable(format!("size {v} is too large for cuBLAS")))
 }
 
-/// `C = op(A) @ op(B)` in cuBLAS's column-major terms, overwriting `C`.
-#[allow(clippy::too_many_arguments)]
-fn sgemm(
-    rt: &Runtime,
-    what: &str,
-    (ta, tb): (bool, bool),
-    (m, n, k): (usize, usize, usize),
-    (a, lda): (u64, usize),
-    (b, ldb): (u64, usize),
-    (c, ldc): (u64, usize),
-) -> Result<()> {
-    let op = |t: bool| {
-        if t {
-            sys::cublasOperation_t::CUBLAS_OP_T
-        } else {
-            sys::cublasOperation_t::CUBLAS_OP_N
+/// One `sgemm` call in cuBLAS's column-major terms: `C = op(A) @ op(B)`, overwriting `C`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Sgemm {
+    pub(crate) what: &'static str,
+    /// Whether A and B are transposed.
+    pub(crate) trans: (bool, bool),
+    /// `op(A)` is m x k, `op(B)` k x n, `C` m x n.
+    pub(crate) mnk: (usize, usize, usize),
+    /// Device addresses and leading dimensions.
+    pub(crate) a: (u64, usize),
+    pub(crate) b: (u64, usize),
+    pub(crate) c: (u64, usize),
+}
+
+impl Sgemm {
+    /// `y [M, O] = x [M, I] @ w [O, I]^T`, as column-major `y^T = w @ x^T`.
+    fn linear_forward(m: usize, i: usize, o: usize, x: u64, w: u64, y: u64) -> Sgemm {
+        Sgemm {
+            what: "linear forward",
+            trans: (true, false),
+            mnk: (o, m, i),
+            a: (w, i),
+            b: (x, i),
+            c: (y, o),
         }
-    };
-    let (alpha, beta) = (1f32, 0f32);
-    // SAFETY: the addresses are live device buffers holding the matrices the sizes describe;
-    // alpha and beta are host scalars (cuBLAS's default pointer mode).
-    unsafe {
-        blas::sgemm(
-            *rt.blas.handle(),
-            op(ta),
-            op(tb),
-            int(m)?,
-            int(n)?,
-            int(k)?,
-            &alpha,
-            a as *const f32,
-            int(lda)?,
-            b as *const f32,
-            int(ldb)?,
-            &beta,
-            c as *mut f32,
-            int(ldc)?,
-        )
     }
-    .map_err(|e| unavailable(format!("cuBLAS sgemm ({what}) failed: {e:?}")))
+
+    /// `dx [M, I] = g [M, O] @ w [O, I]`, as column-major `dx^T = w^T @ g^T`.
+    fn linear_backward_input(m: usize, i: usize, o: usize, g: u64, w: u64, dx: u64) -> Sgemm {
+        Sgemm {
+            what: "linear input gradient",
+            trans: (false, false),
+            mnk: (i, m, o),
+            a: (w, i),
+            b: (g, o),
+            c: (dx, i),
+        }
+    }
+
+    /// `dw [O, I] = g [M, O]^T @ x [M, I]`, as column-major `dw^T = x^T @ g`.
+    fn linear_backward_weight(m: usize, i: usize, o: usize, g: u64, x: u64, dw: u64) -> Sgemm {
+        Sgemm {
+            what: "linear weight gradient",
+            trans: (false, true),
+            mnk: (i, o, m),
+            a: (x, i),
+            b: (g, o),
+            c: (dw, i),
+        }
+    }
+
+    fn run(self, gpu: &Gpu) -> Result<()> {
+        let op = |t: bool| {
+            if t {
+                sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let (m, n, k) = self.mnk;
+        let (alpha, beta) = (1f32, 0f32);
+        // SAFETY: the addresses are live device buffers holding the matrices the sizes
+        // describe; alpha and beta are host scalars (cuBLAS's default pointer mode).
+        unsafe {
+            blas::sgemm(
+                *gpu.blas.handle(),
+                op(self.trans.0),
+                op(self.trans.1),
+                int(m)?,
+                int(n)?,
+                int(k)?,
+                &alpha,
+                self.a.0 as *const f32,
+                int(self.a.1)?,
+                self.b.0 as *const f32,
+                int(self.b.1)?,
+                &beta,
+                self.c.0 as *mut f32,
+                int(self.c.1)?,
+            )
+        }
+        .map_err(|e| unavailable(format!("cuBLAS sgemm ({}) failed: {e:?}", self.what)))
+    }
 }
 
 impl Runtime {
-    /// `y [M, O] = x [M, I] @ w [O, I]^T` (column-major: `y^T = w @ x^T`).
+    fn sgemm(&self, call: Sgemm) -> Result<()> {
+        match &self.kind {
+            Kind::Gpu(gpu) => call.run(gpu),
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            Kind::Emulated(_) => {
+                super::emulator::sgemm(&call);
+                Ok(())
+            }
+        }
+    }
+
+    /// `y [M, O] = x [M, I] @ w [O, I]^T`.
     pub(crate) fn linear_forward(
         &self,
         m: usize,
@@ -67,18 +121,10 @@ impl Runtime {
         w: u64,
         y: u64,
     ) -> Result<()> {
-        sgemm(
-            self,
-            "linear forward",
-            (true, false),
-            (o, m, i),
-            (w, i),
-            (x, i),
-            (y, o),
-        )
+        self.sgemm(Sgemm::linear_forward(m, i, o, x, w, y))
     }
 
-    /// `dx [M, I] = g [M, O] @ w [O, I]` (column-major: `dx^T = w^T @ g^T`).
+    /// `dx [M, I] = g [M, O] @ w [O, I]`.
     pub(crate) fn linear_backward_input(
         &self,
         m: usize,
@@ -88,18 +134,10 @@ impl Runtime {
         w: u64,
         dx: u64,
     ) -> Result<()> {
-        sgemm(
-            self,
-            "linear input gradient",
-            (false, false),
-            (i, m, o),
-            (w, i),
-            (g, o),
-            (dx, i),
-        )
+        self.sgemm(Sgemm::linear_backward_input(m, i, o, g, w, dx))
     }
 
-    /// `dw [O, I] = g [M, O]^T @ x [M, I]` (column-major: `dw^T = x^T @ g`).
+    /// `dw [O, I] = g [M, O]^T @ x [M, I]`.
     pub(crate) fn linear_backward_weight(
         &self,
         m: usize,
@@ -109,14 +147,6 @@ impl Runtime {
         x: u64,
         dw: u64,
     ) -> Result<()> {
-        sgemm(
-            self,
-            "linear weight gradient",
-            (false, true),
-            (i, o, m),
-            (x, i),
-            (g, o),
-            (dw, i),
-        )
+        self.sgemm(Sgemm::linear_backward_weight(m, i, o, g, x, dw))
     }
 }

@@ -13,8 +13,53 @@ use std::sync::Arc;
 
 /// A float32 buffer on a CUDA device.
 pub struct DeviceBuffer {
-    data: CudaSlice<f32>,
+    memory: Memory,
 }
+
+enum Memory {
+    Cuda(CudaSlice<f32>),
+    /// Host memory standing in for device memory when the kernels run on the host emulator
+    /// (unit tests only, see `emulator`).
+    #[cfg(any(test, feature = "cuda-emulator"))]
+    Emulated(HostMemory),
+}
+
+/// An owned host allocation addressed through a raw pointer, as device memory is: the
+/// emulated kernels write through the address, never through a Rust reference.
+#[cfg(any(test, feature = "cuda-emulator"))]
+pub(crate) struct HostMemory(std::ptr::NonNull<[f32]>);
+
+#[cfg(any(test, feature = "cuda-emulator"))]
+impl HostMemory {
+    fn new(data: Vec<f32>) -> HostMemory {
+        HostMemory(std::ptr::NonNull::from(Box::leak(data.into_boxed_slice())))
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        // SAFETY: owned and alive; the emulator runs kernels synchronously, so no write is
+        // in progress while the host reads.
+        unsafe { self.0.as_ref() }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: as above, and `&mut self` is exclusive.
+        unsafe { self.0.as_mut() }
+    }
+}
+
+#[cfg(any(test, feature = "cuda-emulator"))]
+impl Drop for HostMemory {
+    fn drop(&mut self) {
+        // SAFETY: made by `Box::leak` in `new`, freed once here.
+        drop(unsafe { Box::from_raw(self.0.as_ptr()) });
+    }
+}
+
+// SAFETY: plain owned memory; access is serialised as for device memory.
+#[cfg(any(test, feature = "cuda-emulator"))]
+unsafe impl Send for HostMemory {}
+#[cfg(any(test, feature = "cuda-emulator"))]
+unsafe impl Sync for HostMemory {}
 
 impl std::fmt::Debug for DeviceBuffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -32,48 +77,99 @@ pub(crate) fn memory_error(what: &str, e: cudarc::driver::DriverError) -> crate:
     unavailable(format!("{what}: {e:?}"))
 }
 
-impl DeviceBuffer {
+/// Where new buffers come from: a device's stream, or the host emulator.
+#[derive(Clone)]
+pub(crate) enum Allocator {
+    Cuda(Arc<CudaStream>),
+    #[cfg(any(test, feature = "cuda-emulator"))]
+    Emulated,
+}
+
+impl Allocator {
     /// `len` floats whose contents are unspecified: for kernels that write every element.
-    pub(crate) fn uninit(stream: &Arc<CudaStream>, len: usize) -> Result<DeviceBuffer> {
-        // SAFETY: the callers' kernels overwrite every element before anything reads it.
-        let data = unsafe { stream.alloc::<f32>(len.max(1)) }
-            .map_err(|e| memory_error("allocating device memory", e))?;
-        Ok(DeviceBuffer { data })
+    pub(crate) fn uninit(&self, len: usize) -> Result<DeviceBuffer> {
+        let memory = match self {
+            Allocator::Cuda(stream) => {
+                // SAFETY: the callers' kernels overwrite every element before any read.
+                let data = unsafe { stream.alloc::<f32>(len.max(1)) }
+                    .map_err(|e| memory_error("allocating device memory", e))?;
+                Memory::Cuda(data)
+            }
+            // NaN, so that a kernel that fails to write an element is caught by the tests.
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            Allocator::Emulated => Memory::Emulated(HostMemory::new(vec![f32::NAN; len.max(1)])),
+        };
+        Ok(DeviceBuffer { memory })
     }
 
     /// `len` zeros.
-    pub(crate) fn zeros(stream: &Arc<CudaStream>, len: usize) -> Result<DeviceBuffer> {
-        let data = stream
-            .alloc_zeros::<f32>(len.max(1))
-            .map_err(|e| memory_error("allocating device memory", e))?;
-        Ok(DeviceBuffer { data })
+    pub(crate) fn zeros(&self, len: usize) -> Result<DeviceBuffer> {
+        let memory = match self {
+            Allocator::Cuda(stream) => Memory::Cuda(
+                stream
+                    .alloc_zeros::<f32>(len.max(1))
+                    .map_err(|e| memory_error("allocating device memory", e))?,
+            ),
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            Allocator::Emulated => Memory::Emulated(HostMemory::new(vec![0.0; len.max(1)])),
+        };
+        Ok(DeviceBuffer { memory })
     }
 
     /// A copy of host data.
-    pub(crate) fn from_host(stream: &Arc<CudaStream>, host: &[f32]) -> Result<DeviceBuffer> {
+    pub(crate) fn upload(&self, host: &[f32]) -> Result<DeviceBuffer> {
         if host.is_empty() {
-            return DeviceBuffer::zeros(stream, 0);
+            return self.zeros(0);
         }
-        let data = stream
-            .clone_htod(host)
-            .map_err(|e| memory_error("copying to the device", e))?;
-        Ok(DeviceBuffer { data })
+        let memory = match self {
+            Allocator::Cuda(stream) => Memory::Cuda(
+                stream
+                    .clone_htod(host)
+                    .map_err(|e| memory_error("copying to the device", e))?,
+            ),
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            Allocator::Emulated => Memory::Emulated(HostMemory::new(host.to_vec())),
+        };
+        Ok(DeviceBuffer { memory })
     }
 
+    /// A copy of 64-bit integers (class targets), two floats' room each.
+    pub(crate) fn upload_i64(&self, host: &[i64]) -> Result<DeviceBuffer> {
+        let words: Vec<f32> = host
+            .iter()
+            .flat_map(|v| {
+                let b = v.to_le_bytes();
+                [
+                    f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                    f32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+                ]
+            })
+            .collect();
+        self.upload(&words)
+    }
+}
+
+impl DeviceBuffer {
     /// Elements `offset..offset + len` copied to the host (waits for the device).
     pub(crate) fn to_host(&self, offset: usize, len: usize) -> Result<Vec<f32>> {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let stream = self.data.stream();
-        let view = self.data.slice(offset..offset + len);
-        let host = stream
-            .clone_dtoh(&view)
-            .map_err(|e| memory_error("copying from the device", e))?;
-        stream
-            .synchronize()
-            .map_err(|e| memory_error("waiting for the device", e))?;
-        Ok(host)
+        match &self.memory {
+            Memory::Cuda(data) => {
+                let stream = data.stream();
+                let view = data.slice(offset..offset + len);
+                let host = stream
+                    .clone_dtoh(&view)
+                    .map_err(|e| memory_error("copying from the device", e))?;
+                stream
+                    .synchronize()
+                    .map_err(|e| memory_error("waiting for the device", e))?;
+                Ok(host)
+            }
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            Memory::Emulated(data) => Ok(data.as_slice()[offset..offset + len].to_vec()),
+        }
     }
 
     /// Overwrites elements `offset..offset + host.len()` with host data.
@@ -81,36 +177,57 @@ impl DeviceBuffer {
         if host.is_empty() {
             return Ok(());
         }
-        let stream = self.data.stream().clone();
-        let mut view = self.data.slice_mut(offset..offset + host.len());
-        stream
-            .memcpy_htod(host, &mut view)
-            .map_err(|e| memory_error("copying to the device", e))?;
-        stream
-            .synchronize()
-            .map_err(|e| memory_error("waiting for the device", e))
+        match &mut self.memory {
+            Memory::Cuda(data) => {
+                let stream = data.stream().clone();
+                let mut view = data.slice_mut(offset..offset + host.len());
+                stream
+                    .memcpy_htod(host, &mut view)
+                    .map_err(|e| memory_error("copying to the device", e))?;
+                stream
+                    .synchronize()
+                    .map_err(|e| memory_error("waiting for the device", e))
+            }
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            Memory::Emulated(data) => {
+                data.as_mut_slice()[offset..offset + host.len()].copy_from_slice(host);
+                Ok(())
+            }
+        }
     }
 
     /// The device ordinal.
     pub fn ordinal(&self) -> usize {
-        self.data.ordinal()
+        match &self.memory {
+            Memory::Cuda(data) => data.ordinal(),
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            Memory::Emulated(_) => super::emulator::ORDINAL,
+        }
     }
 
     /// Number of floats (at least 1: empty tensors hold one unused element).
     pub fn len(&self) -> usize {
-        self.data.len()
+        match &self.memory {
+            Memory::Cuda(data) => data.len(),
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            Memory::Emulated(data) => data.0.len(),
+        }
     }
 
     /// True when the buffer holds no elements.
     pub fn is_empty(&self) -> bool {
-        self.data.len() == 0
+        self.len() == 0
     }
 
     /// The raw device address of element `offset`, for kernel arguments and library calls.
     /// Valid while `self` is alive; work queued on the device's one stream before the buffer
     /// is dropped may use it (freeing is stream-ordered).
     pub(crate) fn ptr(&self, offset: usize) -> u64 {
-        let (base, _sync) = self.data.device_ptr(self.data.stream());
+        let base = match &self.memory {
+            Memory::Cuda(data) => data.device_ptr(data.stream()).0,
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            Memory::Emulated(data) => data.0.as_ptr() as *mut f32 as u64,
+        };
         base + (offset * std::mem::size_of::<f32>()) as u64
     }
 }

@@ -7,7 +7,7 @@
 //! that use plain float32 arithmetic (`CUDNN_FMA_MATH`: no TF32, so results stay within
 //! float32 rounding of the CPU's). The workspace is one device buffer shared by all plans.
 
-use super::runtime::Runtime;
+use super::runtime::{Gpu, Kind, Runtime};
 use super::unavailable;
 use crate::backend::cpu::conv::ConvGeom;
 use crate::error::Result;
@@ -140,6 +140,57 @@ macro_rules! fastest {
 }
 
 impl Runtime {
+    /// `y [N, K, OH, OW] = conv(x [N, C, H, W], w [K, C/G, KH, KW])` (no bias), at device
+    /// addresses.
+    pub(crate) fn conv2d_forward(&mut self, g: &ConvGeom, x: u64, w: u64, y: u64) -> Result<()> {
+        match &mut self.kind {
+            Kind::Gpu(gpu) => gpu.conv2d_forward(g, x, w, y),
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            Kind::Emulated(_) => {
+                super::emulator::conv2d_forward(g, x, w, y);
+                Ok(())
+            }
+        }
+    }
+
+    /// `dx [N, C, H, W]` from `dy [N, K, OH, OW]` and `w`, at device addresses.
+    pub(crate) fn conv2d_backward_input(
+        &mut self,
+        g: &ConvGeom,
+        dy: u64,
+        w: u64,
+        dx: u64,
+    ) -> Result<()> {
+        match &mut self.kind {
+            Kind::Gpu(gpu) => gpu.conv2d_backward_input(g, dy, w, dx),
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            Kind::Emulated(_) => {
+                super::emulator::conv2d_backward_input(g, dy, w, dx);
+                Ok(())
+            }
+        }
+    }
+
+    /// `dw [K, C/G, KH, KW]` from `x` and `dy`, at device addresses (overwritten).
+    pub(crate) fn conv2d_backward_weight(
+        &mut self,
+        g: &ConvGeom,
+        x: u64,
+        dy: u64,
+        dw: u64,
+    ) -> Result<()> {
+        match &mut self.kind {
+            Kind::Gpu(gpu) => gpu.conv2d_backward_weight(g, x, dy, dw),
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            Kind::Emulated(_) => {
+                super::emulator::conv2d_backward_weight(g, x, dy, dw);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Gpu {
     /// The plan of `g`, made on first use.
     fn plan(&mut self, g: &ConvGeom) -> Result<&mut Plan> {
         if !self.convs.plans.contains_key(g) {
@@ -149,9 +200,7 @@ impl Runtime {
         Ok(self.convs.plans.get_mut(g).expect("inserted above"))
     }
 
-    /// `y [N, K, OH, OW] = conv(x [N, C, H, W], w [K, C/G, KH, KW])` (no bias), at device
-    /// addresses.
-    pub(crate) fn conv2d_forward(&mut self, g: &ConvGeom, x: u64, w: u64, y: u64) -> Result<()> {
+    fn conv2d_forward(&mut self, g: &ConvGeom, x: u64, w: u64, y: u64) -> Result<()> {
         let handle = self.cudnn;
         let plan = self.plan(g)?;
         let (algo, bytes) = match plan.fwd {
@@ -209,14 +258,7 @@ impl Runtime {
         .map_err(|e| cudnn_error("convolution forward", e))
     }
 
-    /// `dx [N, C, H, W]` from `dy [N, K, OH, OW]` and `w`, at device addresses.
-    pub(crate) fn conv2d_backward_input(
-        &mut self,
-        g: &ConvGeom,
-        dy: u64,
-        w: u64,
-        dx: u64,
-    ) -> Result<()> {
+    fn conv2d_backward_input(&mut self, g: &ConvGeom, dy: u64, w: u64, dx: u64) -> Result<()> {
         let handle = self.cudnn;
         let plan = self.plan(g)?;
         let (algo, bytes) = match plan.bwd_data {
@@ -277,14 +319,7 @@ impl Runtime {
         .map_err(|e| cudnn_error("convolution backward-data", e))
     }
 
-    /// `dw [K, C/G, KH, KW]` from `x` and `dy`, at device addresses (overwritten).
-    pub(crate) fn conv2d_backward_weight(
-        &mut self,
-        g: &ConvGeom,
-        x: u64,
-        dy: u64,
-        dw: u64,
-    ) -> Result<()> {
+    fn conv2d_backward_weight(&mut self, g: &ConvGeom, x: u64, dy: u64, dw: u64) -> Result<()> {
         let handle = self.cudnn;
         let plan = self.plan(g)?;
         let (algo, bytes) = match plan.bwd_filter {
@@ -343,5 +378,77 @@ impl Runtime {
             )
         }
         .map_err(|e| cudnn_error("convolution backward-filter", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Conv2dParams;
+
+    /// Needs the cuDNN library, not a GPU (descriptors need no handle): for each geometry,
+    /// the output size cuDNN derives from the plan's descriptors is the one convnet's shape
+    /// rules give, which checks the order of every size, padding, stride and dilation
+    /// argument. Run with `LD_LIBRARY_PATH=<cuDNN lib dir> cargo test -p convnet --features
+    /// cuda -- --ignored cudnn`.
+    #[test]
+    #[ignore = "needs the cuDNN library: set LD_LIBRARY_PATH and run with --ignored"]
+    fn cudnn_descriptors_agree_with_convnet_shapes() {
+        super::super::load_cudnn().expect("cuDNN loads");
+        let cases = [
+            (
+                [2, 3, 32, 32],
+                [16, 3, 3, 3],
+                Conv2dParams::default().padding(1),
+            ),
+            (
+                [2, 16, 33, 31],
+                [32, 16, 3, 3],
+                Conv2dParams::default().padding(1).stride(2),
+            ),
+            (
+                [1, 3, 64, 48],
+                [8, 3, 7, 5],
+                Conv2dParams {
+                    padding: (3, 2),
+                    stride: (2, 1),
+                    ..Default::default()
+                },
+            ),
+            (
+                [2, 8, 20, 24],
+                [8, 8, 3, 3],
+                Conv2dParams {
+                    padding: (2, 1),
+                    dilation: (2, 3),
+                    ..Default::default()
+                },
+            ),
+            (
+                [2, 32, 16, 16],
+                [32, 1, 3, 3],
+                Conv2dParams::default().padding(1).groups(32),
+            ),
+            (
+                [4, 12, 9, 9],
+                [6, 4, 1, 1],
+                Conv2dParams::default().groups(3),
+            ),
+        ];
+        for (x, w, p) in cases {
+            let g = p.geometry(&x, &w).unwrap();
+            let plan = Plan::new(&g).unwrap();
+            let (mut n, mut k, mut oh, mut ow) = (0, 0, 0, 0);
+            // SAFETY: the plan's descriptors are alive; the outputs are plain integers.
+            unsafe {
+                sys::cudnnGetConvolution2dForwardOutputDim(
+                    plan.conv, plan.x, plan.w, &mut n, &mut k, &mut oh, &mut ow,
+                )
+                .result()
+                .unwrap();
+            }
+            let got = [n, k, oh, ow].map(|v| v as usize);
+            assert_eq!(got, [g.n, g.k, g.oh, g.ow], "{x:?} * {w:?} with {p:?}");
+        }
     }
 }

@@ -60,6 +60,60 @@ pub fn compile_ptx(arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
     .map_err(|e| unavailable(format!("NVRTC rejected the embedded kernels: {e}")))
 }
 
+/// The compiler options both outputs share: no fused multiply-add contraction (float32
+/// results follow the CPU kernels' separate multiply and add), IEEE division and square root.
+fn options(arch: &str) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture={arch}"),
+        "--fmad=false".into(),
+        "--prec-div=true".into(),
+        "--prec-sqrt=true".into(),
+    ]
+}
+
+/// Compiles [`SOURCE`] to a CUBIN for a real architecture (e.g. `sm_90`): machine code the
+/// driver loads without a PTX JIT, so a driver older than this NVRTC (same CUDA major
+/// version) still loads it. Errors as [`compile_ptx`].
+pub fn compile_cubin(arch: &str) -> Result<Vec<u8>> {
+    use cudarc::nvrtc::{result as rtc, sys};
+    load_nvrtc()?;
+    let src = std::ffi::CString::new(SOURCE).expect("the kernel source has no NUL byte");
+    let name = c"convnet_kernels.cu";
+    contained("compiling the CUDA kernels", || -> Result<Vec<u8>> {
+        let prog = rtc::create_program(&src, Some(name))
+            .map_err(|e| unavailable(format!("NVRTC cannot create a program: {e:?}")))?;
+        // SAFETY: `prog` was just created and is destroyed once, below.
+        let out = unsafe {
+            match rtc::compile_program(prog, &options(arch)) {
+                Err(e) => {
+                    let log = rtc::get_program_log(prog).unwrap_or_default();
+                    let log = std::ffi::CStr::from_ptr(log.as_ptr())
+                        .to_string_lossy()
+                        .into_owned();
+                    Err(unavailable(format!(
+                        "NVRTC rejected the embedded kernels ({e:?}): {log}"
+                    )))
+                }
+                Ok(()) => {
+                    let mut size = 0usize;
+                    sys::nvrtcGetCUBINSize(prog, &mut size)
+                        .result()
+                        .and_then(|_| {
+                            let mut cubin = vec![0u8; size];
+                            sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
+                                .result()
+                                .map(|_| cubin)
+                        })
+                        .map_err(|e| unavailable(format!("NVRTC gave no CUBIN for {arch}: {e:?}")))
+                }
+            }
+        };
+        // SAFETY: created above, not used after this.
+        let _ = unsafe { rtc::destroy_program(prog) };
+        out
+    })?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,6 +130,18 @@ mod tests {
                 text.contains(&format!(".entry {name}(")),
                 "no entry point {name} in the PTX"
             );
+        }
+    }
+
+    /// Needs NVRTC, not a GPU: machine code for Hopper, an ELF image.
+    #[test]
+    #[ignore = "needs NVRTC: set CONVNET_CUDA_LIB_DIR and run with --ignored"]
+    fn embedded_kernels_compile_to_cubin_with_nvrtc() {
+        let cubin = compile_cubin("sm_90").expect("the kernels compile");
+        assert_eq!(&cubin[..4], b"\x7fELF", "a CUBIN is an ELF image");
+        for name in NAMES {
+            let found = cubin.windows(name.len()).any(|w| w == name.as_bytes());
+            assert!(found, "no symbol {name} in the CUBIN");
         }
     }
 

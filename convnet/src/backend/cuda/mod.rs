@@ -33,6 +33,8 @@ pub(crate) mod backward;
 mod blas;
 mod buffer;
 mod conv;
+#[cfg(any(test, feature = "cuda-emulator"))]
+pub mod emulator;
 pub mod kernels;
 pub(crate) mod ops;
 pub(crate) mod optim;

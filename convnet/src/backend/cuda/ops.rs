@@ -14,14 +14,13 @@ use crate::error::{Error, Result};
 use crate::shape::Shape;
 use crate::storage::Storage;
 use crate::tensor::{record, Tensor};
-use cudarc::driver::{CudaSlice, DevicePtr};
 
 /// Ops whose saved state for backward lives in device memory.
 pub(crate) enum CudaOp {
     MaxPool2d {
         input: Tensor,
-        /// Flat index of each output's maximum in its input plane (-1: empty window).
-        argmax: CudaSlice<i32>,
+        /// Flat index (int32) of each output's maximum in its input plane (-1: empty window).
+        argmax: DeviceBuffer,
         geom: PoolGeom,
     },
     Dropout {
@@ -31,7 +30,8 @@ pub(crate) enum CudaOp {
     },
     CrossEntropy {
         logits: Tensor,
-        targets: CudaSlice<i64>,
+        /// Class indices, int64.
+        targets: DeviceBuffer,
         probs: DeviceBuffer,
         smoothing: f32,
         /// The reduction's divisor (1 for sum, N for mean); `None` for reduction "none".
@@ -328,10 +328,9 @@ pub(crate) fn max_pool2d(gpu: usize, x: &Tensor, geom: PoolGeom) -> Result<Tenso
     );
     let (y, argmax) = with(gpu, |rt| {
         let y = rt.uninit(len)?;
-        // SAFETY: max_pool2d_forward writes every element.
-        let argmax = unsafe { rt.stream.alloc::<i32>(len.max(1)) }
-            .map_err(|e| super::buffer::memory_error("allocating device memory", e))?;
-        let (ap, _sync) = argmax.device_ptr(&rt.stream);
+        // int32 indices, one float's room each; max_pool2d_forward writes every element.
+        let argmax = rt.uninit(len)?;
+        let ap = argmax.ptr(0);
         launch!(
             rt,
             "max_pool2d_forward",
@@ -353,7 +352,6 @@ pub(crate) fn max_pool2d(gpu: usize, x: &Tensor, geom: PoolGeom) -> Result<Tenso
             dw,
             long(len)
         )?;
-        drop(_sync);
         Ok((y, argmax))
     })?;
     let op = record(&[x], || {
@@ -611,7 +609,7 @@ pub(crate) fn cross_entropy(
         let t = rt.upload_i64(&host_targets)?;
         let probs = rt.uninit(n * c)?;
         let rows = rt.uninit(n)?;
-        let (tp, _sync) = t.device_ptr(&rt.stream);
+        let tp = t.ptr(0);
         launch!(
             rt,
             "softmax_cross_entropy_forward",
@@ -624,7 +622,6 @@ pub(crate) fn cross_entropy(
             smoothing,
             -100i64
         )?;
-        drop(_sync);
         let out = match divisor {
             None => rows,
             Some(div) => {

@@ -1,12 +1,13 @@
 //! One GPU's run-time state: its context and single stream, the NVRTC-compiled kernels, the
-//! cuBLAS and cuDNN handles, the cache of convolution plans and the shared workspace.
+//! cuBLAS and cuDNN handles, the cache of convolution plans and the shared workspace; in
+//! unit tests, alternatively the host emulator of the same kernels.
 //!
 //! Created on first use of a device and kept for the life of the process. Access goes
 //! through [`with`], which holds a lock for the duration of the call: library handles are
 //! used by one host thread at a time, and every launch goes to the one stream in program
 //! order, so no other synchronisation is needed.
 
-use super::buffer::{memory_error, DeviceBuffer};
+use super::buffer::{Allocator, DeviceBuffer};
 use super::conv::PlanCache;
 use super::{kernels, load_cublas, load_cudnn, load_driver, unavailable};
 use crate::error::Result;
@@ -21,20 +22,35 @@ pub(crate) const REDUCE_THREADS: u32 = 512;
 
 /// The state of one device.
 pub(crate) struct Runtime {
+    /// Where buffers come from.
+    pub(crate) alloc: Allocator,
+    pub(crate) kind: Kind,
+    max_blocks: u32,
+}
+
+/// What executes the work.
+pub(crate) enum Kind {
+    Gpu(Gpu),
+    /// The CUDA C kernels compiled for the host and run one thread at a time (unit tests).
+    #[cfg(any(test, feature = "cuda-emulator"))]
+    Emulated(super::emulator::Emulator),
+}
+
+/// A real GPU: its single stream, kernels, library handles and convolution plans.
+pub(crate) struct Gpu {
     pub(crate) stream: Arc<CudaStream>,
     functions: HashMap<&'static str, CudaFunction>,
     pub(crate) blas: cudarc::cublas::CudaBlas,
     pub(crate) cudnn: cudarc::cudnn::sys::cudnnHandle_t,
     pub(crate) convs: PlanCache,
     workspace: Option<DeviceBuffer>,
-    max_blocks: u32,
 }
 
 // SAFETY: the runtime is only reached through the `RUNTIMES` mutex, so the cuDNN and cuBLAS
 // handles inside are used by one thread at a time, which is what both libraries require.
 unsafe impl Send for Runtime {}
 
-impl Drop for Runtime {
+impl Drop for Gpu {
     fn drop(&mut self) {
         self.convs.clear();
         // SAFETY: the handle was created by `Runtime::new` and nothing uses it any more.
@@ -59,11 +75,14 @@ pub(crate) fn with<R>(ordinal: usize, f: impl FnOnce(&mut Runtime) -> Result<R>)
         }
     };
     let rt = &mut all[at].1;
-    // Library calls act on the calling thread's current context.
-    rt.stream
-        .context()
-        .bind_to_thread()
-        .map_err(|e| unavailable(format!("cannot use cuda:{ordinal} from this thread: {e:?}")))?;
+    // (Irrefutable outside unit tests, where the emulator is the other kind.)
+    #[allow(irrefutable_let_patterns)]
+    if let Kind::Gpu(gpu) = &rt.kind {
+        // Library calls act on the calling thread's current context.
+        gpu.stream.context().bind_to_thread().map_err(|e| {
+            unavailable(format!("cannot use cuda:{ordinal} from this thread: {e:?}"))
+        })?;
+    }
     f(rt)
 }
 
@@ -91,8 +110,52 @@ fn arch_for(major: i32, minor: i32) -> Result<&'static str> {
     })
 }
 
+/// One kernel argument: a device address, a size or a scalar, as the kernel declares it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Arg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+}
+
+impl From<u64> for Arg {
+    fn from(v: u64) -> Arg {
+        Arg::Ptr(v)
+    }
+}
+impl From<i32> for Arg {
+    fn from(v: i32) -> Arg {
+        Arg::I32(v)
+    }
+}
+impl From<i64> for Arg {
+    fn from(v: i64) -> Arg {
+        Arg::I64(v)
+    }
+}
+impl From<f32> for Arg {
+    fn from(v: f32) -> Arg {
+        Arg::F32(v)
+    }
+}
+impl From<f64> for Arg {
+    fn from(v: f64) -> Arg {
+        Arg::F64(v)
+    }
+}
+
 impl Runtime {
     fn new(ordinal: usize) -> Result<Runtime> {
+        #[cfg(any(test, feature = "cuda-emulator"))]
+        if ordinal == super::emulator::ORDINAL {
+            return Ok(Runtime {
+                alloc: Allocator::Emulated,
+                kind: Kind::Emulated(super::emulator::Emulator::new()?),
+                max_blocks: 64,
+            });
+        }
         super::probe(ordinal)?;
         load_driver()?;
         let ctx = CudaContext::new(ordinal)
@@ -108,10 +171,16 @@ impl Runtime {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| unavailable(format!("cannot query cuda:{ordinal}: {e:?}")))?;
-        let ptx = kernels::compile_ptx(arch_for(major, minor)?)?;
-        let module = ctx
-            .load_module(ptx)
-            .map_err(|e| unavailable(format!("cannot load the compiled kernels: {e:?}")))?;
+        // Machine code for this GPU first (no PTX JIT, so no dependence on the driver
+        // accepting this NVRTC's PTX version), PTX for the architecture family otherwise.
+        let module = match kernels::compile_cubin(&format!("sm_{major}{minor}")) {
+            Ok(cubin) => ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)),
+            Err(_) => {
+                let ptx = kernels::compile_ptx(arch_for(major, minor)?)?;
+                ctx.load_module(ptx)
+            }
+        }
+        .map_err(|e| unavailable(format!("cannot load the compiled kernels: {e:?}")))?;
         let mut functions = HashMap::new();
         for &name in kernels::NAMES {
             let f = module.load_function(name).map_err(|e| {
@@ -137,21 +206,48 @@ impl Runtime {
             .unwrap_or(32)
             .max(1) as u32;
         Ok(Runtime {
-            stream,
-            functions,
-            blas,
-            cudnn,
-            convs: PlanCache::default(),
-            workspace: None,
+            alloc: Allocator::Cuda(stream.clone()),
+            kind: Kind::Gpu(Gpu {
+                stream,
+                functions,
+                blas,
+                cudnn,
+                convs: PlanCache::default(),
+                workspace: None,
+            }),
             max_blocks: sms * 16,
         })
     }
 
-    /// A kernel by name.
-    pub(crate) fn function(&self, name: &'static str) -> Result<&CudaFunction> {
-        self.functions
-            .get(name)
-            .ok_or_else(|| unavailable(format!("kernel {name} was not compiled")))
+    /// Launches kernel `name` with `cfg` and `args` (in the order of the kernel's
+    /// parameters in kernels.cu), naming the kernel in the error.
+    pub(crate) fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        match &self.kind {
+            Kind::Gpu(gpu) => {
+                use cudarc::driver::PushKernelArg;
+                let f = gpu
+                    .functions
+                    .get(name)
+                    .ok_or_else(|| unavailable(format!("kernel {name} was not compiled")))?;
+                let mut builder = gpu.stream.launch_builder(f);
+                for arg in args {
+                    match arg {
+                        Arg::Ptr(v) => builder.arg(v),
+                        Arg::I32(v) => builder.arg(v),
+                        Arg::I64(v) => builder.arg(v),
+                        Arg::F32(v) => builder.arg(v),
+                        Arg::F64(v) => builder.arg(v),
+                    };
+                }
+                // SAFETY: the arguments follow the kernel's signature in kernels.cu, and
+                // every address points into a live buffer large enough for the launch.
+                unsafe { builder.launch(cfg) }
+                    .map(|_| ())
+                    .map_err(|e| unavailable(format!("kernel {name} failed to launch: {e:?}")))
+            }
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            Kind::Emulated(emu) => emu.launch(name, cfg, args),
+        }
     }
 
     /// Launch shape for an element-wise kernel over `n` elements (grid-stride loops cover
@@ -188,31 +284,31 @@ impl Runtime {
 
     /// `len` floats of uninitialised device memory (for kernels that write every element).
     pub(crate) fn uninit(&self, len: usize) -> Result<DeviceBuffer> {
-        DeviceBuffer::uninit(&self.stream, len)
+        self.alloc.uninit(len)
     }
 
     /// `len` zeros.
     pub(crate) fn zeros(&self, len: usize) -> Result<DeviceBuffer> {
-        DeviceBuffer::zeros(&self.stream, len)
+        self.alloc.zeros(len)
     }
 
     /// A device copy of host data.
     pub(crate) fn upload(&self, host: &[f32]) -> Result<DeviceBuffer> {
-        DeviceBuffer::from_host(&self.stream, host)
+        self.alloc.upload(host)
     }
 
     /// A device copy of integers (class targets), stored as 64-bit.
-    pub(crate) fn upload_i64(&self, host: &[i64]) -> Result<cudarc::driver::CudaSlice<i64>> {
-        self.stream
-            .clone_htod(host)
-            .map_err(|e| memory_error("copying to the device", e))
+    pub(crate) fn upload_i64(&self, host: &[i64]) -> Result<DeviceBuffer> {
+        self.alloc.upload_i64(host)
     }
+}
 
+impl Gpu {
     /// The shared workspace of at least `bytes` bytes (grown, never shrunk); its address.
     pub(crate) fn workspace(&mut self, bytes: usize) -> Result<u64> {
         let floats = bytes.div_ceil(4).max(1);
         if self.workspace.as_ref().is_none_or(|w| w.len() < floats) {
-            self.workspace = Some(DeviceBuffer::uninit(&self.stream, floats)?);
+            self.workspace = Some(Allocator::Cuda(self.stream.clone()).uninit(floats)?);
         }
         Ok(self.workspace.as_ref().map_or(0, |w| w.ptr(0)))
     }
@@ -245,21 +341,14 @@ fn keep_freed_memory(ctx: &Arc<CudaContext>) -> Result<()> {
     Ok(())
 }
 
-/// Launches kernel `$name` on `$rt`'s stream with `$cfg` and the given arguments (device
-/// addresses as `u64`, sizes as `i32`/`i64`, scalars as `f32`/`f64`), naming the kernel in
-/// the error.
+/// Launches kernel `$name` on `$rt` with `$cfg` and the given arguments (device addresses
+/// as `u64`, sizes as `i32`/`i64`, scalars as `f32`/`f64`, in the kernel's parameter order).
 macro_rules! launch {
     ($rt:expr, $name:literal, $cfg:expr, $($arg:expr),* $(,)?) => {{
-        use cudarc::driver::PushKernelArg;
+        use $crate::backend::cuda::runtime::Arg;
         let rt: &$crate::backend::cuda::runtime::Runtime = $rt;
-        let f = rt.function($name)?;
-        let mut builder = rt.stream.launch_builder(f);
-        $( let arg = $arg; builder.arg(&arg); )*
-        // SAFETY: the arguments follow the kernel's signature in kernels.cu, and every
-        // address points into a live buffer large enough for the launch's index range.
-        unsafe { builder.launch($cfg) }
-            .map(|_| ())
-            .map_err(|e| $crate::backend::cuda::unavailable(format!("kernel {} failed to launch: {e:?}", $name)))
+        let cfg = $cfg;
+        rt.launch($name, cfg, &[$(Arg::from($arg)),*])
     }};
 }
 pub(crate) use launch;
