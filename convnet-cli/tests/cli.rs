@@ -566,6 +566,33 @@ fn training_on_the_emulated_gpu_follows_the_cpu_run() {
         (ca - ga).abs() <= 0.01,
         "test accuracy: cpu {ca}, emulated gpu {ga}"
     );
+    // The epoch's running training figures, kept on the device and read back every few
+    // steps, agree with the host's.
+    let epoch_line = |r: &serde_json::Value| {
+        let dir = Path::new(r["checkpoint"].as_str().unwrap())
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+        serde_json::from_str::<serde_json::Value>(text.lines().last().unwrap()).unwrap()
+    };
+    let (cm, gm) = (epoch_line(&cpu), epoch_line(&gpu));
+    let (ct, gt) = (
+        cm["train_loss"].as_f64().unwrap(),
+        gm["train_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (ct - gt).abs() < 1e-4 * ct.abs(),
+        "train loss: cpu {ct}, emulated gpu {gt}"
+    );
+    let (ca, ga) = (
+        cm["train_accuracy"].as_f64().unwrap(),
+        gm["train_accuracy"].as_f64().unwrap(),
+    );
+    assert!(
+        (ca - ga).abs() <= 0.01,
+        "train accuracy: cpu {ca}, emulated gpu {ga}"
+    );
     // The checkpoint written from device tensors evaluates (on the CPU, whole test set) like
     // the one written by the CPU run.
     let eval = |r: &serde_json::Value| {

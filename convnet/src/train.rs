@@ -193,6 +193,73 @@ fn count_correct(logits: &Tensor, labels: &[usize]) -> Result<usize> {
         .count())
 }
 
+/// How often (in optimizer steps) training on a GPU brings its running loss and accuracy
+/// back to the host for progress reports and the divergence check: the rest of the time
+/// the host only queues work and never waits for the device.
+pub const GPU_READBACK_STEPS: usize = 16;
+
+/// An epoch's running loss sum (`loss * batch size`) and count of correct predictions:
+/// on the host, or kept on the GPU that holds the model.
+struct EpochSums {
+    loss_sum: f64,
+    correct: usize,
+    #[cfg(feature = "cuda")]
+    device: Option<(usize, crate::backend::cuda::DeviceBuffer)>,
+}
+
+impl EpochSums {
+    fn new(device: Device) -> Result<EpochSums> {
+        #[cfg(feature = "cuda")]
+        let device = match device {
+            Device::Cuda(n) => Some((n, crate::backend::cuda::runtime::with(n, |rt| rt.zeros(4))?)),
+            Device::Cpu => None,
+        };
+        #[cfg(not(feature = "cuda"))]
+        let _ = device;
+        Ok(EpochSums {
+            loss_sum: 0.0,
+            correct: 0,
+            #[cfg(feature = "cuda")]
+            device,
+        })
+    }
+
+    /// Whether the figures live on a GPU (and are read back only now and then).
+    fn on_device(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.device.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+
+    /// Adds one batch; returns the batch's loss when it is known on the host now.
+    fn add(&mut self, loss: &Tensor, logits: &Tensor, labels: &[usize]) -> Result<Option<f32>> {
+        #[cfg(feature = "cuda")]
+        if let Some((gpu, acc)) = &self.device {
+            crate::backend::cuda::ops::accumulate_metrics(*gpu, acc, loss, logits, labels)?;
+            return Ok(None);
+        }
+        let value = loss.item()?;
+        self.loss_sum += value as f64 * labels.len() as f64;
+        self.correct += count_correct(logits, labels)?;
+        Ok(Some(value))
+    }
+
+    /// The sums so far (a copy from the device for a GPU, which waits for it).
+    fn read(&mut self) -> Result<(f64, usize)> {
+        #[cfg(feature = "cuda")]
+        if let Some((_, acc)) = &self.device {
+            let words = acc.to_host(0, 4)?;
+            let f64_at = |i: usize| {
+                f64::from_bits(words[i].to_bits() as u64 | (words[i + 1].to_bits() as u64) << 32)
+            };
+            self.loss_sum = f64_at(0);
+            self.correct = f64_at(2) as usize;
+        }
+        Ok((self.loss_sum, self.correct))
+    }
+}
+
 /// A model with its optimizer and schedule, and the position in the run.
 pub struct Trainer {
     model: Model,
@@ -247,6 +314,11 @@ impl Trainer {
 
     /// Trains one epoch over `loader`, calling `progress` after every batch. A non-finite
     /// loss stops with [`Error::Diverged`] before the optimizer touches the weights.
+    ///
+    /// On a GPU the loss and accuracy stay on the device and come back every
+    /// [`GPU_READBACK_STEPS`] steps and at the end of the epoch: `progress` is called then,
+    /// and a non-finite loss is caught then, after the optimizer has taken those steps (the
+    /// last good checkpoint is what a run keeps).
     pub fn train_epoch(
         &mut self,
         loader: &DataLoader,
@@ -255,6 +327,7 @@ impl Trainer {
         let epoch = self.epoch + 1;
         let batches = loader.num_batches();
         let start = Instant::now();
+        let mut sums = EpochSums::new(self.cfg.device)?;
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         for (i, batch) in loader.epoch(self.epoch).enumerate() {
             let batch = batch?;
@@ -262,22 +335,32 @@ impl Trainer {
             let logits = self.model.forward(&images, Mode::Train)?;
             let loss =
                 logits.cross_entropy(&batch.labels, Reduction::Mean, self.cfg.label_smoothing)?;
-            let value = loss.item()?;
-            if !value.is_finite() {
-                return Err(Error::Diverged {
-                    epoch,
-                    step: self.step,
-                    loss: value,
-                });
+            if let Some(value) = sums.add(&loss, &logits, &batch.labels)? {
+                if !value.is_finite() {
+                    return Err(Error::Diverged {
+                        epoch,
+                        step: self.step,
+                        loss: value,
+                    });
+                }
             }
             let grads = loss.backward()?;
             self.schedule.apply(self.optimizer.as_mut(), self.step);
             self.optimizer.step(&grads)?;
             self.step += 1;
-            let n = batch.labels.len();
-            loss_sum += value as f64 * n as f64;
-            correct += count_correct(&logits, &batch.labels)?;
-            seen += n;
+            seen += batch.labels.len();
+            let report = !sums.on_device() || (i + 1) % GPU_READBACK_STEPS == 0 || i + 1 == batches;
+            if !report {
+                continue;
+            }
+            (loss_sum, correct) = sums.read()?;
+            if !loss_sum.is_finite() {
+                return Err(Error::Diverged {
+                    epoch,
+                    step: self.step,
+                    loss: loss_sum as f32,
+                });
+            }
             progress(&BatchProgress {
                 epoch,
                 batch: i + 1,

@@ -495,6 +495,29 @@ __global__ void subsample_pad_backward(const float* g, float* dx, int c, int h, 
     }
 }
 
+// ---- training metrics -----------------------------------------------------------------------
+
+// Running sums of one epoch kept on the device: acc[0] += loss * n, acc[1] += the number of
+// rows of logits [n, c] whose first maximum is at the target (the host's argmax rule). One
+// block; launch with blockDim.x * sizeof(double) bytes of shared memory.
+__global__ void accumulate_metrics(const float* loss, const float* logits,
+                                   const long long* targets, double* acc, int n, int c) {
+    extern __shared__ double shared[];
+    double correct = 0.0;
+    for (int row = threadIdx.x; row < n; row += blockDim.x) {
+        const float* z = logits + (long long)row * c;
+        int best = 0;
+        for (int j = 1; j < c; ++j)
+            if (z[j] > z[best]) best = j;
+        if ((long long)best == targets[row]) correct += 1.0;
+    }
+    double total = block_sum(correct, shared);
+    if (threadIdx.x == 0) {
+        acc[0] += (double)loss[0] * (double)n;
+        acc[1] += total;
+    }
+}
+
 // One Adam/AdamW step, as backend::cpu::optim::adam_step (max_v null without AMSGrad).
 __global__ void adam_step(float* p, const float* g, float* m, float* v, float* max_v,
                           long long n, float lr, float beta1, float beta2, float eps,

@@ -38,6 +38,7 @@ pub const NAMES: &[&str] = &[
     "subsample_pad_forward",
     "subsample_pad_backward",
     "adam_step",
+    "accumulate_metrics",
 ];
 
 /// Compiles [`SOURCE`] to PTX for the given virtual architecture (e.g. `compute_90` for

@@ -592,6 +592,36 @@ pub(crate) fn batch_norm2d(
     Ok(result(y, x.shape().clone(), op))
 }
 
+/// Adds a batch's `loss * N` and correct predictions of `logits [N, C]` to `acc` (two
+/// doubles on the device): a training epoch's running figures without a copy to the host
+/// per step.
+pub(crate) fn accumulate_metrics(
+    gpu: usize,
+    acc: &DeviceBuffer,
+    loss: &Tensor,
+    logits: &Tensor,
+    labels: &[usize],
+) -> Result<()> {
+    let (n, c) = (logits.dims()[0], logits.dims()[1]);
+    let (lp, zp) = (loss.cuda_ptr("metrics")?, logits.cuda_ptr("metrics")?);
+    let host: Vec<i64> = labels.iter().map(|&t| t as i64).collect();
+    with(gpu, |rt| {
+        let targets = rt.upload_i64(&host)?;
+        let cfg = rt.per_row(1);
+        launch!(
+            rt,
+            "accumulate_metrics",
+            cfg,
+            lp,
+            zp,
+            targets.ptr(0),
+            acc.ptr(0),
+            int(n, "batch")?,
+            int(c, "classes")?
+        )
+    })
+}
+
 /// Softmax cross-entropy of `logits [N, C]` against class indices (validated by the
 /// caller); `divisor` is `None` for reduction "none" (one loss per row), else the loss is
 /// the sum of the rows divided by it.
