@@ -5,6 +5,7 @@
 #
 #   bash tools/gpu_check.sh --prepare KIT DATA   # here: build with --features cuda, copy the
 #                                                # binaries, tests and CIFAR-10 archives to KIT
+#                                                # (and the shared PyTorch GPU anchor if found)
 #   bash tools/gpu_check.sh --kit KIT            # there: the whole check
 #   bash tools/gpu_check.sh --kit KIT --dry-run  # anywhere: check the kit and the libraries,
 #                                                # print the commands, run no GPU work
@@ -48,12 +49,17 @@ for l in sys.stdin:
         while read -r exe; do
             case "$(basename "$exe")" in cli-*) continue ;; esac
             # Ignored tests are the GPU ones (and the NVRTC compile check).
-            if "$exe" --list --ignored 2>/dev/null | grep -q ': test$'; then
+            # (grep -c reads everything: with pipefail, grep -q's early exit would fail the
+            # listing with SIGPIPE.)
+            if [ "$("$exe" --list --ignored </dev/null 2>/dev/null | grep -c ': test$')" -gt 0 ]; then
                 cp "$exe" "$kit/bin/tests/"
             fi
         done
     strip "$kit/bin/convnet" "$kit"/bin/tests/*
     cp "$data/train.tar.gz" "$data/test.tar.gz" "$kit/data/cifar10-jpeg/"
+    # The shared PyTorch GPU anchor, when this checkout sits beside it (run last, briefly).
+    anchor="${ANCHOR:-$data/../../bench/pytorch_gpu_anchor.py}"
+    if [ -f "$anchor" ]; then mkdir -p "$kit/anchor" && cp "$anchor" "$kit/anchor/"; fi
     du -sh "$kit"
     exit 0
 fi
@@ -137,6 +143,10 @@ cs=$(run_json "$convnet" train --device cuda --data "$data" $seed_cnn --json --o
 ps=$(run_json "$python" tools/twin/train_twin.py --device cuda --data "$data" $seed_cnn)
 cr=$(run_json "$convnet" train --device cuda --data "$data" $resnet20 --json --out "$out/resnet20")
 pr=$(run_json "$python" tools/twin/train_twin.py --device cuda --data "$data" $resnet20)
+if [ -f "$kit/anchor/pytorch_gpu_anchor.py" ]; then
+    "$python" "$kit/anchor/pytorch_gpu_anchor.py" "$data/train.tar.gz" "$data/test.tar.gz" \
+        --out "$out/anchor" --budget "${ANCHOR_BUDGET:-150}" || echo "gpu_check: the anchor failed" >&2
+fi
 "$python" - "$cs" "$ps" "$cr" "$pr" <<'PY'
 import json, sys
 rows = [("seed-cnn b64", sys.argv[1], sys.argv[2], 2.0), ("resnet20 b128", sys.argv[3], sys.argv[4], 1.2)]
