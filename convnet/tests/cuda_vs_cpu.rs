@@ -261,12 +261,44 @@ fn torchvision_architectures_train_like_the_cpu() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn ops_without_a_gpu_kernel_say_so() {
+fn mixed_devices_and_uneven_adaptive_pooling_are_clear_errors() {
     let x = random(&[4, 6], 1).to_device(GPU).unwrap();
-    let err = x.softmax(-1).unwrap_err().to_string();
-    assert!(err.contains("softmax has no CUDA kernel"), "{err}");
     let err = x.add(&random(&[4, 6], 2)).unwrap_err().to_string();
     assert!(err.contains("different devices"), "{err}");
-    let err = x.sum_all().unwrap_err().to_string();
+    let x = random(&[1, 2, 7, 7], 3).to_device(GPU).unwrap();
+    let err = x.adaptive_avg_pool2d((3, 3)).unwrap_err().to_string();
     assert!(err.contains("no CUDA kernel"), "{err}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn general_ops_at_larger_sizes() {
+    compare(
+        "broadcast mul",
+        &[random(&[32, 64, 8, 8], 1), random(&[64, 1, 1], 2)],
+        |t| t[0].mul(&t[1]),
+    );
+    compare(
+        "broadcast div",
+        &[
+            random(&[16, 32], 3),
+            random(&[1, 32], 4).affine(0.1, 2.0).unwrap(),
+        ],
+        |t| t[0].div(&t[1]),
+    );
+    compare("softmax", &[random(&[64, 1000], 5)], |t| t[0].softmax(-1));
+    compare("log_softmax dim 1", &[random(&[8, 20, 6, 6], 6)], |t| {
+        t[0].log_softmax(1)
+    });
+    compare("sum dims", &[random(&[16, 8, 12, 12], 7)], |t| {
+        t[0].sum(&[0, 2], true)
+    });
+    compare(
+        "matmul",
+        &[random(&[128, 256], 8), random(&[256, 64], 9)],
+        |t| t[0].matmul(&t[1]),
+    );
+    compare("permute then reshape", &[random(&[4, 6, 8, 10], 10)], |t| {
+        t[0].permute(&[0, 2, 3, 1])?.reshape([4 * 8 * 10, 6])
+    });
 }

@@ -20,6 +20,13 @@ on_each_device!(
     batch_norm2d_train_and_eval,
     batch_norm2d_relu_is_batch_norm_then_relu,
     batch_norm2d_add_relu_is_batch_norm_add_relu,
+    matmul_forward_and_backward,
+    broadcasting_arithmetic,
+    softmax_and_log_softmax,
+    nll_and_mse,
+    shape_ops_and_reductions,
+    reshape_of_a_permuted_view_gathers_and_backpropagates,
+    dropout_masks_scales_and_backpropagates_through_the_mask,
 );
 use serde_json::Value;
 
@@ -171,11 +178,10 @@ fn linear_forward_and_backward(dev: Device) {
     );
 }
 
-#[test]
-fn matmul_forward_and_backward() {
+fn matmul_forward_and_backward(dev: Device) {
     let fx = Fixture::load("ops.safetensors");
-    let a = fx.tensor("matmul", "a").requires_grad();
-    let b = fx.tensor("matmul", "b").requires_grad();
+    let a = fx.tensor_on(dev, "matmul", "a").requires_grad();
+    let b = fx.tensor_on(dev, "matmul", "b").requires_grad();
     check(
         &fx,
         "matmul",
@@ -186,8 +192,7 @@ fn matmul_forward_and_backward() {
     );
 }
 
-#[test]
-fn broadcasting_arithmetic() {
+fn broadcasting_arithmetic(dev: Device) {
     let fx = Fixture::load("ops.safetensors");
     for case in [
         "add_same",
@@ -197,8 +202,8 @@ fn broadcasting_arithmetic() {
         "div_general",
         "mul_both_broadcast",
     ] {
-        let a = fx.tensor(case, "a").requires_grad();
-        let b = fx.tensor(case, "b").requires_grad();
+        let a = fx.tensor_on(dev, case, "a").requires_grad();
+        let b = fx.tensor_on(dev, case, "b").requires_grad();
         let y = match fx.settings(case)["kind"].as_str().unwrap() {
             "add" => a.add(&b),
             "sub" => a.sub(&b),
@@ -240,10 +245,9 @@ fn activations(dev: Device) {
     check(&fx, "act_gelu_tanh", &y, &[(&x, "gx")], RTOL, ATOL);
 }
 
-#[test]
-fn softmax_and_log_softmax() {
+fn softmax_and_log_softmax(dev: Device) {
     let fx = Fixture::load("ops.safetensors");
-    let x = fx.tensor("softmax_dim1", "x").requires_grad();
+    let x = fx.tensor_on(dev, "softmax_dim1", "x").requires_grad();
     check(
         &fx,
         "softmax_dim1",
@@ -252,7 +256,7 @@ fn softmax_and_log_softmax() {
         RTOL,
         ATOL,
     );
-    let x = fx.tensor("log_softmax_last", "x").requires_grad();
+    let x = fx.tensor_on(dev, "log_softmax_last", "x").requires_grad();
     check(
         &fx,
         "log_softmax_last",
@@ -281,10 +285,9 @@ fn cross_entropy_forward_and_backward(dev: Device) {
     }
 }
 
-#[test]
-fn nll_and_mse() {
+fn nll_and_mse(dev: Device) {
     let fx = Fixture::load("ops.safetensors");
-    let x = fx.tensor("nll_mean", "x").requires_grad();
+    let x = fx.tensor_on(dev, "nll_mean", "x").requires_grad();
     let t = targets(&fx.tensor("nll_mean", "t"));
     check(
         &fx,
@@ -295,8 +298,8 @@ fn nll_and_mse() {
         ATOL,
     );
     for (case, red) in [("mse_mean", Reduction::Mean), ("mse_sum", Reduction::Sum)] {
-        let a = fx.tensor(case, "a").requires_grad();
-        let b = fx.tensor(case, "b").requires_grad();
+        let a = fx.tensor_on(dev, case, "a").requires_grad();
+        let b = fx.tensor_on(dev, case, "b").requires_grad();
         check(
             &fx,
             case,
@@ -463,16 +466,15 @@ fn batch_norm2d_train_and_eval(dev: Device) {
     }
 }
 
-#[test]
-fn shape_ops_and_reductions() {
+fn shape_ops_and_reductions(dev: Device) {
     let fx = Fixture::load("ops.safetensors");
-    let x = fx.tensor("permute", "x").requires_grad();
+    let x = fx.tensor_on(dev, "permute", "x").requires_grad();
     let y = x.permute(&[0, 2, 3, 1]).unwrap();
     assert!(y.shares_storage(&x), "permute is a view");
     check(&fx, "permute", &y, &[(&x, "gx")], 0.0, 0.0);
 
-    let a = fx.tensor("concat_dim1", "a").requires_grad();
-    let b = fx.tensor("concat_dim1", "b").requires_grad();
+    let a = fx.tensor_on(dev, "concat_dim1", "a").requires_grad();
+    let b = fx.tensor_on(dev, "concat_dim1", "b").requires_grad();
     check(
         &fx,
         "concat_dim1",
@@ -482,7 +484,7 @@ fn shape_ops_and_reductions() {
         0.0,
     );
 
-    let x = fx.tensor("sum_dims_keepdim", "x").requires_grad();
+    let x = fx.tensor_on(dev, "sum_dims_keepdim", "x").requires_grad();
     check(
         &fx,
         "sum_dims_keepdim",
@@ -491,7 +493,7 @@ fn shape_ops_and_reductions() {
         RTOL,
         ATOL,
     );
-    let x = fx.tensor("mean_dim0", "x").requires_grad();
+    let x = fx.tensor_on(dev, "mean_dim0", "x").requires_grad();
     check(
         &fx,
         "mean_dim0",
@@ -500,11 +502,13 @@ fn shape_ops_and_reductions() {
         RTOL,
         ATOL,
     );
-    let x = fx.tensor("reshape", "x").requires_grad();
+    let x = fx.tensor_on(dev, "reshape", "x").requires_grad();
     let y = x.reshape([6, 20]).unwrap();
     assert!(y.shares_storage(&x), "reshape of contiguous data is a view");
     check(&fx, "reshape", &y, &[(&x, "gx")], 0.0, 0.0);
-    let x = fx.tensor("subsample_pad_channels", "x").requires_grad();
+    let x = fx
+        .tensor_on(dev, "subsample_pad_channels", "x")
+        .requires_grad();
     check(
         &fx,
         "subsample_pad_channels",
@@ -515,15 +519,19 @@ fn shape_ops_and_reductions() {
     );
 }
 
-#[test]
-fn reshape_of_a_permuted_view_gathers_and_backpropagates() {
+fn reshape_of_a_permuted_view_gathers_and_backpropagates(dev: Device) {
     // permute -> reshape (non-contiguous) -> weighted sum; gradient must undo both.
     let x = Tensor::from_vec((0..24).map(|v| v as f32).collect(), [2, 3, 4])
+        .unwrap()
+        .to_device(dev)
         .unwrap()
         .requires_grad();
     let y = x.permute(&[2, 0, 1]).unwrap().reshape([4, 6]).unwrap();
     assert_eq!(&y.to_vec()[..6], &[0., 4., 8., 12., 16., 20.]);
-    let w = Tensor::from_vec((0..24).map(|v| v as f32).collect(), [4, 6]).unwrap();
+    let w = Tensor::from_vec((0..24).map(|v| v as f32).collect(), [4, 6])
+        .unwrap()
+        .to_device(dev)
+        .unwrap();
     let grads = y.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
     let g = grads.get(&x).unwrap().to_vec();
     // x[i, j, k] lands at y[k, i*3 + j], weighted by w at that position.
@@ -536,10 +544,12 @@ fn reshape_of_a_permuted_view_gathers_and_backpropagates() {
     }
 }
 
-#[test]
-fn dropout_masks_scales_and_backpropagates_through_the_mask() {
+fn dropout_masks_scales_and_backpropagates_through_the_mask(dev: Device) {
     let mut rng = convnet::Rng::new(5);
-    let x = Tensor::ones([100_000]).requires_grad();
+    let x = Tensor::ones([100_000])
+        .to_device(dev)
+        .unwrap()
+        .requires_grad();
     let y = x.dropout(0.3, true, &mut rng).unwrap();
     let v = y.to_vec();
     let zeros = v.iter().filter(|&&e| e == 0.0).count() as f64 / v.len() as f64;

@@ -1,7 +1,7 @@
 //! Elementwise ops (broadcasting arithmetic, activations, dropout) and matrix products
 //! (`matmul`, `linear`).
 
-use super::{gpu_of, host_only, record, Tensor};
+use super::{gpu_of, record, Tensor};
 use crate::autograd::Op;
 use crate::backend::cpu::activation::{self, Activation};
 use crate::backend::cpu::elementwise::{self as ew, BinaryKind};
@@ -41,10 +41,19 @@ impl Tensor {
                     )
                 })?;
                 if let Some(gpu) = gpu_of(op_name, &[self, rhs])? {
-                    if kind != BinaryKind::Add {
-                        host_only(op_name, &[self, rhs])?;
-                    }
-                    return on_gpu!(gpu, |g| crate::backend::cuda::ops::add(g, self, rhs));
+                    return on_gpu!(gpu, |g| {
+                        if kind == BinaryKind::Add && self.dims() == rhs.dims() {
+                            crate::backend::cuda::ops::add(g, self, rhs)
+                        } else {
+                            crate::backend::cuda::general::binary(
+                                g,
+                                self,
+                                rhs,
+                                kind,
+                                out_shape.clone(),
+                            )
+                        }
+                    });
                 }
                 let mut out = vec![0f32; out_shape.iter().product()];
                 self.with_data(|a| {
@@ -97,7 +106,11 @@ impl Tensor {
 
     /// `self * factor + offset`.
     pub fn affine(&self, factor: f32, offset: f32) -> Result<Tensor> {
-        host_only("affine", &[self])?;
+        if let Some(gpu) = gpu_of("affine", &[self])? {
+            return on_gpu!(gpu, |g| crate::backend::cuda::general::affine(
+                g, self, factor, offset
+            ));
+        }
         let out = self.with_data(|x| x.iter().map(|v| v * factor + offset).collect());
         let op = record(&[self], || Op::Affine {
             input: self.clone(),
@@ -187,7 +200,6 @@ impl Tensor {
 
     /// Matrix product of 2-d tensors `[M, K] @ [K, N]`.
     pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
-        host_only("matmul", &[self, rhs])?;
         self.expect_rank("matmul", 2, "[M, K]")?;
         rhs.expect_rank("matmul", 2, "[K, N]")?;
         let (m, k, n) = (self.dims()[0], self.dims()[1], rhs.dims()[1]);
@@ -197,6 +209,9 @@ impl Tensor {
                 format!("rhs with {k} rows (lhs is {})", self.shape()),
                 format!("rhs {}", rhs.shape()),
             ));
+        }
+        if let Some(gpu) = gpu_of("matmul", &[self, rhs])? {
+            return on_gpu!(gpu, |g| crate::backend::cuda::general::matmul(g, self, rhs));
         }
         let mut out = vec![0f32; m * n];
         self.with_data(|a| {

@@ -1,7 +1,7 @@
 //! Softmax and losses: `softmax`, `log_softmax`, fused `cross_entropy`, `nll_loss`,
 //! `mse_loss`.
 
-use super::{gpu_of, host_only, record, Tensor};
+use super::{gpu_of, record, Tensor};
 use crate::autograd::Op;
 use crate::backend::cpu::loss;
 use crate::error::{invalid, shape_mismatch, Error, Result};
@@ -58,12 +58,19 @@ fn reduce_rows(
 
 impl Tensor {
     fn softmax_impl(&self, dim: isize, log: bool) -> Result<Tensor> {
-        host_only(if log { "log_softmax" } else { "softmax" }, &[self])?;
         let d = normalize_dim(dim, self.rank())?;
         let dims = self.dims();
         let outer: usize = dims[..d].iter().product();
         let len = dims.get(d).copied().unwrap_or(1);
         let inner: usize = dims.get(d + 1..).map_or(1, |s| s.iter().product());
+        if let Some(gpu) = gpu_of(if log { "log_softmax" } else { "softmax" }, &[self])? {
+            return on_gpu!(gpu, |g| crate::backend::cuda::general::softmax(
+                g,
+                self,
+                (outer, len, inner),
+                log
+            ));
+        }
         let mut out = vec![0f32; self.numel()];
         self.with_data(|x| loss::softmax_forward(x, outer, len, inner, log, &mut out));
         let op = record(&[self], || Op::Softmax {
@@ -177,10 +184,19 @@ impl Tensor {
 
     /// Negative log-likelihood of log-probabilities `[N, C]`, like `F.nll_loss`.
     pub fn nll_loss(&self, targets: &[usize], reduction: Reduction) -> Result<Tensor> {
-        host_only("nll_loss", &[self])?;
         let (n, c) = check_targets("nll_loss", self, targets)?;
         if n == 0 {
             return Err(invalid("nll_loss", "empty batch"));
+        }
+        if let Some(gpu) = gpu_of("nll_loss", &[self])? {
+            return on_gpu!(gpu, |g| {
+                let divisor = match reduction {
+                    Reduction::Mean => Some(n as f32),
+                    Reduction::Sum => Some(1.0),
+                    Reduction::None => None,
+                };
+                crate::backend::cuda::general::nll_loss(g, self, targets, divisor)
+            });
         }
         let per_row: Vec<f32> = self.with_data(|x| {
             targets
@@ -201,7 +217,6 @@ impl Tensor {
 
     /// Mean (or summed) squared error between same-shaped tensors, like `F.mse_loss`.
     pub fn mse_loss(&self, target: &Tensor, reduction: Reduction) -> Result<Tensor> {
-        host_only("mse_loss", &[self, target])?;
         if self.shape() != target.shape() {
             return Err(shape_mismatch(
                 "mse_loss",
@@ -215,10 +230,20 @@ impl Tensor {
                 "reduction None is not supported; use Mean or Sum",
             ));
         }
+        let n = self.numel().max(1);
+        if let Some(gpu) = gpu_of("mse_loss", &[self, target])? {
+            return on_gpu!(gpu, |g| {
+                let divisor = if reduction == Reduction::Mean {
+                    n as f32
+                } else {
+                    1.0
+                };
+                crate::backend::cuda::general::mse_loss(g, self, target, divisor)
+            });
+        }
         let total: f64 = self.with_data(|a| {
             target.with_data(|b| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum())
         });
-        let n = self.numel().max(1);
         let (value, divisor) = match reduction {
             Reduction::Mean => ((total / n as f64) as f32, n as f32),
             _ => (total as f32, 1.0),

@@ -201,6 +201,21 @@ impl Tensor {
         }))
     }
 
+    /// The device address of this view's first element and its strides (any layout), for
+    /// the strided CUDA kernels; fails unless the tensor is on a GPU.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_view(&self, op: &'static str) -> Result<(u64, Vec<usize>)> {
+        let guard = read(&self.0.storage);
+        match &*guard {
+            Storage::Cuda(b) => Ok((b.ptr(self.0.offset), self.0.strides.clone())),
+            other => Err(crate::error::Error::DeviceMismatch {
+                op,
+                a: "cuda".into(),
+                b: other.device().to_string(),
+            }),
+        }
+    }
+
     /// The device address of this tensor's first element, for CUDA kernels; fails unless the
     /// tensor is contiguous and on a GPU. The address stays valid while `self` is alive.
     #[cfg(feature = "cuda")]
@@ -541,17 +556,6 @@ pub(crate) fn gpu_of(op: &'static str, inputs: &[&Tensor]) -> Result<Option<usiz
         Device::Cpu => None,
         Device::Cuda(n) => Some(n),
     })
-}
-
-/// Fails when an op that has no GPU kernel yet is given a tensor on a GPU, instead of
-/// silently computing on the host.
-pub(crate) fn host_only(op: &'static str, inputs: &[&Tensor]) -> Result<()> {
-    match gpu_of(op, inputs)? {
-        None => Ok(()),
-        Some(n) => Err(crate::error::Error::Unsupported(format!(
-            "{op} has no CUDA kernel yet (tensor on cuda:{n}); move the tensor with to_device(Device::Cpu)"
-        ))),
-    }
 }
 
 /// Records `make_op()` if gradients are enabled and any of `inputs` tracks a gradient.

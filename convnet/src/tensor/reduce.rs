@@ -1,6 +1,6 @@
 //! Reductions: `sum` and `mean` over dimensions or over everything.
 
-use super::{host_only, record, Tensor};
+use super::{gpu_of, record, Tensor};
 use crate::autograd::Op;
 use crate::backend::cpu::elementwise as ew;
 use crate::error::{invalid, Result};
@@ -8,7 +8,6 @@ use crate::shape::{normalize_dim, Shape};
 
 impl Tensor {
     fn reduce(&self, dims: &[isize], keepdim: bool, mean: bool) -> Result<Tensor> {
-        host_only(if mean { "mean" } else { "sum" }, &[self])?;
         let mut ds: Vec<usize> = dims
             .iter()
             .map(|&d| normalize_dim(d, self.rank()))
@@ -23,12 +22,28 @@ impl Tensor {
             return Err(invalid("mean", "mean over an empty dimension"));
         }
         let scale = if mean { 1.0 / count as f32 } else { 1.0 };
+        if let Some(gpu) = gpu_of(if mean { "mean" } else { "sum" }, &[self])? {
+            let shape = self.reduced_dims(&ds, keepdim);
+            return on_gpu!(gpu, |g| crate::backend::cuda::general::sum(
+                g, self, &ds, scale, shape
+            ));
+        }
         let mut out = self.with_data(|x| ew::sum_dims(x, self.dims(), &ds));
         if mean {
             out.iter_mut().for_each(|v| *v *= scale);
         }
-        let shape: Vec<usize> = self
-            .dims()
+        let shape = self.reduced_dims(&ds, keepdim);
+        let op = record(&[self], || Op::Sum {
+            input: self.clone(),
+            dims: ds.clone(),
+            scale,
+        });
+        Ok(Tensor::from_parts(out, Shape::new(shape), op))
+    }
+
+    /// The dimensions left after summing over `ds` (kept as 1 with `keepdim`).
+    fn reduced_dims(&self, ds: &[usize], keepdim: bool) -> Vec<usize> {
+        self.dims()
             .iter()
             .enumerate()
             .filter_map(|(i, &d)| {
@@ -38,13 +53,7 @@ impl Tensor {
                     Some(d)
                 }
             })
-            .collect();
-        let op = record(&[self], || Op::Sum {
-            input: self.clone(),
-            dims: ds.clone(),
-            scale,
-        });
-        Ok(Tensor::from_parts(out, Shape::new(shape), op))
+            .collect()
     }
 
     /// Sum over `dims` (negative counts from the end), like `torch.sum(x, dims, keepdim)`.

@@ -1,7 +1,7 @@
 //! Shape ops: `reshape`/`flatten` (views when contiguous), `permute` (a strided view),
 //! `contiguous`, `concat`, and the channel-padding shortcut of CIFAR ResNets.
 
-use super::{gpu_of, host_only, record, Tensor};
+use super::{gpu_of, record, Tensor};
 use crate::autograd::Op;
 use crate::backend::cpu::shortcut;
 use crate::error::{invalid, shape_mismatch, Result};
@@ -36,7 +36,11 @@ impl Tensor {
             let strides = shape.contiguous_strides();
             Ok(self.view_with(shape, strides, self.0.offset, op))
         } else {
-            host_only("reshape of a non-contiguous tensor", &[self])?;
+            if let Some(gpu) = gpu_of("reshape", &[self])? {
+                return on_gpu!(gpu, |g| crate::backend::cuda::general::reshape_copy(
+                    g, self, shape, op
+                ));
+            }
             Ok(Tensor::from_parts(self.to_vec(), shape, op))
         }
     }
@@ -96,7 +100,6 @@ impl Tensor {
         let first = tensors
             .first()
             .ok_or_else(|| invalid("concat", "no tensors given"))?;
-        host_only("concat", &tensors.iter().collect::<Vec<_>>())?;
         let d = normalize_dim(dim, first.rank())?;
         let mut out_dims = first.dims().to_vec();
         out_dims[d] = 0;
@@ -111,6 +114,11 @@ impl Tensor {
                 ));
             }
             out_dims[d] += t.dims()[d];
+        }
+        if let Some(gpu) = gpu_of("concat", &tensors.iter().collect::<Vec<_>>())? {
+            return on_gpu!(gpu, |g| crate::backend::cuda::general::concat(
+                g, tensors, d, out_dims
+            ));
         }
         let outer: usize = out_dims[..d].iter().product();
         let inner: usize = out_dims[d + 1..].iter().product();

@@ -4,10 +4,11 @@
 //! `autograd::op::Op::backward` for the CPU.
 
 use super::buffer::DeviceBuffer;
+use super::general::{contiguous_strides, row_major_gemm, strided_map};
 use super::ops::{activation_code, adaptive_as_window, subsample_args, BnStats, CudaOp};
 use super::runtime::{launch, with, Runtime};
 use crate::autograd::{BnEpilogue, Op};
-use crate::backend::cpu::elementwise::BinaryKind;
+use crate::backend::cpu::elementwise::{broadcast_strides, BinaryKind};
 use crate::backend::cpu::pool::PoolGeom;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -111,10 +112,6 @@ fn avg_pool_backward(
     Ok(dx)
 }
 
-fn unsupported(what: &str) -> Error {
-    Error::Unsupported(format!("{what} has no CUDA backward kernel yet"))
-}
-
 /// Gradients of the inputs of `op` that track one, given `g` = d(loss)/d(out) on GPU
 /// `ordinal`.
 pub(crate) fn backward(op: &Op, out: &Tensor, g: &DeviceBuffer, ordinal: usize) -> Result<Grads> {
@@ -202,21 +199,6 @@ pub(crate) fn backward(op: &Op, out: &Tensor, g: &DeviceBuffer, ordinal: usize) 
             })?;
             grads.push((input.clone(), dx));
         }
-        Op::Binary {
-            kind: BinaryKind::Add,
-            lhs,
-            rhs,
-        } if lhs.dims() == rhs.dims() => {
-            let n = out.numel();
-            with(ordinal, |rt| {
-                for t in [lhs, rhs] {
-                    if t.tracks_grad() {
-                        grads.push((t.clone(), scaled_copy(rt, gp, n, 1.0)?));
-                    }
-                }
-                Ok(())
-            })?;
-        }
         Op::Reshape { input } => {
             let dx = with(ordinal, |rt| scaled_copy(rt, gp, out.numel(), 1.0))?;
             grads.push((input.clone(), dx));
@@ -261,8 +243,204 @@ pub(crate) fn backward(op: &Op, out: &Tensor, g: &DeviceBuffer, ordinal: usize) 
             })?;
             grads.push((input.clone(), dx));
         }
+        Op::Binary { kind, lhs, rhs } => {
+            binary_backward(*kind, lhs, rhs, out, gp, ordinal, &mut grads)?
+        }
+        Op::Affine { input, factor } => {
+            let dx = with(ordinal, |rt| scaled_copy(rt, gp, out.numel(), *factor))?;
+            grads.push((input.clone(), dx));
+        }
+        Op::Sum { input, dims, scale } => {
+            // Broadcast g (the input's shape with the summed dims as 1) back, times scale.
+            let full = if input.dims().is_empty() {
+                vec![1]
+            } else {
+                input.dims().to_vec()
+            };
+            let small: Vec<usize> = full
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| {
+                    if dims.contains(&i) || input.dims().is_empty() {
+                        1
+                    } else {
+                        d
+                    }
+                })
+                .collect();
+            let sg = broadcast_strides(&small, &full);
+            let sy = contiguous_strides(&full);
+            let dx = with(ordinal, |rt| {
+                let dx = rt.uninit(input.numel())?;
+                strided_map(rt, (gp, &sg), (0, &sy), (dx.ptr(0), &sy), &full, 4, *scale)?;
+                Ok(dx)
+            })?;
+            grads.push((input.clone(), dx));
+        }
+        Op::Softmax {
+            input,
+            outer,
+            d,
+            inner,
+            log,
+        } => {
+            let yp = out.cuda_ptr("softmax backward")?;
+            let lines = outer * inner;
+            let dx = with(ordinal, |rt| {
+                let dx = rt.uninit(input.numel())?;
+                launch!(
+                    rt,
+                    "softmax_backward",
+                    rt.elementwise(lines),
+                    yp,
+                    gp,
+                    dx.ptr(0),
+                    int(*d)?,
+                    *inner as i64,
+                    lines as i64,
+                    i32::from(*log)
+                )?;
+                Ok(dx)
+            })?;
+            grads.push((input.clone(), dx));
+        }
+        Op::NllLoss {
+            input,
+            targets,
+            divisor,
+        } => {
+            let (n, c) = (input.dims()[0], input.dims()[1]);
+            let host: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
+            let per_row = out.numel() > 1 || out.rank() == 1;
+            let dx = with(ordinal, |rt| {
+                let t = rt.upload_i64(&host)?;
+                let dx = rt.uninit(n * c)?;
+                launch!(
+                    rt,
+                    "nll_backward",
+                    rt.elementwise(n * c),
+                    gp,
+                    t.ptr(0),
+                    dx.ptr(0),
+                    int(c)?,
+                    i32::from(per_row),
+                    *divisor,
+                    long(n * c)
+                )?;
+                Ok(dx)
+            })?;
+            grads.push((input.clone(), dx));
+        }
+        Op::MseLoss {
+            input,
+            target,
+            divisor,
+        } => {
+            let n = input.numel();
+            let (ap, bp) = (
+                input.cuda_ptr("mse backward")?,
+                target.cuda_ptr("mse backward")?,
+            );
+            with(ordinal, |rt| {
+                let da = input.tracks_grad().then(|| rt.uninit(n)).transpose()?;
+                let db = target.tracks_grad().then(|| rt.uninit(n)).transpose()?;
+                launch!(
+                    rt,
+                    "mse_backward",
+                    rt.elementwise(n),
+                    gp,
+                    ap,
+                    bp,
+                    da.as_ref().map_or(0, |b| b.ptr(0)),
+                    db.as_ref().map_or(0, |b| b.ptr(0)),
+                    long(n),
+                    *divisor
+                )?;
+                if let Some(db) = db {
+                    grads.push((target.clone(), db));
+                }
+                if let Some(da) = da {
+                    grads.push((input.clone(), da));
+                }
+                Ok(())
+            })?;
+        }
+        Op::Matmul { a, b } => {
+            let (m, k, n) = (a.dims()[0], a.dims()[1], b.dims()[1]);
+            let (ap, bp) = (
+                a.cuda_ptr("matmul backward")?,
+                b.cuda_ptr("matmul backward")?,
+            );
+            with(ordinal, |rt| {
+                if a.tracks_grad() {
+                    // da [M, K] = g [M, N] @ b^T
+                    let da = rt.uninit(m * k)?;
+                    row_major_gemm(rt, da.ptr(0), (gp, m, n, false), (bp, k, n, true))?;
+                    grads.push((a.clone(), da));
+                }
+                if b.tracks_grad() {
+                    // db [K, N] = a^T @ g
+                    let db = rt.uninit(k * n)?;
+                    row_major_gemm(rt, db.ptr(0), (ap, m, k, true), (gp, m, n, false))?;
+                    grads.push((b.clone(), db));
+                }
+                Ok(())
+            })?;
+        }
+        Op::Permute { input, dims } => {
+            // dx in the input's row-major order reads g through the inverse permutation.
+            let out_strides = contiguous_strides(out.dims());
+            let mut sg = vec![0; dims.len()];
+            for (i, &d) in dims.iter().enumerate() {
+                sg[d] = out_strides[i];
+            }
+            let full = input.dims().to_vec();
+            let sy = contiguous_strides(&full);
+            let dx = with(ordinal, |rt| {
+                let dx = rt.uninit(input.numel())?;
+                strided_map(rt, (gp, &sg), (0, &sy), (dx.ptr(0), &sy), &full, 4, 1.0)?;
+                Ok(dx)
+            })?;
+            grads.push((input.clone(), dx));
+        }
+        Op::Concat { inputs, dim } => {
+            let out_strides = contiguous_strides(out.dims());
+            let inner: usize = out.dims()[dim + 1..].iter().product();
+            with(ordinal, |rt| {
+                let mut start = 0;
+                for t in inputs {
+                    if t.tracks_grad() {
+                        let sy = contiguous_strides(t.dims());
+                        let gi = rt.uninit(t.numel())?;
+                        let from = gp + (start * inner * std::mem::size_of::<f32>()) as u64;
+                        strided_map(
+                            rt,
+                            (from, &out_strides),
+                            (0, &sy),
+                            (gi.ptr(0), &sy),
+                            t.dims(),
+                            4,
+                            1.0,
+                        )?;
+                        grads.push((t.clone(), gi));
+                    }
+                    start += t.dims()[*dim];
+                }
+                Ok(())
+            })?;
+        }
         Op::Cuda(cuda_op) => cuda_backward(cuda_op, out, gp, ordinal, &mut grads)?,
-        other => return Err(unsupported(&other.profile_key())),
+        // Ops whose saved state is host memory were computed on the CPU; their gradient
+        // cannot be on a GPU (moving a tensor between devices starts a new leaf).
+        other @ (Op::MaxPool2d { .. }
+        | Op::CrossEntropy { .. }
+        | Op::Dropout { .. }
+        | Op::BatchNorm2d { .. }) => {
+            return Err(Error::Backward(format!(
+                "{} ran on the CPU but its gradient arrived on a GPU",
+                other.profile_key()
+            )))
+        }
     }
     grads.retain(|(t, _)| t.tracks_grad());
     Ok(grads)
@@ -476,6 +654,84 @@ fn batch_norm_backward(
         }
         if let (Some(res), Some(gm)) = (epilogue.residual(), gm) {
             grads.push((res.clone(), gm));
+        }
+        Ok(())
+    })
+}
+
+/// Gradients of `lhs (op) rhs` with broadcasting: each operand's gradient is the upstream
+/// gradient times the op's partial derivative, summed over the dimensions it was broadcast
+/// along (kernel `reduce_broadcast`, modes as documented there).
+#[allow(clippy::too_many_arguments)]
+fn binary_backward(
+    kind: BinaryKind,
+    lhs: &Tensor,
+    rhs: &Tensor,
+    out: &Tensor,
+    gp: u64,
+    ordinal: usize,
+    grads: &mut Grads,
+) -> Result<()> {
+    const OP: &str = "binary backward";
+    if matches!(kind, BinaryKind::Add | BinaryKind::Sub)
+        && lhs.dims() == out.dims()
+        && rhs.dims() == out.dims()
+    {
+        // The common residual add: the gradient passes through (negated for the subtrahend).
+        let n = out.numel();
+        return with(ordinal, |rt| {
+            if lhs.tracks_grad() {
+                grads.push((lhs.clone(), scaled_copy(rt, gp, n, 1.0)?));
+            }
+            if rhs.tracks_grad() {
+                let sign = if kind == BinaryKind::Sub { -1.0 } else { 1.0 };
+                grads.push((rhs.clone(), scaled_copy(rt, gp, n, sign)?));
+            }
+            Ok(())
+        });
+    }
+    let full = if out.dims().is_empty() {
+        vec![1]
+    } else {
+        out.dims().to_vec()
+    };
+    let padded = |t: &Tensor| -> Vec<usize> {
+        let mut d = vec![1; full.len() - t.rank().min(full.len())];
+        d.extend(t.dims());
+        d
+    };
+    let (lp, rp, op) = (lhs.cuda_ptr(OP)?, rhs.cuda_ptr(OP)?, out.cuda_ptr(OP)?);
+    let (ls, rs) = (padded(lhs), padded(rhs));
+    let (sl, sr) = (broadcast_strides(&ls, &full), broadcast_strides(&rs, &full));
+    let so = contiguous_strides(&full);
+    with(ordinal, |rt| {
+        if lhs.tracks_grad() {
+            let (mode, o1) = match kind {
+                BinaryKind::Add | BinaryKind::Sub => (0, (0, &sr)),
+                BinaryKind::Mul => (2, (rp, &sr)),
+                BinaryKind::Div => (3, (rp, &sr)),
+            };
+            let gl =
+                super::general::reduce_broadcast(rt, gp, &ls, &full, (o1.0, o1.1), (0, &so), mode)?;
+            grads.push((lhs.clone(), gl));
+        }
+        if rhs.tracks_grad() {
+            let (mode, o1) = match kind {
+                BinaryKind::Add => (0, (0, &sl)),
+                BinaryKind::Sub => (1, (0, &sl)),
+                BinaryKind::Mul => (2, (lp, &sl)),
+                BinaryKind::Div => (4, (rp, &sr)),
+            };
+            let gr = super::general::reduce_broadcast(
+                rt,
+                gp,
+                &rs,
+                &full,
+                (o1.0, o1.1),
+                (op, &so),
+                mode,
+            )?;
+            grads.push((rhs.clone(), gr));
         }
         Ok(())
     })

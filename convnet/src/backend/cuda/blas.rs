@@ -100,7 +100,8 @@ impl Sgemm {
 }
 
 impl Runtime {
-    fn sgemm(&self, call: Sgemm) -> Result<()> {
+    /// Runs one `sgemm` call (on the host reference under the emulator).
+    pub(crate) fn sgemm(&self, call: Sgemm) -> Result<()> {
         match &self.kind {
             Kind::Gpu(gpu) => call.run(gpu),
             #[cfg(any(test, feature = "cuda-emulator"))]

@@ -495,6 +495,178 @@ __global__ void subsample_pad_backward(const float* g, float* dx, int c, int h, 
     }
 }
 
+// ---- strided maps, broadcasting and reductions (any rank up to MAX_RANK) ---------------------
+
+#define MAX_RANK 8
+
+// For i in [0, n): decompose i over dims (row-major) into offsets ia, ib, iy with the
+// strides in meta = [dims, a_strides, b_strides, y_strides] (rank entries each; stride 0
+// broadcasts), then y[iy] = a[ia] op b[ib] (kind 0 add, 1 sub, 2 mul, 3 div) or, kind 4,
+// y[iy] = a[ia] * scale (copies, gathers, scatters and expansions; b unused).
+__global__ void strided_map(const float* a, const float* b, float* y, const long long* meta,
+                            int rank, long long n, int kind, float scale) {
+    GRID_STRIDE(i, n) {
+        long long rem = i, ia = 0, ib = 0, iy = 0;
+        for (int d = rank - 1; d >= 0; --d) {
+            long long dim = meta[d];
+            long long k = rem % dim;
+            rem /= dim;
+            ia += k * meta[rank + d];
+            ib += k * meta[2 * rank + d];
+            iy += k * meta[3 * rank + d];
+        }
+        float v;
+        switch (kind) {
+        case 0: v = a[ia] + b[ib]; break;
+        case 1: v = a[ia] - b[ib]; break;
+        case 2: v = a[ia] * b[ib]; break;
+        case 3: v = a[ia] / b[ib]; break;
+        default: v = a[ia] * scale; break;
+        }
+        y[iy] = v;
+    }
+}
+
+// The gradient of a broadcast, and sums over dimensions: for each element s of the small
+// shape (one thread each), the sum in double over the reduced positions r of the term
+// below at the full-shape position p(s, r). meta = [small_dims, reduced_dims, s_strides,
+// r_strides, o1_strides, o2_strides]: small_dims has 1 where a dimension is reduced,
+// reduced_dims has the reduced extent there and 1 elsewhere; s_strides and r_strides give
+// p's offset in g (contiguous, full shape) of the two indices; o1/o2 strides give the other
+// operands' offsets from the full index. Terms by mode: 0 g, 1 -g, 2 g*o1, 3 g/o1,
+// 4 g*(-(o2/o1)) (the divisor's gradient, o2 being the quotient).
+__global__ void reduce_broadcast(const float* g, const float* o1, const float* o2, float* out,
+                                 const long long* meta, int rank, long long n_small,
+                                 long long n_reduced, int mode) {
+    GRID_STRIDE(s, n_small) {
+        long long base = 0, base1 = 0, base2 = 0, rem = s;
+        for (int d = rank - 1; d >= 0; --d) {
+            long long dim = meta[d];
+            long long k = rem % dim;
+            rem /= dim;
+            base += k * meta[2 * rank + d];
+            base1 += k * meta[4 * rank + d];
+            base2 += k * meta[5 * rank + d];
+        }
+        double acc = 0.0;
+        for (long long r = 0; r < n_reduced; ++r) {
+            long long p = base, p1 = base1, p2 = base2, rr = r;
+            for (int d = rank - 1; d >= 0; --d) {
+                long long dim = meta[rank + d];
+                long long k = rr % dim;
+                rr /= dim;
+                p += k * meta[3 * rank + d];
+                p1 += k * meta[4 * rank + d];
+                p2 += k * meta[5 * rank + d];
+            }
+            float t;
+            switch (mode) {
+            case 0: t = g[p]; break;
+            case 1: t = -g[p]; break;
+            case 2: t = g[p] * o1[p1]; break;
+            case 3: t = g[p] / o1[p1]; break;
+            default: t = g[p] * (-(o2[p2] / o1[p1])); break;
+            }
+            acc += (double)t;
+        }
+        out[s] = (float)acc;
+    }
+}
+
+// y = x * factor + offset.
+__global__ void affine_forward(const float* x, float* y, long long n, float factor,
+                               float offset) {
+    GRID_STRIDE(i, n) { y[i] = x[i] * factor + offset; }
+}
+
+// ---- softmax, NLL and MSE --------------------------------------------------------------------
+
+// (Log-)softmax over the middle axis of [outer, d, inner], one thread per (outer, inner)
+// line, the sum of exponentials in double, as the CPU kernel.
+__global__ void softmax_forward(const float* x, float* y, int d, long long inner,
+                                long long lines, int log_softmax) {
+    GRID_STRIDE(line, lines) {
+        long long o = line / inner, in = line % inner;
+        const float* xp = x + o * d * inner + in;
+        float* yp = y + o * d * inner + in;
+        float m = -__int_as_float(0x7f800000);
+        for (int k = 0; k < d; ++k) m = fmaxf(m, xp[k * inner]);
+        double sum = 0.0;
+        for (int k = 0; k < d; ++k) sum += exp((double)(xp[k * inner] - m));
+        if (log_softmax) {
+            float lse = (float)log(sum);
+            for (int k = 0; k < d; ++k) yp[k * inner] = xp[k * inner] - m - lse;
+        } else {
+            for (int k = 0; k < d; ++k)
+                yp[k * inner] = (float)(exp((double)(xp[k * inner] - m)) / sum);
+        }
+    }
+}
+
+// Its gradient from the output y: dx = y * (dy - sum(dy * y)) or, for log-softmax,
+// dx = dy - exp(y) * sum(dy), the sums in double.
+__global__ void softmax_backward(const float* y, const float* dy, float* dx, int d,
+                                 long long inner, long long lines, int log_softmax) {
+    GRID_STRIDE(line, lines) {
+        long long o = line / inner, in = line % inner;
+        long long at = o * d * inner + in;
+        double s = 0.0;
+        if (log_softmax) {
+            for (int k = 0; k < d; ++k) s += (double)dy[at + k * inner];
+            for (int k = 0; k < d; ++k) {
+                long long j = at + k * inner;
+                dx[j] = dy[j] - (float)((double)expf(y[j]) * s);
+            }
+        } else {
+            for (int k = 0; k < d; ++k) s += (double)dy[at + k * inner] * (double)y[at + k * inner];
+            for (int k = 0; k < d; ++k) {
+                long long j = at + k * inner;
+                dx[j] = (float)((double)y[j] * ((double)dy[j] - s));
+            }
+        }
+    }
+}
+
+// loss[row] = -x[row, target[row]].
+__global__ void nll_forward(const float* x, const long long* targets, float* loss, int c,
+                            long long n) {
+    GRID_STRIDE(row, n) { loss[row] = -x[row * c + targets[row]]; }
+}
+
+// dx = 0 except dx[row, target] = -(g[row or 0] / divisor).
+__global__ void nll_backward(const float* g, const long long* targets, float* dx, int c,
+                             int per_row, float divisor, long long n) {
+    GRID_STRIDE(i, n) {
+        long long row = i / c;
+        dx[i] = (i % c == targets[row]) ? -(g[per_row ? row : 0] / divisor) : 0.0f;
+    }
+}
+
+// out[0] = sum((a - b)^2) / divisor, the squares and the sum in double; one block, launched
+// with blockDim.x * sizeof(double) bytes of shared memory.
+__global__ void mse_forward(const float* a, const float* b, float* out, long long n,
+                            double divisor) {
+    extern __shared__ double shared[];
+    double s = 0.0;
+    for (long long j = threadIdx.x; j < n; j += blockDim.x) {
+        double d = (double)(a[j] - b[j]);
+        s += d * d;
+    }
+    double total = block_sum(s, shared);
+    if (threadIdx.x == 0) out[0] = (float)(total / divisor);
+}
+
+// da = s * (a - b) and db = -da with s = g * 2 / divisor; either output may be null.
+__global__ void mse_backward(const float* g, const float* a, const float* b, float* da,
+                             float* db, long long n, float divisor) {
+    float s = g[0] * 2.0f / divisor;
+    GRID_STRIDE(i, n) {
+        float v = s * (a[i] - b[i]);
+        if (da) da[i] = v;
+        if (db) db[i] = -v;
+    }
+}
+
 // ---- training metrics -----------------------------------------------------------------------
 
 // Running sums of one epoch kept on the device: acc[0] += loss * n, acc[1] += the number of

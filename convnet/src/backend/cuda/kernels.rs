@@ -39,6 +39,15 @@ pub const NAMES: &[&str] = &[
     "subsample_pad_backward",
     "adam_step",
     "accumulate_metrics",
+    "strided_map",
+    "reduce_broadcast",
+    "affine_forward",
+    "softmax_forward",
+    "softmax_backward",
+    "nll_forward",
+    "nll_backward",
+    "mse_forward",
+    "mse_backward",
 ];
 
 /// Compiles [`SOURCE`] to PTX for the given virtual architecture (e.g. `compute_90` for

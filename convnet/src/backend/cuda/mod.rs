@@ -35,6 +35,7 @@ mod buffer;
 mod conv;
 #[cfg(any(test, feature = "cuda-emulator"))]
 pub mod emulator;
+pub(crate) mod general;
 pub mod kernels;
 pub(crate) mod ops;
 pub(crate) mod optim;
