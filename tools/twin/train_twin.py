@@ -48,14 +48,21 @@ def build_model(name, classes=10):
 
 
 def augment(x, gen):
-    n = x.shape[0]
+    """Random 32x32 crops of the 4-pixel zero-padded images and horizontal flips, drawn from
+    the CPU generator and applied on x's device in one batched indexing op (no per-image
+    Python loop, so the GPU twin is not held back by its host)."""
+    n, c = x.shape[0], x.shape[1]
     padded = F.pad(x, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (n,), generator=gen)
-    dx = torch.randint(0, 9, (n,), generator=gen)
-    out = torch.stack([padded[i, :, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32] for i in range(n)])
-    flip = torch.rand(n, generator=gen) < 0.5
-    out[flip] = out[flip].flip(3)
-    return out
+    dy = torch.randint(0, 9, (n,), generator=gen).to(x.device)
+    dx = torch.randint(0, 9, (n,), generator=gen).to(x.device)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    r = torch.arange(32, device=x.device)
+    rows = (dy[:, None] + r)[:, None, :, None]
+    cols = (dx[:, None] + r)[:, None, None, :]
+    cols = torch.where(flip[:, None, None, None], dx[:, None, None, None] + 31 - r[None, None, None, :], cols)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
 
 
 def main():
@@ -104,7 +111,7 @@ def main():
             idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
             x, y = xtr[idx], ytr[idx]
             if args.augment:
-                x = augment(x.cpu(), gen).to(dev)
+                x = augment(x, gen)
             out = model(x)
             loss = F.cross_entropy(out, y)
             opt.zero_grad()
