@@ -86,7 +86,11 @@ impl Sgd {
 impl Optimizer for Sgd {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         let c = self.cfg;
-        for slot in &mut self.slots {
+        let (lr, momentum, dampening) = (c.lr as f32, c.momentum as f32, c.dampening as f32);
+        let weight_decay = c.weight_decay as f32;
+        // Parameters on a GPU are updated together, one launch per (device, first step).
+        let mut on_gpu: Vec<((usize, bool), Vec<usize>)> = Vec::new();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
             let Some(g) = grads.get(&slot.param) else {
                 continue;
             };
@@ -96,23 +100,13 @@ impl Optimizer for Sgd {
                 slot.momentum_buffer = Some(zeros.to_device(slot.param.device())?);
             }
             let buf = slot.momentum_buffer.as_ref().filter(|_| c.momentum != 0.0);
-            let (lr, momentum, dampening) = (c.lr as f32, c.momentum as f32, c.dampening as f32);
-            let weight_decay = c.weight_decay as f32;
             let mut inputs = vec![&slot.param, g];
             inputs.extend(buf);
             if let Some(gpu) = gpu_of("SGD", &inputs)? {
-                on_gpu!(gpu, |d| crate::backend::cuda::optim::sgd_step(
-                    d,
-                    &slot.param,
-                    g,
-                    buf,
-                    lr,
-                    momentum,
-                    dampening,
-                    c.nesterov,
-                    weight_decay,
-                    first
-                ))?;
+                match on_gpu.iter_mut().find(|(k, _)| *k == (gpu, first)) {
+                    Some((_, v)) => v.push(i),
+                    None => on_gpu.push(((gpu, first), vec![i])),
+                }
                 continue;
             }
             let step = |p: &mut [f32], gd: &[f32], b: Option<&mut [f32]>| {
@@ -132,6 +126,27 @@ impl Optimizer for Sgd {
                 Some(b) => b.update_data(|bd| slot.param.update_data(|p| step(p, gd, Some(bd))))?,
                 None => slot.param.update_data(|p| step(p, gd, None)),
             })?;
+        }
+        for ((gpu, first), members) in on_gpu {
+            let entries: Vec<(&Tensor, &Tensor, Option<&Tensor>)> = members
+                .iter()
+                .map(|&i| {
+                    let s = &self.slots[i];
+                    let g = grads.get(&s.param).expect("collected above");
+                    let buf = s.momentum_buffer.as_ref().filter(|_| c.momentum != 0.0);
+                    (&s.param, g, buf)
+                })
+                .collect();
+            on_gpu!(gpu, |d| crate::backend::cuda::optim::sgd_step_multi(
+                d,
+                &entries,
+                lr,
+                momentum,
+                dampening,
+                c.nesterov,
+                weight_decay,
+                first
+            ))?;
         }
         Ok(())
     }

@@ -322,24 +322,6 @@ __global__ void softmax_cross_entropy_backward(const float* probs, const long lo
 
 // ---- optimizer -----------------------------------------------------------------------------
 
-// One SGD step for one parameter, as torch.optim.SGD: d = g + wd * p; with momentum the
-// buffer becomes d (first step) or momentum * buf + (1 - dampening) * d, and the update is
-// buf or, with Nesterov, d + momentum * buf; p -= lr * update.
-__global__ void sgd_step(float* p, const float* g, float* buf, long long n, float lr,
-                         float momentum, float dampening, float weight_decay, int nesterov,
-                         int first_step) {
-    GRID_STRIDE(i, n) {
-        float d = g[i];
-        if (weight_decay != 0.0f) d = d + weight_decay * p[i];
-        if (momentum != 0.0f) {
-            float b = first_step ? d : momentum * buf[i] + (1.0f - dampening) * d;
-            buf[i] = b;
-            d = nesterov ? d + momentum * b : b;
-        }
-        p[i] = p[i] - lr * d;
-    }
-}
-
 // ---- bias, reductions and copies ------------------------------------------------------------
 
 // y[n, ch, p] += bias[ch] over [N, C, HW] (convolution bias; HW = 1 for a linear layer's
@@ -687,6 +669,35 @@ __global__ void accumulate_metrics(const float* loss, const float* logits,
     if (threadIdx.x == 0) {
         acc[0] += (double)loss[0] * (double)n;
         acc[1] += total;
+    }
+}
+
+// One SGD step over many parameters in one launch, as torch.optim.SGD: d = g + wd * p; with
+// momentum the buffer becomes d (first step) or momentum * buf + (1 - dampening) * d, and
+// the update is buf or, with Nesterov, d + momentum * buf; p -= lr * update. table holds
+// four int64 per tensor: the addresses of p, g and buf (0 without momentum) and the tensor's
+// first index in the concatenation of all of them (ascending); total is the sum of sizes.
+__global__ void sgd_step_multi(const long long* table, int tensors, long long total, float lr,
+                               float momentum, float dampening, float weight_decay,
+                               int nesterov, int first_step) {
+    GRID_STRIDE(i, total) {
+        int lo = 0, hi = tensors - 1;
+        while (lo < hi) {
+            int mid = (lo + hi + 1) / 2;
+            if (table[4 * mid + 3] <= i) lo = mid; else hi = mid - 1;
+        }
+        long long j = i - table[4 * lo + 3];
+        float* p = (float*)table[4 * lo];
+        const float* g = (const float*)table[4 * lo + 1];
+        float* buf = (float*)table[4 * lo + 2];
+        float d = g[j];
+        if (weight_decay != 0.0f) d = d + weight_decay * p[j];
+        if (momentum != 0.0f) {
+            float b = first_step ? d : momentum * buf[j] + (1.0f - dampening) * d;
+            buf[j] = b;
+            d = nesterov ? d + momentum * b : b;
+        }
+        p[j] = p[j] - lr * d;
     }
 }
 

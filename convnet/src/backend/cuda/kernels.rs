@@ -27,7 +27,7 @@ pub const NAMES: &[&str] = &[
     "avg_pool2d_forward",
     "softmax_cross_entropy_forward",
     "softmax_cross_entropy_backward",
-    "sgd_step",
+    "sgd_step_multi",
     "add_channel_bias",
     "channel_sum",
     "sum_scaled",

@@ -604,9 +604,18 @@ pub(crate) fn accumulate_metrics(
 ) -> Result<()> {
     let (n, c) = (logits.dims()[0], logits.dims()[1]);
     let (lp, zp) = (loss.cuda_ptr("metrics")?, logits.cuda_ptr("metrics")?);
+    // The loss's own copy of the targets, when it kept one for backward.
+    let saved = match loss.op() {
+        Some(Op::Cuda(CudaOp::CrossEntropy { targets, .. })) => Some(targets.ptr(0)),
+        _ => None,
+    };
     let host: Vec<i64> = labels.iter().map(|&t| t as i64).collect();
     with(gpu, |rt| {
-        let targets = rt.upload_i64(&host)?;
+        let uploaded = match saved {
+            Some(_) => None,
+            None => Some(rt.upload_i64(&host)?),
+        };
+        let targets = saved.unwrap_or_else(|| uploaded.as_ref().map_or(0, |t| t.ptr(0)));
         let cfg = rt.per_row(1);
         launch!(
             rt,
@@ -614,7 +623,7 @@ pub(crate) fn accumulate_metrics(
             cfg,
             lp,
             zp,
-            targets.ptr(0),
+            targets,
             acc.ptr(0),
             int(n, "batch")?,
             int(c, "classes")?

@@ -6,14 +6,13 @@ use crate::backend::cpu::optim::AdamStep;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
-/// One SGD step: `p` updated from `g`, `buf` the momentum buffer (`None` without momentum);
-/// `first` marks the step that initialises the buffer to the gradient.
+/// One SGD step over many parameters of one GPU in a single launch (a training step of a
+/// ResNet updates dozens of tensors: one launch instead of one each). Each entry is
+/// `(p, g, buf)`; `buf` is `None` without momentum; `first` marks the step that initialises the buffers to the gradients.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn sgd_step(
+pub(crate) fn sgd_step_multi(
     gpu: usize,
-    p: &Tensor,
-    g: &Tensor,
-    buf: Option<&Tensor>,
+    entries: &[(&Tensor, &Tensor, Option<&Tensor>)],
     lr: f32,
     momentum: f32,
     dampening: f32,
@@ -22,20 +21,36 @@ pub(crate) fn sgd_step(
     first: bool,
 ) -> Result<()> {
     const OP: &str = "SGD step";
-    let n = p.numel();
-    let (pp, gp) = (p.cuda_ptr(OP)?, g.cuda_ptr(OP)?);
-    let bp = buf.map_or(Ok(0), |b| b.cuda_ptr(OP))?;
-    // Without a buffer the kernel's momentum branch is off.
-    let momentum = if buf.is_some() { momentum } else { 0.0 };
+    let mut table: Vec<i64> = Vec::with_capacity(4 * entries.len());
+    let mut total = 0usize;
+    for (p, g, buf) in entries {
+        if p.numel() == 0 {
+            continue;
+        }
+        table.push(p.cuda_ptr(OP)? as i64);
+        table.push(g.cuda_ptr(OP)? as i64);
+        table.push(buf.map_or(Ok(0), |b| b.cuda_ptr(OP))? as i64);
+        table.push(total as i64);
+        total += p.numel();
+    }
+    if total == 0 {
+        return Ok(());
+    }
+    let tensors = (table.len() / 4) as i32;
+    let momentum = if entries.iter().all(|e| e.2.is_some()) {
+        momentum
+    } else {
+        0.0
+    };
     with(gpu, |rt| {
+        let table = rt.upload_i64(&table)?;
         launch!(
             rt,
-            "sgd_step",
-            rt.elementwise(n),
-            pp,
-            gp,
-            bp,
-            n as i64,
+            "sgd_step_multi",
+            rt.elementwise(total),
+            table.ptr(0),
+            tensors,
+            total as i64,
             lr,
             momentum,
             dampening,
