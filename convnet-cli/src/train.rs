@@ -84,6 +84,10 @@ pub struct TrainArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// On a GPU, capture the training step in a CUDA graph and replay it (SGD; falls back
+    /// to eager steps with a note when the model's step cannot be captured).
+    #[arg(long)]
+    cuda_graph: bool,
     /// Output folder for checkpoints and metrics (default runs/<model>-<time>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -133,6 +137,7 @@ fn config(a: &TrainArgs, device: convnet::Device) -> TrainConfig {
         },
         label_smoothing: a.label_smoothing,
         device,
+        cuda_graph: a.cuda_graph,
     }
 }
 
@@ -287,6 +292,7 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     let mut last = None;
     let mut train_ips = Vec::new();
     let stop_at = a.stop_after.map_or(a.epochs, |s| s.min(a.epochs));
+    let mut graph_noted = false;
     while trainer.epoch() < stop_at {
         let epoch = trainer.epoch() + 1;
         let bar = ProgressBar::new(train_loader.num_batches() as u64);
@@ -312,6 +318,10 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
                 ckpt_path.display()
             )
         })?;
+        if let (true, Some(why)) = (a.cuda_graph && !graph_noted, trainer.graph_refused()) {
+            eprintln!("note: training steps run without a CUDA graph: {why}");
+            graph_noted = true;
+        }
         let test = evaluate(trainer.model(), &test_loader)?;
         train_ips.push(stats.images_per_sec);
         let meta = CheckpointMeta {
@@ -442,6 +452,7 @@ impl SavedRun {
             seed: self.seed,
             threads: self.threads,
             device: "cpu".into(),
+            cuda_graph: false,
             out: None,
             resume: None,
             stop_after: None,

@@ -607,3 +607,84 @@ fn training_on_the_emulated_gpu_follows_the_cpu_run() {
         "eval accuracy: cpu {ce}, emulated gpu {ge}"
     );
 }
+
+/// `--cuda-graph` on the emulated GPU: the step captured once and replayed gives the very
+/// numbers of eager steps (same kernels, same order), and a model whose step cannot be
+/// captured (dropout draws its mask on the host) says so and trains eagerly.
+#[cfg(feature = "cuda-emulator")]
+#[test]
+fn a_captured_training_step_on_the_emulated_gpu_replays_eager_steps_exactly() {
+    let run = |extra: &[&str], tag: &str| {
+        let out_dir = temp(&format!("graph-{tag}"));
+        let mut args = vec![
+            "train",
+            "--epochs",
+            "2",
+            "--limit-train",
+            "200",
+            "--limit-test",
+            "100",
+            "--batch-size",
+            "32",
+            "--device",
+            "cuda:1000",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = convnet(&args);
+        let r = last_json(&out);
+        let text = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+        let epochs: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (r, epochs, String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (eager, eager_epochs, _) = run(&[], "eager");
+    let (graph, graph_epochs, stderr) = run(&["--cuda-graph"], "graph");
+    assert!(!stderr.contains("without a CUDA graph"), "{stderr}");
+    for (e, g) in eager_epochs.iter().zip(&graph_epochs) {
+        for key in ["train_loss", "train_accuracy", "test_loss", "test_accuracy"] {
+            assert_eq!(
+                e[key], g[key],
+                "{key}: eager {} vs graph {}",
+                e[key], g[key]
+            );
+        }
+    }
+    assert_eq!(
+        tensors(Path::new(eager["checkpoint"].as_str().unwrap())),
+        tensors(Path::new(graph["checkpoint"].as_str().unwrap())),
+        "bit-identical weights and BatchNorm state"
+    );
+
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/small-resnet.toml");
+    let out_dir = temp("graph-dropout");
+    let out = convnet(&[
+        "train",
+        "--model-file",
+        file.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--limit-train",
+        "64",
+        "--limit-test",
+        "32",
+        "--batch-size",
+        "16",
+        "--device",
+        "cuda:1000",
+        "--cuda-graph",
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    last_json(&out);
+    assert!(
+        stderr.contains("without a CUDA graph") && stderr.contains("cannot be captured"),
+        "{stderr}"
+    );
+}

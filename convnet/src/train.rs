@@ -65,6 +65,10 @@ pub struct TrainConfig {
     pub label_smoothing: f32,
     /// Where the model is trained; batches are copied there.
     pub device: Device,
+    /// On a GPU: capture the training step in a CUDA graph after one eager step and replay
+    /// it for every batch of that size (SGD only; a model whose step cannot be captured,
+    /// e.g. with dropout, trains eagerly and [`Trainer::graph_refused`] says why).
+    pub cuda_graph: bool,
 }
 
 impl Default for TrainConfig {
@@ -79,6 +83,7 @@ impl Default for TrainConfig {
             schedule: ScheduleKind::Constant,
             label_smoothing: 0.0,
             device: Device::Cpu,
+            cuda_graph: false,
         }
     }
 }
@@ -207,21 +212,49 @@ struct EpochSums {
     device: Option<(usize, crate::backend::cuda::DeviceBuffer)>,
 }
 
+/// The device accumulator kept between epochs (a captured step writes to its address).
+#[cfg(feature = "cuda")]
+type KeptAccumulator = Option<crate::backend::cuda::DeviceBuffer>;
+#[cfg(not(feature = "cuda"))]
+type KeptAccumulator = ();
+
 impl EpochSums {
-    fn new(device: Device) -> Result<EpochSums> {
+    /// Zeroed sums for `device`, reusing the accumulator of the previous epoch if any.
+    fn new(device: Device, kept: KeptAccumulator) -> Result<EpochSums> {
         #[cfg(feature = "cuda")]
         let device = match device {
-            Device::Cuda(n) => Some((n, crate::backend::cuda::runtime::with(n, |rt| rt.zeros(4))?)),
+            Device::Cuda(n) => Some((
+                n,
+                match kept {
+                    Some(mut acc) if acc.ordinal() == n => {
+                        acc.fill_zero()?;
+                        acc
+                    }
+                    _ => crate::backend::cuda::runtime::with(n, |rt| rt.zeros(4))?,
+                },
+            )),
             Device::Cpu => None,
         };
         #[cfg(not(feature = "cuda"))]
-        let _ = device;
+        let _ = (device, kept);
         Ok(EpochSums {
             loss_sum: 0.0,
             correct: 0,
             #[cfg(feature = "cuda")]
             device,
         })
+    }
+
+    /// The accumulator to keep for the next epoch.
+    fn into_kept(self) -> KeptAccumulator {
+        #[cfg(feature = "cuda")]
+        return self.device.map(|(_, acc)| acc);
+    }
+
+    /// The device accumulator, on a GPU.
+    #[cfg(feature = "cuda")]
+    fn device_acc(&self) -> Option<&crate::backend::cuda::DeviceBuffer> {
+        self.device.as_ref().map(|(_, acc)| acc)
     }
 
     /// Whether the figures live on a GPU (and are read back only now and then).
@@ -268,6 +301,13 @@ pub struct Trainer {
     cfg: TrainConfig,
     epoch: usize,
     step: usize,
+    /// The GPU metric accumulator, kept from epoch to epoch.
+    kept: KeptAccumulator,
+    /// With `cuda_graph`: the staging buffers and captured graph of the full-batch step.
+    #[cfg(feature = "cuda")]
+    graphed: Option<crate::backend::cuda::step_graph::GraphedStep>,
+    /// Why steps are not captured, when they were meant to be.
+    graph_refused: Option<String>,
 }
 
 impl Trainer {
@@ -289,7 +329,17 @@ impl Trainer {
             cfg,
             epoch: 0,
             step: 0,
+            kept: Default::default(),
+            #[cfg(feature = "cuda")]
+            graphed: None,
+            graph_refused: None,
         })
+    }
+
+    /// Why training steps are not replayed from a CUDA graph although
+    /// [`TrainConfig::cuda_graph`] asked for it (`None` while they are, or when not asked).
+    pub fn graph_refused(&self) -> Option<&str> {
+        self.graph_refused.as_deref()
     }
 
     /// The model being trained.
@@ -327,26 +377,31 @@ impl Trainer {
         let epoch = self.epoch + 1;
         let batches = loader.num_batches();
         let start = Instant::now();
-        let mut sums = EpochSums::new(self.cfg.device)?;
+        let mut sums = EpochSums::new(self.cfg.device, std::mem::take(&mut self.kept))?;
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         for (i, batch) in loader.epoch(self.epoch).enumerate() {
             let batch = batch?;
-            let images = batch.images.to_device(self.cfg.device)?;
-            let logits = self.model.forward(&images, Mode::Train)?;
-            let loss =
-                logits.cross_entropy(&batch.labels, Reduction::Mean, self.cfg.label_smoothing)?;
-            if let Some(value) = sums.add(&loss, &logits, &batch.labels)? {
-                if !value.is_finite() {
-                    return Err(Error::Diverged {
-                        epoch,
-                        step: self.step,
-                        loss: value,
-                    });
-                }
-            }
-            let grads = loss.backward()?;
             self.schedule.apply(self.optimizer.as_mut(), self.step);
-            self.optimizer.step(&grads)?;
+            if !self.graphed_step(&batch.images, &batch.labels, &sums)? {
+                let images = batch.images.to_device(self.cfg.device)?;
+                let logits = self.model.forward(&images, Mode::Train)?;
+                let loss = logits.cross_entropy(
+                    &batch.labels,
+                    Reduction::Mean,
+                    self.cfg.label_smoothing,
+                )?;
+                if let Some(value) = sums.add(&loss, &logits, &batch.labels)? {
+                    if !value.is_finite() {
+                        return Err(Error::Diverged {
+                            epoch,
+                            step: self.step,
+                            loss: value,
+                        });
+                    }
+                }
+                let grads = loss.backward()?;
+                self.optimizer.step(&grads)?;
+            }
             self.step += 1;
             seen += batch.labels.len();
             let report = !sums.on_device() || (i + 1) % GPU_READBACK_STEPS == 0 || i + 1 == batches;
@@ -370,6 +425,7 @@ impl Trainer {
                 images_per_sec: seen as f64 / start.elapsed().as_secs_f64().max(1e-9),
             });
         }
+        self.kept = sums.into_kept();
         self.epoch = epoch;
         let seconds = start.elapsed().as_secs_f64();
         Ok(EpochTrain {
@@ -379,6 +435,90 @@ impl Trainer {
             lr: self.optimizer.lr(),
             seconds,
         })
+    }
+
+    /// With `cuda_graph` on a GPU: runs this batch's step from the staging buffers, eagerly
+    /// the first time, then captured and replayed. False when the step should run the
+    /// ordinary way (not asked, not a GPU, another batch size, capture refused).
+    #[cfg(feature = "cuda")]
+    fn graphed_step(
+        &mut self,
+        images: &Tensor,
+        labels: &[usize],
+        sums: &EpochSums,
+    ) -> Result<bool> {
+        use crate::backend::cuda::step_graph::GraphedStep;
+        let Device::Cuda(gpu) = self.cfg.device else {
+            return Ok(false);
+        };
+        if !self.cfg.cuda_graph || self.graph_refused.is_some() {
+            return Ok(false);
+        }
+        if !self.optimizer.supports_step_graphs() {
+            self.graph_refused = Some("only SGD steps are captured in CUDA graphs".into());
+            return Ok(false);
+        }
+        let Some(acc) = sums.device_acc() else {
+            return Ok(false);
+        };
+        match &self.graphed {
+            Some(g) if g.batch() != labels.len() => return Ok(false),
+            Some(_) => {}
+            None => self.graphed = Some(GraphedStep::new(gpu, images.dims())?),
+        }
+        let smoothing = self.cfg.label_smoothing;
+        let Trainer {
+            model,
+            optimizer,
+            graphed,
+            graph_refused,
+            ..
+        } = self;
+        let step = graphed.as_mut().expect("made above");
+        step.stage(images, labels)?;
+        if let Some(id) = step.graph_for(acc) {
+            optimizer.stage_hyperparameters()?;
+            step.launch(id)?;
+            add_to_batch_counters(model, 1.0)?;
+            return Ok(true);
+        }
+        let (staged, targets) = (step.images().clone(), step.targets());
+        let body = |optimizer: &mut dyn Optimizer| {
+            staged_step(
+                model,
+                optimizer,
+                &staged,
+                targets.clone(),
+                acc,
+                smoothing,
+                gpu,
+            )
+        };
+        if !step.warmed() {
+            body(optimizer.as_mut())?;
+            step.set_warmed();
+            return Ok(true);
+        }
+        match step.capture(acc, || body(optimizer.as_mut())) {
+            Ok(()) => {
+                let id = step.graph_for(acc).expect("just captured");
+                optimizer.stage_hyperparameters()?;
+                step.launch(id)?;
+            }
+            Err(e) => {
+                // Nothing ran on the device; undo the forward pass's host-side counting and
+                // train this batch (and the rest of the run) eagerly.
+                add_to_batch_counters(model, -1.0)?;
+                *graph_refused = Some(e.to_string());
+                body(optimizer.as_mut())?;
+            }
+        }
+        Ok(true)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn graphed_step(&mut self, _: &Tensor, _: &[usize], _: &EpochSums) -> Result<bool> {
+        Ok(false)
     }
 
     /// Saves the optimizer state, position and random state (the model goes in the
@@ -429,6 +569,39 @@ impl Trainer {
         crate::rng::set_global_rng_state(rng);
         Ok(meta)
     }
+}
+
+/// One training step on a GPU from staged inputs (the body a CUDA graph captures).
+#[cfg(feature = "cuda")]
+fn staged_step(
+    model: &Model,
+    optimizer: &mut dyn Optimizer,
+    images: &Tensor,
+    targets: std::sync::Arc<crate::backend::cuda::DeviceBuffer>,
+    acc: &crate::backend::cuda::DeviceBuffer,
+    smoothing: f32,
+    gpu: usize,
+) -> Result<()> {
+    use crate::backend::cuda::ops;
+    let logits = model.forward(images, Mode::Train)?;
+    let n = logits.dims()[0];
+    let loss = ops::cross_entropy_on_device(gpu, &logits, targets, smoothing, Some(n as f32))?;
+    // The loss kept the targets for backward; the metrics read them from there.
+    ops::accumulate_metrics(gpu, acc, &loss, &logits, &[])?;
+    let grads = loss.backward()?;
+    optimizer.step(&grads)
+}
+
+/// Adds `delta` to every BatchNorm `num_batches_tracked` of `model` (a replayed step does
+/// not run the forward pass on the host, which counts batches).
+#[cfg(feature = "cuda")]
+fn add_to_batch_counters(model: &Model, delta: f32) -> Result<()> {
+    for (name, t) in model.state_dict() {
+        if name.ends_with("num_batches_tracked") {
+            t.update_data(|v| v.iter_mut().for_each(|x| *x += delta))?;
+        }
+    }
+    Ok(())
 }
 
 /// Evaluates `model` in eval mode without recording a graph.

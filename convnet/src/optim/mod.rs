@@ -39,6 +39,19 @@ pub trait Optimizer {
 
     /// Restores state saved by [`Optimizer::state_dict`].
     fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<()>;
+
+    /// Whether a step of this optimizer on a GPU can be captured in a CUDA graph and
+    /// replayed: its hyperparameters are read from device memory that
+    /// [`Optimizer::stage_hyperparameters`] fills before each launch. False by default.
+    fn supports_step_graphs(&self) -> bool {
+        false
+    }
+
+    /// Copies the current hyperparameters to where a captured step reads them (before each
+    /// launch of the graph). Nothing to do by default.
+    fn stage_hyperparameters(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// True for `v >= 0` (false for NaN): the check every rate and decay must pass.

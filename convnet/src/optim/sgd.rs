@@ -46,6 +46,9 @@ struct Slot {
 pub struct Sgd {
     cfg: SgdConfig,
     slots: Vec<Slot>,
+    /// The hyperparameters on each GPU that holds parameters.
+    #[cfg(feature = "cuda")]
+    hyper: Vec<crate::backend::cuda::optim::SgdHyper>,
 }
 
 impl Sgd {
@@ -74,7 +77,12 @@ impl Sgd {
                 momentum_buffer: None,
             })
             .collect();
-        Ok(Sgd { cfg, slots })
+        Ok(Sgd {
+            cfg,
+            slots,
+            #[cfg(feature = "cuda")]
+            hyper: Vec::new(),
+        })
     }
 
     /// The hyperparameters in force.
@@ -128,30 +136,55 @@ impl Optimizer for Sgd {
             })?;
         }
         for ((gpu, first), members) in on_gpu {
-            let entries: Vec<(&Tensor, &Tensor, Option<&Tensor>)> = members
-                .iter()
-                .map(|&i| {
-                    let s = &self.slots[i];
-                    let g = grads.get(&s.param).expect("collected above");
-                    let buf = s.momentum_buffer.as_ref().filter(|_| c.momentum != 0.0);
-                    (&s.param, g, buf)
-                })
-                .collect();
-            on_gpu!(gpu, |d| crate::backend::cuda::optim::sgd_step_multi(
-                d,
-                &entries,
-                lr,
-                momentum,
-                dampening,
-                c.nesterov,
-                weight_decay,
-                first
-            ))?;
+            #[cfg(not(feature = "cuda"))]
+            let _ = (first, &members);
+            on_gpu!(gpu, |d| {
+                use crate::backend::cuda::{optim, runtime};
+                let at = match self.hyper.iter().position(|h| h.gpu() == d) {
+                    Some(at) => at,
+                    None => {
+                        self.hyper.push(optim::SgdHyper::new(d)?);
+                        self.hyper.len() - 1
+                    }
+                };
+                // A captured step reads what the trainer stages before each launch.
+                if !runtime::with(d, |rt| Ok(rt.is_capturing()))? {
+                    self.hyper[at].stage(lr, momentum, dampening, weight_decay)?;
+                }
+                let entries: Vec<(&Tensor, &Tensor, Option<&Tensor>)> = members
+                    .iter()
+                    .map(|&i| {
+                        let s = &self.slots[i];
+                        let g = grads.get(&s.param).expect("collected above");
+                        let buf = s.momentum_buffer.as_ref().filter(|_| c.momentum != 0.0);
+                        (&s.param, g, buf)
+                    })
+                    .collect();
+                optim::sgd_step_multi(&self.hyper[at], &entries, c.nesterov, first)
+            })?;
         }
         Ok(())
     }
     fn lr(&self) -> f64 {
         self.cfg.lr
+    }
+    fn supports_step_graphs(&self) -> bool {
+        cfg!(feature = "cuda")
+    }
+    fn stage_hyperparameters(&mut self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            let c = self.cfg;
+            for h in &mut self.hyper {
+                h.stage(
+                    c.lr as f32,
+                    c.momentum as f32,
+                    c.dampening as f32,
+                    c.weight_decay as f32,
+                )?;
+            }
+        }
+        Ok(())
     }
     fn set_lr(&mut self, lr: f64) {
         self.cfg.lr = lr;

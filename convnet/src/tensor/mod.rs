@@ -201,6 +201,13 @@ impl Tensor {
         }))
     }
 
+    /// Runs `f` on this tensor's storage (locked for writing) and its offset.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn with_storage_mut<R>(&self, f: impl FnOnce(&mut Storage, usize) -> R) -> R {
+        let mut guard = write(&self.0.storage);
+        f(&mut guard, self.0.offset)
+    }
+
     /// The device address of this view's first element and its strides (any layout), for
     /// the strided CUDA kernels; fails unless the tensor is on a GPU.
     #[cfg(feature = "cuda")]

@@ -23,9 +23,12 @@ impl Tensor {
         }
         let scale = if mean { 1.0 / count as f32 } else { 1.0 };
         if let Some(gpu) = gpu_of(if mean { "mean" } else { "sum" }, &[self])? {
-            let shape = self.reduced_dims(&ds, keepdim);
             return on_gpu!(gpu, |g| crate::backend::cuda::general::sum(
-                g, self, &ds, scale, shape
+                g,
+                self,
+                &ds,
+                scale,
+                self.reduced_dims(&ds, keepdim)
             ));
         }
         let mut out = self.with_data(|x| ew::sum_dims(x, self.dims(), &ds));

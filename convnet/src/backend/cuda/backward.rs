@@ -61,9 +61,10 @@ pub(crate) fn add_assign(acc: &DeviceBuffer, g: &DeviceBuffer, n: usize) -> Resu
     })
 }
 
-/// A device buffer holding `values` (the seed of a backward pass).
+/// A device buffer holding `values` (the seed of a backward pass: the same at every launch
+/// of a captured step).
 pub(crate) fn upload(ordinal: usize, values: &[f32]) -> Result<DeviceBuffer> {
-    with(ordinal, |rt| rt.upload(values))
+    with(ordinal, |rt| rt.upload_constant(values.to_vec()))
 }
 
 /// Per-channel sum over N and HW of `g [N, C, HW]` (a bias gradient).

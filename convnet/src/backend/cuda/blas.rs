@@ -106,7 +106,12 @@ impl Runtime {
             Kind::Gpu(gpu) => call.run(gpu),
             #[cfg(any(test, feature = "cuda-emulator"))]
             Kind::Emulated(_) => {
-                super::emulator::sgemm(&call);
+                if self
+                    .record(super::emulator::Recorded::Sgemm(call))
+                    .is_some()
+                {
+                    super::emulator::sgemm(&call);
+                }
                 Ok(())
             }
         }

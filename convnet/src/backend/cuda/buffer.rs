@@ -27,31 +27,53 @@ enum Memory {
 /// An owned host allocation addressed through a raw pointer, as device memory is: the
 /// emulated kernels write through the address, never through a Rust reference.
 #[cfg(any(test, feature = "cuda-emulator"))]
-pub(crate) struct HostMemory(std::ptr::NonNull<[f32]>);
+pub(crate) struct HostMemory {
+    data: std::ptr::NonNull<[f32]>,
+    /// False for a handle on memory that a captured step graph owns (see `runtime`).
+    owned: bool,
+}
 
 #[cfg(any(test, feature = "cuda-emulator"))]
 impl HostMemory {
-    fn new(data: Vec<f32>) -> HostMemory {
-        HostMemory(std::ptr::NonNull::from(Box::leak(data.into_boxed_slice())))
+    pub(crate) fn new(data: Vec<f32>) -> HostMemory {
+        HostMemory {
+            data: std::ptr::NonNull::from(Box::leak(data.into_boxed_slice())),
+            owned: true,
+        }
+    }
+
+    /// A handle on the same memory that does not free it.
+    pub(crate) fn borrowed(&self) -> HostMemory {
+        HostMemory {
+            data: self.data,
+            owned: false,
+        }
+    }
+
+    /// The address of the first float.
+    pub(crate) fn addr(&self) -> u64 {
+        self.data.as_ptr() as *mut f32 as u64
     }
 
     fn as_slice(&self) -> &[f32] {
-        // SAFETY: owned and alive; the emulator runs kernels synchronously, so no write is
-        // in progress while the host reads.
-        unsafe { self.0.as_ref() }
+        // SAFETY: alive (owned, or owned by a graph that outlives its buffers); the emulator
+        // runs kernels synchronously, so no write is in progress while the host reads.
+        unsafe { self.data.as_ref() }
     }
 
     fn as_mut_slice(&mut self) -> &mut [f32] {
         // SAFETY: as above, and `&mut self` is exclusive.
-        unsafe { self.0.as_mut() }
+        unsafe { self.data.as_mut() }
     }
 }
 
 #[cfg(any(test, feature = "cuda-emulator"))]
 impl Drop for HostMemory {
     fn drop(&mut self) {
-        // SAFETY: made by `Box::leak` in `new`, freed once here.
-        drop(unsafe { Box::from_raw(self.0.as_ptr()) });
+        if self.owned {
+            // SAFETY: made by `Box::leak` in `new`, freed once here by its owner.
+            drop(unsafe { Box::from_raw(self.data.as_ptr()) });
+        }
     }
 }
 
@@ -168,7 +190,10 @@ impl DeviceBuffer {
                 Ok(host)
             }
             #[cfg(any(test, feature = "cuda-emulator"))]
-            Memory::Emulated(data) => Ok(data.as_slice()[offset..offset + len].to_vec()),
+            Memory::Emulated(data) => {
+                super::emulator::forbid_while_capturing("copying device data to the host")?;
+                Ok(data.as_slice()[offset..offset + len].to_vec())
+            }
         }
     }
 
@@ -190,9 +215,55 @@ impl DeviceBuffer {
             }
             #[cfg(any(test, feature = "cuda-emulator"))]
             Memory::Emulated(data) => {
+                super::emulator::forbid_while_capturing("copying host data to the device")?;
                 data.as_mut_slice()[offset..offset + host.len()].copy_from_slice(host);
                 Ok(())
             }
+        }
+    }
+
+    /// Overwrites elements `offset..offset + host.len()` without waiting: the copy is queued
+    /// on the device's stream after the work already there (the driver stages pageable host
+    /// memory, so `host` may be reused at once). Staging a captured step's inputs.
+    pub(crate) fn write_host_async(&mut self, offset: usize, host: &[f32]) -> Result<()> {
+        if host.is_empty() {
+            return Ok(());
+        }
+        match &mut self.memory {
+            Memory::Cuda(data) => {
+                let stream = data.stream().clone();
+                let dst = data.device_ptr(&stream).0 + (offset * std::mem::size_of::<f32>()) as u64;
+                // SAFETY: the destination range lies inside this live buffer.
+                unsafe { cudarc::driver::result::memcpy_htod_async(dst, host, stream.cu_stream()) }
+                    .map_err(|e| memory_error("copying to the device", e))
+            }
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            Memory::Emulated(_) => self.write_host(offset, host),
+        }
+    }
+
+    /// Sets every element to zero (queued on the device's stream).
+    pub(crate) fn fill_zero(&mut self) -> Result<()> {
+        match &mut self.memory {
+            Memory::Cuda(data) => {
+                let stream = data.stream().clone();
+                stream
+                    .memset_zeros(data)
+                    .map_err(|e| memory_error("clearing device memory", e))
+            }
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            Memory::Emulated(data) => {
+                data.as_mut_slice().fill(0.0);
+                Ok(())
+            }
+        }
+    }
+
+    /// A buffer over emulated memory that a captured graph owns.
+    #[cfg(any(test, feature = "cuda-emulator"))]
+    pub(crate) fn emulated(memory: HostMemory) -> DeviceBuffer {
+        DeviceBuffer {
+            memory: Memory::Emulated(memory),
         }
     }
 
@@ -210,7 +281,7 @@ impl DeviceBuffer {
         match &self.memory {
             Memory::Cuda(data) => data.len(),
             #[cfg(any(test, feature = "cuda-emulator"))]
-            Memory::Emulated(data) => data.0.len(),
+            Memory::Emulated(data) => data.data.len(),
         }
     }
 
@@ -226,7 +297,7 @@ impl DeviceBuffer {
         let base = match &self.memory {
             Memory::Cuda(data) => data.device_ptr(data.stream()).0,
             #[cfg(any(test, feature = "cuda-emulator"))]
-            Memory::Emulated(data) => data.0.as_ptr() as *mut f32 as u64,
+            Memory::Emulated(data) => data.addr(),
         };
         base + (offset * std::mem::size_of::<f32>()) as u64
     }

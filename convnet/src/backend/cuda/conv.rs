@@ -55,6 +55,13 @@ impl PlanCache {
     }
 }
 
+/// Choosing an algorithm runs the candidates, which a capture cannot record.
+fn new_shape_in_capture(g: &ConvGeom) -> crate::Error {
+    crate::Error::Unsupported(format!(
+        "a convolution of a shape not run before ({g:?}) cannot be captured in a CUDA graph"
+    ))
+}
+
 fn int(v: usize) -> Result<c_int> {
     c_int::try_from(v).map_err(|_| unavailable(format!("size {v} is too large for cuDNN")))
 }
@@ -147,7 +154,10 @@ impl Runtime {
             Kind::Gpu(gpu) => gpu.conv2d_forward(g, x, w, y),
             #[cfg(any(test, feature = "cuda-emulator"))]
             Kind::Emulated(_) => {
-                super::emulator::conv2d_forward(g, x, w, y);
+                use super::emulator::Recorded;
+                if self.record(Recorded::ConvForward(*g, [x, w, y])).is_some() {
+                    super::emulator::conv2d_forward(g, x, w, y);
+                }
                 Ok(())
             }
         }
@@ -165,7 +175,13 @@ impl Runtime {
             Kind::Gpu(gpu) => gpu.conv2d_backward_input(g, dy, w, dx),
             #[cfg(any(test, feature = "cuda-emulator"))]
             Kind::Emulated(_) => {
-                super::emulator::conv2d_backward_input(g, dy, w, dx);
+                use super::emulator::Recorded;
+                if self
+                    .record(Recorded::ConvBackwardInput(*g, [dy, w, dx]))
+                    .is_some()
+                {
+                    super::emulator::conv2d_backward_input(g, dy, w, dx);
+                }
                 Ok(())
             }
         }
@@ -183,7 +199,13 @@ impl Runtime {
             Kind::Gpu(gpu) => gpu.conv2d_backward_weight(g, x, dy, dw),
             #[cfg(any(test, feature = "cuda-emulator"))]
             Kind::Emulated(_) => {
-                super::emulator::conv2d_backward_weight(g, x, dy, dw);
+                use super::emulator::Recorded;
+                if self
+                    .record(Recorded::ConvBackwardWeight(*g, [x, dy, dw]))
+                    .is_some()
+                {
+                    super::emulator::conv2d_backward_weight(g, x, dy, dw);
+                }
                 Ok(())
             }
         }
@@ -201,10 +223,11 @@ impl Gpu {
     }
 
     fn conv2d_forward(&mut self, g: &ConvGeom, x: u64, w: u64, y: u64) -> Result<()> {
-        let handle = self.cudnn;
+        let (handle, capturing) = (self.cudnn, self.capturing);
         let plan = self.plan(g)?;
         let (algo, bytes) = match plan.fwd {
             Some(a) => a,
+            None if capturing => return Err(new_shape_in_capture(g)),
             None => {
                 const N: usize =
                     sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as usize;
@@ -259,10 +282,11 @@ impl Gpu {
     }
 
     fn conv2d_backward_input(&mut self, g: &ConvGeom, dy: u64, w: u64, dx: u64) -> Result<()> {
-        let handle = self.cudnn;
+        let (handle, capturing) = (self.cudnn, self.capturing);
         let plan = self.plan(g)?;
         let (algo, bytes) = match plan.bwd_data {
             Some(a) => a,
+            None if capturing => return Err(new_shape_in_capture(g)),
             None => {
                 const N: usize =
                     sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT
@@ -320,10 +344,11 @@ impl Gpu {
     }
 
     fn conv2d_backward_weight(&mut self, g: &ConvGeom, x: u64, dy: u64, dw: u64) -> Result<()> {
-        let handle = self.cudnn;
+        let (handle, capturing) = (self.cudnn, self.capturing);
         let plan = self.plan(g)?;
         let (algo, bytes) = match plan.bwd_filter {
             Some(a) => a,
+            None if capturing => return Err(new_shape_in_capture(g)),
             None => {
                 const N: usize =
                     sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT

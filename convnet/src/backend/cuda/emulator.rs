@@ -211,6 +211,66 @@ impl Emulator {
     }
 }
 
+static CAPTURING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Marks the start or end of a step capture on the emulator.
+pub(crate) fn set_capturing(on: bool) {
+    CAPTURING.store(on, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Fails, as CUDA does, when host and device memory would be exchanged during a capture
+/// (the copy would be recorded once and replayed with the capture-time data).
+pub(crate) fn forbid_while_capturing(what: &str) -> Result<()> {
+    if CAPTURING.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(Error::Unsupported(format!(
+            "{what} cannot be captured in a CUDA graph"
+        )));
+    }
+    Ok(())
+}
+
+/// One piece of work recorded during a capture, replayed by each launch of the graph.
+pub(crate) enum Recorded {
+    Launch {
+        name: &'static str,
+        cfg: LaunchConfig,
+        args: Vec<Arg>,
+    },
+    ConvForward(ConvGeom, [u64; 3]),
+    ConvBackwardInput(ConvGeom, [u64; 3]),
+    ConvBackwardWeight(ConvGeom, [u64; 3]),
+    Sgemm(super::blas::Sgemm),
+    /// Zeroing memory allocated with `zeros` during the capture.
+    Zero {
+        addr: u64,
+        len: usize,
+    },
+}
+
+impl Emulator {
+    /// Runs recorded work, as a graph launch does.
+    pub(crate) fn replay(&self, work: &[Recorded]) -> Result<()> {
+        for w in work {
+            match w {
+                Recorded::Launch { name, cfg, args } => self.launch(name, *cfg, args)?,
+                Recorded::ConvForward(g, [x, w, y]) => conv2d_forward(g, *x, *w, *y),
+                Recorded::ConvBackwardInput(g, [dy, w, dx]) => {
+                    conv2d_backward_input(g, *dy, *w, *dx)
+                }
+                Recorded::ConvBackwardWeight(g, [x, dy, dw]) => {
+                    conv2d_backward_weight(g, *x, *dy, *dw)
+                }
+                Recorded::Sgemm(call) => sgemm(call),
+                Recorded::Zero { addr, len } => {
+                    // SAFETY: graph-owned memory of that size.
+                    unsafe { slice(*addr, *len) }.fill(0.0)
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A host slice at an emulated device address.
 ///
 /// # Safety

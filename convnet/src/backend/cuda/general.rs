@@ -30,8 +30,9 @@ pub(crate) fn contiguous_strides(dims: &[usize]) -> Vec<usize> {
     s
 }
 
-/// The kernels' shape arrays on the device (int64), or an error past [`MAX_RANK`].
-pub(crate) fn upload_meta(rt: &Runtime, parts: &[&[usize]]) -> Result<DeviceBuffer> {
+/// The kernels' shape arrays on the device (int64), or an error past [`MAX_RANK`]. They
+/// are constants of the op, so a captured step may hold them.
+pub(crate) fn upload_meta(rt: &mut Runtime, parts: &[&[usize]]) -> Result<DeviceBuffer> {
     let rank = parts.first().map_or(0, |p| p.len());
     if rank > MAX_RANK {
         return Err(Error::Unsupported(format!(
@@ -58,7 +59,7 @@ fn rank1(dims: &[usize]) -> Vec<usize> {
 /// given per operand (kernel `strided_map`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn strided_map(
-    rt: &Runtime,
+    rt: &mut Runtime,
     (a, sa): (u64, &[usize]),
     (b, sb): (u64, &[usize]),
     (y, sy): (u64, &[usize]),
@@ -206,7 +207,7 @@ pub(crate) fn reduction_layout(small: &[usize], full: &[usize]) -> [Vec<usize>; 
 /// with their strides in `full`'s index space.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn reduce_broadcast(
-    rt: &Runtime,
+    rt: &mut Runtime,
     g: u64,
     small: &[usize],
     full: &[usize],

@@ -676,10 +676,13 @@ __global__ void accumulate_metrics(const float* loss, const float* logits,
 // momentum the buffer becomes d (first step) or momentum * buf + (1 - dampening) * d, and
 // the update is buf or, with Nesterov, d + momentum * buf; p -= lr * update. table holds
 // four int64 per tensor: the addresses of p, g and buf (0 without momentum) and the tensor's
-// first index in the concatenation of all of them (ascending); total is the sum of sizes.
-__global__ void sgd_step_multi(const long long* table, int tensors, long long total, float lr,
-                               float momentum, float dampening, float weight_decay,
-                               int nesterov, int first_step) {
+// first index in the concatenation of all of them (ascending); total is the sum of sizes;
+// momentum 0 means no buffers.
+__global__ void sgd_step_multi(const long long* table, int tensors, long long total,
+                               const float* hyper, int nesterov, int first_step) {
+    // hyper = [lr, momentum, dampening, weight_decay], read from device memory so that a
+    // captured step follows the schedule the host stages before each launch.
+    float lr = hyper[0], momentum = hyper[1], dampening = hyper[2], weight_decay = hyper[3];
     GRID_STRIDE(i, total) {
         int lo = 0, hi = tensors - 1;
         while (lo < hi) {

@@ -40,6 +40,7 @@ pub mod kernels;
 pub(crate) mod ops;
 pub(crate) mod optim;
 pub(crate) mod runtime;
+pub(crate) mod step_graph;
 
 pub use buffer::DeviceBuffer;
 

@@ -30,8 +30,8 @@ pub(crate) enum CudaOp {
     },
     CrossEntropy {
         logits: Tensor,
-        /// Class indices, int64.
-        targets: DeviceBuffer,
+        /// Class indices, int64 (shared with the trainer's staging buffer in a captured step).
+        targets: std::sync::Arc<DeviceBuffer>,
         probs: DeviceBuffer,
         smoothing: f32,
         /// The reduction's divisor (1 for sum, N for mean); `None` for reduction "none".
@@ -641,14 +641,31 @@ pub(crate) fn cross_entropy(
     smoothing: f32,
     divisor: Option<f32>,
 ) -> Result<Tensor> {
+    let host: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
+    let targets = with(gpu, |rt| rt.upload_i64(&host))?;
+    cross_entropy_on_device(
+        gpu,
+        logits,
+        std::sync::Arc::new(targets),
+        smoothing,
+        divisor,
+    )
+}
+
+/// [`cross_entropy`] with the class indices already on the device (int64, one per row).
+pub(crate) fn cross_entropy_on_device(
+    gpu: usize,
+    logits: &Tensor,
+    targets: std::sync::Arc<DeviceBuffer>,
+    smoothing: f32,
+    divisor: Option<f32>,
+) -> Result<Tensor> {
     let (n, c) = (logits.dims()[0], logits.dims()[1]);
     let lp = logits.cuda_ptr("cross_entropy")?;
-    let host_targets: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
-    let (out, probs, targets_dev) = with(gpu, |rt| {
-        let t = rt.upload_i64(&host_targets)?;
+    let tp = targets.ptr(0);
+    let (out, probs) = with(gpu, |rt| {
         let probs = rt.uninit(n * c)?;
         let rows = rt.uninit(n)?;
-        let tp = t.ptr(0);
         launch!(
             rt,
             "softmax_cross_entropy_forward",
@@ -678,7 +695,7 @@ pub(crate) fn cross_entropy(
                 total
             }
         };
-        Ok((out, probs, t))
+        Ok((out, probs))
     })?;
     let shape = match divisor {
         None => Shape::new([n]),
@@ -687,7 +704,7 @@ pub(crate) fn cross_entropy(
     let op = record(&[logits], || {
         Op::Cuda(CudaOp::CrossEntropy {
             logits: logits.clone(),
-            targets: targets_dev,
+            targets,
             probs,
             smoothing,
             divisor,

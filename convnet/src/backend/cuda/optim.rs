@@ -1,23 +1,52 @@
 //! Optimizer steps on the GPU, in place over one parameter, mirroring
 //! `backend::cpu::optim` (`torch.optim.SGD` and `Adam`/`AdamW` single-tensor formulas).
 
+use super::buffer::DeviceBuffer;
 use super::runtime::{launch, with};
 use crate::backend::cpu::optim::AdamStep;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
+/// SGD's hyperparameters on a GPU (`[lr, momentum, dampening, weight_decay]`), read by
+/// the step kernel from device memory so that a captured step follows the schedule.
+pub(crate) struct SgdHyper {
+    gpu: usize,
+    values: DeviceBuffer,
+}
+
+impl SgdHyper {
+    /// Device memory for the hyperparameters of GPU `gpu`.
+    pub(crate) fn new(gpu: usize) -> Result<SgdHyper> {
+        let values = with(gpu, |rt| rt.zeros(4))?;
+        Ok(SgdHyper { gpu, values })
+    }
+
+    /// The device it lives on.
+    pub(crate) fn gpu(&self) -> usize {
+        self.gpu
+    }
+
+    /// Queues the copy of the next step's values (not waiting for the device).
+    pub(crate) fn stage(
+        &mut self,
+        lr: f32,
+        momentum: f32,
+        dampening: f32,
+        weight_decay: f32,
+    ) -> Result<()> {
+        self.values
+            .write_host_async(0, &[lr, momentum, dampening, weight_decay])
+    }
+}
+
 /// One SGD step over many parameters of one GPU in a single launch (a training step of a
 /// ResNet updates dozens of tensors: one launch instead of one each). Each entry is
-/// `(p, g, buf)`; `buf` is `None` without momentum; `first` marks the step that initialises the buffers to the gradients.
-#[allow(clippy::too_many_arguments)]
+/// `(p, g, buf)`; `buf` is `None` without momentum (then the staged momentum must be 0);
+/// `first` marks the step that initialises the buffers to the gradients.
 pub(crate) fn sgd_step_multi(
-    gpu: usize,
+    hyper: &SgdHyper,
     entries: &[(&Tensor, &Tensor, Option<&Tensor>)],
-    lr: f32,
-    momentum: f32,
-    dampening: f32,
     nesterov: bool,
-    weight_decay: f32,
     first: bool,
 ) -> Result<()> {
     const OP: &str = "SGD step";
@@ -37,13 +66,9 @@ pub(crate) fn sgd_step_multi(
         return Ok(());
     }
     let tensors = (table.len() / 4) as i32;
-    let momentum = if entries.iter().all(|e| e.2.is_some()) {
-        momentum
-    } else {
-        0.0
-    };
-    with(gpu, |rt| {
-        let table = rt.upload_i64(&table)?;
+    with(hyper.gpu, |rt| {
+        // The addresses are the step's own buffers: constants of a captured step.
+        let table = rt.upload_constant_i64(&table)?;
         launch!(
             rt,
             "sgd_step_multi",
@@ -51,10 +76,7 @@ pub(crate) fn sgd_step_multi(
             table.ptr(0),
             tensors,
             total as i64,
-            lr,
-            momentum,
-            dampening,
-            weight_decay,
+            hyper.values.ptr(0),
             i32::from(nesterov),
             i32::from(first)
         )

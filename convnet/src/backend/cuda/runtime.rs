@@ -26,6 +26,46 @@ pub(crate) struct Runtime {
     pub(crate) alloc: Allocator,
     pub(crate) kind: Kind,
     max_blocks: u32,
+    /// The capture in progress, if any.
+    capture: Option<Capture>,
+    /// Captured step graphs by id (`None` once dropped).
+    graphs: Vec<Option<StepGraph>>,
+}
+
+/// What a capture collects besides the recorded work: memory the graph must keep.
+#[derive(Default)]
+struct Capture {
+    /// Page-locked host copies read by the graph's copy nodes (constant inputs).
+    pinned: Vec<PinnedHost>,
+    /// Emulator: memory allocated during the capture (a graph owns its allocations).
+    #[cfg(any(test, feature = "cuda-emulator"))]
+    arena: Vec<super::buffer::HostMemory>,
+}
+
+/// Page-locked host memory, freed on drop.
+struct PinnedHost(*mut std::ffi::c_void);
+
+impl Drop for PinnedHost {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `malloc_host` in `upload_constant_i64`, freed once.
+        unsafe {
+            let _ = cudarc::driver::result::free_host(self.0);
+        }
+    }
+}
+
+/// A captured training step, replayed by [`Runtime::launch_graph`].
+struct StepGraph {
+    exec: GraphExec,
+    _pinned: Vec<PinnedHost>,
+    #[cfg(any(test, feature = "cuda-emulator"))]
+    _arena: Vec<super::buffer::HostMemory>,
+}
+
+enum GraphExec {
+    Gpu(cudarc::driver::CudaGraph),
+    #[cfg(any(test, feature = "cuda-emulator"))]
+    Emulated(Vec<super::emulator::Recorded>),
 }
 
 /// What executes the work.
@@ -44,6 +84,8 @@ pub(crate) struct Gpu {
     pub(crate) cudnn: cudarc::cudnn::sys::cudnnHandle_t,
     pub(crate) convs: PlanCache,
     workspace: Option<DeviceBuffer>,
+    /// A step is being captured: no algorithm search, no workspace growth.
+    pub(crate) capturing: bool,
 }
 
 // SAFETY: the runtime is only reached through the `RUNTIMES` mutex, so the cuDNN and cuBLAS
@@ -61,6 +103,18 @@ impl Drop for Gpu {
 }
 
 static RUNTIMES: Mutex<Vec<(usize, Box<Runtime>)>> = Mutex::new(Vec::new());
+
+#[cfg(any(test, feature = "cuda-emulator"))]
+thread_local! {
+    /// Emulator: memory allocated during the capture in progress, and which of it was
+    /// zeroed (`uninit`/`zeros` take `&self`).
+    static ARENA_PENDING: std::cell::RefCell<Vec<super::buffer::HostMemory>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+    static ZERO_PENDING: std::cell::RefCell<Vec<(u64, usize)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+    static WORK_PENDING: std::cell::RefCell<Vec<super::emulator::Recorded>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Runs `f` with the runtime of device `ordinal`, creating it on first use (this compiles
 /// the kernels with NVRTC, about a second). `f` must not call `with` again.
@@ -154,6 +208,8 @@ impl Runtime {
                 alloc: Allocator::Emulated,
                 kind: Kind::Emulated(super::emulator::Emulator::new()?),
                 max_blocks: 64,
+                capture: None,
+                graphs: Vec::new(),
             });
         }
         super::probe(ordinal)?;
@@ -214,8 +270,11 @@ impl Runtime {
                 cudnn,
                 convs: PlanCache::default(),
                 workspace: None,
+                capturing: false,
             }),
             max_blocks: sms * 16,
+            capture: None,
+            graphs: Vec::new(),
         })
     }
 
@@ -246,8 +305,32 @@ impl Runtime {
                     .map_err(|e| unavailable(format!("kernel {name} failed to launch: {e:?}")))
             }
             #[cfg(any(test, feature = "cuda-emulator"))]
-            Kind::Emulated(emu) => emu.launch(name, cfg, args),
+            Kind::Emulated(emu) => {
+                let work = super::emulator::Recorded::Launch {
+                    name,
+                    cfg,
+                    args: args.to_vec(),
+                };
+                match self.record(work) {
+                    None => Ok(()),
+                    Some(_) => emu.launch(name, cfg, args),
+                }
+            }
         }
+    }
+
+    /// Emulator: keeps `work` for the graph instead of running it while a step is being
+    /// captured; hands it back when there is no capture.
+    #[cfg(any(test, feature = "cuda-emulator"))]
+    pub(crate) fn record(
+        &self,
+        work: super::emulator::Recorded,
+    ) -> Option<super::emulator::Recorded> {
+        if self.capture.is_none() {
+            return Some(work);
+        }
+        WORK_PENDING.with(|w| w.borrow_mut().push(work));
+        None
     }
 
     /// Launch shape for an element-wise kernel over `n` elements (grid-stride loops cover
@@ -282,24 +365,219 @@ impl Runtime {
         }
     }
 
+    /// Emulator during a capture: graph-owned memory, kept until the graph is dropped.
+    #[cfg(any(test, feature = "cuda-emulator"))]
+    fn arena_alloc(&self, data: Vec<f32>) -> Option<DeviceBuffer> {
+        match (&self.kind, &self.capture) {
+            (Kind::Emulated(_), Some(_)) => {
+                let memory = super::buffer::HostMemory::new(data);
+                let buffer = DeviceBuffer::emulated(memory.borrowed());
+                // The arena is behind `&self`: capture bookkeeping uses interior access.
+                ARENA_PENDING.with(|a| a.borrow_mut().push(memory));
+                Some(buffer)
+            }
+            _ => None,
+        }
+    }
+
     /// `len` floats of uninitialised device memory (for kernels that write every element).
     pub(crate) fn uninit(&self, len: usize) -> Result<DeviceBuffer> {
+        #[cfg(any(test, feature = "cuda-emulator"))]
+        if let Some(b) = self.arena_alloc(vec![f32::NAN; len.max(1)]) {
+            return Ok(b);
+        }
         self.alloc.uninit(len)
     }
 
-    /// `len` zeros.
+    /// `len` zeros (zeroed again by every launch of a graph captured around this call).
     pub(crate) fn zeros(&self, len: usize) -> Result<DeviceBuffer> {
+        #[cfg(any(test, feature = "cuda-emulator"))]
+        if let Some(b) = self.arena_alloc(vec![0.0; len.max(1)]) {
+            ZERO_PENDING.with(|z| z.borrow_mut().push((b.ptr(0), len.max(1))));
+            return Ok(b);
+        }
         self.alloc.zeros(len)
+    }
+
+    fn forbid_upload(&self, what: &str) -> Result<()> {
+        if self.capture.is_some() {
+            return Err(crate::Error::Unsupported(format!(
+                "{what} cannot be captured in a CUDA graph (the copy would replay the capture-time data)"
+            )));
+        }
+        Ok(())
     }
 
     /// A device copy of host data.
     pub(crate) fn upload(&self, host: &[f32]) -> Result<DeviceBuffer> {
+        self.forbid_upload("copying host data to the device")?;
         self.alloc.upload(host)
     }
 
     /// A device copy of integers (class targets), stored as 64-bit.
     pub(crate) fn upload_i64(&self, host: &[i64]) -> Result<DeviceBuffer> {
+        self.forbid_upload("copying host data to the device")?;
         self.alloc.upload_i64(host)
+    }
+
+    /// A device copy of integers that are the same at every launch of a graph captured
+    /// around this call (shape descriptions, the addresses of a step's own buffers): during
+    /// a capture the copy reads a page-locked host copy kept with the graph.
+    pub(crate) fn upload_constant_i64(&mut self, host: &[i64]) -> Result<DeviceBuffer> {
+        let words: Vec<f32> = host
+            .iter()
+            .flat_map(|v| {
+                let b = v.to_le_bytes();
+                [
+                    f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                    f32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+                ]
+            })
+            .collect();
+        self.upload_constant(words)
+    }
+
+    /// [`Runtime::upload_constant_i64`] for floats (e.g. the seed gradient 1 of a loss).
+    pub(crate) fn upload_constant(&mut self, words: Vec<f32>) -> Result<DeviceBuffer> {
+        if self.capture.is_none() {
+            return self.alloc.upload(&words);
+        }
+        #[cfg(any(test, feature = "cuda-emulator"))]
+        if let Some(b) = self.arena_alloc(words.clone()) {
+            return Ok(b);
+        }
+        #[allow(irrefutable_let_patterns)]
+        let Kind::Gpu(gpu) = &self.kind
+        else {
+            unreachable!("the emulator case returned above")
+        };
+        let bytes = std::mem::size_of_val(words.as_slice()).max(4);
+        // SAFETY: a fresh page-locked allocation of `bytes`, filled below and freed with the
+        // graph; the captured copy node reads it at every launch.
+        let pinned = unsafe { cudarc::driver::result::malloc_host(bytes, 0) }
+            .map_err(|e| unavailable(format!("cannot allocate page-locked memory: {e:?}")))?;
+        let pinned = PinnedHost(pinned);
+        // SAFETY: the allocation holds `bytes` >= the words' size.
+        let staged = unsafe {
+            std::ptr::copy_nonoverlapping(words.as_ptr(), pinned.0.cast::<f32>(), words.len());
+            std::slice::from_raw_parts(pinned.0.cast::<f32>(), words.len().max(1))
+        };
+        let buffer = self.alloc.uninit(words.len())?;
+        // SAFETY: destination inside the new buffer, source the page-locked copy.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(buffer.ptr(0), staged, gpu.stream.cu_stream())
+        }
+        .map_err(|e| unavailable(format!("cannot capture a copy to the device: {e:?}")))?;
+        self.capture
+            .as_mut()
+            .expect("checked above")
+            .pinned
+            .push(pinned);
+        Ok(buffer)
+    }
+
+    /// Whether a step is being captured.
+    pub(crate) fn is_capturing(&self) -> bool {
+        self.capture.is_some()
+    }
+
+    /// Starts capturing the work queued from now on into a graph instead of running it.
+    pub(crate) fn begin_capture(&mut self) -> Result<()> {
+        if self.capture.is_some() {
+            return Err(crate::Error::Unsupported(
+                "a capture is already in progress".into(),
+            ));
+        }
+        match &mut self.kind {
+            Kind::Gpu(gpu) => {
+                // Relaxed: page-locked host copies of constants are allocated during the
+                // capture; that host call is not stream work and must not abort it.
+                gpu.stream
+                    .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+                    .map_err(|e| {
+                        unavailable(format!("cannot start a CUDA graph capture: {e:?}"))
+                    })?;
+                gpu.capturing = true;
+            }
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            Kind::Emulated(_) => super::emulator::set_capturing(true),
+        }
+        self.capture = Some(Capture::default());
+        Ok(())
+    }
+
+    /// Ends the capture: the graph's id for [`Runtime::launch_graph`], or the error that
+    /// made the capture unusable (the work was not run either way).
+    pub(crate) fn end_capture(&mut self) -> Result<usize> {
+        let mut capture = self
+            .capture
+            .take()
+            .ok_or_else(|| crate::Error::Unsupported("no capture in progress".into()))?;
+        let exec = match &mut self.kind {
+            Kind::Gpu(gpu) => {
+                gpu.capturing = false;
+                let flags =
+                    sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH;
+                let graph = gpu
+                    .stream
+                    .end_capture(flags)
+                    .map_err(|e| unavailable(format!("the CUDA graph capture failed: {e:?}")))?
+                    .ok_or_else(|| unavailable("the CUDA graph capture recorded nothing"))?;
+                GraphExec::Gpu(graph)
+            }
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            Kind::Emulated(_) => {
+                super::emulator::set_capturing(false);
+                capture.arena = ARENA_PENDING.with(|a| std::mem::take(&mut *a.borrow_mut()));
+                let zeros = ZERO_PENDING.with(|z| std::mem::take(&mut *z.borrow_mut()));
+                // Zeroed allocations come first, as the graph's memset nodes precede their users.
+                let mut work: Vec<super::emulator::Recorded> = zeros
+                    .into_iter()
+                    .map(|(addr, len)| super::emulator::Recorded::Zero { addr, len })
+                    .collect();
+                work.extend(WORK_PENDING.with(|w| std::mem::take(&mut *w.borrow_mut())));
+                GraphExec::Emulated(work)
+            }
+        };
+        self.graphs.push(Some(StepGraph {
+            exec,
+            _pinned: std::mem::take(&mut capture.pinned),
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            _arena: std::mem::take(&mut capture.arena),
+        }));
+        Ok(self.graphs.len() - 1)
+    }
+
+    /// Ends a capture that failed part-way, discarding what was recorded.
+    pub(crate) fn abort_capture(&mut self) {
+        if self.capture.is_some() {
+            let _ = self.end_capture().map(|id| self.drop_graph(id));
+        }
+    }
+
+    /// Runs captured step `id` once.
+    pub(crate) fn launch_graph(&self, id: usize) -> Result<()> {
+        let graph = self
+            .graphs
+            .get(id)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| crate::Error::Unsupported(format!("no step graph {id}")))?;
+        match (&graph.exec, &self.kind) {
+            (GraphExec::Gpu(g), _) => g
+                .launch()
+                .map_err(|e| unavailable(format!("launching the step graph failed: {e:?}"))),
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            (GraphExec::Emulated(work), Kind::Emulated(emu)) => emu.replay(work),
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            _ => Err(crate::Error::Unsupported("graph of another device".into())),
+        }
+    }
+
+    /// Frees captured step `id`.
+    pub(crate) fn drop_graph(&mut self, id: usize) {
+        if let Some(g) = self.graphs.get_mut(id) {
+            *g = None;
+        }
     }
 }
 
@@ -308,6 +586,12 @@ impl Gpu {
     pub(crate) fn workspace(&mut self, bytes: usize) -> Result<u64> {
         let floats = bytes.div_ceil(4).max(1);
         if self.workspace.as_ref().is_none_or(|w| w.len() < floats) {
+            if self.capturing {
+                // Memory allocated in a capture belongs to the graph, not to later steps.
+                return Err(crate::Error::Unsupported(
+                    "a larger convolution workspace cannot be allocated during a CUDA graph capture".into(),
+                ));
+            }
             self.workspace = Some(Allocator::Cuda(self.stream.clone()).uninit(floats)?);
         }
         Ok(self.workspace.as_ref().map_or(0, |w| w.ptr(0)))
