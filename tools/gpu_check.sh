@@ -13,7 +13,8 @@
 # What the check runs, in order: library discovery (CONVNET_CUDA_LIB_DIR, LD_LIBRARY_PATH);
 # the GPU tests (the ignored tests of the CUDA build: every op fixture on cuda, the GPU
 # against the CPU at network sizes, training steps of the zoo); `convnet train --device cuda` for
-# seed-cnn (10 epochs, batch 64) and resnet20 (3 epochs, batch 128); the PyTorch twin
+# seed-cnn (10 epochs, batch 64) and resnet20 (3 epochs, batch 128), eagerly and with
+# --cuda-graph; the PyTorch twin
 # (tools/twin/train_twin.py --device cuda) with the same recipes; then a table of training
 # images/s, the ratio, and test accuracy for both.
 set -euo pipefail
@@ -108,8 +109,10 @@ out="${TMPDIR:-/tmp}/convnet-gpu-check-$$"
 steps=(
     "tests: for t in $kit/bin/tests/*; do \$t --ignored; done"
     "convnet seed-cnn: $convnet train --device cuda --data $data $seed_cnn --json --out $out/seed-cnn"
+    "convnet seed-cnn graph: $convnet train --device cuda --cuda-graph --data $data $seed_cnn --json --out $out/seed-cnn-graph"
     "pytorch seed-cnn: $python tools/twin/train_twin.py --device cuda --data $data $seed_cnn"
     "convnet resnet20: $convnet train --device cuda --data $data $resnet20 --json --out $out/resnet20"
+    "convnet resnet20 graph: $convnet train --device cuda --cuda-graph --data $data $resnet20 --json --out $out/resnet20-graph"
     "pytorch resnet20: $python tools/twin/train_twin.py --device cuda --data $data $resnet20"
 )
 if [ "$dry" = 1 ]; then
@@ -138,22 +141,33 @@ for t in "$kit"/bin/tests/*; do
     done
 done
 echo "GPU tests: $passed passed, failed:${failed:- none}"
-run_json() { "$@" | tee /dev/stderr | tail -1; }
+# A failed run prints its error and leaves "failed" in the table; the others still run.
+run_json() { { "$@" || echo '"failed"'; } | tee /dev/stderr | tail -1; }
 cs=$(run_json "$convnet" train --device cuda --data "$data" $seed_cnn --json --out "$out/seed-cnn")
+cgs=$(run_json "$convnet" train --device cuda --cuda-graph --data "$data" $seed_cnn --json --out "$out/seed-cnn-graph")
 ps=$(run_json "$python" tools/twin/train_twin.py --device cuda --data "$data" $seed_cnn)
 cr=$(run_json "$convnet" train --device cuda --data "$data" $resnet20 --json --out "$out/resnet20")
+cgr=$(run_json "$convnet" train --device cuda --cuda-graph --data "$data" $resnet20 --json --out "$out/resnet20-graph")
 pr=$(run_json "$python" tools/twin/train_twin.py --device cuda --data "$data" $resnet20)
 if [ -f "$kit/anchor/pytorch_gpu_anchor.py" ]; then
     "$python" "$kit/anchor/pytorch_gpu_anchor.py" "$data/train.tar.gz" "$data/test.tar.gz" \
         --out "$out/anchor" --budget "${ANCHOR_BUDGET:-150}" || echo "gpu_check: the anchor failed" >&2
 fi
-"$python" - "$cs" "$ps" "$cr" "$pr" <<'PY'
+"$python" - "$cs" "$cgs" "$ps" "$cr" "$cgr" "$pr" <<'PY'
 import json, sys
-rows = [("seed-cnn b64", sys.argv[1], sys.argv[2], 2.0), ("resnet20 b128", sys.argv[3], sys.argv[4], 1.2)]
-print("| model | convnet img/s | PyTorch img/s | ratio | target | convnet acc | PyTorch acc |")
+def parse(s):
+    try:
+        v = json.loads(s)
+        return v if isinstance(v, dict) else None
+    except ValueError:
+        return None
+a = [parse(s) for s in sys.argv[1:]]
+rows = [("seed-cnn b64", a[0], a[1], a[2], 2.0), ("resnet20 b128", a[3], a[4], a[5], 1.2)]
+print("| model | convnet img/s (eager / graph) | PyTorch img/s | ratio (best) | target | convnet acc | PyTorch acc |")
 print("|---|---|---|---|---|---|---|")
-for name, c, p, target in rows:
-    c, p = json.loads(c), json.loads(p)
-    ci, pi = c["train_images_per_sec"], p["train_images_per_sec"]
-    print(f"| {name} | {ci:.0f} | {pi:.0f} | {ci / pi:.2f}x | {target}x | {100 * c['test_accuracy']:.2f}% | {100 * p['test_accuracy']:.2f}% |")
+for name, c, g, p, target in rows:
+    ips = lambda r: r["train_images_per_sec"] if r else float("nan")
+    acc = lambda r: f"{100 * r['test_accuracy']:.2f}%" if r else "failed"
+    best = max([ips(r) for r in (c, g) if r] or [float("nan")])
+    print(f"| {name} | {ips(c):.0f} / {ips(g):.0f} | {ips(p):.0f} | {best / ips(p):.2f}x | {target}x | {acc(c)} / {acc(g)} | {acc(p)} |")
 PY
