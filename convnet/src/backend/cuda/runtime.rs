@@ -140,6 +140,41 @@ pub(crate) fn with<R>(ordinal: usize, f: impl FnOnce(&mut Runtime) -> Result<R>)
     f(rt)
 }
 
+/// Ends the capture in progress on device `ordinal`: `Ok(graph id)` when `ran` is `Ok` and
+/// the capture is sound, else the capture is discarded and the error returned. Unlike
+/// [`with`], this does not first fail on errors the driver stored while buffers were freed
+/// during the capture (dropping values cannot report them); those are collected here and
+/// make the capture fail instead, leaving the device usable for eager steps.
+pub(crate) fn finish_capture(ordinal: usize, ran: Result<()>) -> Result<usize> {
+    let mut all = RUNTIMES.lock().unwrap_or_else(|e| e.into_inner());
+    let rt = all
+        .iter_mut()
+        .find(|(o, _)| *o == ordinal)
+        .map(|(_, rt)| rt)
+        .ok_or_else(|| unavailable(format!("cuda:{ordinal} has no runtime")))?;
+    let stored = match &rt.kind {
+        Kind::Gpu(gpu) => {
+            let ctx = gpu.stream.context();
+            let _ = ctx.bind_to_thread();
+            ctx.check_err()
+                .map_err(|e| unavailable(format!("the driver reported during the capture: {e:?}")))
+        }
+        #[cfg(any(test, feature = "cuda-emulator"))]
+        Kind::Emulated(_) => Ok(()),
+    };
+    match ran.and(stored) {
+        Ok(()) => rt.end_capture(),
+        Err(e) => {
+            rt.abort_capture();
+            #[allow(irrefutable_let_patterns)]
+            if let Kind::Gpu(gpu) = &rt.kind {
+                let _ = gpu.stream.context().check_err();
+            }
+            Err(e)
+        }
+    }
+}
+
 /// The virtual architecture NVRTC compiles for, from the device's compute capability.
 fn arch_for(major: i32, minor: i32) -> Result<&'static str> {
     Ok(match (major, minor) {

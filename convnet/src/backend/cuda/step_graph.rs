@@ -111,14 +111,8 @@ impl GraphedStep {
         self.drop_graph();
         with(self.gpu, |rt| rt.begin_capture())?;
         let ran = body();
-        let ended = with(self.gpu, |rt| match ran {
-            Ok(()) => rt.end_capture(),
-            Err(e) => {
-                rt.abort_capture();
-                Err(e)
-            }
-        })?;
-        self.graph = Some((ended, acc.ptr(0)));
+        let id = super::runtime::finish_capture(self.gpu, ran)?;
+        self.graph = Some((id, acc.ptr(0)));
         Ok(())
     }
 
