@@ -177,8 +177,16 @@ impl Tensor {
             Device::Cpu => Ok(Storage::Cpu(self.try_to_vec()?)),
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => {
-                let host = self.try_to_vec()?;
-                let buf = crate::backend::cuda::runtime::with(n, |rt| rt.upload(&host))?;
+                let buf = match self.device() {
+                    // Straight from the host elements (no intermediate copy).
+                    Device::Cpu => self.with_data(|host| {
+                        crate::backend::cuda::runtime::with(n, |rt| rt.upload(host))
+                    })?,
+                    Device::Cuda(_) => {
+                        let host = self.try_to_vec()?;
+                        crate::backend::cuda::runtime::with(n, |rt| rt.upload(&host))?
+                    }
+                };
                 Ok(Storage::Cuda(buf))
             }
             #[cfg(not(feature = "cuda"))]
