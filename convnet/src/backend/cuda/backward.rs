@@ -67,18 +67,30 @@ pub(crate) fn upload(ordinal: usize, values: &[f32]) -> Result<DeviceBuffer> {
     with(ordinal, |rt| rt.upload_constant(values.to_vec()))
 }
 
-/// Per-channel sum over N and HW of `g [N, C, HW]` (a bias gradient).
+/// Per-channel sum over N and HW of `g [N, C, HW]` (a bias gradient), split over several
+/// blocks per channel, then the slices added in order.
 fn channel_sum(rt: &Runtime, g: u64, n: usize, c: usize, hw: usize) -> Result<DeviceBuffer> {
-    let out = rt.uninit(c)?;
+    let (cfg, splits) = rt.split_per_channel(c, n * hw);
+    let partial = rt.uninit(2 * c * splits)?;
     launch!(
         rt,
         "channel_sum",
-        rt.per_row(c),
+        cfg,
         g,
-        out.ptr(0),
+        partial.ptr(0),
         int(n)?,
         int(c)?,
         int(hw)?
+    )?;
+    let out = rt.uninit(c)?;
+    launch!(
+        rt,
+        "channel_sum_finish",
+        rt.per_channel(c),
+        partial.ptr(0),
+        out.ptr(0),
+        int(c)?,
+        splits as i32
     )?;
     Ok(out)
 }
@@ -587,11 +599,13 @@ fn batch_norm_backward(
             _ => None,
         };
         let gmp = gm.as_ref().map_or(0, |b| b.ptr(0));
-        let sums = rt.uninit(4 * c)?; // 2 doubles per channel
+        // Two doubles (four floats) per channel and slice.
+        let (cfg, splits) = rt.split_per_channel(c, n * hw);
+        let partial = rt.uninit(4 * c * splits)?;
         launch!(
             rt,
             "bn_backward_reduce",
-            rt.per_row(c),
+            cfg,
             gp,
             xp,
             rp,
@@ -599,7 +613,7 @@ fn batch_norm_backward(
             stats.scale.ptr(0),
             stats.shift.ptr(0),
             gmp,
-            sums.ptr(0),
+            partial.ptr(0),
             ni,
             ci,
             hwi,
@@ -611,7 +625,8 @@ fn batch_norm_backward(
             rt,
             "bn_backward_finalize",
             rt.per_channel(c),
-            sums.ptr(0),
+            partial.ptr(0),
+            splits as i32,
             stats.mean.ptr(0),
             stats.invstd.ptr(0),
             wp,

@@ -35,10 +35,12 @@ struct emu_dim3 { unsigned x, y, z; };
 extern "C" {
 emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 double shared[4096];
-void emu_set_dims(unsigned block, unsigned thread, unsigned grid, unsigned threads) {
-    blockIdx.x = block; threadIdx.x = thread; gridDim.x = grid; blockDim.x = threads;
-    blockIdx.y = blockIdx.z = threadIdx.y = threadIdx.z = 0;
-    gridDim.y = gridDim.z = blockDim.y = blockDim.z = 1;
+void emu_set_dims(unsigned bx, unsigned by, unsigned thread, unsigned gx, unsigned gy,
+                  unsigned threads) {
+    blockIdx.x = bx; blockIdx.y = by; threadIdx.x = thread;
+    gridDim.x = gx; gridDim.y = gy; blockDim.x = threads;
+    blockIdx.z = threadIdx.y = threadIdx.z = 0;
+    gridDim.z = blockDim.y = blockDim.z = 1;
 }
 }
 #define __global__
@@ -94,7 +96,7 @@ fn wrappers(source: &str) -> String {
 }
 
 type Wrapper = unsafe extern "C" fn(*mut *mut c_void);
-type SetDims = unsafe extern "C" fn(u32, u32, u32, u32);
+type SetDims = unsafe extern "C" fn(u32, u32, u32, u32, u32, u32);
 
 /// The compiled kernels.
 /// The kernels compiled for the host.
@@ -189,7 +191,7 @@ impl Emulator {
                 Arg::F64(v) => v as *mut f64 as *mut c_void,
             })
             .collect();
-        let blocks = cfg.grid_dim.0;
+        let (gx, gy) = (cfg.grid_dim.0, cfg.grid_dim.1.max(1));
         // Block-wide reductions (the kernels that use shared memory) run one thread per
         // block; see the module comment.
         let threads = if cfg.shared_mem_bytes > 0 {
@@ -197,13 +199,15 @@ impl Emulator {
         } else {
             cfg.block_dim.0
         };
-        for b in 0..blocks {
-            for t in 0..threads {
-                // SAFETY: the wrapper reads each argument as the kernel's declared type; the
-                // test code passes host addresses of live buffers as device addresses.
-                unsafe {
-                    (self.set_dims)(b, t, blocks, threads);
-                    f(pointers.as_mut_ptr());
+        for by in 0..gy {
+            for bx in 0..gx {
+                for t in 0..threads {
+                    // SAFETY: the wrapper reads each argument as the kernel's declared type;
+                    // the test code passes host addresses of live buffers as device addresses.
+                    unsafe {
+                        (self.set_dims)(bx, by, t, gx, gy, threads);
+                        f(pointers.as_mut_ptr());
+                    }
                 }
             }
         }

@@ -97,28 +97,46 @@ __device__ double block_sum(double v, double* shared) {
     return total;
 }
 
-// One block per channel: mean, then the biased variance from squared deviations (two
-// passes, like the CPU). Launch with blockDim.x * sizeof(double) bytes of shared memory.
-__global__ void bn_stats(const float* x, double* mean, double* var, int n, int c, int hw) {
+// The slice [lo, hi) of a channel's N*HW values that block (channel, blockIdx.y) reduces
+// when the channel is split over gridDim.y blocks.
+__device__ void split_range(long long count, long long* lo, long long* hi) {
+    long long chunk = (count + gridDim.y - 1) / gridDim.y;
+    *lo = (long long)blockIdx.y * chunk;
+    long long end = *lo + chunk;
+    *hi = end < count ? end : count;
+}
+
+// Element j (of N*HW) of channel ch in [N, C, HW].
+__device__ long long channel_index(long long j, int c, int ch, int hw) {
+    return ((j / hw) * c + ch) * (long long)hw + j % hw;
+}
+
+// Partial batch statistics, grid (C, splits): block (ch, s) writes for its slice of channel
+// ch the count, the sum and the sum of squared deviations from the slice's own mean, in
+// double; bn_finalize combines the slices (Chan et al.'s pairwise update; with one slice,
+// exactly the CPU's two passes). Launch with blockDim.x * sizeof(double) shared bytes.
+__global__ void bn_stats(const float* x, double* partial, int n, int c, int hw) {
     extern __shared__ double shared[];
     int ch = blockIdx.x;
-    long long count = (long long)n * hw;
+    long long lo, hi;
+    split_range((long long)n * hw, &lo, &hi);
     double s = 0.0;
-    for (long long j = threadIdx.x; j < count; j += blockDim.x) {
-        long long b = j / hw, p = j % hw;
-        s += (double)x[(b * c + ch) * hw + p];
-    }
-    double m = block_sum(s, shared) / (double)count;
+    for (long long j = lo + threadIdx.x; j < hi; j += blockDim.x)
+        s += (double)x[channel_index(j, c, ch, hw)];
+    double sum = block_sum(s, shared);
+    double cnt = hi > lo ? (double)(hi - lo) : 0.0;
+    double m = cnt > 0.0 ? sum / cnt : 0.0;
     double ss = 0.0;
-    for (long long j = threadIdx.x; j < count; j += blockDim.x) {
-        long long b = j / hw, p = j % hw;
-        double d = (double)x[(b * c + ch) * hw + p] - m;
+    for (long long j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+        double d = (double)x[channel_index(j, c, ch, hw)] - m;
         ss += d * d;
     }
-    double v = block_sum(ss, shared) / (double)count;
+    double m2 = block_sum(ss, shared);
     if (threadIdx.x == 0) {
-        mean[ch] = m;
-        var[ch] = v;
+        double* p = partial + 3 * ((long long)ch * gridDim.y + blockIdx.y);
+        p[0] = cnt;
+        p[1] = sum;
+        p[2] = m2;
     }
 }
 
@@ -148,18 +166,21 @@ __device__ float bn_masked_grad(const float* dy, const float* x, const float* re
     return t > 0.0f ? dy[i] : 0.0f;
 }
 
-// One block per channel: sums[2*ch] = sum(dy'), sums[2*ch+1] = sum(dy' * (x - mean)),
-// in double. Launch with blockDim.x * sizeof(double) bytes of shared memory.
+// Partial sums, grid (C, splits): block (ch, s) writes sum(dy') and sum(dy' * (x - mean))
+// over its slice of channel ch to partial[2 * (ch * splits + s) + {0, 1}], in double
+// (bn_backward_finalize adds the slices in order). Launch with blockDim.x * sizeof(double)
+// bytes of shared memory.
 __global__ void bn_backward_reduce(const float* dy, const float* x, const float* residual,
                                    const float* mean, const float* scale, const float* shift,
-                                   float* gm, double* sums, int n, int c, int hw,
+                                   float* gm, double* partial, int n, int c, int hw,
                                    int epilogue) {
     extern __shared__ double shared[];
     int ch = blockIdx.x;
-    long long count = (long long)n * hw;
+    long long lo, hi;
+    split_range((long long)n * hw, &lo, &hi);
     double a = 0.0, b = 0.0;
-    for (long long j = threadIdx.x; j < count; j += blockDim.x) {
-        long long i = ((j / hw) * c + ch) * hw + j % hw;
+    for (long long j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+        long long i = channel_index(j, c, ch, hw);
         float g = bn_masked_grad(dy, x, residual, scale[ch], shift[ch], epilogue, i);
         if (gm) gm[i] = g;
         a += (double)g;
@@ -168,8 +189,9 @@ __global__ void bn_backward_reduce(const float* dy, const float* x, const float*
     double sa = block_sum(a, shared);
     double sb = block_sum(b, shared);
     if (threadIdx.x == 0) {
-        sums[2 * ch] = sa;
-        sums[2 * ch + 1] = sb;
+        double* p = partial + 2 * ((long long)ch * gridDim.y + blockIdx.y);
+        p[0] = sa;
+        p[1] = sb;
     }
 }
 
@@ -330,19 +352,28 @@ __global__ void add_channel_bias(float* y, const float* bias, int c, int hw, lon
     GRID_STRIDE(i, n) { y[i] = y[i] + bias[(i / hw) % c]; }
 }
 
-// out[ch] = sum over N and HW of g[n, ch, p], in double (a bias gradient). One block per
-// channel; launch with blockDim.x * sizeof(double) bytes of shared memory.
-__global__ void channel_sum(const float* g, float* out, int n, int c, int hw) {
+// Partial per-channel sums over N and HW of g [N, C, HW] (a bias gradient), grid
+// (C, splits): partial[ch * splits + s], in double; channel_sum_finish adds them in order.
+// Launch with blockDim.x * sizeof(double) bytes of shared memory.
+__global__ void channel_sum(const float* g, double* partial, int n, int c, int hw) {
     extern __shared__ double shared[];
     int ch = blockIdx.x;
-    long long count = (long long)n * hw;
+    long long lo, hi;
+    split_range((long long)n * hw, &lo, &hi);
     double s = 0.0;
-    for (long long j = threadIdx.x; j < count; j += blockDim.x) {
-        long long b = j / hw, p = j % hw;
-        s += (double)g[(b * c + ch) * hw + p];
-    }
+    for (long long j = lo + threadIdx.x; j < hi; j += blockDim.x)
+        s += (double)g[channel_index(j, c, ch, hw)];
     double total = block_sum(s, shared);
-    if (threadIdx.x == 0) out[ch] = (float)total;
+    if (threadIdx.x == 0) partial[(long long)ch * gridDim.y + blockIdx.y] = total;
+}
+
+// out[ch] = the sum of channel ch's partial sums, one thread per channel.
+__global__ void channel_sum_finish(const double* partial, float* out, int c, int splits) {
+    int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    double s = 0.0;
+    for (int k = 0; k < splits; ++k) s += partial[(long long)ch * splits + k];
+    out[ch] = (float)s;
 }
 
 // out[0] = sum(x) / divisor in double (a mean or sum reduction of per-row losses); one
@@ -366,7 +397,7 @@ __global__ void scale_copy(const float* x, float* y, long long n, float factor) 
 // mean/invstd/scale/shift in float32 exactly as the CPU forms them, and in training the
 // running statistics updated in double with the unbiased variance (PyTorch's rule).
 // weight/bias may be null (no affine).
-__global__ void bn_finalize(const double* bmean, const double* bvar, float* running_mean,
+__global__ void bn_finalize(const double* partial, int splits, float* running_mean,
                             float* running_var, const float* weight, const float* bias,
                             float* mean, float* invstd, float* scale, float* shift, int c,
                             float eps, float momentum, double unbias, int training) {
@@ -374,7 +405,25 @@ __global__ void bn_finalize(const double* bmean, const double* bvar, float* runn
     if (ch >= c) return;
     float m, is;
     if (training) {
-        double bm = bmean[ch], bv = bvar[ch], mo = (double)momentum;
+        // Combine the slices: count, mean and sum of squared deviations.
+        double na = 0.0, bm = 0.0, m2 = 0.0;
+        for (int s = 0; s < splits; ++s) {
+            const double* p = partial + 3 * ((long long)ch * splits + s);
+            double nb = p[0];
+            if (nb == 0.0) continue;
+            double mb = p[1] / nb;
+            if (na == 0.0) {
+                na = nb;
+                bm = mb;
+                m2 = p[2];
+            } else {
+                double total = na + nb, delta = mb - bm;
+                bm = bm + delta * (nb / total);
+                m2 = m2 + p[2] + delta * delta * (na * nb / total);
+                na = total;
+            }
+        }
+        double bv = m2 / na, mo = (double)momentum;
         running_mean[ch] = (float)((1.0 - mo) * (double)running_mean[ch] + mo * bm);
         running_var[ch] = (float)((1.0 - mo) * (double)running_var[ch] + mo * bv * unbias);
         m = (float)bm;
@@ -393,14 +442,20 @@ __global__ void bn_finalize(const double* bmean, const double* bvar, float* runn
 // One thread per channel, after bn_backward_reduce: the weight and bias gradients and the
 // coefficients of dx = a * g' + b * x + c0 (training) or dx = g' * a (eval), folded in double
 // as the CPU kernel folds them.
-__global__ void bn_backward_finalize(const double* sums, const float* mean,
+__global__ void bn_backward_finalize(const double* partial, int splits, const float* mean,
                                      const float* invstd, const float* weight, float* dweight,
                                      float* dbias, float* a, float* b, float* c0, int c,
                                      double count, int training) {
     int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= c) return;
-    double sdy = sums[2 * ch], is = (double)invstd[ch], m = (double)mean[ch];
-    double sdyx = sums[2 * ch + 1] * is;
+    double sdy = 0.0, sx = 0.0;
+    for (int s = 0; s < splits; ++s) {
+        const double* p = partial + 2 * ((long long)ch * splits + s);
+        sdy += p[0];
+        sx += p[1];
+    }
+    double is = (double)invstd[ch], m = (double)mean[ch];
+    double sdyx = sx * is;
     dweight[ch] = (float)sdyx;
     dbias[ch] = (float)sdy;
     double w = weight ? (double)weight[ch] : 1.0;

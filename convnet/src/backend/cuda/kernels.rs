@@ -30,6 +30,7 @@ pub const NAMES: &[&str] = &[
     "sgd_step_multi",
     "add_channel_bias",
     "channel_sum",
+    "channel_sum_finish",
     "sum_scaled",
     "scale_copy",
     "bn_finalize",

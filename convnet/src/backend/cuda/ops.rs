@@ -512,24 +512,15 @@ pub(crate) fn batch_norm2d(
         1.0
     };
     let (y, stats) = with(gpu, |rt| {
-        // Batch mean and variance in double (two floats each), training only.
-        let (bmean, bvar) = if training {
-            let m = rt.uninit(2 * c)?;
-            let v = rt.uninit(2 * c)?;
-            launch!(
-                rt,
-                "bn_stats",
-                rt.per_row(c),
-                xp,
-                m.ptr(0),
-                v.ptr(0),
-                ni,
-                ci,
-                hwi
-            )?;
-            (Some(m), Some(v))
+        // Per-slice count, sum and squared deviations in double (two floats each), training
+        // only; bn_finalize combines them.
+        let (partial, splits) = if training {
+            let (cfg, splits) = rt.split_per_channel(c, count);
+            let partial = rt.uninit(6 * c * splits)?;
+            launch!(rt, "bn_stats", cfg, xp, partial.ptr(0), ni, ci, hwi)?;
+            (Some(partial), splits)
         } else {
-            (None, None)
+            (None, 1)
         };
         let stats = BnStats {
             mean: rt.uninit(c)?,
@@ -541,8 +532,8 @@ pub(crate) fn batch_norm2d(
             rt,
             "bn_finalize",
             rt.per_channel(c),
-            bmean.as_ref().map_or(0, |b| b.ptr(0)),
-            bvar.as_ref().map_or(0, |b| b.ptr(0)),
+            partial.as_ref().map_or(0, |b| b.ptr(0)),
+            splits as i32,
             rmp,
             rvp,
             wp,

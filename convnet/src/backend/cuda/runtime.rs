@@ -26,6 +26,9 @@ pub(crate) struct Runtime {
     pub(crate) alloc: Allocator,
     pub(crate) kind: Kind,
     max_blocks: u32,
+    /// Values per block at least in split per-channel reductions (small on the emulator,
+    /// so that its tests exercise the split path).
+    split_granularity: usize,
     /// The capture in progress, if any.
     capture: Option<Capture>,
     /// Captured step graphs by id (`None` once dropped).
@@ -243,6 +246,7 @@ impl Runtime {
                 alloc: Allocator::Emulated,
                 kind: Kind::Emulated(super::emulator::Emulator::new()?),
                 max_blocks: 64,
+                split_granularity: 16,
                 capture: None,
                 graphs: Vec::new(),
             });
@@ -308,6 +312,7 @@ impl Runtime {
                 capturing: false,
             }),
             max_blocks: sms * 16,
+            split_granularity: REDUCE_THREADS as usize * 8,
             capture: None,
             graphs: Vec::new(),
         })
@@ -389,6 +394,22 @@ impl Runtime {
             block_dim: (REDUCE_THREADS, 1, 1),
             shared_mem_bytes: REDUCE_THREADS * std::mem::size_of::<f64>() as u32,
         }
+    }
+
+    /// Launch shape for a per-channel reduction over `count` values per channel, split over
+    /// several blocks per channel (grid `(c, splits)`) so that few channels still fill the
+    /// GPU; returns the shape and `splits`. Each block reduces at least a few thousand values.
+    pub(crate) fn split_per_channel(&self, c: usize, count: usize) -> (LaunchConfig, usize) {
+        let per_block = self.split_granularity;
+        // About four blocks per multiprocessor in all (max_blocks is 16 per multiprocessor).
+        let wanted = (self.max_blocks as usize / 4).div_ceil(c.max(1));
+        let splits = count.div_ceil(per_block).clamp(1, wanted.clamp(1, 256));
+        let cfg = LaunchConfig {
+            grid_dim: (c.max(1) as u32, splits as u32, 1),
+            block_dim: (REDUCE_THREADS, 1, 1),
+            shared_mem_bytes: REDUCE_THREADS * std::mem::size_of::<f64>() as u32,
+        };
+        (cfg, splits)
     }
 
     /// Launch shape for a kernel with one thread per channel.
