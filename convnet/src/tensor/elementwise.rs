@@ -11,8 +11,10 @@ use crate::rng::Rng;
 use crate::shape::Shape;
 
 /// `[rows, cols]` row-major -> `[cols, rows]` row-major.
+/// (The result comes from the pool of recycled buffers: it writes every element, and a warm
+/// buffer of the same size is there from the previous step.)
 fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; a.len()];
+    let mut out = crate::backend::cpu::recycle::take_overwritten(a.len());
     const B: usize = 32;
     for r0 in (0..rows).step_by(B) {
         for c0 in (0..cols).step_by(B) {
