@@ -88,6 +88,10 @@ pub struct TrainArgs {
     /// to eager steps with a note when the model's step cannot be captured).
     #[arg(long)]
     cuda_graph: bool,
+    /// On a GPU, let convolutions use TF32 tensor cores (PyTorch's default for cuDNN);
+    /// without it they use float32 arithmetic.
+    #[arg(long)]
+    tf32: bool,
     /// Output folder for checkpoints and metrics (default runs/<model>-<time>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -138,6 +142,7 @@ fn config(a: &TrainArgs, device: convnet::Device) -> TrainConfig {
         label_smoothing: a.label_smoothing,
         device,
         cuda_graph: a.cuda_graph,
+        tf32: a.tf32,
     }
 }
 
@@ -453,6 +458,7 @@ impl SavedRun {
             threads: self.threads,
             device: "cpu".into(),
             cuda_graph: false,
+            tf32: false,
             out: None,
             resume: None,
             stop_after: None,

@@ -69,6 +69,9 @@ pub struct TrainConfig {
     /// it for every batch of that size (SGD only; a model whose step cannot be captured,
     /// e.g. with dropout, trains eagerly and [`Trainer::graph_refused`] says why).
     pub cuda_graph: bool,
+    /// On a GPU: let convolutions use TF32 tensor cores, as PyTorch does by default
+    /// (otherwise float32 arithmetic, within rounding of the CPU's results).
+    pub tf32: bool,
 }
 
 impl Default for TrainConfig {
@@ -84,6 +87,7 @@ impl Default for TrainConfig {
             label_smoothing: 0.0,
             device: Device::Cpu,
             cuda_graph: false,
+            tf32: false,
         }
     }
 }
@@ -320,6 +324,10 @@ impl Trainer {
             ));
         }
         model.to_device(cfg.device)?;
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(n) = cfg.device {
+            crate::backend::cuda::allow_tf32(n, cfg.tf32)?;
+        }
         let optimizer = make_optimizer(&cfg, model.named_parameters())?;
         let schedule = make_schedule(&cfg, steps_per_epoch)?;
         Ok(Trainer {

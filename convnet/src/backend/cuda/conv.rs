@@ -5,7 +5,8 @@
 //! convolution descriptors and the algorithm of each direction, chosen by timing the
 //! candidates (`cudnnFind*`, what `torch.backends.cudnn.benchmark = True` does) among those
 //! that use plain float32 arithmetic (`CUDNN_FMA_MATH`: no TF32, so results stay within
-//! float32 rounding of the CPU's). The workspace is one device buffer shared by all plans.
+//! float32 rounding of the CPU's), or any when TF32 was allowed (`allow_tf32`). The
+//! workspace is one device buffer shared by all plans.
 
 use super::runtime::{Gpu, Kind, Runtime};
 use super::unavailable;
@@ -83,7 +84,7 @@ fn tensor4d(dims: [usize; 4]) -> Result<sys::cudnnTensorDescriptor_t> {
 }
 
 impl Plan {
-    fn new(g: &ConvGeom) -> Result<Plan> {
+    fn new(g: &ConvGeom, tf32: bool) -> Result<Plan> {
         let x = tensor4d([g.n, g.c, g.h, g.w])?;
         let y = tensor4d([g.n, g.k, g.oh, g.ow])?;
         let w = dnn::create_filter_descriptor().map_err(|e| cudnn_error("filter descriptor", e))?;
@@ -121,25 +122,33 @@ impl Plan {
             .map_err(|e| cudnn_error("convolution descriptor", e))?;
             dnn::set_convolution_group_count(conv, int(g.groups)?)
                 .map_err(|e| cudnn_error("group count", e))?;
-            dnn::set_convolution_math_type(conv, sys::cudnnMathType_t::CUDNN_FMA_MATH)
-                .map_err(|e| cudnn_error("math type", e))?;
+            // FMA only (float32 arithmetic) unless TF32 tensor cores were allowed, as PyTorch's
+            // torch.backends.cudnn.allow_tf32 selects between the same two modes.
+            let math = if tf32 {
+                sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
+            } else {
+                sys::cudnnMathType_t::CUDNN_FMA_MATH
+            };
+            dnn::set_convolution_math_type(conv, math).map_err(|e| cudnn_error("math type", e))?;
         }
         Ok(plan)
     }
 }
 
-/// Picks the fastest successful candidate that does plain float32 arithmetic.
+/// Picks the fastest successful candidate that does plain float32 arithmetic (any, with
+/// TF32 allowed).
 macro_rules! fastest {
-    ($results:expr, $count:expr) => {
+    ($results:expr, $count:expr, $tf32:expr) => {
         $results[..$count as usize]
             .iter()
             .filter(|r| r.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
             .filter(|r| {
-                !matches!(
-                    r.mathType,
-                    sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
-                        | sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
-                )
+                $tf32
+                    || !matches!(
+                        r.mathType,
+                        sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+                            | sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
+                    )
             })
             .min_by(|a, b| a.time.total_cmp(&b.time))
             .map(|r| (r.algo, r.memory))
@@ -216,14 +225,14 @@ impl Gpu {
     /// The plan of `g`, made on first use.
     fn plan(&mut self, g: &ConvGeom) -> Result<&mut Plan> {
         if !self.convs.plans.contains_key(g) {
-            let plan = Plan::new(g)?;
+            let plan = Plan::new(g, self.tf32)?;
             self.convs.plans.insert(*g, plan);
         }
         Ok(self.convs.plans.get_mut(g).expect("inserted above"))
     }
 
     fn conv2d_forward(&mut self, g: &ConvGeom, x: u64, w: u64, y: u64) -> Result<()> {
-        let (handle, capturing) = (self.cudnn, self.capturing);
+        let (handle, capturing, tf32) = (self.cudnn, self.capturing, self.tf32);
         let plan = self.plan(g)?;
         let (algo, bytes) = match plan.fwd {
             Some(a) => a,
@@ -250,7 +259,7 @@ impl Gpu {
                     .result()
                 }
                 .map_err(|e| cudnn_error("choosing a forward algorithm", e))?;
-                let chosen = fastest!(results, count).ok_or_else(|| {
+                let chosen = fastest!(results, count, tf32).ok_or_else(|| {
                     unavailable(format!("cuDNN has no float32 forward algorithm for {g:?}"))
                 })?;
                 plan.fwd = Some(chosen);
@@ -282,7 +291,7 @@ impl Gpu {
     }
 
     fn conv2d_backward_input(&mut self, g: &ConvGeom, dy: u64, w: u64, dx: u64) -> Result<()> {
-        let (handle, capturing) = (self.cudnn, self.capturing);
+        let (handle, capturing, tf32) = (self.cudnn, self.capturing, self.tf32);
         let plan = self.plan(g)?;
         let (algo, bytes) = match plan.bwd_data {
             Some(a) => a,
@@ -310,7 +319,7 @@ impl Gpu {
                     .result()
                 }
                 .map_err(|e| cudnn_error("choosing a backward-data algorithm", e))?;
-                let chosen = fastest!(results, count).ok_or_else(|| {
+                let chosen = fastest!(results, count, tf32).ok_or_else(|| {
                     unavailable(format!(
                         "cuDNN has no float32 backward-data algorithm for {g:?}"
                     ))
@@ -344,7 +353,7 @@ impl Gpu {
     }
 
     fn conv2d_backward_weight(&mut self, g: &ConvGeom, x: u64, dy: u64, dw: u64) -> Result<()> {
-        let (handle, capturing) = (self.cudnn, self.capturing);
+        let (handle, capturing, tf32) = (self.cudnn, self.capturing, self.tf32);
         let plan = self.plan(g)?;
         let (algo, bytes) = match plan.bwd_filter {
             Some(a) => a,
@@ -372,7 +381,7 @@ impl Gpu {
                     .result()
                 }
                 .map_err(|e| cudnn_error("choosing a backward-filter algorithm", e))?;
-                let chosen = fastest!(results, count).ok_or_else(|| {
+                let chosen = fastest!(results, count, tf32).ok_or_else(|| {
                     unavailable(format!(
                         "cuDNN has no float32 backward-filter algorithm for {g:?}"
                     ))
@@ -462,7 +471,7 @@ mod tests {
         ];
         for (x, w, p) in cases {
             let g = p.geometry(&x, &w).unwrap();
-            let plan = Plan::new(&g).unwrap();
+            let plan = Plan::new(&g, false).unwrap();
             let (mut n, mut k, mut oh, mut ow) = (0, 0, 0, 0);
             // SAFETY: the plan's descriptors are alive; the outputs are plain integers.
             unsafe {

@@ -163,6 +163,17 @@ fn contained<T>(what: &str, f: impl FnOnce() -> T + std::panic::UnwindSafe) -> R
     })
 }
 
+/// Lets the convolutions of GPU `ordinal` use TF32 tensor cores (`on`), as PyTorch does by
+/// default (`torch.backends.cudnn.allow_tf32 = True`), or keeps them to float32 arithmetic
+/// (the default here: results within float32 rounding of the CPU's). Matrix products stay
+/// float32 either way, as in PyTorch.
+pub fn allow_tf32(ordinal: usize, on: bool) -> Result<()> {
+    runtime::with(ordinal, |rt| {
+        rt.set_tf32(on);
+        Ok(())
+    })
+}
+
 /// Finds CUDA device `ordinal`: the driver library, the device count, a context and the
 /// device name. Every failure is [`Error::CudaUnavailable`] with the reason.
 pub fn probe(ordinal: usize) -> Result<DeviceInfo> {

@@ -89,6 +89,8 @@ pub(crate) struct Gpu {
     workspace: Option<DeviceBuffer>,
     /// A step is being captured: no algorithm search, no workspace growth.
     pub(crate) capturing: bool,
+    /// Convolutions may use TF32 tensor cores.
+    pub(crate) tf32: bool,
 }
 
 // SAFETY: the runtime is only reached through the `RUNTIMES` mutex, so the cuDNN and cuBLAS
@@ -310,6 +312,7 @@ impl Runtime {
                 convs: PlanCache::default(),
                 workspace: None,
                 capturing: false,
+                tf32: false,
             }),
             max_blocks: sms * 16,
             split_granularity: REDUCE_THREADS as usize * 8,
@@ -530,6 +533,18 @@ impl Runtime {
             .pinned
             .push(pinned);
         Ok(buffer)
+    }
+
+    /// Lets convolutions use TF32 tensor cores (10-bit mantissa products, float32 sums) or
+    /// not; plans made under the other setting are dropped. No effect on the emulator.
+    pub(crate) fn set_tf32(&mut self, on: bool) {
+        #[allow(irrefutable_let_patterns)]
+        if let Kind::Gpu(gpu) = &mut self.kind {
+            if gpu.tf32 != on {
+                gpu.tf32 = on;
+                gpu.convs.clear();
+            }
+        }
     }
 
     /// Whether a step is being captured.
