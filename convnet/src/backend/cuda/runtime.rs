@@ -160,9 +160,12 @@ pub(crate) fn finish_capture(ordinal: usize, ran: Result<()>) -> Result<usize> {
     let stored = match &rt.kind {
         Kind::Gpu(gpu) => {
             let ctx = gpu.stream.context();
+            // (Read the stored errors first: binding the context would consume them.)
+            let stored = ctx
+                .check_err()
+                .map_err(|e| unavailable(format!("the driver reported during the capture: {e:?}")));
             let _ = ctx.bind_to_thread();
-            ctx.check_err()
-                .map_err(|e| unavailable(format!("the driver reported during the capture: {e:?}")))
+            stored
         }
         #[cfg(any(test, feature = "cuda-emulator"))]
         Kind::Emulated(_) => Ok(()),
