@@ -1,5 +1,5 @@
 // convnet's CUDA kernels: everything that is not a convolution (cuDNN) or a matrix product
-// (cuBLAS). Compiled at run time by NVRTC (see nvrtc.rs), so a build needs no CUDA toolkit.
+// (cuBLAS). Compiled at run time by NVRTC (see kernels.rs), so a build needs no CUDA toolkit.
 //
 // Conventions: float32 data, [N, C, H, W] layouts as on the CPU, one thread per element
 // with grid-stride loops unless a kernel says otherwise. Reductions accumulate in double,
