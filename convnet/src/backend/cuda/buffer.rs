@@ -99,6 +99,20 @@ pub(crate) fn memory_error(what: &str, e: cudarc::driver::DriverError) -> crate:
     unavailable(format!("{what}: {e:?}"))
 }
 
+/// 64-bit integers as the float32 words device memory holds them (two per integer, little
+/// endian): class targets and the kernels' shape tables.
+pub(crate) fn i64_words(host: &[i64]) -> Vec<f32> {
+    host.iter()
+        .flat_map(|v| {
+            let b = v.to_le_bytes();
+            [
+                f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                f32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            ]
+        })
+        .collect()
+}
+
 /// Where new buffers come from: a device's stream, or the host emulator.
 #[derive(Clone)]
 pub(crate) enum Allocator {
@@ -157,16 +171,7 @@ impl Allocator {
 
     /// A copy of 64-bit integers (class targets), two floats' room each.
     pub(crate) fn upload_i64(&self, host: &[i64]) -> Result<DeviceBuffer> {
-        let words: Vec<f32> = host
-            .iter()
-            .flat_map(|v| {
-                let b = v.to_le_bytes();
-                [
-                    f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-                    f32::from_le_bytes([b[4], b[5], b[6], b[7]]),
-                ]
-            })
-            .collect();
+        let words = i64_words(host);
         self.upload(&words)
     }
 }

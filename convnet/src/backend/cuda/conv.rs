@@ -155,6 +155,44 @@ macro_rules! fastest {
     };
 }
 
+/// The plan's cached algorithm for one direction, or, on first use, the fastest candidate
+/// found by timing them (`$find`, a `cudnnFind*` function over the listed descriptors).
+macro_rules! algorithm {
+    ($plan:ident . $slot:ident, $g:expr, ($handle:expr, $capturing:expr, $tf32:expr),
+     $find:ident, $perf:ty, $count:expr, [$($desc:ident),*], $what:literal) => {
+        match $plan.$slot {
+            Some(a) => a,
+            None if $capturing => return Err(new_shape_in_capture($g)),
+            None => {
+                const N: usize = $count as usize;
+                let mut count: c_int = 0;
+                // SAFETY: zeroed perf structs are valid (plain data); cuDNN writes `count`.
+                let mut results: [$perf; N] = unsafe { std::mem::zeroed() };
+                // SAFETY: live handle and descriptors; the call allocates its own memory.
+                unsafe {
+                    sys::$find(
+                        $handle,
+                        $($plan.$desc,)*
+                        N as c_int,
+                        &mut count,
+                        results.as_mut_ptr(),
+                    )
+                    .result()
+                }
+                .map_err(|e| cudnn_error(concat!("choosing a ", $what, " algorithm"), e))?;
+                let chosen = fastest!(results, count, $tf32).ok_or_else(|| {
+                    unavailable(format!(
+                        concat!("cuDNN has no usable ", $what, " algorithm for {:?}"),
+                        $g
+                    ))
+                })?;
+                $plan.$slot = Some(chosen);
+                chosen
+            }
+        }
+    };
+}
+
 impl Runtime {
     /// `y [N, K, OH, OW] = conv(x [N, C, H, W], w [K, C/G, KH, KW])` (no bias), at device
     /// addresses.
@@ -234,38 +272,16 @@ impl Gpu {
     fn conv2d_forward(&mut self, g: &ConvGeom, x: u64, w: u64, y: u64) -> Result<()> {
         let (handle, capturing, tf32) = (self.cudnn, self.capturing, self.tf32);
         let plan = self.plan(g)?;
-        let (algo, bytes) = match plan.fwd {
-            Some(a) => a,
-            None if capturing => return Err(new_shape_in_capture(g)),
-            None => {
-                const N: usize =
-                    sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as usize;
-                let mut count: c_int = 0;
-                // SAFETY: zeroed perf structs are valid (plain data); cuDNN writes `count`.
-                let mut results: [sys::cudnnConvolutionFwdAlgoPerf_t; N] =
-                    unsafe { std::mem::zeroed() };
-                // SAFETY: live handle and descriptors; the call allocates its own memory.
-                unsafe {
-                    sys::cudnnFindConvolutionForwardAlgorithm(
-                        handle,
-                        plan.x,
-                        plan.w,
-                        plan.conv,
-                        plan.y,
-                        N as c_int,
-                        &mut count,
-                        results.as_mut_ptr(),
-                    )
-                    .result()
-                }
-                .map_err(|e| cudnn_error("choosing a forward algorithm", e))?;
-                let chosen = fastest!(results, count, tf32).ok_or_else(|| {
-                    unavailable(format!("cuDNN has no float32 forward algorithm for {g:?}"))
-                })?;
-                plan.fwd = Some(chosen);
-                chosen
-            }
-        };
+        let (algo, bytes) = algorithm!(
+            plan.fwd,
+            g,
+            (handle, capturing, tf32),
+            cudnnFindConvolutionForwardAlgorithm,
+            sys::cudnnConvolutionFwdAlgoPerf_t,
+            sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT,
+            [x, w, conv, y],
+            "forward"
+        );
         let (xd, wd, cd, yd) = (plan.x, plan.w, plan.conv, plan.y);
         let ws = self.workspace(bytes)?;
         let (alpha, beta) = (1f32, 0f32);
@@ -293,41 +309,16 @@ impl Gpu {
     fn conv2d_backward_input(&mut self, g: &ConvGeom, dy: u64, w: u64, dx: u64) -> Result<()> {
         let (handle, capturing, tf32) = (self.cudnn, self.capturing, self.tf32);
         let plan = self.plan(g)?;
-        let (algo, bytes) = match plan.bwd_data {
-            Some(a) => a,
-            None if capturing => return Err(new_shape_in_capture(g)),
-            None => {
-                const N: usize =
-                    sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT
-                        as usize;
-                let mut count: c_int = 0;
-                // SAFETY: as in the forward pass.
-                let mut results: [sys::cudnnConvolutionBwdDataAlgoPerf_t; N] =
-                    unsafe { std::mem::zeroed() };
-                // SAFETY: as in the forward pass.
-                unsafe {
-                    sys::cudnnFindConvolutionBackwardDataAlgorithm(
-                        handle,
-                        plan.w,
-                        plan.y,
-                        plan.conv,
-                        plan.x,
-                        N as c_int,
-                        &mut count,
-                        results.as_mut_ptr(),
-                    )
-                    .result()
-                }
-                .map_err(|e| cudnn_error("choosing a backward-data algorithm", e))?;
-                let chosen = fastest!(results, count, tf32).ok_or_else(|| {
-                    unavailable(format!(
-                        "cuDNN has no float32 backward-data algorithm for {g:?}"
-                    ))
-                })?;
-                plan.bwd_data = Some(chosen);
-                chosen
-            }
-        };
+        let (algo, bytes) = algorithm!(
+            plan.bwd_data,
+            g,
+            (handle, capturing, tf32),
+            cudnnFindConvolutionBackwardDataAlgorithm,
+            sys::cudnnConvolutionBwdDataAlgoPerf_t,
+            sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT,
+            [w, y, conv, x],
+            "backward-data"
+        );
         let (xd, wd, cd, yd) = (plan.x, plan.w, plan.conv, plan.y);
         let ws = self.workspace(bytes)?;
         let (alpha, beta) = (1f32, 0f32);
@@ -355,41 +346,16 @@ impl Gpu {
     fn conv2d_backward_weight(&mut self, g: &ConvGeom, x: u64, dy: u64, dw: u64) -> Result<()> {
         let (handle, capturing, tf32) = (self.cudnn, self.capturing, self.tf32);
         let plan = self.plan(g)?;
-        let (algo, bytes) = match plan.bwd_filter {
-            Some(a) => a,
-            None if capturing => return Err(new_shape_in_capture(g)),
-            None => {
-                const N: usize =
-                    sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT
-                        as usize;
-                let mut count: c_int = 0;
-                // SAFETY: as in the forward pass.
-                let mut results: [sys::cudnnConvolutionBwdFilterAlgoPerf_t; N] =
-                    unsafe { std::mem::zeroed() };
-                // SAFETY: as in the forward pass.
-                unsafe {
-                    sys::cudnnFindConvolutionBackwardFilterAlgorithm(
-                        handle,
-                        plan.x,
-                        plan.y,
-                        plan.conv,
-                        plan.w,
-                        N as c_int,
-                        &mut count,
-                        results.as_mut_ptr(),
-                    )
-                    .result()
-                }
-                .map_err(|e| cudnn_error("choosing a backward-filter algorithm", e))?;
-                let chosen = fastest!(results, count, tf32).ok_or_else(|| {
-                    unavailable(format!(
-                        "cuDNN has no float32 backward-filter algorithm for {g:?}"
-                    ))
-                })?;
-                plan.bwd_filter = Some(chosen);
-                chosen
-            }
-        };
+        let (algo, bytes) = algorithm!(
+            plan.bwd_filter,
+            g,
+            (handle, capturing, tf32),
+            cudnnFindConvolutionBackwardFilterAlgorithm,
+            sys::cudnnConvolutionBwdFilterAlgoPerf_t,
+            sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT,
+            [x, y, conv, w],
+            "backward-filter"
+        );
         let (xd, wd, cd, yd) = (plan.x, plan.w, plan.conv, plan.y);
         let ws = self.workspace(bytes)?;
         let (alpha, beta) = (1f32, 0f32);

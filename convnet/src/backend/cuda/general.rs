@@ -338,23 +338,7 @@ pub(crate) fn nll_loss(
             c as i32,
             n as i64
         )?;
-        match divisor {
-            None => Ok(rows),
-            Some(div) => {
-                let total = rt.uninit(1)?;
-                let cfg = rt.per_row(1);
-                launch!(
-                    rt,
-                    "sum_scaled",
-                    cfg,
-                    rows.ptr(0),
-                    total.ptr(0),
-                    n as i64,
-                    f64::from(div)
-                )?;
-                Ok(total)
-            }
-        }
+        super::ops::reduce_rows(rt, rows, n, divisor)
     })?;
     let shape = if divisor.is_some() {
         Shape::new(Vec::new())

@@ -622,6 +622,31 @@ pub(crate) fn accumulate_metrics(
     })
 }
 
+/// Per-row losses `rows [N]` as the reduction asks: themselves (`divisor` `None`), or
+/// their sum in double divided by `divisor` (one value).
+pub(crate) fn reduce_rows(
+    rt: &Runtime,
+    rows: DeviceBuffer,
+    n: usize,
+    divisor: Option<f32>,
+) -> Result<DeviceBuffer> {
+    let Some(div) = divisor else {
+        return Ok(rows);
+    };
+    let total = rt.uninit(1)?;
+    let cfg = rt.per_row(1);
+    launch!(
+        rt,
+        "sum_scaled",
+        cfg,
+        rows.ptr(0),
+        total.ptr(0),
+        long(n),
+        f64::from(div)
+    )?;
+    Ok(total)
+}
+
 /// Softmax cross-entropy of `logits [N, C]` against class indices (validated by the
 /// caller); `divisor` is `None` for reduction "none" (one loss per row), else the loss is
 /// the sum of the rows divided by it.
@@ -669,23 +694,7 @@ pub(crate) fn cross_entropy_on_device(
             smoothing,
             -100i64
         )?;
-        let out = match divisor {
-            None => rows,
-            Some(div) => {
-                let total = rt.uninit(1)?;
-                let cfg = rt.per_row(1);
-                launch!(
-                    rt,
-                    "sum_scaled",
-                    cfg,
-                    rows.ptr(0),
-                    total.ptr(0),
-                    long(n),
-                    f64::from(div)
-                )?;
-                total
-            }
-        };
+        let out = reduce_rows(rt, rows, n, divisor)?;
         Ok((out, probs))
     })?;
     let shape = match divisor {

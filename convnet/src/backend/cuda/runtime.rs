@@ -486,16 +486,7 @@ impl Runtime {
     /// around this call (shape descriptions, the addresses of a step's own buffers): during
     /// a capture the copy reads a page-locked host copy kept with the graph.
     pub(crate) fn upload_constant_i64(&mut self, host: &[i64]) -> Result<DeviceBuffer> {
-        let words: Vec<f32> = host
-            .iter()
-            .flat_map(|v| {
-                let b = v.to_le_bytes();
-                [
-                    f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-                    f32::from_le_bytes([b[4], b[5], b[6], b[7]]),
-                ]
-            })
-            .collect();
+        let words = super::buffer::i64_words(host);
         self.upload_constant(words)
     }
 

@@ -55,16 +55,8 @@ impl GraphedStep {
     /// Copies a batch (host images of the staged shape, and its labels) into the staging
     /// buffers, queued on the device's stream after the previous step.
     pub(crate) fn stage(&mut self, images: &Tensor, labels: &[usize]) -> Result<()> {
-        let words: Vec<f32> = labels
-            .iter()
-            .flat_map(|&t| {
-                let b = (t as i64).to_le_bytes();
-                [
-                    f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-                    f32::from_le_bytes([b[4], b[5], b[6], b[7]]),
-                ]
-            })
-            .collect();
+        let labels: Vec<i64> = labels.iter().map(|&t| t as i64).collect();
+        let words = super::buffer::i64_words(&labels);
         let targets = Arc::get_mut(&mut self.targets).ok_or_else(|| {
             Error::Unsupported("the staged targets are still held by a previous step".into())
         })?;
