@@ -2,7 +2,8 @@
 //! sizes of real networks, and whole training steps of every kind of zoo architecture.
 //!
 //! Needs the `cuda` feature and a GPU; the tests are ignored otherwise (run them with
-//! `cargo test -p convnet --features cuda --test cuda_vs_cpu -- --ignored`).
+//! `cargo test -p convnet --features cuda --test cuda_vs_cpu -- --ignored`). With
+//! `cuda-emulator` they run on the kernel emulator instead.
 //!
 //! Tolerance: rtol 1e-4, atol 1e-5. cuDNN and cuBLAS sum products in another order than the
 //! CPU kernels (both in float32, no TF32), so single ops differ by a few float32 roundings
@@ -16,7 +17,12 @@ use convnet::nn::{Mode, Model};
 use convnet::optim::{Optimizer, Sgd, SgdConfig};
 use convnet::{Conv2dParams, Device, MaxPool2dParams, Reduction, Rng, Tensor};
 
+/// GPU 0, or the kernel emulator in `cuda-emulator` builds (which run these tests in CI at
+/// the same sizes, so that the tests themselves are known to work before a GPU runs them).
+#[cfg(not(feature = "cuda-emulator"))]
 const GPU: Device = Device::Cuda(0);
+#[cfg(feature = "cuda-emulator")]
+const GPU: Device = Device::Cuda(convnet::backend::cuda::emulator::ORDINAL);
 const RTOL: f32 = 1e-4;
 const ATOL: f32 = 1e-5;
 
@@ -27,6 +33,16 @@ fn random(shape: &[usize], seed: u64) -> Tensor {
 /// Runs `f` on leaf copies of `inputs` on each device, backpropagates `sum(y * gy)` with a
 /// random `gy`, and compares the outputs and every input's gradient.
 fn compare(what: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> convnet::Result<Tensor>) {
+    compare_within(what, inputs, ATOL, f)
+}
+
+/// [`compare`] with an absolute tolerance for outputs that are sums of many products.
+fn compare_within(
+    what: &str,
+    inputs: &[Tensor],
+    atol: f32,
+    f: impl Fn(&[Tensor]) -> convnet::Result<Tensor>,
+) {
     let run = |dev: Device| {
         let xs: Vec<Tensor> = inputs
             .iter()
@@ -41,14 +57,14 @@ fn compare(what: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> convnet::Resu
     };
     let (cpu_y, cpu_g) = run(Device::Cpu);
     let (gpu_y, gpu_g) = run(GPU);
-    assert_close(&format!("{what}/y"), &gpu_y, &cpu_y, RTOL, ATOL);
+    assert_close(&format!("{what}/y"), &gpu_y, &cpu_y, RTOL, atol);
     for (i, (g, c)) in gpu_g.iter().zip(&cpu_g).enumerate() {
-        assert_close(&format!("{what}/grad{i}"), g, c, RTOL, ATOL);
+        assert_close(&format!("{what}/grad{i}"), g, c, RTOL, atol);
     }
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "cuda-emulator"), ignore = "needs a CUDA GPU")]
 fn convolutions_at_network_sizes() {
     for (what, x, w, p) in [
         (
@@ -94,7 +110,7 @@ fn convolutions_at_network_sizes() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "cuda-emulator"), ignore = "needs a CUDA GPU")]
 fn pooling_linear_and_loss_at_network_sizes() {
     compare(
         "max_pool 3x3/2 pad 1",
@@ -104,12 +120,14 @@ fn pooling_linear_and_loss_at_network_sizes() {
     compare("global average", &[random(&[32, 64, 8, 8], 5)], |t| {
         t[0].adaptive_avg_pool2d((1, 1))
     });
+    // Weights of a real layer's scale (1/sqrt(fan_in)): outputs and input gradients of order
+    // 1; the weight gradient sums 256 products of order 1, hence the wider absolute bound.
     let inputs = [
         random(&[256, 1024], 6),
-        random(&[512, 1024], 7),
+        random(&[512, 1024], 7).scale(1.0 / 32.0).unwrap(),
         random(&[512], 8),
     ];
-    compare("linear", &inputs, |t| t[0].linear(&t[1], Some(&t[2])));
+    compare_within("linear", &inputs, 1e-4, |t| t[0].linear(&t[1], Some(&t[2])));
     let labels: Vec<usize> = (0..256).map(|i| (i * 7) % 100).collect();
     compare("cross_entropy", &[random(&[256, 100], 9)], |t| {
         t[0].cross_entropy(&labels, Reduction::Mean, 0.1)
@@ -128,7 +146,7 @@ fn pooling_linear_and_loss_at_network_sizes() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "cuda-emulator"), ignore = "needs a CUDA GPU")]
 fn batch_norm_epilogues_at_network_sizes() {
     let shape = [32, 64, 16, 16];
     for training in [true, false] {
@@ -178,6 +196,9 @@ fn batch_norm_epilogues_at_network_sizes() {
 /// steps with momentum and weight decay on both (dropout draws the same masks: the global
 /// generator is reseeded before each forward), and compares losses and final weights.
 fn train_on_both(name: &str, input: [usize; 3], batch: usize, steps: usize) {
+    // The process-wide generator is reseeded below: one model at a time.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let build = || {
         convnet::manual_seed(3);
         convnet::models::build(name, input, 10).unwrap()
@@ -238,29 +259,31 @@ fn train_on_both(name: &str, input: [usize; 3], batch: usize, steps: usize) {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "cuda-emulator"), ignore = "needs a CUDA GPU")]
 fn seed_cnn_and_lenet_train_like_the_cpu() {
     train_on_both("seed-cnn", [3, 32, 32], 16, 3);
     train_on_both("lenet5", [1, 28, 28], 16, 3);
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "cuda-emulator"), ignore = "needs a CUDA GPU")]
 fn cifar_resnet_and_vgg_train_like_the_cpu() {
     train_on_both("resnet20", [3, 32, 32], 16, 3);
     train_on_both("vgg11-bn", [3, 32, 32], 8, 2);
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "cuda-emulator"), ignore = "needs a CUDA GPU")]
 fn torchvision_architectures_train_like_the_cpu() {
     train_on_both("resnet18", [3, 64, 64], 4, 2);
-    train_on_both("resnet50-cifar", [3, 32, 32], 4, 2);
+    // One step: with BatchNorm over four images, fifty layers are chaotic (a 1e-6 nudge of
+    // one weight moves the loss 5% by the second step, CPU against CPU).
+    train_on_both("resnet50-cifar", [3, 32, 32], 4, 1);
     train_on_both("mobilenet_v2", [3, 64, 64], 4, 2);
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "cuda-emulator"), ignore = "needs a CUDA GPU")]
 fn mixed_devices_and_uneven_adaptive_pooling_are_clear_errors() {
     let x = random(&[4, 6], 1).to_device(GPU).unwrap();
     let err = x.add(&random(&[4, 6], 2)).unwrap_err().to_string();
@@ -271,7 +294,7 @@ fn mixed_devices_and_uneven_adaptive_pooling_are_clear_errors() {
 }
 
 #[test]
-#[ignore = "needs a CUDA GPU"]
+#[cfg_attr(not(feature = "cuda-emulator"), ignore = "needs a CUDA GPU")]
 fn general_ops_at_larger_sizes() {
     compare(
         "broadcast mul",
