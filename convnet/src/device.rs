@@ -30,7 +30,7 @@ pub enum Device {
 
 impl Device {
     /// The CUDA device with the given ordinal, if this build and machine can provide it:
-    /// [`Error::CudaNotBuilt`] without the `cuda` feature, [`Error::CudaUnavailable`] with
+    /// [`crate::Error::CudaNotBuilt`] without the `cuda` feature, [`crate::Error::CudaUnavailable`] with
     /// the reason when the driver or the device is missing.
     pub fn cuda(ordinal: usize) -> Result<Device> {
         #[cfg(feature = "cuda")]

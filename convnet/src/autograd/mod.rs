@@ -1,7 +1,7 @@
 //! Reverse-mode automatic differentiation.
 //!
-//! The graph is recorded on tensors: each result of a differentiable op holds an [`Op`] with
-//! its inputs and whatever its backward kernel needs. [`backward`] walks the graph in reverse
+//! The graph is recorded on tensors: each result of a differentiable op holds an `Op` with
+//! its inputs and whatever its backward kernel needs. `backward` walks the graph in reverse
 //! topological order (iteratively, so deep nets cannot overflow the stack), calls each op's
 //! dedicated backward kernel, accumulates gradients of tensors used more than once, frees
 //! each intermediate gradient as soon as it has been consumed, and returns the gradients of

@@ -3,8 +3,9 @@
 //! A `Tensor` is cheap to clone (an `Arc`). Views (`reshape` of contiguous data, `permute`)
 //! share storage; kernels always receive contiguous row-major data, obtained through
 //! [`Tensor::with_data`] or [`Tensor::to_vec`], and never guess a layout from strides.
-//! User-facing ops live in the submodules: they validate their inputs, run a CPU kernel from
-//! `backend::cpu`, and record an [`Op`] for autograd when a gradient is needed.
+//! User-facing ops live in the submodules: they validate their inputs, run a kernel from
+//! `backend::cpu` (or `backend::cuda` when the operands live on a GPU), and record an `Op`
+//! for autograd when a gradient is needed.
 
 mod conv;
 mod elementwise;

@@ -2,12 +2,12 @@
 //!
 //! The library is built for the baseline x86-64 target (SSE2), so that one binary runs
 //! everywhere; its element-wise loops (batch norm, activations, optimizer steps) would then
-//! move 4 floats per instruction on machines that can move 16. [`vectorized_fn!`] defines a
+//! move 4 floats per instruction on machines that can move 16. `vectorized_fn!` defines a
 //! function whose body is compiled twice, once with AVX-512 code generation, and picks the
 //! copy at run time. Results are identical either way: the same IEEE operations in the same
 //! order (Rust never contracts `a * b + c` into a fused multiply-add on its own).
 
-/// True when the CPU has the AVX-512 subsets that [`vectorized_fn!`] compiles for.
+/// True when the CPU has the AVX-512 subsets that `vectorized_fn!` compiles for.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub fn has_avx512() -> bool {

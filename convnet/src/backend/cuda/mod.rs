@@ -2,7 +2,7 @@
 //! build needs no CUDA installation, and a machine without a GPU gets an error, never a
 //! panic.
 //!
-//! - [`runtime`]: one GPU's context, its single stream, the kernels compiled by NVRTC from
+//! - `runtime`: one GPU's context, its single stream, the kernels compiled by NVRTC from
 //!   [`kernels`] on first use, the cuBLAS and cuDNN handles, the convolution plan cache.
 //! - `buffer`: device memory behind a tensor, from the driver's stream-ordered allocator
 //!   with a pool that keeps freed memory (steady-state training allocates nothing new).
