@@ -84,8 +84,8 @@ pub struct TrainArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// On a GPU, capture the training step in a CUDA graph and replay it (SGD; falls back
-    /// to eager steps with a note when the model's step cannot be captured).
+    /// On a GPU, capture the training step in a CUDA graph and replay it (falls back to
+    /// eager steps with a note when the model's step cannot be captured).
     #[arg(long)]
     cuda_graph: bool,
     /// On a GPU, let convolutions use TF32 tensor cores (PyTorch's default for cuDNN);

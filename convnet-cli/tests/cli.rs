@@ -659,6 +659,33 @@ fn a_captured_training_step_on_the_emulated_gpu_replays_eager_steps_exactly() {
         tensors(Path::new(graph["checkpoint"].as_str().unwrap())),
         "bit-identical weights and BatchNorm state"
     );
+    // AdamW with a cosine schedule: the replays advance Adam's step counts and follow the
+    // learning rate, so again the same numbers as eager steps.
+    let adam = [
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "0.001",
+        "--schedule",
+        "cosine",
+    ];
+    let (eager, eager_epochs, _) = run(&adam, "adam-eager");
+    let mut with_graph = adam.to_vec();
+    with_graph.push("--cuda-graph");
+    let (graph, graph_epochs, stderr) = run(&with_graph, "adam-graph");
+    assert!(!stderr.contains("without a CUDA graph"), "{stderr}");
+    for (e, g) in eager_epochs.iter().zip(&graph_epochs) {
+        assert_eq!(e["train_loss"], g["train_loss"], "adam train loss");
+        assert_eq!(e["test_loss"], g["test_loss"], "adam test loss");
+    }
+    let state = |r: &serde_json::Value| {
+        let dir = Path::new(r["checkpoint"].as_str().unwrap())
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        tensors(&dir.join("train_state.safetensors"))
+    };
+    assert_eq!(state(&eager), state(&graph), "Adam moments and step counts");
 
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/small-resnet.toml");
     let out_dir = temp("graph-dropout");

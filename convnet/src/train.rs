@@ -66,8 +66,8 @@ pub struct TrainConfig {
     /// Where the model is trained; batches are copied there.
     pub device: Device,
     /// On a GPU: capture the training step in a CUDA graph after one eager step and replay
-    /// it for every batch of that size (SGD only; a model whose step cannot be captured,
-    /// e.g. with dropout, trains eagerly and [`Trainer::graph_refused`] says why).
+    /// it for every batch of that size (SGD, Adam, AdamW; a model whose step cannot be
+    /// captured, e.g. with dropout, trains eagerly and [`Trainer::graph_refused`] says why).
     pub cuda_graph: bool,
     /// On a GPU: let convolutions use TF32 tensor cores, as PyTorch does by default
     /// (otherwise float32 arithmetic, within rounding of the CPU's results).
@@ -463,7 +463,7 @@ impl Trainer {
             return Ok(false);
         }
         if !self.optimizer.supports_step_graphs() {
-            self.graph_refused = Some("only SGD steps are captured in CUDA graphs".into());
+            self.graph_refused = Some("this optimizer's steps cannot be captured".into());
             return Ok(false);
         }
         let Some(acc) = sums.device_acc() else {
@@ -485,7 +485,7 @@ impl Trainer {
         let step = graphed.as_mut().expect("made above");
         step.stage(images, labels)?;
         if let Some(id) = step.graph_for(acc) {
-            optimizer.stage_hyperparameters()?;
+            optimizer.advance_for_replay()?;
             step.launch(id)?;
             add_to_batch_counters(model, 1.0)?;
             return Ok(true);

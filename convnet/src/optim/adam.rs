@@ -84,6 +84,26 @@ impl Moments {
 pub struct Adam {
     cfg: AdamConfig,
     slots: Vec<Slot>,
+    /// The slots that took the last step.
+    last_stepped: Vec<usize>,
+    /// The hyperparameters on each GPU that holds parameters.
+    #[cfg(feature = "cuda")]
+    hyper: Vec<crate::backend::cuda::optim::AdamHyper>,
+}
+
+/// The per-step values of step `t` (1-based), bias corrections included.
+fn step_values(c: &AdamConfig, t: u64) -> AdamStep {
+    let t = t as i32;
+    AdamStep {
+        lr: c.lr as f32,
+        beta1: c.betas.0 as f32,
+        beta2: c.betas.1 as f32,
+        eps: c.eps as f32,
+        weight_decay: c.weight_decay as f32,
+        decoupled: c.decoupled_weight_decay,
+        bias_correction1: (1.0 - c.betas.0.powi(t)) as f32,
+        bias_correction2_sqrt: (1.0 - c.betas.1.powi(t)).sqrt() as f32,
+    }
 }
 
 impl Adam {
@@ -113,29 +133,29 @@ impl Adam {
                 moments: None,
             })
             .collect();
-        Ok(Adam { cfg, slots })
+        Ok(Adam {
+            cfg,
+            slots,
+            last_stepped: Vec::new(),
+            #[cfg(feature = "cuda")]
+            hyper: Vec::new(),
+        })
     }
 }
 
 impl Optimizer for Adam {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         let c = self.cfg;
-        for slot in &mut self.slots {
+        // Parameters on a GPU are updated together, one launch per (device, step count).
+        let mut on_gpu: Vec<((usize, u64), Vec<usize>)> = Vec::new();
+        self.last_stepped.clear();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
             let Some(g) = grads.get(&slot.param) else {
                 continue;
             };
             slot.step += 1;
-            let t = slot.step as i32;
-            let s = AdamStep {
-                lr: c.lr as f32,
-                beta1: c.betas.0 as f32,
-                beta2: c.betas.1 as f32,
-                eps: c.eps as f32,
-                weight_decay: c.weight_decay as f32,
-                decoupled: c.decoupled_weight_decay,
-                bias_correction1: (1.0 - c.betas.0.powi(t)) as f32,
-                bias_correction2_sqrt: (1.0 - c.betas.1.powi(t)).sqrt() as f32,
-            };
+            self.last_stepped.push(i);
+            let s = step_values(&c, slot.step);
             if slot.moments.is_none() {
                 let n = slot.param.numel();
                 let max = c.amsgrad.then(|| vec![0.0; n]);
@@ -149,15 +169,10 @@ impl Optimizer for Adam {
             let mut inputs = vec![&slot.param, g, &m.exp_avg, &m.exp_avg_sq];
             inputs.extend(m.max_exp_avg_sq.as_ref());
             if let Some(gpu) = gpu_of("Adam", &inputs)? {
-                on_gpu!(gpu, |d| crate::backend::cuda::optim::adam_step(
-                    d,
-                    &slot.param,
-                    g,
-                    &m.exp_avg,
-                    &m.exp_avg_sq,
-                    m.max_exp_avg_sq.as_ref(),
-                    &s
-                ))?;
+                match on_gpu.iter_mut().find(|(k, _)| *k == (gpu, slot.step)) {
+                    Some((_, v)) => v.push(i),
+                    None => on_gpu.push(((gpu, slot.step), vec![i])),
+                }
                 continue;
             }
             g.with_data(|gd| {
@@ -174,7 +189,75 @@ impl Optimizer for Adam {
                 })?
             })?;
         }
+        #[cfg(feature = "cuda")]
+        {
+            use crate::backend::cuda::{optim, runtime};
+            for ((gpu, t), members) in &on_gpu {
+                let at = match self.hyper.iter().position(|h| h.gpu() == *gpu) {
+                    Some(at) => at,
+                    None => {
+                        self.hyper.push(optim::AdamHyper::new(*gpu)?);
+                        self.hyper.len() - 1
+                    }
+                };
+                // A captured step reads what the trainer stages before each launch, which
+                // is one set of values: parameters at different step counts cannot share it.
+                if runtime::with(*gpu, |rt| Ok(rt.is_capturing()))? {
+                    if on_gpu.len() > 1 {
+                        return Err(Error::Unsupported(
+                            "an Adam step over parameters at different step counts cannot be captured in a CUDA graph".into(),
+                        ));
+                    }
+                } else {
+                    self.hyper[at].stage(&step_values(&c, *t))?;
+                }
+                let entries: Vec<optim::AdamEntry<'_>> = members
+                    .iter()
+                    .map(|&i| {
+                        let s = &self.slots[i];
+                        let g = grads.get(&s.param).expect("collected above");
+                        let m = s.moments.as_ref().expect("made above");
+                        (
+                            &s.param,
+                            g,
+                            &m.exp_avg,
+                            &m.exp_avg_sq,
+                            m.max_exp_avg_sq.as_ref(),
+                        )
+                    })
+                    .collect();
+                optim::adam_step_multi(&self.hyper[at], &entries)?;
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        if let Some(((gpu, _), _)) = on_gpu.first() {
+            let _ = gpu;
+            return Err(Error::CudaNotBuilt);
+        }
         Ok(())
+    }
+    fn supports_step_graphs(&self) -> bool {
+        cfg!(feature = "cuda")
+    }
+    fn stage_hyperparameters(&mut self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            let Some(&first) = self.last_stepped.first() else {
+                return Ok(());
+            };
+            let s = step_values(&self.cfg, self.slots[first].step);
+            for h in &mut self.hyper {
+                h.stage(&s)?;
+            }
+        }
+        Ok(())
+    }
+    fn advance_for_replay(&mut self) -> Result<()> {
+        // The replayed step is the captured one: the same parameters take a step.
+        for &i in &self.last_stepped {
+            self.slots[i].step += 1;
+        }
+        self.stage_hyperparameters()
     }
     fn lr(&self) -> f64 {
         self.cfg.lr

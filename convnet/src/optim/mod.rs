@@ -47,10 +47,16 @@ pub trait Optimizer {
         false
     }
 
-    /// Copies the current hyperparameters to where a captured step reads them (before each
-    /// launch of the graph). Nothing to do by default.
+    /// Copies the current hyperparameters to where a captured step reads them (before the
+    /// first launch of the graph). Nothing to do by default.
     fn stage_hyperparameters(&mut self) -> Result<()> {
         Ok(())
+    }
+
+    /// Before each further launch of a captured step: does the host-side bookkeeping the
+    /// step's host code would have done (Adam's step counts) and stages the hyperparameters.
+    fn advance_for_replay(&mut self) -> Result<()> {
+        self.stage_hyperparameters()
     }
 }
 

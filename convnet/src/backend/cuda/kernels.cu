@@ -759,31 +759,50 @@ __global__ void sgd_step_multi(const long long* table, int tensors, long long to
     }
 }
 
-// One Adam/AdamW step, as backend::cpu::optim::adam_step (max_v null without AMSGrad).
-__global__ void adam_step(float* p, const float* g, float* m, float* v, float* max_v,
-                          long long n, float lr, float beta1, float beta2, float eps,
-                          float weight_decay, int decoupled, float bias_correction1,
-                          float bias_correction2_sqrt) {
+// One Adam/AdamW step over many parameters in one launch, as backend::cpu::optim::adam_step.
+// table holds six int64 per tensor: the addresses of p, g, m, v and max_v (0 without AMSGrad)
+// and the tensor's first index in the concatenation of all of them (ascending). hyper =
+// [lr, beta1, beta2, eps, weight_decay, decoupled (0 or 1), bias_correction1,
+// bias_correction2_sqrt], read from device memory so that a captured step follows the
+// host's schedule and step count.
+__global__ void adam_step_multi(const long long* table, int tensors, long long total,
+                                const float* hyper) {
+    float lr = hyper[0], beta1 = hyper[1], beta2 = hyper[2], eps = hyper[3];
+    float weight_decay = hyper[4];
+    int decoupled = hyper[5] != 0.0f;
+    float bias_correction1 = hyper[6], bias_correction2_sqrt = hyper[7];
     float step_size = lr / bias_correction1;
-    GRID_STRIDE(i, n) {
-        float gi = g[i];
-        float pi = p[i];
+    GRID_STRIDE(i, total) {
+        int lo = 0, hi = tensors - 1;
+        while (lo < hi) {
+            int mid = (lo + hi + 1) / 2;
+            if (table[6 * mid + 5] <= i) lo = mid; else hi = mid - 1;
+        }
+        long long j = i - table[6 * lo + 5];
+        float* p = (float*)table[6 * lo];
+        const float* g = (const float*)table[6 * lo + 1];
+        float* m = (float*)table[6 * lo + 2];
+        float* v = (float*)table[6 * lo + 3];
+        float* max_v = (float*)table[6 * lo + 4];
+        float gi = g[j];
+        float pi = p[j];
         if (weight_decay != 0.0f) {
             if (decoupled) pi = pi * (1.0f - lr * weight_decay);
             else gi = gi + weight_decay * pi;
         }
-        float mi = m[i] + (1.0f - beta1) * (gi - m[i]);
-        float vi = v[i] * beta2 + (1.0f - beta2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
+        float mi = m[j] + (1.0f - beta1) * (gi - m[j]);
+        float vi = v[j] * beta2 + (1.0f - beta2) * gi * gi;
+        m[j] = mi;
+        v[j] = vi;
         float second = vi;
         if (max_v) {
-            second = fmaxf(max_v[i], vi);
-            max_v[i] = second;
+            second = fmaxf(max_v[j], vi);
+            max_v[j] = second;
         }
         float denom = sqrtf(second) / bias_correction2_sqrt + eps;
-        p[i] = pi - step_size * mi / denom;
+        p[j] = pi - step_size * mi / denom;
     }
 }
+
 
 }  // extern "C"

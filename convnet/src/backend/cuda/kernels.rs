@@ -38,7 +38,7 @@ pub const NAMES: &[&str] = &[
     "avg_pool2d_backward",
     "subsample_pad_forward",
     "subsample_pad_backward",
-    "adam_step",
+    "adam_step_multi",
     "accumulate_metrics",
     "strided_map",
     "reduce_broadcast",

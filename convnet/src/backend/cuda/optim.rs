@@ -83,40 +83,82 @@ pub(crate) fn sgd_step_multi(
     })
 }
 
-/// One Adam/AdamW step over `p` with moments `m`, `v` (and `max_v` with AMSGrad).
-pub(crate) fn adam_step(
+/// Adam's hyperparameters on a GPU (`[lr, beta1, beta2, eps, weight_decay, decoupled,
+/// bias_correction1, bias_correction2_sqrt]`), read by the step kernel from device memory.
+pub(crate) struct AdamHyper {
     gpu: usize,
-    p: &Tensor,
-    g: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
-    max_v: Option<&Tensor>,
-    s: &AdamStep,
-) -> Result<()> {
-    const OP: &str = "Adam step";
-    let n = p.numel();
-    let (pp, gp) = (p.cuda_ptr(OP)?, g.cuda_ptr(OP)?);
-    let (mp, vp) = (m.cuda_ptr(OP)?, v.cuda_ptr(OP)?);
-    let xp = max_v.map_or(Ok(0), |t| t.cuda_ptr(OP))?;
-    with(gpu, |rt| {
-        launch!(
-            rt,
-            "adam_step",
-            rt.elementwise(n),
-            pp,
-            gp,
-            mp,
-            vp,
-            xp,
-            n as i64,
+    values: DeviceBuffer,
+}
+
+impl AdamHyper {
+    /// Device memory for the hyperparameters of GPU `gpu`.
+    pub(crate) fn new(gpu: usize) -> Result<AdamHyper> {
+        let values = with(gpu, |rt| rt.zeros(8))?;
+        Ok(AdamHyper { gpu, values })
+    }
+
+    /// The device it lives on.
+    pub(crate) fn gpu(&self) -> usize {
+        self.gpu
+    }
+
+    /// Queues the copy of one step's values (not waiting for the device).
+    pub(crate) fn stage(&mut self, s: &AdamStep) -> Result<()> {
+        let values = [
             s.lr,
             s.beta1,
             s.beta2,
             s.eps,
             s.weight_decay,
-            i32::from(s.decoupled),
+            f32::from(u8::from(s.decoupled)),
             s.bias_correction1,
-            s.bias_correction2_sqrt
+            s.bias_correction2_sqrt,
+        ];
+        self.values.write_host_async(0, &values)
+    }
+}
+
+/// One Adam/AdamW step over many parameters of one GPU in a single launch. Each entry is
+/// `(p, g, m, v, max_v)`; `max_v` is `Some` with AMSGrad.
+pub(crate) type AdamEntry<'a> = (
+    &'a Tensor,
+    &'a Tensor,
+    &'a Tensor,
+    &'a Tensor,
+    Option<&'a Tensor>,
+);
+
+/// See [`AdamEntry`]; the values are those `hyper` holds.
+pub(crate) fn adam_step_multi(hyper: &AdamHyper, entries: &[AdamEntry<'_>]) -> Result<()> {
+    const OP: &str = "Adam step";
+    let mut table: Vec<i64> = Vec::with_capacity(6 * entries.len());
+    let mut total = 0usize;
+    for (p, g, m, v, max_v) in entries {
+        if p.numel() == 0 {
+            continue;
+        }
+        for t in [p, g, m, v] {
+            table.push(t.cuda_ptr(OP)? as i64);
+        }
+        table.push(max_v.map_or(Ok(0), |t| t.cuda_ptr(OP))? as i64);
+        table.push(total as i64);
+        total += p.numel();
+    }
+    if total == 0 {
+        return Ok(());
+    }
+    let tensors = (table.len() / 6) as i32;
+    with(hyper.gpu, |rt| {
+        // The addresses are the step's own buffers: constants of a captured step.
+        let table = rt.upload_constant_i64(&table)?;
+        launch!(
+            rt,
+            "adam_step_multi",
+            rt.elementwise(total),
+            table.ptr(0),
+            tensors,
+            total as i64,
+            hyper.values.ptr(0)
         )
     })
 }
