@@ -115,6 +115,7 @@ steps=(
     "convnet resnet20: $convnet train --device cuda --data $data $resnet20 --json --out $out/resnet20"
     "convnet resnet20 graph: $convnet train --device cuda --cuda-graph --data $data $resnet20 --json --out $out/resnet20-graph"
     "convnet resnet20 graph tf32: $convnet train --device cuda --cuda-graph --tf32 --data $data $resnet20 --json --out $out/resnet20-tf32"
+    "convnet resnet20 graph bf16: $convnet train --device cuda --cuda-graph --precision bf16 --data $data $resnet20 --json --out $out/resnet20-bf16"
     "pytorch resnet20: $python tools/twin/train_twin.py --device cuda --data $data $resnet20"
 )
 if [ "$dry" = 1 ]; then
@@ -152,12 +153,13 @@ ps=$(run_json "$python" tools/twin/train_twin.py --device cuda --data "$data" $s
 cr=$(run_json "$convnet" train --device cuda --data "$data" $resnet20 --json --out "$out/resnet20")
 cgr=$(run_json "$convnet" train --device cuda --cuda-graph --data "$data" $resnet20 --json --out "$out/resnet20-graph")
 ctr=$(run_json "$convnet" train --device cuda --cuda-graph --tf32 --data "$data" $resnet20 --json --out "$out/resnet20-tf32")
+cbr=$(run_json "$convnet" train --device cuda --cuda-graph --precision bf16 --data "$data" $resnet20 --json --out "$out/resnet20-bf16")
 pr=$(run_json "$python" tools/twin/train_twin.py --device cuda --data "$data" $resnet20)
 if [ -f "$kit/anchor/pytorch_gpu_anchor.py" ]; then
     "$python" "$kit/anchor/pytorch_gpu_anchor.py" "$data/train.tar.gz" "$data/test.tar.gz" \
         --out "$out/anchor" --budget "${ANCHOR_BUDGET:-150}" || echo "gpu_check: the anchor failed" >&2
 fi
-"$python" - "$cs" "$cgs" "$cts" "$ps" "$cr" "$cgr" "$ctr" "$pr" <<'PY'
+"$python" - "$cs" "$cgs" "$cts" "$ps" "$cr" "$cgr" "$ctr" "$pr" "$cbr" <<'PY'
 import json, sys
 def parse(s):
     try:
@@ -176,4 +178,7 @@ for name, (c, g, t), p, target in rows:
     acc = lambda r: f"{100 * r['test_accuracy']:.2f}%" if r else "failed"
     fp32 = max([ips(r) for r in (c, g) if r] or [float("nan")])
     print(f"| {name} | {ips(c):.0f} / {ips(g):.0f} / {ips(t):.0f} | {ips(p):.0f} | {fp32 / ips(p):.2f}x / {ips(t) / ips(p):.2f}x | {target}x | {acc(c)} / {acc(g)} / {acc(t)} | {acc(p)} |")
+b = a[8]
+if b or len(sys.argv) > 9:
+    print(f"resnet20 b128 graph + bf16: {ips(b):.0f} img/s ({ips(b) / ips(a[7]):.2f}x PyTorch eager fp32), test accuracy {acc(b)}")
 PY

@@ -22,6 +22,12 @@ pub enum OptArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum PrecisionArg {
+    F32,
+    Bf16,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum SchedArg {
     Constant,
     Step,
@@ -92,6 +98,10 @@ pub struct TrainArgs {
     /// without it they use float32 arithmetic.
     #[arg(long)]
     tf32: bool,
+    /// Arithmetic of convolutions and linear layers: f32, or bf16 (GPU only: bfloat16
+    /// operands, float32 accumulation, float32 weights and everything else).
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: PrecisionArg,
     /// Output folder for checkpoints and metrics (default runs/<model>-<time>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -143,6 +153,10 @@ fn config(a: &TrainArgs, device: convnet::Device) -> TrainConfig {
         device,
         cuda_graph: a.cuda_graph,
         tf32: a.tf32,
+        precision: match a.precision {
+            PrecisionArg::F32 => convnet::train::Precision::F32,
+            PrecisionArg::Bf16 => convnet::train::Precision::Bf16,
+        },
     }
 }
 
@@ -188,7 +202,10 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             &saved.model,
             saved.model_spec.as_deref(),
         )?);
+        // How this invocation computes (device, graphs, precision) is its own choice.
+        let (cuda_graph, tf32, precision) = (a.cuda_graph, a.tf32, a.precision);
         a = saved.into_args(epochs, json);
+        (a.cuda_graph, a.tf32, a.precision) = (cuda_graph, tf32, precision);
         a.out = Some(out.unwrap_or(dir.clone()));
         a.resume = Some(dir);
         resume_meta = Some(meta);
@@ -459,6 +476,7 @@ impl SavedRun {
             device: "cpu".into(),
             cuda_graph: false,
             tf32: false,
+            precision: PrecisionArg::F32,
             out: None,
             resume: None,
             stop_after: None,

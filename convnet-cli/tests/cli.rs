@@ -715,3 +715,64 @@ fn a_captured_training_step_on_the_emulated_gpu_replays_eager_steps_exactly() {
         "{stderr}"
     );
 }
+
+/// `--precision bf16` on the emulated GPU trains close to float32 (bfloat16 operands of
+/// convolutions and linear layers, float32 accumulation and weights), its steps capture
+/// and replay exactly, and on the CPU it is refused with a reason.
+#[cfg(feature = "cuda-emulator")]
+#[test]
+fn bfloat16_training_on_the_emulated_gpu_tracks_float32() {
+    let run = |extra: &[&str], tag: &str| {
+        let out_dir = temp(&format!("bf16-{tag}"));
+        let mut args = vec![
+            "train",
+            "--epochs",
+            "1",
+            "--limit-train",
+            "256",
+            "--limit-test",
+            "200",
+            "--batch-size",
+            "32",
+            "--device",
+            "cuda:1000",
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        last_json(&convnet(&args))
+    };
+    let f32_run = run(&[], "f32");
+    let bf16 = run(&["--precision", "bf16"], "bf16");
+    let bf16_graph = run(&["--precision", "bf16", "--cuda-graph"], "bf16-graph");
+    let loss = |r: &serde_json::Value| r["test_loss"].as_f64().unwrap();
+    assert_ne!(
+        loss(&f32_run),
+        loss(&bf16),
+        "bfloat16 arithmetic is not float32's"
+    );
+    assert!(
+        (loss(&f32_run) - loss(&bf16)).abs() < 0.05 * loss(&f32_run),
+        "test loss: float32 {}, bfloat16 {}",
+        loss(&f32_run),
+        loss(&bf16)
+    );
+    assert_eq!(
+        loss(&bf16),
+        loss(&bf16_graph),
+        "captured bfloat16 steps replay exactly"
+    );
+    fails_with(
+        &[
+            "train",
+            "--epochs",
+            "1",
+            "--precision",
+            "bf16",
+            "--limit-train",
+            "64",
+        ],
+        "bfloat16 precision needs a GPU",
+    );
+}

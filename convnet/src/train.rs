@@ -72,6 +72,19 @@ pub struct TrainConfig {
     /// On a GPU: let convolutions use TF32 tensor cores, as PyTorch does by default
     /// (otherwise float32 arithmetic, within rounding of the CPU's results).
     pub tf32: bool,
+    /// Arithmetic of convolutions and linear layers (bfloat16 needs a GPU).
+    pub precision: Precision,
+}
+
+/// What convolutions and linear layers compute in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// float32 throughout.
+    #[default]
+    F32,
+    /// bfloat16 operands with float32 accumulation for convolutions and linear layers;
+    /// float32 parameters, gradients, optimizer state and everything else (GPU only).
+    Bf16,
 }
 
 impl Default for TrainConfig {
@@ -88,6 +101,7 @@ impl Default for TrainConfig {
             device: Device::Cpu,
             cuda_graph: false,
             tf32: false,
+            precision: Precision::F32,
         }
     }
 }
@@ -324,9 +338,16 @@ impl Trainer {
             ));
         }
         model.to_device(cfg.device)?;
+        if cfg.precision == Precision::Bf16 && cfg.device == Device::Cpu {
+            return Err(invalid(
+                "Trainer",
+                "bfloat16 precision needs a GPU (use --device cuda, or float32 on the CPU)",
+            ));
+        }
         #[cfg(feature = "cuda")]
         if let Device::Cuda(n) = cfg.device {
             crate::backend::cuda::allow_tf32(n, cfg.tf32)?;
+            crate::backend::cuda::use_bf16(n, cfg.precision == Precision::Bf16)?;
         }
         let optimizer = make_optimizer(&cfg, model.named_parameters())?;
         let schedule = make_schedule(&cfg, steps_per_epoch)?;

@@ -5,7 +5,10 @@
 
 use super::buffer::DeviceBuffer;
 use super::general::{contiguous_strides, row_major_gemm, strided_map};
-use super::ops::{activation_code, adaptive_as_window, subsample_args, BnStats, CudaOp};
+use super::ops::{
+    activation_code, adaptive_as_window, bf16_copy, operand, result_slot, subsample_args,
+    widen_result, BnStats, CudaOp,
+};
 use super::runtime::{launch, with, Runtime};
 use crate::autograd::{BnEpilogue, Op};
 use crate::backend::cpu::elementwise::{broadcast_strides, BinaryKind};
@@ -142,14 +145,32 @@ pub(crate) fn backward(op: &Op, out: &Tensor, g: &DeviceBuffer, ordinal: usize) 
                 weight.cuda_ptr("conv2d backward")?,
             );
             with(ordinal, |rt| {
+                // Mixed precision: bfloat16 operands and results, float32 accumulation.
+                let gb = bf16_copy(rt, gp, out.numel())?;
                 if input.tracks_grad() {
                     let dx = rt.uninit(input.numel())?;
-                    rt.conv2d_backward_input(geom, gp, wp, dx.ptr(0))?;
+                    let wb = bf16_copy(rt, wp, weight.numel())?;
+                    let slot = result_slot(rt, input.numel())?;
+                    rt.conv2d_backward_input(
+                        geom,
+                        operand(&gb, gp),
+                        operand(&wb, wp),
+                        operand(&slot, dx.ptr(0)),
+                    )?;
+                    widen_result(rt, &slot, &dx, input.numel())?;
                     grads.push((input.clone(), dx));
                 }
                 if weight.tracks_grad() {
                     let dw = rt.uninit(weight.numel())?;
-                    rt.conv2d_backward_weight(geom, xp, gp, dw.ptr(0))?;
+                    let xb = bf16_copy(rt, xp, input.numel())?;
+                    let slot = result_slot(rt, weight.numel())?;
+                    rt.conv2d_backward_weight(
+                        geom,
+                        operand(&xb, xp),
+                        operand(&gb, gp),
+                        operand(&slot, dw.ptr(0)),
+                    )?;
+                    widen_result(rt, &slot, &dw, weight.numel())?;
                     grads.push((weight.clone(), dw));
                 }
                 if let Some(b) = bias.as_ref().filter(|b| b.tracks_grad()) {
@@ -171,14 +192,32 @@ pub(crate) fn backward(op: &Op, out: &Tensor, g: &DeviceBuffer, ordinal: usize) 
                 weight.cuda_ptr("linear backward")?,
             );
             with(ordinal, |rt| {
+                // Mixed precision: bfloat16 operands, float32 results (cublasGemmEx).
+                let gb = bf16_copy(rt, gp, m * o)?;
                 if input.tracks_grad() {
                     let dx = rt.uninit(m * i)?;
-                    rt.linear_backward_input(m, i, o, gp, wp, dx.ptr(0))?;
+                    let wb = bf16_copy(rt, wp, o * i)?;
+                    rt.linear_backward_input(
+                        m,
+                        i,
+                        o,
+                        operand(&gb, gp),
+                        operand(&wb, wp),
+                        dx.ptr(0),
+                    )?;
                     grads.push((input.clone(), dx));
                 }
                 if weight.tracks_grad() {
                     let dw = rt.uninit(o * i)?;
-                    rt.linear_backward_weight(m, i, o, gp, xp, dw.ptr(0))?;
+                    let xb = bf16_copy(rt, xp, m * i)?;
+                    rt.linear_backward_weight(
+                        m,
+                        i,
+                        o,
+                        operand(&gb, gp),
+                        operand(&xb, xp),
+                        dw.ptr(0),
+                    )?;
                     grads.push((weight.clone(), dw));
                 }
                 if let Some(b) = bias.as_ref().filter(|b| b.tracks_grad()) {

@@ -26,6 +26,8 @@ pub(crate) struct Sgemm {
     pub(crate) a: (u64, usize),
     pub(crate) b: (u64, usize),
     pub(crate) c: (u64, usize),
+    /// A and B are bfloat16 (C float32, float32 accumulation: `cublasGemmEx`).
+    pub(crate) bf16: bool,
 }
 
 impl Sgemm {
@@ -38,6 +40,7 @@ impl Sgemm {
             a: (w, i),
             b: (x, i),
             c: (y, o),
+            bf16: false,
         }
     }
 
@@ -50,6 +53,7 @@ impl Sgemm {
             a: (w, i),
             b: (g, o),
             c: (dx, i),
+            bf16: false,
         }
     }
 
@@ -62,6 +66,7 @@ impl Sgemm {
             a: (x, i),
             b: (g, o),
             c: (dw, i),
+            bf16: false,
         }
     }
 
@@ -75,6 +80,39 @@ impl Sgemm {
         };
         let (m, n, k) = self.mnk;
         let (alpha, beta) = (1f32, 0f32);
+        if self.bf16 {
+            use sys::cudaDataType::{CUDA_R_16BF, CUDA_R_32F};
+            // SAFETY: as below, with bfloat16 A and B.
+            return unsafe {
+                blas::gemm_ex(
+                    *gpu.blas.handle(),
+                    op(self.trans.0),
+                    op(self.trans.1),
+                    int(m)?,
+                    int(n)?,
+                    int(k)?,
+                    (&alpha as *const f32).cast(),
+                    self.a.0 as *const std::ffi::c_void,
+                    CUDA_R_16BF,
+                    int(self.a.1)?,
+                    self.b.0 as *const std::ffi::c_void,
+                    CUDA_R_16BF,
+                    int(self.b.1)?,
+                    (&beta as *const f32).cast(),
+                    self.c.0 as *mut std::ffi::c_void,
+                    CUDA_R_32F,
+                    int(self.c.1)?,
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| {
+                unavailable(format!(
+                    "cuBLAS gemm ({}, bfloat16) failed: {e:?}",
+                    self.what
+                ))
+            });
+        }
         // SAFETY: the addresses are live device buffers holding the matrices the sizes
         // describe; alpha and beta are host scalars (cuBLAS's default pointer mode).
         unsafe {
@@ -117,7 +155,7 @@ impl Runtime {
         }
     }
 
-    /// `y [M, O] = x [M, I] @ w [O, I]^T`.
+    /// `y [M, O] = x [M, I] @ w [O, I]^T` (with mixed precision, x and w are bfloat16).
     pub(crate) fn linear_forward(
         &self,
         m: usize,
@@ -127,7 +165,10 @@ impl Runtime {
         w: u64,
         y: u64,
     ) -> Result<()> {
-        self.sgemm(Sgemm::linear_forward(m, i, o, x, w, y))
+        self.sgemm(Sgemm {
+            bf16: self.bf16,
+            ..Sgemm::linear_forward(m, i, o, x, w, y)
+        })
     }
 
     /// `dx [M, I] = g [M, O] @ w [O, I]`.
@@ -140,7 +181,10 @@ impl Runtime {
         w: u64,
         dx: u64,
     ) -> Result<()> {
-        self.sgemm(Sgemm::linear_backward_input(m, i, o, g, w, dx))
+        self.sgemm(Sgemm {
+            bf16: self.bf16,
+            ..Sgemm::linear_backward_input(m, i, o, g, w, dx)
+        })
     }
 
     /// `dw [O, I] = g [M, O]^T @ x [M, I]`.
@@ -153,6 +197,9 @@ impl Runtime {
         x: u64,
         dw: u64,
     ) -> Result<()> {
-        self.sgemm(Sgemm::linear_backward_weight(m, i, o, g, x, dw))
+        self.sgemm(Sgemm {
+            bf16: self.bf16,
+            ..Sgemm::linear_backward_weight(m, i, o, g, x, dw)
+        })
     }
 }

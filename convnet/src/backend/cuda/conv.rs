@@ -46,7 +46,8 @@ impl Drop for Plan {
 /// Plans by geometry.
 #[derive(Default)]
 pub(crate) struct PlanCache {
-    plans: HashMap<ConvGeom, Plan>,
+    /// By geometry and whether the data is bfloat16.
+    plans: HashMap<(ConvGeom, bool), Plan>,
 }
 
 impl PlanCache {
@@ -67,7 +68,16 @@ fn int(v: usize) -> Result<c_int> {
     c_int::try_from(v).map_err(|_| unavailable(format!("size {v} is too large for cuDNN")))
 }
 
-fn tensor4d(dims: [usize; 4]) -> Result<sys::cudnnTensorDescriptor_t> {
+/// The cuDNN element type: bfloat16 for mixed precision, else float32.
+fn data_type(bf16: bool) -> sys::cudnnDataType_t {
+    if bf16 {
+        sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16
+    } else {
+        sys::cudnnDataType_t::CUDNN_DATA_FLOAT
+    }
+}
+
+fn tensor4d(dims: [usize; 4], bf16: bool) -> Result<sys::cudnnTensorDescriptor_t> {
     let d = dnn::create_tensor_descriptor().map_err(|e| cudnn_error("tensor descriptor", e))?;
     let dims = [int(dims[0])?, int(dims[1])?, int(dims[2])?, int(dims[3])?];
     // SAFETY: `d` was just created.
@@ -75,7 +85,7 @@ fn tensor4d(dims: [usize; 4]) -> Result<sys::cudnnTensorDescriptor_t> {
         dnn::set_tensor4d_descriptor(
             d,
             sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-            sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            data_type(bf16),
             dims,
         )
     }
@@ -84,9 +94,11 @@ fn tensor4d(dims: [usize; 4]) -> Result<sys::cudnnTensorDescriptor_t> {
 }
 
 impl Plan {
-    fn new(g: &ConvGeom, tf32: bool) -> Result<Plan> {
-        let x = tensor4d([g.n, g.c, g.h, g.w])?;
-        let y = tensor4d([g.n, g.k, g.oh, g.ow])?;
+    /// Descriptors for `g`: float32 data (TF32 products allowed with `tf32`), or bfloat16
+    /// data with float32 accumulation (`bf16`, tensor cores allowed).
+    fn new(g: &ConvGeom, tf32: bool, bf16: bool) -> Result<Plan> {
+        let x = tensor4d([g.n, g.c, g.h, g.w], bf16)?;
+        let y = tensor4d([g.n, g.k, g.oh, g.ow], bf16)?;
         let w = dnn::create_filter_descriptor().map_err(|e| cudnn_error("filter descriptor", e))?;
         let conv = dnn::create_convolution_descriptor()
             .map_err(|e| cudnn_error("convolution descriptor", e))?;
@@ -103,7 +115,7 @@ impl Plan {
         unsafe {
             dnn::set_filter4d_descriptor(
                 w,
-                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                data_type(bf16),
                 sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
                 [int(g.k)?, int(g.c / g.groups)?, int(g.kh)?, int(g.kw)?],
             )
@@ -124,7 +136,7 @@ impl Plan {
                 .map_err(|e| cudnn_error("group count", e))?;
             // FMA only (float32 arithmetic) unless TF32 tensor cores were allowed, as PyTorch's
             // torch.backends.cudnn.allow_tf32 selects between the same two modes.
-            let math = if tf32 {
+            let math = if tf32 || bf16 {
                 sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
             } else {
                 sys::cudnnMathType_t::CUDNN_FMA_MATH
@@ -202,8 +214,12 @@ impl Runtime {
             #[cfg(any(test, feature = "cuda-emulator"))]
             Kind::Emulated(_) => {
                 use super::emulator::Recorded;
-                if self.record(Recorded::ConvForward(*g, [x, w, y])).is_some() {
-                    super::emulator::conv2d_forward(g, x, w, y);
+                let bf16 = self.bf16;
+                if self
+                    .record(Recorded::ConvForward(*g, bf16, [x, w, y]))
+                    .is_some()
+                {
+                    super::emulator::conv2d_forward(g, bf16, x, w, y);
                 }
                 Ok(())
             }
@@ -223,11 +239,12 @@ impl Runtime {
             #[cfg(any(test, feature = "cuda-emulator"))]
             Kind::Emulated(_) => {
                 use super::emulator::Recorded;
+                let bf16 = self.bf16;
                 if self
-                    .record(Recorded::ConvBackwardInput(*g, [dy, w, dx]))
+                    .record(Recorded::ConvBackwardInput(*g, bf16, [dy, w, dx]))
                     .is_some()
                 {
-                    super::emulator::conv2d_backward_input(g, dy, w, dx);
+                    super::emulator::conv2d_backward_input(g, bf16, dy, w, dx);
                 }
                 Ok(())
             }
@@ -247,11 +264,12 @@ impl Runtime {
             #[cfg(any(test, feature = "cuda-emulator"))]
             Kind::Emulated(_) => {
                 use super::emulator::Recorded;
+                let bf16 = self.bf16;
                 if self
-                    .record(Recorded::ConvBackwardWeight(*g, [x, dy, dw]))
+                    .record(Recorded::ConvBackwardWeight(*g, bf16, [x, dy, dw]))
                     .is_some()
                 {
-                    super::emulator::conv2d_backward_weight(g, x, dy, dw);
+                    super::emulator::conv2d_backward_weight(g, bf16, x, dy, dw);
                 }
                 Ok(())
             }
@@ -262,15 +280,16 @@ impl Runtime {
 impl Gpu {
     /// The plan of `g`, made on first use.
     fn plan(&mut self, g: &ConvGeom) -> Result<&mut Plan> {
-        if !self.convs.plans.contains_key(g) {
-            let plan = Plan::new(g, self.tf32)?;
-            self.convs.plans.insert(*g, plan);
+        let key = (*g, self.bf16);
+        if !self.convs.plans.contains_key(&key) {
+            let plan = Plan::new(g, self.tf32, self.bf16)?;
+            self.convs.plans.insert(key, plan);
         }
-        Ok(self.convs.plans.get_mut(g).expect("inserted above"))
+        Ok(self.convs.plans.get_mut(&key).expect("inserted above"))
     }
 
     fn conv2d_forward(&mut self, g: &ConvGeom, x: u64, w: u64, y: u64) -> Result<()> {
-        let (handle, capturing, tf32) = (self.cudnn, self.capturing, self.tf32);
+        let (handle, capturing, tf32) = (self.cudnn, self.capturing, self.tf32 || self.bf16);
         let plan = self.plan(g)?;
         let (algo, bytes) = algorithm!(
             plan.fwd,
@@ -307,7 +326,7 @@ impl Gpu {
     }
 
     fn conv2d_backward_input(&mut self, g: &ConvGeom, dy: u64, w: u64, dx: u64) -> Result<()> {
-        let (handle, capturing, tf32) = (self.cudnn, self.capturing, self.tf32);
+        let (handle, capturing, tf32) = (self.cudnn, self.capturing, self.tf32 || self.bf16);
         let plan = self.plan(g)?;
         let (algo, bytes) = algorithm!(
             plan.bwd_data,
@@ -344,7 +363,7 @@ impl Gpu {
     }
 
     fn conv2d_backward_weight(&mut self, g: &ConvGeom, x: u64, dy: u64, dw: u64) -> Result<()> {
-        let (handle, capturing, tf32) = (self.cudnn, self.capturing, self.tf32);
+        let (handle, capturing, tf32) = (self.cudnn, self.capturing, self.tf32 || self.bf16);
         let plan = self.plan(g)?;
         let (algo, bytes) = algorithm!(
             plan.bwd_filter,
@@ -437,7 +456,7 @@ mod tests {
         ];
         for (x, w, p) in cases {
             let g = p.geometry(&x, &w).unwrap();
-            let plan = Plan::new(&g, false).unwrap();
+            let plan = Plan::new(&g, false, false).unwrap();
             let (mut n, mut k, mut oh, mut ow) = (0, 0, 0, 0);
             // SAFETY: the plan's descriptors are alive; the outputs are plain integers.
             unsafe {

@@ -50,6 +50,8 @@ static inline void __syncthreads() {}
 static inline float atomicAdd(float* a, float v) { float old = *a; *a = old + v; return old; }
 static inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 static inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
+static inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
+static inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
 "#;
 
 /// A kernel's parameters as `(C type, name)` pairs, from its definition in `source`.
@@ -240,9 +242,10 @@ pub(crate) enum Recorded {
         cfg: LaunchConfig,
         args: Vec<Arg>,
     },
-    ConvForward(ConvGeom, [u64; 3]),
-    ConvBackwardInput(ConvGeom, [u64; 3]),
-    ConvBackwardWeight(ConvGeom, [u64; 3]),
+    /// A convolution: geometry, bfloat16 data or not, the three addresses.
+    ConvForward(ConvGeom, bool, [u64; 3]),
+    ConvBackwardInput(ConvGeom, bool, [u64; 3]),
+    ConvBackwardWeight(ConvGeom, bool, [u64; 3]),
     Sgemm(super::blas::Sgemm),
     /// Zeroing memory allocated with `zeros` during the capture.
     Zero {
@@ -257,12 +260,12 @@ impl Emulator {
         for w in work {
             match w {
                 Recorded::Launch { name, cfg, args } => self.launch(name, *cfg, args)?,
-                Recorded::ConvForward(g, [x, w, y]) => conv2d_forward(g, *x, *w, *y),
-                Recorded::ConvBackwardInput(g, [dy, w, dx]) => {
-                    conv2d_backward_input(g, *dy, *w, *dx)
+                Recorded::ConvForward(g, b, [x, w, y]) => conv2d_forward(g, *b, *x, *w, *y),
+                Recorded::ConvBackwardInput(g, b, [dy, w, dx]) => {
+                    conv2d_backward_input(g, *b, *dy, *w, *dx)
                 }
-                Recorded::ConvBackwardWeight(g, [x, dy, dw]) => {
-                    conv2d_backward_weight(g, *x, *dy, *dw)
+                Recorded::ConvBackwardWeight(g, b, [x, dy, dw]) => {
+                    conv2d_backward_weight(g, *b, *x, *dy, *dw)
                 }
                 Recorded::Sgemm(call) => sgemm(call),
                 Recorded::Zero { addr, len } => {
@@ -284,44 +287,87 @@ unsafe fn slice<'a>(addr: u64, len: usize) -> &'a mut [f32] {
     unsafe { std::slice::from_raw_parts_mut(addr as *mut f32, len) }
 }
 
-/// cuDNN's forward convolution, by the CPU kernel.
-pub(crate) fn conv2d_forward(g: &ConvGeom, x: u64, w: u64, y: u64) {
+/// The float32 value of a bfloat16 (its upper half).
+pub(crate) fn bf16_to_f32(v: u16) -> f32 {
+    f32::from_bits(u32::from(v) << 16)
+}
+
+/// A float32 rounded to bfloat16 (to nearest, ties to even; NaN stays NaN), as `to_bf16`.
+pub(crate) fn f32_to_bf16(x: f32) -> u16 {
+    let u = x.to_bits();
+    if u & 0x7fff_ffff > 0x7f80_0000 {
+        return ((u >> 16) | 0x40) as u16;
+    }
+    (u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+
+/// `len` values at `addr`: float32, or bfloat16 widened to float32.
+///
+/// # Safety
+/// `addr` must address that many live values of the kind given.
+unsafe fn read_values(addr: u64, len: usize, bf16: bool) -> Vec<f32> {
+    if bf16 {
+        // SAFETY: the caller's guarantee.
+        let h = unsafe { std::slice::from_raw_parts(addr as *const u16, len) };
+        h.iter().map(|&v| bf16_to_f32(v)).collect()
+    } else {
+        // SAFETY: the caller's guarantee.
+        unsafe { slice(addr, len) }.to_vec()
+    }
+}
+
+/// Stores float32 results at `addr`, rounded to bfloat16 with `bf16`.
+///
+/// # Safety
+/// `addr` must address `values.len()` live values of the kind given.
+unsafe fn write_values(addr: u64, values: &[f32], bf16: bool) {
+    if bf16 {
+        // SAFETY: the caller's guarantee.
+        let h = unsafe { std::slice::from_raw_parts_mut(addr as *mut u16, values.len()) };
+        for (o, &v) in h.iter_mut().zip(values) {
+            *o = f32_to_bf16(v);
+        }
+    } else {
+        // SAFETY: the caller's guarantee.
+        unsafe { slice(addr, values.len()) }.copy_from_slice(values);
+    }
+}
+
+/// cuDNN's forward convolution, by the CPU kernel (bfloat16 data: widened, accumulated in
+/// float32, the result rounded to bfloat16, as cuDNN's bfloat16 configuration).
+pub(crate) fn conv2d_forward(g: &ConvGeom, bf16: bool, x: u64, w: u64, y: u64) {
     // SAFETY: the buffers hold the geometry's sizes (the GPU code's own contract).
-    let (x, w, y) = unsafe {
-        (
-            slice(x, g.n * g.c * g.h * g.w),
-            slice(w, g.k * (g.c / g.groups) * g.kh * g.kw),
-            slice(y, g.n * g.k * g.oh * g.ow),
-        )
-    };
-    conv::conv2d_forward(x, w, None, g, y);
+    unsafe {
+        let x = read_values(x, g.n * g.c * g.h * g.w, bf16);
+        let w = read_values(w, g.k * (g.c / g.groups) * g.kh * g.kw, bf16);
+        let mut out = vec![0f32; g.n * g.k * g.oh * g.ow];
+        conv::conv2d_forward(&x, &w, None, g, &mut out);
+        write_values(y, &out, bf16);
+    }
 }
 
 /// cuDNN's backward-data convolution, by the CPU kernel.
-pub(crate) fn conv2d_backward_input(g: &ConvGeom, dy: u64, w: u64, dx: u64) {
+pub(crate) fn conv2d_backward_input(g: &ConvGeom, bf16: bool, dy: u64, w: u64, dx: u64) {
     // SAFETY: as above.
-    let (dy, w, dx) = unsafe {
-        (
-            slice(dy, g.n * g.k * g.oh * g.ow),
-            slice(w, g.k * (g.c / g.groups) * g.kh * g.kw),
-            slice(dx, g.n * g.c * g.h * g.w),
-        )
-    };
-    conv::conv2d_backward_input(dy, w, g, dx);
+    unsafe {
+        let dy = read_values(dy, g.n * g.k * g.oh * g.ow, bf16);
+        let w = read_values(w, g.k * (g.c / g.groups) * g.kh * g.kw, bf16);
+        let mut out = vec![0f32; g.n * g.c * g.h * g.w];
+        conv::conv2d_backward_input(&dy, &w, g, &mut out);
+        write_values(dx, &out, bf16);
+    }
 }
 
 /// cuDNN's backward-filter convolution (overwriting), by the CPU kernel.
-pub(crate) fn conv2d_backward_weight(g: &ConvGeom, x: u64, dy: u64, dw: u64) {
+pub(crate) fn conv2d_backward_weight(g: &ConvGeom, bf16: bool, x: u64, dy: u64, dw: u64) {
     // SAFETY: as above.
-    let (x, dy, dw) = unsafe {
-        (
-            slice(x, g.n * g.c * g.h * g.w),
-            slice(dy, g.n * g.k * g.oh * g.ow),
-            slice(dw, g.k * (g.c / g.groups) * g.kh * g.kw),
-        )
-    };
-    dw.fill(0.0);
-    conv::conv2d_backward_weight(x, dy, g, dw);
+    unsafe {
+        let x = read_values(x, g.n * g.c * g.h * g.w, bf16);
+        let dy = read_values(dy, g.n * g.k * g.oh * g.ow, bf16);
+        let mut out = vec![0f32; g.k * (g.c / g.groups) * g.kh * g.kw];
+        conv::conv2d_backward_weight(&x, &dy, g, &mut out);
+        write_values(dw, &out, bf16);
+    }
 }
 
 /// cuBLAS's `sgemm` as its documentation defines it, column-major with leading dimensions
@@ -332,9 +378,16 @@ pub(crate) fn sgemm(call: &super::blas::Sgemm) {
     let (ta, tb) = call.trans;
     let ((a, lda), (b, ldb), (c, ldc)) = (call.a, call.b, call.c);
     // Column-major element (row, col) of a matrix with leading dimension ld.
+    let bf16 = call.bf16;
     let at = |addr: u64, ld: usize, row: usize, col: usize| -> f32 {
-        // SAFETY: inside the operand the call describes.
-        unsafe { *(addr as *const f32).add(col * ld + row) }
+        // SAFETY: inside the operand the call describes (bfloat16 inputs with `bf16`).
+        unsafe {
+            if bf16 {
+                bf16_to_f32(*(addr as *const u16).add(col * ld + row))
+            } else {
+                *(addr as *const f32).add(col * ld + row)
+            }
+        }
     };
     for j in 0..n {
         for i in 0..m {
@@ -361,6 +414,7 @@ pub(crate) fn sgemm(call: &super::blas::Sgemm) {
 #[cfg(test)]
 mod tests {
     use super::ORDINAL;
+    use crate::backend::cuda::runtime::launch;
     use crate::nn::{Mode, Model};
     use crate::optim::{Adam, AdamConfig, Optimizer, Sgd, SgdConfig};
     use crate::{Activation, Conv2dParams, Device, MaxPool2dParams, Reduction, Rng, Tensor};
@@ -453,6 +507,166 @@ mod tests {
         let failed = finish_capture(ORDINAL, Err(crate::Error::Unsupported("test".into())));
         assert!(failed.is_err());
         assert_eq!(x.relu().unwrap().to_vec(), vec![5.0, 2.0, 0.0, 4.0]);
+    }
+
+    /// Runs `f` with mixed precision switched on for the emulated device.
+    fn with_bf16<R>(f: impl FnOnce() -> R) -> R {
+        crate::backend::cuda::use_bf16(ORDINAL, true).unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        crate::backend::cuda::use_bf16(ORDINAL, false).unwrap();
+        r.unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    #[test]
+    fn emulated_cuda_bfloat16_conversion_rounds_to_nearest_even() {
+        let _serial = serial();
+        use super::{bf16_to_f32, f32_to_bf16};
+        // The host reference first: ties go to the even neighbour, NaN stays NaN.
+        assert_eq!(f32_to_bf16(1.0), 0x3f80);
+        assert_eq!(
+            f32_to_bf16(f32::from_bits(0x3f80_8000)),
+            0x3f80,
+            "tie to even (down)"
+        );
+        assert_eq!(
+            f32_to_bf16(f32::from_bits(0x3f81_8000)),
+            0x3f82,
+            "tie to even (up)"
+        );
+        assert_eq!(
+            f32_to_bf16(f32::from_bits(0x3f80_8001)),
+            0x3f81,
+            "above the tie"
+        );
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+        assert_eq!(bf16_to_f32(f32_to_bf16(f32::INFINITY)), f32::INFINITY);
+        assert_eq!(f32_to_bf16(-0.0), 0x8000);
+        // The kernels agree with it on every kind of value.
+        let values: Vec<f32> = [
+            0.0,
+            -0.0,
+            1.0,
+            -2.5,
+            std::f32::consts::PI,
+            1e-40,
+            -1e38,
+            65504.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+        ]
+        .into_iter()
+        .chain((0..200).map(|i| (i as f32 * 0.731).sin() * 10f32.powi(i % 7 - 3)))
+        .collect();
+        let n = values.len();
+        crate::backend::cuda::runtime::with(ORDINAL, |rt| {
+            let x = rt.upload(&values)?;
+            let h = rt.uninit(n.div_ceil(2))?;
+            launch!(
+                rt,
+                "to_bf16",
+                rt.elementwise(n),
+                x.ptr(0),
+                h.ptr(0),
+                n as i64
+            )?;
+            let back = rt.uninit(n)?;
+            launch!(
+                rt,
+                "from_bf16",
+                rt.elementwise(n),
+                h.ptr(0),
+                back.ptr(0),
+                n as i64
+            )?;
+            let words = h.to_host(0, n.div_ceil(2))?;
+            let halves: Vec<u16> = words
+                .iter()
+                .flat_map(|w| {
+                    let b = w.to_bits();
+                    [(b & 0xffff) as u16, (b >> 16) as u16]
+                })
+                .collect();
+            let widened = back.to_host(0, n)?;
+            for (i, &v) in values.iter().enumerate() {
+                let want = f32_to_bf16(v);
+                assert_eq!(halves[i], want, "to_bf16({v:e})");
+                let w = bf16_to_f32(want);
+                assert!(
+                    widened[i] == w || (w.is_nan() && widened[i].is_nan()),
+                    "from_bf16"
+                );
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    /// With mixed precision, convolutions and linear layers compute on bfloat16 operands:
+    /// close to float32 (bfloat16 keeps 8 bits of mantissa) but not equal, forward and
+    /// backward, while the rest of the network stays float32.
+    #[test]
+    fn emulated_cuda_bfloat16_convolution_and_linear_track_float32() {
+        let _serial = serial();
+        type Case = (
+            &'static str,
+            Vec<Tensor>,
+            Box<dyn Fn(&[Tensor]) -> crate::Result<Tensor>>,
+        );
+        let cases: [Case; 2] = [
+            (
+                "conv",
+                vec![
+                    random(&[2, 4, 9, 9], 1),
+                    random(&[6, 4, 3, 3], 2).scale(0.2).unwrap(),
+                    random(&[6], 3),
+                ],
+                Box::new(|t: &[Tensor]| {
+                    t[0].conv2d(&t[1], Some(&t[2]), Conv2dParams::default().padding(1))
+                }),
+            ),
+            (
+                "linear",
+                vec![
+                    random(&[5, 64], 4),
+                    random(&[7, 64], 5).scale(0.125).unwrap(),
+                    random(&[7], 6),
+                ],
+                Box::new(|t: &[Tensor]| t[0].linear(&t[1], Some(&t[2]))),
+            ),
+        ];
+        for (what, inputs, f) in cases {
+            let run = |dev: Device| {
+                let xs: Vec<Tensor> = inputs
+                    .iter()
+                    .map(|t| t.to_device(dev).unwrap().requires_grad())
+                    .collect();
+                let y = f(&xs).unwrap();
+                let gy = random(y.dims(), 9).to_device(dev).unwrap();
+                let grads = y.backward_with(&gy).unwrap();
+                let mut out = vec![y.to_vec()];
+                out.extend(xs.iter().map(|x| grads.get(x).unwrap().to_vec()));
+                out
+            };
+            let exact = run(Device::Cpu);
+            let mixed = with_bf16(|| run(EMU));
+            for (i, (m, e)) in mixed.iter().zip(&exact).enumerate() {
+                let scale = e.iter().fold(0f32, |a, v| a.max(v.abs()));
+                // bfloat16 rounding (2^-9 relative) of operands summed over dozens of terms.
+                assert_close(&format!("{what} bf16 #{i}"), m, e, 0.0, 3e-2 * scale);
+                // The output and the input and weight gradients go through bfloat16; the
+                // bias gradient is a float32 sum of the float32 upstream gradient.
+                if i < 3 {
+                    let differs = m.iter().zip(e).any(|(a, b)| a != b);
+                    assert!(
+                        differs,
+                        "{what} #{i}: bfloat16 should not give float32's bits"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

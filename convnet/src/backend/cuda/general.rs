@@ -397,6 +397,7 @@ pub(crate) fn row_major_gemm(
         a: (b.0, b.2),
         b: (a.0, a.2),
         c: (c, n),
+        bf16: false,
     })
 }
 

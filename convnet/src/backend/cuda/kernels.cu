@@ -704,6 +704,26 @@ __global__ void mse_backward(const float* g, const float* a, const float* b, flo
     }
 }
 
+// ---- bfloat16 (mixed precision) -------------------------------------------------------------
+
+// y = x rounded to bfloat16 (to nearest, ties to even; NaN stays a quiet NaN), 16 bits each.
+__global__ void to_bf16(const float* x, unsigned short* y, long long n) {
+    GRID_STRIDE(i, n) {
+        unsigned int u = __float_as_uint(x[i]);
+        if ((u & 0x7fffffffu) > 0x7f800000u) {
+            y[i] = (unsigned short)((u >> 16) | 0x40u);
+        } else {
+            u += 0x7fffu + ((u >> 16) & 1u);
+            y[i] = (unsigned short)(u >> 16);
+        }
+    }
+}
+
+// y = the float32 value of bfloat16 x (exact).
+__global__ void from_bf16(const unsigned short* x, float* y, long long n) {
+    GRID_STRIDE(i, n) { y[i] = __uint_as_float(((unsigned int)x[i]) << 16); }
+}
+
 // ---- training metrics -----------------------------------------------------------------------
 
 // Running sums of one epoch kept on the device: acc[0] += loss * n, acc[1] += the number of

@@ -40,6 +40,8 @@ pub const NAMES: &[&str] = &[
     "subsample_pad_backward",
     "adam_step_multi",
     "accumulate_metrics",
+    "to_bf16",
+    "from_bf16",
     "strided_map",
     "reduce_broadcast",
     "affine_forward",

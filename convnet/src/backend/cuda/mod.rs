@@ -174,6 +174,18 @@ pub fn allow_tf32(ordinal: usize, on: bool) -> Result<()> {
     })
 }
 
+/// Mixed precision on GPU `ordinal` (`on`): convolutions and linear layers compute on
+/// bfloat16 copies of their operands with float32 accumulation (cuDNN's bfloat16
+/// configuration, `cublasGemmEx`), their results widened back to float32; parameters,
+/// gradients, optimizer state and every other op stay float32 (like `torch.autocast` with
+/// bfloat16). Off by default.
+pub fn use_bf16(ordinal: usize, on: bool) -> Result<()> {
+    runtime::with(ordinal, |rt| {
+        rt.set_bf16(on);
+        Ok(())
+    })
+}
+
 /// Finds CUDA device `ordinal`: the driver library, the device count, a context and the
 /// device name. Every failure is [`Error::CudaUnavailable`] with the reason.
 pub fn probe(ordinal: usize) -> Result<DeviceInfo> {

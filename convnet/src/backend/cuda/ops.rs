@@ -210,6 +210,53 @@ pub(crate) fn dropout(gpu: usize, x: &Tensor, mask: &[f32]) -> Result<Tensor> {
     Ok(result(y, x.shape().clone(), op))
 }
 
+/// A bfloat16 copy of the `n` floats at `src` (mixed precision), unless `bf16` is off: then
+/// `None` and the float32 data is used as it is.
+pub(crate) fn bf16_copy(rt: &Runtime, src: u64, n: usize) -> Result<Option<DeviceBuffer>> {
+    if !rt.bf16 {
+        return Ok(None);
+    }
+    let b = rt.uninit(n.div_ceil(2))?;
+    launch!(rt, "to_bf16", rt.elementwise(n), src, b.ptr(0), long(n))?;
+    Ok(Some(b))
+}
+
+/// The address an operand is read from (or a result written to): its bfloat16 buffer with
+/// mixed precision, else the float32 one.
+pub(crate) fn operand(copy: &Option<DeviceBuffer>, f32_addr: u64) -> u64 {
+    copy.as_ref().map_or(f32_addr, |b| b.ptr(0))
+}
+
+/// Where a result of `n` values goes: a bfloat16 buffer with mixed precision, widened into
+/// `dst` by [`widen_result`], else `dst` itself.
+pub(crate) fn result_slot(rt: &Runtime, n: usize) -> Result<Option<DeviceBuffer>> {
+    if rt.bf16 {
+        Ok(Some(rt.uninit(n.div_ceil(2))?))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Widens a bfloat16 result into the float32 buffer `dst` (nothing without one).
+pub(crate) fn widen_result(
+    rt: &Runtime,
+    slot: &Option<DeviceBuffer>,
+    dst: &DeviceBuffer,
+    n: usize,
+) -> Result<()> {
+    match slot {
+        Some(b) => launch!(
+            rt,
+            "from_bf16",
+            rt.elementwise(n),
+            b.ptr(0),
+            dst.ptr(0),
+            long(n)
+        ),
+        None => Ok(()),
+    }
+}
+
 /// Adds `bias [C]` to `y [N, C, HW]` in place.
 fn add_channel_bias(
     rt: &Runtime,
@@ -248,7 +295,9 @@ pub(crate) fn linear(
     );
     let y = with(gpu, |rt| {
         let y = rt.uninit(m * o)?;
-        rt.linear_forward(m, i, o, xp, wp, y.ptr(0))?;
+        // Mixed precision: bfloat16 inputs, float32 output (cublasGemmEx).
+        let (xb, wb) = (bf16_copy(rt, xp, m * i)?, bf16_copy(rt, wp, o * i)?);
+        rt.linear_forward(m, i, o, operand(&xb, xp), operand(&wb, wp), y.ptr(0))?;
         if b.is_some() {
             add_channel_bias(rt, &y, bp, o, 1, m * o)?;
         }
@@ -280,7 +329,17 @@ pub(crate) fn conv2d(
     let len = geom.n * geom.k * geom.oh * geom.ow;
     let y = with(gpu, |rt| {
         let y = rt.uninit(len)?;
-        rt.conv2d_forward(&geom, xp, wp, y.ptr(0))?;
+        // Mixed precision: bfloat16 input, filter and output, float32 accumulation.
+        let xb = bf16_copy(rt, xp, geom.n * geom.c * geom.h * geom.w)?;
+        let wb = bf16_copy(rt, wp, geom.k * (geom.c / geom.groups) * geom.kh * geom.kw)?;
+        let yb = result_slot(rt, len)?;
+        rt.conv2d_forward(
+            &geom,
+            operand(&xb, xp),
+            operand(&wb, wp),
+            operand(&yb, y.ptr(0)),
+        )?;
+        widen_result(rt, &yb, &y, len)?;
         if b.is_some() {
             add_channel_bias(rt, &y, bp, geom.k, geom.oh * geom.ow, len)?;
         }

@@ -26,6 +26,9 @@ pub(crate) struct Runtime {
     pub(crate) alloc: Allocator,
     pub(crate) kind: Kind,
     max_blocks: u32,
+    /// Mixed precision: convolutions and linear layers compute on bfloat16 copies of their
+    /// inputs with float32 accumulation; everything else stays float32.
+    pub(crate) bf16: bool,
     /// Values per block at least in split per-channel reductions (small on the emulator,
     /// so that its tests exercise the split path).
     split_granularity: usize,
@@ -91,6 +94,8 @@ pub(crate) struct Gpu {
     pub(crate) capturing: bool,
     /// Convolutions may use TF32 tensor cores.
     pub(crate) tf32: bool,
+    /// Convolutions and matrix products take bfloat16 data (see `Runtime::bf16`).
+    pub(crate) bf16: bool,
 }
 
 // SAFETY: the runtime is only reached through the `RUNTIMES` mutex, so the cuDNN and cuBLAS
@@ -251,6 +256,7 @@ impl Runtime {
                 alloc: Allocator::Emulated,
                 kind: Kind::Emulated(super::emulator::Emulator::new()?),
                 max_blocks: 64,
+                bf16: false,
                 split_granularity: 16,
                 capture: None,
                 graphs: Vec::new(),
@@ -316,8 +322,10 @@ impl Runtime {
                 workspace: None,
                 capturing: false,
                 tf32: false,
+                bf16: false,
             }),
             max_blocks: sms * 16,
+            bf16: false,
             split_granularity: REDUCE_THREADS as usize * 8,
             capture: None,
             graphs: Vec::new(),
@@ -538,6 +546,15 @@ impl Runtime {
                 gpu.tf32 = on;
                 gpu.convs.clear();
             }
+        }
+    }
+
+    /// Switches mixed precision (bfloat16 convolutions and linear layers) on or off.
+    pub(crate) fn set_bf16(&mut self, on: bool) {
+        self.bf16 = on;
+        #[allow(irrefutable_let_patterns)]
+        if let Kind::Gpu(gpu) = &mut self.kind {
+            gpu.bf16 = on;
         }
     }
 
