@@ -43,9 +43,17 @@ pub(crate) struct Runtime {
 struct Capture {
     /// Page-locked host copies read by the graph's copy nodes (constant inputs).
     pinned: Vec<PinnedHost>,
-    /// Emulator: memory allocated during the capture (a graph owns its allocations).
+    /// Emulator: memory allocated during the capture (a graph owns its allocations) and the
+    /// work recorded, in order (allocations take `&self`, hence the cell).
     #[cfg(any(test, feature = "cuda-emulator"))]
+    emulated: std::cell::RefCell<EmulatedCapture>,
+}
+
+#[cfg(any(test, feature = "cuda-emulator"))]
+#[derive(Default)]
+struct EmulatedCapture {
     arena: Vec<super::buffer::HostMemory>,
+    work: Vec<super::emulator::Recorded>,
 }
 
 /// Page-locked host memory, freed on drop.
@@ -113,18 +121,6 @@ impl Drop for Gpu {
 }
 
 static RUNTIMES: Mutex<Vec<(usize, Box<Runtime>)>> = Mutex::new(Vec::new());
-
-#[cfg(any(test, feature = "cuda-emulator"))]
-thread_local! {
-    /// Emulator: memory allocated during the capture in progress, and which of it was
-    /// zeroed (`uninit`/`zeros` take `&self`).
-    static ARENA_PENDING: std::cell::RefCell<Vec<super::buffer::HostMemory>> =
-        const { std::cell::RefCell::new(Vec::new()) };
-    static ZERO_PENDING: std::cell::RefCell<Vec<(u64, usize)>> =
-        const { std::cell::RefCell::new(Vec::new()) };
-    static WORK_PENDING: std::cell::RefCell<Vec<super::emulator::Recorded>> =
-        const { std::cell::RefCell::new(Vec::new()) };
-}
 
 /// Runs `f` with the runtime of device `ordinal`, creating it on first use (this compiles
 /// the kernels with NVRTC, about a second). `f` must not call `with` again.
@@ -380,11 +376,13 @@ impl Runtime {
         &self,
         work: super::emulator::Recorded,
     ) -> Option<super::emulator::Recorded> {
-        if self.capture.is_none() {
-            return Some(work);
+        match &self.capture {
+            None => Some(work),
+            Some(c) => {
+                c.emulated.borrow_mut().work.push(work);
+                None
+            }
         }
-        WORK_PENDING.with(|w| w.borrow_mut().push(work));
-        None
     }
 
     /// Launch shape for an element-wise kernel over `n` elements (grid-stride loops cover
@@ -439,11 +437,10 @@ impl Runtime {
     #[cfg(any(test, feature = "cuda-emulator"))]
     fn arena_alloc(&self, data: Vec<f32>) -> Option<DeviceBuffer> {
         match (&self.kind, &self.capture) {
-            (Kind::Emulated(_), Some(_)) => {
+            (Kind::Emulated(_), Some(c)) => {
                 let memory = super::buffer::HostMemory::new(data);
                 let buffer = DeviceBuffer::emulated(memory.borrowed());
-                // The arena is behind `&self`: capture bookkeeping uses interior access.
-                ARENA_PENDING.with(|a| a.borrow_mut().push(memory));
+                c.emulated.borrow_mut().arena.push(memory);
                 Some(buffer)
             }
             _ => None,
@@ -463,7 +460,12 @@ impl Runtime {
     pub(crate) fn zeros(&self, len: usize) -> Result<DeviceBuffer> {
         #[cfg(any(test, feature = "cuda-emulator"))]
         if let Some(b) = self.arena_alloc(vec![0.0; len.max(1)]) {
-            ZERO_PENDING.with(|z| z.borrow_mut().push((b.ptr(0), len.max(1))));
+            // Zeroed again at every launch, where the graph's memset node would be.
+            let zero = super::emulator::Recorded::Zero {
+                addr: b.ptr(0),
+                len: len.max(1),
+            };
+            let _ = self.record(zero);
             return Ok(b);
         }
         self.alloc.zeros(len)
@@ -610,22 +612,14 @@ impl Runtime {
             #[cfg(any(test, feature = "cuda-emulator"))]
             Kind::Emulated(_) => {
                 super::emulator::set_capturing(false);
-                capture.arena = ARENA_PENDING.with(|a| std::mem::take(&mut *a.borrow_mut()));
-                let zeros = ZERO_PENDING.with(|z| std::mem::take(&mut *z.borrow_mut()));
-                // Zeroed allocations come first, as the graph's memset nodes precede their users.
-                let mut work: Vec<super::emulator::Recorded> = zeros
-                    .into_iter()
-                    .map(|(addr, len)| super::emulator::Recorded::Zero { addr, len })
-                    .collect();
-                work.extend(WORK_PENDING.with(|w| std::mem::take(&mut *w.borrow_mut())));
-                GraphExec::Emulated(work)
+                GraphExec::Emulated(std::mem::take(&mut capture.emulated.get_mut().work))
             }
         };
         self.graphs.push(Some(StepGraph {
             exec,
             _pinned: std::mem::take(&mut capture.pinned),
             #[cfg(any(test, feature = "cuda-emulator"))]
-            _arena: std::mem::take(&mut capture.arena),
+            _arena: std::mem::take(&mut capture.emulated.get_mut().arena),
         }));
         Ok(self.graphs.len() - 1)
     }
