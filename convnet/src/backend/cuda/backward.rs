@@ -5,9 +5,10 @@
 
 use super::buffer::DeviceBuffer;
 use super::general::{contiguous_strides, row_major_gemm, strided_map};
+use super::int;
 use super::ops::{
-    activation_code, adaptive_as_window, bf16_copy, operand, result_slot, subsample_args,
-    widen_result, BnStats, CudaOp,
+    activation_code, adaptive_as_window, bf16_copy, epilogue_code, long, operand, result_slot,
+    subsample_args, widen_result, BnStats, CudaOp,
 };
 use super::runtime::{launch, with, Runtime};
 use crate::autograd::{BnEpilogue, Op};
@@ -17,15 +18,6 @@ use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 type Grads = Vec<(Tensor, DeviceBuffer)>;
-
-fn int(v: usize) -> Result<i32> {
-    i32::try_from(v)
-        .map_err(|_| Error::Unsupported(format!("size {v} is too large for the CUDA kernels")))
-}
-
-fn long(v: usize) -> i64 {
-    v as i64
-}
 
 /// `y = x * factor` into a new buffer.
 fn scaled_copy(rt: &Runtime, x: u64, n: usize, factor: f32) -> Result<DeviceBuffer> {
@@ -81,9 +73,9 @@ fn channel_sum(rt: &Runtime, g: u64, n: usize, c: usize, hw: usize) -> Result<De
         cfg,
         g,
         partial.ptr(0),
-        int(n)?,
-        int(c)?,
-        int(hw)?
+        int(n, "size")?,
+        int(c, "size")?,
+        int(hw, "size")?
     )?;
     let out = rt.uninit(c)?;
     launch!(
@@ -92,7 +84,7 @@ fn channel_sum(rt: &Runtime, g: u64, n: usize, c: usize, hw: usize) -> Result<De
         rt.per_channel(c),
         partial.ptr(0),
         out.ptr(0),
-        int(c)?,
+        int(c, "size")?,
         splits as i32
     )?;
     Ok(out)
@@ -112,16 +104,16 @@ fn avg_pool_backward(
         rt.elementwise(len),
         g,
         dx.ptr(0),
-        int(geom.h)?,
-        int(geom.w)?,
-        int(geom.oh)?,
-        int(geom.ow)?,
-        int(geom.kernel.0)?,
-        int(geom.kernel.1)?,
-        int(geom.stride.0)?,
-        int(geom.stride.1)?,
-        int(geom.padding.0)?,
-        int(geom.padding.1)?,
+        int(geom.h, "size")?,
+        int(geom.w, "size")?,
+        int(geom.oh, "size")?,
+        int(geom.ow, "size")?,
+        int(geom.kernel.0, "size")?,
+        int(geom.kernel.1, "size")?,
+        int(geom.stride.0, "size")?,
+        int(geom.stride.1, "size")?,
+        int(geom.padding.0, "size")?,
+        int(geom.padding.1, "size")?,
         i32::from(count_include_pad),
         long(len)
     )?;
@@ -347,7 +339,7 @@ pub(crate) fn backward(op: &Op, out: &Tensor, g: &DeviceBuffer, ordinal: usize) 
                     yp,
                     gp,
                     dx.ptr(0),
-                    int(*d)?,
+                    int(*d, "size")?,
                     *inner as i64,
                     lines as i64,
                     i32::from(*log)
@@ -374,7 +366,7 @@ pub(crate) fn backward(op: &Op, out: &Tensor, g: &DeviceBuffer, ordinal: usize) 
                     gp,
                     t.ptr(0),
                     dx.ptr(0),
-                    int(c)?,
+                    int(c, "size")?,
                     i32::from(per_row),
                     *divisor,
                     long(n * c)
@@ -522,10 +514,10 @@ fn cuda_backward(
                     gp,
                     ap,
                     dx.ptr(0),
-                    int(geom.h)?,
-                    int(geom.w)?,
-                    int(geom.oh)?,
-                    int(geom.ow)?,
+                    int(geom.h, "size")?,
+                    int(geom.w, "size")?,
+                    int(geom.oh, "size")?,
+                    int(geom.ow, "size")?,
                     long(len)
                 )?;
                 Ok(dx)
@@ -571,7 +563,7 @@ fn cuda_backward(
                     i32::from(divisor.is_none()),
                     divisor.unwrap_or(1.0),
                     dx.ptr(0),
-                    int(c)?,
+                    int(c, "size")?,
                     *smoothing,
                     -100i64,
                     long(len)
@@ -624,12 +616,8 @@ fn batch_norm_backward(
     let xp = input.cuda_ptr(OP)?;
     let wp = weight.map_or(Ok(0), |w| w.cuda_ptr(OP))?;
     let rp = epilogue.residual().map_or(Ok(0), |r| r.cuda_ptr(OP))?;
-    let code: i32 = match epilogue {
-        BnEpilogue::None => 0,
-        BnEpilogue::Relu => 1,
-        BnEpilogue::AddRelu(_) => 2,
-    };
-    let (ni, ci, hwi) = (int(n)?, int(c)?, int(hw)?);
+    let code = epilogue_code(epilogue);
+    let (ni, ci, hwi) = (int(n, "size")?, int(c, "size")?, int(hw, "size")?);
     with(ordinal, |rt| {
         // With a residual, the gradient through the ReLU is also the residual's gradient,
         // so it is written out during the reduction.

@@ -5,14 +5,9 @@
 //! Legend: `x [M, I]` input rows, `w [O, I]` weight, `y [M, O]` output, all row-major.
 
 use super::runtime::{Gpu, Kind, Runtime};
-use super::unavailable;
+use super::{int, unavailable};
 use crate::error::Result;
 use cudarc::cublas::{result as blas, sys};
-use std::ffi::c_int;
-
-fn int(v: usize) -> Result<c_int> {
-    c_int::try_from(v).map_err(|_| unavailable(format!("size {v} is too large for cuBLAS")))
-}
 
 /// One `sgemm` call in cuBLAS's column-major terms: `C = op(A) @ op(B)`, overwriting `C`.
 #[derive(Clone, Copy, Debug)]
@@ -88,20 +83,20 @@ impl Sgemm {
                     *gpu.blas.handle(),
                     op(self.trans.0),
                     op(self.trans.1),
-                    int(m)?,
-                    int(n)?,
-                    int(k)?,
+                    int(m, "size")?,
+                    int(n, "size")?,
+                    int(k, "size")?,
                     (&alpha as *const f32).cast(),
                     self.a.0 as *const std::ffi::c_void,
                     CUDA_R_16BF,
-                    int(self.a.1)?,
+                    int(self.a.1, "size")?,
                     self.b.0 as *const std::ffi::c_void,
                     CUDA_R_16BF,
-                    int(self.b.1)?,
+                    int(self.b.1, "size")?,
                     (&beta as *const f32).cast(),
                     self.c.0 as *mut std::ffi::c_void,
                     CUDA_R_32F,
-                    int(self.c.1)?,
+                    int(self.c.1, "size")?,
                     sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                     sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 )
@@ -120,17 +115,17 @@ impl Sgemm {
                 *gpu.blas.handle(),
                 op(self.trans.0),
                 op(self.trans.1),
-                int(m)?,
-                int(n)?,
-                int(k)?,
+                int(m, "size")?,
+                int(n, "size")?,
+                int(k, "size")?,
                 &alpha,
                 self.a.0 as *const f32,
-                int(self.a.1)?,
+                int(self.a.1, "size")?,
                 self.b.0 as *const f32,
-                int(self.b.1)?,
+                int(self.b.1, "size")?,
                 &beta,
                 self.c.0 as *mut f32,
-                int(self.c.1)?,
+                int(self.c.1, "size")?,
             )
         }
         .map_err(|e| unavailable(format!("cuBLAS sgemm ({}) failed: {e:?}", self.what)))

@@ -9,7 +9,7 @@
 //! workspace is one device buffer shared by all plans.
 
 use super::runtime::{Gpu, Kind, Runtime};
-use super::unavailable;
+use super::{int, unavailable};
 use crate::backend::cpu::conv::ConvGeom;
 use crate::error::Result;
 use cudarc::cudnn::{result as dnn, sys};
@@ -64,10 +64,6 @@ fn new_shape_in_capture(g: &ConvGeom) -> crate::Error {
     ))
 }
 
-fn int(v: usize) -> Result<c_int> {
-    c_int::try_from(v).map_err(|_| unavailable(format!("size {v} is too large for cuDNN")))
-}
-
 /// The cuDNN element type: bfloat16 for mixed precision, else float32.
 fn data_type(bf16: bool) -> sys::cudnnDataType_t {
     if bf16 {
@@ -79,7 +75,12 @@ fn data_type(bf16: bool) -> sys::cudnnDataType_t {
 
 fn tensor4d(dims: [usize; 4], bf16: bool) -> Result<sys::cudnnTensorDescriptor_t> {
     let d = dnn::create_tensor_descriptor().map_err(|e| cudnn_error("tensor descriptor", e))?;
-    let dims = [int(dims[0])?, int(dims[1])?, int(dims[2])?, int(dims[3])?];
+    let dims = [
+        int(dims[0], "size")?,
+        int(dims[1], "size")?,
+        int(dims[2], "size")?,
+        int(dims[3], "size")?,
+    ];
     // SAFETY: `d` was just created.
     unsafe {
         dnn::set_tensor4d_descriptor(
@@ -117,22 +118,27 @@ impl Plan {
                 w,
                 data_type(bf16),
                 sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-                [int(g.k)?, int(g.c / g.groups)?, int(g.kh)?, int(g.kw)?],
+                [
+                    int(g.k, "size")?,
+                    int(g.c / g.groups, "size")?,
+                    int(g.kh, "size")?,
+                    int(g.kw, "size")?,
+                ],
             )
             .map_err(|e| cudnn_error("filter descriptor", e))?;
             dnn::set_convolution2d_descriptor(
                 conv,
-                int(g.padding.0)?,
-                int(g.padding.1)?,
-                int(g.stride.0)?,
-                int(g.stride.1)?,
-                int(g.dilation.0)?,
-                int(g.dilation.1)?,
+                int(g.padding.0, "size")?,
+                int(g.padding.1, "size")?,
+                int(g.stride.0, "size")?,
+                int(g.stride.1, "size")?,
+                int(g.dilation.0, "size")?,
+                int(g.dilation.1, "size")?,
                 sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
                 sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
             )
             .map_err(|e| cudnn_error("convolution descriptor", e))?;
-            dnn::set_convolution_group_count(conv, int(g.groups)?)
+            dnn::set_convolution_group_count(conv, int(g.groups, "size")?)
                 .map_err(|e| cudnn_error("group count", e))?;
             // FMA only (float32 arithmetic) unless TF32 tensor cores were allowed, as PyTorch's
             // torch.backends.cudnn.allow_tf32 selects between the same two modes.

@@ -55,6 +55,15 @@ pub struct DeviceInfo {
     pub count: usize,
 }
 
+/// A size as the 32-bit integer the kernels and libraries take, or an error naming it.
+pub(crate) fn int(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| {
+        Error::Unsupported(format!(
+            "{what} {v} is too large for the CUDA kernels and libraries"
+        ))
+    })
+}
+
 pub(crate) fn unavailable(reason: impl Into<String>) -> Error {
     Error::CudaUnavailable(reason.into())
 }

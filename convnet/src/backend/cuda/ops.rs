@@ -4,6 +4,7 @@
 //! state that differs from the CPU's).
 
 use super::buffer::DeviceBuffer;
+use super::int;
 use super::runtime::{launch, with, Runtime};
 use crate::autograd::{BnEpilogue, Op};
 use crate::backend::cpu::activation::Activation;
@@ -97,13 +98,18 @@ fn opt_ptr(t: Option<&Tensor>, op: &'static str) -> Result<u64> {
     t.map_or(Ok(0), |t| t.cuda_ptr(op))
 }
 
-fn int(v: usize, what: &str) -> Result<i32> {
-    i32::try_from(v)
-        .map_err(|_| Error::Unsupported(format!("{what} {v} is too large for the CUDA kernels")))
+/// A count as the kernels' 64-bit integer.
+pub(crate) fn long(v: usize) -> i64 {
+    v as i64
 }
 
-fn long(v: usize) -> i64 {
-    v as i64
+/// The epilogue's number in the batch-norm kernels: 0 none, 1 ReLU, 2 add then ReLU.
+pub(crate) fn epilogue_code(e: &BnEpilogue) -> i32 {
+    match e {
+        BnEpilogue::None => 0,
+        BnEpilogue::Relu => 1,
+        BnEpilogue::AddRelu(_) => 2,
+    }
 }
 
 /// Wraps a device result.
@@ -559,11 +565,7 @@ pub(crate) fn batch_norm2d(
         int(c, "channels")?,
         int(hw, "plane size")?,
     );
-    let code: i32 = match epilogue {
-        BnEpilogue::None => 0,
-        BnEpilogue::Relu => 1,
-        BnEpilogue::AddRelu(_) => 2,
-    };
+    let code = epilogue_code(&epilogue);
     let count = n * hw;
     let unbias = if count > 1 {
         count as f64 / (count - 1) as f64
