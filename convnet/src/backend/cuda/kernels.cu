@@ -747,6 +747,17 @@ __global__ void accumulate_metrics(const float* loss, const float* logits,
     }
 }
 
+// The row of a multi-tensor table (`width` int64 per tensor, the last its first index in
+// the concatenation of all tensors, ascending) that holds element i: a binary search.
+__device__ int table_row(const long long* table, int tensors, int width, long long i) {
+    int lo = 0, hi = tensors - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (table[width * mid + width - 1] <= i) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
 // One SGD step over many parameters in one launch, as torch.optim.SGD: d = g + wd * p; with
 // momentum the buffer becomes d (first step) or momentum * buf + (1 - dampening) * d, and
 // the update is buf or, with Nesterov, d + momentum * buf; p -= lr * update. table holds
@@ -759,11 +770,7 @@ __global__ void sgd_step_multi(const long long* table, int tensors, long long to
     // captured step follows the schedule the host stages before each launch.
     float lr = hyper[0], momentum = hyper[1], dampening = hyper[2], weight_decay = hyper[3];
     GRID_STRIDE(i, total) {
-        int lo = 0, hi = tensors - 1;
-        while (lo < hi) {
-            int mid = (lo + hi + 1) / 2;
-            if (table[4 * mid + 3] <= i) lo = mid; else hi = mid - 1;
-        }
+        int lo = table_row(table, tensors, 4, i);
         long long j = i - table[4 * lo + 3];
         float* p = (float*)table[4 * lo];
         const float* g = (const float*)table[4 * lo + 1];
@@ -793,11 +800,7 @@ __global__ void adam_step_multi(const long long* table, int tensors, long long t
     float bias_correction1 = hyper[6], bias_correction2_sqrt = hyper[7];
     float step_size = lr / bias_correction1;
     GRID_STRIDE(i, total) {
-        int lo = 0, hi = tensors - 1;
-        while (lo < hi) {
-            int mid = (lo + hi + 1) / 2;
-            if (table[6 * mid + 5] <= i) lo = mid; else hi = mid - 1;
-        }
+        int lo = table_row(table, tensors, 6, i);
         long long j = i - table[6 * lo + 5];
         float* p = (float*)table[6 * lo];
         const float* g = (const float*)table[6 * lo + 1];

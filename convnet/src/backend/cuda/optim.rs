@@ -7,6 +7,31 @@ use crate::backend::cpu::optim::AdamStep;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
+/// The table of a multi-tensor step: per tensor, the addresses of its operands (0 for a
+/// missing one; the first is the parameter, whose size counts) and its first index in the
+/// concatenation of all of them. Returns the table, the tensor count and the total size;
+/// empty parameters are left out.
+fn pointer_table<'a, const K: usize>(
+    rows: impl Iterator<Item = [Option<&'a Tensor>; K]>,
+) -> Result<(Vec<i64>, i32, usize)> {
+    const OP: &str = "optimizer step";
+    let mut table = Vec::new();
+    let (mut tensors, mut total) = (0i32, 0usize);
+    for row in rows {
+        let n = row[0].map_or(0, Tensor::numel);
+        if n == 0 {
+            continue;
+        }
+        for t in row {
+            table.push(t.map_or(Ok(0), |t| t.cuda_ptr(OP))? as i64);
+        }
+        table.push(total as i64);
+        total += n;
+        tensors += 1;
+    }
+    Ok((table, tensors, total))
+}
+
 /// SGD's hyperparameters on a GPU (`[lr, momentum, dampening, weight_decay]`), read by
 /// the step kernel from device memory so that a captured step follows the schedule.
 pub(crate) struct SgdHyper {
@@ -49,23 +74,11 @@ pub(crate) fn sgd_step_multi(
     nesterov: bool,
     first: bool,
 ) -> Result<()> {
-    const OP: &str = "SGD step";
-    let mut table: Vec<i64> = Vec::with_capacity(4 * entries.len());
-    let mut total = 0usize;
-    for (p, g, buf) in entries {
-        if p.numel() == 0 {
-            continue;
-        }
-        table.push(p.cuda_ptr(OP)? as i64);
-        table.push(g.cuda_ptr(OP)? as i64);
-        table.push(buf.map_or(Ok(0), |b| b.cuda_ptr(OP))? as i64);
-        table.push(total as i64);
-        total += p.numel();
-    }
+    let (table, tensors, total) =
+        pointer_table(entries.iter().map(|&(p, g, buf)| [Some(p), Some(g), buf]))?;
     if total == 0 {
         return Ok(());
     }
-    let tensors = (table.len() / 4) as i32;
     with(hyper.gpu, |rt| {
         // The addresses are the step's own buffers: constants of a captured step.
         let table = rt.upload_constant_i64(&table)?;
@@ -130,24 +143,13 @@ pub(crate) type AdamEntry<'a> = (
 
 /// See [`AdamEntry`]; the values are those `hyper` holds.
 pub(crate) fn adam_step_multi(hyper: &AdamHyper, entries: &[AdamEntry<'_>]) -> Result<()> {
-    const OP: &str = "Adam step";
-    let mut table: Vec<i64> = Vec::with_capacity(6 * entries.len());
-    let mut total = 0usize;
-    for (p, g, m, v, max_v) in entries {
-        if p.numel() == 0 {
-            continue;
-        }
-        for t in [p, g, m, v] {
-            table.push(t.cuda_ptr(OP)? as i64);
-        }
-        table.push(max_v.map_or(Ok(0), |t| t.cuda_ptr(OP))? as i64);
-        table.push(total as i64);
-        total += p.numel();
-    }
+    let rows = entries
+        .iter()
+        .map(|&(p, g, m, v, max_v)| [Some(p), Some(g), Some(m), Some(v), max_v]);
+    let (table, tensors, total) = pointer_table(rows)?;
     if total == 0 {
         return Ok(());
     }
-    let tensors = (table.len() / 6) as i32;
     with(hyper.gpu, |rt| {
         // The addresses are the step's own buffers: constants of a captured step.
         let table = rt.upload_constant_i64(&table)?;
