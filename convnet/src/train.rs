@@ -626,7 +626,7 @@ fn staged_step(
 #[cfg(feature = "cuda")]
 fn add_to_batch_counters(model: &Model, delta: f32) -> Result<()> {
     for (name, t) in model.state_dict() {
-        if name.ends_with("num_batches_tracked") {
+        if crate::nn::is_batch_counter(&name) {
             t.update_data(|v| v.iter_mut().for_each(|x| *x += delta))?;
         }
     }

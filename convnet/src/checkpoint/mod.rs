@@ -129,7 +129,7 @@ impl View for &Out {
 }
 
 fn to_out(name: &str, t: &Tensor) -> Out {
-    if name.ends_with("num_batches_tracked") {
+    if crate::nn::is_batch_counter(name) {
         let v = t.to_vec().first().copied().unwrap_or(0.0) as i64;
         return Out {
             dtype: Dtype::I64,

@@ -658,6 +658,12 @@ impl Module for Dropout {
     }
 }
 
+/// Whether a `state_dict` entry is a BatchNorm batch counter (`num_batches_tracked`): an
+/// integer in PyTorch's files, host-side bookkeeping here, never read by a kernel.
+pub(crate) fn is_batch_counter(name: &str) -> bool {
+    name.ends_with("num_batches_tracked")
+}
+
 /// `nn.BatchNorm2d(C)` with eps 1e-5 and momentum 0.1: parameters `weight`, `bias`; buffers
 /// `running_mean`, `running_var`, `num_batches_tracked`.
 pub struct BatchNorm2d {

@@ -10,6 +10,7 @@ mod resnet;
 mod sequential;
 
 pub use init::{kaiming_uniform, uniform_bias};
+pub(crate) use layers::is_batch_counter;
 pub use layers::{
     AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, Conv2dBuilder, Dropout, Flatten, GELUTanh,
     LeakyReLU, Linear, MaxPool2d, ReLU, ReLU6, Sigmoid, Softmax, Tanh, GELU,

@@ -136,7 +136,7 @@ impl Model {
         // Fail before moving anything when the device cannot be used at all.
         device.ensure_supported()?;
         for (name, t) in self.state_dict() {
-            if name.ends_with("num_batches_tracked") {
+            if super::is_batch_counter(&name) {
                 continue;
             }
             t.move_to_device(device).map_err(|e| match e {

@@ -279,7 +279,7 @@ mod tests {
         assert_eq!((m.ir_version, m.opset_import[0].version), (8, 17));
         let g = m.graph.unwrap();
         for (name, t) in model.state_dict() {
-            if name.ends_with("num_batches_tracked") {
+            if crate::nn::is_batch_counter(&name) {
                 continue;
             }
             let init = g

@@ -170,11 +170,15 @@ impl Tensor {
                         ),
                     ));
                 }
-                let mut inputs = vec![self, running_mean, running_var];
+                // The differentiable inputs (the op takes the epilogue and its residual by value
+                // below); the running statistics must be on the same device too.
+                let residual = epilogue.residual().cloned();
+                let mut inputs = vec![self];
                 inputs.extend(weight);
                 inputs.extend(bias);
-                inputs.extend(epilogue.residual());
-                if let Some(gpu) = gpu_of(op_name, &inputs)? {
+                inputs.extend(residual.as_ref());
+                let all = [inputs.as_slice(), &[running_mean, running_var]].concat();
+                if let Some(gpu) = gpu_of(op_name, &all)? {
                     return on_gpu!(gpu, |g| crate::backend::cuda::ops::batch_norm2d(
                         g,
                         self,
@@ -234,12 +238,6 @@ impl Tensor {
                         )
                     })
                 });
-                // The op takes the epilogue (and its residual) by value below.
-                let residual = epilogue.residual().cloned();
-                let mut inputs = vec![self];
-                inputs.extend(weight);
-                inputs.extend(bias);
-                inputs.extend(residual.as_ref());
                 let op = record(&inputs, || Op::BatchNorm2d {
                     input: self.clone(),
                     weight: weight.cloned(),

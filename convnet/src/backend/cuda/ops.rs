@@ -661,11 +661,13 @@ pub(crate) fn accumulate_metrics(
         Some(Op::Cuda(CudaOp::CrossEntropy { targets, .. })) => Some(targets.ptr(0)),
         _ => None,
     };
-    let host: Vec<i64> = labels.iter().map(|&t| t as i64).collect();
     with(gpu, |rt| {
         let uploaded = match saved {
             Some(_) => None,
-            None => Some(rt.upload_i64(&host)?),
+            None => {
+                let host: Vec<i64> = labels.iter().map(|&t| t as i64).collect();
+                Some(rt.upload_i64(&host)?)
+            }
         };
         let targets = saved.unwrap_or_else(|| uploaded.as_ref().map_or(0, |t| t.ptr(0)));
         let cfg = rt.per_row(1);
