@@ -211,12 +211,28 @@ macro_rules! algorithm {
     };
 }
 
+/// How a convolution runs: on bfloat16 data or not, and whether a capture is in progress
+/// (which forbids choosing an algorithm or growing the workspace).
+#[derive(Clone, Copy)]
+pub(crate) struct ConvMode {
+    bf16: bool,
+    capturing: bool,
+}
+
 impl Runtime {
+    fn conv_mode(&self) -> ConvMode {
+        ConvMode {
+            bf16: self.bf16,
+            capturing: self.is_capturing(),
+        }
+    }
+
     /// `y [N, K, OH, OW] = conv(x [N, C, H, W], w [K, C/G, KH, KW])` (no bias), at device
     /// addresses.
     pub(crate) fn conv2d_forward(&mut self, g: &ConvGeom, x: u64, w: u64, y: u64) -> Result<()> {
+        let mode = self.conv_mode();
         match &mut self.kind {
-            Kind::Gpu(gpu) => gpu.conv2d_forward(g, x, w, y),
+            Kind::Gpu(gpu) => gpu.conv2d_forward(g, x, w, y, mode),
             #[cfg(any(test, feature = "cuda-emulator"))]
             Kind::Emulated(_) => {
                 use super::emulator::Recorded;
@@ -240,8 +256,9 @@ impl Runtime {
         w: u64,
         dx: u64,
     ) -> Result<()> {
+        let mode = self.conv_mode();
         match &mut self.kind {
-            Kind::Gpu(gpu) => gpu.conv2d_backward_input(g, dy, w, dx),
+            Kind::Gpu(gpu) => gpu.conv2d_backward_input(g, dy, w, dx, mode),
             #[cfg(any(test, feature = "cuda-emulator"))]
             Kind::Emulated(_) => {
                 use super::emulator::Recorded;
@@ -265,8 +282,9 @@ impl Runtime {
         dy: u64,
         dw: u64,
     ) -> Result<()> {
+        let mode = self.conv_mode();
         match &mut self.kind {
-            Kind::Gpu(gpu) => gpu.conv2d_backward_weight(g, x, dy, dw),
+            Kind::Gpu(gpu) => gpu.conv2d_backward_weight(g, x, dy, dw, mode),
             #[cfg(any(test, feature = "cuda-emulator"))]
             Kind::Emulated(_) => {
                 use super::emulator::Recorded;
@@ -285,18 +303,25 @@ impl Runtime {
 
 impl Gpu {
     /// The plan of `g`, made on first use.
-    fn plan(&mut self, g: &ConvGeom) -> Result<&mut Plan> {
-        let key = (*g, self.bf16);
+    fn plan(&mut self, g: &ConvGeom, bf16: bool) -> Result<&mut Plan> {
+        let key = (*g, bf16);
         if !self.convs.plans.contains_key(&key) {
-            let plan = Plan::new(g, self.tf32, self.bf16)?;
+            let plan = Plan::new(g, self.tf32, bf16)?;
             self.convs.plans.insert(key, plan);
         }
         Ok(self.convs.plans.get_mut(&key).expect("inserted above"))
     }
 
-    fn conv2d_forward(&mut self, g: &ConvGeom, x: u64, w: u64, y: u64) -> Result<()> {
-        let (handle, capturing, tf32) = (self.cudnn, self.capturing, self.tf32 || self.bf16);
-        let plan = self.plan(g)?;
+    fn conv2d_forward(
+        &mut self,
+        g: &ConvGeom,
+        x: u64,
+        w: u64,
+        y: u64,
+        mode: ConvMode,
+    ) -> Result<()> {
+        let (handle, capturing, tf32) = (self.cudnn, mode.capturing, self.tf32 || mode.bf16);
+        let plan = self.plan(g, mode.bf16)?;
         let (algo, bytes) = algorithm!(
             plan.fwd,
             g,
@@ -308,7 +333,7 @@ impl Gpu {
             "forward"
         );
         let (xd, wd, cd, yd) = (plan.x, plan.w, plan.conv, plan.y);
-        let ws = self.workspace(bytes)?;
+        let ws = self.workspace(bytes, mode.capturing)?;
         let (alpha, beta) = (1f32, 0f32);
         // SAFETY: addresses of live buffers of the plan's sizes; the workspace holds `bytes`.
         unsafe {
@@ -331,9 +356,16 @@ impl Gpu {
         .map_err(|e| cudnn_error("convolution forward", e))
     }
 
-    fn conv2d_backward_input(&mut self, g: &ConvGeom, dy: u64, w: u64, dx: u64) -> Result<()> {
-        let (handle, capturing, tf32) = (self.cudnn, self.capturing, self.tf32 || self.bf16);
-        let plan = self.plan(g)?;
+    fn conv2d_backward_input(
+        &mut self,
+        g: &ConvGeom,
+        dy: u64,
+        w: u64,
+        dx: u64,
+        mode: ConvMode,
+    ) -> Result<()> {
+        let (handle, capturing, tf32) = (self.cudnn, mode.capturing, self.tf32 || mode.bf16);
+        let plan = self.plan(g, mode.bf16)?;
         let (algo, bytes) = algorithm!(
             plan.bwd_data,
             g,
@@ -345,7 +377,7 @@ impl Gpu {
             "backward-data"
         );
         let (xd, wd, cd, yd) = (plan.x, plan.w, plan.conv, plan.y);
-        let ws = self.workspace(bytes)?;
+        let ws = self.workspace(bytes, mode.capturing)?;
         let (alpha, beta) = (1f32, 0f32);
         // SAFETY: as in the forward pass.
         unsafe {
@@ -368,9 +400,16 @@ impl Gpu {
         .map_err(|e| cudnn_error("convolution backward-data", e))
     }
 
-    fn conv2d_backward_weight(&mut self, g: &ConvGeom, x: u64, dy: u64, dw: u64) -> Result<()> {
-        let (handle, capturing, tf32) = (self.cudnn, self.capturing, self.tf32 || self.bf16);
-        let plan = self.plan(g)?;
+    fn conv2d_backward_weight(
+        &mut self,
+        g: &ConvGeom,
+        x: u64,
+        dy: u64,
+        dw: u64,
+        mode: ConvMode,
+    ) -> Result<()> {
+        let (handle, capturing, tf32) = (self.cudnn, mode.capturing, self.tf32 || mode.bf16);
+        let plan = self.plan(g, mode.bf16)?;
         let (algo, bytes) = algorithm!(
             plan.bwd_filter,
             g,
@@ -382,7 +421,7 @@ impl Gpu {
             "backward-filter"
         );
         let (xd, wd, cd, yd) = (plan.x, plan.w, plan.conv, plan.y);
-        let ws = self.workspace(bytes)?;
+        let ws = self.workspace(bytes, mode.capturing)?;
         let (alpha, beta) = (1f32, 0f32);
         // SAFETY: as in the forward pass.
         unsafe {

@@ -98,12 +98,8 @@ pub(crate) struct Gpu {
     pub(crate) cudnn: cudarc::cudnn::sys::cudnnHandle_t,
     pub(crate) convs: PlanCache,
     workspace: Option<DeviceBuffer>,
-    /// A step is being captured: no algorithm search, no workspace growth.
-    pub(crate) capturing: bool,
     /// Convolutions may use TF32 tensor cores.
     pub(crate) tf32: bool,
-    /// Convolutions and matrix products take bfloat16 data (see `Runtime::bf16`).
-    pub(crate) bf16: bool,
 }
 
 // SAFETY: the runtime is only reached through the `RUNTIMES` mutex, so the cuDNN and cuBLAS
@@ -316,9 +312,7 @@ impl Runtime {
                 cudnn,
                 convs: PlanCache::default(),
                 workspace: None,
-                capturing: false,
                 tf32: false,
-                bf16: false,
             }),
             max_blocks: sms * 16,
             bf16: false,
@@ -554,10 +548,6 @@ impl Runtime {
     /// Switches mixed precision (bfloat16 convolutions and linear layers) on or off.
     pub(crate) fn set_bf16(&mut self, on: bool) {
         self.bf16 = on;
-        #[allow(irrefutable_let_patterns)]
-        if let Kind::Gpu(gpu) = &mut self.kind {
-            gpu.bf16 = on;
-        }
     }
 
     /// Whether a step is being captured.
@@ -581,7 +571,6 @@ impl Runtime {
                     .map_err(|e| {
                         unavailable(format!("cannot start a CUDA graph capture: {e:?}"))
                     })?;
-                gpu.capturing = true;
             }
             #[cfg(any(test, feature = "cuda-emulator"))]
             Kind::Emulated(_) => super::emulator::set_capturing(true),
@@ -599,7 +588,6 @@ impl Runtime {
             .ok_or_else(|| crate::Error::Unsupported("no capture in progress".into()))?;
         let exec = match &mut self.kind {
             Kind::Gpu(gpu) => {
-                gpu.capturing = false;
                 let flags =
                     sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH;
                 let graph = gpu
@@ -659,10 +647,10 @@ impl Runtime {
 
 impl Gpu {
     /// The shared workspace of at least `bytes` bytes (grown, never shrunk); its address.
-    pub(crate) fn workspace(&mut self, bytes: usize) -> Result<u64> {
+    pub(crate) fn workspace(&mut self, bytes: usize, capturing: bool) -> Result<u64> {
         let floats = bytes.div_ceil(4).max(1);
         if self.workspace.as_ref().is_none_or(|w| w.len() < floats) {
-            if self.capturing {
+            if capturing {
                 // Memory allocated in a capture belongs to the graph, not to later steps.
                 return Err(crate::Error::Unsupported(
                     "a larger convolution workspace cannot be allocated during a CUDA graph capture".into(),
