@@ -524,6 +524,24 @@ fn cuda_build_without_a_driver_says_why_instead_of_panicking() {
     );
 }
 
+/// `convnet train ARGS --out <fresh folder named TAG> --json`: the final JSON line, the
+/// per-epoch metrics lines and what the run printed on stderr.
+#[cfg(feature = "cuda-emulator")]
+fn train_run(tag: &str, args: &[&str]) -> (serde_json::Value, Vec<serde_json::Value>, String) {
+    let out_dir = temp(tag);
+    let mut all = vec!["train"];
+    all.extend_from_slice(args);
+    all.extend(["--out", out_dir.to_str().unwrap(), "--json"]);
+    let out = convnet(&all);
+    let r = last_json(&out);
+    let text = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    let epochs = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (r, epochs, String::from_utf8_lossy(&out.stderr).to_string())
+}
+
 /// The whole training command on the GPU code path (the CUDA kernels run by the host
 /// emulator): model and batches moved to the device, training, evaluation, checkpoint. It
 /// follows the CPU run of the same seed: nearly the same test loss and accuracy.
@@ -531,9 +549,7 @@ fn cuda_build_without_a_driver_says_why_instead_of_panicking() {
 #[test]
 fn training_on_the_emulated_gpu_follows_the_cpu_run() {
     let run = |device: &str| {
-        let out_dir = temp(&format!("train-{}", device.replace(':', "-")));
         let args = [
-            "train",
             "--epochs",
             "1",
             "--limit-train",
@@ -542,14 +558,11 @@ fn training_on_the_emulated_gpu_follows_the_cpu_run() {
             "200",
             "--device",
             device,
-            "--out",
-            out_dir.to_str().unwrap(),
-            "--json",
         ];
-        last_json(&convnet(&args))
+        train_run(&format!("train-{}", device.replace(':', "-")), &args)
     };
-    let cpu = run("cpu");
-    let gpu = run("cuda:1000");
+    let (cpu, cpu_epochs, _) = run("cpu");
+    let (gpu, gpu_epochs, _) = run("cuda:1000");
     let (cl, gl) = (
         cpu["test_loss"].as_f64().unwrap(),
         gpu["test_loss"].as_f64().unwrap(),
@@ -568,15 +581,10 @@ fn training_on_the_emulated_gpu_follows_the_cpu_run() {
     );
     // The epoch's running training figures, kept on the device and read back every few
     // steps, agree with the host's.
-    let epoch_line = |r: &serde_json::Value| {
-        let dir = Path::new(r["checkpoint"].as_str().unwrap())
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-        serde_json::from_str::<serde_json::Value>(text.lines().last().unwrap()).unwrap()
-    };
-    let (cm, gm) = (epoch_line(&cpu), epoch_line(&gpu));
+    let (cm, gm) = (
+        &cpu_epochs[cpu_epochs.len() - 1],
+        &gpu_epochs[gpu_epochs.len() - 1],
+    );
     let (ct, gt) = (
         cm["train_loss"].as_f64().unwrap(),
         gm["train_loss"].as_f64().unwrap(),
@@ -615,9 +623,7 @@ fn training_on_the_emulated_gpu_follows_the_cpu_run() {
 #[test]
 fn a_captured_training_step_on_the_emulated_gpu_replays_eager_steps_exactly() {
     let run = |extra: &[&str], tag: &str| {
-        let out_dir = temp(&format!("graph-{tag}"));
         let mut args = vec![
-            "train",
             "--epochs",
             "2",
             "--limit-train",
@@ -628,19 +634,9 @@ fn a_captured_training_step_on_the_emulated_gpu_replays_eager_steps_exactly() {
             "32",
             "--device",
             "cuda:1000",
-            "--out",
-            out_dir.to_str().unwrap(),
-            "--json",
         ];
         args.extend_from_slice(extra);
-        let out = convnet(&args);
-        let r = last_json(&out);
-        let text = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
-        let epochs: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        (r, epochs, String::from_utf8_lossy(&out.stderr).to_string())
+        train_run(&format!("graph-{tag}"), &args)
     };
     let (eager, eager_epochs, _) = run(&[], "eager");
     let (graph, graph_epochs, stderr) = run(&["--cuda-graph"], "graph");
@@ -723,9 +719,7 @@ fn a_captured_training_step_on_the_emulated_gpu_replays_eager_steps_exactly() {
 #[test]
 fn bfloat16_training_on_the_emulated_gpu_tracks_float32() {
     let run = |extra: &[&str], tag: &str| {
-        let out_dir = temp(&format!("bf16-{tag}"));
         let mut args = vec![
-            "train",
             "--epochs",
             "1",
             "--limit-train",
@@ -736,12 +730,9 @@ fn bfloat16_training_on_the_emulated_gpu_tracks_float32() {
             "32",
             "--device",
             "cuda:1000",
-            "--out",
-            out_dir.to_str().unwrap(),
-            "--json",
         ];
         args.extend_from_slice(extra);
-        last_json(&convnet(&args))
+        train_run(&format!("bf16-{tag}"), &args).0
     };
     let f32_run = run(&[], "f32");
     let bf16 = run(&["--precision", "bf16"], "bf16");
