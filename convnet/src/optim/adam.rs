@@ -209,7 +209,7 @@ impl Optimizer for Adam {
                         ));
                     }
                 } else {
-                    self.hyper[at].stage(&step_values(&c, *t))?;
+                    self.hyper[at].stage(optim::adam_hyper(&step_values(&c, *t)))?;
                 }
                 let entries: Vec<optim::AdamEntry<'_>> = members
                     .iter()
@@ -247,7 +247,7 @@ impl Optimizer for Adam {
             };
             let s = step_values(&self.cfg, self.slots[first].step);
             for h in &mut self.hyper {
-                h.stage(&s)?;
+                h.stage(crate::backend::cuda::optim::adam_hyper(&s))?;
             }
         }
         Ok(())

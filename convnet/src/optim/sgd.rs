@@ -149,7 +149,12 @@ impl Optimizer for Sgd {
                 };
                 // A captured step reads what the trainer stages before each launch.
                 if !runtime::with(d, |rt| Ok(rt.is_capturing()))? {
-                    self.hyper[at].stage(lr, momentum, dampening, weight_decay)?;
+                    self.hyper[at].stage(optim::sgd_hyper(
+                        lr,
+                        momentum,
+                        dampening,
+                        weight_decay,
+                    ))?;
                 }
                 let entries: Vec<(&Tensor, &Tensor, Option<&Tensor>)> = members
                     .iter()
@@ -176,12 +181,12 @@ impl Optimizer for Sgd {
         {
             let c = self.cfg;
             for h in &mut self.hyper {
-                h.stage(
+                h.stage(crate::backend::cuda::optim::sgd_hyper(
                     c.lr as f32,
                     c.momentum as f32,
                     c.dampening as f32,
                     c.weight_decay as f32,
-                )?;
+                ))?;
             }
         }
         Ok(())

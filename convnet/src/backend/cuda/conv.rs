@@ -211,6 +211,15 @@ macro_rules! algorithm {
     };
 }
 
+/// Which of the three convolutions, by its operands and result: forward `(x, w) -> y`,
+/// backward-data `(dy, w) -> dx`, backward-filter `(x, dy) -> dw`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ConvDirection {
+    Forward,
+    BackwardData,
+    BackwardFilter,
+}
+
 /// How a convolution runs: on bfloat16 data or not, and whether a capture is in progress
 /// (which forbids choosing an algorithm or growing the workspace).
 #[derive(Clone, Copy)]
@@ -227,25 +236,33 @@ impl Runtime {
         }
     }
 
-    /// `y [N, K, OH, OW] = conv(x [N, C, H, W], w [K, C/G, KH, KW])` (no bias), at device
-    /// addresses.
-    pub(crate) fn conv2d_forward(&mut self, g: &ConvGeom, x: u64, w: u64, y: u64) -> Result<()> {
+    /// Runs convolution `dir` of `g` on device addresses `[a, b, out]` (the operands and the
+    /// result as [`ConvDirection`] lists them): cuDNN on a GPU, the CPU kernels on the
+    /// emulator (recorded instead while a step is captured).
+    fn convolve(&mut self, dir: ConvDirection, g: &ConvGeom, [a, b, out]: [u64; 3]) -> Result<()> {
         let mode = self.conv_mode();
         match &mut self.kind {
-            Kind::Gpu(gpu) => gpu.conv2d_forward(g, x, w, y, mode),
+            Kind::Gpu(gpu) => match dir {
+                ConvDirection::Forward => gpu.conv2d_forward(g, a, b, out, mode),
+                ConvDirection::BackwardData => gpu.conv2d_backward_input(g, a, b, out, mode),
+                ConvDirection::BackwardFilter => gpu.conv2d_backward_weight(g, a, b, out, mode),
+            },
             #[cfg(any(test, feature = "cuda-emulator"))]
             Kind::Emulated(_) => {
-                use super::emulator::Recorded;
                 let bf16 = self.bf16;
-                if self
-                    .record(Recorded::ConvForward(*g, bf16, [x, w, y]))
-                    .is_some()
-                {
-                    super::emulator::conv2d_forward(g, bf16, x, w, y);
+                let work = super::emulator::Recorded::Conv(dir, *g, bf16, [a, b, out]);
+                if self.record(work).is_some() {
+                    super::emulator::convolve(dir, g, bf16, [a, b, out]);
                 }
                 Ok(())
             }
         }
+    }
+
+    /// `y [N, K, OH, OW] = conv(x [N, C, H, W], w [K, C/G, KH, KW])` (no bias), at device
+    /// addresses.
+    pub(crate) fn conv2d_forward(&mut self, g: &ConvGeom, x: u64, w: u64, y: u64) -> Result<()> {
+        self.convolve(ConvDirection::Forward, g, [x, w, y])
     }
 
     /// `dx [N, C, H, W]` from `dy [N, K, OH, OW]` and `w`, at device addresses.
@@ -256,22 +273,7 @@ impl Runtime {
         w: u64,
         dx: u64,
     ) -> Result<()> {
-        let mode = self.conv_mode();
-        match &mut self.kind {
-            Kind::Gpu(gpu) => gpu.conv2d_backward_input(g, dy, w, dx, mode),
-            #[cfg(any(test, feature = "cuda-emulator"))]
-            Kind::Emulated(_) => {
-                use super::emulator::Recorded;
-                let bf16 = self.bf16;
-                if self
-                    .record(Recorded::ConvBackwardInput(*g, bf16, [dy, w, dx]))
-                    .is_some()
-                {
-                    super::emulator::conv2d_backward_input(g, bf16, dy, w, dx);
-                }
-                Ok(())
-            }
-        }
+        self.convolve(ConvDirection::BackwardData, g, [dy, w, dx])
     }
 
     /// `dw [K, C/G, KH, KW]` from `x` and `dy`, at device addresses (overwritten).
@@ -282,22 +284,7 @@ impl Runtime {
         dy: u64,
         dw: u64,
     ) -> Result<()> {
-        let mode = self.conv_mode();
-        match &mut self.kind {
-            Kind::Gpu(gpu) => gpu.conv2d_backward_weight(g, x, dy, dw, mode),
-            #[cfg(any(test, feature = "cuda-emulator"))]
-            Kind::Emulated(_) => {
-                use super::emulator::Recorded;
-                let bf16 = self.bf16;
-                if self
-                    .record(Recorded::ConvBackwardWeight(*g, bf16, [x, dy, dw]))
-                    .is_some()
-                {
-                    super::emulator::conv2d_backward_weight(g, bf16, x, dy, dw);
-                }
-                Ok(())
-            }
-        }
+        self.convolve(ConvDirection::BackwardFilter, g, [x, dy, dw])
     }
 }
 

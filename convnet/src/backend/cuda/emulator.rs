@@ -13,6 +13,7 @@
 //! thread of their real launch shape, so grid-stride coverage is exercised too. What this
 //! cannot show: races, the real libraries' algorithms, performance.
 
+use super::conv::ConvDirection;
 use super::runtime::Arg;
 use crate::backend::cpu::conv::{self, ConvGeom};
 use crate::error::{Error, Result};
@@ -242,10 +243,8 @@ pub(crate) enum Recorded {
         cfg: LaunchConfig,
         args: Vec<Arg>,
     },
-    /// A convolution: geometry, bfloat16 data or not, the three addresses.
-    ConvForward(ConvGeom, bool, [u64; 3]),
-    ConvBackwardInput(ConvGeom, bool, [u64; 3]),
-    ConvBackwardWeight(ConvGeom, bool, [u64; 3]),
+    /// A convolution: which one, its geometry, bfloat16 data or not, the three addresses.
+    Conv(ConvDirection, ConvGeom, bool, [u64; 3]),
     Sgemm(super::blas::Sgemm),
     /// Zeroing memory allocated with `zeros` during the capture.
     Zero {
@@ -260,13 +259,7 @@ impl Emulator {
         for w in work {
             match w {
                 Recorded::Launch { name, cfg, args } => self.launch(name, *cfg, args)?,
-                Recorded::ConvForward(g, b, [x, w, y]) => conv2d_forward(g, *b, *x, *w, *y),
-                Recorded::ConvBackwardInput(g, b, [dy, w, dx]) => {
-                    conv2d_backward_input(g, *b, *dy, *w, *dx)
-                }
-                Recorded::ConvBackwardWeight(g, b, [x, dy, dw]) => {
-                    conv2d_backward_weight(g, *b, *x, *dy, *dw)
-                }
+                Recorded::Conv(dir, g, bf16, addrs) => convolve(*dir, g, *bf16, *addrs),
                 Recorded::Sgemm(call) => sgemm(call),
                 Recorded::Zero { addr, len } => {
                     // SAFETY: graph-owned memory of that size.
@@ -333,41 +326,27 @@ unsafe fn write_values(addr: u64, values: &[f32], bf16: bool) {
     }
 }
 
-/// cuDNN's forward convolution, by the CPU kernel (bfloat16 data: widened, accumulated in
-/// float32, the result rounded to bfloat16, as cuDNN's bfloat16 configuration).
-pub(crate) fn conv2d_forward(g: &ConvGeom, bf16: bool, x: u64, w: u64, y: u64) {
+/// cuDNN's convolution `dir` on addresses `[a, b, out]`, by the CPU kernels (bfloat16
+/// data: widened, accumulated in float32, the result rounded to bfloat16, as cuDNN's
+/// bfloat16 configuration).
+pub(crate) fn convolve(dir: ConvDirection, g: &ConvGeom, bf16: bool, [a, b, out]: [u64; 3]) {
+    let (x_len, w_len) = (g.n * g.c * g.h * g.w, g.k * (g.c / g.groups) * g.kh * g.kw);
+    let y_len = g.n * g.k * g.oh * g.ow;
+    let (a_len, b_len, out_len) = match dir {
+        ConvDirection::Forward => (x_len, w_len, y_len),
+        ConvDirection::BackwardData => (y_len, w_len, x_len),
+        ConvDirection::BackwardFilter => (x_len, y_len, w_len),
+    };
     // SAFETY: the buffers hold the geometry's sizes (the GPU code's own contract).
-    unsafe {
-        let x = read_values(x, g.n * g.c * g.h * g.w, bf16);
-        let w = read_values(w, g.k * (g.c / g.groups) * g.kh * g.kw, bf16);
-        let mut out = vec![0f32; g.n * g.k * g.oh * g.ow];
-        conv::conv2d_forward(&x, &w, None, g, &mut out);
-        write_values(y, &out, bf16);
+    let (a, b) = unsafe { (read_values(a, a_len, bf16), read_values(b, b_len, bf16)) };
+    let mut result = vec![0f32; out_len];
+    match dir {
+        ConvDirection::Forward => conv::conv2d_forward(&a, &b, None, g, &mut result),
+        ConvDirection::BackwardData => conv::conv2d_backward_input(&a, &b, g, &mut result),
+        ConvDirection::BackwardFilter => conv::conv2d_backward_weight(&a, &b, g, &mut result),
     }
-}
-
-/// cuDNN's backward-data convolution, by the CPU kernel.
-pub(crate) fn conv2d_backward_input(g: &ConvGeom, bf16: bool, dy: u64, w: u64, dx: u64) {
     // SAFETY: as above.
-    unsafe {
-        let dy = read_values(dy, g.n * g.k * g.oh * g.ow, bf16);
-        let w = read_values(w, g.k * (g.c / g.groups) * g.kh * g.kw, bf16);
-        let mut out = vec![0f32; g.n * g.c * g.h * g.w];
-        conv::conv2d_backward_input(&dy, &w, g, &mut out);
-        write_values(dx, &out, bf16);
-    }
-}
-
-/// cuDNN's backward-filter convolution (overwriting), by the CPU kernel.
-pub(crate) fn conv2d_backward_weight(g: &ConvGeom, bf16: bool, x: u64, dy: u64, dw: u64) {
-    // SAFETY: as above.
-    unsafe {
-        let x = read_values(x, g.n * g.c * g.h * g.w, bf16);
-        let dy = read_values(dy, g.n * g.k * g.oh * g.ow, bf16);
-        let mut out = vec![0f32; g.k * (g.c / g.groups) * g.kh * g.kw];
-        conv::conv2d_backward_weight(&x, &dy, g, &mut out);
-        write_values(dw, &out, bf16);
-    }
+    unsafe { write_values(out, &result, bf16) };
 }
 
 /// cuBLAS's `sgemm` as its documentation defines it, column-major with leading dimensions

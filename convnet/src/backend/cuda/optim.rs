@@ -32,18 +32,18 @@ fn pointer_table<'a, const K: usize>(
     Ok((table, tensors, total))
 }
 
-/// SGD's hyperparameters on a GPU (`[lr, momentum, dampening, weight_decay]`), read by
-/// the step kernel from device memory so that a captured step follows the schedule.
-pub(crate) struct SgdHyper {
+/// An optimizer's `N` hyperparameters on a GPU, read by its step kernel from device memory
+/// so that a captured step follows the values staged before each launch.
+pub(crate) struct Hyper<const N: usize> {
     gpu: usize,
     values: DeviceBuffer,
 }
 
-impl SgdHyper {
+impl<const N: usize> Hyper<N> {
     /// Device memory for the hyperparameters of GPU `gpu`.
-    pub(crate) fn new(gpu: usize) -> Result<SgdHyper> {
-        let values = with(gpu, |rt| rt.zeros(4))?;
-        Ok(SgdHyper { gpu, values })
+    pub(crate) fn new(gpu: usize) -> Result<Hyper<N>> {
+        let values = with(gpu, |rt| rt.zeros(N))?;
+        Ok(Hyper { gpu, values })
     }
 
     /// The device it lives on.
@@ -52,16 +52,17 @@ impl SgdHyper {
     }
 
     /// Queues the copy of the next step's values (not waiting for the device).
-    pub(crate) fn stage(
-        &mut self,
-        lr: f32,
-        momentum: f32,
-        dampening: f32,
-        weight_decay: f32,
-    ) -> Result<()> {
-        self.values
-            .write_host_async(0, &[lr, momentum, dampening, weight_decay])
+    pub(crate) fn stage(&mut self, values: [f32; N]) -> Result<()> {
+        self.values.write_host_async(0, &values)
     }
+}
+
+/// SGD's: `[lr, momentum, dampening, weight_decay]` (see [`sgd_hyper`]).
+pub(crate) type SgdHyper = Hyper<4>;
+
+/// SGD's hyperparameters in the order `sgd_step_multi` reads them.
+pub(crate) fn sgd_hyper(lr: f32, momentum: f32, dampening: f32, weight_decay: f32) -> [f32; 4] {
+    [lr, momentum, dampening, weight_decay]
 }
 
 /// One SGD step over many parameters of one GPU in a single launch (a training step of a
@@ -96,39 +97,22 @@ pub(crate) fn sgd_step_multi(
     })
 }
 
-/// Adam's hyperparameters on a GPU (`[lr, beta1, beta2, eps, weight_decay, decoupled,
-/// bias_correction1, bias_correction2_sqrt]`), read by the step kernel from device memory.
-pub(crate) struct AdamHyper {
-    gpu: usize,
-    values: DeviceBuffer,
-}
+/// Adam's: `[lr, beta1, beta2, eps, weight_decay, decoupled, bias_correction1,
+/// bias_correction2_sqrt]` (see [`adam_hyper`]).
+pub(crate) type AdamHyper = Hyper<8>;
 
-impl AdamHyper {
-    /// Device memory for the hyperparameters of GPU `gpu`.
-    pub(crate) fn new(gpu: usize) -> Result<AdamHyper> {
-        let values = with(gpu, |rt| rt.zeros(8))?;
-        Ok(AdamHyper { gpu, values })
-    }
-
-    /// The device it lives on.
-    pub(crate) fn gpu(&self) -> usize {
-        self.gpu
-    }
-
-    /// Queues the copy of one step's values (not waiting for the device).
-    pub(crate) fn stage(&mut self, s: &AdamStep) -> Result<()> {
-        let values = [
-            s.lr,
-            s.beta1,
-            s.beta2,
-            s.eps,
-            s.weight_decay,
-            f32::from(u8::from(s.decoupled)),
-            s.bias_correction1,
-            s.bias_correction2_sqrt,
-        ];
-        self.values.write_host_async(0, &values)
-    }
+/// One Adam step's values in the order `adam_step_multi` reads them.
+pub(crate) fn adam_hyper(s: &AdamStep) -> [f32; 8] {
+    [
+        s.lr,
+        s.beta1,
+        s.beta2,
+        s.eps,
+        s.weight_decay,
+        f32::from(u8::from(s.decoupled)),
+        s.bias_correction1,
+        s.bias_correction2_sqrt,
+    ]
 }
 
 /// One Adam/AdamW step over many parameters of one GPU in a single launch. Each entry is
