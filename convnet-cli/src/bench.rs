@@ -1,9 +1,14 @@
 //! `convnet bench`: images/s and GFLOP/s of the real training step (forward, loss,
 //! backward, optimizer) or of inference, on synthetic data of the model's input shape.
+//! Under `mpirun` the batch is the global one: each rank trains its slice and gradients are
+//! averaged over the ranks as in `convnet train`; the report gives the global images/s and
+//! the part of the step spent waiting for communication.
 
 use crate::common::{parse_shape, set_threads};
+use crate::dist::{threads_per_rank, DistArgs, Ranks};
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
+use convnet::dist::DataParallel;
 use convnet::nn::{Mode, Model};
 use convnet::optim::{Optimizer, Sgd, SgdConfig};
 use convnet::{Reduction, Rng, Tensor};
@@ -24,7 +29,8 @@ pub struct BenchArgs {
     /// Images per step.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
-    /// Compute threads (0 = all cores).
+    /// Compute threads per process (0 = all cores, shared out among the ranks of a machine
+    /// under mpirun).
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// What to time.
@@ -45,6 +51,8 @@ pub struct BenchArgs {
     /// Print one JSON object with the results as the last line of stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    dist: DistArgs,
 }
 
 fn print_profile(steps: usize, step_secs: f64) {
@@ -120,17 +128,37 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
-pub fn run(a: BenchArgs) -> Result<()> {
-    set_threads(a.threads)?;
+pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
+    set_threads(threads_per_rank(a.threads, ranks))?;
     if a.batch_size == 0 || a.steps == 0 {
         bail!("--batch-size and --steps must be positive");
     }
+    let n = ranks.size();
+    a.dist.check(a.batch_size, ranks)?;
     let shape = parse_shape(&a.input)?;
     convnet::manual_seed(0);
     let model = convnet::models::build(&a.model, shape, 10)?;
     let mut rng = Rng::new(1);
     let x = Tensor::randn([a.batch_size, shape[0], shape[1], shape[2]], &mut rng);
     let y: Vec<usize> = (0..a.batch_size).map(|_| rng.below(10) as usize).collect();
+    // This rank's slice of the global batch.
+    let local = a.batch_size / n;
+    let per = shape.iter().product::<usize>();
+    let (x, y) = if n > 1 {
+        let data =
+            x.to_vec()[ranks.rank() * local * per..(ranks.rank() + 1) * local * per].to_vec();
+        (
+            Tensor::from_vec(data, [local, shape[0], shape[1], shape[2]])?,
+            y[ranks.rank() * local..(ranks.rank() + 1) * local].to_vec(),
+        )
+    } else {
+        (x, y)
+    };
+    let mut dist = if n > 1 && a.mode == BenchMode::Train {
+        Some(DataParallel::new(ranks.clone(), &model, a.dist.options())?)
+    } else {
+        None
+    };
     let mut opt = Sgd::new(
         model.named_parameters(),
         SgdConfig {
@@ -140,13 +168,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
         },
     )?;
     let mut times = Vec::with_capacity(a.steps);
+    let mut exposed = Vec::with_capacity(a.steps);
     for i in 0..a.warmup + a.steps {
         if a.profile && i == a.warmup {
             convnet::profile::enable(true);
         }
+        let before = dist.as_ref().map(DataParallel::stats).unwrap_or_default();
         let t0 = Instant::now();
-        match a.mode {
-            BenchMode::Train => {
+        match (a.mode, &mut dist) {
+            (BenchMode::Train, Some(dist)) => {
+                let loss = dist.forward(&model, &x, Mode::Train)?.cross_entropy(
+                    &y,
+                    Reduction::Mean,
+                    0.0,
+                )?;
+                let grads = dist.backward(&loss)?;
+                opt.step(&grads)?;
+            }
+            (BenchMode::Train, None) => {
                 let loss =
                     model
                         .forward(&x, Mode::Train)?
@@ -154,18 +193,26 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 let grads = loss.backward()?;
                 opt.step(&grads)?;
             }
-            BenchMode::Infer => {
+            (BenchMode::Infer, _) => {
                 convnet::no_grad(|| model.forward(&x, Mode::Eval))?;
             }
         }
         if i >= a.warmup {
             times.push(t0.elapsed().as_secs_f64());
+            let after = dist.as_ref().map(DataParallel::stats).unwrap_or_default();
+            exposed.push(after.exposed_seconds() - before.exposed_seconds());
         }
     }
     convnet::profile::enable(false);
     let mean_step = times.iter().sum::<f64>() / times.len() as f64;
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let median_of = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    // The slowest rank sets the pace of the job.
+    let mut figures = [median_of(&mut times), median_of(&mut exposed)];
+    ranks.all_reduce_max(&mut figures)?;
+    let [median, comm] = figures;
     let ips = a.batch_size as f64 / median;
     let (macs, first) = forward_macs(&model);
     let flops_per_image = match a.mode {
@@ -175,9 +222,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let gflops = ips * flops_per_image / 1e9;
     let rss = peak_rss_mib();
     let threads = rayon::current_num_threads();
+    if ranks.rank() != 0 {
+        return Ok(());
+    }
     if a.profile {
         print_profile(a.steps, mean_step);
     }
+    let stats = dist.as_ref().map(DataParallel::stats).unwrap_or_default();
     if a.json {
         println!(
             "{}",
@@ -185,14 +236,31 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 "framework": "convnet", "model": a.model, "mode": format!("{:?}", a.mode).to_lowercase(),
                 "batch_size": a.batch_size, "threads": threads, "step_ms": median * 1e3,
                 "images_per_sec": ips, "gflops": gflops, "peak_rss_mib": rss,
-                "mflop_per_image": flops_per_image / 1e6,
+                "mflop_per_image": flops_per_image / 1e6, "ranks": n,
+                "comm_exposed_ms": comm * 1e3, "comm_share": comm / median,
+                "gradient_buckets": stats.buckets, "gradient_mib": stats.bytes_per_step as f64 / (1 << 20) as f64,
             })
         );
     } else {
+        let on = if n > 1 {
+            format!("{n} ranks x {threads} threads")
+        } else {
+            format!("{threads} threads")
+        };
         println!(
-            "{} {:?} batch {} on {threads} threads: {:.2} ms/step (median of {}), {:.0} images/s, {:.1} GFLOP/s ({:.1} MFLOP/image), peak RSS {:.0} MiB",
+            "{} {:?} batch {} on {on}: {:.2} ms/step (median of {}), {:.0} images/s, {:.1} GFLOP/s ({:.1} MFLOP/image), peak RSS {:.0} MiB",
             a.model, a.mode, a.batch_size, median * 1e3, a.steps, ips, gflops, flops_per_image / 1e6, rss
         );
+        if n > 1 && a.mode == BenchMode::Train {
+            println!(
+                "communication over {}: {:.3} ms/step not overlapped with computation ({:.1}% of the step); {} bucket(s), {:.2} MiB of gradients per step",
+                ranks.description(),
+                comm * 1e3,
+                100.0 * comm / median,
+                stats.buckets,
+                stats.bytes_per_step as f64 / (1 << 20) as f64
+            );
+        }
     }
     Ok(())
 }

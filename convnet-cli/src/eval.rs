@@ -1,13 +1,14 @@
 //! `convnet eval`, `predict`, `summary` and `models`.
 
 use crate::common::{load_model, open_data, parse_shape, set_threads, ModelSource};
+use crate::dist::{threads_per_rank, Ranks};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use convnet::data::{DataLoader, FolderOptions, Transform};
 use convnet::model_file::ModelFile;
 use convnet::models::ModelSpec;
 use convnet::nn::Mode;
-use convnet::train::evaluate;
+use convnet::train::evaluate_distributed;
 use convnet::Tensor;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -66,7 +67,8 @@ pub struct EvalArgs {
     /// Use only N test images, spread evenly over the set.
     #[arg(long)]
     limit_test: Option<usize>,
-    /// Compute threads (0 = all cores).
+    /// Compute threads per process (0 = all cores, shared out among the ranks of a machine
+    /// under mpirun).
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// Print one JSON object with the results as the last line of stdout.
@@ -74,8 +76,10 @@ pub struct EvalArgs {
     json: bool,
 }
 
-pub fn run_eval(a: EvalArgs) -> Result<()> {
-    set_threads(a.threads)?;
+/// Evaluates on the test split; under `mpirun` every rank evaluates its share of the images
+/// and rank 0 prints the totals.
+pub fn run_eval(a: EvalArgs, ranks: &Ranks) -> Result<()> {
+    set_threads(threads_per_rank(a.threads, ranks))?;
     let (_, mut test) = open_data(a.data.as_deref(), &FolderOptions::default(), a.holdout)?;
     if let Some(n) = a.limit_test {
         test = test.spread(n);
@@ -99,8 +103,16 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         );
     }
     let names = test.classes().to_vec();
-    let loader = DataLoader::for_evaluation(Arc::new(test), m.normalize.clone())?;
-    let r = evaluate(&loaded.model, &loader)?;
+    let loader = DataLoader::for_evaluation_sharded(
+        Arc::new(test),
+        m.normalize.clone(),
+        ranks.rank(),
+        ranks.size(),
+    )?;
+    let r = evaluate_distributed(&loaded.model, &loader, ranks.as_ref())?;
+    if ranks.rank() != 0 {
+        return Ok(());
+    }
     if a.json {
         println!(
             "{}",

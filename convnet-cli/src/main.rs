@@ -4,6 +4,7 @@
 
 mod bench;
 mod common;
+mod dist;
 mod eval;
 mod export;
 mod pretrained;
@@ -53,23 +54,28 @@ fn main() -> ExitCode {
     // SAFETY: setting a documented allocator option before any concurrency starts.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
+    // Under an MPI launcher: this process is one rank of the job (see dist.rs).
+    let ranks = match dist::init() {
+        Ok(r) => r,
+        Err(e) => {
+            let alone: dist::Ranks = std::sync::Arc::new(convnet::dist::SingleProcess);
+            return dist::fail(&alone, &e);
+        }
+    };
     let result = match cli.command {
-        Command::Train(a) => train::run(*a),
-        Command::Eval(a) => eval::run_eval(a),
+        Command::Train(a) => train::run(*a, &ranks),
+        Command::Eval(a) => eval::run_eval(a, &ranks),
+        Command::Bench(a) => bench::run(a, &ranks),
+        _ if ranks.size() > 1 => Err(anyhow::anyhow!(
+            "only train, eval and bench run on several processes; run this command without mpirun"
+        )),
         Command::Predict(a) => eval::run_predict(a),
         Command::Summary(a) => eval::run_summary(a),
         Command::Export(a) => export::run(a),
         Command::Models => eval::run_models(),
-        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
-            ExitCode::FAILURE
-        }
+        Err(e) => dist::fail(&ranks, &e),
     }
 }

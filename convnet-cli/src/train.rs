@@ -1,13 +1,20 @@
 //! `convnet train`: train a model, test it after every epoch, write checkpoints and metrics.
+//! Under `mpirun` every rank trains its slice of each global batch (see dist.rs): rank 0
+//! prints and writes, all ranks evaluate their share of the test set.
 
 use crate::common::{check_device, open_data, set_threads};
+use crate::dist::{
+    check_same_everywhere, device_spec, read_on_rank0, threads_per_rank, DistArgs, Ranks,
+};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use convnet::checkpoint::{load_checkpoint, save_checkpoint, CheckpointMeta};
-use convnet::data::{Augment, DataLoader, FolderOptions, LoaderConfig, Normalize, Transform};
+use convnet::checkpoint::{checkpoint_from_bytes, save_checkpoint, CheckpointMeta};
+use convnet::data::{
+    Augment, DataLoader, FolderOptions, ImageDataset, LoaderConfig, Normalize, Transform,
+};
 use convnet::model_file::ModelFile;
 use convnet::models::ModelSpec;
-use convnet::train::{evaluate, OptimizerKind, ScheduleKind, TrainConfig, Trainer};
+use convnet::train::{evaluate_distributed, OptimizerKind, ScheduleKind, TrainConfig, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::io::Write;
@@ -84,7 +91,8 @@ pub struct TrainArgs {
     /// Seed of initialisation, shuffling, augmentation and dropout.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Compute threads (0 = all cores).
+    /// Compute threads per process (0 = all cores, shared out among the ranks of a machine
+    /// under mpirun).
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// Device: cpu, cuda or cuda:N.
@@ -129,6 +137,8 @@ pub struct TrainArgs {
     /// Print one JSON object with the results as the last line of stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    dist: DistArgs,
 }
 
 fn config(a: &TrainArgs, device: convnet::Device) -> TrainConfig {
@@ -176,80 +186,230 @@ fn append_line(path: &Path, line: &str) -> Result<()> {
     writeln!(f, "{line}").with_context(|| format!("cannot write {}", path.display()))
 }
 
-pub fn run(mut a: TrainArgs) -> Result<()> {
-    // The device of this invocation (a resumed run may continue on another one).
-    let device = check_device(&a.device)?;
-    set_threads(a.threads)?;
-    if a.epochs == 0 || a.batch_size == 0 {
-        bail!("--epochs and --batch-size must be positive");
-    }
-    // A resumed run takes its settings from the run it continues; --epochs may extend it.
-    let mut resume_meta = None;
-    let mut saved_spec = None;
-    if let Some(dir) = a.resume.clone() {
+/// The run being continued with `--resume DIR`: its settings, checkpoint and training state,
+/// as rank 0 read them (every rank gets the same bytes).
+struct Resumed {
+    dir: PathBuf,
+    saved: SavedRun,
+    checkpoint: Vec<u8>,
+    state: Vec<u8>,
+}
+
+impl Resumed {
+    fn read(dir: &Path, ranks: &Ranks) -> Result<Resumed> {
         let state_path = dir.join("train_state.safetensors");
-        let (_, meta) = convnet::checkpoint::load_tensors(&state_path).with_context(|| {
+        let state = read_on_rank0(ranks, &state_path).with_context(|| {
             format!("--resume {}: no training state to continue", dir.display())
         })?;
+        let (_, meta) = convnet::checkpoint::tensors_from_bytes(&state_path, &state)?;
         let saved: serde_json::Value = serde_json::from_str(
             meta.get("run")
                 .context("training state has no run settings")?,
         )?;
-        let (epochs, json, out) = (a.epochs, a.json, a.out.clone());
         let saved = serde_json::from_value::<SavedRun>(saved)
             .context("training state has unreadable run settings")?;
-        saved_spec = Some(ModelSpec::from_checkpoint(
-            &saved.model,
-            saved.model_spec.as_deref(),
-        )?);
-        // How this invocation computes (device, graphs, precision) is its own choice.
-        let (cuda_graph, tf32, precision) = (a.cuda_graph, a.tf32, a.precision);
-        a = saved.into_args(epochs, json);
-        (a.cuda_graph, a.tf32, a.precision) = (cuda_graph, tf32, precision);
-        a.out = Some(out.unwrap_or(dir.clone()));
-        a.resume = Some(dir);
-        resume_meta = Some(meta);
+        let checkpoint = read_on_rank0(ranks, &dir.join("model.safetensors"))?;
+        Ok(Resumed {
+            dir: dir.to_path_buf(),
+            saved,
+            checkpoint,
+            state,
+        })
     }
-    let spec = match (saved_spec, &a.model_file) {
-        (Some(s), _) => s,
+
+    /// The arguments of the resumed run: its saved settings; `--epochs` may extend it, and
+    /// how this invocation computes (device, threads, graphs, precision, communication) and
+    /// reports is its own choice.
+    fn args(&self, now: TrainArgs) -> TrainArgs {
+        let mut a = self.saved.clone().into_args(now.epochs, now.json);
+        (a.device, a.threads, a.cuda_graph, a.tf32, a.precision) = (
+            now.device,
+            now.threads,
+            now.cuda_graph,
+            now.tf32,
+            now.precision,
+        );
+        (a.dist.bucket_mb, a.dist.no_overlap) = (now.dist.bucket_mb, now.dist.no_overlap);
+        a.out = Some(now.out.unwrap_or(self.dir.clone()));
+        a.resume = Some(self.dir.clone());
+        a
+    }
+
+    /// Loads the checkpoint and training state into `trainer`.
+    fn restore(&self, trainer: &mut Trainer, a: &TrainArgs, shape: [usize; 3]) -> Result<()> {
+        let ckpt_path = self.dir.join("model.safetensors");
+        let (tensors, meta) = checkpoint_from_bytes(&ckpt_path, &self.checkpoint)?;
+        if meta.architecture != a.model || meta.input_shape != shape {
+            bail!(
+                "{}: checkpoint is {} for {:?} but the run is {} for {:?}",
+                self.dir.display(),
+                meta.architecture,
+                meta.input_shape,
+                a.model,
+                shape
+            );
+        }
+        trainer.model().load_state_dict(&tensors, true)?;
+        trainer.load_state_from_bytes(&self.dir.join("train_state.safetensors"), &self.state)?;
+        if meta.epoch != trainer.epoch() {
+            bail!("{}: the checkpoint (epoch {}) and the training state (epoch {}) disagree; the run was interrupted while saving", self.dir.display(), meta.epoch, trainer.epoch());
+        }
+        Ok(())
+    }
+}
+
+/// The run's training and test sets with what the model needs to know of them.
+struct RunData {
+    train: ImageDataset,
+    test: ImageDataset,
+    shape: [usize; 3],
+    classes: Vec<String>,
+    normalize: Normalize,
+}
+
+impl RunData {
+    fn open(a: &TrainArgs, lead: bool) -> Result<RunData> {
+        let opts = FolderOptions {
+            skip_bad_images: a.skip_bad_images,
+            cache: !a.no_cache,
+        };
+        let (mut train, mut test) = open_data(a.data.as_deref(), &opts, a.holdout)?;
+        if let Some(n) = a.limit_train {
+            train = train.spread(n);
+        }
+        if let Some(n) = a.limit_test {
+            test = test.spread(n);
+        }
+        for (name, ds) in [("training", &train), ("test", &test)] {
+            if ds.skipped > 0 && lead {
+                eprintln!(
+                    "skipped {} unreadable image(s) in the {name} data ({})",
+                    ds.skipped, ds.source
+                );
+            }
+        }
+        if train.is_empty() || test.is_empty() {
+            bail!("the training or test set is empty");
+        }
+        let shape = train.image_shape();
+        Ok(RunData {
+            shape,
+            classes: train.classes().to_vec(),
+            normalize: Normalize::default_for(shape[0]),
+            train,
+            test,
+        })
+    }
+
+    /// What every rank's data must agree on.
+    fn facts(&self) -> serde_json::Value {
+        serde_json::json!({
+            "training images": self.train.len(), "test images": self.test.len(),
+            "image shape": self.shape, "classes": self.classes,
+        })
+    }
+}
+
+/// Where a run writes: `model.safetensors`, `train_state.safetensors`, `metrics.jsonl`.
+struct RunFolder {
+    checkpoint: PathBuf,
+    state: PathBuf,
+    metrics: PathBuf,
+}
+
+impl RunFolder {
+    /// The folder of the run (made by rank 0, the only rank that writes); a new run refuses
+    /// a folder that already holds a checkpoint.
+    fn prepare(out: &Path, resuming: bool, lead: bool) -> Result<RunFolder> {
+        let folder = RunFolder {
+            checkpoint: out.join("model.safetensors"),
+            state: out.join("train_state.safetensors"),
+            metrics: out.join("metrics.jsonl"),
+        };
+        if lead {
+            std::fs::create_dir_all(out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            if !resuming && folder.checkpoint.exists() {
+                bail!(
+                    "{} already holds a checkpoint; continue it with --resume {} or choose another --out",
+                    out.display(),
+                    out.display()
+                );
+            }
+        }
+        Ok(folder)
+    }
+}
+
+/// Checks the arguments that need no data.
+fn check_args(a: &TrainArgs, ranks: &Ranks) -> Result<()> {
+    if a.epochs == 0 || a.batch_size == 0 {
+        bail!("--epochs and --batch-size must be positive");
+    }
+    a.dist.check(a.batch_size, ranks)
+}
+
+/// A progress bar for an epoch on rank 0, nothing elsewhere.
+fn epoch_bar(lead: bool, epoch: usize, epochs: usize, batches: usize) -> ProgressBar {
+    if !lead {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(batches as u64);
+    bar.set_style(
+        ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{epoch}/{epochs}"));
+    bar
+}
+
+pub fn run(a: TrainArgs, ranks: &Ranks) -> Result<()> {
+    // Only rank 0 prints, draws progress and writes files.
+    let lead = ranks.rank() == 0;
+    // A resumed run takes its settings from the run it continues; --epochs may extend it.
+    let resumed = match &a.resume {
+        Some(dir) => Some(Resumed::read(dir, ranks)?),
+        None => None,
+    };
+    let mut a = match &resumed {
+        Some(r) => r.args(a),
+        None => a,
+    };
+    check_args(&a, ranks)?;
+    // The device and threads of this invocation (a resumed run may continue on others).
+    let device = check_device(&device_spec(&a.device, ranks))?;
+    set_threads(threads_per_rank(a.threads, ranks))?;
+    let spec = match (&resumed, &a.model_file) {
+        (Some(r), _) => ModelSpec::from_checkpoint(&r.saved.model, r.saved.model_spec.as_deref())?,
         (None, Some(path)) => ModelSpec::File(ModelFile::from_path(path)?),
         (None, None) => ModelSpec::zoo(&a.model)?,
     };
     a.model = spec.name().to_string();
     let cfg = config(&a, device);
     convnet::manual_seed(a.seed);
-    let opts = FolderOptions {
-        skip_bad_images: a.skip_bad_images,
-        cache: !a.no_cache,
-    };
-    let (mut train_set, mut test_set) = open_data(a.data.as_deref(), &opts, a.holdout)?;
-    if let Some(n) = a.limit_train {
-        train_set = train_set.spread(n);
+    let data = RunData::open(&a, lead)?;
+    let saved_run = SavedRun::from_args(&a, &spec);
+    let mut facts = data.facts();
+    if let (Some(facts), serde_json::Value::Object(run)) =
+        (facts.as_object_mut(), serde_json::to_value(&saved_run)?)
+    {
+        facts.extend(
+            run.into_iter()
+                .filter(|(k, _)| k != "data" && k != "threads"),
+        );
+        facts.insert("epochs".into(), a.epochs.into());
+        facts.insert("stop_after".into(), a.stop_after.into());
     }
-    if let Some(n) = a.limit_test {
-        test_set = test_set.spread(n);
-    }
-    for (name, ds) in [("training", &train_set), ("test", &test_set)] {
-        if ds.skipped > 0 {
-            eprintln!(
-                "skipped {} unreadable image(s) in the {name} data ({})",
-                ds.skipped, ds.source
-            );
-        }
-    }
-    if train_set.is_empty() || test_set.is_empty() {
-        bail!("the training or test set is empty");
-    }
-    let shape = train_set.image_shape();
-    let classes = train_set.classes().to_vec();
-    let normalize = Normalize::default_for(shape[0]);
-    let model = spec.build(shape, classes.len())?;
+    check_same_everywhere(ranks, &facts)?;
+    let model = spec.build(data.shape, data.classes.len())?;
     let augment = a.augment.then_some(Augment {
         cutout: a.cutout,
         ..Augment::cifar()
     });
+    let (shape, classes, normalize) = (data.shape, data.classes.clone(), data.normalize.clone());
     let train_loader = DataLoader::new(
-        Arc::new(train_set),
+        Arc::new(data.train),
         Transform {
             normalize: normalize.clone(),
             augment,
@@ -258,48 +418,36 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             batch_size: a.batch_size,
             shuffle: true,
             seed: a.seed,
+            rank: ranks.rank(),
+            world_size: ranks.size(),
             ..Default::default()
         },
     )?;
-    let test_loader = DataLoader::for_evaluation(Arc::new(test_set), normalize.clone())?;
+    let test_loader = DataLoader::for_evaluation_sharded(
+        Arc::new(data.test),
+        normalize.clone(),
+        ranks.rank(),
+        ranks.size(),
+    )?;
     let out = a.out.clone().unwrap_or_else(|| default_out(&a.model));
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    let ckpt_path = out.join("model.safetensors");
-    let state_path = out.join("train_state.safetensors");
-    let metrics_path = out.join("metrics.jsonl");
+    let folder = RunFolder::prepare(&out, resumed.is_some(), lead)?;
 
     let mut trainer = Trainer::new(model, cfg, train_loader.num_batches())?;
-    if let (Some(dir), Some(_)) = (&a.resume, &resume_meta) {
-        let (tensors, meta) = load_checkpoint(&dir.join("model.safetensors"))?;
-        if meta.architecture != a.model || meta.input_shape != shape {
-            bail!(
-                "{}: checkpoint is {} for {:?} but the run is {} for {:?}",
-                dir.display(),
-                meta.architecture,
-                meta.input_shape,
-                a.model,
-                shape
+    if let Some(r) = &resumed {
+        r.restore(&mut trainer, &a, shape)?;
+        if lead {
+            eprintln!(
+                "resuming {} at epoch {} of {}",
+                r.dir.display(),
+                trainer.epoch(),
+                a.epochs
             );
         }
-        trainer.model().load_state_dict(&tensors, true)?;
-        trainer.load_state(&dir.join("train_state.safetensors"))?;
-        if meta.epoch != trainer.epoch() {
-            bail!("{}: the checkpoint (epoch {}) and the training state (epoch {}) disagree; the run was interrupted while saving", dir.display(), meta.epoch, trainer.epoch());
-        }
-        eprintln!(
-            "resuming {} at epoch {} of {}",
-            dir.display(),
-            trainer.epoch(),
-            a.epochs
-        );
-    } else if ckpt_path.exists() {
-        bail!(
-            "{} already holds a checkpoint; continue it with --resume {} or choose another --out",
-            out.display(),
-            out.display()
-        );
     }
-    if !a.json {
+    if ranks.size() > 1 {
+        trainer.distribute(ranks.clone(), a.dist.options())?;
+    }
+    if lead && !a.json {
         println!(
             "training {} ({} parameters) on {} images of {:?}, testing on {}; writing to {}",
             a.model,
@@ -309,21 +457,26 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             test_loader.dataset().len(),
             out.display()
         );
+        if ranks.size() > 1 {
+            println!(
+                "data-parallel on {} ranks over {}, {} compute threads each; global batch {} ({} per rank){}",
+                ranks.size(),
+                ranks.description(),
+                rayon::current_num_threads(),
+                a.batch_size,
+                a.batch_size / ranks.size(),
+                if a.dist.sync_bn { ", synchronised batch norm" } else { "" }
+            );
+        }
     }
-    let run_json = serde_json::to_string(&SavedRun::from_args(&a, &spec))?;
+    let run_json = serde_json::to_string(&saved_run)?;
     let mut last = None;
     let mut train_ips = Vec::new();
     let stop_at = a.stop_after.map_or(a.epochs, |s| s.min(a.epochs));
     let mut graph_noted = false;
     while trainer.epoch() < stop_at {
         let epoch = trainer.epoch() + 1;
-        let bar = ProgressBar::new(train_loader.num_batches() as u64);
-        bar.set_style(
-            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(format!("{epoch}/{}", a.epochs));
+        let bar = epoch_bar(lead, epoch, a.epochs, train_loader.num_batches());
         let stats = trainer.train_epoch(&train_loader, &mut |p| {
             bar.set_position(p.batch as u64);
             bar.set_message(format!(
@@ -337,45 +490,52 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
         let stats = stats.with_context(|| {
             format!(
                 "training stopped; the last good checkpoint is {}",
-                ckpt_path.display()
+                folder.checkpoint.display()
             )
         })?;
-        if let (true, Some(why)) = (a.cuda_graph && !graph_noted, trainer.graph_refused()) {
+        if let (true, true, Some(why)) =
+            (lead, a.cuda_graph && !graph_noted, trainer.graph_refused())
+        {
             eprintln!("note: training steps run without a CUDA graph: {why}");
             graph_noted = true;
         }
-        let test = evaluate(trainer.model(), &test_loader)?;
+        let test = evaluate_distributed(trainer.model(), &test_loader, ranks.as_ref())?;
         train_ips.push(stats.images_per_sec);
-        let meta = CheckpointMeta {
-            architecture: a.model.clone(),
-            input_shape: shape,
-            classes: classes.clone(),
-            normalize: normalize.clone(),
-            epoch,
-            step: trainer.step(),
-            model_spec: spec.model_spec(),
-        };
-        trainer.save_state(
-            &state_path,
-            &HashMap::from([("run".to_string(), run_json.clone())]),
-        )?;
-        save_checkpoint(&ckpt_path, &trainer.model().state_dict(), &meta)?;
-        let line = serde_json::json!({
-            "epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-            "test_loss": test.loss, "test_accuracy": test.accuracy, "lr": stats.lr,
-            "seconds": stats.seconds, "train_images_per_sec": stats.images_per_sec,
-        });
-        append_line(&metrics_path, &line.to_string())?;
-        println!(
-            "epoch {epoch:>3}/{}  train loss {:.4} acc {:6.2}%  test loss {:.4} acc {:6.2}%  lr {:.5}  {:.1}s ({:.0} img/s)",
-            a.epochs, stats.loss, 100.0 * stats.accuracy, test.loss, 100.0 * test.accuracy, stats.lr, stats.seconds, stats.images_per_sec
-        );
+        if lead {
+            let meta = CheckpointMeta {
+                architecture: a.model.clone(),
+                input_shape: shape,
+                classes: classes.clone(),
+                normalize: normalize.clone(),
+                epoch,
+                step: trainer.step(),
+                model_spec: spec.model_spec(),
+            };
+            trainer.save_state(
+                &folder.state,
+                &HashMap::from([("run".to_string(), run_json.clone())]),
+            )?;
+            save_checkpoint(&folder.checkpoint, &trainer.model().state_dict(), &meta)?;
+            let line = serde_json::json!({
+                "epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+                "test_loss": test.loss, "test_accuracy": test.accuracy, "lr": stats.lr,
+                "seconds": stats.seconds, "train_images_per_sec": stats.images_per_sec,
+            });
+            append_line(&folder.metrics, &line.to_string())?;
+            println!(
+                "epoch {epoch:>3}/{}  train loss {:.4} acc {:6.2}%  test loss {:.4} acc {:6.2}%  lr {:.5}  {:.1}s ({:.0} img/s)",
+                a.epochs, stats.loss, 100.0 * stats.accuracy, test.loss, 100.0 * test.accuracy, stats.lr, stats.seconds, stats.images_per_sec
+            );
+        }
         last = Some(test);
     }
     let test = match last {
         Some(t) => t,
-        None => evaluate(trainer.model(), &test_loader)?,
+        None => evaluate_distributed(trainer.model(), &test_loader, ranks.as_ref())?,
     };
+    if !lead {
+        return Ok(());
+    }
     let ips = if train_ips.is_empty() {
         0.0
     } else {
@@ -386,7 +546,8 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             "{}",
             serde_json::json!({
                 "test_accuracy": test.accuracy, "test_loss": test.loss, "epochs": trainer.epoch(),
-                "train_images_per_sec": ips, "checkpoint": ckpt_path.display().to_string(),
+                "train_images_per_sec": ips, "checkpoint": folder.checkpoint.display().to_string(),
+                "ranks": ranks.size(),
             })
         );
     } else {
@@ -395,14 +556,14 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
             100.0 * test.accuracy,
             test.loss,
             trainer.epoch(),
-            ckpt_path.display()
+            folder.checkpoint.display()
         );
     }
     Ok(())
 }
 
 /// The settings of a run, stored in its training state so `--resume` continues it as it was.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct SavedRun {
     model: String,
     #[serde(default)]
@@ -424,6 +585,8 @@ struct SavedRun {
     limit_test: Option<usize>,
     holdout: f64,
     skip_bad_images: bool,
+    #[serde(default)]
+    sync_bn: bool,
 }
 
 impl SavedRun {
@@ -452,6 +615,7 @@ impl SavedRun {
             limit_test: a.limit_test,
             holdout: a.holdout,
             skip_bad_images: a.skip_bad_images,
+            sync_bn: a.dist.sync_bn,
         }
     }
 
@@ -486,6 +650,11 @@ impl SavedRun {
             skip_bad_images: self.skip_bad_images,
             no_cache: false,
             json,
+            dist: DistArgs {
+                sync_bn: self.sync_bn,
+                bucket_mb: 25.0,
+                no_overlap: false,
+            },
         }
     }
 }

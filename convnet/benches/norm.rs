@@ -52,6 +52,7 @@ fn bench(c: &mut Criterion) {
                     true,
                     epi,
                     true,
+                    None,
                 )
             })
         });

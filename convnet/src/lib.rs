@@ -50,6 +50,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod model_file;
 pub mod models;

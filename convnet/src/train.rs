@@ -3,12 +3,15 @@
 //! per-class accuracy and a confusion matrix, and the training state saved beside a
 //! checkpoint so that a resumed run produces the same weights as one never interrupted.
 //!
-//! The step has one point between backward and the optimizer where gradients could be
-//! reduced across processes (`GradStore`), for data-parallel training later.
+//! Data-parallel training ([`Trainer::distribute`]) changes the step at one point: the
+//! backward pass goes through [`DataParallel`], which averages the gradients over the ranks
+//! while it runs; the loader gives each rank its slice of every global batch, and the
+//! epoch's figures and the evaluation's counts are summed over the ranks.
 
-use crate::checkpoint::{load_tensors, save_tensors};
+use crate::checkpoint::save_tensors;
 use crate::data::DataLoader;
 use crate::device::Device;
+use crate::dist::{Channel, Communicator, DataParallel, DataParallelOptions, SingleProcess};
 use crate::error::{invalid, Error, Result};
 use crate::nn::{Mode, Model};
 use crate::optim::{
@@ -283,15 +286,22 @@ impl EpochSums {
         false
     }
 
-    /// Adds one batch; returns the batch's loss when it is known on the host now.
-    fn add(&mut self, loss: &Tensor, logits: &Tensor, labels: &[usize]) -> Result<Option<f32>> {
+    /// Adds one batch whose loss is the sum of its per-image losses divided by `divisor`
+    /// (its size for a mean); returns the batch's loss when it is known on the host now.
+    fn add(
+        &mut self,
+        loss: &Tensor,
+        logits: &Tensor,
+        labels: &[usize],
+        divisor: f32,
+    ) -> Result<Option<f32>> {
         #[cfg(feature = "cuda")]
         if let Some((gpu, acc)) = &self.device {
             crate::backend::cuda::ops::accumulate_metrics(*gpu, acc, loss, logits, labels)?;
             return Ok(None);
         }
         let value = loss.item()?;
-        self.loss_sum += value as f64 * labels.len() as f64;
+        self.loss_sum += value as f64 * divisor as f64;
         self.correct += count_correct(logits, labels)?;
         Ok(Some(value))
     }
@@ -326,6 +336,8 @@ pub struct Trainer {
     graphed: Option<crate::backend::cuda::step_graph::GraphedStep>,
     /// Why steps are not captured, when they were meant to be.
     graph_refused: Option<String>,
+    /// Data-parallel training over several ranks.
+    dist: Option<DataParallel>,
 }
 
 impl Trainer {
@@ -362,7 +374,48 @@ impl Trainer {
             #[cfg(feature = "cuda")]
             graphed: None,
             graph_refused: None,
+            dist: None,
         })
+    }
+
+    /// Trains data-parallel from now on: every rank calls this with its communicator (it
+    /// is collective), rank 0's weights are copied to all, and each epoch's loader must give
+    /// this rank its slice of every global batch (`LoaderConfig { rank, world_size, .. }`
+    /// from the communicator). Gradients are averaged over the ranks between backward and the
+    /// optimizer, so every rank takes the same steps; see [`crate::dist`].
+    ///
+    /// ```
+    /// use convnet::dist::{DataParallelOptions, SingleProcess};
+    /// use convnet::train::{TrainConfig, Trainer};
+    /// let model = convnet::models::build("seed-cnn", [3, 32, 32], 10)?;
+    /// let mut trainer = Trainer::new(model, TrainConfig::default(), 10)?;
+    /// trainer.distribute(std::sync::Arc::new(SingleProcess), DataParallelOptions::default())?;
+    /// assert_eq!(trainer.data_parallel().map(|d| d.communicator().size()), Some(1));
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn distribute(
+        &mut self,
+        comm: std::sync::Arc<dyn Communicator>,
+        opts: DataParallelOptions,
+    ) -> Result<()> {
+        if self.cfg.cuda_graph && comm.size() > 1 {
+            self.graph_refused = Some("data-parallel steps are not captured in CUDA graphs".into());
+        }
+        self.dist = Some(DataParallel::new(comm, &self.model, opts)?);
+        Ok(())
+    }
+
+    /// The data-parallel state, when training on several ranks.
+    pub fn data_parallel(&self) -> Option<&DataParallel> {
+        self.dist.as_ref()
+    }
+
+    /// The communicator of the ranks (a single process when not distributed).
+    pub fn communicator(&self) -> std::sync::Arc<dyn Communicator> {
+        match &self.dist {
+            Some(d) => d.communicator().clone(),
+            None => std::sync::Arc::new(SingleProcess),
+        }
     }
 
     /// Why training steps are not replayed from a CUDA graph although
@@ -405,21 +458,51 @@ impl Trainer {
     ) -> Result<EpochTrain> {
         let epoch = self.epoch + 1;
         let batches = loader.num_batches();
+        let ranks = self.dist.as_ref().map_or(1, |d| d.communicator().size());
+        let (rank, world) = (loader.config().rank, loader.config().world_size);
+        if world != ranks || (ranks > 1 && rank != self.communicator().rank()) {
+            return Err(invalid(
+                "Trainer::train_epoch",
+                format!("the loader gives rank {rank} of {world} its slices, but training runs on rank {} of {ranks}", self.communicator().rank()),
+            ));
+        }
         let start = Instant::now();
-        let mut sums = EpochSums::new(self.cfg.device, std::mem::take(&mut self.kept))?;
+        // Distributed figures are summed over the ranks on the host.
+        let metrics_device = if ranks > 1 {
+            Device::Cpu
+        } else {
+            self.cfg.device
+        };
+        let mut sums = EpochSums::new(metrics_device, std::mem::take(&mut self.kept))?;
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         for (i, batch) in loader.epoch(self.epoch).enumerate() {
             let batch = batch?;
             self.schedule.apply(self.optimizer.as_mut(), self.step);
-            if !self.graphed_step(&batch.images, &batch.labels, &sums)? {
+            if batch.labels.is_empty() {
+                // This rank's slice of a short last batch is empty.
+                let dist = self.dist.as_mut().ok_or_else(|| {
+                    invalid(
+                        "Trainer::train_epoch",
+                        "an empty batch outside data-parallel training",
+                    )
+                })?;
+                let loss = dist.idle_loss(&self.model)?;
+                let grads = dist.backward(&loss)?;
+                self.optimizer.step(&grads)?;
+            } else if !self.graphed_step(&batch.images, &batch.labels, &sums)? {
                 let images = batch.images.to_device(self.cfg.device)?;
-                let logits = self.model.forward(&images, Mode::Train)?;
+                let logits = match &mut self.dist {
+                    Some(dist) => dist.forward(&self.model, &images, Mode::Train)?,
+                    None => self.model.forward(&images, Mode::Train)?,
+                };
+                // Each rank's share of the global batch's mean (its own mean for equal slices).
+                let divisor = batch.global_size as f32 / ranks as f32;
                 let loss = logits.cross_entropy(
                     &batch.labels,
-                    Reduction::Mean,
+                    Reduction::Divided(divisor),
                     self.cfg.label_smoothing,
                 )?;
-                if let Some(value) = sums.add(&loss, &logits, &batch.labels)? {
+                if let Some(value) = sums.add(&loss, &logits, &batch.labels, divisor)? {
                     if !value.is_finite() {
                         return Err(Error::Diverged {
                             epoch,
@@ -428,16 +511,25 @@ impl Trainer {
                         });
                     }
                 }
-                let grads = loss.backward()?;
+                let grads = match &mut self.dist {
+                    Some(dist) => dist.backward(&loss)?,
+                    None => loss.backward()?,
+                };
                 self.optimizer.step(&grads)?;
             }
             self.step += 1;
-            seen += batch.labels.len();
+            seen += batch.global_size;
             let report = !sums.on_device() || (i + 1) % GPU_READBACK_STEPS == 0 || i + 1 == batches;
             if !report {
                 continue;
             }
             (loss_sum, correct) = sums.read()?;
+            if ranks > 1 {
+                let mut totals = [loss_sum, correct as f64];
+                self.communicator()
+                    .all_reduce_sum(Channel::Main, &mut totals)?;
+                (loss_sum, correct) = (totals[0], totals[1] as usize);
+            }
             if !loss_sum.is_finite() {
                 return Err(Error::Diverged {
                     epoch,
@@ -455,6 +547,10 @@ impl Trainer {
             });
         }
         self.kept = sums.into_kept();
+        if let Some(dist) = &mut self.dist {
+            // Every rank evaluates and checkpoints with rank 0's BatchNorm statistics.
+            dist.broadcast_buffers()?;
+        }
         self.epoch = epoch;
         let seconds = start.elapsed().as_secs_f64();
         Ok(EpochTrain {
@@ -571,7 +667,21 @@ impl Trainer {
     /// Restores what [`Trainer::save_state`] wrote (the model weights must already be
     /// loaded) and returns the stored metadata.
     pub fn load_state(&mut self, path: &Path) -> Result<HashMap<String, String>> {
-        let (tensors, meta) = load_tensors(path)?;
+        let bytes = std::fs::read(path).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        self.load_state_from_bytes(path, &bytes)
+    }
+
+    /// [`Trainer::load_state`] for a file already in memory (e.g. received from rank 0);
+    /// `path` names it in errors.
+    pub fn load_state_from_bytes(
+        &mut self,
+        path: &Path,
+        bytes: &[u8],
+    ) -> Result<HashMap<String, String>> {
+        let (tensors, meta) = crate::checkpoint::tensors_from_bytes(path, bytes)?;
         let bad = |what: &str| Error::Format {
             path: path.to_path_buf(),
             msg: format!("training state: missing or invalid {what}"),
@@ -635,6 +745,30 @@ fn add_to_batch_counters(model: &Model, delta: f32) -> Result<()> {
 
 /// Evaluates `model` in eval mode without recording a graph.
 pub fn evaluate(model: &Model, loader: &DataLoader) -> Result<EvalReport> {
+    evaluate_distributed(model, loader, &SingleProcess)
+}
+
+/// Evaluates `model` on every rank of `comm`, each on its slice of every batch (`loader` made
+/// with this rank and the number of ranks), and sums the counts over the ranks: every image
+/// counted exactly once, the same report on every rank.
+pub fn evaluate_distributed(
+    model: &Model,
+    loader: &DataLoader,
+    comm: &dyn Communicator,
+) -> Result<EvalReport> {
+    let cfg = loader.config();
+    if cfg.world_size != comm.size() || cfg.rank != comm.rank() {
+        return Err(invalid(
+            "evaluate",
+            format!(
+                "the loader gives rank {} of {} its slices, but this is rank {} of {}",
+                cfg.rank,
+                cfg.world_size,
+                comm.rank(),
+                comm.size()
+            ),
+        ));
+    }
     let classes = loader.dataset().classes().len();
     let mut confusion = vec![vec![0u64; classes]; classes];
     let mut loss_sum = 0f64;
@@ -643,6 +777,9 @@ pub fn evaluate(model: &Model, loader: &DataLoader) -> Result<EvalReport> {
     crate::autograd::no_grad(|| -> Result<()> {
         for batch in loader.epoch(0) {
             let batch = batch?;
+            if batch.labels.is_empty() {
+                continue;
+            }
             let images = batch.images.to_device(device)?;
             let logits = model.forward(&images, Mode::Eval)?;
             if logits.dims().get(1) != Some(&classes) {
@@ -664,6 +801,19 @@ pub fn evaluate(model: &Model, loader: &DataLoader) -> Result<EvalReport> {
         }
         Ok(())
     })?;
+    if comm.size() > 1 {
+        // Counts below 2^53 are exact in float64.
+        let mut totals: Vec<f64> = confusion.iter().flatten().map(|&v| v as f64).collect();
+        totals.extend([loss_sum, seen as f64]);
+        comm.all_reduce_sum(Channel::Main, &mut totals)?;
+        for (v, t) in confusion.iter_mut().flatten().zip(&totals) {
+            *v = *t as u64;
+        }
+        (loss_sum, seen) = (
+            totals[classes * classes],
+            totals[classes * classes + 1] as usize,
+        );
+    }
     let correct: u64 = (0..classes).map(|c| confusion[c][c]).sum();
     let per_class_accuracy = confusion
         .iter()

@@ -117,7 +117,55 @@ fn topo_order(root: &Tensor) -> Vec<Tensor> {
     order
 }
 
+/// Observes a backward pass as it runs: data-parallel training starts reducing a group of
+/// gradients over the network as soon as the group is complete, while the rest of the
+/// backward pass is still computing (see [`crate::dist`]).
+pub trait BackwardHooks {
+    /// The gradient of the leaf `leaf` (a parameter, or an input that requires a gradient)
+    /// is complete: no op still to run contributes to it. Called once per leaf reached, in
+    /// the order the backward pass completes them; `grad` is what the returned
+    /// [`GradStore`] will hold.
+    fn leaf_ready(&mut self, leaf: &Tensor, grad: &Tensor) -> Result<()>;
+
+    /// Called after each op's backward kernel (e.g. to let communication progress).
+    fn after_op(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// For each position in `order`, the leaves whose last consumer is the node at that
+/// position: their gradients are complete once that node's backward kernel has run.
+fn leaves_completed_at(order: &[Tensor]) -> Vec<Vec<Tensor>> {
+    let mut last: HashMap<TensorId, (usize, Tensor)> = HashMap::new();
+    for (i, node) in order.iter().enumerate() {
+        if let Some(op) = node.op() {
+            for input in op.inputs() {
+                if input.tracks_grad() && input.op().is_none() {
+                    last.insert(input.id(), (i, input.clone()));
+                }
+            }
+        }
+    }
+    let mut at = vec![Vec::new(); order.len()];
+    for (i, leaf) in last.into_values() {
+        at[i].push(leaf);
+    }
+    // Deterministic order within one node (hash-map order is not): by tensor id.
+    for leaves in &mut at {
+        leaves.sort_by_key(|t| t.id());
+    }
+    at
+}
+
 pub(crate) fn backward(root: &Tensor, grad: Option<&Tensor>) -> Result<GradStore> {
+    backward_observed(root, grad, None)
+}
+
+pub(crate) fn backward_observed(
+    root: &Tensor,
+    grad: Option<&Tensor>,
+    mut hooks: Option<&mut dyn BackwardHooks>,
+) -> Result<GradStore> {
     if !root.tracks_grad() {
         return Err(Error::Backward(format!(
             "the tensor of shape {} does not require a gradient: no parameter or input with requires_grad() contributed to it",
@@ -148,13 +196,34 @@ pub(crate) fn backward(root: &Tensor, grad: Option<&Tensor>) -> Result<GradStore
     let mut pending: HashMap<TensorId, Storage> = HashMap::new();
     pending.insert(root.id(), seed_on(root.device(), seed)?);
     let mut store = GradStore::default();
-    for node in topo_order(root) {
+    let order = topo_order(root);
+    let completed = match hooks {
+        Some(_) => leaves_completed_at(&order),
+        None => Vec::new(),
+    };
+    for (i, node) in order.iter().enumerate() {
+        if let Some(h) = hooks.as_deref_mut() {
+            if i > 0 {
+                // Leaves whose last consumer ran in the previous iteration are complete.
+                for leaf in &completed[i - 1] {
+                    if let Some(g) = pending.remove(&leaf.id()) {
+                        let t = Tensor::from_storage(g, Shape::from(leaf.dims()), None);
+                        h.leaf_ready(leaf, &t)?;
+                        store.grads.insert(leaf.id(), t);
+                    }
+                }
+                h.after_op()?;
+            }
+        }
         let Some(g) = pending.remove(&node.id()) else {
             continue;
         };
         match node.op() {
             None => {
                 let t = Tensor::from_storage(g, Shape::from(node.dims()), None);
+                if let Some(h) = hooks.as_deref_mut() {
+                    h.leaf_ready(node, &t)?;
+                }
                 store.grads.insert(node.id(), t);
             }
             Some(op) => {
@@ -162,7 +231,7 @@ pub(crate) fn backward(root: &Tensor, grad: Option<&Tensor>) -> Result<GradStore
                     true,
                     || op.profile_key(),
                     || op.backward_flops(),
-                    || op_backward(op, &node, &g),
+                    || op_backward(op, node, &g),
                 )?;
                 // A host gradient's buffer goes back to the pool when `g` drops here.
                 drop(g);

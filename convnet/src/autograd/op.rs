@@ -136,6 +136,8 @@ pub(crate) enum Op {
         training: bool,
         /// What was fused after the normalisation.
         epilogue: BnEpilogue,
+        /// Synchronised batch norm: the ranks' group and the global count per channel.
+        synced: Option<crate::dist::sync_bn::Synced>,
     },
     /// A view with another shape over the same elements.
     Reshape {
@@ -463,11 +465,16 @@ impl Op {
                 invstd,
                 training,
                 epilogue,
+                synced,
             } => {
                 let d = input.dims();
                 let (n, c, hw) = (d[0], d[1], d[2] * d[3]);
                 let w = weight.as_ref().map(Tensor::to_vec);
                 let b = bias.as_ref().map(Tensor::to_vec);
+                let reduce = |sums: &mut [f64]| match synced {
+                    Some(s) => s.group.reduce_sums(sums),
+                    None => Ok(()),
+                };
                 let r = input.with_data(|x| {
                     epilogue.with_kernel_form(|fused| {
                         norm::backward(
@@ -483,9 +490,14 @@ impl Op {
                             *training,
                             fused,
                             input.tracks_grad(),
+                            synced.as_ref().map(|s| norm::SyncedSums {
+                                count: s.count,
+                                contributes: s.contributes,
+                                reduce: &reduce,
+                            }),
                         )
                     })
-                });
+                })?;
                 if let Some(dx) = r.dx {
                     grads.push((input.clone(), dx));
                 }

@@ -5,8 +5,14 @@
 //! image's augmentation from `(seed, e, index)`, so a run — or a resumed run — sees the same
 //! batches whatever the number of workers. Worker `k` builds batches `k, k + W, ...` and the
 //! iterator takes them round-robin; the bounded channels keep `prefetch` batches ready per
-//! worker so the training step does not wait. Sharding for data-parallel training takes
-//! every `world_size`-th batch starting at `rank`.
+//! worker so the training step does not wait.
+//!
+//! Data-parallel training: `batch_size` is the *global* batch. With `world_size` ranks, each
+//! rank takes its contiguous slice of every global batch (sizes differ by at most one, as
+//! `torch.tensor_split`), so the images of a step — and their augmentation — are those one
+//! process would take, whatever the number of ranks; evaluation is sharded the same way,
+//! every image exactly once. A rank whose slice of a short last batch is empty gets a batch
+//! without images (see [`Batch::global_size`]).
 
 use super::{ImageDataset, Transform};
 use crate::error::{invalid, Result};
@@ -33,7 +39,7 @@ pub struct LoaderConfig {
     pub prefetch: usize,
     /// This process's index among `world_size` data-parallel processes.
     pub rank: usize,
-    /// Number of data-parallel processes.
+    /// Number of data-parallel processes, each taking a slice of every batch.
     pub world_size: usize,
 }
 
@@ -61,6 +67,9 @@ pub struct Batch {
     pub labels: Vec<usize>,
     /// Positions in the data set.
     pub indices: Vec<usize>,
+    /// Images in the global batch this one is a slice of (its own size in one process).
+    /// In data-parallel training a rank may get an empty slice of a short last batch.
+    pub global_size: usize,
 }
 
 /// Batches over an in-memory [`ImageDataset`].
@@ -110,6 +119,18 @@ impl DataLoader {
 
     /// A loader for evaluation: batches of 256 in data-set order, no augmentation.
     pub fn for_evaluation(data: Arc<ImageDataset>, normalize: super::Normalize) -> Result<Self> {
+        DataLoader::for_evaluation_sharded(data, normalize, 0, 1)
+    }
+
+    /// [`DataLoader::for_evaluation`] for rank `rank` of `world_size` data-parallel ranks:
+    /// global batches of `256 * world_size`, of which this rank takes its slice (about 256),
+    /// so that the ranks together see every image exactly once.
+    pub fn for_evaluation_sharded(
+        data: Arc<ImageDataset>,
+        normalize: super::Normalize,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<Self> {
         DataLoader::new(
             data,
             Transform {
@@ -117,8 +138,10 @@ impl DataLoader {
                 augment: None,
             },
             LoaderConfig {
-                batch_size: 256,
+                batch_size: 256 * world_size.max(1),
                 shuffle: false,
+                rank,
+                world_size,
                 ..Default::default()
             },
         )
@@ -134,8 +157,39 @@ impl DataLoader {
         &self.cfg
     }
 
-    /// Example indices of every batch of `epoch` for this rank.
+    /// Example indices of every batch of `epoch` for this rank (its slices of the global
+    /// batches; some may be empty, see [`Batch::global_size`]).
+    ///
+    /// ```
+    /// use convnet::data::{DataLoader, ImageDataset, LoaderConfig, Normalize, Transform};
+    /// use std::sync::Arc;
+    /// let data = Arc::new(ImageDataset::new(vec![0; 7], (0..7).map(|i| i % 2).collect(), [1, 1, 1], vec!["a".into(), "b".into()], "memory")?);
+    /// let loader = |rank| {
+    ///     let cfg = LoaderConfig { batch_size: 4, shuffle: false, rank, world_size: 2, ..Default::default() };
+    ///     let transform = Transform { normalize: Normalize::default_for(1), augment: None };
+    ///     DataLoader::new(data.clone(), transform, cfg)
+    /// };
+    /// assert_eq!(loader(0)?.batches(0), vec![vec![0, 1], vec![4, 5]]);
+    /// assert_eq!(loader(1)?.batches(0), vec![vec![2, 3], vec![6]]);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
     pub fn batches(&self, epoch: usize) -> Vec<Vec<usize>> {
+        self.global_batches(epoch)
+            .iter()
+            .map(|b| b[self.slice_of(b.len())].to_vec())
+            .collect()
+    }
+
+    /// The positions of this rank's slice within a global batch of `len` images.
+    fn slice_of(&self, len: usize) -> std::ops::Range<usize> {
+        let (n, r) = (self.cfg.world_size, self.cfg.rank);
+        let (base, extra) = (len / n, len % n);
+        let start = r * base + r.min(extra);
+        start..start + base + usize::from(r < extra)
+    }
+
+    /// Example indices of every global batch of `epoch` (all ranks' slices together).
+    pub fn global_batches(&self, epoch: usize) -> Vec<Vec<usize>> {
         let mut order: Vec<usize> = (0..self.data.len()).collect();
         if self.cfg.shuffle {
             Rng::new(mix(self.cfg.seed, epoch as u64 + 1)).shuffle(&mut order);
@@ -152,19 +206,20 @@ impl DataLoader {
             batches.pop();
         }
         batches
-            .into_iter()
-            .skip(self.cfg.rank)
-            .step_by(self.cfg.world_size)
-            .collect()
     }
 
-    /// Number of batches per epoch for this rank.
+    /// Number of batches (steps) per epoch; the same on every rank.
     pub fn num_batches(&self) -> usize {
-        self.batches(0).len()
+        let (len, b) = (self.data.len(), self.cfg.batch_size);
+        if self.cfg.drop_last {
+            len / b
+        } else {
+            len.div_ceil(b)
+        }
     }
 
-    /// Builds one batch (on the calling thread).
-    pub fn make_batch(&self, epoch: usize, indices: &[usize]) -> Result<Batch> {
+    /// Builds one batch (on the calling thread) of a global batch of `global_size` images.
+    pub fn make_batch(&self, epoch: usize, indices: &[usize], global_size: usize) -> Result<Batch> {
         let shape = self.data.image_shape();
         let per = shape.iter().product::<usize>();
         let mut buf = vec![0f32; indices.len() * per];
@@ -182,6 +237,7 @@ impl DataLoader {
             images,
             labels: indices.iter().map(|&i| self.data.label(i)).collect(),
             indices: indices.to_vec(),
+            global_size,
         })
     }
 
@@ -192,8 +248,13 @@ impl DataLoader {
 
     /// Like [`DataLoader::epoch`], starting at batch `start` (to resume mid-epoch).
     pub fn epoch_from(&self, epoch: usize, start: usize) -> EpochIter {
-        let batches: Arc<Vec<Vec<usize>>> =
-            Arc::new(self.batches(epoch).into_iter().skip(start).collect());
+        let batches: Arc<Vec<(Vec<usize>, usize)>> = Arc::new(
+            self.global_batches(epoch)
+                .into_iter()
+                .skip(start)
+                .map(|b| (b[self.slice_of(b.len())].to_vec(), b.len()))
+                .collect(),
+        );
         let workers = self.cfg.workers.min(batches.len().max(1));
         let mut receivers = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
@@ -202,8 +263,8 @@ impl DataLoader {
             let loader = self.clone();
             let batches = batches.clone();
             handles.push(std::thread::spawn(move || {
-                for b in batches.iter().skip(w).step_by(workers) {
-                    if tx.send(loader.make_batch(epoch, b)).is_err() {
+                for (b, global) in batches.iter().skip(w).step_by(workers) {
+                    if tx.send(loader.make_batch(epoch, b, *global)).is_err() {
                         return;
                     }
                 }

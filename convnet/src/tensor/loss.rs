@@ -8,7 +8,7 @@ use crate::error::{invalid, shape_mismatch, Error, Result};
 use crate::shape::{normalize_dim, Shape};
 
 /// How per-sample losses are combined, as PyTorch's `reduction=` argument.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
 pub enum Reduction {
     /// Average over the batch (the default).
     #[default]
@@ -17,6 +17,38 @@ pub enum Reduction {
     Sum,
     /// One loss per sample.
     None,
+    /// Sum over the batch divided by this positive number: the share of a larger batch's
+    /// mean when the batch is one slice of it. Data-parallel ranks divide by
+    /// `global batch / ranks`, so that averaging their gradients gives the gradient of the
+    /// global batch's mean even when the slices differ in size; for equal slices this is
+    /// exactly `Mean`.
+    ///
+    /// ```
+    /// use convnet::{Reduction, Tensor};
+    /// let logits = Tensor::zeros([2, 4]);
+    /// let mean = logits.cross_entropy(&[0, 3], Reduction::Mean, 0.0)?.item()?;
+    /// let share = logits.cross_entropy(&[0, 3], Reduction::Divided(4.0), 0.0)?.item()?;
+    /// assert!((share - mean / 2.0).abs() < 1e-6);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    Divided(f32),
+}
+
+impl Reduction {
+    /// What the sum of `n` per-sample losses is divided by (`None` for [`Reduction::None`]),
+    /// or an error for a divisor that is not a positive finite number.
+    fn divisor(self, op: &'static str, n: usize) -> Result<Option<f32>> {
+        match self {
+            Reduction::Mean => Ok(Some(n as f32)),
+            Reduction::Sum => Ok(Some(1.0)),
+            Reduction::None => Ok(None),
+            Reduction::Divided(d) if d.is_finite() && d > 0.0 => Ok(Some(d)),
+            Reduction::Divided(d) => Err(invalid(
+                op,
+                format!("the divisor of Reduction::Divided must be positive and finite, got {d}"),
+            )),
+        }
+    }
 }
 
 fn check_targets(op: &'static str, logits: &Tensor, targets: &[usize]) -> Result<(usize, usize)> {
@@ -43,16 +75,16 @@ fn reduce_rows(
     per_row_total: f64,
     per_row: Vec<f32>,
     n: usize,
-    reduction: Reduction,
+    divisor: Option<f32>,
 ) -> (Vec<f32>, Shape, f32) {
-    match reduction {
-        Reduction::Mean => (
-            vec![(per_row_total / n as f64) as f32],
+    match divisor {
+        Some(1.0) => (vec![per_row_total as f32], Shape::new(Vec::new()), 1.0),
+        Some(d) => (
+            vec![(per_row_total / d as f64) as f32],
             Shape::new(Vec::new()),
-            n as f32,
+            d,
         ),
-        Reduction::Sum => (vec![per_row_total as f32], Shape::new(Vec::new()), 1.0),
-        Reduction::None => (per_row, Shape::new([n]), 1.0),
+        None => (per_row, Shape::new([n]), 1.0),
     }
 }
 
@@ -132,13 +164,9 @@ impl Tensor {
                 if n == 0 {
                     return Err(invalid("cross_entropy", "empty batch"));
                 }
+                let divisor = reduction.divisor("cross_entropy", n)?;
                 if let Some(gpu) = gpu_of("cross_entropy", &[self])? {
                     return on_gpu!(gpu, |g| {
-                        let divisor = match reduction {
-                            Reduction::Mean => Some(n as f32),
-                            Reduction::Sum => Some(1.0),
-                            Reduction::None => None,
-                        };
                         crate::backend::cuda::ops::cross_entropy(
                             g,
                             self,
@@ -169,7 +197,7 @@ impl Tensor {
                         loss::cross_entropy_forward(x, targets, c, label_smoothing, &mut probs)
                     }
                 });
-                let (data, shape, divisor) = reduce_rows(total, per_row, n, reduction);
+                let (data, shape, divisor) = reduce_rows(total, per_row, n, divisor);
                 let op = record(&[self], || Op::CrossEntropy {
                     logits: self.clone(),
                     targets: targets.to_vec(),
@@ -188,13 +216,9 @@ impl Tensor {
         if n == 0 {
             return Err(invalid("nll_loss", "empty batch"));
         }
+        let divisor = reduction.divisor("nll_loss", n)?;
         if let Some(gpu) = gpu_of("nll_loss", &[self])? {
             return on_gpu!(gpu, |g| {
-                let divisor = match reduction {
-                    Reduction::Mean => Some(n as f32),
-                    Reduction::Sum => Some(1.0),
-                    Reduction::None => None,
-                };
                 crate::backend::cuda::general::nll_loss(g, self, targets, divisor)
             });
         }
@@ -206,7 +230,7 @@ impl Tensor {
                 .collect()
         });
         let total: f64 = per_row.iter().map(|&v| v as f64).sum();
-        let (data, shape, divisor) = reduce_rows(total, per_row, n, reduction);
+        let (data, shape, divisor) = reduce_rows(total, per_row, n, divisor);
         let op = record(&[self], || Op::NllLoss {
             input: self.clone(),
             targets: targets.to_vec(),
@@ -231,22 +255,19 @@ impl Tensor {
             ));
         }
         let n = self.numel().max(1);
+        let divisor = reduction.divisor("mse_loss", n)?.unwrap_or(1.0);
         if let Some(gpu) = gpu_of("mse_loss", &[self, target])? {
             return on_gpu!(gpu, |g| {
-                let divisor = if reduction == Reduction::Mean {
-                    n as f32
-                } else {
-                    1.0
-                };
                 crate::backend::cuda::general::mse_loss(g, self, target, divisor)
             });
         }
         let total: f64 = self.with_data(|a| {
             target.with_data(|b| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum())
         });
-        let (value, divisor) = match reduction {
-            Reduction::Mean => ((total / n as f64) as f32, n as f32),
-            _ => (total as f32, 1.0),
+        let value = if divisor == 1.0 {
+            total as f32
+        } else {
+            (total / divisor as f64) as f32
         };
         let op = record(&[self, target], || Op::MseLoss {
             input: self.clone(),

@@ -324,6 +324,32 @@ impl Tensor {
         autograd::backward(self, None)
     }
 
+    /// Like [`Tensor::backward`], telling `hooks` as each leaf's gradient becomes complete and
+    /// after each op (data-parallel training reduces gradients while backward still runs).
+    ///
+    /// ```
+    /// use convnet::autograd::BackwardHooks;
+    /// use convnet::{Result, Tensor};
+    /// struct Count(usize);
+    /// impl BackwardHooks for Count {
+    ///     fn leaf_ready(&mut self, _leaf: &Tensor, _grad: &Tensor) -> Result<()> {
+    ///         self.0 += 1;
+    ///         Ok(())
+    ///     }
+    /// }
+    /// let (a, b) = (Tensor::ones([3]).requires_grad(), Tensor::ones([3]).requires_grad());
+    /// let mut seen = Count(0);
+    /// let grads = a.mul(&b)?.sum_all()?.backward_with_hooks(&mut seen)?;
+    /// assert_eq!((seen.0, grads.len()), (2, 2));
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn backward_with_hooks(
+        &self,
+        hooks: &mut dyn autograd::BackwardHooks,
+    ) -> Result<autograd::GradStore> {
+        autograd::backward_observed(self, None, Some(hooks))
+    }
+
     /// Backpropagates an upstream gradient of this tensor's shape.
     pub fn backward_with(&self, grad: &Tensor) -> Result<autograd::GradStore> {
         autograd::backward(self, Some(grad))

@@ -4,7 +4,7 @@
 use super::{gpu_of, record, Tensor};
 use crate::autograd::{BnEpilogue, Op};
 use crate::backend::cpu::{norm, recycle};
-use crate::error::{invalid, shape_mismatch, Result};
+use crate::error::{invalid, shape_mismatch, Error, Result};
 
 impl Tensor {
     /// Batch normalisation of `[N, C, H, W]` over N, H and W, like `F.batch_norm`.
@@ -161,7 +161,9 @@ impl Tensor {
                     return Err(invalid(op_name, format!("eps must be positive and momentum in [0, 1], got eps={eps}, momentum={momentum}")));
                 }
                 let count = n * hw;
-                if training && count <= 1 {
+                // Statistics over the global batch of data-parallel ranks (SyncBatchNorm).
+                let sync = training.then(crate::dist::sync_bn::active).flatten();
+                if training && count <= 1 && sync.is_none() {
                     return Err(invalid(
                         op_name,
                         format!(
@@ -179,6 +181,11 @@ impl Tensor {
                 inputs.extend(residual.as_ref());
                 let all = [inputs.as_slice(), &[running_mean, running_var]].concat();
                 if let Some(gpu) = gpu_of(op_name, &all)? {
+                    if sync.is_some() {
+                        return Err(Error::Unsupported(
+                            "synchronised batch norm runs on the CPU only: train on the GPU without --sync-bn".into(),
+                        ));
+                    }
                     return on_gpu!(gpu, |g| crate::backend::cuda::ops::batch_norm2d(
                         g,
                         self,
@@ -192,9 +199,26 @@ impl Tensor {
                         epilogue
                     ));
                 }
+                let mut synced = None;
                 let (mean, invstd): (Vec<f32>, Vec<f32>) = if training {
-                    let (bm, bv) = self.with_data(|x| norm::batch_stats(x, n, c, hw));
-                    let unbias = count as f64 / (count - 1) as f64;
+                    let (mut bm, mut bv) = self.with_data(|x| norm::batch_stats(x, n, c, hw));
+                    let mut count = count as f64;
+                    if let Some(group) = sync {
+                        (count, bm, bv) = group.combine(n * hw, &bm, &bv)?;
+                        if count <= 1.0 {
+                            return Err(invalid(
+                                op_name,
+                                format!("expected more than 1 value per channel when training, got {count} over all ranks"),
+                            ));
+                        }
+                        let contributes = group.contributes();
+                        synced = Some(crate::dist::sync_bn::Synced {
+                            group,
+                            count,
+                            contributes,
+                        });
+                    }
+                    let unbias = count / (count - 1.0);
                     let m = momentum as f64;
                     running_mean.update_data(|r| {
                         r.iter_mut()
@@ -246,6 +270,7 @@ impl Tensor {
                     invstd,
                     training,
                     epilogue,
+                    synced,
                 });
                 Ok(Tensor::from_parts(y, self.shape().clone(), op))
             },

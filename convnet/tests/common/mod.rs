@@ -182,3 +182,17 @@ pub fn assert_tensor_close(what: &str, actual: &Tensor, expected: &Tensor, rtol:
 pub const RTOL: f32 = 1e-5;
 /// The absolute floor.
 pub const ATOL: f32 = 1e-6;
+
+/// `mpirun -np N` (the launcher from `CONVNET_MPIRUN`, default Open MPI's
+/// `mpirun --oversubscribe`), allowed to run as root as CI does.
+pub fn mpirun(ranks: usize) -> std::process::Command {
+    let launcher =
+        std::env::var("CONVNET_MPIRUN").unwrap_or_else(|_| "mpirun --oversubscribe".into());
+    let mut words = launcher.split_whitespace();
+    let mut cmd = std::process::Command::new(words.next().unwrap_or("mpirun"));
+    cmd.args(words)
+        .args(["-np", &ranks.to_string()])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    cmd
+}

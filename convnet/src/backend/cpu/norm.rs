@@ -272,10 +272,28 @@ pub struct Grads {
     pub dresidual: Option<Vec<f32>>,
 }
 
+/// Batch statistics taken over several processes (synchronised batch norm): the number of
+/// values per channel in the whole batch, and how to sum the per-channel gradient sums of
+/// all processes.
+pub struct SyncedSums<'a> {
+    /// Values per channel over all processes' batches (`M` of the legend).
+    pub count: f64,
+    /// Whether this process's values are part of that batch; when not (stand-ins that only
+    /// let it take part in the collectives), its input gradient is zero.
+    pub contributes: bool,
+    /// Replaces `[sum(dy) for each channel..., sum(dy * xhat) for each channel...]` by its
+    /// sum over the processes.
+    pub reduce: &'a dyn Fn(&mut [f64]) -> crate::error::Result<()>,
+}
+
 /// Gradients of batch norm: `dx` is computed only when `need_dx`. In training mode the batch
 /// statistics depend on `x`, adding the two mean terms. A fused ReLU first masks `dy` where
 /// the forward output was not positive, recomputed from `x` (and the residual) with the
 /// forward pass's exact operations.
+///
+/// With `synced` (statistics over several processes' batches), the input gradient uses the
+/// sums of all processes and their total count; the weight and bias gradients stay this
+/// process's own (data-parallel training sums them with the other gradients).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     x: &[f32],
@@ -290,7 +308,8 @@ pub fn backward(
     training: bool,
     epilogue: Epilogue<'_>,
     need_dx: bool,
-) -> Grads {
+    synced: Option<SyncedSums<'_>>,
+) -> crate::error::Result<Grads> {
     let relu_mask = |ch: usize| {
         matches!(epilogue, Epilogue::Relu).then(|| affine(ch, mean, invstd, weight, bias))
     };
@@ -309,66 +328,93 @@ pub fn backward(
         PlaneWriter::new(&mut dres, hw),
         PlaneWriter::new(&mut dx, hw),
     );
-    let count = (n * hw) as f64;
-    // One channel at a time per thread, both passes back to back: the channel's planes are
-    // still in cache for the second pass (a batch's activation can exceed the L3 cache, so
-    // two whole-tensor passes would read it from memory twice).
-    let sums: Vec<(f64, f64)> = (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let planes = (0..n).map(|b| (b * c + ch, (b * c + ch) * hw..(b * c + ch + 1) * hw));
-            let (scale, shift) = affine(ch, mean, invstd, weight, bias);
-            let relu = relu_mask(ch);
-            // Pass 1: sum(dy') and sum(dy' * (x - mean)), dy' being dy through the epilogue.
-            let (mut sdy, mut sdyx) = (0f64, 0f64);
-            for (plane, r) in planes.clone() {
-                let (a, b) = match epilogue {
-                    Epilogue::AddRelu(residual) => {
-                        let (g, xs, res) = (&dy[r.clone()], &x[r.clone()], &residual[r]);
-                        // SAFETY: plane b*c + ch belongs to this channel's task alone.
-                        let out = unsafe { dres_planes.plane(plane) };
-                        mask_add_relu(g, xs, res, scale, shift, out);
-                        lane_sums2(out, xs, mean[ch], None)
-                    }
-                    _ => lane_sums2(&dy[r.clone()], &x[r], mean[ch], relu),
-                };
-                sdy += a;
-                sdyx += b;
-            }
-            let sums = (sdy, sdyx * invstd[ch] as f64);
-            if need_dx {
-                // Pass 2: the input gradient, from the masked gradient when it was written.
-                let (m, is) = (mean[ch] as f64, invstd[ch] as f64);
-                let w = weight.map_or(1.0, |w| w[ch] as f64);
-                // dx = k * (count*g - sdy - xhat*sdyx) with xhat = (x - m)*is, folded into
-                // dx = a*g + b*x + c0 (three float32 operations per element); eval: g * a.
-                let k = w * is / count;
-                let (a, b) = ((k * count) as f32, (-k * sums.1 * is) as f32);
-                let c0 = (-k * sums.0 + k * sums.1 * is * m) as f32;
-                for (plane, r) in planes {
-                    let (g_in, relu) = match epilogue {
-                        // SAFETY: as above; pass 1 finished writing this plane.
-                        Epilogue::AddRelu(_) => (unsafe { &*dres_planes.plane(plane) }, None),
-                        _ => (&dy[r.clone()], relu),
-                    };
+    let planes =
+        |ch: usize| (0..n).map(move |b| (b * c + ch, (b * c + ch) * hw..(b * c + ch + 1) * hw));
+    // Pass 1: sum(dy') and sum(dy' * xhat), dy' being dy through the epilogue.
+    let pass1 = |ch: usize| -> (f64, f64) {
+        let (scale, shift) = affine(ch, mean, invstd, weight, bias);
+        let relu = relu_mask(ch);
+        let (mut sdy, mut sdyx) = (0f64, 0f64);
+        for (plane, r) in planes(ch) {
+            let (a, b) = match epilogue {
+                Epilogue::AddRelu(residual) => {
+                    let (g, xs, res) = (&dy[r.clone()], &x[r.clone()], &residual[r]);
                     // SAFETY: plane b*c + ch belongs to this channel's task alone.
-                    let out = unsafe { dx_planes.plane(plane) };
-                    if training {
-                        dx_train_plane(g_in, &x[r], a, b, c0, relu, out);
-                    } else {
-                        dx_eval_plane(g_in, &x[r], (w * is) as f32, relu, out);
-                    }
+                    let out = unsafe { dres_planes.plane(plane) };
+                    mask_add_relu(g, xs, res, scale, shift, out);
+                    lane_sums2(out, xs, mean[ch], None)
+                }
+                _ => lane_sums2(&dy[r.clone()], &x[r], mean[ch], relu),
+            };
+            sdy += a;
+            sdyx += b;
+        }
+        (sdy, sdyx * invstd[ch] as f64)
+    };
+    // Pass 2: the input gradient from the sums over `count` values, from the masked
+    // gradient when it was written.
+    let pass2 = |ch: usize, sums: (f64, f64), count: f64| {
+        let relu = relu_mask(ch);
+        let (m, is) = (mean[ch] as f64, invstd[ch] as f64);
+        let w = weight.map_or(1.0, |w| w[ch] as f64);
+        // dx = k * (count*g - sdy - xhat*sdyx) with xhat = (x - m)*is, folded into
+        // dx = a*g + b*x + c0 (three float32 operations per element); eval: g * a.
+        let k = w * is / count;
+        let (a, b) = ((k * count) as f32, (-k * sums.1 * is) as f32);
+        let c0 = (-k * sums.0 + k * sums.1 * is * m) as f32;
+        for (plane, r) in planes(ch) {
+            let (g_in, relu) = match epilogue {
+                // SAFETY: as above; pass 1 finished writing this plane.
+                Epilogue::AddRelu(_) => (unsafe { &*dres_planes.plane(plane) }, None),
+                _ => (&dy[r.clone()], relu),
+            };
+            // SAFETY: plane b*c + ch belongs to this channel's task alone.
+            let out = unsafe { dx_planes.plane(plane) };
+            if training {
+                dx_train_plane(g_in, &x[r], a, b, c0, relu, out);
+            } else {
+                dx_eval_plane(g_in, &x[r], (w * is) as f32, relu, out);
+            }
+        }
+    };
+    let sums: Vec<(f64, f64)> = match synced {
+        // One channel at a time per thread, both passes back to back: the channel's planes
+        // are still in cache for the second pass (a batch's activation can exceed the L3
+        // cache, so two whole-tensor passes would read it from memory twice).
+        None => (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let sums = pass1(ch);
+                if need_dx {
+                    pass2(ch, sums, (n * hw) as f64);
+                }
+                sums
+            })
+            .collect(),
+        // The input gradient needs every process's sums: all of pass 1, then pass 2.
+        Some(synced) => {
+            let local: Vec<(f64, f64)> = (0..c).into_par_iter().map(pass1).collect();
+            if need_dx {
+                let mut all: Vec<f64> = local.iter().map(|s| s.0).collect();
+                all.extend(local.iter().map(|s| s.1));
+                (synced.reduce)(&mut all)?;
+                if synced.contributes {
+                    (0..c)
+                        .into_par_iter()
+                        .for_each(|ch| pass2(ch, (all[ch], all[c + ch]), synced.count));
+                } else {
+                    dx.fill(0.0);
                 }
             }
-            sums
-        })
-        .collect();
-    Grads {
+            local
+        }
+    };
+    Ok(Grads {
         dx: need_dx.then_some(dx),
         dweight: sums.iter().map(|s| s.1 as f32).collect(),
         dbias: sums.iter().map(|s| s.0 as f32).collect(),
         dresidual: (!dres.is_empty()).then_some(dres),
-    }
+    })
 }
 
 /// A buffer of `hw`-float planes that parallel tasks write, each plane by exactly one task

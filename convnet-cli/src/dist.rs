@@ -1,0 +1,171 @@
+//! The processes of a run: the ranks of an MPI job when `mpirun` (or another MPI launcher)
+//! started this one and the binary has the `mpi` feature, a single process otherwise.
+//! Also what every distributed command shares: checking that all ranks were given the same
+//! settings and data, choosing threads and GPUs per rank, and ending every rank on an error.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use convnet::dist::{launcher_world_size, Communicator, DataParallelOptions, SingleProcess};
+use std::sync::Arc;
+
+/// The communicator of this process.
+pub type Ranks = Arc<dyn Communicator>;
+
+/// How to get a binary that can run under an MPI launcher.
+#[cfg(not(feature = "mpi"))]
+const BUILD_WITH_MPI: &str = "rebuild it with MPI support: install an MPI library (Debian/Ubuntu: \
+`apt install libopenmpi-dev openmpi-bin libclang-dev`) and run \
+`cargo build --release -p convnet-cli --features mpi`";
+
+/// Joins the MPI job that launched this process, or stands alone.
+pub fn init() -> Result<Ranks> {
+    match launcher_world_size() {
+        Some(n) if n > 1 => join_mpi(n),
+        _ => Ok(Arc::new(SingleProcess)),
+    }
+}
+
+#[cfg(feature = "mpi")]
+fn join_mpi(_: usize) -> Result<Ranks> {
+    let comm = convnet::dist::mpi::MpiCommunicator::init()
+        .context("cannot join the MPI job that started this process")?;
+    Ok(comm)
+}
+
+#[cfg(not(feature = "mpi"))]
+fn join_mpi(n: usize) -> Result<Ranks> {
+    bail!(
+        "this process was started by an MPI launcher as one of {n}, but this convnet was built without MPI support, so each process would train its own copy of the model; {BUILD_WITH_MPI}"
+    )
+}
+
+/// How ranks share the work of a training step (train and bench).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct DistArgs {
+    /// Under mpirun: batch statistics of BatchNorm over the global batch of all ranks
+    /// (SyncBatchNorm) instead of each rank's slice.
+    #[arg(long)]
+    pub sync_bn: bool,
+    /// Under mpirun: largest bucket of gradients reduced together, in MiB (the first one
+    /// is at most 1 MiB, as in PyTorch's DDP).
+    #[arg(long, default_value_t = 25.0)]
+    pub bucket_mb: f64,
+    /// Under mpirun: reduce gradients only after the whole backward pass instead of
+    /// overlapping it (to measure what the overlap buys).
+    #[arg(long)]
+    pub no_overlap: bool,
+}
+
+impl DistArgs {
+    /// Checks the settings and that the global `batch_size` splits evenly over the ranks.
+    pub fn check(&self, batch_size: usize, ranks: &Ranks) -> Result<()> {
+        let n = ranks.size();
+        if !batch_size.is_multiple_of(n) {
+            bail!(
+                "--batch-size {batch_size} is the global batch, split over the {n} ranks, so it must divide by {n} (e.g. {} or {})",
+                (batch_size / n * n).max(n),
+                (batch_size / n + 1) * n
+            );
+        }
+        if !(self.bucket_mb > 0.0 && self.bucket_mb.is_finite()) {
+            bail!("--bucket-mb must be positive, got {}", self.bucket_mb);
+        }
+        Ok(())
+    }
+
+    /// The data-parallel settings these arguments ask for.
+    pub fn options(&self) -> DataParallelOptions {
+        let bucket_bytes = ((self.bucket_mb * (1 << 20) as f64) as usize).max(1);
+        DataParallelOptions {
+            bucket_bytes,
+            first_bucket_bytes: bucket_bytes.min(DataParallelOptions::default().first_bucket_bytes),
+            overlap: !self.no_overlap,
+            sync_batch_norm: self.sync_bn,
+            ..Default::default()
+        }
+    }
+}
+
+/// Compute threads for `--threads N`: N, or with 0 the machine's cores shared out among the
+/// ranks on this machine.
+pub fn threads_per_rank(requested: usize, ranks: &Ranks) -> usize {
+    if requested > 0 || ranks.local_size() <= 1 {
+        return requested;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / ranks.local_size()).max(1)
+}
+
+/// The device of `--device SPEC` for this rank: with several ranks on a machine, plain
+/// `cuda` means the GPU numbered by the rank's place on its machine (`cuda:N` is taken as
+/// given).
+pub fn device_spec(spec: &str, ranks: &Ranks) -> String {
+    if spec == "cuda" && ranks.size() > 1 {
+        format!("cuda:{}", ranks.local_rank())
+    } else {
+        spec.to_string()
+    }
+}
+
+/// Fails on every rank whose `facts` (settings and what its data holds, as JSON) differ
+/// from rank 0's, naming the differing entries: ranks must train the same way on the same
+/// data (paths may differ, e.g. node-local copies).
+pub fn check_same_everywhere(ranks: &Ranks, facts: &serde_json::Value) -> Result<()> {
+    if ranks.size() == 1 {
+        return Ok(());
+    }
+    let mut bytes = serde_json::to_vec(facts)?;
+    ranks.broadcast_bytes(&mut bytes, 0)?;
+    let root: serde_json::Value =
+        serde_json::from_slice(&bytes).context("rank 0's settings are unreadable")?;
+    if &root == facts {
+        return Ok(());
+    }
+    let differing: Vec<String> = match (facts.as_object(), root.as_object()) {
+        (Some(mine), Some(theirs)) => mine
+            .iter()
+            .filter(|(k, v)| theirs.get(*k) != Some(v))
+            .map(|(k, v)| {
+                format!(
+                    "{k} {v} (rank 0: {})",
+                    theirs.get(k).map_or("none".into(), |t| t.to_string())
+                )
+            })
+            .collect(),
+        _ => vec![facts.to_string()],
+    };
+    bail!(
+        "rank {} was started differently from rank 0: {}; every rank must get the same arguments and data",
+        ranks.rank(),
+        differing.join(", ")
+    )
+}
+
+/// The file `path` as rank 0 reads it, on every rank (a resumed run's checkpoint need only
+/// be on rank 0's machine).
+pub fn read_on_rank0(ranks: &Ranks, path: &std::path::Path) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    if ranks.rank() == 0 {
+        bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    }
+    ranks.broadcast_bytes(&mut bytes, 0)?;
+    Ok(bytes)
+}
+
+/// Ends the job with `err`: in a run of several ranks this rank prints it (naming itself)
+/// and every rank is stopped (MPI_Abort), so no rank is left waiting for this one.
+pub fn fail(ranks: &Ranks, err: &anyhow::Error) -> std::process::ExitCode {
+    let mut msg = if ranks.size() > 1 {
+        format!("error on rank {} of {}: {err}", ranks.rank(), ranks.size())
+    } else {
+        format!("error: {err}")
+    };
+    for cause in err.chain().skip(1) {
+        msg.push_str(&format!("\n  caused by: {cause}"));
+    }
+    if ranks.size() > 1 {
+        ranks.abort(&msg, 1);
+    }
+    eprintln!("{msg}");
+    std::process::ExitCode::FAILURE
+}
