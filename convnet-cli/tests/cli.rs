@@ -767,3 +767,31 @@ fn bfloat16_training_on_the_emulated_gpu_tracks_float32() {
         "bfloat16 precision needs a GPU",
     );
 }
+
+/// A binary built without MPI support that finds itself started by an MPI launcher (Open
+/// MPI's `OMPI_COMM_WORLD_SIZE`, Hydra's and Slurm's `PMI_SIZE`) refuses to train N copies
+/// and says how to build one that can; a launcher of one process changes nothing.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn without_mpi_support_a_launched_process_says_how_to_build_one() {
+    for var in ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_convnet"))
+            .args(["train", "--epochs", "1"])
+            .env(var, "4")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{var}: {stderr}");
+        assert!(
+            stderr.contains("one of 4") && stderr.contains("--features mpi"),
+            "{var}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_convnet"))
+        .arg("models")
+        .env("OMPI_COMM_WORLD_SIZE", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}

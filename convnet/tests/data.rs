@@ -522,24 +522,39 @@ fn loader_is_deterministic_complete_and_shards() {
         .len(),
         4
     );
-    let r0 = collect(
-        LoaderConfig {
-            world_size: 2,
-            rank: 0,
-            ..cfg
-        },
-        0,
-    );
-    let r1 = collect(
-        LoaderConfig {
-            world_size: 2,
-            rank: 1,
-            ..cfg
-        },
-        0,
-    );
-    assert_eq!(r0.len() + r1.len(), 5);
-    assert_eq!(r1[0].0, a[1].0);
+    // Data-parallel ranks: every rank takes a slice of every batch, and the slices put
+    // together are the one-process batch (same images, same augmentation), for any number
+    // of ranks, including more ranks than the short last batch has images.
+    for ranks in [2, 3, 4] {
+        let slices: Vec<_> = (0..ranks)
+            .map(|rank| {
+                collect(
+                    LoaderConfig {
+                        world_size: ranks,
+                        rank,
+                        ..cfg
+                    },
+                    0,
+                )
+            })
+            .collect();
+        for (step, whole) in a.iter().enumerate() {
+            let mut joined = (Vec::new(), Vec::new());
+            for s in &slices {
+                assert_eq!(
+                    s.len(),
+                    a.len(),
+                    "{ranks} ranks: one slice per step on every rank"
+                );
+                joined.0.extend_from_slice(&s[step].0);
+                joined.1.extend_from_slice(&s[step].1);
+            }
+            assert_eq!(
+                &joined, whole,
+                "{ranks} ranks, step {step}: the slices make the batch"
+            );
+        }
+    }
     assert!(DataLoader::new(
         ds.clone(),
         t.clone(),
