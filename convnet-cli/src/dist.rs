@@ -4,8 +4,11 @@
 //! settings and data, choosing threads and GPUs per rank, and ending every rank on an error.
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
-use convnet::dist::{launcher_world_size, Communicator, DataParallelOptions, SingleProcess};
+use clap::{Args, ValueEnum};
+use convnet::dist::{
+    launcher_world_size, Communicator, DataParallel, DataParallelOptions, SingleProcess,
+};
+use convnet::Device;
 use std::sync::Arc;
 
 /// The communicator of this process.
@@ -39,6 +42,17 @@ fn join_mpi(n: usize) -> Result<Ranks> {
     )
 }
 
+/// What carries the gradients of GPU ranks.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DistBackend {
+    /// NCCL between the GPUs when this convnet has it and NCCL loads, else host MPI.
+    Auto,
+    /// Through host memory and MPI.
+    Mpi,
+    /// NCCL between the GPUs (build with `--features nccl`).
+    Nccl,
+}
+
 /// How ranks share the work of a training step (train and bench).
 #[derive(Args, Debug, Clone, Copy)]
 pub struct DistArgs {
@@ -54,6 +68,9 @@ pub struct DistArgs {
     /// overlapping it (to measure what the overlap buys).
     #[arg(long)]
     pub no_overlap: bool,
+    /// Under mpirun with --device cuda: how gradients travel between the GPUs.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dist_backend: DistBackend,
 }
 
 impl DistArgs {
@@ -82,6 +99,52 @@ impl DistArgs {
             overlap: !self.no_overlap,
             sync_batch_norm: self.sync_bn,
             ..Default::default()
+        }
+    }
+}
+
+impl DistArgs {
+    /// Sets up how `dp` reduces the gradients of a model on `device`: NCCL between GPUs
+    /// when asked (or, with `auto`, when available), otherwise host buffers and MPI. Every
+    /// rank calls it (setting NCCL up is collective).
+    pub fn set_up_gpu_reduction(
+        &self,
+        dp: &mut DataParallel,
+        device: Device,
+        lead: bool,
+    ) -> Result<()> {
+        let gpu = match (device, self.dist_backend) {
+            (Device::Cpu, DistBackend::Nccl) => {
+                bail!(
+                    "--dist-backend nccl reduces gradients between GPUs: train with --device cuda"
+                )
+            }
+            (Device::Cpu, _) | (Device::Cuda(_), DistBackend::Mpi) => return Ok(()),
+            (Device::Cuda(n), _) => n,
+        };
+        #[cfg(feature = "nccl")]
+        {
+            let emulated = cfg!(feature = "cuda-emulator") && gpu == 1000;
+            match (dp.use_nccl(gpu), self.dist_backend) {
+                (Ok(()), _) => Ok(()),
+                (Err(e), DistBackend::Nccl) => {
+                    Err(e).context("--dist-backend nccl: cannot set NCCL up")
+                }
+                (Err(e), _) => {
+                    if lead && !emulated {
+                        eprintln!("note: gradients go through host memory and MPI: {e}");
+                    }
+                    Ok(())
+                }
+            }
+        }
+        #[cfg(not(feature = "nccl"))]
+        {
+            let _ = (dp, gpu, lead);
+            if self.dist_backend == DistBackend::Nccl {
+                bail!("--dist-backend nccl: this convnet was built without NCCL; rebuild with `cargo build --release -p convnet-cli --features nccl`");
+            }
+            Ok(())
         }
     }
 }

@@ -4,7 +4,8 @@
 
 use crate::common::{check_device, open_data, set_threads};
 use crate::dist::{
-    check_same_everywhere, device_spec, read_on_rank0, threads_per_rank, DistArgs, Ranks,
+    check_same_everywhere, device_spec, read_on_rank0, threads_per_rank, DistArgs, DistBackend,
+    Ranks,
 };
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -229,7 +230,11 @@ impl Resumed {
             now.tf32,
             now.precision,
         );
-        (a.dist.bucket_mb, a.dist.no_overlap) = (now.dist.bucket_mb, now.dist.no_overlap);
+        (a.dist.bucket_mb, a.dist.no_overlap, a.dist.dist_backend) = (
+            now.dist.bucket_mb,
+            now.dist.no_overlap,
+            now.dist.dist_backend,
+        );
         a.out = Some(now.out.unwrap_or(self.dir.clone()));
         a.resume = Some(self.dir.clone());
         a
@@ -400,6 +405,12 @@ pub fn run(a: TrainArgs, ranks: &Ranks) -> Result<()> {
         );
         facts.insert("epochs".into(), a.epochs.into());
         facts.insert("stop_after".into(), a.stop_after.into());
+        // Ranks must cut their gradients into the same buckets.
+        facts.insert("bucket_mb".into(), a.dist.bucket_mb.into());
+        facts.insert(
+            "dist_backend".into(),
+            format!("{:?}", a.dist.dist_backend).into(),
+        );
     }
     check_same_everywhere(ranks, &facts)?;
     let model = spec.build(data.shape, data.classes.len())?;
@@ -446,6 +457,9 @@ pub fn run(a: TrainArgs, ranks: &Ranks) -> Result<()> {
     }
     if ranks.size() > 1 {
         trainer.distribute(ranks.clone(), a.dist.options())?;
+        if let Some(dp) = trainer.data_parallel_mut() {
+            a.dist.set_up_gpu_reduction(dp, device, lead)?;
+        }
     }
     if lead && !a.json {
         println!(
@@ -654,6 +668,7 @@ impl SavedRun {
                 sync_bn: self.sync_bn,
                 bucket_mb: 25.0,
                 no_overlap: false,
+                dist_backend: DistBackend::Auto,
             },
         }
     }

@@ -533,3 +533,72 @@ fn a_killed_rank_ends_the_job_and_the_checkpoint_survives() {
     let r = last_json(&eval);
     assert!(r["accuracy"].as_f64().unwrap() > 0.0);
 }
+
+/// GPU ranks (here on the kernel emulator, `cuda:1000`) reduce their gradients through host
+/// memory and MPI: two ranks give one process's weights on the same device.
+#[cfg(feature = "cuda-emulator")]
+#[test]
+fn emulated_gpu_ranks_train_like_one_process_on_the_gpu() {
+    let args = [
+        "--device",
+        "cuda:1000",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--limit-train",
+        "256",
+        "--lr",
+        "1e-3",
+        "--dist-backend",
+        "mpi",
+    ];
+    let one = train("gpu1", 1, &args);
+    let many = train("gpu2", 2, &args);
+    assert_same_weights("2 ranks on the emulated GPU", &many, &one, 0);
+    // Synchronised batch norm has no GPU kernels yet: refused with the reason.
+    let out = convnet(
+        2,
+        &[
+            "train",
+            "--model",
+            "resnet20",
+            "--device",
+            "cuda:1000",
+            "--sync-bn",
+            "--epochs",
+            "1",
+            "--limit-train",
+            "64",
+        ],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("synchronised batch norm runs on the CPU only"),
+        "{stderr}"
+    );
+}
+
+/// NCCL is for GPUs: asking for it on the CPU (or in a build without it) says so.
+#[test]
+fn nccl_without_a_gpu_or_without_nccl_support_is_refused() {
+    let out = convnet(
+        2,
+        &[
+            "train",
+            "--epochs",
+            "1",
+            "--limit-train",
+            "64",
+            "--dist-backend",
+            "nccl",
+        ],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--dist-backend nccl") && stderr.contains("--device cuda"),
+        "{stderr}"
+    );
+}

@@ -410,6 +410,12 @@ impl Trainer {
         self.dist.as_ref()
     }
 
+    /// The data-parallel state, to change how gradients travel (e.g.
+    /// [`DataParallel::use_nccl`] with the `nccl` feature).
+    pub fn data_parallel_mut(&mut self) -> Option<&mut DataParallel> {
+        self.dist.as_mut()
+    }
+
     /// The communicator of the ranks (a single process when not distributed).
     pub fn communicator(&self) -> std::sync::Arc<dyn Communicator> {
         match &self.dist {

@@ -95,6 +95,9 @@ struct Bucket {
     /// Members whose gradient is in `send` this step.
     ready: usize,
     pending: Option<Box<dyn PendingReduce>>,
+    /// With NCCL: the members' gradients on the GPU, averaged in place there.
+    #[cfg(feature = "nccl")]
+    on_gpu: Vec<Option<Tensor>>,
 }
 
 /// Data-parallel training of one model over the ranks of a [`Communicator`].
@@ -126,6 +129,9 @@ pub struct DataParallel {
     first_order: Option<Vec<usize>>,
     sync: Option<Arc<SyncGroup>>,
     stats: CommStats,
+    /// GPU gradients averaged by NCCL instead of through host buffers.
+    #[cfg(feature = "nccl")]
+    nccl: Option<super::nccl::NcclGradients>,
 }
 
 impl DataParallel {
@@ -170,6 +176,8 @@ impl DataParallel {
             first_order: None,
             sync,
             stats: CommStats::default(),
+            #[cfg(feature = "nccl")]
+            nccl: None,
         };
         let reverse: Vec<usize> = (0..dp.params.len()).rev().collect();
         dp.make_buckets(&reverse);
@@ -246,6 +254,8 @@ impl DataParallel {
                     len += self.params[p].1.numel();
                 }
                 Bucket {
+                    #[cfg(feature = "nccl")]
+                    on_gpu: vec![None; members.len()],
                     members,
                     offsets,
                     send: vec![0.0; len],
@@ -257,6 +267,15 @@ impl DataParallel {
             .collect();
         self.stats.bytes_per_step = 4 * self.params.iter().map(|(_, t)| t.numel()).sum::<usize>();
         self.stats.buckets = self.buckets.len();
+    }
+
+    /// Averages the gradients of a model on GPU `gpu` with NCCL between the ranks' GPUs,
+    /// in place on the device, instead of copying them through host buffers and MPI.
+    /// Collective: every rank must call it (see [`super::nccl::NcclGradients::new`]).
+    #[cfg(feature = "nccl")]
+    pub fn use_nccl(&mut self, gpu: usize) -> Result<()> {
+        self.nccl = Some(super::nccl::NcclGradients::new(self.comm.as_ref(), gpu)?);
+        Ok(())
     }
 
     /// Copies rank 0's buffers (BatchNorm running statistics and counters) to every rank.
@@ -368,6 +387,18 @@ impl DataParallel {
 
     /// Starts bucket `b`'s reduction.
     fn launch(&mut self, b: usize) -> Result<()> {
+        #[cfg(feature = "nccl")]
+        if let Some(nccl) = &self.nccl {
+            let held = &self.buckets[b].on_gpu;
+            if held.iter().all(Option::is_some) {
+                let buffers = held
+                    .iter()
+                    .flatten()
+                    .map(|t| Ok((t.cuda_ptr("NCCL all-reduce")?, t.numel())))
+                    .collect::<Result<Vec<_>>>()?;
+                return nccl.average(&buffers);
+            }
+        }
         let bucket = &mut self.buckets[b];
         let (send, recv) = (
             std::mem::take(&mut bucket.send),
@@ -380,6 +411,12 @@ impl DataParallel {
     /// Waits for bucket `b` and writes its averages into `grads`.
     fn finish(&mut self, b: usize, grads: &mut GradStore) -> Result<()> {
         let bucket = &mut self.buckets[b];
+        #[cfg(feature = "nccl")]
+        if bucket.on_gpu.iter().any(Option::is_some) {
+            // Averaged in place on the GPUs, in stream order before the optimizer's kernels.
+            bucket.on_gpu.iter_mut().for_each(|t| *t = None);
+            return Ok(());
+        }
         let pending = bucket
             .pending
             .take()
@@ -418,18 +455,20 @@ impl BackwardHooks for Step<'_> {
         let start = Instant::now();
         let ranks = self.dp.comm.size() as f32;
         let bucket = &mut self.dp.buckets[b];
-        let off = bucket.offsets[i];
-        let dst = &mut bucket.send[off..off + grad.numel()];
-        let mut divide = |g: &[f32]| {
-            for (d, &v) in dst.iter_mut().zip(g) {
-                *d = v / ranks;
+        #[cfg(feature = "nccl")]
+        let on_gpu = self.dp.nccl.is_some() && grad.device() != Device::Cpu;
+        #[cfg(not(feature = "nccl"))]
+        let on_gpu = false;
+        if on_gpu {
+            #[cfg(feature = "nccl")]
+            {
+                bucket.on_gpu[i] = Some(grad.clone());
             }
-        };
-        match grad.device() {
-            Device::Cpu => grad.with_data(divide),
-            Device::Cuda(_) => divide(&grad.try_to_vec()?),
+        } else {
+            Self::stage(bucket, i, grad, ranks)?;
         }
         bucket.ready += 1;
+
         self.order.push(bucket.members[i]);
         if self.dp.opts.overlap {
             while self.launched < self.dp.buckets.len()
@@ -449,6 +488,25 @@ impl BackwardHooks for Step<'_> {
             if let Some(p) = b.pending.as_mut() {
                 p.test()?;
             }
+        }
+        Ok(())
+    }
+}
+
+impl Step<'_> {
+    /// Writes member `i`'s gradient, divided by the number of ranks, into the bucket's
+    /// host buffer (from a GPU through a copy).
+    fn stage(bucket: &mut Bucket, i: usize, grad: &Tensor, ranks: f32) -> Result<()> {
+        let off = bucket.offsets[i];
+        let dst = &mut bucket.send[off..off + grad.numel()];
+        let mut divide = |g: &[f32]| {
+            for (d, &v) in dst.iter_mut().zip(g) {
+                *d = v / ranks;
+            }
+        };
+        match grad.device() {
+            Device::Cpu => grad.with_data(divide),
+            Device::Cuda(_) => divide(&grad.try_to_vec()?),
         }
         Ok(())
     }

@@ -24,6 +24,8 @@ mod data_parallel;
 mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub(crate) mod sync_bn;
 
 pub use data_parallel::{CommStats, DataParallel, DataParallelOptions, DEFAULT_BUCKET_BYTES};

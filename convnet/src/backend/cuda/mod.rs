@@ -37,6 +37,8 @@ mod conv;
 pub mod emulator;
 pub(crate) mod general;
 pub mod kernels;
+#[cfg(feature = "nccl")]
+pub(crate) mod nccl;
 pub(crate) mod ops;
 pub(crate) mod optim;
 pub(crate) mod runtime;

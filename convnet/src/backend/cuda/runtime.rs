@@ -533,6 +533,17 @@ impl Runtime {
         Ok(buffer)
     }
 
+    /// The raw handle of the GPU's one stream, for libraries that queue work on it (NCCL);
+    /// `None` on the emulator.
+    #[cfg(feature = "nccl")]
+    pub(crate) fn cu_stream(&self) -> Option<*mut std::ffi::c_void> {
+        match &self.kind {
+            Kind::Gpu(gpu) => Some(gpu.stream.cu_stream() as *mut std::ffi::c_void),
+            #[cfg(any(test, feature = "cuda-emulator"))]
+            Kind::Emulated(_) => None,
+        }
+    }
+
     /// Lets convolutions use TF32 tensor cores (10-bit mantissa products, float32 sums) or
     /// not; plans made under the other setting are dropped. No effect on the emulator.
     pub(crate) fn set_tf32(&mut self, on: bool) {
