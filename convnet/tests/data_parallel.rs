@@ -318,6 +318,13 @@ fn check_against_fixture(case: &str, rank: usize, losses: &[f32], state: &[(Stri
         ATOL,
     );
     if rank != 0 {
+        // Rank 1's running statistics (rank 0's broadcast before each step, then its own
+        // slice's; with SyncBN the global batch's).
+        for (name, t) in state {
+            if let Some(e) = fx.try_tensor(case, &format!("rank1.{name}")) {
+                assert_tensor_close(&format!("{case} rank {rank} {name}"), t, &e, RTOL, ATOL);
+            }
+        }
         return;
     }
     for (name, t) in state {

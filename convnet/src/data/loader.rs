@@ -174,9 +174,14 @@ impl DataLoader {
     /// # Ok::<(), convnet::Error>(())
     /// ```
     pub fn batches(&self, epoch: usize) -> Vec<Vec<usize>> {
+        self.slices(epoch).into_iter().map(|(b, _)| b).collect()
+    }
+
+    /// This rank's slice of every global batch of `epoch`, with the global batch's size.
+    fn slices(&self, epoch: usize) -> Vec<(Vec<usize>, usize)> {
         self.global_batches(epoch)
-            .iter()
-            .map(|b| b[self.slice_of(b.len())].to_vec())
+            .into_iter()
+            .map(|b| (b[self.slice_of(b.len())].to_vec(), b.len()))
             .collect()
     }
 
