@@ -144,6 +144,30 @@ fn assert_same_weights(what: &str, a: &Path, b: &Path, outliers: usize) {
     );
 }
 
+/// Trains one epoch with `args` once in one process and once on each `(ranks, global
+/// batch, images)`, and compares the weights (see [`assert_same_weights`]).
+fn train_like_one_process(
+    tag: &str,
+    cases: &[(usize, &str, &str)],
+    args: &[&str],
+    outliers: usize,
+) {
+    for &(ranks, batch, images) in cases {
+        let mut all = vec![
+            "--epochs",
+            "1",
+            "--batch-size",
+            batch,
+            "--limit-train",
+            images,
+        ];
+        all.extend_from_slice(args);
+        let one = train(&format!("{tag}1-{ranks}"), 1, &all);
+        let many = train(&format!("{tag}n-{ranks}"), ranks, &all);
+        assert_same_weights(&format!("{tag}, {ranks} ranks"), &many, &one, outliers);
+    }
+}
+
 /// SGD with momentum: 2 ranks (20 steps of 64) and 3 ranks with a global batch of 48 and
 /// a short last batch of 40 (slices of 14, 13, 13) give one process's weights.
 ///
@@ -153,45 +177,23 @@ fn assert_same_weights(what: &str, a: &Path, b: &Path, outliers: usize) {
 /// tolerance), and at 3e-3 three ranks do; at 1e-3 all agree to 1e-10.
 #[test]
 fn ranks_train_seed_cnn_like_one_process_with_sgd() {
-    for (ranks, batch, images) in [(2, "64", "1280"), (3, "48", "1000")] {
-        let args = [
-            "--epochs",
-            "1",
-            "--batch-size",
-            batch,
-            "--limit-train",
-            images,
-            "--lr",
-            "1e-3",
-        ];
-        let one = train(&format!("sgd1-{ranks}"), 1, &args);
-        let many = train(&format!("sgdn-{ranks}"), ranks, &args);
-        assert_same_weights(&format!("SGD, {ranks} ranks"), &many, &one, 0);
-    }
+    let cases = [(2, "64", "1280"), (3, "48", "1000")];
+    train_like_one_process("sgd", &cases, &["--lr", "1e-3"], 0);
 }
 
 /// AdamW: the same, with at most a handful of Adam's near-zero-gradient weights apart.
 #[test]
 fn ranks_train_seed_cnn_like_one_process_with_adamw() {
-    for (ranks, batch, images) in [(2, "64", "1280"), (3, "48", "960")] {
-        let args = [
-            "--epochs",
-            "1",
-            "--batch-size",
-            batch,
-            "--limit-train",
-            images,
-            "--optimizer",
-            "adamw",
-            "--lr",
-            "1e-4",
-            "--weight-decay",
-            "0.01",
-        ];
-        let one = train(&format!("adamw1-{ranks}"), 1, &args);
-        let many = train(&format!("adamwn-{ranks}"), ranks, &args);
-        assert_same_weights(&format!("AdamW, {ranks} ranks"), &many, &one, 10);
-    }
+    let cases = [(2, "64", "1280"), (3, "48", "960")];
+    let args = [
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "1e-4",
+        "--weight-decay",
+        "0.01",
+    ];
+    train_like_one_process("adamw", &cases, &args, 10);
 }
 
 /// resnet20 with synchronised batch norm: ten steps on 2 ranks give one process's weights

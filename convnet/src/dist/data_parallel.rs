@@ -125,8 +125,9 @@ pub struct DataParallel {
     /// Parameter -> (bucket, member position).
     slot: HashMap<TensorId, (usize, usize)>,
     buckets: Vec<Bucket>,
-    /// The order the first backward pass completed the parameters in.
-    first_order: Option<Vec<usize>>,
+    /// Whether the buckets follow the order the first backward pass completed the
+    /// parameters in.
+    rebuilt: bool,
     sync: Option<Arc<SyncGroup>>,
     stats: CommStats,
     /// GPU gradients averaged by NCCL instead of through host buffers.
@@ -173,7 +174,7 @@ impl DataParallel {
             buffers,
             slot: HashMap::new(),
             buckets: Vec::new(),
-            first_order: None,
+            rebuilt: false,
             sync,
             stats: CommStats::default(),
             #[cfg(feature = "nccl")]
@@ -377,10 +378,10 @@ impl DataParallel {
         }
         self.stats.wait_seconds += start.elapsed().as_secs_f64();
         self.stats.steps += 1;
-        if self.first_order.is_none() && order.len() == self.params.len() {
+        if !self.rebuilt && order.len() == self.params.len() {
             // Later steps group the parameters in the order backward completes them.
             self.make_buckets(&order);
-            self.first_order = Some(order);
+            self.rebuilt = true;
         }
         Ok(grads)
     }

@@ -32,7 +32,6 @@ pub use data_parallel::{CommStats, DataParallel, DataParallelOptions, DEFAULT_BU
 pub use local::ThreadRanks;
 
 use crate::error::Result;
-use std::sync::Arc;
 
 /// Independent streams of collective operations. Each is ordered on its own, so gradient
 /// buckets in flight never have to be matched against batch-norm statistics or metrics.
@@ -169,6 +168,3 @@ pub fn launcher_world_size() -> Option<usize> {
         .iter()
         .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
 }
-
-/// A shared communicator.
-pub type SharedCommunicator = Arc<dyn Communicator>;
