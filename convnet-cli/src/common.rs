@@ -142,8 +142,18 @@ fn fresh_meta(spec: &ModelSpec, input: [usize; 3], classes: Vec<String>) -> Chec
     }
 }
 
-/// Loads a model from a checkpoint or from `--model NAME --weights FILE`.
+/// Loads a model from a checkpoint or from `--model NAME --weights FILE`, refusing
+/// weights that are not finite.
 pub fn load_model(src: &ModelSource) -> Result<Loaded> {
+    let loaded = load_any_model(src)?;
+    loaded
+        .model
+        .check_finite()
+        .with_context(|| format!("{} cannot be used", loaded.source.display()))?;
+    Ok(loaded)
+}
+
+fn load_any_model(src: &ModelSource) -> Result<Loaded> {
     if let Some(name) = src.pretrained {
         let (tensors, meta) = crate::pretrained::load(name)?;
         return from_checkpoint(&tensors, meta, PathBuf::from(format!("pretrained {name}")));

@@ -8,9 +8,11 @@ mod dist;
 mod eval;
 mod export;
 mod pretrained;
+mod run_folder;
 mod train;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
 // Training allocates and frees large activation buffers every step; mimalloc keeps them
@@ -53,7 +55,18 @@ fn main() -> ExitCode {
     // the step time.
     // SAFETY: setting a documented allocator option before any concurrency starts.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // The arguments given on the command line (a resumed run keeps its others).
+    let explicit: Vec<String> = matches
+        .subcommand()
+        .map(|(_, m)| {
+            m.ids()
+                .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+                .map(|id| id.to_string())
+                .collect()
+        })
+        .unwrap_or_default();
     // Under an MPI launcher: this process is one rank of the job (see dist.rs).
     let ranks = match dist::init() {
         Ok(r) => r,
@@ -63,7 +76,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Train(a) => train::run(*a, &ranks),
+        Command::Train(a) => train::run(*a, &explicit, &ranks),
         Command::Eval(a) => eval::run_eval(a, &ranks),
         Command::Bench(a) => bench::run(a, &ranks),
         _ if ranks.size() > 1 => Err(anyhow::anyhow!(

@@ -7,18 +7,20 @@ use crate::dist::{
     check_same_everywhere, device_spec, read_on_rank0, threads_per_rank, DistArgs, DistBackend,
     Ranks,
 };
+use crate::run_folder::{RunFolder, RUN_KEY};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use convnet::checkpoint::{checkpoint_from_bytes, save_checkpoint, CheckpointMeta};
+use convnet::checkpoint::{checkpoint_from_bytes, CheckpointMeta};
 use convnet::data::{
     Augment, DataLoader, FolderOptions, ImageDataset, LoaderConfig, Normalize, Transform,
 };
 use convnet::model_file::ModelFile;
 use convnet::models::ModelSpec;
-use convnet::train::{evaluate_distributed, OptimizerKind, ScheduleKind, TrainConfig, Trainer};
+use convnet::train::{
+    evaluate_distributed, state_has_weights, OptimizerKind, ScheduleKind, TrainConfig, Trainer,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -178,23 +180,38 @@ fn default_out(model: &str) -> PathBuf {
     PathBuf::from("runs").join(format!("{model}-{secs}"))
 }
 
-fn append_line(path: &Path, line: &str) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    writeln!(f, "{line}").with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// The run being continued with `--resume DIR`: its settings, checkpoint and training state,
-/// as rank 0 read them (every rank gets the same bytes).
+/// The run being continued with `--resume DIR`: its settings and training state as rank 0
+/// read them (every rank gets the same bytes), and the checkpoint for states of older
+/// versions, which do not hold the weights.
 struct Resumed {
     dir: PathBuf,
     saved: SavedRun,
-    checkpoint: Vec<u8>,
     state: Vec<u8>,
+    /// Epochs the state has completed.
+    epoch: usize,
+    meta: HashMap<String, String>,
+    checkpoint: Option<Vec<u8>>,
 }
+
+/// Settings that say how an invocation computes or reports, not what it computes: a
+/// resumed run takes them from the command line.
+const INVOCATION_SETTINGS: [&str; 15] = [
+    "device",
+    "threads",
+    "cuda_graph",
+    "tf32",
+    "precision",
+    "bucket_mb",
+    "no_overlap",
+    "dist_backend",
+    "stop_after",
+    "no_cache",
+    "json",
+    "out",
+    "resume",
+    "epochs",
+    "model",
+];
 
 impl Resumed {
     fn read(dir: &Path, ranks: &Ranks) -> Result<Resumed> {
@@ -202,63 +219,131 @@ impl Resumed {
         let state = read_on_rank0(ranks, &state_path).with_context(|| {
             format!("--resume {}: no training state to continue", dir.display())
         })?;
-        let (_, meta) = convnet::checkpoint::tensors_from_bytes(&state_path, &state)?;
+        let (tensors, meta) = convnet::checkpoint::tensors_from_bytes(&state_path, &state)?;
         let saved: serde_json::Value = serde_json::from_str(
-            meta.get("run")
+            meta.get(RUN_KEY)
                 .context("training state has no run settings")?,
         )?;
         let saved = serde_json::from_value::<SavedRun>(saved)
             .context("training state has unreadable run settings")?;
-        let checkpoint = read_on_rank0(ranks, &dir.join("model.safetensors"))?;
+        let epoch = meta
+            .get("epoch")
+            .and_then(|e| e.parse().ok())
+            .context("training state has no epoch")?;
+        let checkpoint = match state_has_weights(&tensors) {
+            true => None,
+            false => Some(read_on_rank0(ranks, &dir.join("model.safetensors"))?),
+        };
         Ok(Resumed {
             dir: dir.to_path_buf(),
             saved,
-            checkpoint,
             state,
+            epoch,
+            meta,
+            checkpoint,
         })
     }
 
-    /// The arguments of the resumed run: its saved settings; `--epochs` may extend it, and
-    /// how this invocation computes (device, threads, graphs, precision, communication) and
-    /// reports is its own choice.
-    fn args(&self, now: TrainArgs) -> TrainArgs {
-        let mut a = self.saved.clone().into_args(now.epochs, now.json);
-        (a.device, a.threads, a.cuda_graph, a.tf32, a.precision) = (
-            now.device,
-            now.threads,
-            now.cuda_graph,
-            now.tf32,
-            now.precision,
-        );
+    /// The arguments of the resumed run: its saved settings, with how this invocation
+    /// computes and reports (device, threads, ...) taken from `now`. A run-defining flag
+    /// given on the command line (`explicit`) must agree with the saved run, except
+    /// `--epochs`, which may extend a run with a constant learning rate. Returns the
+    /// arguments and what the command line changed.
+    fn args(&self, now: TrainArgs, explicit: &[String]) -> Result<(TrainArgs, Vec<String>)> {
+        let saved_epochs = self.saved.epochs.unwrap_or(now.epochs);
+        let mut a = self.saved.clone().into_args(saved_epochs, now.json);
+        // The run's device and threads unless this invocation names others.
+        let given = |id: &str| explicit.iter().any(|e| e == id);
+        if given("device") {
+            a.device = now.device.clone();
+        }
+        if given("threads") {
+            a.threads = now.threads;
+        }
+        (a.cuda_graph, a.tf32, a.precision) = (now.cuda_graph, now.tf32, now.precision);
         (a.dist.bucket_mb, a.dist.no_overlap, a.dist.dist_backend) = (
             now.dist.bucket_mb,
             now.dist.no_overlap,
             now.dist.dist_backend,
         );
-        a.out = Some(now.out.unwrap_or(self.dir.clone()));
+        (a.stop_after, a.no_cache) = (now.stop_after, now.no_cache);
+        a.out = Some(now.out.clone().unwrap_or(self.dir.clone()));
         a.resume = Some(self.dir.clone());
-        a
+        let flag = |id: &str| format!("--{}", id.replace('_', "-"));
+        let mut changes = Vec::new();
+        let given = SavedRun::from_args(
+            &now,
+            &ModelSpec::from_checkpoint(&self.saved.model, self.saved.model_spec.as_deref())?,
+        );
+        for id in explicit {
+            match id.as_str() {
+                "epochs" if now.epochs != a.epochs => {
+                    if now.epochs <= self.epoch {
+                        bail!(
+                            "{} --epochs {}: the run has already completed {} epochs",
+                            flag("resume"),
+                            now.epochs,
+                            self.epoch
+                        );
+                    }
+                    if a.schedule != SchedArg::Constant {
+                        bail!(
+                            "--epochs {} would change the run's {} learning-rate schedule, planned over {} epochs, after {} of them were trained with it; a resumed run continues as it was started (start a new run to train longer)",
+                            now.epochs, self.saved.schedule, a.epochs, self.epoch
+                        );
+                    }
+                    changes.push(format!("--epochs {} -> {}", a.epochs, now.epochs));
+                    a.epochs = now.epochs;
+                }
+                "model" | "model_file"
+                    if now.model != self.saved.model || now.model_file.is_some() =>
+                {
+                    bail!(
+                        "{}: the model of a resumed run is the run's own ({}); leave out {}",
+                        self.dir.display(),
+                        self.saved.model,
+                        flag(id)
+                    );
+                }
+                id if INVOCATION_SETTINGS.contains(&id) => {}
+                id => {
+                    let (mine, theirs) = (given.setting(id), self.saved.setting(id));
+                    if mine.is_some() && mine != theirs {
+                        bail!(
+                            "{} {} differs from the run's {}: a resumed run continues as it was started (leave the flag out, or start a new run with another --out)",
+                            flag(id),
+                            mine.map_or("?".into(), |v| v.to_string()),
+                            theirs.map_or("none".into(), |v| v.to_string())
+                        );
+                    }
+                }
+            }
+        }
+        Ok((a, changes))
     }
 
-    /// Loads the checkpoint and training state into `trainer`.
+    /// Loads the training state (and, for states of older versions, the checkpoint's
+    /// weights) into `trainer`.
     fn restore(&self, trainer: &mut Trainer, a: &TrainArgs, shape: [usize; 3]) -> Result<()> {
-        let ckpt_path = self.dir.join("model.safetensors");
-        let (tensors, meta) = checkpoint_from_bytes(&ckpt_path, &self.checkpoint)?;
-        if meta.architecture != a.model || meta.input_shape != shape {
-            bail!(
-                "{}: checkpoint is {} for {:?} but the run is {} for {:?}",
-                self.dir.display(),
-                meta.architecture,
-                meta.input_shape,
-                a.model,
-                shape
-            );
+        if let Some(bytes) = &self.checkpoint {
+            let ckpt_path = self.dir.join("model.safetensors");
+            let (tensors, meta) = checkpoint_from_bytes(&ckpt_path, bytes)?;
+            if meta.architecture != a.model || meta.input_shape != shape {
+                bail!(
+                    "{}: checkpoint is {} for {:?} but the run is {} for {:?}",
+                    self.dir.display(),
+                    meta.architecture,
+                    meta.input_shape,
+                    a.model,
+                    shape
+                );
+            }
+            if meta.epoch != self.epoch {
+                bail!("{}: the checkpoint (epoch {}) and the training state (epoch {}) disagree; the run was interrupted while saving", self.dir.display(), meta.epoch, self.epoch);
+            }
+            trainer.model().load_state_dict(&tensors, true)?;
         }
-        trainer.model().load_state_dict(&tensors, true)?;
         trainer.load_state_from_bytes(&self.dir.join("train_state.safetensors"), &self.state)?;
-        if meta.epoch != trainer.epoch() {
-            bail!("{}: the checkpoint (epoch {}) and the training state (epoch {}) disagree; the run was interrupted while saving", self.dir.display(), meta.epoch, trainer.epoch());
-        }
         Ok(())
     }
 }
@@ -315,41 +400,16 @@ impl RunData {
     }
 }
 
-/// Where a run writes: `model.safetensors`, `train_state.safetensors`, `metrics.jsonl`.
-struct RunFolder {
-    checkpoint: PathBuf,
-    state: PathBuf,
-    metrics: PathBuf,
-}
-
-impl RunFolder {
-    /// The folder of the run (made by rank 0, the only rank that writes); a new run refuses
-    /// a folder that already holds a checkpoint.
-    fn prepare(out: &Path, resuming: bool, lead: bool) -> Result<RunFolder> {
-        let folder = RunFolder {
-            checkpoint: out.join("model.safetensors"),
-            state: out.join("train_state.safetensors"),
-            metrics: out.join("metrics.jsonl"),
-        };
-        if lead {
-            std::fs::create_dir_all(out)
-                .with_context(|| format!("cannot create {}", out.display()))?;
-            if !resuming && folder.checkpoint.exists() {
-                bail!(
-                    "{} already holds a checkpoint; continue it with --resume {} or choose another --out",
-                    out.display(),
-                    out.display()
-                );
-            }
-        }
-        Ok(folder)
-    }
-}
-
 /// Checks the arguments that need no data.
 fn check_args(a: &TrainArgs, ranks: &Ranks) -> Result<()> {
     if a.epochs == 0 || a.batch_size == 0 {
         bail!("--epochs and --batch-size must be positive");
+    }
+    if !(0.0..=1.0).contains(&a.label_smoothing) {
+        bail!(
+            "--label-smoothing must be in [0, 1], got {}",
+            a.label_smoothing
+        );
     }
     a.dist.check(a.batch_size, ranks)
 }
@@ -369,17 +429,18 @@ fn epoch_bar(lead: bool, epoch: usize, epochs: usize, batches: usize) -> Progres
     bar
 }
 
-pub fn run(a: TrainArgs, ranks: &Ranks) -> Result<()> {
+/// Trains as `a` says; `explicit` names the arguments given on the command line (a
+/// resumed run takes the others from the run it continues).
+pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
     // Only rank 0 prints, draws progress and writes files.
     let lead = ranks.rank() == 0;
-    // A resumed run takes its settings from the run it continues; --epochs may extend it.
     let resumed = match &a.resume {
         Some(dir) => Some(Resumed::read(dir, ranks)?),
         None => None,
     };
-    let mut a = match &resumed {
-        Some(r) => r.args(a),
-        None => a,
+    let (mut a, changes) = match &resumed {
+        Some(r) => r.args(a, explicit)?,
+        None => (a, Vec::new()),
     };
     check_args(&a, ranks)?;
     // The device and threads of this invocation (a resumed run may continue on others).
@@ -413,6 +474,7 @@ pub fn run(a: TrainArgs, ranks: &Ranks) -> Result<()> {
         );
     }
     check_same_everywhere(ranks, &facts)?;
+    let run_json = serde_json::to_string(&saved_run)?;
     let model = spec.build(data.shape, data.classes.len())?;
     let augment = a.augment.then_some(Augment {
         cutout: a.cutout,
@@ -440,20 +502,40 @@ pub fn run(a: TrainArgs, ranks: &Ranks) -> Result<()> {
         ranks.rank(),
         ranks.size(),
     )?;
-    let out = a.out.clone().unwrap_or_else(|| default_out(&a.model));
-    let folder = RunFolder::prepare(&out, resumed.is_some(), lead)?;
-
     let mut trainer = Trainer::new(model, cfg, train_loader.num_batches())?;
+    let out = a.out.clone().unwrap_or_else(|| default_out(&a.model));
+    let folder = RunFolder::open(&out, resumed.is_some(), lead)?;
+    let mut history = Vec::new();
     if let Some(r) = &resumed {
         r.restore(&mut trainer, &a, shape)?;
+        history = folder.history(&r.meta, r.epoch);
         if lead {
             eprintln!(
-                "resuming {} at epoch {} of {}",
+                "resuming {} at epoch {} of {}{}",
                 r.dir.display(),
                 trainer.epoch(),
-                a.epochs
+                a.epochs,
+                if changes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (changed: {})", changes.join(", "))
+                }
             );
         }
+    }
+    let meta = |trainer: &Trainer| CheckpointMeta {
+        architecture: a.model.clone(),
+        input_shape: shape,
+        classes: classes.clone(),
+        normalize: normalize.clone(),
+        epoch: trainer.epoch(),
+        step: trainer.step(),
+        model_spec: spec.model_spec(),
+    };
+    if lead {
+        // A new run is resumable from its first instant; a resumed one gets its checkpoint
+        // and metrics file rewritten from its state (a kill may have left them behind it).
+        folder.save(&trainer, &meta(&trainer), &run_json, &history)?;
     }
     if ranks.size() > 1 {
         trainer.distribute(ranks.clone(), a.dist.options())?;
@@ -483,7 +565,6 @@ pub fn run(a: TrainArgs, ranks: &Ranks) -> Result<()> {
             );
         }
     }
-    let run_json = serde_json::to_string(&saved_run)?;
     let mut last = None;
     let mut train_ips = Vec::new();
     let stop_at = a.stop_after.map_or(a.epochs, |s| s.min(a.epochs));
@@ -516,26 +597,12 @@ pub fn run(a: TrainArgs, ranks: &Ranks) -> Result<()> {
         let test = evaluate_distributed(trainer.model(), &test_loader, ranks.as_ref())?;
         train_ips.push(stats.images_per_sec);
         if lead {
-            let meta = CheckpointMeta {
-                architecture: a.model.clone(),
-                input_shape: shape,
-                classes: classes.clone(),
-                normalize: normalize.clone(),
-                epoch,
-                step: trainer.step(),
-                model_spec: spec.model_spec(),
-            };
-            trainer.save_state(
-                &folder.state,
-                &HashMap::from([("run".to_string(), run_json.clone())]),
-            )?;
-            save_checkpoint(&folder.checkpoint, &trainer.model().state_dict(), &meta)?;
-            let line = serde_json::json!({
+            history.push(serde_json::json!({
                 "epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                 "test_loss": test.loss, "test_accuracy": test.accuracy, "lr": stats.lr,
                 "seconds": stats.seconds, "train_images_per_sec": stats.images_per_sec,
-            });
-            append_line(&folder.metrics, &line.to_string())?;
+            }));
+            folder.save(&trainer, &meta(&trainer), &run_json, &history)?;
             println!(
                 "epoch {epoch:>3}/{}  train loss {:.4} acc {:6.2}%  test loss {:.4} acc {:6.2}%  lr {:.5}  {:.1}s ({:.0} img/s)",
                 a.epochs, stats.loss, 100.0 * stats.accuracy, test.loss, 100.0 * test.accuracy, stats.lr, stats.seconds, stats.images_per_sec
@@ -601,6 +668,12 @@ struct SavedRun {
     skip_bad_images: bool,
     #[serde(default)]
     sync_bn: bool,
+    /// Total epochs of the run (absent in states of older versions).
+    #[serde(default)]
+    epochs: Option<usize>,
+    /// The device it was started on (absent in states of older versions: the CPU).
+    #[serde(default)]
+    device: Option<String>,
 }
 
 impl SavedRun {
@@ -630,7 +703,14 @@ impl SavedRun {
             holdout: a.holdout,
             skip_bad_images: a.skip_bad_images,
             sync_bn: a.dist.sync_bn,
+            epochs: Some(a.epochs),
+            device: Some(a.device.clone()),
         }
+    }
+
+    /// The value of one setting, by its argument name (`batch_size`), as JSON.
+    fn setting(&self, name: &str) -> Option<serde_json::Value> {
+        serde_json::to_value(self).ok()?.get(name).cloned()
     }
 
     fn into_args(self, epochs: usize, json: bool) -> TrainArgs {
@@ -651,7 +731,7 @@ impl SavedRun {
             label_smoothing: self.label_smoothing,
             seed: self.seed,
             threads: self.threads,
-            device: "cpu".into(),
+            device: self.device.unwrap_or_else(|| "cpu".into()),
             cuda_graph: false,
             tf32: false,
             precision: PrecisionArg::F32,

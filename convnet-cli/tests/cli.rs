@@ -2,59 +2,11 @@
 //! margin, an interrupted run resumes to bit-identical weights, eval/predict report in JSON,
 //! and user mistakes end with a message and a non-zero status, never a panic.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn convnet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_convnet"))
-        .args(args)
-        .env(
-            "CONVNET_CACHE_DIR",
-            std::env::temp_dir().join(format!("convnet-cli-cache-{}", std::process::id())),
-        )
-        .output()
-        .expect("run convnet")
-}
-
-fn temp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("convnet-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn last_json(out: &Output) -> serde_json::Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "convnet failed: {}\n{}",
-        stdout,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().expect("output")).expect("last line is JSON")
-}
-
-fn fails_with(args: &[&str], needle: &str) {
-    let out = convnet(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} should fail");
-    assert!(
-        stderr.contains(needle),
-        "{args:?}: expected {needle:?} in: {stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
-}
-
-fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<(String, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.data().to_vec()))
-        .collect();
-    v.sort();
-    v
-}
+use common::{convnet, fails_with, last_json, temp, tensors};
+use std::path::Path;
+use std::process::Command;
 
 #[test]
 fn one_epoch_on_the_bundled_sample_beats_chance_and_the_checkpoint_evaluates() {

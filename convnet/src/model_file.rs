@@ -191,8 +191,16 @@ impl ModelFile {
         self.spec.to_string()
     }
 
-    /// Builds the network for inputs `[C, H, W]` and `num_classes` outputs.
+    /// Builds the network for inputs `[C, H, W]` and `num_classes` outputs; a layer that
+    /// would take the model past [`crate::nn::MAX_PARAMETERS`] parameters fails, named,
+    /// before it is allocated.
     pub fn build(&self, input: [usize; 3], num_classes: usize) -> Result<Model> {
+        crate::nn::with_parameter_limit(crate::nn::MAX_PARAMETERS, || {
+            self.build_layers(input, num_classes)
+        })
+    }
+
+    fn build_layers(&self, input: [usize; 3], num_classes: usize) -> Result<Model> {
         if let Some(n) = self.num_classes.filter(|&n| n != num_classes) {
             return Err(Error::Layer {
                 layer: self.name.clone(),

@@ -399,6 +399,17 @@ pub fn build(name: &str, input: [usize; 3], num_classes: usize) -> Result<Model>
         return Err(invalid("models::build", "num_classes must be positive"));
     }
     let arch = architecture(name)?;
+    crate::nn::with_parameter_limit(crate::nn::MAX_PARAMETERS, || {
+        build_arch(arch, name, input, num_classes)
+    })
+}
+
+fn build_arch(
+    arch: &Architecture,
+    name: &str,
+    input: [usize; 3],
+    num_classes: usize,
+) -> Result<Model> {
     match arch.name {
         "seed-cnn" => seed_cnn(input, num_classes),
         "lenet5" => lenet5(input, num_classes),
@@ -498,11 +509,31 @@ impl ModelSpec {
         }
     }
 
-    /// Builds the network for inputs `[C, H, W]` and `num_classes` outputs.
+    /// Builds the network for inputs `[C, H, W]` and `num_classes` outputs (at most
+    /// [`crate::nn::MAX_PARAMETERS`] parameters).
     pub fn build(&self, input: [usize; 3], num_classes: usize) -> Result<Model> {
         match self {
             ModelSpec::Zoo(a) => build(a.name, input, num_classes),
             ModelSpec::File(f) => f.build(input, num_classes),
         }
+    }
+
+    /// [`ModelSpec::build`] allowing at most `max_parameters` parameters and buffers: a
+    /// description that asks for more fails before allocating them.
+    ///
+    /// ```
+    /// use convnet::models::ModelSpec;
+    /// let spec = ModelSpec::zoo("resnet20")?;
+    /// assert!(spec.build_with_limit([3, 32, 32], 10, 1000).is_err());
+    /// assert!(spec.build_with_limit([3, 32, 32], 10, 1 << 20).is_ok());
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn build_with_limit(
+        &self,
+        input: [usize; 3],
+        num_classes: usize,
+        max_parameters: usize,
+    ) -> Result<Model> {
+        crate::nn::with_parameter_limit(max_parameters, || self.build(input, num_classes))
     }
 }

@@ -37,6 +37,17 @@ impl Shape {
         self.0.iter().product()
     }
 
+    /// Number of elements, or `None` when it does not fit in a `usize` (sizes read from
+    /// files and model descriptions are checked with this before anything is allocated).
+    ///
+    /// ```
+    /// assert_eq!(convnet::Shape::new([2, 3]).checked_numel(), Some(6));
+    /// assert_eq!(convnet::Shape::new([1 << 40, 1 << 40]).checked_numel(), None);
+    /// ```
+    pub fn checked_numel(&self) -> Option<usize> {
+        checked_numel(&self.0)
+    }
+
     /// Row-major (C-contiguous) strides of this shape.
     pub fn contiguous_strides(&self) -> Vec<usize> {
         let mut strides = vec![1; self.0.len()];
@@ -51,6 +62,11 @@ impl Shape {
         let idx = normalize_dim(d, self.rank()).ok()?;
         Some(self.0[idx])
     }
+}
+
+/// The product of `dims`, or `None` when it does not fit in a `usize`.
+pub fn checked_numel(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
 }
 
 /// Turns a possibly negative dimension index into `0..rank`.
@@ -106,7 +122,8 @@ impl<const N: usize> From<[usize; N]> for Shape {
 /// Output length of a convolution along one spatial axis, as `torch.nn.Conv2d` computes it:
 /// `floor((input + 2*padding - dilation*(kernel-1) - 1) / stride) + 1`.
 ///
-/// Returns `None` when the (dilated) kernel does not fit into the padded input.
+/// Returns `None` when the (dilated) kernel does not fit into the padded input (or the
+/// sizes are too large to compute with).
 ///
 /// ```
 /// assert_eq!(convnet::shape::conv_out_size(32, 3, 1, 1, 1), Some(32));
@@ -120,12 +137,26 @@ pub fn conv_out_size(
     padding: usize,
     dilation: usize,
 ) -> Option<usize> {
-    let span = dilation * (kernel - 1) + 1;
-    let padded = input + 2 * padding;
-    if kernel == 0 || stride == 0 || span > padded {
+    let (span, padded) = span_and_padded(input, kernel, padding, dilation)?;
+    if stride == 0 || span > padded {
         return None;
     }
     Some((padded - span) / stride + 1)
+}
+
+/// The dilated kernel's extent and the padded input's length, `None` for a zero kernel or
+/// sizes that overflow.
+fn span_and_padded(
+    input: usize,
+    kernel: usize,
+    padding: usize,
+    dilation: usize,
+) -> Option<(usize, usize)> {
+    let span = dilation
+        .checked_mul(kernel.checked_sub(1)?)?
+        .checked_add(1)?;
+    let padded = padding.checked_mul(2)?.checked_add(input)?;
+    Some((span, padded))
 }
 
 /// Output length of max/avg pooling along one axis, as PyTorch computes it, including
@@ -147,9 +178,8 @@ pub fn pool_out_size(
     dilation: usize,
     ceil_mode: bool,
 ) -> Option<usize> {
-    let span = dilation * (kernel.max(1) - 1) + 1;
-    let padded = input + 2 * padding;
-    if kernel == 0 || stride == 0 || span > padded {
+    let (span, padded) = span_and_padded(input, kernel, padding, dilation)?;
+    if stride == 0 || span > padded {
         return None;
     }
     let numer = padded - span;

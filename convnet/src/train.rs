@@ -219,6 +219,17 @@ fn count_correct(logits: &Tensor, labels: &[usize]) -> Result<usize> {
         .count())
 }
 
+/// Prefix of the model's tensors in a training state file.
+const STATE_MODEL_PREFIX: &str = "model/";
+
+/// Whether a training state file (as [`Trainer::save_state`] writes it) holds the model's
+/// weights (states of older versions hold only the optimizer's).
+pub fn state_has_weights(tensors: &[(String, Tensor)]) -> bool {
+    tensors
+        .iter()
+        .any(|(n, _)| n.starts_with(STATE_MODEL_PREFIX))
+}
+
 /// How often (in optimizer steps) training on a GPU brings its running loss and accuracy
 /// back to the host for progress reports and the divergence check: the rest of the time
 /// the host only queues work and never waits for the device.
@@ -553,6 +564,13 @@ impl Trainer {
             });
         }
         self.kept = sums.into_kept();
+        // Steps taken after the last loss was checked can still have broken the weights
+        // (an infinite learning rate, an overflowing update): never hand them on.
+        self.model.check_finite().map_err(|e| {
+            Error::State(format!(
+                "training diverged in epoch {epoch}: the weights are no longer finite ({e}); lower the learning rate (the last good checkpoint is kept)"
+            ))
+        })?;
         if let Some(dist) = &mut self.dist {
             // Every rank evaluates and checkpoints with rank 0's BatchNorm statistics.
             dist.broadcast_buffers()?;
@@ -652,10 +670,19 @@ impl Trainer {
         Ok(false)
     }
 
-    /// Saves the optimizer state, position and random state (the model goes in the
-    /// checkpoint beside it).
-    /// `extra` metadata (e.g. the command line of the run) is stored alongside.
+    /// Saves everything a run needs to continue, in one file written atomically: the
+    /// model's parameters and buffers (under `model/`), the optimizer state, the position
+    /// and the random state. `extra` metadata (e.g. the run's settings and metrics) is
+    /// stored alongside. Because the file is self-sufficient, a process killed at any
+    /// instant leaves either the previous state or the new one, never a mix.
     pub fn save_state(&self, path: &Path, extra: &HashMap<String, String>) -> Result<()> {
+        let mut tensors = self.optimizer.state_dict();
+        tensors.extend(
+            self.model
+                .state_dict()
+                .into_iter()
+                .map(|(name, t)| (format!("{STATE_MODEL_PREFIX}{name}"), t)),
+        );
         let rng = crate::rng::global_rng_state();
         let mut meta = extra.clone();
         meta.extend([
@@ -667,11 +694,12 @@ impl Trainer {
                 rng.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
             ),
         ]);
-        save_tensors(path, &self.optimizer.state_dict(), meta)
+        save_tensors(path, &tensors, meta)
     }
 
-    /// Restores what [`Trainer::save_state`] wrote (the model weights must already be
-    /// loaded) and returns the stored metadata.
+    /// Restores what [`Trainer::save_state`] wrote — the model's weights too, when the
+    /// state holds them (states of older versions do not: load the checkpoint first) — and
+    /// returns the stored metadata.
     pub fn load_state(&mut self, path: &Path) -> Result<HashMap<String, String>> {
         let bytes = std::fs::read(path).map_err(|e| Error::Io {
             path: path.to_path_buf(),
@@ -710,7 +738,17 @@ impl Trainer {
             .map(|v| v.parse().map_err(|_| bad("rng")))
             .collect::<Result<_>>()?;
         let rng: [u64; 4] = rng.try_into().map_err(|_| bad("rng"))?;
-        self.optimizer.load_state_dict(&tensors)?;
+        let (model, optimizer): (Vec<_>, Vec<_>) = tensors
+            .into_iter()
+            .partition(|(name, _)| name.starts_with(STATE_MODEL_PREFIX));
+        if !model.is_empty() {
+            let weights: Vec<(String, Tensor)> = model
+                .into_iter()
+                .map(|(name, t)| (name[STATE_MODEL_PREFIX.len()..].to_string(), t))
+                .collect();
+            self.model.load_state_dict(&weights, true)?;
+        }
+        self.optimizer.load_state_dict(&optimizer)?;
         crate::rng::set_global_rng_state(rng);
         Ok(meta)
     }

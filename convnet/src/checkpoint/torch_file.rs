@@ -159,7 +159,25 @@ pub(super) fn load(path: &Path, bytes: &[u8]) -> Result<NamedTensors> {
             storages.insert(key.clone(), data);
         }
         let data = &storages[&key];
-        let numel: usize = size.iter().product();
+        // Check the view against its storage before allocating anything for it.
+        let elems = data.len() / ty.size();
+        let numel = crate::shape::checked_numel(&size)
+            .filter(|&n| n <= elems)
+            .ok_or_else(|| {
+                bad(format!(
+                    "tensor {name}: its size {size:?} asks for more elements than its storage holds ({elems}); the file is corrupt (views that repeat storage elements are not loaded)"
+                ))
+            })?;
+        if numel > 0 {
+            let last = size.iter().zip(&stride).try_fold(offset, |at, (&n, &s)| {
+                at.checked_add((n - 1).checked_mul(s)?)
+            });
+            if last.is_none_or(|l| l >= elems) {
+                return Err(bad(format!(
+                    "tensor {name}: its size {size:?}, stride {stride:?} and offset {offset} reach past the end of its storage ({elems} elements); the file is truncated or corrupt"
+                )));
+            }
+        }
         let mut values = Vec::with_capacity(numel);
         let mut index = vec![0usize; size.len()];
         for _ in 0..numel {
@@ -210,7 +228,7 @@ fn state_dict_entries(root: Value) -> std::result::Result<Vec<(String, Value)>, 
             .iter()
             .map(|(k, _)| match k {
                 Value::Str(s) => s.clone(),
-                other => format!("{other:?}"),
+                other => format!("{other}"),
             })
             .collect();
         return Err(format!(
@@ -226,9 +244,56 @@ fn keyed(items: Vec<(Value, Value)>) -> std::result::Result<Vec<(String, Value)>
         .into_iter()
         .map(|(k, v)| match k {
             Value::Str(s) => Ok((s, v)),
-            other => Err(format!("a state_dict key is not a string: {other:?}")),
+            other => Err(format!("a state_dict key is not a string: {other}")),
         })
         .collect()
+}
+
+/// A short description of a value for messages (a hostile file must not make an error
+/// message as large as the data it describes).
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let short = |s: &str| -> String {
+            let mut t: String = s.chars().take(40).collect();
+            if t.len() < s.len() {
+                t.push('…');
+            }
+            t
+        };
+        match self {
+            Value::None => write!(f, "None"),
+            Value::Bool(b) => write!(f, "{b}"),
+            Value::Int(i) => write!(f, "{i}"),
+            Value::Float(x) => write!(f, "{x}"),
+            Value::Str(s) => write!(f, "{:?}", short(s)),
+            Value::Bytes(b) => write!(f, "{} bytes", b.len()),
+            Value::Tuple(v) => write!(f, "a tuple of {} items", v.len()),
+            Value::List(v) => write!(f, "a list of {} items", v.len()),
+            Value::Dict(v) => write!(f, "a dict of {} items", v.len()),
+            Value::Global(g) => write!(f, "{}", short(g)),
+            Value::StorageClass(t) => write!(f, "a {t:?} storage class"),
+            Value::Storage { ty, .. } => write!(f, "a {ty:?} storage"),
+            Value::Tensor { size, .. } => write!(f, "a tensor of {} dimensions", size.len()),
+            Value::Mark => write!(f, "a mark"),
+        }
+    }
+}
+
+impl Value {
+    /// Values in this one (itself and everything inside), saturating.
+    fn nodes(&self) -> usize {
+        match self {
+            Value::Tuple(v) | Value::List(v) => {
+                v.iter().fold(1usize, |n, x| n.saturating_add(x.nodes()))
+            }
+            Value::Dict(v) => v.iter().fold(1usize, |n, (k, x)| {
+                n.saturating_add(k.nodes()).saturating_add(x.nodes())
+            }),
+            Value::Str(s) => 1 + s.len() / 64,
+            Value::Bytes(b) => 1 + b.len() / 64,
+            _ => 1,
+        }
+    }
 }
 
 /// The pickle stack machine (protocols 2 to 5, the opcodes `torch.save` writes).
@@ -236,6 +301,10 @@ fn keyed(items: Vec<(Value, Value)>) -> std::result::Result<Vec<(String, Value)>
 struct Machine {
     stack: Vec<Value>,
     memo: HashMap<u32, Value>,
+    /// Values the memo may still copy: a pickle can refer to a memoised value any number
+    /// of times, so copies are counted, or a few hundred bytes could build a structure of
+    /// billions of values by repeated doubling.
+    copies_left: usize,
 }
 
 type Step<T> = std::result::Result<T, String>;
@@ -326,7 +395,7 @@ impl Machine {
 
     fn reduce(&mut self, callable: Value, args: Value) -> Step<Value> {
         let Value::Global(name) = callable else {
-            return Err(format!("pickle REDUCE on a non-callable {callable:?}"));
+            return Err(format!("pickle REDUCE on a non-callable {callable}"));
         };
         let Value::Tuple(args) = args else {
             return Err("pickle REDUCE without an argument tuple".into());
@@ -350,15 +419,23 @@ impl Machine {
                             .into_iter()
                             .map(|i| match i {
                                 Value::Int(n) if n >= 0 => Ok(n as usize),
-                                other => Err(format!("tensor {what} holds {other:?}")),
+                                other => Err(format!("tensor {what} holds {other}")),
                             })
                             .collect(),
-                        other => Err(format!("tensor {what} is {other:?}")),
+                        other => Err(format!(
+                            "tensor {what} is {}",
+                            other.map_or("missing".into(), |v| v.to_string())
+                        )),
                     }
                 };
                 let offset = match offset {
                     Some(Value::Int(n)) if n >= 0 => n as usize,
-                    other => return Err(format!("tensor storage offset is {other:?}")),
+                    other => {
+                        return Err(format!(
+                            "tensor storage offset is {}",
+                            other.map_or("missing".into(), |v| v.to_string())
+                        ))
+                    }
                 };
                 let size = ints(size, "size")?;
                 let stride = ints(stride, "stride")?;
@@ -380,7 +457,7 @@ impl Machine {
     fn persistent_load(&mut self, pid: Value) -> Step<Value> {
         // ('storage', storage_type, key, location, numel)
         let Value::Tuple(items) = pid else {
-            return Err(format!("unknown persistent id {pid:?}"));
+            return Err(format!("unknown persistent id {pid}"));
         };
         match items.as_slice() {
             [Value::Str(tag), Value::StorageClass(ty), Value::Str(key), ..] if tag == "storage" => {
@@ -389,11 +466,27 @@ impl Machine {
                     key: key.clone(),
                 })
             }
-            _ => Err(format!("unknown persistent id {items:?}")),
+            _ => Err(format!("unknown persistent id ({})", Value::Tuple(items))),
         }
     }
 
+    /// Copies a value for the memo or from it, within the copy budget.
+    fn copy(&mut self, v: &Value) -> Step<Value> {
+        let n = v.nodes();
+        if n > self.copies_left {
+            return Err(
+                "the pickle copies more values than a state dict needs (a memo bomb); refusing it"
+                    .into(),
+            );
+        }
+        self.copies_left -= n;
+        Ok(v.clone())
+    }
+
     fn run(mut self, data: &[u8]) -> Step<Value> {
+        // A state dict's pickle memoises each object once, mostly while it is still empty,
+        // and fetches small ones (classes, globals) again: a few values per byte at most.
+        self.copies_left = 4096usize.saturating_add(data.len().saturating_mul(8));
         let mut r = Reader { data, pos: 0 };
         loop {
             let op = r.u8()?;
@@ -513,7 +606,7 @@ impl Machine {
                     let k = self.pop()?;
                     match self.top_mut()? {
                         Value::Dict(items) => items.push((k, v)),
-                        other => return Err(format!("SETITEM on {other:?}")),
+                        other => return Err(format!("SETITEM on {other}")),
                     }
                 }
                 b'u' => {
@@ -528,41 +621,37 @@ impl Machine {
                     }
                     match self.top_mut()? {
                         Value::Dict(d) => d.extend(pairs),
-                        other => return Err(format!("SETITEMS on {other:?}")),
+                        other => return Err(format!("SETITEMS on {other}")),
                     }
                 }
                 b'a' => {
                     let v = self.pop()?;
                     match self.top_mut()? {
                         Value::List(l) => l.push(v),
-                        other => return Err(format!("APPEND on {other:?}")),
+                        other => return Err(format!("APPEND on {other}")),
                     }
                 }
                 b'e' => {
                     let items = self.pop_mark()?;
                     match self.top_mut()? {
                         Value::List(l) => l.extend(items),
-                        other => return Err(format!("APPENDS on {other:?}")),
+                        other => return Err(format!("APPENDS on {other}")),
                     }
                 }
-                b'q' => {
-                    let k = r.u8()? as u32;
-                    let v = self.top_mut()?.clone();
-                    self.memo.insert(k, v);
-                }
-                b'r' => {
-                    let k = r.u32()?;
-                    let v = self.top_mut()?.clone();
-                    self.memo.insert(k, v);
-                }
-                0x94 => {
-                    let k = self.memo.len() as u32;
-                    let v = self.top_mut()?.clone();
+                b'q' | b'r' | 0x94 => {
+                    let k = match op {
+                        b'q' => r.u8()? as u32,
+                        b'r' => r.u32()?,
+                        _ => self.memo.len() as u32,
+                    };
+                    let top = self.stack.last().ok_or("pickle stack underflow")?;
+                    let v = self.copy(&top.clone())?;
                     self.memo.insert(k, v);
                 }
                 b'h' | b'j' => {
                     let k = if op == b'h' { r.u8()? as u32 } else { r.u32()? };
                     let v = self.memo.get(&k).cloned().ok_or("pickle memo miss")?;
+                    let v = self.copy(&v)?;
                     self.stack.push(v);
                 }
                 other => {

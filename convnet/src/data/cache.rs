@@ -79,8 +79,8 @@ pub(crate) fn load(key: &str) -> Option<ImageDataset> {
     let classes: Vec<String> = serde_json::from_value(header["classes"].clone()).ok()?;
     let n = header["n"].as_u64()? as usize;
     let body = &rest[4 + hlen..];
-    let per = shape.iter().product::<usize>();
-    if shape.len() != 3 || body.len() != n * 4 + n * per {
+    let per = crate::shape::checked_numel(&shape)?;
+    if shape.len() != 3 || Some(body.len()) != per.checked_add(4)?.checked_mul(n) {
         return None;
     }
     let labels = body[..n * 4]

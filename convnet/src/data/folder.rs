@@ -55,7 +55,7 @@ fn decode(
         Some(b) => b,
         None => std::fs::read(path).map_err(|e| io_err(path, e))?,
     };
-    match image::load_from_memory(&bytes) {
+    match decode_limited(&bytes) {
         Ok(img) => {
             let (w, h) = (img.width() as usize, img.height() as usize);
             let grey = matches!(
@@ -80,6 +80,21 @@ fn decode(
             format!("not a readable image ({e}); remove it or pass --skip-bad-images"),
         )),
     }
+}
+
+/// The largest image decoded: 64 megapixels of 8-bit RGB (192 MiB; the decoder refuses
+/// anything that would need more), whatever size the file claims.
+const MAX_IMAGE_BYTES: u64 = 3 << 26;
+
+/// Decodes an image within [`MAX_IMAGE_BYTES`] and 16384 pixels a side.
+fn decode_limited(bytes: &[u8]) -> image::ImageResult<image::DynamicImage> {
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(16384);
+    limits.max_image_height = Some(16384);
+    limits.max_alloc = Some(MAX_IMAGE_BYTES);
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
+    reader.limits(limits);
+    reader.decode()
 }
 
 /// Decodes a class-sorted list of files in parallel into a data set.

@@ -46,9 +46,10 @@ fn parse(path: &Path, bytes: &[u8], magic: u32, ndims: usize) -> Result<(Vec<usi
     if dims.iter().skip(1).any(|&d| d == 0) {
         return Err(format_err(path, format!("invalid dimensions {dims:?}")));
     }
-    let want = dims.iter().product::<usize>();
     let payload = &bytes[header..];
-    if payload.len() != want {
+    let want = crate::shape::checked_numel(&dims);
+    if want != Some(payload.len()) {
+        let want = want.map_or("more than 2^64".to_string(), |w| w.to_string());
         return Err(format_err(path, format!("header says {dims:?} ({want} bytes of data) but the file holds {}: it is truncated or corrupt; download it again", payload.len())));
     }
     Ok((dims, payload.to_vec()))

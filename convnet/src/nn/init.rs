@@ -6,9 +6,85 @@
 //! bias 0. The numbers come from convnet's seeded generator, so the distribution matches
 //! PyTorch but not its bit stream.
 
+use crate::error::{invalid, Result};
 use crate::rng::with_global_rng;
 use crate::shape::Shape;
 use crate::tensor::Tensor;
+use std::cell::Cell;
+
+/// The most parameters (and BatchNorm buffers) one model may have: 2^30, 4 GiB of
+/// float32 — ten times the largest torchvision classifier. Model files, checkpoints and
+/// data-sized zoo models are built under this limit, so that a description asking for an
+/// absurd layer fails before anything is allocated.
+pub const MAX_PARAMETERS: usize = 1 << 30;
+
+thread_local! {
+    /// Parameters the model being built on this thread may still allocate.
+    static BUDGET: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Runs `f` (which builds a model) allowing its layers at most `limit` parameters and
+/// buffers in all: a layer that would pass it fails before allocating, with an error
+/// saying how many it needed. Outside such a scope each tensor alone is held to
+/// [`MAX_PARAMETERS`].
+///
+/// ```
+/// use convnet::nn::{with_parameter_limit, Linear};
+/// assert!(with_parameter_limit(1000, || Linear::new(100, 100)).is_err());
+/// assert!(with_parameter_limit(20_000, || Linear::new(100, 100)).is_ok());
+/// ```
+pub fn with_parameter_limit<R>(limit: usize, f: impl FnOnce() -> R) -> R {
+    /// The enclosing scope's budget and this scope's starting one: on leaving, the
+    /// enclosing budget pays for what this scope used.
+    struct Restore(Option<usize>, usize);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BUDGET.with(|b| {
+                let used = self.1 - b.get().unwrap_or(0).min(self.1);
+                b.set(self.0.map(|outer| outer.saturating_sub(used)));
+            });
+        }
+    }
+    let outer = BUDGET.with(Cell::get);
+    // A scope never allows more than the one it is in.
+    let start = outer.map_or(limit, |o| o.min(limit));
+    BUDGET.with(|b| b.set(Some(start)));
+    let _restore = Restore(outer, start);
+    f()
+}
+
+/// Takes a tensor of `dims` from the parameter budget before it is allocated; `what` names
+/// the layer kind in the error. Returns the element count.
+pub(crate) fn claim(what: &'static str, dims: &[usize]) -> Result<usize> {
+    let n = dims
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX_PARAMETERS);
+    let Some(n) = n else {
+        return Err(invalid(
+            what,
+            format!(
+                "a {} tensor is more than the {MAX_PARAMETERS} parameters (4 GiB of float32) a model may have",
+                dims.iter().map(usize::to_string).collect::<Vec<_>>().join(" x ")
+            ),
+        ));
+    };
+    BUDGET.with(|b| match b.get() {
+        Some(left) if n > left => Err(invalid(
+            what,
+            format!(
+                "its {} tensor ({n} values) does not fit in what is left of the model's parameter limit ({left} of {})",
+                dims.iter().map(usize::to_string).collect::<Vec<_>>().join(" x "),
+                MAX_PARAMETERS
+            ),
+        )),
+        Some(left) => {
+            b.set(Some(left - n));
+            Ok(n)
+        }
+        None => Ok(n),
+    })
+}
 
 /// `kaiming_uniform_(a = sqrt(5))` for a weight with the given `fan_in`, from the global
 /// generator; returns a trainable leaf.

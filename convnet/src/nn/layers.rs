@@ -138,6 +138,11 @@ impl Conv2dBuilder {
                 ),
             ));
         }
+        let weight_dims = [self.out_channels, self.in_channels / p.groups, kh, kw];
+        init::claim("Conv2d", &weight_dims)?;
+        if self.bias {
+            init::claim("Conv2d", &[self.out_channels])?;
+        }
         let fan_in = self.in_channels / p.groups * kh * kw;
         let weight = init::kaiming_uniform(
             [self.out_channels, self.in_channels / p.groups, kh, kw],
@@ -247,6 +252,10 @@ impl Linear {
                 "Linear",
                 format!("features must be positive, got {in_features} -> {out_features}"),
             ));
+        }
+        init::claim("Linear", &[out_features, in_features])?;
+        if bias {
+            init::claim("Linear", &[out_features])?;
         }
         let weight = init::kaiming_uniform([out_features, in_features], in_features);
         let bias = bias.then(|| init::uniform_bias(out_features, in_features));
@@ -689,6 +698,8 @@ impl BatchNorm2d {
         if num_features == 0 {
             return Err(invalid("BatchNorm2d", "num_features must be positive"));
         }
+        // weight, bias, running mean and variance.
+        init::claim("BatchNorm2d", &[4, num_features])?;
         Ok(BatchNorm2d {
             weight: Tensor::ones([num_features]).requires_grad(),
             bias: Tensor::zeros([num_features]).requires_grad(),
@@ -865,7 +876,14 @@ impl Module for Flatten {
             ));
         }
         let mut out = input[..self.start_dim].to_vec();
-        out.push(input[self.start_dim..].iter().product());
+        out.push(
+            crate::shape::checked_numel(&input[self.start_dim..]).ok_or_else(|| {
+                invalid(
+                    "flatten",
+                    format!("input {} has too many elements", Shape::from(input)),
+                )
+            })?,
+        );
         Ok(Shape::new(out))
     }
 }

@@ -9,7 +9,7 @@ mod model;
 mod resnet;
 mod sequential;
 
-pub use init::{kaiming_uniform, uniform_bias};
+pub use init::{kaiming_uniform, uniform_bias, with_parameter_limit, MAX_PARAMETERS};
 pub(crate) use layers::is_batch_counter;
 pub use layers::{
     AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, Conv2dBuilder, Dropout, Flatten, GELUTanh,
@@ -84,14 +84,25 @@ pub trait Module: Send + Sync {
     /// Shape inference with summary rows; containers override it to recurse. Errors name the
     /// layer by its path.
     fn infer(&self, path: &str, input: &[usize], rows: &mut Vec<SummaryRow>) -> Result<Shape> {
-        let out = self.output_shape(input).map_err(|e| match e {
-            Error::Layer { .. } => e,
-            other => Error::Layer {
-                layer: path.to_string(),
-                kind: self.kind(),
-                msg: layer_message(&other),
-            },
-        })?;
+        let out = self
+            .output_shape(input)
+            .and_then(|out| match out.checked_numel() {
+                Some(n) if n <= MAX_ACTIVATION => Ok(out),
+                _ => Err(crate::error::invalid(
+                    "shape",
+                    format!(
+                        "its output {out} for one image is larger than the {MAX_ACTIVATION} values a layer may produce"
+                    ),
+                )),
+            })
+            .map_err(|e| match e {
+                Error::Layer { .. } => e,
+                other => Error::Layer {
+                    layer: path.to_string(),
+                    kind: self.kind(),
+                    msg: layer_message(&other),
+                },
+            })?;
         let mut params = 0;
         self.visit_tensors("", &mut |_, t, role| {
             if role == TensorRole::Parameter {
@@ -107,6 +118,10 @@ pub trait Module: Send + Sync {
         Ok(out)
     }
 }
+
+/// The most values one layer may produce for one image (2^34, 64 GiB of float32): shape
+/// inference refuses anything larger, naming the layer, before data flows.
+pub const MAX_ACTIVATION: usize = 1 << 34;
 
 /// The part of an op's error worth repeating under a layer name (without the op prefix).
 fn layer_message(e: &Error) -> String {

@@ -147,6 +147,32 @@ impl Model {
         Ok(())
     }
 
+    /// Fails, naming the first tensor and how many of its values are NaN or infinite, when
+    /// a parameter or buffer is not finite (weights saved from a diverged run would turn
+    /// every prediction into NaN).
+    ///
+    /// ```
+    /// let model = convnet::models::build("lenet5", [1, 28, 28], 10)?;
+    /// assert!(model.check_finite().is_ok());
+    /// model.named_parameters()[0].1.update_data(|w| w[3] = f32::NAN)?;
+    /// let err = model.check_finite().unwrap_err().to_string();
+    /// assert!(err.contains("conv1.weight") && err.contains("1 of 150"), "{err}");
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn check_finite(&self) -> Result<()> {
+        for (name, t) in self.state_dict() {
+            let values = t.try_to_vec()?;
+            let bad = values.iter().filter(|v| !v.is_finite()).count();
+            if bad > 0 {
+                return Err(Error::State(format!(
+                    "{name}: {bad} of {} values are NaN or infinite (weights saved from a run that diverged?)",
+                    values.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Number of trainable parameters.
     pub fn num_parameters(&self) -> usize {
         self.named_parameters().iter().map(|(_, t)| t.numel()).sum()

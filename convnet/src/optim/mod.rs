@@ -61,8 +61,9 @@ pub trait Optimizer {
 }
 
 /// True for `v >= 0` (false for NaN): the check every rate and decay must pass.
+/// A hyperparameter that is a number, not negative and not infinite.
 pub(crate) fn non_negative(v: f64) -> bool {
-    v >= 0.0
+    v.is_finite() && v >= 0.0
 }
 
 /// Finds `name` in a saved state list.

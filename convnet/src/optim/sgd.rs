@@ -58,7 +58,7 @@ impl Sgd {
             return Err(invalid(
                 "SGD",
                 format!(
-                    "lr {}, momentum {} and weight_decay {} must be non-negative",
+                    "lr {}, momentum {} and weight_decay {} must be finite and non-negative",
                     cfg.lr, cfg.momentum, cfg.weight_decay
                 ),
             ));

@@ -116,12 +116,15 @@ impl Conv2dParams {
                 format!("weight {}", Shape::from(weight)),
             ));
         }
+        if p.0.max(p.1) > usize::MAX / 4 {
+            return Err(invalid(op, format!("padding {p:?} is too large")));
+        }
         let oh = conv_out_size(h, kh, s.0, p.0, d.0);
         let ow = conv_out_size(w, kw, s.1, p.1, d.1);
         let (Some(oh), Some(ow)) = (oh, ow) else {
             return Err(invalid(
                 op,
-                format!("kernel {kh}x{kw} (dilation {d:?}) is larger than the padded input {}x{} (input {h}x{w}, padding {p:?})", h + 2 * p.0, w + 2 * p.1),
+                format!("kernel {kh}x{kw} (dilation {d:?}) is larger than the padded input {}x{} (input {h}x{w}, padding {p:?})", h as u128 + 2 * p.0 as u128, w as u128 + 2 * p.1 as u128),
             ));
         };
         Ok(ConvGeom {

@@ -164,7 +164,7 @@ fn pool_geometry(
             ),
         ));
     }
-    if 2 * padding.0 > kernel.0 || 2 * padding.1 > kernel.1 {
+    if padding.0 > kernel.0 / 2 || padding.1 > kernel.1 / 2 {
         return Err(invalid(
             op,
             format!("padding {padding:?} must be at most half the kernel size {kernel:?}"),
@@ -180,8 +180,8 @@ fn pool_geometry(
                 "kernel {}x{} is larger than the padded input {}x{} (input {h}x{w})",
                 kernel.0,
                 kernel.1,
-                h + 2 * padding.0,
-                w + 2 * padding.1
+                h as u128 + 2 * padding.0 as u128,
+                w as u128 + 2 * padding.1 as u128
             ),
         ));
     };
