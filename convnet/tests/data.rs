@@ -97,7 +97,7 @@ fn cifar10_binary_folder_and_archive() {
     assert_eq!(&train.labels()[..3], &[1, 9, 0]);
     assert_eq!(test.labels(), &[3, 4]);
     // Record 1 of a batch: R plane = 3, G = 4, B = 5 (planes kept in order).
-    let img = train.image(1);
+    let img = train.image(1).unwrap();
     assert_eq!((img[0], img[1024], img[2048], img[3071]), (3, 4, 5, 5));
 
     let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
@@ -117,8 +117,8 @@ fn cifar10_binary_folder_and_archive() {
     tar_gz(&archive, &files);
     let (train2, test2) = pair(data::open(&archive, &no_cache()).unwrap());
     assert_eq!(train2.labels(), train.labels());
-    assert_eq!(train2.image(7), train.image(7));
-    assert_eq!(test2.image(1), test.image(1));
+    assert_eq!(train2.image(7).unwrap(), train.image(7).unwrap());
+    assert_eq!(test2.image(1).unwrap(), test.image(1).unwrap());
 }
 
 #[test]
@@ -196,7 +196,7 @@ fn mnist_idx_raw_and_gz() {
             assert!(!sorted_by_class);
             assert_eq!(data.image_shape(), [1, 28, 28]);
             assert_eq!(data.labels(), &[7, 0, 9]);
-            assert_eq!(data.image(2), &pixels[2 * 784..]);
+            assert_eq!(data.image(2).unwrap(), &pixels[2 * 784..]);
         }
         other => panic!("{other:?}"),
     }
@@ -293,7 +293,7 @@ fn image_folder_directory_and_archive_agree() {
     assert_eq!(ds.labels(), &[0, 0, 0, 1, 1]);
     assert_eq!(ds.image_shape(), [3, 4, 5]);
     // Planar layout: R plane is the seed, G the x coordinate, B the y coordinate.
-    let img = ds.image(3);
+    let img = ds.image(3).unwrap();
     assert_eq!((img[0], img[20 + 7], img[40 + 7]), (100, 2, 1));
 
     let mut files = Vec::new();
@@ -311,7 +311,7 @@ fn image_folder_directory_and_archive_agree() {
     match data::open(&archive, &no_cache()).unwrap() {
         DataSplit::Single { data, .. } => {
             assert_eq!(data.labels(), ds.labels());
-            assert_eq!(data.image(4), ds.image(4));
+            assert_eq!(data.image(4).unwrap(), ds.image(4).unwrap());
         }
         other => panic!("{other:?}"),
     }

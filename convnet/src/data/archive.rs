@@ -19,6 +19,30 @@ pub(crate) fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     }
 }
 
+/// The paths of a `.tar.gz`'s regular files, in archive order (their contents are skipped,
+/// not held).
+pub(crate) fn entry_names(path: &Path) -> Result<Vec<String>> {
+    let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+    let bad = |e: std::io::Error| {
+        format_err(
+            path,
+            format!(
+                "cannot read the archive ({e}); it is truncated or not a .tar.gz: fetch it again"
+            ),
+        )
+    };
+    let mut archive =
+        tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)));
+    let mut names = Vec::new();
+    for entry in archive.entries().map_err(bad)? {
+        let entry = entry.map_err(bad)?;
+        if entry.header().entry_type().is_file() {
+            names.push(entry.path().map_err(bad)?.to_string_lossy().into_owned());
+        }
+    }
+    Ok(names)
+}
+
 /// Regular files of a `.tar.gz`, as `(path inside the archive, bytes)` in archive order.
 pub(crate) fn read_tar_gz(path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;

@@ -182,6 +182,16 @@ const C10_TRAIN: [&str; 5] = [
     "data_batch_5.bin",
 ];
 
+/// Whether archive entry names (paths) are those of a CIFAR-10/100 binary release.
+pub(crate) fn is_release(names: &[String]) -> bool {
+    let has = |name: &str| {
+        names
+            .iter()
+            .any(|n| n == name || n.ends_with(&format!("/{name}")))
+    };
+    has("data_batch_1.bin") || has("test_batch.bin") || (has("train.bin") && has("test.bin"))
+}
+
 /// Which release `has` describes, read through `files`; `None` if it is neither.
 fn detect(
     has: impl Fn(&str) -> bool,

@@ -231,7 +231,7 @@ impl DataLoader {
         for (k, &i) in indices.iter().enumerate() {
             let mut rng = Rng::new(mix(mix(self.cfg.seed, epoch as u64 + 1), i as u64 + 1));
             self.transform.apply(
-                self.data.image(i),
+                &self.data.image(i)?,
                 shape,
                 &mut rng,
                 &mut buf[k * per..(k + 1) * per],

@@ -21,6 +21,7 @@ mod cifar;
 mod folder;
 mod idx;
 mod loader;
+pub mod store;
 mod transform;
 
 pub use cache::cache_dir;
@@ -32,11 +33,17 @@ pub use transform::{Augment, Normalize, Transform};
 
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use store::PixelStore;
 
-/// Decoded 8-bit images with labels, all of one size.
-#[derive(Clone, Debug, PartialEq)]
+/// Decoded 8-bit images with labels, all of one size. The pixels live in memory, or, for
+/// data sets larger than [`store::memory_limit`], in a file read image by image (see
+/// `store`); subsets ([`ImageDataset::select`]) share them.
+#[derive(Clone)]
 pub struct ImageDataset {
-    pixels: Vec<u8>,
+    store: Arc<PixelStore>,
+    /// Positions in `store` of this set's images, in order (`None`: all of them).
+    index: Option<Arc<Vec<usize>>>,
     labels: Vec<u32>,
     shape: [usize; 3],
     classes: Vec<String>,
@@ -44,6 +51,39 @@ pub struct ImageDataset {
     pub source: String,
     /// Unreadable files skipped while reading (image folders with `skip_bad_images`).
     pub skipped: usize,
+}
+
+impl std::fmt::Debug for ImageDataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ImageDataset({} images of {:?}, {} classes, from {}{})",
+            self.len(),
+            self.shape,
+            self.classes.len(),
+            self.source,
+            if self.store.in_file() {
+                ", pixels in a file"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+impl PartialEq for ImageDataset {
+    /// Same images (compared pixel by pixel), labels, shape, classes and source.
+    fn eq(&self, other: &Self) -> bool {
+        self.shape == other.shape
+            && self.labels == other.labels
+            && self.classes == other.classes
+            && self.source == other.source
+            && self.skipped == other.skipped
+            && (0..self.len()).all(|i| match (self.image(i), other.image(i)) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => false,
+            })
+    }
 }
 
 impl ImageDataset {
@@ -63,14 +103,26 @@ impl ImageDataset {
         classes: Vec<String>,
         source: impl Into<String>,
     ) -> Result<Self> {
+        ImageDataset::from_store(PixelStore::Memory(pixels), labels, shape, classes, source)
+    }
+
+    /// A data set over pixels in `store` (in order), with the same checks as
+    /// [`ImageDataset::new`].
+    pub(crate) fn from_store(
+        store: PixelStore,
+        labels: Vec<u32>,
+        shape: [usize; 3],
+        classes: Vec<String>,
+        source: impl Into<String>,
+    ) -> Result<Self> {
         let source = source.into();
-        let per = shape.iter().product::<usize>();
-        if per == 0 || pixels.len() != labels.len() * per {
+        let per = crate::shape::checked_numel(&shape).unwrap_or(0) as u64;
+        if per == 0 || Some(store.len()) != (labels.len() as u64).checked_mul(per) {
             return Err(Error::Format {
                 path: PathBuf::from(&source),
                 msg: format!(
                     "{} pixel bytes do not hold {} images of {:?}",
-                    pixels.len(),
+                    store.len(),
                     labels.len(),
                     shape
                 ),
@@ -90,13 +142,24 @@ impl ImageDataset {
             });
         }
         Ok(ImageDataset {
-            pixels,
+            store: Arc::new(store),
+            index: None,
             labels,
             shape,
             classes,
             source,
             skipped: 0,
         })
+    }
+
+    /// This set with its images in another order: image `i` is the store's `order[i]`
+    /// (for readers that decode in another order than the set's), labels given in the new
+    /// order.
+    pub(crate) fn reordered(mut self, order: Vec<usize>, labels: Vec<u32>) -> Self {
+        debug_assert_eq!(order.len(), labels.len());
+        self.index = Some(Arc::new(order));
+        self.labels = labels;
+        self
     }
 
     /// Number of examples.
@@ -119,10 +182,27 @@ impl ImageDataset {
         &self.classes
     }
 
-    /// Pixels of example `i`, `[C, H, W]` bytes.
-    pub fn image(&self, i: usize) -> &[u8] {
+    /// Whether the pixels are read from a file as needed rather than held in memory.
+    pub fn pixels_in_file(&self) -> bool {
+        self.store.in_file()
+    }
+
+    /// Pixels of example `i`, `[C, H, W]` bytes (read from the file for a data set whose
+    /// pixels are in one).
+    ///
+    /// ```
+    /// use convnet::data::ImageDataset;
+    /// let ds = ImageDataset::new((0..8).collect(), vec![0, 1], [1, 2, 2], vec!["a".into(), "b".into()], "memory")?;
+    /// assert_eq!(&*ds.image(1)?, &[4, 5, 6, 7]);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn image(&self, i: usize) -> Result<std::borrow::Cow<'_, [u8]>> {
         let per = self.shape.iter().product::<usize>();
-        &self.pixels[i * per..(i + 1) * per]
+        let at = match &self.index {
+            Some(ix) => ix[i],
+            None => i,
+        };
+        self.store.read(at as u64 * per as u64, per)
     }
 
     /// Label of example `i`.
@@ -135,17 +215,19 @@ impl ImageDataset {
         &self.labels
     }
 
-    /// The examples at `indices`, in that order.
+    /// The examples at `indices`, in that order (sharing this set's pixels).
     pub fn select(&self, indices: &[usize]) -> ImageDataset {
-        let mut pixels = Vec::with_capacity(indices.len() * self.image(0).len().max(1));
-        let mut labels = Vec::with_capacity(indices.len());
-        for &i in indices {
-            pixels.extend_from_slice(self.image(i));
-            labels.push(self.labels[i]);
-        }
+        let order: Vec<usize> = indices
+            .iter()
+            .map(|&i| match &self.index {
+                Some(ix) => ix[i],
+                None => i,
+            })
+            .collect();
         ImageDataset {
-            pixels,
-            labels,
+            store: self.store.clone(),
+            index: Some(Arc::new(order)),
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
             shape: self.shape,
             classes: self.classes.clone(),
             source: self.source.clone(),
@@ -260,7 +342,7 @@ pub fn image_folder_from_tar_gz_bytes(
     opts: &FolderOptions,
 ) -> Result<ImageDataset> {
     let path = Path::new(name);
-    folder::from_archive(path, archive::read_tar_gz_from(bytes, path)?, opts)
+    folder::from_archive_reader(path, bytes, opts, None)
 }
 
 /// Opens a data path of any supported layout (see the module docs).
@@ -277,13 +359,14 @@ pub fn open(path: &Path, opts: &FolderOptions) -> Result<DataSplit> {
                 "not a data set: expected a folder, a .tar.gz archive, or an IDX file",
             ));
         }
-        let entries = archive::read_tar_gz(path)?;
-        if let Some(split) = cifar::from_archive(path, &entries)? {
-            return Ok(split);
+        // A CIFAR release is read whole (it is small); an image folder is streamed.
+        if cifar::is_release(&archive::entry_names(path)?) {
+            if let Some(split) = cifar::from_archive(path, &archive::read_tar_gz(path)?)? {
+                return Ok(split);
+            }
         }
-        let data = folder::from_archive(path, entries, opts)?;
         return Ok(DataSplit::Single {
-            data,
+            data: folder::open(path, opts)?,
             sorted_by_class: true,
         });
     }
