@@ -165,21 +165,24 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Waits until `dir` holds a temporary file of an atomic write (a checkpoint being
-/// written), or `limit` passes; true if one was seen.
-fn wait_for_write(dir: &Path, limit: Duration) -> bool {
+/// Waits until `dir` holds a temporary file of an atomic write of `file` (it is being
+/// written), or `limit` passes.
+fn wait_for_write(dir: &Path, file: &str, limit: Duration) {
     let start = Instant::now();
     while start.elapsed() < limit {
-        if !temporaries(dir).is_empty() {
-            return true;
+        if temporaries(dir)
+            .iter()
+            .any(|t| t.starts_with(&format!(".{file}")))
+        {
+            return;
         }
         std::thread::sleep(Duration::from_micros(200));
     }
-    false
 }
 
-/// At least 30 SIGKILLs, every third one while a checkpoint file is being written and the
-/// others at random instants, each followed by `--resume`: the run always resumes, ends
+/// At least 30 SIGKILLs, every third one while a file of the run is being written (the
+/// state, the checkpoint and the metrics in turn) and the others at random instants, each
+/// followed by `--resume`: the run always resumes, ends
 /// with the uninterrupted run's weights bit for bit, and has each epoch's metrics once.
 #[test]
 fn killed_at_random_instants_the_run_always_resumes_to_the_same_weights() {
@@ -204,15 +207,27 @@ fn killed_at_random_instants_the_run_always_resumes_to_the_same_weights() {
         rng
     };
     let (mut kills, mut during_writes, mut attempts) = (0, 0, 0);
-    let mut started = false;
     loop {
         attempts += 1;
         assert!(attempts < 400, "the run did not finish");
-        let mut child = spawn(if started { &resume } else { &args });
-        started = true;
-        if kills < 30 {
+        // Killed before its first state was written, a run is started again as it was
+        // (what its user would do); afterwards it is resumed.
+        let command: &[&str] = if killed.join("train_state.safetensors").exists() {
+            &resume
+        } else {
+            &args
+        };
+        if kills >= 30 {
+            // The last start runs to the end.
+            ok(convnet(command));
+            break;
+        }
+        let mut child = spawn(command);
+        {
             if kills % 3 == 2 {
-                wait_for_write(&killed, Duration::from_secs(5));
+                // In turn while the state, the checkpoint and the metrics are written.
+                let file = ["train_state", "model", "metrics"][(kills / 3) % 3];
+                wait_for_write(&killed, file, Duration::from_secs(5));
             } else {
                 std::thread::sleep(Duration::from_millis(20 + next() % 700));
             }
@@ -222,11 +237,7 @@ fn killed_at_random_instants_the_run_always_resumes_to_the_same_weights() {
             if !temporaries(&killed).is_empty() {
                 during_writes += 1;
             }
-            continue;
         }
-        let status = child.wait().unwrap();
-        assert!(status.success(), "the last resume failed");
-        break;
     }
     eprintln!("{kills} kills ({during_writes} while a checkpoint file was being written) over {attempts} starts");
     assert!(kills >= 30);

@@ -278,11 +278,19 @@ pub(crate) fn open(path: &Path, opts: &FolderOptions) -> Result<ImageDataset> {
     let mut next = 0;
     while next < items.len() {
         let end = (next + decoder.chunk_len()).min(items.len());
+        let first_chunk = decoder.first.is_none();
         decoder.push(
             (next..end)
                 .map(|id| (id, items[id].0.clone(), None))
                 .collect(),
         )?;
+        if let (true, Some((shape, _))) = (first_chunk, &decoder.first) {
+            // The folder's size is known now: the rest of its images.
+            let per = shape.iter().product::<usize>() as u64;
+            decoder
+                .sink
+                .expect(per.saturating_mul((items.len() - end) as u64))?;
+        }
         next = end;
     }
     let order = (0..decoder.kept.len()).collect();

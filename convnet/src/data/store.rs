@@ -170,6 +170,22 @@ impl PixelSink {
         Ok(())
     }
 
+    /// Says that about `bytes` more will come: kept in memory, they are allocated once
+    /// (growing a buffer by doubling would need up to three times the data at a moment);
+    /// beyond the memory limit, the sink moves to its file now.
+    pub(crate) fn expect(&mut self, bytes: u64) -> Result<()> {
+        if self.file.is_some() {
+            return Ok(());
+        }
+        match self.written.checked_add(bytes) {
+            Some(total) if total <= self.limit => {
+                self.memory.reserve_exact((total - self.written) as usize);
+                Ok(())
+            }
+            _ => self.spill(),
+        }
+    }
+
     /// Appends one image.
     pub(crate) fn push(&mut self, pixels: &[u8]) -> Result<()> {
         self.written += pixels.len() as u64;
