@@ -498,3 +498,57 @@ fn a_checkpoint_with_non_finite_weights_is_refused_before_running() {
         assert!(stderr.contains("NaN or infinite"), "{cmd}: {stderr}");
     }
 }
+
+/// `bytes` (a safetensors file) with its first tensor's header entry edited by `edit`.
+fn edit_first_tensor(bytes: &[u8], edit: impl Fn(&str) -> String) -> Vec<u8> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+    let start = header.find("\"shape\"").unwrap();
+    let end = start + header[start..].find('}').unwrap();
+    let edited = format!(
+        "{}{}{}",
+        &header[..start],
+        edit(&header[start..end]),
+        &header[end..]
+    );
+    let mut out = (edited.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(edited.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    out
+}
+
+#[test]
+fn a_checkpoint_claiming_a_huge_tensor_fails_before_allocating() {
+    let dir = temp("huge-state");
+    ok(train(&dir, &["--epochs", "1", "--stop-after", "1"]));
+    let good = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let path = dir.join("huge.safetensors");
+    // A 10^12-element tensor: once on the tensor's own bytes, once with offsets to match.
+    for (what, entry) in [
+        (
+            "shape",
+            "\"shape\":[1000000,1000000],\"data_offsets\":[0,4]",
+        ),
+        (
+            "shape and offsets",
+            "\"shape\":[1000000,1000000],\"data_offsets\":[0,4000000000000]",
+        ),
+    ] {
+        std::fs::write(&path, edit_first_tensor(&good, |_| entry.to_string())).unwrap();
+        for cmd in ["eval", "predict"] {
+            let start = Instant::now();
+            let args = format!("{cmd} --checkpoint {}", path.display());
+            let args = if cmd == "predict" {
+                args + " any.png"
+            } else {
+                args
+            };
+            let stderr = failed(limited(&args));
+            assert!(start.elapsed() < Duration::from_secs(10), "{what}: {cmd}");
+            assert!(
+                stderr.contains("huge.safetensors"),
+                "{what}: {cmd}: {stderr}"
+            );
+        }
+    }
+}

@@ -108,6 +108,24 @@ fn regression_inputs(found: &mut Seeds) -> Result<(), String> {
         "conv-4e9-channels".into(),
         b"name = \"bomb\"\n[[layer]]\ntype = \"conv2d\"\nout_channels = 4000000000\nkernel_size = 3\n[[layer]]\ntype = \"flatten\"\n[[layer]]\ntype = \"linear\"\nout_features = \"classes\"\n".to_vec(),
     ));
+    // An inverted residual whose expansion overflows the channel count.
+    let mobile = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/mobile-cnn.json"),
+    )
+    .map_err(|e| e.to_string())?;
+    let text = mobile.replacen(
+        "\"out_channels\": 16, \"expand_ratio\": 1}",
+        "\"out_channels\": 16, \"expand_ratio\": 18446744073709551615}",
+        1,
+    );
+    if text == mobile {
+        return Err("mobile-cnn.json no longer has the layer the regression edits".into());
+    }
+    found.push((
+        "model-json",
+        "expand-ratio-overflows".into(),
+        text.into_bytes(),
+    ));
     // A pickle that doubles a memoised value 24 times (16 million values from 100 bytes).
     let mut bomb = b"\x80\x02]q\x00".to_vec();
     for _ in 0..24 {

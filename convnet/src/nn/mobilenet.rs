@@ -68,7 +68,12 @@ impl InvertedResidual {
         if expand_ratio == 0 {
             return Err(invalid("InvertedResidual", "expand_ratio must be positive"));
         }
-        let hidden = in_channels * expand_ratio;
+        let hidden = in_channels.checked_mul(expand_ratio).ok_or_else(|| {
+            invalid(
+                "InvertedResidual",
+                format!("{in_channels} channels x expand_ratio {expand_ratio} is too many"),
+            )
+        })?;
         let mut conv = Sequential::new();
         if expand_ratio != 1 {
             conv = conv.push(conv_bn_relu6(in_channels, hidden, 1, 1, 1)?);

@@ -343,7 +343,9 @@ impl Bottleneck {
     /// # Ok::<(), convnet::Error>(())
     /// ```
     pub fn new(in_planes: usize, planes: usize, stride: usize) -> Result<Bottleneck> {
-        let out = planes * Self::EXPANSION;
+        let out = planes.checked_mul(Self::EXPANSION).ok_or_else(|| {
+            crate::error::invalid("Bottleneck", format!("{planes} planes is too many"))
+        })?;
         Ok(Bottleneck {
             conv1: Conv2d::new(in_planes, planes, 1).bias(false).build()?,
             bn1: BatchNorm2d::new(planes)?,
