@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 30)]
     steps: usize,
+    /// In infer mode, run the model layer by layer instead of its compiled inference plan
+    /// (to compare the two).
+    #[arg(long)]
+    no_plan: bool,
     /// Print a per-op breakdown of forward and backward time and GFLOP/s.
     #[arg(long)]
     profile: bool,
@@ -167,6 +171,9 @@ pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
             ..Default::default()
         },
     )?;
+    let plan = (a.mode == BenchMode::Infer && !a.no_plan)
+        .then(|| convnet::infer::Plan::new(&model))
+        .transpose()?;
     let mut times = Vec::with_capacity(a.steps);
     let mut exposed = Vec::with_capacity(a.steps);
     for i in 0..a.warmup + a.steps {
@@ -193,9 +200,14 @@ pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
                 let grads = loss.backward()?;
                 opt.step(&grads)?;
             }
-            (BenchMode::Infer, _) => {
-                convnet::no_grad(|| model.forward(&x, Mode::Eval))?;
-            }
+            (BenchMode::Infer, _) => match &plan {
+                Some(plan) => {
+                    plan.run(&x)?;
+                }
+                None => {
+                    convnet::no_grad(|| model.forward(&x, Mode::Eval))?;
+                }
+            },
         }
         if i >= a.warmup {
             times.push(t0.elapsed().as_secs_f64());

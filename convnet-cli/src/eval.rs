@@ -5,9 +5,9 @@ use crate::dist::{threads_per_rank, Ranks};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use convnet::data::{DataLoader, FolderOptions, Transform};
+use convnet::infer::{Compiled, Predictor};
 use convnet::model_file::ModelFile;
 use convnet::models::ModelSpec;
-use convnet::nn::Mode;
 use convnet::train::evaluate_distributed;
 use convnet::Tensor;
 use std::path::PathBuf;
@@ -109,7 +109,7 @@ pub fn run_eval(a: EvalArgs, ranks: &Ranks) -> Result<()> {
         ranks.rank(),
         ranks.size(),
     )?;
-    let r = evaluate_distributed(&loaded.model, &loader, ranks.as_ref())?;
+    let r = evaluate_distributed(&Compiled::new(&loaded.model), &loader, ranks.as_ref())?;
     if ranks.rank() != 0 {
         return Ok(());
     }
@@ -200,14 +200,14 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
         normalize: m.normalize.clone(),
         augment: None,
     };
+    let net = Compiled::new(&loaded.model);
     let mut results = Vec::new();
     for path in &a.images {
         let x = Tensor::from_vec(
             load_image(path, m.input_shape, &t)?,
             [1, m.input_shape[0], m.input_shape[1], m.input_shape[2]],
         )?;
-        let probs =
-            convnet::no_grad(|| loaded.model.forward(&x, Mode::Eval)?.softmax(-1))?.to_vec();
+        let probs = net.predict(&x)?.softmax(-1)?.to_vec();
         let mut order: Vec<usize> = (0..probs.len()).collect();
         order.sort_by(|&i, &j| probs[j].total_cmp(&probs[i]));
         let top: Vec<(usize, f32)> = order

@@ -796,7 +796,7 @@ pub fn evaluate(model: &Model, loader: &DataLoader) -> Result<EvalReport> {
 /// with this rank and the number of ranks), and sums the counts over the ranks: every image
 /// counted exactly once, the same report on every rank.
 pub fn evaluate_distributed(
-    model: &Model,
+    model: &dyn crate::infer::Predictor,
     loader: &DataLoader,
     comm: &dyn Communicator,
 ) -> Result<EvalReport> {
@@ -825,7 +825,7 @@ pub fn evaluate_distributed(
                 continue;
             }
             let images = batch.images.to_device(device)?;
-            let logits = model.forward(&images, Mode::Eval)?;
+            let logits = model.predict(&images)?;
             if logits.dims().get(1) != Some(&classes) {
                 return Err(invalid(
                     "evaluate",

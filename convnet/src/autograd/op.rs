@@ -122,10 +122,12 @@ pub(crate) enum Op {
         target: Tensor,
         divisor: f32,
     },
-    /// `y = x * mask`, mask holding 0 or 1/(1-p).
-    Dropout {
+    /// An op whose gradient is `dy * mask`: dropout (`y = x * mask`, mask 0 or 1/(1-p)) and
+    /// fake quantization (mask 1 where the value was inside the quantized range).
+    Masked {
         input: Tensor,
         mask: Vec<f32>,
+        name: &'static str,
     },
     BatchNorm2d {
         input: Tensor,
@@ -215,7 +217,7 @@ impl Op {
             | Op::Activation { input, .. }
             | Op::Softmax { input, .. }
             | Op::NllLoss { input, .. }
-            | Op::Dropout { input, .. }
+            | Op::Masked { input, .. }
             | Op::Reshape { input }
             | Op::Permute { input, .. }
             | Op::Sum { input, .. }
@@ -247,7 +249,7 @@ impl Op {
             Op::CrossEntropy { logits, .. } => first("cross_entropy", logits),
             Op::NllLoss { input, .. } => first("nll_loss", input),
             Op::MseLoss { input, .. } => first("mse_loss", input),
-            Op::Dropout { input, .. } => first("dropout", input),
+            Op::Masked { input, name, .. } => first(name, input),
             Op::BatchNorm2d { input, .. } => first("batch_norm2d", input),
             Op::Reshape { input } => first("reshape", input),
             Op::Permute { input, .. } => first("permute", input),
@@ -451,7 +453,7 @@ impl Op {
                     grads.push((input.clone(), diff));
                 }
             }
-            Op::Dropout { input, mask } => {
+            Op::Masked { input, mask, .. } => {
                 grads.push((
                     input.clone(),
                     g.iter().zip(mask).map(|(a, b)| a * b).collect(),

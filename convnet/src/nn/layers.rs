@@ -1,10 +1,10 @@
 //! The layers of `torch.nn` used by CNNs: Conv2d, pooling, Linear, activations, Dropout,
 //! BatchNorm2d and Flatten.
 
-use super::{init, join, Mode, Module, TensorRole};
+use super::{init, Mode, Module, TensorRole};
 use crate::backend::cpu::activation::Activation;
 use crate::error::{invalid, shape_mismatch, Result};
-use crate::onnx::{unsupported, Attr, GraphBuilder};
+use crate::graph::{Graph, Op, ValueId};
 use crate::rng::with_global_rng;
 use crate::shape::Shape;
 use crate::tensor::{AvgPool2dParams, Conv2dParams, MaxPool2dParams, Tensor};
@@ -19,11 +19,6 @@ fn visit_opt(
     if let Some(t) = t {
         f(super::join(prefix, name), t, role);
     }
-}
-
-/// ONNX `pads` (begin H, begin W, end H, end W) for symmetric padding.
-fn pads(p: (usize, usize)) -> Vec<i64> {
-    vec![p.0 as i64, p.1 as i64, p.0 as i64, p.1 as i64]
 }
 
 // ----- Conv2d ---------------------------------------------------------------------------------
@@ -166,47 +161,19 @@ impl Module for Conv2d {
     fn kind(&self) -> &'static str {
         "Conv2d"
     }
-    fn export_onnx(
-        &self,
-        path: &str,
-        input: &str,
-        _shape: &[usize],
-        g: &mut GraphBuilder,
-    ) -> Result<String> {
-        let w = g.weight(&join(path, "weight"), &self.weight);
-        let mut inputs = vec![input.to_string(), w];
-        if let Some(b) = &self.bias {
-            inputs.push(g.weight(&join(path, "bias"), b));
-        }
-        let p = self.params;
-        let d = self.weight.dims();
-        let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-        Ok(g.node(
-            "Conv",
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        super::push_leaf(
+            self,
             path,
-            &refs,
-            &[
-                ("kernel_shape", Attr::Ints(vec![d[2] as i64, d[3] as i64])),
-                (
-                    "strides",
-                    Attr::Ints(vec![p.stride.0 as i64, p.stride.1 as i64]),
-                ),
-                (
-                    "pads",
-                    Attr::Ints(vec![
-                        p.padding.0 as i64,
-                        p.padding.1 as i64,
-                        p.padding.0 as i64,
-                        p.padding.1 as i64,
-                    ]),
-                ),
-                (
-                    "dilations",
-                    Attr::Ints(vec![p.dilation.0 as i64, p.dilation.1 as i64]),
-                ),
-                ("group", Attr::Int(p.groups as i64)),
-            ],
-        ))
+            Op::Conv2d {
+                weight: self.weight.clone(),
+                bias: self.bias.clone(),
+                params: self.params,
+                act: None,
+            },
+            input,
+            g,
+        )
     }
     fn output_shape(&self, input: &[usize]) -> Result<Shape> {
         let c = self.weight.dims()[1] * self.params.groups;
@@ -275,27 +242,18 @@ impl Module for Linear {
     fn kind(&self) -> &'static str {
         "Linear"
     }
-    fn export_onnx(
-        &self,
-        path: &str,
-        input: &str,
-        shape: &[usize],
-        g: &mut GraphBuilder,
-    ) -> Result<String> {
-        if shape.len() != 2 {
-            return Err(unsupported(
-                path,
-                "Linear",
-                "only [N, features] inputs are exported",
-            ));
-        }
-        let w = g.weight(&join(path, "weight"), &self.weight);
-        let mut inputs = vec![input.to_string(), w];
-        if let Some(b) = &self.bias {
-            inputs.push(g.weight(&join(path, "bias"), b));
-        }
-        let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-        Ok(g.node("Gemm", path, &refs, &[("transB", Attr::Int(1))]))
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        super::push_leaf(
+            self,
+            path,
+            Op::Linear {
+                weight: self.weight.clone(),
+                bias: self.bias.clone(),
+                act: None,
+            },
+            input,
+            g,
+        )
     }
     fn output_shape(&self, input: &[usize]) -> Result<Shape> {
         let want = self.in_features();
@@ -349,35 +307,8 @@ impl Module for MaxPool2d {
     fn kind(&self) -> &'static str {
         "MaxPool2d"
     }
-    fn export_onnx(
-        &self,
-        path: &str,
-        input: &str,
-        _shape: &[usize],
-        g: &mut GraphBuilder,
-    ) -> Result<String> {
-        let p = self.0;
-        Ok(g.node(
-            "MaxPool",
-            path,
-            &[input],
-            &[
-                (
-                    "kernel_shape",
-                    Attr::Ints(vec![p.kernel.0 as i64, p.kernel.1 as i64]),
-                ),
-                (
-                    "strides",
-                    Attr::Ints(vec![p.stride.0 as i64, p.stride.1 as i64]),
-                ),
-                ("pads", Attr::Ints(pads(p.padding))),
-                (
-                    "dilations",
-                    Attr::Ints(vec![p.dilation.0 as i64, p.dilation.1 as i64]),
-                ),
-                ("ceil_mode", Attr::Int(p.ceil_mode as i64)),
-            ],
-        ))
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        super::push_leaf(self, path, Op::MaxPool2d(self.0), input, g)
     }
     fn output_shape(&self, input: &[usize]) -> Result<Shape> {
         self.0.output_shape(input)
@@ -406,39 +337,8 @@ impl Module for AvgPool2d {
     fn kind(&self) -> &'static str {
         "AvgPool2d"
     }
-    fn export_onnx(
-        &self,
-        path: &str,
-        input: &str,
-        _shape: &[usize],
-        g: &mut GraphBuilder,
-    ) -> Result<String> {
-        let p = self.0;
-        if p.ceil_mode {
-            // PyTorch drops windows that start in the right padding; ONNX does not.
-            return Err(unsupported(
-                path,
-                "AvgPool2d",
-                "ceil_mode has no exact ONNX form",
-            ));
-        }
-        Ok(g.node(
-            "AveragePool",
-            path,
-            &[input],
-            &[
-                (
-                    "kernel_shape",
-                    Attr::Ints(vec![p.kernel.0 as i64, p.kernel.1 as i64]),
-                ),
-                (
-                    "strides",
-                    Attr::Ints(vec![p.stride.0 as i64, p.stride.1 as i64]),
-                ),
-                ("pads", Attr::Ints(pads(p.padding))),
-                ("count_include_pad", Attr::Int(p.count_include_pad as i64)),
-            ],
-        ))
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        super::push_leaf(self, path, Op::AvgPool2d(self.0), input, g)
     }
     fn output_shape(&self, input: &[usize]) -> Result<Shape> {
         self.0.output_shape(input)
@@ -463,35 +363,8 @@ impl Module for AdaptiveAvgPool2d {
     fn kind(&self) -> &'static str {
         "AdaptiveAvgPool2d"
     }
-    fn export_onnx(
-        &self,
-        path: &str,
-        input: &str,
-        shape: &[usize],
-        g: &mut GraphBuilder,
-    ) -> Result<String> {
-        let (oh, ow) = self.0;
-        if (oh, ow) == (1, 1) {
-            return Ok(g.node("GlobalAveragePool", path, &[input], &[]));
-        }
-        let (h, w) = (shape[2], shape[3]);
-        if h % oh != 0 || w % ow != 0 {
-            return Err(unsupported(
-                path,
-                "AdaptiveAvgPool2d",
-                &format!("{h}x{w} does not divide into {oh}x{ow} equal windows"),
-            ));
-        }
-        let k = vec![(h / oh) as i64, (w / ow) as i64];
-        Ok(g.node(
-            "AveragePool",
-            path,
-            &[input],
-            &[
-                ("kernel_shape", Attr::Ints(k.clone())),
-                ("strides", Attr::Ints(k)),
-            ],
-        ))
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        super::push_leaf(self, path, Op::AdaptiveAvgPool2d(self.0), input, g)
     }
     fn output_shape(&self, input: &[usize]) -> Result<Shape> {
         if input.len() != 4 {
@@ -525,14 +398,8 @@ macro_rules! activation_layer {
             fn kind(&self) -> &'static str {
                 $kind
             }
-            fn export_onnx(
-                &self,
-                path: &str,
-                input: &str,
-                _shape: &[usize],
-                g: &mut GraphBuilder,
-            ) -> Result<String> {
-                crate::onnx::activation(g, $act, path, input)
+            fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+                super::push_leaf(self, path, Op::Activation($act), input, g)
             }
             fn output_shape(&self, input: &[usize]) -> Result<Shape> {
                 Ok(Shape::from(input))
@@ -577,14 +444,14 @@ impl Module for LeakyReLU {
     fn kind(&self) -> &'static str {
         "LeakyReLU"
     }
-    fn export_onnx(
-        &self,
-        path: &str,
-        input: &str,
-        _shape: &[usize],
-        g: &mut GraphBuilder,
-    ) -> Result<String> {
-        crate::onnx::activation(g, Activation::LeakyRelu(self.0), path, input)
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        super::push_leaf(
+            self,
+            path,
+            Op::Activation(Activation::LeakyRelu(self.0)),
+            input,
+            g,
+        )
     }
     fn output_shape(&self, input: &[usize]) -> Result<Shape> {
         Ok(Shape::from(input))
@@ -602,15 +469,8 @@ impl Module for Softmax {
     fn kind(&self) -> &'static str {
         "Softmax"
     }
-    fn export_onnx(
-        &self,
-        path: &str,
-        input: &str,
-        shape: &[usize],
-        g: &mut GraphBuilder,
-    ) -> Result<String> {
-        let axis = crate::shape::normalize_dim(self.0, shape.len())? as i64;
-        Ok(g.node("Softmax", path, &[input], &[("axis", Attr::Int(axis))]))
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        super::push_leaf(self, path, Op::Softmax(self.0), input, g)
     }
     fn output_shape(&self, input: &[usize]) -> Result<Shape> {
         crate::shape::normalize_dim(self.0, input.len())?;
@@ -653,14 +513,9 @@ impl Module for Dropout {
     fn kind(&self) -> &'static str {
         "Dropout"
     }
-    fn export_onnx(
-        &self,
-        path: &str,
-        input: &str,
-        _shape: &[usize],
-        g: &mut GraphBuilder,
-    ) -> Result<String> {
-        Ok(g.node("Identity", path, &[input], &[]))
+    fn describe(&self, _path: &str, input: ValueId, _g: &mut Graph) -> Result<ValueId> {
+        // The identity in eval mode.
+        Ok(input)
     }
     fn output_shape(&self, input: &[usize]) -> Result<Shape> {
         Ok(Shape::from(input))
@@ -767,30 +622,20 @@ impl Module for BatchNorm2d {
     fn kind(&self) -> &'static str {
         "BatchNorm2d"
     }
-    fn export_onnx(
-        &self,
-        path: &str,
-        input: &str,
-        _shape: &[usize],
-        g: &mut GraphBuilder,
-    ) -> Result<String> {
-        let inputs = [
-            input.to_string(),
-            g.weight(&join(path, "weight"), &self.weight),
-            g.weight(&join(path, "bias"), &self.bias),
-            g.weight(&join(path, "running_mean"), &self.running_mean),
-            g.weight(&join(path, "running_var"), &self.running_var),
-        ];
-        let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-        Ok(g.node(
-            "BatchNormalization",
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        super::push_leaf(
+            self,
             path,
-            &refs,
-            &[
-                ("epsilon", Attr::Float(self.eps)),
-                ("momentum", Attr::Float(1.0 - self.momentum)),
-            ],
-        ))
+            Op::BatchNorm2d {
+                weight: self.weight.clone(),
+                bias: self.bias.clone(),
+                mean: self.running_mean.clone(),
+                var: self.running_var.clone(),
+                eps: self.eps,
+            },
+            input,
+            g,
+        )
     }
     fn output_shape(&self, input: &[usize]) -> Result<Shape> {
         let c = self.weight.numel();
@@ -852,17 +697,16 @@ impl Module for Flatten {
     fn kind(&self) -> &'static str {
         "Flatten"
     }
-    fn export_onnx(
-        &self,
-        path: &str,
-        input: &str,
-        _shape: &[usize],
-        g: &mut GraphBuilder,
-    ) -> Result<String> {
-        if self.start_dim != 1 {
-            return Err(unsupported(path, "Flatten", "only start_dim 1 is exported"));
-        }
-        Ok(g.node("Flatten", path, &[input], &[("axis", Attr::Int(1))]))
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        super::push_leaf(
+            self,
+            path,
+            Op::Flatten {
+                start_dim: self.start_dim,
+            },
+            input,
+            g,
+        )
     }
     fn output_shape(&self, input: &[usize]) -> Result<Shape> {
         if self.start_dim >= input.len() {

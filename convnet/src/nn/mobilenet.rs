@@ -4,6 +4,7 @@
 
 use super::{join, BatchNorm2d, Conv2d, Mode, Module, ReLU6, Sequential, SummaryRow, TensorRole};
 use crate::error::{invalid, Result};
+use crate::graph::{Graph, Op, ValueId};
 use crate::shape::Shape;
 use crate::tensor::Tensor;
 
@@ -103,21 +104,14 @@ impl Module for InvertedResidual {
         "InvertedResidual"
     }
 
-    fn export_onnx(
-        &self,
-        path: &str,
-        input: &str,
-        shape: &[usize],
-        g: &mut crate::onnx::GraphBuilder,
-    ) -> Result<String> {
-        let h = self
-            .conv
-            .export_onnx(&join(path, "conv"), input, shape, g)?;
-        Ok(if self.use_residual {
-            g.node("Add", path, &[&h, input], &[])
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        let h = self.conv.describe(&join(path, "conv"), input, g)?;
+        if self.use_residual {
+            let shape = g.shape(h).clone();
+            g.push(&join(path, "add"), Op::Add, &[h, input], shape)
         } else {
-            h
-        })
+            Ok(h)
+        }
     }
 
     fn output_shape(&self, input: &[usize]) -> Result<Shape> {

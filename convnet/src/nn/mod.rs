@@ -21,6 +21,7 @@ pub use resnet::{BasicBlock, Bottleneck, Shortcut};
 pub use sequential::Sequential;
 
 use crate::error::{Error, Result};
+use crate::graph::{Graph, Op, ValueId};
 use crate::shape::Shape;
 use crate::tensor::Tensor;
 
@@ -67,18 +68,15 @@ pub trait Module: Send + Sync {
         let _ = (prefix, f);
     }
 
-    /// Appends this layer's ONNX nodes (eval-mode semantics) reading the value `input` of
-    /// shape `shape` (batch included) and returns the name of its output. Layers without an
-    /// ONNX form say so.
-    fn export_onnx(
-        &self,
-        path: &str,
-        input: &str,
-        shape: &[usize],
-        g: &mut crate::onnx::GraphBuilder,
-    ) -> Result<String> {
-        let _ = (input, shape, g);
-        Err(crate::onnx::unsupported(path, self.kind(), "no ONNX form"))
+    /// Appends this layer's nodes to `g` (eval-mode semantics), reading the value `input`,
+    /// named under the layer's `state_dict` path `path`; returns the layer's output value.
+    /// This one description is what ONNX export, the inference plan and quantization read.
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        let _ = (input, g);
+        Err(Error::Unsupported(format!(
+            "{path} ({}) has no graph description",
+            self.kind()
+        )))
     }
 
     /// Shape inference with summary rows; containers override it to recurse. Errors name the
@@ -130,6 +128,24 @@ fn layer_message(e: &Error) -> String {
         Error::ShapeMismatch { expected, got, .. } => format!("expected {expected}, got {got}"),
         other => other.to_string(),
     }
+}
+
+/// Appends the single node `op` of a leaf layer, with the output shape the layer infers.
+pub(crate) fn push_leaf(
+    layer: &dyn Module,
+    path: &str,
+    op: Op,
+    input: ValueId,
+    g: &mut Graph,
+) -> Result<ValueId> {
+    let shape = layer
+        .output_shape(g.shape(input).dims())
+        .map_err(|e| Error::Layer {
+            layer: path.to_string(),
+            kind: layer.kind(),
+            msg: layer_message(&e),
+        })?;
+    g.push(path, op, &[input], shape)
 }
 
 /// Joins a module path and a child name the way `state_dict` keys are joined.

@@ -103,6 +103,15 @@ impl Model {
         self.net.forward(x, mode)
     }
 
+    /// The model as a graph of layer values, reading the model's own tensors (see
+    /// [`crate::graph`]).
+    pub fn graph(&self) -> Result<crate::graph::Graph> {
+        let mut g = crate::graph::Graph::new(&self.input_shape);
+        let out = self.net.describe("", g.input(), &mut g)?;
+        g.set_output(out);
+        Ok(g)
+    }
+
     /// Trainable parameters with their `state_dict` names.
     pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
         super::named_parameters(self.net.as_ref())

@@ -2,9 +2,9 @@
 //! (`conv1, bn1, relu, conv2, bn2`) and `Bottleneck` (`conv1` 1x1, `conv2` 3x3, `conv3` 1x1
 //! with `bn1..bn3`), plus a `downsample` shortcut when the shape changes.
 
-use super::{join, BatchNorm2d, Conv2d, Mode, Module, Sequential, SummaryRow, TensorRole};
+use super::{join, BatchNorm2d, Conv2d, Mode, Module, ReLU, Sequential, SummaryRow, TensorRole};
 use crate::error::{Error, Result};
-use crate::onnx::GraphBuilder;
+use crate::graph::{Graph, Op, ValueId};
 use crate::shape::Shape;
 use crate::tensor::Tensor;
 
@@ -79,32 +79,32 @@ impl ShortcutPath {
         }
     }
 
-    fn export_onnx(
-        &self,
-        path: &str,
-        input: &str,
-        shape: &[usize],
-        g: &mut GraphBuilder,
-    ) -> Result<String> {
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
         match self {
-            ShortcutPath::Identity => Ok(input.to_string()),
-            ShortcutPath::Projection(ds) => {
-                ds.export_onnx(&join(path, "downsample"), input, shape, g)
-            }
+            ShortcutPath::Identity => Ok(input),
+            ShortcutPath::Projection(ds) => ds.describe(&join(path, "downsample"), input, g),
             ShortcutPath::Pad {
                 stride,
                 before,
                 planes,
             } => {
-                let s = *stride as i64;
-                let starts = g.ints(path, &[0, 0]);
-                let ends = g.ints(path, &[i64::MAX, i64::MAX]);
-                let axes = g.ints(path, &[2, 3]);
-                let steps = g.ints(path, &[s, s]);
-                let sub = g.node("Slice", path, &[input, &starts, &ends, &axes, &steps], &[]);
-                let after = (planes - shape[1] - before) as i64;
-                let pads = g.ints(path, &[0, *before as i64, 0, 0, 0, after, 0, 0]);
-                Ok(g.node("Pad", path, &[&sub, &pads], &[]))
+                let d = g.shape(input).dims().to_vec();
+                let shape = Shape::new([
+                    d[0],
+                    *planes,
+                    d[2].div_ceil(*stride),
+                    d[3].div_ceil(*stride),
+                ]);
+                g.push(
+                    &join(path, "shortcut"),
+                    Op::PadChannels {
+                        stride: *stride,
+                        before: *before,
+                        planes: *planes,
+                    },
+                    &[input],
+                    shape,
+                )
             }
         }
     }
@@ -160,28 +160,25 @@ fn residual_forward(
     Ok(h)
 }
 
-fn residual_export(
+fn residual_describe(
     convs: &[(&Conv2d, &BatchNorm2d)],
     shortcut: &ShortcutPath,
     path: &str,
-    input: &str,
-    shape: &[usize],
-    g: &mut GraphBuilder,
-) -> Result<String> {
-    let mut h = input.to_string();
-    let mut s = Shape::from(shape);
+    input: ValueId,
+    g: &mut Graph,
+) -> Result<ValueId> {
+    let mut h = input;
     for (i, (conv, bn)) in convs.iter().enumerate() {
-        let conv_path = join(path, &format!("conv{}", i + 1));
-        h = conv.export_onnx(&conv_path, &h, s.dims(), g)?;
-        s = conv.output_shape(s.dims())?;
-        h = bn.export_onnx(&join(path, &format!("bn{}", i + 1)), &h, s.dims(), g)?;
+        h = conv.describe(&join(path, &format!("conv{}", i + 1)), h, g)?;
+        h = bn.describe(&join(path, &format!("bn{}", i + 1)), h, g)?;
         if i + 1 < convs.len() {
-            h = g.node("Relu", path, &[&h], &[]);
+            h = ReLU.describe(&join(path, &format!("relu{}", i + 1)), h, g)?;
         }
     }
-    let short = shortcut.export_onnx(path, input, shape, g)?;
-    let sum = g.node("Add", path, &[&h, &short], &[]);
-    Ok(g.node("Relu", path, &[&sum], &[]))
+    let short = shortcut.describe(path, input, g)?;
+    let shape = g.shape(h).clone();
+    let sum = g.push(&join(path, "add"), Op::Add, &[h, short], shape)?;
+    ReLU.describe(&join(path, "relu"), sum, g)
 }
 
 fn residual_visit(
@@ -227,14 +224,8 @@ macro_rules! residual_module {
                 stringify!($block)
             }
 
-            fn export_onnx(
-                &self,
-                path: &str,
-                input: &str,
-                shape: &[usize],
-                g: &mut GraphBuilder,
-            ) -> Result<String> {
-                residual_export(&self.convs(), &self.shortcut, path, input, shape, g)
+            fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+                residual_describe(&self.convs(), &self.shortcut, path, input, g)
             }
 
             fn output_shape(&self, input: &[usize]) -> Result<Shape> {

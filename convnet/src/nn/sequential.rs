@@ -2,6 +2,7 @@
 
 use super::{join, Mode, Module, SummaryRow, TensorRole};
 use crate::error::{Error, Result};
+use crate::graph::{Graph, ValueId};
 use crate::shape::Shape;
 use crate::tensor::Tensor;
 
@@ -67,18 +68,10 @@ impl Module for Sequential {
         "Sequential"
     }
 
-    fn export_onnx(
-        &self,
-        path: &str,
-        input: &str,
-        shape: &[usize],
-        g: &mut crate::onnx::GraphBuilder,
-    ) -> Result<String> {
-        let mut value = input.to_string();
-        let mut shape = Shape::from(shape);
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        let mut value = input;
         for (name, child) in &self.children {
-            value = child.export_onnx(&join(path, name), &value, shape.dims(), g)?;
-            shape = child.output_shape(shape.dims())?;
+            value = child.describe(&join(path, name), value, g)?;
         }
         Ok(value)
     }

@@ -1,8 +1,8 @@
 //! ONNX export: a [`Model`] as a standard ONNX graph (opset 17, IR version 8) with its
 //! weights as initializers under their `state_dict` names.
 //!
-//! Each layer adds its own nodes through [`crate::nn::Module::export_onnx`], in eval-mode
-//! semantics (Dropout is the identity, BatchNorm uses running statistics). The graph input
+//! The export is a pass over the model's [`crate::graph::Graph`], in eval-mode semantics
+//! (Dropout is the identity, BatchNorm uses running statistics). The graph input
 //! `input` is `[batch, C, H, W]` float32 with a symbolic batch size; the output `logits` is
 //! `[batch, classes]`.
 //!
@@ -17,6 +17,7 @@ mod proto;
 
 use crate::backend::cpu::activation::Activation;
 use crate::error::{Error, Result};
+use crate::graph::{Node, Op};
 use crate::nn::Model;
 use crate::tensor::Tensor;
 use prost::Message;
@@ -224,12 +225,195 @@ fn value_info(name: &str, dims: &[Option<usize>]) -> ValueInfoProto {
     }
 }
 
+/// ONNX `pads` (begin H, begin W, end H, end W) for symmetric padding.
+fn pads(p: (usize, usize)) -> Vec<i64> {
+    vec![p.0 as i64, p.1 as i64, p.0 as i64, p.1 as i64]
+}
+
+fn pair(p: (usize, usize)) -> Vec<i64> {
+    vec![p.0 as i64, p.1 as i64]
+}
+
+/// Adds the ONNX nodes of one graph node reading `inputs` (whose first has shape `shape`);
+/// returns the name of its output.
+fn node_onnx(
+    node: &Node,
+    inputs: &[String],
+    shape: &[usize],
+    g: &mut GraphBuilder,
+) -> Result<String> {
+    let path = node.name.as_str();
+    let input = inputs[0].as_str();
+    let weights = |g: &mut GraphBuilder| -> Vec<String> {
+        let mut v = vec![input.to_string()];
+        for (name, t) in node.op.tensors() {
+            v.push(g.weight(&format!("{path}.{name}"), t));
+        }
+        v
+    };
+    Ok(match &node.op {
+        Op::Input => input.to_string(),
+        Op::Conv2d {
+            weight,
+            params,
+            act,
+            ..
+        } => {
+            let refs = weights(g);
+            let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+            let d = weight.dims();
+            let conv = g.node(
+                "Conv",
+                path,
+                &refs,
+                &[
+                    ("kernel_shape", Attr::Ints(vec![d[2] as i64, d[3] as i64])),
+                    ("strides", Attr::Ints(pair(params.stride))),
+                    ("pads", Attr::Ints(pads(params.padding))),
+                    ("dilations", Attr::Ints(pair(params.dilation))),
+                    ("group", Attr::Int(params.groups as i64)),
+                ],
+            );
+            let sum = match inputs.get(1) {
+                Some(residual) => g.node("Add", path, &[&conv, residual], &[]),
+                None => conv,
+            };
+            match act {
+                Some(act) => activation(g, *act, path, &sum)?,
+                None => sum,
+            }
+        }
+        Op::Linear { act, .. } => {
+            if shape.len() != 2 {
+                return Err(unsupported(
+                    path,
+                    "Linear",
+                    "only [N, features] inputs are exported",
+                ));
+            }
+            let refs = weights(g);
+            let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+            let y = g.node("Gemm", path, &refs, &[("transB", Attr::Int(1))]);
+            match act {
+                Some(act) => activation(g, *act, path, &y)?,
+                None => y,
+            }
+        }
+        Op::BatchNorm2d { eps, .. } => {
+            let refs = weights(g);
+            let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+            g.node(
+                "BatchNormalization",
+                path,
+                &refs,
+                &[
+                    ("epsilon", Attr::Float(*eps)),
+                    ("momentum", Attr::Float(0.9)),
+                ],
+            )
+        }
+        Op::Activation(act) => activation(g, *act, path, input)?,
+        Op::MaxPool2d(p) => g.node(
+            "MaxPool",
+            path,
+            &[input],
+            &[
+                ("kernel_shape", Attr::Ints(pair(p.kernel))),
+                ("strides", Attr::Ints(pair(p.stride))),
+                ("pads", Attr::Ints(pads(p.padding))),
+                ("dilations", Attr::Ints(pair(p.dilation))),
+                ("ceil_mode", Attr::Int(p.ceil_mode as i64)),
+            ],
+        ),
+        Op::AvgPool2d(p) => {
+            if p.ceil_mode {
+                // PyTorch drops windows that start in the right padding; ONNX does not.
+                return Err(unsupported(
+                    path,
+                    "AvgPool2d",
+                    "ceil_mode has no exact ONNX form",
+                ));
+            }
+            g.node(
+                "AveragePool",
+                path,
+                &[input],
+                &[
+                    ("kernel_shape", Attr::Ints(pair(p.kernel))),
+                    ("strides", Attr::Ints(pair(p.stride))),
+                    ("pads", Attr::Ints(pads(p.padding))),
+                    ("count_include_pad", Attr::Int(p.count_include_pad as i64)),
+                ],
+            )
+        }
+        Op::AdaptiveAvgPool2d((oh, ow)) => {
+            if (*oh, *ow) == (1, 1) {
+                return Ok(g.node("GlobalAveragePool", path, &[input], &[]));
+            }
+            let (h, w) = (shape[2], shape[3]);
+            if h % oh != 0 || w % ow != 0 {
+                return Err(unsupported(
+                    path,
+                    "AdaptiveAvgPool2d",
+                    &format!("{h}x{w} does not divide into {oh}x{ow} equal windows"),
+                ));
+            }
+            let k = vec![(h / oh) as i64, (w / ow) as i64];
+            g.node(
+                "AveragePool",
+                path,
+                &[input],
+                &[
+                    ("kernel_shape", Attr::Ints(k.clone())),
+                    ("strides", Attr::Ints(k)),
+                ],
+            )
+        }
+        Op::Flatten { start_dim } => {
+            if *start_dim != 1 {
+                return Err(unsupported(path, "Flatten", "only start_dim 1 is exported"));
+            }
+            g.node("Flatten", path, &[input], &[("axis", Attr::Int(1))])
+        }
+        Op::Softmax(dim) => {
+            let axis = crate::shape::normalize_dim(*dim, shape.len())? as i64;
+            g.node("Softmax", path, &[input], &[("axis", Attr::Int(axis))])
+        }
+        Op::Add => g.node("Add", path, &[input, &inputs[1]], &[]),
+        Op::PadChannels {
+            stride,
+            before,
+            planes,
+        } => {
+            let s = *stride as i64;
+            let starts = g.ints(path, &[0, 0]);
+            let ends = g.ints(path, &[i64::MAX, i64::MAX]);
+            let axes = g.ints(path, &[2, 3]);
+            let steps = g.ints(path, &[s, s]);
+            let sub = g.node("Slice", path, &[input, &starts, &ends, &axes, &steps], &[]);
+            let after = (planes - shape[1] - before) as i64;
+            let pads = g.ints(path, &[0, *before as i64, 0, 0, 0, after, 0, 0]);
+            g.node("Pad", path, &[&sub, &pads], &[])
+        }
+    })
+}
+
 /// Serialises `model` as an ONNX model named `name`.
 pub fn export(model: &Model, name: &str) -> Result<Vec<u8>> {
+    let graph = model.graph()?;
     let mut g = GraphBuilder::default();
-    let mut shape = vec![1];
-    shape.extend_from_slice(model.input_shape());
-    let out = model.net().export_onnx("", "input", &shape, &mut g)?;
+    let mut names: Vec<String> = Vec::with_capacity(graph.nodes().len());
+    for node in graph.nodes() {
+        let name = if matches!(node.op, Op::Input) {
+            "input".to_string()
+        } else {
+            let inputs: Vec<String> = node.inputs.iter().map(|v| names[v.0].clone()).collect();
+            let shape = graph.shape(node.inputs[0]).dims().to_vec();
+            node_onnx(node, &inputs, &shape, &mut g)?
+        };
+        names.push(name);
+    }
+    let out = names[graph.output().0].clone();
     if out == "input" {
         g.node("Identity", "", &["input"], &[]);
         let last = g

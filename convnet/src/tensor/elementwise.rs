@@ -193,9 +193,10 @@ impl Tensor {
             return on_gpu!(gpu, |g| crate::backend::cuda::ops::dropout(g, self, &mask));
         }
         let out = self.with_data(|x| x.iter().zip(&mask).map(|(a, b)| a * b).collect());
-        let op = record(&[self], || Op::Dropout {
+        let op = record(&[self], || Op::Masked {
             input: self.clone(),
             mask,
+            name: "dropout",
         });
         Ok(Tensor::from_parts(out, self.shape().clone(), op))
     }

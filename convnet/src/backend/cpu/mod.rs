@@ -8,8 +8,10 @@ pub mod conv;
 #[cfg(target_arch = "x86_64")]
 pub mod conv_direct;
 pub mod elementwise;
+pub mod int8;
 pub mod loss;
 pub mod matmul;
+pub mod nhwc;
 pub mod norm;
 pub mod optim;
 pub mod pool;

@@ -478,7 +478,7 @@ pub(crate) fn backward(op: &Op, out: &Tensor, g: &DeviceBuffer, ordinal: usize) 
         // cannot be on a GPU (moving a tensor between devices starts a new leaf).
         other @ (Op::MaxPool2d { .. }
         | Op::CrossEntropy { .. }
-        | Op::Dropout { .. }
+        | Op::Masked { .. }
         | Op::BatchNorm2d { .. }) => {
             return Err(Error::Backward(format!(
                 "{} ran on the CPU but its gradient arrived on a GPU",
