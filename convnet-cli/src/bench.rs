@@ -26,6 +26,10 @@ pub struct BenchArgs {
     /// Architecture (see `convnet models`).
     #[arg(long, default_value = "seed-cnn")]
     model: String,
+    /// Time a checkpoint instead (float or quantized; its input shape): a quantized one in
+    /// infer mode only.
+    #[arg(long)]
+    checkpoint: Option<std::path::PathBuf>,
     /// Images per step.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
@@ -139,12 +143,74 @@ pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
     }
     let n = ranks.size();
     a.dist.check(a.batch_size, ranks)?;
-    let shape = parse_shape(&a.input)?;
     convnet::manual_seed(0);
-    let model = convnet::models::build(&a.model, shape, 10)?;
+    let loaded = match &a.checkpoint {
+        Some(path) => Some(crate::common::load_model(&crate::common::ModelSource {
+            checkpoint: Some(path),
+            pretrained: None,
+            model: None,
+            model_file: None,
+            weights: None,
+            input: None,
+            classes: None,
+            random_init: false,
+        })?),
+        None => None,
+    };
+    let (model, shape, label) = match &loaded {
+        Some(l) => {
+            let m = &l.meta;
+            let spec = convnet::models::ModelSpec::from_checkpoint(
+                &m.architecture,
+                m.model_spec.as_deref(),
+            )?;
+            let model = match &l.net {
+                crate::common::Net::Float(_) => None,
+                crate::common::Net::Quantized(_) if a.mode == BenchMode::Train => {
+                    bail!(
+                        "{} is quantized: it runs in --mode infer only",
+                        l.source.display()
+                    )
+                }
+                // The float architecture, for the FLOP count.
+                crate::common::Net::Quantized(_) => {
+                    Some(spec.build(m.input_shape, m.classes.len())?)
+                }
+            };
+            let model = match (model, &l.net) {
+                (Some(m), _) => m,
+                (None, crate::common::Net::Float(_)) => {
+                    // The checkpoint's own weights (train mode updates them).
+                    let (tensors, meta) = convnet::checkpoint::load_checkpoint(
+                        a.checkpoint.as_deref().expect("a checkpoint"),
+                    )?;
+                    let model = spec.build(meta.input_shape, meta.classes.len())?;
+                    model.load_state_dict(&tensors, true)?;
+                    model
+                }
+                (None, crate::common::Net::Quantized(_)) => unreachable!(),
+            };
+            let label = match &l.net {
+                crate::common::Net::Quantized(_) => format!("{} (int8)", m.architecture),
+                _ => m.architecture.clone(),
+            };
+            (model, m.input_shape, label)
+        }
+        None => {
+            let shape = parse_shape(&a.input)?;
+            (
+                convnet::models::build(&a.model, shape, 10)?,
+                shape,
+                a.model.clone(),
+            )
+        }
+    };
+    let classes = model.output_shape().dims().get(1).copied().unwrap_or(10);
     let mut rng = Rng::new(1);
     let x = Tensor::randn([a.batch_size, shape[0], shape[1], shape[2]], &mut rng);
-    let y: Vec<usize> = (0..a.batch_size).map(|_| rng.below(10) as usize).collect();
+    let y: Vec<usize> = (0..a.batch_size)
+        .map(|_| rng.below(classes as u64) as usize)
+        .collect();
     // This rank's slice of the global batch.
     let local = a.batch_size / n;
     let per = shape.iter().product::<usize>();
@@ -171,7 +237,12 @@ pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
             ..Default::default()
         },
     )?;
-    let plan = (a.mode == BenchMode::Infer && !a.no_plan)
+    use convnet::infer::Predictor;
+    let quantized = loaded.as_ref().and_then(|l| match &l.net {
+        crate::common::Net::Quantized(q) => Some(q.as_ref()),
+        _ => None,
+    });
+    let plan = (a.mode == BenchMode::Infer && !a.no_plan && quantized.is_none())
         .then(|| convnet::infer::Plan::new(&model))
         .transpose()?;
     let mut times = Vec::with_capacity(a.steps);
@@ -200,11 +271,14 @@ pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
                 let grads = loss.backward()?;
                 opt.step(&grads)?;
             }
-            (BenchMode::Infer, _) => match &plan {
-                Some(plan) => {
+            (BenchMode::Infer, _) => match (quantized, &plan) {
+                (Some(q), _) => {
+                    q.predict(&x)?;
+                }
+                (None, Some(plan)) => {
                     plan.run(&x)?;
                 }
-                None => {
+                (None, None) => {
                     convnet::no_grad(|| model.forward(&x, Mode::Eval))?;
                 }
             },
@@ -245,7 +319,7 @@ pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "framework": "convnet", "model": a.model, "mode": format!("{:?}", a.mode).to_lowercase(),
+                "framework": "convnet", "model": label, "mode": format!("{:?}", a.mode).to_lowercase(),
                 "batch_size": a.batch_size, "threads": threads, "step_ms": median * 1e3,
                 "images_per_sec": ips, "gflops": gflops, "peak_rss_mib": rss,
                 "mflop_per_image": flops_per_image / 1e6, "ranks": n,
@@ -261,7 +335,7 @@ pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
         };
         println!(
             "{} {:?} batch {} on {on}: {:.2} ms/step (median of {}), {:.0} images/s, {:.1} GFLOP/s ({:.1} MFLOP/image), peak RSS {:.0} MiB",
-            a.model, a.mode, a.batch_size, median * 1e3, a.steps, ips, gflops, flops_per_image / 1e6, rss
+            label, a.mode, a.batch_size, median * 1e3, a.steps, ips, gflops, flops_per_image / 1e6, rss
         );
         if n > 1 && a.mode == BenchMode::Train {
             println!(

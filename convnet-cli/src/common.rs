@@ -4,9 +4,12 @@
 use anyhow::{bail, Context, Result};
 use convnet::checkpoint::{load_checkpoint, load_tensors, CheckpointMeta};
 use convnet::data::{self, FolderOptions, ImageDataset};
+use convnet::infer::{Compiled, Predictor};
 use convnet::model_file::ModelFile;
 use convnet::models::ModelSpec;
 use convnet::nn::Model;
+use convnet::quant::model::is_quantized_file;
+use convnet::quant::QuantizedModel;
 use convnet::Device;
 use std::path::{Path, PathBuf};
 
@@ -89,11 +92,60 @@ pub fn default_classes(channels: usize, n: usize) -> Vec<String> {
     }
 }
 
+/// A float model, or a quantized one (from a quantized checkpoint).
+pub enum Net {
+    Float(Model),
+    Quantized(Box<QuantizedModel>),
+}
+
 /// A model ready for inference with what is needed to feed it.
 pub struct Loaded {
-    pub model: Model,
+    pub net: Net,
     pub meta: CheckpointMeta,
     pub source: PathBuf,
+}
+
+/// A loaded model prepared to run: the float model's inference plan, or the int8 plan.
+pub enum Prepared<'a> {
+    Float(Compiled<'a>),
+    Quantized(&'a QuantizedModel),
+}
+
+impl Predictor for Prepared<'_> {
+    fn predict(&self, x: &convnet::Tensor) -> convnet::Result<convnet::Tensor> {
+        match self {
+            Prepared::Float(c) => c.predict(x),
+            Prepared::Quantized(q) => q.predict(x),
+        }
+    }
+
+    fn device(&self) -> Device {
+        match self {
+            Prepared::Float(c) => c.device(),
+            Prepared::Quantized(_) => Device::Cpu,
+        }
+    }
+}
+
+impl Loaded {
+    /// The fastest way to run the model.
+    pub fn prepare(&self) -> Prepared<'_> {
+        match &self.net {
+            Net::Float(m) => Prepared::Float(Compiled::new(m)),
+            Net::Quantized(q) => Prepared::Quantized(q),
+        }
+    }
+
+    /// The float model, for commands that need weights (`what` says which).
+    pub fn float(&self, what: &str) -> Result<&Model> {
+        match &self.net {
+            Net::Float(m) => Ok(m),
+            Net::Quantized(_) => bail!(
+                "{} is a quantized checkpoint; {what} needs the float model it was made from",
+                self.source.display()
+            ),
+        }
+    }
 }
 
 /// How the user named the model: a convnet checkpoint, or an architecture (built-in or a
@@ -122,7 +174,7 @@ fn from_checkpoint(
         .load_state_dict(tensors, true)
         .with_context(|| format!("{} does not fit {}", source.display(), meta.architecture))?;
     Ok(Loaded {
-        model,
+        net: Net::Float(model),
         meta,
         source,
     })
@@ -146,10 +198,11 @@ fn fresh_meta(spec: &ModelSpec, input: [usize; 3], classes: Vec<String>) -> Chec
 /// weights that are not finite.
 pub fn load_model(src: &ModelSource) -> Result<Loaded> {
     let loaded = load_any_model(src)?;
-    loaded
-        .model
-        .check_finite()
-        .with_context(|| format!("{} cannot be used", loaded.source.display()))?;
+    if let Net::Float(model) = &loaded.net {
+        model
+            .check_finite()
+            .with_context(|| format!("{} cannot be used", loaded.source.display()))?;
+    }
     Ok(loaded)
 }
 
@@ -170,6 +223,14 @@ fn load_any_model(src: &ModelSource) -> Result<Loaded> {
             .context("the model file gives no input size: pass --input CxHxW")
     };
     match (src.checkpoint, spec, src.weights) {
+        (Some(ckpt), None, None) if is_quantized_file(ckpt) => {
+            let (q, meta) = QuantizedModel::load(ckpt)?;
+            Ok(Loaded {
+                net: Net::Quantized(Box::new(q)),
+                meta,
+                source: ckpt.to_path_buf(),
+            })
+        }
         (Some(ckpt), None, None) => {
             let (tensors, meta) = load_checkpoint(ckpt)?;
             from_checkpoint(&tensors, meta, ckpt.to_path_buf())
@@ -201,7 +262,7 @@ fn load_any_model(src: &ModelSource) -> Result<Loaded> {
                 )
             })?;
             Ok(Loaded {
-                model,
+                net: Net::Float(model),
                 meta: fresh_meta(&spec, input, classes),
                 source: weights.to_path_buf(),
             })
@@ -214,7 +275,7 @@ fn load_any_model(src: &ModelSource) -> Result<Loaded> {
                 .clone()
                 .unwrap_or_else(|| default_classes(input[0], n));
             Ok(Loaded {
-                model: spec.build(input, classes.len())?,
+                net: Net::Float(spec.build(input, classes.len())?),
                 meta: fresh_meta(&spec, input, classes),
                 source: PathBuf::from("(random initialisation)"),
             })

@@ -5,7 +5,7 @@ use crate::dist::{threads_per_rank, Ranks};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use convnet::data::{DataLoader, FolderOptions, Transform};
-use convnet::infer::{Compiled, Predictor};
+use convnet::infer::Predictor;
 use convnet::model_file::ModelFile;
 use convnet::models::ModelSpec;
 use convnet::train::evaluate_distributed;
@@ -109,7 +109,7 @@ pub fn run_eval(a: EvalArgs, ranks: &Ranks) -> Result<()> {
         ranks.rank(),
         ranks.size(),
     )?;
-    let r = evaluate_distributed(&Compiled::new(&loaded.model), &loader, ranks.as_ref())?;
+    let r = evaluate_distributed(&loaded.prepare(), &loader, ranks.as_ref())?;
     if ranks.rank() != 0 {
         return Ok(());
     }
@@ -200,7 +200,7 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
         normalize: m.normalize.clone(),
         augment: None,
     };
-    let net = Compiled::new(&loaded.model);
+    let net = loaded.prepare();
     let mut results = Vec::new();
     for path in &a.images {
         let x = Tensor::from_vec(

@@ -1,10 +1,11 @@
 //! `convnet export`: a model as an ONNX graph and/or a plain PyTorch `state_dict`.
 
-use crate::common::load_model;
+use crate::common::{load_model, Net};
 use crate::eval::ModelArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use convnet::checkpoint::{save_tensors, write_atomic};
+use convnet::infer::Predictor;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -43,8 +44,11 @@ pub fn run(a: ExportArgs) -> Result<()> {
     let loaded = load_model(&source)?;
     let name = loaded.meta.architecture.clone();
     if let Some(path) = &a.onnx {
-        let bytes = convnet::onnx::export(&loaded.model, &name)
-            .with_context(|| format!("cannot export {name} to ONNX"))?;
+        let bytes = match &loaded.net {
+            Net::Float(model) => convnet::onnx::export(model, &name),
+            Net::Quantized(q) => convnet::onnx::export_quantized(q, &name),
+        }
+        .with_context(|| format!("cannot export {name} to ONNX"))?;
         write_atomic(path, &bytes)?;
         println!(
             "wrote {} ({name}, input [N, {}], {} bytes)",
@@ -56,7 +60,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
     if let Some(path) = &a.reference_io {
         let [c, h, w] = loaded.meta.input_shape;
         let input = convnet::with_global_rng(|r| convnet::Tensor::randn([2, c, h, w], r));
-        let logits = loaded.model.forward(&input, convnet::nn::Mode::Eval)?;
+        let logits = loaded.prepare().predict(&input)?;
         save_tensors(
             path,
             &[("input".into(), input), ("logits".into(), logits)],
@@ -65,7 +69,11 @@ pub fn run(a: ExportArgs) -> Result<()> {
         println!("wrote {} (reference input and logits)", path.display());
     }
     if let Some(path) = &a.state_dict {
-        save_tensors(path, &loaded.model.state_dict(), HashMap::new())?;
+        save_tensors(
+            path,
+            &loaded.float("--state-dict")?.state_dict(),
+            HashMap::new(),
+        )?;
         println!("wrote {} ({name} state_dict)", path.display());
     }
     Ok(())

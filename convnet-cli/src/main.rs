@@ -8,6 +8,7 @@ mod dist;
 mod eval;
 mod export;
 mod pretrained;
+mod quantize;
 mod run_folder;
 mod train;
 
@@ -38,6 +39,8 @@ enum Command {
     Predict(eval::PredictArgs),
     /// Print a model's layer table (output shapes and parameter counts).
     Summary(eval::SummaryArgs),
+    /// Quantize a trained model to int8 (post-training, calibrated on training images).
+    Quantize(Box<quantize::QuantizeArgs>),
     /// Write a model as ONNX (for ONNX Runtime, TensorRT, ...) or as a plain PyTorch state_dict.
     Export(export::ExportArgs),
     /// List the built-in architectures.
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         Command::Predict(a) => eval::run_predict(a),
         Command::Summary(a) => eval::run_summary(a),
         Command::Export(a) => export::run(a),
+        Command::Quantize(a) => quantize::run(*a),
         Command::Models => eval::run_models(),
     };
     match result {

@@ -788,7 +788,7 @@ fn add_to_batch_counters(model: &Model, delta: f32) -> Result<()> {
 }
 
 /// Evaluates `model` in eval mode without recording a graph.
-pub fn evaluate(model: &Model, loader: &DataLoader) -> Result<EvalReport> {
+pub fn evaluate(model: &dyn crate::infer::Predictor, loader: &DataLoader) -> Result<EvalReport> {
     evaluate_distributed(model, loader, &SingleProcess)
 }
 

@@ -42,7 +42,7 @@ pub struct CheckpointMeta {
 }
 
 impl CheckpointMeta {
-    fn to_map(&self) -> HashMap<String, String> {
+    pub(crate) fn to_map(&self) -> HashMap<String, String> {
         let j = |v: serde_json::Value| v.to_string();
         let mut m = HashMap::from([
             ("format".into(), "convnet-checkpoint".into()),
@@ -67,7 +67,7 @@ impl CheckpointMeta {
         m
     }
 
-    fn from_map(path: &Path, m: &HashMap<String, String>) -> Result<Self> {
+    pub(crate) fn from_map(path: &Path, m: &HashMap<String, String>) -> Result<Self> {
         let bad = |what: &str| Error::Format {
             path: path.to_path_buf(),
             msg: format!(
@@ -194,6 +194,87 @@ pub fn save_tensors(
     write_atomic(path, &bytes)
 }
 
+/// A tensor of any element type on its way into a file ([`save_raw`]).
+pub struct RawTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl RawTensor {
+    /// Float32 values.
+    pub fn f32(shape: &[usize], v: &[f32]) -> RawTensor {
+        RawTensor {
+            dtype: Dtype::F32,
+            shape: shape.to_vec(),
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+    /// Signed bytes.
+    pub fn i8(shape: &[usize], v: &[i8]) -> RawTensor {
+        RawTensor {
+            dtype: Dtype::I8,
+            shape: shape.to_vec(),
+            bytes: v.iter().map(|&x| x as u8).collect(),
+        }
+    }
+    /// 32-bit integers.
+    pub fn i32(shape: &[usize], v: &[i32]) -> RawTensor {
+        RawTensor {
+            dtype: Dtype::I32,
+            shape: shape.to_vec(),
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// Writes tensors of any element type with `metadata`, atomically.
+pub fn save_raw(
+    path: &Path,
+    tensors: &[(String, RawTensor)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let outs: Vec<(String, Out)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                Out {
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    bytes: t.bytes.clone(),
+                },
+            )
+        })
+        .collect();
+    let bytes = safetensors::serialize(outs.iter().map(|(n, o)| (n.as_str(), o)), Some(metadata))
+        .map_err(|e| Error::Format {
+        path: path.to_path_buf(),
+        msg: format!("cannot serialise: {e}"),
+    })?;
+    write_atomic(path, &bytes)
+}
+
+/// The `format` entry of a safetensors file's metadata, reading only its header (`None`
+/// for anything else).
+pub fn read_format(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 * 1024 * 1024 {
+        return None;
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    v.get("__metadata__")?
+        .get("format")?
+        .as_str()
+        .map(str::to_string)
+}
+
 /// Saves a model checkpoint.
 pub fn save_checkpoint(
     path: &Path,
@@ -264,6 +345,8 @@ pub fn tensors_from_bytes(
                 .chunks_exact(4)
                 .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as f32)
                 .collect(),
+            Dtype::I8 => d.iter().map(|&b| b as i8 as f32).collect(),
+            Dtype::U8 => d.iter().map(|&b| b as f32).collect(),
             Dtype::F16 => d
                 .chunks_exact(2)
                 .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
@@ -297,6 +380,12 @@ pub fn load_checkpoint(path: &Path) -> Result<(NamedTensors, CheckpointMeta)> {
 /// `path` names it in errors.
 pub fn checkpoint_from_bytes(path: &Path, bytes: &[u8]) -> Result<(NamedTensors, CheckpointMeta)> {
     let (tensors, meta) = tensors_from_bytes(path, bytes)?;
+    if meta.get("format").map(String::as_str) == Some("convnet-quantized") {
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            msg: "a quantized checkpoint: it runs for inference (eval, predict, summary, export, bench), not as float weights".into(),
+        });
+    }
     if meta.get("format").map(String::as_str) != Some("convnet-checkpoint") {
         return Err(Error::Format {
             path: path.to_path_buf(),

@@ -130,6 +130,12 @@ fn fold_batch_norm(conv: &Op, bn: &Op) -> Result<Op> {
 /// activation and residual addition into the convolution or linear layer whose output it
 /// alone reads. Other nodes are kept as they are.
 pub fn fuse(graph: &Graph) -> Result<Graph> {
+    fuse_where(graph, |_| true)
+}
+
+/// [`fuse`], fusing only the activations `fusable` accepts (quantization fuses those its
+/// int8 kernels can apply, so the others stay float layers of their own).
+pub fn fuse_where(graph: &Graph, fusable: impl Fn(crate::Activation) -> bool) -> Result<Graph> {
     let mut b = Builder {
         nodes: Vec::with_capacity(graph.nodes().len()),
         dead: Vec::new(),
@@ -148,13 +154,15 @@ pub fn fuse(graph: &Graph) -> Result<Graph> {
                 b.nodes[p].op = fold_batch_norm(&b.nodes[p].op, &node.op)?;
                 Some(p)
             }
-            (Op::Activation(a), Some(p)) if sole(node.inputs[0]) => match &mut b.nodes[p].op {
-                Op::Conv2d { act, .. } | Op::Linear { act, .. } if act.is_none() => {
-                    *act = Some(*a);
-                    Some(p)
+            (Op::Activation(a), Some(p)) if sole(node.inputs[0]) && fusable(*a) => {
+                match &mut b.nodes[p].op {
+                    Op::Conv2d { act, .. } | Op::Linear { act, .. } if act.is_none() => {
+                        *act = Some(*a);
+                        Some(p)
+                    }
+                    _ => None,
                 }
-                _ => None,
-            },
+            }
             (Op::Add, _) => {
                 // The first input that is a convolution read only by this addition.
                 let pick = (0..2).find(|&k| {

@@ -204,6 +204,11 @@ impl Graph {
         &self.nodes
     }
 
+    /// The nodes, to replace their tensors (the structure stays).
+    pub(crate) fn nodes_mut(&mut self) -> &mut [Node] {
+        &mut self.nodes
+    }
+
     /// The node producing `v`.
     pub fn node(&self, v: ValueId) -> &Node {
         &self.nodes[v.0]

@@ -59,6 +59,17 @@ impl GraphBuilder {
         name.to_string()
     }
 
+    /// Adds an initializer of raw little-endian bytes with ONNX data type `data_type`.
+    fn raw(&mut self, name: &str, dims: &[usize], data_type: i32, raw_data: Vec<u8>) -> String {
+        self.initializers.push(TensorProto {
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type,
+            name: name.to_string(),
+            raw_data,
+        });
+        name.to_string()
+    }
+
     /// Adds a float32 scalar constant and returns its name.
     pub fn scalar(&mut self, hint: &str, value: f32) -> String {
         self.counter += 1;
@@ -425,10 +436,25 @@ pub fn export(model: &Model, name: &str) -> Result<Vec<u8>> {
     } else {
         g.rename_last_output(&out, "logits")?;
     }
+    finish(
+        g,
+        name,
+        model.input_shape(),
+        &model.output_shape().dims()[1..],
+    )
+}
+
+/// Wraps the nodes and initializers of `g` (input `input`, output `logits`) into a model.
+fn finish(
+    g: GraphBuilder,
+    name: &str,
+    input_shape: &[usize],
+    output_shape: &[usize],
+) -> Result<Vec<u8>> {
     let mut input_dims = vec![None];
-    input_dims.extend(model.input_shape().iter().map(|&d| Some(d)));
+    input_dims.extend(input_shape.iter().map(|&d| Some(d)));
     let mut output_dims = vec![None];
-    output_dims.extend(model.output_shape().dims()[1..].iter().map(|&d| Some(d)));
+    output_dims.extend(output_shape.iter().map(|&d| Some(d)));
     let proto = ModelProto {
         ir_version: IR_VERSION,
         opset_import: vec![OperatorSetIdProto {
@@ -447,6 +473,176 @@ pub fn export(model: &Model, name: &str) -> Result<Vec<u8>> {
         }),
     };
     Ok(proto.encode_to_vec())
+}
+
+/// Serialises a quantized model in ONNX's QDQ form (opset 17): every value the int8 plan
+/// stores as bytes is a `QuantizeLinear` / `DequantizeLinear` pair with its scale and uint8
+/// zero point; int8 weights are int8 initializers dequantized per output channel (`axis`
+/// 0), their bias int32 at scale `s_in * s_w`; the ops between are the float ones, which
+/// ONNX Runtime fuses into its int8 kernels (`QLinearConv`, `QGemm`, ...). A convolution
+/// with a fused residual addition is written as convolution, addition and activation
+/// before one quantization, as convnet computes it (ONNX Runtime then runs that
+/// convolution in float). Layers that stay float are written as in [`export`].
+pub fn export_quantized(model: &crate::quant::QuantizedModel, name: &str) -> Result<Vec<u8>> {
+    use crate::quant::QParams;
+    let graph = model.graph();
+    let quant = model.nodes();
+    let mut g = GraphBuilder::default();
+    // Q then DQ of `value` with `q`: the name of the dequantized float.
+    let qdq = |g: &mut GraphBuilder, path: &str, value: &str, q: QParams| -> String {
+        g.counter += 1;
+        let scale = g.raw(
+            &format!("{path}/scale{}", g.counter),
+            &[],
+            FLOAT,
+            q.scale.to_le_bytes().to_vec(),
+        );
+        let zp = g.raw(
+            &format!("{path}/zero_point{}", g.counter),
+            &[],
+            UINT8,
+            vec![q.zero_point as u8],
+        );
+        let quantized = g.node("QuantizeLinear", path, &[value, &scale, &zp], &[]);
+        g.node("DequantizeLinear", path, &[&quantized, &scale, &zp], &[])
+    };
+    let mut names: Vec<String> = Vec::with_capacity(graph.nodes().len());
+    for (i, node) in graph.nodes().iter().enumerate() {
+        let q = &quant[i];
+        let bytes = q.int8 && q.output.is_some();
+        let mut inputs: Vec<String> = node.inputs.iter().map(|v| names[v.0].clone()).collect();
+        // An int8 layer reading a float value reads it quantized.
+        if q.int8 && (q.weights.is_some() || matches!(node.op, Op::Add)) {
+            for (k, v) in node.inputs.iter().enumerate() {
+                let src = &quant[v.0];
+                if !(src.int8 && src.output.is_some()) {
+                    if let Some(p) = src.output {
+                        inputs[k] = qdq(&mut g, &node.name, &inputs[k], p);
+                    }
+                }
+            }
+        }
+        let out = match (&node.op, &q.weights) {
+            (Op::Input, _) => "input".to_string(),
+            (op @ (Op::Conv2d { .. } | Op::Linear { .. }), Some(w8)) => {
+                let path = node.name.as_str();
+                let (weight, act) = match op {
+                    Op::Conv2d { weight, act, .. } | Op::Linear { weight, act, .. } => {
+                        (weight, act)
+                    }
+                    _ => unreachable!(),
+                };
+                let k = weight.dims()[0];
+                let w = g.raw(
+                    &format!("{path}.weight"),
+                    weight.dims(),
+                    INT8,
+                    w8.weight.iter().map(|&v| v as u8).collect(),
+                );
+                let ws = g.raw(
+                    &format!("{path}.weight_scale"),
+                    &[k],
+                    FLOAT,
+                    w8.scales.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                );
+                let wz = g.raw(&format!("{path}.weight_zero_point"), &[k], INT8, vec![0; k]);
+                let wf = g.node(
+                    "DequantizeLinear",
+                    path,
+                    &[&w, &ws, &wz],
+                    &[("axis", Attr::Int(0))],
+                );
+                let mut refs = vec![inputs[0].clone(), wf];
+                if let Some(b) = &w8.bias {
+                    let in_q = quant[node.inputs[0].0].output.unwrap_or(QParams {
+                        scale: 1.0,
+                        zero_point: 0,
+                    });
+                    let bs: Vec<f32> = w8.scales.iter().map(|s| in_q.scale * s).collect();
+                    let bq: Vec<i32> = b
+                        .iter()
+                        .zip(&bs)
+                        .map(|(b, s)| {
+                            (b / s)
+                                .round_ties_even()
+                                .clamp(i32::MIN as f32, i32::MAX as f32)
+                                as i32
+                        })
+                        .collect();
+                    let bi = g.raw(
+                        &format!("{path}.bias"),
+                        &[k],
+                        INT32,
+                        bq.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    );
+                    let bsn = g.raw(
+                        &format!("{path}.bias_scale"),
+                        &[k],
+                        FLOAT,
+                        bs.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    );
+                    let bz = g.raw(
+                        &format!("{path}.bias_zero_point"),
+                        &[k],
+                        INT32,
+                        vec![0; 4 * k],
+                    );
+                    refs.push(g.node(
+                        "DequantizeLinear",
+                        path,
+                        &[&bi, &bsn, &bz],
+                        &[("axis", Attr::Int(0))],
+                    ));
+                }
+                let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+                let y = match op {
+                    Op::Conv2d { params, .. } => {
+                        let d = weight.dims();
+                        let conv = g.node(
+                            "Conv",
+                            path,
+                            &refs,
+                            &[
+                                ("kernel_shape", Attr::Ints(vec![d[2] as i64, d[3] as i64])),
+                                ("strides", Attr::Ints(pair(params.stride))),
+                                ("pads", Attr::Ints(pads(params.padding))),
+                                ("dilations", Attr::Ints(pair(params.dilation))),
+                                ("group", Attr::Int(params.groups as i64)),
+                            ],
+                        );
+                        match inputs.get(1) {
+                            Some(r) => g.node("Add", path, &[&conv, r], &[]),
+                            None => conv,
+                        }
+                    }
+                    _ => g.node("Gemm", path, &refs, &[("transB", Attr::Int(1))]),
+                };
+                match act {
+                    Some(a) => activation(&mut g, *a, path, &y)?,
+                    None => y,
+                }
+            }
+            _ => {
+                let shape = graph.shape(node.inputs[0]).dims().to_vec();
+                node_onnx(node, &inputs, &shape, &mut g)?
+            }
+        };
+        let out = match (bytes, q.output) {
+            (true, Some(p)) => qdq(&mut g, &node.name, &out, p),
+            _ => out,
+        };
+        names.push(out);
+    }
+    let out = names[graph.output().0].clone();
+    if out == "input" {
+        return Err(Error::Unsupported(
+            "a quantized model without layers".into(),
+        ));
+    }
+    g.rename_last_output(&out, "logits")?;
+    let input_shape = &graph.shape(graph.input()).dims()[1..];
+    let output_shape = &graph.shape(graph.output()).dims()[1..];
+    finish(g, name, input_shape, output_shape)
 }
 
 #[cfg(test)]

@@ -71,7 +71,7 @@ impl Tensor {
     /// let x = convnet::Tensor::from_vec(vec![0.26, -5.0, 1.0], [3])?.requires_grad();
     /// let y = x.fake_quantize(QParams { scale: 0.5, zero_point: 2 }, QRange { min: 0, max: 4 })?;
     /// assert_eq!(y.to_vec(), vec![0.5, -1.0, 1.0]);
-    /// let g = y.sum()?.backward()?;
+    /// let g = y.sum(&[0], false)?.backward()?;
     /// assert_eq!(g.get(&x).unwrap().to_vec(), vec![1.0, 0.0, 1.0]);
     /// # Ok::<(), convnet::Error>(())
     /// ```

@@ -3,6 +3,8 @@
 //! models that run on int8 kernels.
 
 pub mod fake;
+pub mod model;
 pub mod observer;
 
+pub use model::{quantize, ObserverKind, QuantConfig, QuantizedModel};
 pub use observer::{QParams, QRange, Scheme};

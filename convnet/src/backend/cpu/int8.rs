@@ -362,6 +362,48 @@ pub fn conv_rows(
                     wblock: packed.block_len(),
                 };
                 let tile_sums = &mut sums[..n * nb * block];
+                #[cfg(target_arch = "x86_64")]
+                if packed.kernel == Int8Kernel::Vnni512 {
+                    if let Int8Out::Bytes {
+                        data,
+                        offset,
+                        zero_point,
+                        clamp,
+                        residual,
+                    } = &mut out
+                    {
+                        let ch0 = b0 * block;
+                        let reach =
+                            (t.kh - 1) * t.tap_h + (t.kw - 1) * t.tap_w + (n - 1) * t.pix + c4(t.c);
+                        assert!(reach <= x.len(), "tile inside the input");
+                        let w = &packed.data[b0 * t.wblock..];
+                        assert!(w.len() >= nb * t.wblock);
+                        let at = op.at(oy as isize, ox as isize) + ch0 - *offset;
+                        assert!(at + (n - 1) * op.cs + nb * block <= data.len());
+                        let res = residual.map(|(rd, rp, ratio, zr)| {
+                            let ra = rp.at(oy as isize, ox as isize) + ch0;
+                            assert!(ra + (n - 1) * rp.cs + nb * block <= rd.len());
+                            (rd[ra..].as_ptr(), rp.cs, ratio, zr)
+                        });
+                        let epi = FusedBytes {
+                            offset: packed.offset[ch0..].as_ptr(),
+                            bias_q: packed.bias_q[ch0..].as_ptr(),
+                            mult: packed.mult[ch0..].as_ptr(),
+                            out: data[at..].as_mut_ptr(),
+                            out_pix: op.cs,
+                            residual: res,
+                            zero_point: *zero_point,
+                            clamp: *clamp,
+                        };
+                        // SAFETY: the asserts above bound the input, weight, output and
+                        // residual accesses; the per-channel arrays hold whole blocks.
+                        unsafe {
+                            vnni_dispatch(n, nb, &t, x.as_ptr(), w.as_ptr(), Some(&epi), tile_sums)
+                        };
+                        ox += n;
+                        continue;
+                    }
+                }
                 tile(packed, &t, x, b0, n, nb, tile_sums);
                 epilogue(packed, &mut out, op, oy, ox, b0, n, nb, tile_sums);
                 ox += n;
@@ -378,6 +420,19 @@ fn max_pixels(blocks: usize) -> usize {
         3 => 8,
         _ => 6,
     }
+}
+
+/// A requantization done in registers at the end of a VNNI tile: pointers at the tile's
+/// first output channel and pixel.
+struct FusedBytes {
+    offset: *const i32,
+    bias_q: *const f32,
+    mult: *const f32,
+    out: *mut u8,
+    out_pix: usize,
+    residual: Option<(*const u8, usize, f32, i32)>,
+    zero_point: i32,
+    clamp: (i32, i32),
 }
 
 /// Offsets the tile kernels read with (in bytes of the input plane, or weight units).
@@ -404,7 +459,7 @@ fn tile(packed: &PackedInt8, t: &Tile, x: &[u8], b0: usize, n: usize, nb: usize,
             assert!(w.len() >= nb * t.wblock);
             // SAFETY: the asserts bound every input and weight read; the CPU has VNNI
             // (checked by `conv_rows`).
-            unsafe { vnni_dispatch(n, nb, t, x.as_ptr(), w.as_ptr(), sums) }
+            unsafe { vnni_dispatch(n, nb, t, x.as_ptr(), w.as_ptr(), None, sums) }
         }
         #[cfg(target_arch = "x86_64")]
         Int8Kernel::Avx2 => {
@@ -496,15 +551,17 @@ macro_rules! dispatch_int8 {
 /// # Safety
 /// `x` and `w` must cover every offset the tile reads; the CPU must have AVX512-VNNI.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn vnni_dispatch(
     n: usize,
     nb: usize,
     t: &Tile,
     x: *const u8,
     w: *const i8,
+    epi: Option<&FusedBytes>,
     sums: &mut [i32],
 ) {
-    dispatch_int8!(vnni_tile, n, nb, t, x, w, sums)
+    dispatch_int8!(vnni_tile, n, nb, t, x, w, epi, sums)
 }
 
 /// # Safety
@@ -512,10 +569,12 @@ unsafe fn vnni_dispatch(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(clippy::needless_range_loop)] // indices keep the spill loop simple enough to unroll
+#[allow(clippy::too_many_arguments)]
 unsafe fn vnni_tile<const R: usize, const B: usize>(
     t: &Tile,
     x: *const u8,
     w: *const i8,
+    epi: Option<&FusedBytes>,
     sums: &mut [i32],
 ) {
     use std::arch::x86_64::*;
@@ -542,9 +601,43 @@ unsafe fn vnni_tile<const R: usize, const B: usize>(
             }
         }
     }
-    for r in 0..R {
-        for b in 0..B {
-            _mm512_storeu_si512(sums.as_mut_ptr().add((r * B + b) * 16) as *mut _, acc[r][b]);
+    let Some(e) = epi else {
+        for r in 0..R {
+            for b in 0..B {
+                _mm512_storeu_si512(sums.as_mut_ptr().add((r * B + b) * 16) as *mut _, acc[r][b]);
+            }
+        }
+        return;
+    };
+    // The requantization of `requantize_avx512`, in registers.
+    let (lo_f, hi_f) = (
+        _mm512_set1_ps(-REQUANT_LIMIT),
+        _mm512_set1_ps(REQUANT_LIMIT),
+    );
+    let zp = _mm512_set1_epi32(e.zero_point);
+    let (lo, hi) = (_mm512_set1_epi32(e.clamp.0), _mm512_set1_epi32(e.clamp.1));
+    for b in 0..B {
+        let off = _mm512_loadu_si512(e.offset.add(16 * b) as *const _);
+        let bq = _mm512_loadu_ps(e.bias_q.add(16 * b));
+        let m = _mm512_loadu_ps(e.mult.add(16 * b));
+        for r in 0..R {
+            let mut v = _mm512_mul_ps(
+                _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[r][b], off)), bq),
+                m,
+            );
+            if let Some((rp, rpix, ratio, zr)) = e.residual {
+                let rb =
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(rp.add(r * rpix + 16 * b) as *const _));
+                let rf = _mm512_cvtepi32_ps(_mm512_sub_epi32(rb, _mm512_set1_epi32(zr)));
+                v = _mm512_add_ps(v, _mm512_mul_ps(rf, _mm512_set1_ps(ratio)));
+            }
+            v = _mm512_max_ps(_mm512_min_ps(v, hi_f), lo_f);
+            let q = _mm512_add_epi32(_mm512_cvtps_epi32(v), zp);
+            let q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+            _mm_storeu_si128(
+                e.out.add(r * e.out_pix + 16 * b) as *mut _,
+                _mm512_cvtepi32_epi8(q),
+            );
         }
     }
 }
@@ -700,27 +793,89 @@ fn epilogue(
     }
 }
 
-crate::backend::cpu::simd::vectorized_fn! {
-    /// `dst = clamp(round(f32(sum + offset) + bias_q) * mult [+ f32(r - zr) * ratio]) + zp)`.
-    fn requantize_block(
-        sums: &[i32],
-        offset: &[i32],
-        bias_q: &[f32],
-        mult: &[f32],
-        residual: Option<(&[u8], f32, i32)>,
-        zero_point: i32,
-        clamp: (i32, i32),
-        dst: &mut [u8],
-    ) {
-        for l in 0..dst.len() {
-            let v = ((sums[l] + offset[l]) as f32 + bias_q[l]) * mult[l];
-            let v = match residual {
-                Some((r, ratio, zr)) => v + (r[l] as i32 - zr) as f32 * ratio,
-                None => v,
-            };
-            let q = v.round_ties_even() as i32 + zero_point;
-            dst[l] = q.clamp(clamp.0, clamp.1) as u8;
+/// Bounds applied to a requantized value before it is rounded to an integer, so that no
+/// scale can make the conversion overflow (the result is clamped to a byte anyway).
+const REQUANT_LIMIT: f32 = 1e9;
+
+/// `dst = clamp(round(((f32(sum + offset) + bias_q) * mult [+ f32(r - zr) * ratio])) + zp)`,
+/// rounding half to even; AVX-512 when the CPU has it, the same operations in Rust
+/// otherwise.
+#[allow(clippy::too_many_arguments)]
+fn requantize_block(
+    sums: &[i32],
+    offset: &[i32],
+    bias_q: &[f32],
+    mult: &[f32],
+    residual: Option<(&[u8], f32, i32)>,
+    zero_point: i32,
+    clamp: (i32, i32),
+    dst: &mut [u8],
+) {
+    let n = dst.len();
+    assert!(sums.len() >= n && offset.len() >= n && bias_q.len() >= n && mult.len() >= n);
+    assert!(residual.is_none_or(|(r, _, _)| r.len() >= n));
+    #[cfg(target_arch = "x86_64")]
+    if n.is_multiple_of(16) && crate::backend::cpu::simd::has_avx512() {
+        // SAFETY: the CPU has AVX-512 and every slice holds at least `n` values.
+        unsafe { requantize_avx512(sums, offset, bias_q, mult, residual, zero_point, clamp, dst) };
+        return;
+    }
+    for l in 0..n {
+        let v = ((sums[l] + offset[l]) as f32 + bias_q[l]) * mult[l];
+        let v = match residual {
+            Some((r, ratio, zr)) => v + (r[l] as i32 - zr) as f32 * ratio,
+            None => v,
+        };
+        let q = v.clamp(-REQUANT_LIMIT, REQUANT_LIMIT).round_ties_even() as i32 + zero_point;
+        dst[l] = q.clamp(clamp.0, clamp.1) as u8;
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX-512 (F, BW); `dst.len()` a multiple of 16 and every slice at least
+/// as long.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn requantize_avx512(
+    sums: &[i32],
+    offset: &[i32],
+    bias_q: &[f32],
+    mult: &[f32],
+    residual: Option<(&[u8], f32, i32)>,
+    zero_point: i32,
+    clamp: (i32, i32),
+    dst: &mut [u8],
+) {
+    use std::arch::x86_64::*;
+    let (lo_f, hi_f) = (
+        _mm512_set1_ps(-REQUANT_LIMIT),
+        _mm512_set1_ps(REQUANT_LIMIT),
+    );
+    let zp = _mm512_set1_epi32(zero_point);
+    let (lo, hi) = (_mm512_set1_epi32(clamp.0), _mm512_set1_epi32(clamp.1));
+    for l in (0..dst.len()).step_by(16) {
+        let acc = _mm512_add_epi32(
+            _mm512_loadu_si512(sums.as_ptr().add(l) as *const _),
+            _mm512_loadu_si512(offset.as_ptr().add(l) as *const _),
+        );
+        let mut v = _mm512_mul_ps(
+            _mm512_add_ps(
+                _mm512_cvtepi32_ps(acc),
+                _mm512_loadu_ps(bias_q.as_ptr().add(l)),
+            ),
+            _mm512_loadu_ps(mult.as_ptr().add(l)),
+        );
+        if let Some((r, ratio, zr)) = residual {
+            let rb = _mm512_cvtepu8_epi32(_mm_loadu_si128(r.as_ptr().add(l) as *const _));
+            let rf = _mm512_cvtepi32_ps(_mm512_sub_epi32(rb, _mm512_set1_epi32(zr)));
+            v = _mm512_add_ps(v, _mm512_mul_ps(rf, _mm512_set1_ps(ratio)));
         }
+        v = _mm512_max_ps(_mm512_min_ps(v, hi_f), lo_f);
+        // The default rounding mode: to nearest, ties to even.
+        let q = _mm512_add_epi32(_mm512_cvtps_epi32(v), zp);
+        let q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+        _mm_storeu_si128(dst.as_mut_ptr().add(l) as *mut _, _mm512_cvtepi32_epi8(q));
     }
 }
 
@@ -776,7 +931,8 @@ pub fn conv_reference(
                         if let Some((r, ratio, zr)) = residual {
                             v += (r[idx] as i32 - zr) as f32 * ratio;
                         }
-                        let qv = v.round_ties_even() as i32 + zero_point;
+                        let qv = v.clamp(-REQUANT_LIMIT, REQUANT_LIMIT).round_ties_even() as i32
+                            + zero_point;
                         bytes.push(qv.clamp(clamp.0, clamp.1) as u8);
                     }
                     ReferenceOut::Floats { act } => {
