@@ -28,10 +28,18 @@ pub struct ExportArgs {
     /// Seed for --random-init and --reference-io.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Also write a reference batch: `input` (2 images from N(0, 1)) and convnet's eval-mode
-    /// `logits` for it, to check the exported model against.
+    /// Also write a reference batch: `input` (2 images from N(0, 1), or test images with
+    /// --reference-data) and convnet's eval-mode `logits` for it, to check the exported
+    /// model against.
     #[arg(long)]
     reference_io: Option<PathBuf>,
+    /// Take the reference batch from this data set's test split (`sample`: the bundled
+    /// CIFAR-10 sample), normalised as the model expects.
+    #[arg(long, requires = "reference_io")]
+    reference_data: Option<String>,
+    /// Images in the reference batch taken from --reference-data.
+    #[arg(long, default_value_t = 64, requires = "reference_data")]
+    reference_images: usize,
 }
 
 pub fn run(a: ExportArgs) -> Result<()> {
@@ -59,7 +67,27 @@ pub fn run(a: ExportArgs) -> Result<()> {
     }
     if let Some(path) = &a.reference_io {
         let [c, h, w] = loaded.meta.input_shape;
-        let input = convnet::with_global_rng(|r| convnet::Tensor::randn([2, c, h, w], r));
+        let input = match &a.reference_data {
+            None => convnet::with_global_rng(|r| convnet::Tensor::randn([2, c, h, w], r)),
+            Some(d) => {
+                if a.reference_images == 0 {
+                    bail!("--reference-images must be positive");
+                }
+                let dir = (d != "sample").then(|| std::path::Path::new(d));
+                let (_, test) = crate::common::open_data(dir, &convnet::data::FolderOptions::default(), 0.2)?;
+                if test.image_shape() != loaded.meta.input_shape {
+                    bail!("--reference-data has {:?} images but the model takes {:?}", test.image_shape(), loaded.meta.input_shape);
+                }
+                let test = test.spread(a.reference_images.min(test.len()));
+                let loader = convnet::data::DataLoader::for_evaluation(std::sync::Arc::new(test), loaded.meta.normalize.clone())?;
+                let mut batches = Vec::new();
+                for b in loader.epoch(0) {
+                    batches.extend(b?.images.to_vec());
+                }
+                let n = batches.len() / (c * h * w);
+                convnet::Tensor::from_vec(batches, [n, c, h, w])?
+            }
+        };
         let logits = loaded.prepare().predict(&input)?;
         save_tensors(
             path,
