@@ -238,10 +238,14 @@ pub struct SummaryArgs {
     /// Architecture (see `convnet models`).
     #[arg(
         long,
-        required_unless_present = "model_file",
-        conflicts_with = "model_file"
+        required_unless_present_any = ["model_file", "checkpoint"],
+        conflicts_with_all = ["model_file", "checkpoint"]
     )]
     model: Option<String>,
+    /// A checkpoint (float or quantized): its model as trained, or its int8 layers with their
+    /// quantization.
+    #[arg(long, conflicts_with_all = ["model_file", "input", "num_classes"])]
+    checkpoint: Option<PathBuf>,
     /// A model described in a TOML or JSON file.
     #[arg(long)]
     model_file: Option<PathBuf>,
@@ -254,6 +258,23 @@ pub struct SummaryArgs {
 }
 
 pub fn run_summary(a: SummaryArgs) -> Result<()> {
+    if let Some(path) = &a.checkpoint {
+        let loaded = load_model(&ModelSource {
+            checkpoint: Some(path),
+            pretrained: None,
+            model: None,
+            model_file: None,
+            weights: None,
+            input: None,
+            classes: None,
+            random_init: false,
+        })?;
+        match &loaded.net {
+            crate::common::Net::Float(m) => println!("{}", m.summary()),
+            crate::common::Net::Quantized(q) => println!("{}", quantized_summary(q)),
+        }
+        return Ok(());
+    }
     let spec = match (&a.model, &a.model_file) {
         (Some(name), _) => ModelSpec::zoo(name)?,
         (None, Some(path)) => ModelSpec::File(ModelFile::from_path(path)?),
@@ -269,6 +290,67 @@ pub fn run_summary(a: SummaryArgs) -> Result<()> {
     let model = spec.build(input, classes)?;
     println!("{}", model.summary());
     Ok(())
+}
+
+/// The layer table of a quantized model: each layer of the fused graph, where it runs and
+/// how its output is stored.
+fn quantized_summary(q: &convnet::quant::QuantizedModel) -> String {
+    use std::fmt::Write as _;
+    let g = q.graph();
+    let rows: Vec<(String, String, String, String)> = g
+        .nodes()
+        .iter()
+        .zip(q.nodes())
+        .map(|(n, nq)| {
+            let label = format!("{} ({})", n.name, n.op.kind());
+            let shape = n.shape.to_string();
+            let runs = match (&nq.weights, nq.int8) {
+                (Some(w), _) => format!("int8 ({} weights)", w.weight.len()),
+                (None, true) => "int8".to_string(),
+                (None, false) => "float".to_string(),
+            };
+            let out = match (nq.int8, nq.output) {
+                (true, Some(p)) => format!("u8 scale {:.4e} zp {}", p.scale, p.zero_point),
+                (false, Some(p)) => format!(
+                    "f32 (u8 scale {:.4e} zp {} for int8 readers)",
+                    p.scale, p.zero_point
+                ),
+                _ => "f32".to_string(),
+            };
+            (label, shape, runs, out)
+        })
+        .collect();
+    let w0 = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max(12);
+    let w1 = rows.iter().map(|r| r.1.len()).max().unwrap_or(0).max(12);
+    let w2 = rows.iter().map(|r| r.2.len()).max().unwrap_or(0).max(4);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<w0$}  {:<w1$}  {:<w2$}  output",
+        "Layer (type)", "Output shape", "Runs"
+    );
+    let _ = writeln!(s, "{}", "-".repeat(w0 + w1 + w2 + 40));
+    for (a, b, c, d) in &rows {
+        let _ = writeln!(s, "{a:<w0$}  {b:<w1$}  {c:<w2$}  {d}");
+    }
+    let _ = writeln!(s, "{}", "-".repeat(w0 + w1 + w2 + 40));
+    let (observer, images) = q.calibration();
+    let int8_weights: usize = q
+        .nodes()
+        .iter()
+        .filter_map(|n| n.weights.as_ref().map(|w| w.weight.len()))
+        .sum();
+    let _ = writeln!(
+        s,
+        "Int8 layers: {} ({} int8 weights)",
+        q.int8_layers(),
+        int8_weights
+    );
+    let _ = write!(s, "Calibration: {images} images, {observer} observer");
+    for note in q.notes() {
+        let _ = write!(s, "\n{note}");
+    }
+    s
 }
 
 pub fn run_models() -> Result<()> {

@@ -74,12 +74,20 @@ pub fn run(a: ExportArgs) -> Result<()> {
                     bail!("--reference-images must be positive");
                 }
                 let dir = (d != "sample").then(|| std::path::Path::new(d));
-                let (_, test) = crate::common::open_data(dir, &convnet::data::FolderOptions::default(), 0.2)?;
+                let (_, test) =
+                    crate::common::open_data(dir, &convnet::data::FolderOptions::default(), 0.2)?;
                 if test.image_shape() != loaded.meta.input_shape {
-                    bail!("--reference-data has {:?} images but the model takes {:?}", test.image_shape(), loaded.meta.input_shape);
+                    bail!(
+                        "--reference-data has {:?} images but the model takes {:?}",
+                        test.image_shape(),
+                        loaded.meta.input_shape
+                    );
                 }
                 let test = test.spread(a.reference_images.min(test.len()));
-                let loader = convnet::data::DataLoader::for_evaluation(std::sync::Arc::new(test), loaded.meta.normalize.clone())?;
+                let loader = convnet::data::DataLoader::for_evaluation(
+                    std::sync::Arc::new(test),
+                    loaded.meta.normalize.clone(),
+                )?;
                 let mut batches = Vec::new();
                 for b in loader.epoch(0) {
                     batches.extend(b?.images.to_vec());

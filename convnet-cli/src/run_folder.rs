@@ -21,11 +21,15 @@ use std::path::{Path, PathBuf};
 const METRICS_KEY: &str = "metrics";
 /// Metadata key of the run's settings (JSON).
 pub const RUN_KEY: &str = "run";
+/// Metadata key of a quantization-aware run's activation ranges (JSON pairs).
+pub const QAT_RANGES_KEY: &str = "qat_ranges";
 
 /// The files of a run, and the lock that keeps other processes out of them.
 pub struct RunFolder {
     pub checkpoint: PathBuf,
     pub state: PathBuf,
+    /// The int8 model of a quantization-aware run.
+    pub int8: PathBuf,
     metrics: PathBuf,
     /// Held for the life of the run (released by the OS if the process dies).
     _lock: Option<File>,
@@ -39,6 +43,7 @@ impl RunFolder {
         let mut folder = RunFolder {
             checkpoint: out.join("model.safetensors"),
             state: out.join("train_state.safetensors"),
+            int8: out.join("model-int8.safetensors"),
             metrics: out.join("metrics.jsonl"),
             _lock: None,
         };
@@ -67,15 +72,30 @@ impl RunFolder {
         run_json: &str,
         history: &[serde_json::Value],
     ) -> Result<()> {
-        let extra = HashMap::from([
+        let mut extra = HashMap::from([
             (RUN_KEY.to_string(), run_json.to_string()),
             (
                 METRICS_KEY.to_string(),
                 serde_json::Value::Array(history.to_vec()).to_string(),
             ),
         ]);
+        let qat = convnet::quant::qat::QatNet::of(trainer.model());
+        if let Some(qat) = qat {
+            extra.insert(
+                QAT_RANGES_KEY.to_string(),
+                serde_json::to_string(&qat.ranges())?,
+            );
+        }
         trainer.save_state(&self.state, &extra)?;
         save_checkpoint(&self.checkpoint, &trainer.model().state_dict(), meta)?;
+        if let Some(qat) = qat {
+            // Before the first epoch no range has been observed yet.
+            if trainer.epoch() > 0 {
+                qat.convert()
+                    .and_then(|q| q.save(&self.int8, meta))
+                    .with_context(|| format!("cannot write {}", self.int8.display()))?;
+            }
+        }
         self.write_metrics(history)
     }
 

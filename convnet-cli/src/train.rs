@@ -7,7 +7,7 @@ use crate::dist::{
     check_same_everywhere, device_spec, read_on_rank0, threads_per_rank, DistArgs, DistBackend,
     Ranks,
 };
-use crate::run_folder::{RunFolder, RUN_KEY};
+use crate::run_folder::{RunFolder, QAT_RANGES_KEY, RUN_KEY};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use convnet::checkpoint::{checkpoint_from_bytes, CheckpointMeta};
@@ -16,6 +16,7 @@ use convnet::data::{
 };
 use convnet::model_file::ModelFile;
 use convnet::models::ModelSpec;
+use convnet::quant::qat::QatNet;
 use convnet::train::{
     evaluate_distributed, state_has_weights, OptimizerKind, ScheduleKind, TrainConfig, Trainer,
 };
@@ -113,6 +114,19 @@ pub struct TrainArgs {
     /// operands, float32 accumulation, float32 weights and everything else).
     #[arg(long, value_enum, default_value = "f32")]
     precision: PrecisionArg,
+    /// Start from these weights instead of a fresh initialisation: a convnet checkpoint or
+    /// a plain state_dict (`.safetensors`, `.pt`/`.pth`) of the same architecture.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Quantization-aware training: train through int8 rounding (fake quantization, BatchNorm
+    /// folded as PyTorch's QAT does) and write the int8 model (`model-int8.safetensors`)
+    /// beside the float checkpoint. Usually with --weights of a trained float model.
+    #[arg(long)]
+    qat: bool,
+    /// With --qat: from this epoch on, activation ranges and BatchNorm statistics are frozen
+    /// (default: the last epoch).
+    #[arg(long, requires = "qat")]
+    qat_freeze_epoch: Option<usize>,
     /// Output folder for checkpoints and metrics (default runs/<model>-<time>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -411,6 +425,12 @@ fn check_args(a: &TrainArgs, ranks: &Ranks) -> Result<()> {
             a.label_smoothing
         );
     }
+    if a.qat && ranks.size() > 1 {
+        bail!("--qat runs on one process: each rank would learn its own activation ranges");
+    }
+    if a.qat_freeze_epoch == Some(0) {
+        bail!("--qat-freeze-epoch counts from 1");
+    }
     a.dist.check(a.batch_size, ranks)
 }
 
@@ -475,7 +495,29 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
     }
     check_same_everywhere(ranks, &facts)?;
     let run_json = serde_json::to_string(&saved_run)?;
-    let model = spec.build(data.shape, data.classes.len())?;
+    let mut model = spec.build(data.shape, data.classes.len())?;
+    if let (Some(path), None) = (&a.weights, &resumed) {
+        let (tensors, _) = convnet::checkpoint::load_tensors(path)?;
+        model.load_state_dict(&tensors, true).with_context(|| {
+            format!(
+                "--weights {} do not fit {} for {:?} images and {} classes",
+                path.display(),
+                a.model,
+                data.shape,
+                data.classes.len()
+            )
+        })?;
+        model
+            .check_finite()
+            .with_context(|| format!("--weights {}", path.display()))?;
+    }
+    if a.qat {
+        if device != convnet::Device::Cpu {
+            bail!("--qat trains on the CPU");
+        }
+        model = QatNet::new(model)?.into_model()?;
+    }
+    let freeze_epoch = a.qat_freeze_epoch.unwrap_or(a.epochs);
     let augment = a.augment.then_some(Augment {
         cutout: a.cutout,
         ..Augment::cifar()
@@ -508,6 +550,14 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
     let mut history = Vec::new();
     if let Some(r) = &resumed {
         r.restore(&mut trainer, &a, shape)?;
+        if let Some(qat) = QatNet::of(trainer.model()) {
+            let ranges: Vec<(f32, f32)> = r
+                .meta
+                .get(QAT_RANGES_KEY)
+                .and_then(|s| serde_json::from_str(s).ok())
+                .context("the training state of a --qat run has no activation ranges")?;
+            qat.set_ranges(&ranges)?;
+        }
         history = folder.history(&r.meta, r.epoch);
         if lead {
             eprintln!(
@@ -571,6 +621,9 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
     let mut graph_noted = false;
     while trainer.epoch() < stop_at {
         let epoch = trainer.epoch() + 1;
+        if let Some(qat) = QatNet::of(trainer.model()) {
+            qat.freeze(epoch >= freeze_epoch);
+        }
         let bar = epoch_bar(lead, epoch, a.epochs, train_loader.num_batches());
         let stats = trainer.train_epoch(&train_loader, &mut |p| {
             bar.set_position(p.batch as u64);
@@ -617,6 +670,22 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
     if !lead {
         return Ok(());
     }
+    let int8 = match QatNet::of(trainer.model()) {
+        Some(qat) => {
+            let q = qat.convert()?;
+            let r = evaluate_distributed(&q, &test_loader, ranks.as_ref())?;
+            if !a.json {
+                println!(
+                    "int8 model {} ({} int8 layers): test accuracy {:.2}%",
+                    folder.int8.display(),
+                    q.int8_layers(),
+                    100.0 * r.accuracy
+                );
+            }
+            Some(r.accuracy)
+        }
+        None => None,
+    };
     let ips = if train_ips.is_empty() {
         0.0
     } else {
@@ -628,7 +697,8 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
             serde_json::json!({
                 "test_accuracy": test.accuracy, "test_loss": test.loss, "epochs": trainer.epoch(),
                 "train_images_per_sec": ips, "checkpoint": folder.checkpoint.display().to_string(),
-                "ranks": ranks.size(),
+                "ranks": ranks.size(), "int8_test_accuracy": int8,
+                "int8_checkpoint": int8.map(|_| folder.int8.display().to_string()),
             })
         );
     } else {
@@ -674,6 +744,12 @@ struct SavedRun {
     /// The device it was started on (absent in states of older versions: the CPU).
     #[serde(default)]
     device: Option<String>,
+    #[serde(default)]
+    weights: Option<PathBuf>,
+    #[serde(default)]
+    qat: bool,
+    #[serde(default)]
+    qat_freeze_epoch: Option<usize>,
 }
 
 impl SavedRun {
@@ -705,6 +781,12 @@ impl SavedRun {
             sync_bn: a.dist.sync_bn,
             epochs: Some(a.epochs),
             device: Some(a.device.clone()),
+            weights: a
+                .weights
+                .as_ref()
+                .map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.clone())),
+            qat: a.qat,
+            qat_freeze_epoch: a.qat_freeze_epoch,
         }
     }
 
@@ -735,6 +817,9 @@ impl SavedRun {
             cuda_graph: false,
             tf32: false,
             precision: PrecisionArg::F32,
+            weights: self.weights,
+            qat: self.qat,
+            qat_freeze_epoch: self.qat_freeze_epoch,
             out: None,
             resume: None,
             stop_after: None,

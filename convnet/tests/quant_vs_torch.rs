@@ -302,3 +302,107 @@ fn qparams_edge_cases() {
     let q = calculate_qparams(0.0, 0.0, QRange::I8, Scheme::Symmetric);
     assert_eq!((q.scale, q.zero_point), (f32::EPSILON, 0));
 }
+
+/// PyTorch's `ConvBn2d` / `ConvBnReLU2d` QAT forward and backward (BatchNorm folded into
+/// fake-quantized weights, training-mode BatchNorm, then frozen statistics), given PyTorch's
+/// weight quantization: outputs within 2e-6, gradients within 1e-5 (PyTorch's float32
+/// convolution sums in another order), running statistics within 1e-6.
+#[test]
+fn qat_conv_bn_matches_pytorch() {
+    use convnet::graph::{Graph, Node, Op};
+    use convnet::shape::Shape;
+    let fx = Fixture::load("quant.safetensors");
+    for case in ["qat_convbn", "qat_convbnrelu"] {
+        let s = fx.settings(case);
+        let relu = case.ends_with("relu");
+        for step in ["step0", "step1", "step2"] {
+            let t = |n: &str| fx.tensor(case, &format!("{step}.{n}"));
+            let weight = t("weight").requires_grad();
+            let (gamma, beta) = (t("bn_weight").requires_grad(), t("bn_bias").requires_grad());
+            let before = |n: &str| {
+                fx.try_tensor(case, &format!("{step}.{n}_before"))
+                    .unwrap_or_else(|| t(n))
+            };
+            let (mean, var) = (before("running_mean"), before("running_var"));
+            let p = s["padding"].as_u64().unwrap() as usize;
+            let params = convnet::Conv2dParams {
+                padding: (p, p),
+                ..Default::default()
+            };
+            let mut g = Graph::new(&[3, 6, 6]);
+            let conv = Node {
+                name: "conv".into(),
+                op: Op::Conv2d {
+                    weight: weight.clone(),
+                    bias: None,
+                    params,
+                    act: None,
+                },
+                inputs: vec![g.input()],
+                shape: Shape::new([1, 4, 6, 6]),
+            };
+            let bn = Node {
+                name: "bn".into(),
+                op: Op::BatchNorm2d {
+                    weight: gamma.clone(),
+                    bias: beta.clone(),
+                    mean: mean.clone(),
+                    var: var.clone(),
+                    eps: s["bn_eps"].as_f64().unwrap() as f32,
+                    momentum: s["bn_momentum"].as_f64().unwrap() as f32,
+                    batches: Tensor::scalar(0.0),
+                },
+                inputs: vec![],
+                shape: Shape::new([1, 4, 6, 6]),
+            };
+            let _ = &mut g;
+            let scales = t("w_scale").to_vec();
+            let zps = t("w_zero_point").to_vec();
+            let qs: Vec<QParams> = scales
+                .iter()
+                .zip(&zps)
+                .map(|(&scale, &z)| QParams {
+                    scale,
+                    zero_point: z as i32,
+                })
+                .collect();
+            let train = step != "step2";
+            let x = t("x").requires_grad();
+            let mut y =
+                convnet::quant::qat::conv_bn_forward(&x, &conv, &bn, train, &|_| Ok(qs.clone()))
+                    .unwrap();
+            if relu {
+                y = y.relu().unwrap();
+            }
+            let close = |what: &str, got: &Tensor, want: &Tensor, tol: f32| {
+                for (i, (a, b)) in got.to_vec().iter().zip(want.to_vec()).enumerate() {
+                    assert!(
+                        (a - b).abs() <= tol * (1.0 + b.abs()),
+                        "{case} {step} {what}[{i}]: {a} vs {b}"
+                    );
+                }
+            };
+            close("y", &y, &t("y"), 2e-6);
+            if !train {
+                continue;
+            }
+            let grads = y.backward_with(&t("gy")).unwrap();
+            close("gx", grads.get(&x).unwrap(), &t("gx"), 1e-5);
+            close("gw", grads.get(&weight).unwrap(), &t("gw"), 1e-5);
+            close(
+                "g_bn_weight",
+                grads.get(&gamma).unwrap(),
+                &t("g_bn_weight"),
+                1e-5,
+            );
+            close(
+                "g_bn_bias",
+                grads.get(&beta).unwrap(),
+                &t("g_bn_bias"),
+                1e-5,
+            );
+            close("running_mean", &mean, &t("running_mean"), 1e-6);
+            close("running_var", &var, &t("running_var"), 1e-6);
+        }
+    }
+}

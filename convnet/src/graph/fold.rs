@@ -53,7 +53,9 @@ impl Builder {
         j
     }
 
-    fn finish(self, output: usize) -> Graph {
+    /// The graph, and for each source node the fused node holding its value
+    /// (`usize::MAX` if none).
+    fn finish(self, output: usize) -> (Graph, Vec<usize>) {
         let mut index = vec![usize::MAX; self.nodes.len()];
         let mut nodes = Vec::new();
         for (i, mut node) in self.nodes.into_iter().enumerate() {
@@ -66,11 +68,20 @@ impl Builder {
             index[i] = nodes.len();
             nodes.push(node);
         }
-        Graph {
+        let (graph, pruned) = Graph {
             output: ValueId(index[output]),
             nodes,
         }
-        .pruned()
+        .pruned_with_map();
+        let source = self
+            .map
+            .iter()
+            .map(|&b| match index.get(b) {
+                Some(&i) if i != usize::MAX => pruned[i],
+                _ => usize::MAX,
+            })
+            .collect();
+        (graph, source)
     }
 }
 
@@ -89,6 +100,7 @@ fn fold_batch_norm(conv: &Op, bn: &Op) -> Result<Op> {
             mean,
             var,
             eps,
+            ..
         },
     ) = (conv, bn)
     else {
@@ -136,6 +148,16 @@ pub fn fuse(graph: &Graph) -> Result<Graph> {
 /// [`fuse`], fusing only the activations `fusable` accepts (quantization fuses those its
 /// int8 kernels can apply, so the others stay float layers of their own).
 pub fn fuse_where(graph: &Graph, fusable: impl Fn(crate::Activation) -> bool) -> Result<Graph> {
+    Ok(fuse_mapped(graph, fusable)?.0)
+}
+
+/// [`fuse_where`], also returning for each node of `graph` the index of the fused node that
+/// holds its value (a convolution, its BatchNorm and its activation all map to the fused
+/// convolution; `usize::MAX` for a node whose value no longer exists).
+pub fn fuse_mapped(
+    graph: &Graph,
+    fusable: impl Fn(crate::Activation) -> bool,
+) -> Result<(Graph, Vec<usize>)> {
     let mut b = Builder {
         nodes: Vec::with_capacity(graph.nodes().len()),
         dead: Vec::new(),
@@ -146,6 +168,8 @@ pub fn fuse_where(graph: &Graph, fusable: impl Fn(crate::Activation) -> bool) ->
         let sole = |v: ValueId| b.readers[v.0] == 1;
         let producer = node.inputs.first().map(|v| b.map[v.0]);
         let fused_into = match (&node.op, producer) {
+            // The identity at inference.
+            (Op::Dropout(_), Some(p)) => Some(p),
             (Op::BatchNorm2d { .. }, Some(p))
                 if sole(node.inputs[0])
                     && matches!(b.nodes[p].op, Op::Conv2d { act: None, .. })

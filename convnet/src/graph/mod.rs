@@ -69,7 +69,13 @@ pub enum Op {
         var: Tensor,
         /// Added to the variance.
         eps: f32,
+        /// Weight of a batch's statistics in the running ones (training).
+        momentum: f32,
+        /// Batches seen (`num_batches_tracked`), counted in training.
+        batches: Tensor,
     },
+    /// `nn.Dropout(p)`: the identity in eval mode.
+    Dropout(f32),
     /// An element-wise activation.
     Activation(Activation),
     /// `nn.MaxPool2d`.
@@ -107,6 +113,7 @@ impl Op {
             Op::Conv2d { .. } => "Conv2d",
             Op::Linear { .. } => "Linear",
             Op::BatchNorm2d { .. } => "BatchNorm2d",
+            Op::Dropout(_) => "Dropout",
             Op::Activation(a) => a.name(),
             Op::MaxPool2d(_) => "MaxPool2d",
             Op::AvgPool2d(_) => "AvgPool2d",
@@ -182,6 +189,14 @@ impl Graph {
             }],
             output: ValueId(0),
         }
+    }
+
+    /// The graph `net` describes for inputs of shape `input_shape` (batch excluded).
+    pub fn of(net: &dyn crate::nn::Module, input_shape: &[usize]) -> Result<Graph> {
+        let mut g = Graph::new(input_shape);
+        let out = net.describe("", g.input(), &mut g)?;
+        g.set_output(out);
+        Ok(g)
     }
 
     /// The input value.
@@ -268,8 +283,9 @@ impl Graph {
         self.nodes.iter().position(|n| n.name == name).map(ValueId)
     }
 
-    /// The graph without nodes the output does not depend on.
-    pub(crate) fn pruned(self) -> Graph {
+    /// The graph without nodes the output does not depend on, and for each old node its
+    /// new index (`usize::MAX` if removed).
+    pub(crate) fn pruned_with_map(self) -> (Graph, Vec<usize>) {
         let mut live = vec![false; self.nodes.len()];
         live[self.output.0] = true;
         live[0] = true;
@@ -291,9 +307,12 @@ impl Graph {
                 nodes.push(node);
             }
         }
-        Graph {
-            output: ValueId(map[self.output.0]),
-            nodes,
-        }
+        (
+            Graph {
+                output: ValueId(map[self.output.0]),
+                nodes,
+            },
+            map,
+        )
     }
 }

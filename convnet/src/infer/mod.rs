@@ -709,6 +709,7 @@ impl Plan {
                     mean,
                     var,
                     eps,
+                    ..
                 } => {
                     let input = draft.floats(inp(0));
                     let (g, b, m, var) = (

@@ -513,9 +513,8 @@ impl Module for Dropout {
     fn kind(&self) -> &'static str {
         "Dropout"
     }
-    fn describe(&self, _path: &str, input: ValueId, _g: &mut Graph) -> Result<ValueId> {
-        // The identity in eval mode.
-        Ok(input)
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        super::push_leaf(self, path, Op::Dropout(self.p), input, g)
     }
     fn output_shape(&self, input: &[usize]) -> Result<Shape> {
         Ok(Shape::from(input))
@@ -632,6 +631,8 @@ impl Module for BatchNorm2d {
                 mean: self.running_mean.clone(),
                 var: self.running_var.clone(),
                 eps: self.eps,
+                momentum: self.momentum,
+                batches: self.num_batches_tracked.clone(),
             },
             input,
             g,

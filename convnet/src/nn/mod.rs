@@ -79,6 +79,12 @@ pub trait Module: Send + Sync {
         )))
     }
 
+    /// The module as `Any`, for callers that need a wrapper's own methods (such as a
+    /// quantization-aware network's); `None` for ordinary layers.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
+
     /// Shape inference with summary rows; containers override it to recurse. Errors name the
     /// layer by its path.
     fn infer(&self, path: &str, input: &[usize], rows: &mut Vec<SummaryRow>) -> Result<Shape> {

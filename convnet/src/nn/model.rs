@@ -106,10 +106,12 @@ impl Model {
     /// The model as a graph of layer values, reading the model's own tensors (see
     /// [`crate::graph`]).
     pub fn graph(&self) -> Result<crate::graph::Graph> {
-        let mut g = crate::graph::Graph::new(&self.input_shape);
-        let out = self.net.describe("", g.input(), &mut g)?;
-        g.set_output(out);
-        Ok(g)
+        crate::graph::Graph::of(self.net.as_ref(), &self.input_shape)
+    }
+
+    /// The wrapped network, taken out of the model.
+    pub fn into_net(self) -> Box<dyn Module> {
+        self.net
     }
 
     /// Trainable parameters with their `state_dict` names.

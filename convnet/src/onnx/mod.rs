@@ -324,6 +324,7 @@ fn node_onnx(
             )
         }
         Op::Activation(act) => activation(g, *act, path, input)?,
+        Op::Dropout(_) => g.node("Identity", path, &[input], &[]),
         Op::MaxPool2d(p) => g.node(
             "MaxPool",
             path,

@@ -5,6 +5,7 @@
 pub mod fake;
 pub mod model;
 pub mod observer;
+pub mod qat;
 
 pub use model::{quantize, ObserverKind, QuantConfig, QuantizedModel};
 pub use observer::{QParams, QRange, Scheme};

@@ -188,13 +188,40 @@ impl Observer {
 
 /// Which nodes run in int8 and which values are stored as bytes: the decisions of
 /// [`quantize`], before any value is observed.
-struct Layout {
-    int8: Vec<bool>,
-    bytes: Vec<bool>,
-    notes: Vec<String>,
+pub(crate) struct Layout {
+    pub(crate) int8: Vec<bool>,
+    pub(crate) bytes: Vec<bool>,
+    /// Values whose quantization is needed: stored as bytes, or read by an int8 layer.
+    pub(crate) wanted: Vec<bool>,
+    pub(crate) notes: Vec<String>,
 }
 
-fn layout(graph: &Graph) -> Layout {
+/// Whether the value of fused node `i` is rounded when stored as bytes (max pooling,
+/// flatten and the shortcut only move bytes).
+pub(crate) fn rounds(graph: &Graph, layout: &Layout, i: usize) -> bool {
+    i == 0
+        || computes_int8(graph, layout, i)
+        || matches!(
+            graph.nodes()[i].op,
+            Op::AvgPool2d(_) | Op::AdaptiveAvgPool2d(_)
+        )
+}
+
+/// Whether fused node `i` computes in int8 (a convolution, linear layer or addition).
+pub(crate) fn computes_int8(graph: &Graph, layout: &Layout, i: usize) -> bool {
+    layout.int8[i]
+        && matches!(
+            graph.nodes()[i].op,
+            Op::Conv2d { .. } | Op::Linear { .. } | Op::Add
+        )
+}
+
+/// The fused graph quantization reads: activations fused only where int8 can apply them.
+pub(crate) fn fuse_for_int8(graph: &Graph) -> Result<(Graph, Vec<usize>)> {
+    fold::fuse_mapped(graph, |a| int8_activation(Some(a)))
+}
+
+pub(crate) fn layout(graph: &Graph) -> Layout {
     let nodes = graph.nodes();
     let n = nodes.len();
     let mut readers: Vec<Vec<usize>> = vec![Vec::new(); n];
@@ -264,7 +291,84 @@ fn layout(graph: &Graph) -> Layout {
             int8[i] = bytes[i];
         }
     }
-    Layout { int8, bytes, notes }
+    let mut wanted = bytes.clone();
+    for (i, node) in nodes.iter().enumerate() {
+        if int8[i] && compute(&node.op) {
+            for v in &node.inputs {
+                wanted[v.0] = true;
+            }
+        }
+    }
+    Layout {
+        int8,
+        bytes,
+        wanted,
+        notes,
+    }
+}
+
+/// Puts a quantized model together from the fused graph (float weights, BatchNorm folded),
+/// its layout and the observed quantization of every wanted value.
+pub(crate) fn assemble(
+    graph: Graph,
+    plan_layout: Layout,
+    mut qparams: Vec<Option<QParams>>,
+    observer: String,
+    images: usize,
+) -> Result<QuantizedModel> {
+    let nodes = graph.nodes();
+    // Pass-through layers keep their input's quantization.
+    for (i, node) in nodes.iter().enumerate() {
+        if plan_layout.bytes[i]
+            && matches!(
+                node.op,
+                Op::MaxPool2d(_)
+                    | Op::AvgPool2d(_)
+                    | Op::AdaptiveAvgPool2d(_)
+                    | Op::PadChannels { .. }
+                    | Op::Flatten { .. }
+            )
+        {
+            qparams[i] = qparams[node.inputs[0].0];
+        }
+    }
+    let mut quant = Vec::with_capacity(nodes.len());
+    for (i, node) in nodes.iter().enumerate() {
+        let weights = match (&node.op, plan_layout.int8[i]) {
+            (Op::Conv2d { weight, bias, .. } | Op::Linear { weight, bias, .. }, true) => {
+                let w = weight.try_to_vec()?;
+                if w.iter().any(|v| !v.is_finite()) {
+                    return Err(invalid(
+                        "quantize",
+                        format!("{}: weights are not finite", node.name),
+                    ));
+                }
+                let (q, scales) = quantize_weights(&w, weight.dims()[0]);
+                Some(Int8Weights {
+                    weight: q,
+                    scales,
+                    bias: bias.as_ref().map(|b| b.try_to_vec()).transpose()?,
+                })
+            }
+            _ => None,
+        };
+        let output =
+            if plan_layout.wanted[i] {
+                Some(qparams[i].ok_or_else(|| {
+                    invalid("quantize", format!("{}: no observed range", node.name))
+                })?)
+            } else {
+                None
+            };
+        quant.push(NodeQuant {
+            int8: plan_layout.int8[i],
+            output,
+            weights,
+        });
+    }
+    let mut fused = graph;
+    set_dequantized_weights(&mut fused, &quant)?;
+    QuantizedModel::from_parts(fused, quant, plan_layout.notes, observer, images)
 }
 
 /// Quantizes `model` after training: observes activations over the first
@@ -306,19 +410,11 @@ pub fn quantize(
             ));
         }
     }
-    let graph = fold::fuse_where(&model.graph()?, |a| int8_activation(Some(a)))?;
+    let (graph, _) = fuse_for_int8(&model.graph()?)?;
     let plan_layout = layout(&graph);
     let nodes = graph.nodes();
-    // Observe every value that is stored as bytes or that an int8 layer reads.
-    let mut wanted = plan_layout.bytes.clone();
-    for (i, node) in nodes.iter().enumerate() {
-        if plan_layout.int8[i] {
-            for v in &node.inputs {
-                wanted[v.0] = true;
-            }
-        }
-    }
-    let mut observers: Vec<Option<Observer>> = wanted
+    let mut observers: Vec<Option<Observer>> = plan_layout
+        .wanted
         .iter()
         .map(|&w| w.then(|| Observer::new(config.observer)))
         .collect();
@@ -359,58 +455,11 @@ pub fn quantize(
     if seen == 0 {
         return Err(invalid("quantize", "the calibration data gave no images"));
     }
-    let mut qparams: Vec<Option<QParams>> = observers
+    let qparams: Vec<Option<QParams>> = observers
         .iter()
         .map(|o| o.as_ref().map(|o| o.qparams(config.observer)))
         .collect();
-    // Pass-through layers keep their input's quantization.
-    for (i, node) in nodes.iter().enumerate() {
-        if plan_layout.bytes[i]
-            && matches!(
-                node.op,
-                Op::MaxPool2d(_)
-                    | Op::AvgPool2d(_)
-                    | Op::AdaptiveAvgPool2d(_)
-                    | Op::PadChannels { .. }
-                    | Op::Flatten { .. }
-            )
-        {
-            qparams[i] = qparams[node.inputs[0].0];
-        }
-    }
-    let mut quant = Vec::with_capacity(nodes.len());
-    let mut fused = graph.clone();
-    for (i, node) in nodes.iter().enumerate() {
-        let weights = match (&node.op, plan_layout.int8[i]) {
-            (Op::Conv2d { weight, bias, .. } | Op::Linear { weight, bias, .. }, true) => {
-                let w = weight.try_to_vec()?;
-                let (q, scales) = quantize_weights(&w, weight.dims()[0]);
-                Some(Int8Weights {
-                    weight: q,
-                    scales,
-                    bias: bias.as_ref().map(|b| b.try_to_vec()).transpose()?,
-                })
-            }
-            _ => None,
-        };
-        quant.push(NodeQuant {
-            int8: plan_layout.int8[i],
-            output: if plan_layout.bytes[i] || wanted[i] {
-                qparams[i]
-            } else {
-                None
-            },
-            weights,
-        });
-    }
-    set_dequantized_weights(&mut fused, &quant)?;
-    QuantizedModel::from_parts(
-        fused,
-        quant,
-        plan_layout.notes,
-        config.observer.name(),
-        seen,
-    )
+    assemble(graph, plan_layout, qparams, config.observer.name(), seen)
 }
 
 /// Replaces the float weights of int8 layers by their dequantized values, so the graph is
@@ -434,7 +483,7 @@ fn set_dequantized_weights(graph: &mut Graph, quant: &[NodeQuant]) -> Result<()>
 }
 
 impl QuantizedModel {
-    fn from_parts(
+    pub(crate) fn from_parts(
         graph: Graph,
         nodes: Vec<NodeQuant>,
         notes: Vec<String>,
@@ -661,7 +710,7 @@ impl QuantizedModel {
             meta.model_spec.as_deref(),
         )?;
         let model = spec.build(meta.input_shape, meta.classes.len())?;
-        let mut graph = fold::fuse_where(&model.graph()?, |a| int8_activation(Some(a)))?;
+        let (mut graph, _) = fuse_for_int8(&model.graph()?)?;
         let mut by_name: HashMap<String, Tensor> = tensors.into_iter().collect();
         let take = |by_name: &mut HashMap<String, Tensor>,
                     name: String,
