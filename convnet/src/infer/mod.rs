@@ -1089,8 +1089,15 @@ impl Plan {
                 x.shape().to_string(),
             ));
         }
+        if x.device() != Device::Cpu {
+            return Err(invalid("plan", "the inference plan runs on the CPU: move the input there"));
+        }
         let n = x.dims()[0];
-        let data = x.try_to_vec()?;
+        x.with_data(|data| self.run_on(data, n))
+    }
+
+    /// [`Plan::run`] on the input's elements.
+    fn run_on(&self, data: &[f32], n: usize) -> Result<Tensor> {
         let per_in: usize = self.input_shape.iter().product();
         let out_slot = self.slots[self.image_out];
         let per_out = out_slot.plane.c * out_slot.plane.h * out_slot.plane.w;
@@ -1292,18 +1299,18 @@ impl Plan {
         match si.elem {
             Elem::F32 => nhwc::from_nchw(image, (arena[si.buffer].f32_mut(), si.plane)),
             Elem::U8(q) => {
-                // Quantize straight from NCHW into the plane.
+                // Quantize straight from NCHW into the plane, a row of one channel at a time.
                 let p = si.plane;
                 let buf = arena[si.buffer].u8_mut();
                 let inv = 1.0 / q.scale;
-                let mut px = vec![0u8; p.c];
-                for y in 0..p.h {
-                    for x in 0..p.w {
-                        let vals: Vec<f32> =
-                            (0..p.c).map(|ch| image[(ch * p.h + y) * p.w + x]).collect();
-                        int8::quantize_slice(&vals, inv, q.zero_point, &mut px);
-                        let o = p.at(y as isize, x as isize);
-                        buf[o..o + p.c].copy_from_slice(&px);
+                let mut row = vec![0u8; p.w];
+                for ch in 0..p.c {
+                    for y in 0..p.h {
+                        int8::quantize_slice(&image[(ch * p.h + y) * p.w..][..p.w], inv, q.zero_point, &mut row);
+                        let base = p.at(y as isize, 0) + ch;
+                        for (x, &v) in row.iter().enumerate() {
+                            buf[base + x * p.cs] = v;
+                        }
                     }
                 }
             }
