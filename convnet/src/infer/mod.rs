@@ -1090,7 +1090,10 @@ impl Plan {
             ));
         }
         if x.device() != Device::Cpu {
-            return Err(invalid("plan", "the inference plan runs on the CPU: move the input there"));
+            return Err(invalid(
+                "plan",
+                "the inference plan runs on the CPU: move the input there",
+            ));
         }
         let n = x.dims()[0];
         x.with_data(|data| self.run_on(data, n))
@@ -1306,7 +1309,12 @@ impl Plan {
                 let mut row = vec![0u8; p.w];
                 for ch in 0..p.c {
                     for y in 0..p.h {
-                        int8::quantize_slice(&image[(ch * p.h + y) * p.w..][..p.w], inv, q.zero_point, &mut row);
+                        int8::quantize_slice(
+                            &image[(ch * p.h + y) * p.w..][..p.w],
+                            inv,
+                            q.zero_point,
+                            &mut row,
+                        );
                         let base = p.at(y as isize, 0) + ch;
                         for (x, &v) in row.iter().enumerate() {
                             buf[base + x * p.cs] = v;
