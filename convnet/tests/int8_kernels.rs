@@ -14,7 +14,12 @@ use convnet::backend::cpu::int8::{
 use convnet::backend::cpu::nhwc::{self, Plane};
 use convnet::{Conv2dParams, Rng};
 
-const PATHS: [Int8Kernel; 3] = [Int8Kernel::Vnni512, Int8Kernel::Avx2, Int8Kernel::Portable];
+const PATHS: [Int8Kernel; 4] = [
+    Int8Kernel::Amx,
+    Int8Kernel::Vnni512,
+    Int8Kernel::Avx2,
+    Int8Kernel::Portable,
+];
 
 /// What one case runs.
 struct Case<'a> {
@@ -45,7 +50,13 @@ fn run(case: &Case, path: Int8Kernel) -> (Vec<u8>, Vec<f32>) {
     let p = case.params;
     let oh = (case.h + 2 * p.padding.0 - p.dilation.0 * (kh - 1) - 1) / p.stride.0 + 1;
     let ow = (case.w + 2 * p.padding.1 - p.dilation.1 * (kw - 1) - 1) / p.stride.1 + 1;
-    let cs_in = case.c.div_ceil(4) * 4;
+    // The inference plan's channel stride (a multiple of 16) is the one the AMX tiles need;
+    // the other paths take the narrowest they allow.
+    let cs_in = if path == Int8Kernel::Amx {
+        case.c.div_ceil(16) * 16
+    } else {
+        case.c.div_ceil(4) * 4
+    };
     let halo = p.padding.0.max(p.padding.1);
     let ip = Plane {
         h: case.h,

@@ -13,6 +13,14 @@
 //! - **AVX2** (no VNNI): `vpmaddubsw` would add two u8 x s8 products into a saturating
 //!   16-bit lane (255 * -128 * 2 < -32768); instead bytes are widened to 16 bits and
 //!   `vpmaddwd` adds pairs into 32-bit lanes: `[K/8][KH][KW][C2/2][8][2]` 16-bit weights.
+//! - **AMX-INT8** (`tdpbusd`, when the CPU has it and the kernel grants the tile state): the
+//!   VNNI packing with the input channels padded to 16, so that for one kernel row the taps'
+//!   channels lie contiguous in a channels-last plane (`KW * C16` bytes per output pixel).
+//!   A tile multiplies 16 output pixels x up to 64 of those bytes by 16 output channels;
+//!   output pixels are taken as one run over the plane's padded width (the border columns
+//!   are computed and dropped), so rows narrower than a tile still fill it. Layers whose
+//!   plane does not fit (dilated columns, other channel strides, fewer than 16 pixels) use
+//!   the VNNI kernel.
 //! - **Portable**: plain integer loops on the VNNI packing.
 //!
 //! The kernel is chosen at run time ([`Int8Kernel::detect`]) and every path gives the same
@@ -31,9 +39,14 @@ use super::activation::Activation;
 use super::nhwc::Plane;
 use std::ops::Range;
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
+
 /// Which int8 code path runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Int8Kernel {
+    /// AMX-INT8 tiles (`tdpbusd`), with the AVX512-VNNI kernel for layers that do not fit.
+    Amx,
     /// AVX-512 with VNNI (`vpdpbusd`).
     Vnni512,
     /// AVX2 with 16-bit products (`vpmaddwd`), no saturation.
@@ -54,10 +67,10 @@ impl Int8Kernel {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vnni")
-            {
+            if Int8Kernel::Amx.available() {
+                return Int8Kernel::Amx;
+            }
+            if Int8Kernel::Vnni512.available() {
                 return Int8Kernel::Vnni512;
             }
             if std::arch::is_x86_feature_detected!("avx2") {
@@ -79,6 +92,8 @@ impl Int8Kernel {
                     && std::arch::is_x86_feature_detected!("avx512bw")
                     && std::arch::is_x86_feature_detected!("avx512vnni")
             }
+            #[cfg(target_arch = "x86_64")]
+            Int8Kernel::Amx => Int8Kernel::Vnni512.available() && amx::ready(),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -88,6 +103,11 @@ impl Int8Kernel {
     /// best); returns the previous setting. For tests and benchmarks of each path.
     pub fn force(kernel: Option<Int8Kernel>) -> Option<Int8Kernel> {
         FORCED.with(|f| f.replace(kernel))
+    }
+
+    /// Whether the AVX512-VNNI kernel (and its packing) serves this path.
+    fn vnni(self) -> bool {
+        matches!(self, Int8Kernel::Vnni512 | Int8Kernel::Amx)
     }
 
     /// Output channels per packed block.
@@ -107,6 +127,8 @@ pub struct PackedInt8 {
     /// VNNI/portable packing (bytes) or AVX2 packing (16-bit values, as bytes).
     data: Vec<i8>,
     wide: Vec<i16>,
+    /// AMX: the VNNI packing with the input channels padded to 16 (empty on other paths).
+    tiles: Vec<i8>,
     /// Output channels K.
     pub k: usize,
     /// Input channels C.
@@ -139,6 +161,10 @@ fn c4(c: usize) -> usize {
     c.div_ceil(4) * 4
 }
 
+fn c16(c: usize) -> usize {
+    c.div_ceil(16) * 16
+}
+
 impl PackedInt8 {
     /// Packs int8 weights `[K, C, KH, KW]` for `kernel`.
     pub fn new(
@@ -156,7 +182,28 @@ impl PackedInt8 {
         let blocks = k.div_ceil(block);
         let w_at =
             |o: usize, ci: usize, i: usize, j: usize| weights[((o * c + ci) * kh + i) * kw + j];
-        let (mut data, mut wide) = (Vec::new(), Vec::new());
+        let (mut data, mut wide, mut tiles) = (Vec::new(), Vec::new(), Vec::new());
+        let pack4 = |cp: usize| {
+            let q4 = cp / 4;
+            let mut data = vec![0i8; blocks * kh * kw * q4 * block * 4];
+            for o in 0..k {
+                for ci in 0..c {
+                    for i in 0..kh {
+                        for j in 0..kw {
+                            let at = ((((o / block * kh + i) * kw + j) * q4 + ci / 4) * block
+                                + o % block)
+                                * 4
+                                + ci % 4;
+                            data[at] = w_at(o, ci, i, j);
+                        }
+                    }
+                }
+            }
+            data
+        };
+        if kernel == Int8Kernel::Amx {
+            tiles = pack4(c16(c));
+        }
         if kernel == Int8Kernel::Avx2 {
             let c2 = c.div_ceil(2);
             wide = vec![0i16; blocks * kh * kw * c2 * block * 2];
@@ -174,21 +221,7 @@ impl PackedInt8 {
                 }
             }
         } else {
-            let q4 = c4(c) / 4;
-            data = vec![0i8; blocks * kh * kw * q4 * block * 4];
-            for o in 0..k {
-                for ci in 0..c {
-                    for i in 0..kh {
-                        for j in 0..kw {
-                            let at = ((((o / block * kh + i) * kw + j) * q4 + ci / 4) * block
-                                + o % block)
-                                * 4
-                                + ci % 4;
-                            data[at] = w_at(o, ci, i, j);
-                        }
-                    }
-                }
-            }
+            data = pack4(c4(c));
         }
         let padded = blocks * block;
         let (mut offset, mut bias_q, mut mult, mut atw, mut bias) = (
@@ -214,6 +247,7 @@ impl PackedInt8 {
             kernel,
             data,
             wide,
+            tiles,
             k,
             c,
             kernel_hw,
@@ -337,6 +371,13 @@ pub fn conv_rows(
             "rows inside the output part"
         );
     }
+    #[cfg(target_arch = "x86_64")]
+    if packed.kernel == Int8Kernel::Amx {
+        if let Some(geometry) = amx::Geometry::of(conv, packed, rows.clone()) {
+            amx::conv_rows(conv, packed, &geometry, input, &mut out, rows);
+            return;
+        }
+    }
     let blocks = packed.k.div_ceil(block);
     let mut sums = vec![0i32; op.w * block * 4];
     for oy in rows {
@@ -363,7 +404,7 @@ pub fn conv_rows(
                 };
                 let tile_sums = &mut sums[..n * nb * block];
                 #[cfg(target_arch = "x86_64")]
-                if packed.kernel == Int8Kernel::Vnni512 {
+                if packed.kernel.vnni() {
                     if let Int8Out::Bytes {
                         data,
                         offset,
@@ -453,7 +494,7 @@ fn tile(packed: &PackedInt8, t: &Tile, x: &[u8], b0: usize, n: usize, nb: usize,
     let reach = (t.kh - 1) * t.tap_h + (t.kw - 1) * t.tap_w + (n - 1) * t.pix + c4(t.c);
     match packed.kernel {
         #[cfg(target_arch = "x86_64")]
-        Int8Kernel::Vnni512 => {
+        Int8Kernel::Vnni512 | Int8Kernel::Amx => {
             assert!(reach <= x.len(), "tile inside the input");
             let w = &packed.data[b0 * t.wblock..];
             assert!(w.len() >= nb * t.wblock);
