@@ -426,6 +426,21 @@ fn tensor_seeds(seeds: &mut Seeds) -> Result<(), String> {
         let bytes = read_temp(&path)?;
         seeds.push(("checkpoint", name.into(), bytes.clone()));
         seeds.push(("safetensors", name.into(), bytes));
+        // Its int8 version, calibrated on a few synthetic images.
+        let n = 8;
+        let pixels: Vec<u8> = (0..n * input.iter().product::<usize>())
+            .map(pixel)
+            .collect();
+        let labels = (0..n as u32).map(|i| i % 3).collect();
+        let images = ImageDataset::new(pixels, labels, input, meta.classes.clone(), "calibration")
+            .map_err(|e| e.to_string())?;
+        let loader = DataLoader::for_evaluation(Arc::new(images), meta.normalize.clone())
+            .map_err(|e| e.to_string())?;
+        let q = convnet::quant::quantize(&model, &loader, &convnet::quant::QuantConfig::default())
+            .map_err(|e| e.to_string())?;
+        let path = tmp.join(format!("{name}-int8.safetensors"));
+        q.save(&path, &meta).map_err(|e| e.to_string())?;
+        seeds.push(("quantized", name.into(), read_temp(&path)?));
     }
     for (name, bytes) in fixture_pt() {
         if let Some(parts) = pt_parts(&bytes) {

@@ -121,6 +121,13 @@ pub const ALL: &[Target] = &[
         bound: model,
     },
     Target {
+        name: "quantized",
+        what: "int8 checkpoint: metadata, model rebuilt and fused, int8 tensors and scales checked, plan compiled",
+        corpus: "quantized",
+        run: quantized_file,
+        bound: model,
+    },
+    Target {
         name: "pt",
         what: "PyTorch .pt/.pth zip (the zip bytes are mutated)",
         corpus: "pt",
@@ -320,6 +327,16 @@ fn checkpoint_file(input: &[u8], _work: &Workdir) -> Result<(), String> {
         .build_with_limit(meta.input_shape, meta.classes.len(), SMALL_MODEL)
         .map_err(err)?;
     model.load_state_dict(&tensors, true).map_err(err)
+}
+
+fn quantized_file(input: &[u8], _work: &Workdir) -> Result<(), String> {
+    convnet::quant::QuantizedModel::from_bytes_with_limit(
+        Path::new("fuzz-int8.safetensors"),
+        input,
+        SMALL_MODEL,
+    )
+    .map(drop)
+    .map_err(err)
 }
 
 fn pt(input: &[u8], _work: &Workdir) -> Result<(), String> {

@@ -681,6 +681,16 @@ impl QuantizedModel {
 
     /// [`QuantizedModel::load`] for a file in memory; `path` names it in errors.
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<(QuantizedModel, CheckpointMeta)> {
+        Self::from_bytes_with_limit(path, bytes, crate::nn::MAX_PARAMETERS)
+    }
+
+    /// [`QuantizedModel::from_bytes`] refusing a model of more than `max_parameters`
+    /// parameters before it is built (as [`crate::models::ModelSpec::build_with_limit`]).
+    pub fn from_bytes_with_limit(
+        path: &Path,
+        bytes: &[u8],
+        max_parameters: usize,
+    ) -> Result<(QuantizedModel, CheckpointMeta)> {
         let (tensors, map) = crate::checkpoint::tensors_from_bytes(path, bytes)?;
         let bad = |msg: String| Error::Format {
             path: path.to_path_buf(),
@@ -709,7 +719,7 @@ impl QuantizedModel {
             &meta.architecture,
             meta.model_spec.as_deref(),
         )?;
-        let model = spec.build(meta.input_shape, meta.classes.len())?;
+        let model = spec.build_with_limit(meta.input_shape, meta.classes.len(), max_parameters)?;
         let (mut graph, _) = fuse_for_int8(&model.graph()?)?;
         let mut by_name: HashMap<String, Tensor> = tensors.into_iter().collect();
         let take = |by_name: &mut HashMap<String, Tensor>,
