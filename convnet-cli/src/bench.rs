@@ -191,7 +191,11 @@ pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
                 (None, crate::common::Net::Quantized(_)) => unreachable!(),
             };
             let label = match &l.net {
-                crate::common::Net::Quantized(_) => format!("{} (int8)", m.architecture),
+                crate::common::Net::Quantized(_) => format!(
+                    "{} (int8, {})",
+                    m.architecture,
+                    convnet::backend::cpu::int8::Int8Kernel::detect().name()
+                ),
                 _ => m.architecture.clone(),
             };
             (model, m.input_shape, label)

@@ -366,3 +366,114 @@ fn direct_and_depthwise_kernels_match_the_naive_convolution() {
         }
     }
 }
+
+/// Max pooling of float and byte planes (the vector paths and the portable one) against
+/// a naive NCHW loop: padding, dilation, ceil-mode windows clipped at the edge, channel
+/// counts that are not a multiple of the vector width, NaN winning as in PyTorch.
+#[test]
+fn max_pooling_of_planes_matches_the_naive_loop() {
+    use convnet::backend::cpu::int8;
+    use convnet::tensor::MaxPool2dParams;
+    let mut rng = Rng::new(11);
+    let cases = [
+        (20, 9, 7, (2, 2), (2, 2), (0, 0), (1, 1), false),
+        (70, 8, 8, (3, 3), (2, 2), (1, 1), (1, 1), true),
+        (33, 10, 9, (3, 2), (1, 2), (1, 1), (2, 1), false),
+    ];
+    for (c, h, w, kernel, stride, padding, dilation, ceil_mode) in cases {
+        let p = MaxPool2dParams {
+            kernel,
+            stride,
+            padding,
+            dilation,
+            ceil_mode,
+        };
+        let out_size = |n: usize, k: usize, s: usize, pad: usize, d: usize| {
+            let span = n + 2 * pad - d * (k - 1) - 1;
+            let mut o = if ceil_mode {
+                span.div_ceil(s)
+            } else {
+                span / s
+            } + 1;
+            if ceil_mode && (o - 1) * s >= n + pad {
+                o -= 1;
+            }
+            o
+        };
+        let oh = out_size(h, kernel.0, stride.0, padding.0, dilation.0);
+        let ow = out_size(w, kernel.1, stride.1, padding.1, dilation.1);
+        let mut x: Vec<f32> = (0..c * h * w).map(|_| rng.uniform(-3.0, 3.0)).collect();
+        x[5] = f32::NAN;
+        x[c * h * w / 2] = f32::NAN;
+        let bytes: Vec<u8> = (0..c * h * w)
+            .map(|_| (rng.uniform(0.0, 256.0) as u32).min(255) as u8)
+            .collect();
+        // Naive: every channel, every output, the taps inside the image.
+        let naive = |get: &dyn Fn(usize) -> f32, init: f32| {
+            let mut want = vec![init; c * oh * ow];
+            for ch in 0..c {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut m = init;
+                        for i in 0..kernel.0 {
+                            for j in 0..kernel.1 {
+                                let iy =
+                                    (oy * stride.0 + i * dilation.0) as isize - padding.0 as isize;
+                                let ix =
+                                    (ox * stride.1 + j * dilation.1) as isize - padding.1 as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                    continue;
+                                }
+                                let v = get((ch * h + iy as usize) * w + ix as usize);
+                                if v > m || v.is_nan() {
+                                    m = v;
+                                }
+                            }
+                        }
+                        want[(ch * oh + oy) * ow + ox] = m;
+                    }
+                }
+            }
+            want
+        };
+        let cs = c.div_ceil(16) * 16;
+        let ip = Plane {
+            h,
+            w,
+            c,
+            cs,
+            halo: 1,
+        };
+        let op = Plane {
+            h: oh,
+            w: ow,
+            c,
+            cs,
+            halo: 0,
+        };
+        let want = naive(&|i| x[i], f32::NEG_INFINITY);
+        for portable in [false, true] {
+            let before = nhwc::force_portable(portable);
+            let (xp, _) = plane_of(&x, c, h, w, cs, 1);
+            let mut out = vec![0f32; op.len()];
+            nhwc::max_pool_plane((&xp, ip), p, (&mut out, op));
+            nhwc::force_portable(before);
+            let got = unplane(&out, op);
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    g.to_bits() == e.to_bits() || (g.is_nan() && e.is_nan()),
+                    "c {c} {kernel:?} portable {portable}: element {i}: {g} vs {e}"
+                );
+            }
+        }
+        let want = naive(&|i| bytes[i] as f32, 0.0);
+        let mut bp = vec![0u8; ip.len()];
+        nhwc::from_nchw(&bytes, (&mut bp, ip));
+        let mut out = vec![0u8; op.len()];
+        int8::max_pool_plane((&bp, ip), p, (&mut out, op));
+        let mut got = vec![0u8; c * oh * ow];
+        nhwc::to_nchw((&out, op), &mut got);
+        let got: Vec<f32> = got.iter().map(|&v| v as f32).collect();
+        assert_eq!(got, want, "bytes c {c} {kernel:?}");
+    }
+}

@@ -60,24 +60,53 @@ thread_local! {
 }
 
 impl Int8Kernel {
-    /// The best path this CPU supports (or the one forced on this thread).
+    /// Every path, fastest first.
+    pub const ALL: [Int8Kernel; 4] = [
+        Int8Kernel::Amx,
+        Int8Kernel::Vnni512,
+        Int8Kernel::Avx2,
+        Int8Kernel::Portable,
+    ];
+
+    /// The path's name, as `CONVNET_INT8_KERNEL` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Int8Kernel::Amx => "amx",
+            Int8Kernel::Vnni512 => "vnni512",
+            Int8Kernel::Avx2 => "avx2",
+            Int8Kernel::Portable => "portable",
+        }
+    }
+
+    /// The best path this CPU supports (or the one forced on this thread). The environment
+    /// variable `CONVNET_INT8_KERNEL` (`amx`, `vnni512`, `avx2`, `portable`) caps the
+    /// choice, to compare the paths on one machine: the best available path at or below
+    /// the one named.
+    ///
+    /// ```
+    /// use convnet::backend::cpu::int8::Int8Kernel;
+    /// let k = Int8Kernel::detect();
+    /// assert!(k.available());
+    /// ```
     pub fn detect() -> Int8Kernel {
         if let Some(k) = FORCED.with(|f| f.get()) {
             return k;
         }
-        #[cfg(target_arch = "x86_64")]
-        {
-            if Int8Kernel::Amx.available() {
-                return Int8Kernel::Amx;
-            }
-            if Int8Kernel::Vnni512.available() {
-                return Int8Kernel::Vnni512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                return Int8Kernel::Avx2;
-            }
-        }
-        Int8Kernel::Portable
+        static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let cap = *CAP.get_or_init(|| {
+            std::env::var("CONVNET_INT8_KERNEL")
+                .ok()
+                .and_then(|v| {
+                    let v = v.trim().to_ascii_lowercase();
+                    Int8Kernel::ALL.iter().position(|k| k.name() == v)
+                })
+                .unwrap_or(0)
+        });
+        Int8Kernel::ALL[cap..]
+            .iter()
+            .copied()
+            .find(|k| k.available())
+            .unwrap_or(Int8Kernel::Portable)
     }
 
     /// Whether this CPU can run `self`.
@@ -1150,6 +1179,15 @@ pub fn max_pool_plane(
 ) {
     let (ip, op) = (x.1, out.1);
     let c = ip.c;
+    #[cfg(target_arch = "x86_64")]
+    if crate::backend::cpu::simd::has_avx512() {
+        assert!(x.0.len() >= ip.len() && out.0.len() >= op.len() && op.c == c);
+        assert!(c <= ip.cs && c <= op.cs);
+        // SAFETY: AVX-512 (F, BW) is present; every tap and output pixel lies inside the
+        // planes, and lanes past `c` are masked.
+        unsafe { max_pool_avx512(x.0, ip, p, out.0, op) };
+        return;
+    }
     for oy in 0..op.h {
         for ox in 0..op.w {
             let o = op.at(oy as isize, ox as isize);
@@ -1169,6 +1207,55 @@ pub fn max_pool_plane(
                         *d = (*d).max(v);
                     }
                 }
+            }
+        }
+    }
+}
+
+/// [`max_pool_plane`] 64 channels at a time.
+///
+/// # Safety
+/// AVX-512 F and BW; the planes as asserted by [`max_pool_plane`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn max_pool_avx512(
+    x: &[u8],
+    ip: Plane,
+    p: crate::tensor::MaxPool2dParams,
+    out: &mut [u8],
+    op: Plane,
+) {
+    use std::arch::x86_64::*;
+    let c = ip.c;
+    let mut taps = Vec::with_capacity(p.kernel.0 * p.kernel.1);
+    for oy in 0..op.h {
+        for ox in 0..op.w {
+            taps.clear();
+            for i in 0..p.kernel.0 {
+                let iy = (oy * p.stride.0 + i * p.dilation.0) as isize - p.padding.0 as isize;
+                if iy < 0 || iy >= ip.h as isize {
+                    continue;
+                }
+                for j in 0..p.kernel.1 {
+                    let ix = (ox * p.stride.1 + j * p.dilation.1) as isize - p.padding.1 as isize;
+                    if ix >= 0 && ix < ip.w as isize {
+                        taps.push(ip.at(iy, ix));
+                    }
+                }
+            }
+            let dst = out.as_mut_ptr().add(op.at(oy as isize, ox as isize));
+            for l in (0..c).step_by(64) {
+                let mask: __mmask64 = if c - l >= 64 {
+                    u64::MAX
+                } else {
+                    (1u64 << (c - l)) - 1
+                };
+                let mut acc = _mm512_setzero_si512();
+                for &t in &taps {
+                    let v = _mm512_maskz_loadu_epi8(mask, x.as_ptr().add(t + l) as *const i8);
+                    acc = _mm512_max_epu8(acc, v);
+                }
+                _mm512_mask_storeu_epi8(dst.add(l) as *mut i8, mask, acc);
             }
         }
     }

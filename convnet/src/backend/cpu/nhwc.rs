@@ -727,6 +727,15 @@ pub fn max_pool_plane(
 ) {
     let (ip, op) = (x.1, out.1);
     let c = ip.c;
+    #[cfg(target_arch = "x86_64")]
+    if use_avx512() {
+        assert!(x.0.len() >= ip.len() && out.0.len() >= op.len() && op.c == c);
+        assert!(c <= ip.cs && c <= op.cs);
+        // SAFETY: AVX-512 is present; every tap and output pixel lies inside the planes
+        // (the taps are those the loop below keeps), and lanes past `c` are masked.
+        unsafe { max_pool_avx512(x.0, ip, p, out.0, op) };
+        return;
+    }
     for oy in 0..op.h {
         for ox in 0..op.w {
             let o = op.at(oy as isize, ox as isize);
@@ -744,6 +753,58 @@ pub fn max_pool_plane(
                     }
                     max_into(dst, &x.0[ip.at(iy, ix)..][..c]);
                 }
+            }
+        }
+    }
+}
+
+/// Max pooling whole 16-channel vectors at a time: one pass over the window's taps per
+/// vector, NaN winning as in [`max_into`].
+///
+/// # Safety
+/// AVX-512F; the planes as asserted by [`max_pool_plane`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn max_pool_avx512(
+    x: &[f32],
+    ip: Plane,
+    p: crate::tensor::MaxPool2dParams,
+    out: &mut [f32],
+    op: Plane,
+) {
+    use std::arch::x86_64::*;
+    let c = ip.c;
+    let mut taps = Vec::with_capacity(p.kernel.0 * p.kernel.1);
+    for oy in 0..op.h {
+        for ox in 0..op.w {
+            taps.clear();
+            for i in 0..p.kernel.0 {
+                let iy = (oy * p.stride.0 + i * p.dilation.0) as isize - p.padding.0 as isize;
+                if iy < 0 || iy >= ip.h as isize {
+                    continue;
+                }
+                for j in 0..p.kernel.1 {
+                    let ix = (ox * p.stride.1 + j * p.dilation.1) as isize - p.padding.1 as isize;
+                    if ix >= 0 && ix < ip.w as isize {
+                        taps.push(ip.at(iy, ix));
+                    }
+                }
+            }
+            let dst = out.as_mut_ptr().add(op.at(oy as isize, ox as isize));
+            for l in (0..c).step_by(LANES) {
+                let mask: __mmask16 = if c - l >= LANES {
+                    0xffff
+                } else {
+                    (1u16 << (c - l)) - 1
+                };
+                let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
+                for &t in &taps {
+                    let v = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(t + l));
+                    let take = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, acc)
+                        | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+                    acc = _mm512_mask_mov_ps(acc, take, v);
+                }
+                _mm512_mask_storeu_ps(dst.add(l), mask, acc);
             }
         }
     }
