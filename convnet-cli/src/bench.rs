@@ -26,6 +26,10 @@ pub struct BenchArgs {
     /// Architecture (see `convnet models`).
     #[arg(long, default_value = "seed-cnn")]
     model: String,
+    /// A model described in a TOML or JSON file instead (random weights; its own input
+    /// size unless --input is given).
+    #[arg(long, conflicts_with = "checkpoint")]
+    model_file: Option<std::path::PathBuf>,
     /// Time a checkpoint instead (float or quantized; its input shape): a quantized one in
     /// infer mode only.
     #[arg(long)]
@@ -40,9 +44,9 @@ pub struct BenchArgs {
     /// What to time.
     #[arg(long, value_enum, default_value_t = BenchMode::Train)]
     mode: BenchMode,
-    /// Input shape CxHxW.
-    #[arg(long, default_value = "3x32x32")]
-    input: String,
+    /// Input shape CxHxW (default 3x32x32, or a model file's own).
+    #[arg(long)]
+    input: Option<String>,
     /// Untimed warm-up steps.
     #[arg(long, default_value_t = 5)]
     warmup: usize,
@@ -201,12 +205,18 @@ pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
             (model, m.input_shape, label)
         }
         None => {
-            let shape = parse_shape(&a.input)?;
-            (
-                convnet::models::build(&a.model, shape, 10)?,
-                shape,
-                a.model.clone(),
-            )
+            let spec = match &a.model_file {
+                Some(path) => convnet::models::ModelSpec::File(
+                    convnet::model_file::ModelFile::from_path(path)?,
+                ),
+                None => convnet::models::ModelSpec::zoo(&a.model)?,
+            };
+            let shape = match &a.input {
+                Some(s) => parse_shape(s)?,
+                None => spec.default_input().unwrap_or([3, 32, 32]),
+            };
+            let label = spec.name().to_string();
+            (spec.build(shape, 10)?, shape, label)
         }
     };
     let classes = model.output_shape().dims().get(1).copied().unwrap_or(10);

@@ -310,8 +310,9 @@ enum RowsKind {
 #[derive(Debug)]
 enum BatchStep {
     Linear {
-        /// `[out, in]`, PyTorch's layout.
-        weight: Vec<f32>,
+        /// `[in, out]`: PyTorch's weight transposed, so that the product runs as
+        /// `y^T = W x^T` with the weight as the unit-stride left operand (no packing).
+        weight_t: Vec<f32>,
         bias: Option<Vec<f32>>,
         outputs: usize,
         act: Option<Activation>,
@@ -337,6 +338,8 @@ pub struct Plan {
     input_value: usize,
     image_steps: Vec<ImageStep>,
     image_out: usize,
+    /// Whether images are flattened in (pixel, channel) order (see the plan's build).
+    nhwc_rows: bool,
     batch_steps: Vec<BatchStep>,
     /// Whether one image is worth splitting between threads (see [`SPLIT_IMAGE_WORK`]).
     split_images: bool,
@@ -837,6 +840,33 @@ impl Plan {
             Elem::F32 => RowsKind::F32,
             Elem::U8(q) => RowsKind::U8(q),
         };
+        // When a linear layer follows the flatten directly, images are flattened in their
+        // planes' (pixel, channel) order and that layer's weight columns are permuted to
+        // match, instead of reordering every image to (channel, pixel).
+        let nhwc_rows = flatten.and_then(|f| {
+            let dims = graph.shape(nodes[f].inputs[0]).dims().to_vec();
+            let next = nodes.get(f + 1)?;
+            let pixels: usize = dims.get(2..)?.iter().product();
+            (dims.len() == 4 && pixels > 1 && matches!(next.op, Op::Linear { .. }))
+                .then_some((dims[1], pixels))
+        });
+        // Column `ch * pixels + p` of the model's weight goes to `p * c + ch`.
+        let permute_columns = |w: &[f32], outs: usize| -> Vec<f32> {
+            let Some((c, pixels)) = nhwc_rows else {
+                return w.to_vec();
+            };
+            let ins = c * pixels;
+            let mut out = vec![0f32; w.len()];
+            for o in 0..outs {
+                for ch in 0..c {
+                    for p in 0..pixels {
+                        out[o * ins + p * c + ch] = w[o * ins + ch * pixels + p];
+                    }
+                }
+            }
+            out
+        };
+        let mut first_linear = true;
         if let Some(f) = flatten {
             let mut last = ValueId(f);
             for (i, node) in nodes.iter().enumerate().skip(f + 1) {
@@ -889,8 +919,17 @@ impl Plan {
                                 bias: w8.bias.as_deref(),
                                 output_scale: out_q.map_or(1.0, |q| q.scale),
                             };
+                            let weight8: Vec<i8> = if std::mem::take(&mut first_linear) {
+                                let as_f: Vec<f32> = w8.weight.iter().map(|&v| v as f32).collect();
+                                permute_columns(&as_f, d[0])
+                                    .iter()
+                                    .map(|&v| v as i8)
+                                    .collect()
+                            } else {
+                                w8.weight.clone()
+                            };
                             let packed = PackedInt8::new(
-                                &w8.weight,
+                                &weight8,
                                 d[0],
                                 d[1],
                                 (1, 1),
@@ -922,8 +961,21 @@ impl Plan {
                             rows = kind;
                         } else {
                             to_floats(&mut rows, &mut batch_steps);
+                            let w = weight.try_to_vec()?;
+                            let w = if std::mem::take(&mut first_linear) {
+                                permute_columns(&w, d[0])
+                            } else {
+                                w
+                            };
+                            let (outs, ins) = (d[0], w.len() / d[0].max(1));
+                            let mut weight_t = vec![0f32; w.len()];
+                            for o in 0..outs {
+                                for i in 0..ins {
+                                    weight_t[i * outs + o] = w[o * ins + i];
+                                }
+                            }
                             batch_steps.push(BatchStep::Linear {
-                                weight: weight.try_to_vec()?,
+                                weight_t,
                                 bias: bias.as_ref().map(|b| b.try_to_vec()).transpose()?,
                                 outputs: d[0],
                                 act: *act,
@@ -1085,6 +1137,7 @@ impl Plan {
             input_value,
             image_steps: draft.steps,
             image_out,
+            nhwc_rows: nhwc_rows.is_some(),
             batch_steps,
             split_images: work >= SPLIT_IMAGE_WORK,
             arenas: Mutex::new(Vec::new()),
@@ -1144,6 +1197,15 @@ impl Plan {
 
     /// [`Plan::run`] on the input's elements.
     fn run_on(&self, data: &[f32], n: usize) -> Result<Tensor> {
+        if n >= 2 && rayon::current_num_threads() > 1 && rayon::current_thread_index().is_none() {
+            // One hand-over to the thread pool for the whole batch: the per-image part and
+            // the batch part's parallel loops then start from a worker, as cheap local joins.
+            return rayon::scope(|_| self.run_batch(data, n));
+        }
+        self.run_batch(data, n)
+    }
+
+    fn run_batch(&self, data: &[f32], n: usize) -> Result<Tensor> {
         let per_in: usize = self.input_shape.iter().product();
         let out_slot = self.slots[self.image_out];
         let per_out = out_slot.plane.c * out_slot.plane.h * out_slot.plane.w;
@@ -1221,26 +1283,29 @@ impl Plan {
         match (step, rows) {
             (
                 BatchStep::Linear {
-                    weight,
+                    weight_t,
                     bias,
                     outputs,
                     act,
                 },
                 Rows::F32(x, features),
             ) => {
-                let mut y = vec![0f32; n * outputs];
-                if let Some(b) = bias {
-                    for row in y.chunks_mut(*outputs) {
-                        row.copy_from_slice(b);
-                    }
-                }
+                // y^T [out, n] = W [out, in] x^T [in, n], then transposed back (small).
+                let mut yt = vec![0f32; *outputs * n];
                 matmul(
-                    &mut y,
-                    MatRef::row_major(&x, n, features),
-                    MatRef::row_major(weight, *outputs, features).t(),
-                    bias.is_some(),
+                    &mut yt,
+                    MatRef::row_major(weight_t, features, *outputs).t(),
+                    MatRef::row_major(&x, n, features).t(),
+                    false,
                     Par::Rayon,
                 );
+                let mut y = vec![0f32; n * outputs];
+                for (o, col) in yt.chunks_exact(n).enumerate() {
+                    let b = bias.as_ref().map_or(0.0, |b| b[o]);
+                    for (i, &v) in col.iter().enumerate() {
+                        y[i * outputs + o] = v + b;
+                    }
+                }
                 if let Some(a) = act {
                     let pre = y.clone();
                     crate::backend::cpu::activation::forward(*a, &pre, &mut y);
@@ -1384,15 +1449,16 @@ impl Plan {
             arena[so.buffer] = dst;
         }
         let s = slot(self.image_out);
-        match out {
-            RowOut::F32(o) => nhwc::to_nchw(
-                (arena[s.buffer].f32(), s.plane),
-                &mut o[..s.plane.c * s.plane.h * s.plane.w],
-            ),
-            RowOut::U8(o) => nhwc::to_nchw(
-                (arena[s.buffer].u8(), s.plane),
-                &mut o[..s.plane.c * s.plane.h * s.plane.w],
-            ),
+        let len = s.plane.c * s.plane.h * s.plane.w;
+        match (out, self.nhwc_rows) {
+            (RowOut::F32(o), false) => {
+                nhwc::to_nchw((arena[s.buffer].f32(), s.plane), &mut o[..len])
+            }
+            (RowOut::U8(o), false) => nhwc::to_nchw((arena[s.buffer].u8(), s.plane), &mut o[..len]),
+            (RowOut::F32(o), true) => {
+                nhwc::to_nhwc((arena[s.buffer].f32(), s.plane), &mut o[..len])
+            }
+            (RowOut::U8(o), true) => nhwc::to_nhwc((arena[s.buffer].u8(), s.plane), &mut o[..len]),
         }
     }
 

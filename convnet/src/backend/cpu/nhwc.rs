@@ -492,46 +492,65 @@ unsafe fn tile_avx512<const R: usize, const B: usize>(
             _mm512_storeu_ps(sums[r][b].as_mut_ptr(), acc[r][b]);
         }
     }
-    epilogue_avx512(sums.as_flattened(), B, t, res, act, out);
+    epilogue_avx512::<R, B>(&sums, t, res, act, out);
 }
 
-/// `out = act(sums + residual)` for a tile's `R x B` vectors (`sums` in `[R][B][16]` order).
+/// `out = act(sums + residual)` for a tile's `R x B` vectors, unrolled per tile shape with
+/// the activation chosen once.
 ///
 /// # Safety
 /// As [`tile`], on a CPU with AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn epilogue_avx512(
-    sums: &[[f32; LANES]],
-    blocks: usize,
+unsafe fn epilogue_avx512<const R: usize, const B: usize>(
+    sums: &[[[f32; LANES]; B]; R],
     t: &Tile,
     res: Option<*const f32>,
     act: Option<Activation>,
     out: *mut f32,
 ) {
+    match act {
+        None => epilogue_rows::<R, B, 0>(sums, t, res, out),
+        Some(Activation::Relu) => epilogue_rows::<R, B, 1>(sums, t, res, out),
+        Some(Activation::Relu6) => epilogue_rows::<R, B, 2>(sums, t, res, out),
+        Some(other) => {
+            epilogue_rows::<R, B, 0>(sums, t, res, out);
+            for r in 0..R {
+                for b in 0..B {
+                    let v = &mut *(out.add(r * t.out_pix + b * LANES) as *mut [f32; LANES]);
+                    act_lanes(Some(other), v);
+                }
+            }
+        }
+    }
+}
+
+/// The body of [`epilogue_avx512`]: `KIND` 0 stores, 1 applies ReLU, 2 ReLU6 (NaN kept:
+/// `vmaxps`/`vminps` return their second operand when either is NaN).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // indices keep the loops simple enough to unroll
+unsafe fn epilogue_rows<const R: usize, const B: usize, const KIND: u8>(
+    sums: &[[[f32; LANES]; B]; R],
+    t: &Tile,
+    res: Option<*const f32>,
+    out: *mut f32,
+) {
     use std::arch::x86_64::*;
     let zero = _mm512_setzero_ps();
     let six = _mm512_set1_ps(6.0);
-    for (i, s) in sums.iter().enumerate() {
-        let (r, b) = (i / blocks, i % blocks);
-        let mut v = _mm512_loadu_ps(s.as_ptr());
-        if let Some(res) = res {
-            v = _mm512_add_ps(v, _mm512_loadu_ps(res.add(r * t.res_pix + b * LANES)));
-        }
-        let dst = out.add(r * t.out_pix + b * LANES);
-        match act {
-            None => _mm512_storeu_ps(dst, v),
-            Some(Activation::Relu) => _mm512_storeu_ps(dst, relu(v, zero)),
-            Some(Activation::Relu6) => {
-                // vminps returns its second operand when either is NaN.
-                _mm512_storeu_ps(dst, _mm512_min_ps(six, relu(v, zero)))
+    for r in 0..R {
+        for b in 0..B {
+            let mut v = _mm512_loadu_ps(sums[r][b].as_ptr());
+            if let Some(res) = res {
+                v = _mm512_add_ps(v, _mm512_loadu_ps(res.add(r * t.res_pix + b * LANES)));
             }
-            Some(other) => {
-                let mut lanes = [0f32; LANES];
-                _mm512_storeu_ps(lanes.as_mut_ptr(), v);
-                act_lanes(Some(other), &mut lanes);
-                std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, LANES);
-            }
+            v = match KIND {
+                1 => relu(v, zero),
+                2 => _mm512_min_ps(six, relu(v, zero)),
+                _ => v,
+            };
+            _mm512_storeu_ps(out.add(r * t.out_pix + b * LANES), v);
         }
     }
 }
@@ -914,13 +933,30 @@ pub fn pad_channels_plane(
 /// Copies image `[C, H, W]` (NCHW) into the interior of a plane.
 pub fn from_nchw<T: Copy>(x: &[T], out: (&mut [T], Plane)) {
     let p = out.1;
-    for ch in 0..p.c {
-        for y in 0..p.h {
-            let row = &x[(ch * p.h + y) * p.w..][..p.w];
-            let base = p.at(y as isize, 0) + ch;
-            for (xx, &v) in row.iter().enumerate() {
-                out.0[base + xx * p.cs] = v;
+    assert!(x.len() >= p.c * p.h * p.w && p.c <= p.cs);
+    for y in 0..p.h {
+        // One output row at a time, all channels: the row's pixels stay in cache.
+        let base = p.at(y as isize, 0);
+        let dst = &mut out.0[base..base + p.w * p.cs];
+        for ch in 0..p.c {
+            let src = &x[(ch * p.h + y) * p.w..][..p.w];
+            for (px, &v) in dst.chunks_exact_mut(p.cs).zip(src) {
+                px[ch] = v;
             }
+        }
+    }
+}
+
+/// Copies the interior of a plane into `[H, W, C]` order (channels-last without the border
+/// or the channel padding).
+pub fn to_nhwc<T: Copy>(x: (&[T], Plane), out: &mut [T]) {
+    let p = x.1;
+    assert!(out.len() >= p.h * p.w * p.c && p.c <= p.cs);
+    for y in 0..p.h {
+        let src = &x.0[p.at(y as isize, 0)..][..p.w * p.cs];
+        let dst = &mut out[y * p.w * p.c..][..p.w * p.c];
+        for (d, s) in dst.chunks_exact_mut(p.c).zip(src.chunks_exact(p.cs)) {
+            d.copy_from_slice(&s[..p.c]);
         }
     }
 }
