@@ -1420,25 +1420,11 @@ impl Plan {
         match si.elem {
             Elem::F32 => nhwc::from_nchw(image, (arena[si.buffer].f32_mut(), si.plane)),
             Elem::U8(q) => {
-                // Quantize straight from NCHW into the plane, a row of one channel at a time.
+                // Quantize the whole image in one vector loop, then lay it out in the plane.
                 let p = si.plane;
-                let buf = arena[si.buffer].u8_mut();
-                let inv = 1.0 / q.scale;
-                let mut row = vec![0u8; p.w];
-                for ch in 0..p.c {
-                    for y in 0..p.h {
-                        int8::quantize_slice(
-                            &image[(ch * p.h + y) * p.w..][..p.w],
-                            inv,
-                            q.zero_point,
-                            &mut row,
-                        );
-                        let base = p.at(y as isize, 0) + ch;
-                        for (x, &v) in row.iter().enumerate() {
-                            buf[base + x * p.cs] = v;
-                        }
-                    }
-                }
+                let mut bytes = vec![0u8; p.c * p.h * p.w];
+                int8::quantize_slice(image, 1.0 / q.scale, q.zero_point, &mut bytes);
+                nhwc::from_nchw(&bytes, (arena[si.buffer].u8_mut(), p));
             }
         }
         for step in &self.image_steps {

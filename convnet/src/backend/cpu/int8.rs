@@ -1228,8 +1228,26 @@ unsafe fn max_pool_avx512(
     use std::arch::x86_64::*;
     let c = ip.c;
     let mut taps = Vec::with_capacity(p.kernel.0 * p.kernel.1);
+    let (kh, kw) = p.kernel;
+    let whole = p.padding == (0, 0) && p.dilation == (1, 1);
     for oy in 0..op.h {
         for ox in 0..op.w {
+            let dst = out.as_mut_ptr().add(op.at(oy as isize, ox as isize));
+            let (y0, x0) = (oy * p.stride.0, ox * p.stride.1);
+            if whole && c <= 64 && y0 + kh <= ip.h && x0 + kw <= ip.w {
+                // The usual case: a window inside the image, channels in one vector.
+                let mask: __mmask64 = if c == 64 { u64::MAX } else { (1u64 << c) - 1 };
+                let base = x.as_ptr().add(ip.at(y0 as isize, x0 as isize));
+                let mut acc = _mm512_setzero_si512();
+                for i in 0..kh {
+                    for j in 0..kw {
+                        let at = base.add(i * ip.row_stride() + j * ip.cs) as *const i8;
+                        acc = _mm512_max_epu8(acc, _mm512_maskz_loadu_epi8(mask, at));
+                    }
+                }
+                _mm512_mask_storeu_epi8(dst as *mut i8, mask, acc);
+                continue;
+            }
             taps.clear();
             for i in 0..p.kernel.0 {
                 let iy = (oy * p.stride.0 + i * p.dilation.0) as isize - p.padding.0 as isize;
@@ -1243,7 +1261,6 @@ unsafe fn max_pool_avx512(
                     }
                 }
             }
-            let dst = out.as_mut_ptr().add(op.at(oy as isize, ox as isize));
             for l in (0..c).step_by(64) {
                 let mask: __mmask64 = if c - l >= 64 {
                     u64::MAX
@@ -1399,13 +1416,50 @@ pub fn quantize_plane(x: (&[f32], Plane), q: (f32, i32), out: (&mut [u8], Plane)
     }
 }
 
-crate::backend::cpu::simd::vectorized_fn! {
-    /// Bytes `clamp(zero_point + round(x * inv_scale), 0, 255)`.
-    pub fn quantize_slice(x: &[f32], inv_scale: f32, zero_point: i32, out: &mut [u8]) {
-        for (o, &v) in out.iter_mut().zip(x) {
-            let q = zero_point as f32 + (v * inv_scale).round_ties_even();
-            *o = if q.is_nan() { 0 } else { q.clamp(0.0, 255.0) as u8 };
-        }
+/// Bytes `clamp(zero_point + round_half_even(x * inv_scale), 0, 255)` (NaN gives 0), in
+/// float32 operations: AVX-512 when the CPU has it, the same operations in Rust otherwise.
+pub fn quantize_slice(x: &[f32], inv_scale: f32, zero_point: i32, out: &mut [u8]) {
+    let n = out.len().min(x.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::backend::cpu::simd::has_avx512() {
+        done = n / 16 * 16;
+        // SAFETY: AVX-512 is present; both slices hold at least `done` values.
+        unsafe { quantize_avx512(&x[..done], inv_scale, zero_point, &mut out[..done]) };
+    }
+    for (o, &v) in out[done..n].iter_mut().zip(&x[done..n]) {
+        *o = quantize_one(v, inv_scale, zero_point);
+    }
+}
+
+#[inline]
+fn quantize_one(v: f32, inv_scale: f32, zero_point: i32) -> u8 {
+    let q = zero_point as f32 + (v * inv_scale).round_ties_even();
+    if q.is_nan() {
+        0
+    } else {
+        q.clamp(0.0, 255.0) as u8
+    }
+}
+
+/// # Safety
+/// AVX-512F; `x` and `out` of the same length, a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_avx512(x: &[f32], inv_scale: f32, zero_point: i32, out: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let (inv, zp) = (_mm512_set1_ps(inv_scale), _mm512_set1_ps(zero_point as f32));
+    let (zero, top) = (_mm512_setzero_ps(), _mm512_set1_ps(255.0));
+    for i in (0..out.len()).step_by(16) {
+        let t = _mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i)), inv);
+        // Round to nearest, ties to even, without exceptions.
+        let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+        // vmaxps returns its second operand (0) when the first is NaN.
+        let q = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(r, zp), zero), top);
+        _mm_storeu_si128(
+            out.as_mut_ptr().add(i) as *mut _,
+            _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q)),
+        );
     }
 }
 
@@ -1419,6 +1473,36 @@ pub fn dequantize_plane(x: (&[u8], Plane), q: (f32, i32), out: (&mut [f32], Plan
             for (d, &v) in out.0[o..o + op.c].iter_mut().zip(src) {
                 *d = (v as i32 - q.1) as f32 * q.0;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vector_quantization_matches_the_scalar_one() {
+        let mut x: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.37).collect();
+        // Ties (k + 0.5 after scaling), the clamps, and values no byte can hold.
+        x.extend([
+            0.25,
+            0.75,
+            -0.25,
+            2.5 / 4.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e30,
+            -1e30,
+            -0.0,
+        ]);
+        x.extend((0..6).map(|i| i as f32 * 0.125));
+        for (inv, zp) in [(4.0, 0), (4.0, 128), (0.5, 255), (1e-3, 17)] {
+            let mut got = vec![0u8; x.len()];
+            quantize_slice(&x, inv, zp, &mut got);
+            let want: Vec<u8> = x.iter().map(|&v| quantize_one(v, inv, zp)).collect();
+            assert_eq!(got, want, "inv {inv} zp {zp}");
         }
     }
 }

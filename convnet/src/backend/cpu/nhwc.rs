@@ -794,8 +794,35 @@ unsafe fn max_pool_avx512(
     use std::arch::x86_64::*;
     let c = ip.c;
     let mut taps = Vec::with_capacity(p.kernel.0 * p.kernel.1);
+    let (kh, kw) = p.kernel;
+    let whole = p.padding == (0, 0) && p.dilation == (1, 1);
     for oy in 0..op.h {
         for ox in 0..op.w {
+            let (y0, x0) = (oy * p.stride.0, ox * p.stride.1);
+            if whole && y0 + kh <= ip.h && x0 + kw <= ip.w {
+                // The usual case: a window inside the image, its taps at fixed offsets.
+                let base = x.as_ptr().add(ip.at(y0 as isize, x0 as isize));
+                let dst = out.as_mut_ptr().add(op.at(oy as isize, ox as isize));
+                for l in (0..c).step_by(LANES) {
+                    let mask: __mmask16 = if c - l >= LANES {
+                        0xffff
+                    } else {
+                        (1u16 << (c - l)) - 1
+                    };
+                    let mut acc = _mm512_set1_ps(f32::NEG_INFINITY);
+                    for i in 0..kh {
+                        for j in 0..kw {
+                            let at = base.add(i * ip.row_stride() + j * ip.cs + l);
+                            let v = _mm512_maskz_loadu_ps(mask, at);
+                            let take = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, acc)
+                                | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+                            acc = _mm512_mask_mov_ps(acc, take, v);
+                        }
+                    }
+                    _mm512_mask_storeu_ps(dst.add(l), mask, acc);
+                }
+                continue;
+            }
             taps.clear();
             for i in 0..p.kernel.0 {
                 let iy = (oy * p.stride.0 + i * p.dilation.0) as isize - p.padding.0 as isize;
