@@ -544,8 +544,10 @@ def worker_env(args):
 
 def steps_for(args, batch):
     small = batch < 8
-    warmup = args.warmup if args.warmup is not None else (50 if small else 10)
-    steps = args.steps if args.steps is not None else (500 if small else 50)
+    # Enough timed steps that the fastest peers are timed for most of a second (their
+    # medians of 50 steps at batch 64 moved by 10% from run to run).
+    warmup = args.warmup if args.warmup is not None else (100 if small else 20)
+    steps = args.steps if args.steps is not None else (1500 if small else 150)
     return warmup, steps
 
 
@@ -687,8 +689,8 @@ def main():
                     help=f"comma-separated, of {', '.join(ALL_PEERS)}, torch-int8 (= both torch int8 peers)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10, or 50 for batches under 8)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 50, or 500 for batches under 8)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 20, or 100 for batches under 8)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 150, or 1500 for batches under 8)")
     ap.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune",
                                                                   "max-autotune-no-cudagraphs"])
     ap.add_argument("--cpp-wrapper", action="store_true", help="torch._inductor.config.cpp_wrapper = True (compiled peers)")

@@ -1424,7 +1424,7 @@ impl Plan {
                 let p = si.plane;
                 let mut bytes = vec![0u8; p.c * p.h * p.w];
                 int8::quantize_slice(image, 1.0 / q.scale, q.zero_point, &mut bytes);
-                nhwc::from_nchw(&bytes, (arena[si.buffer].u8_mut(), p));
+                int8::bytes_from_nchw(&bytes, (arena[si.buffer].u8_mut(), p));
             }
         }
         for step in &self.image_steps {

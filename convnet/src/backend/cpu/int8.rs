@@ -1463,6 +1463,30 @@ unsafe fn quantize_avx512(x: &[f32], inv_scale: f32, zero_point: i32, out: &mut 
     }
 }
 
+/// [`super::nhwc::from_nchw`] for bytes; images of up to 4 channels (RGB, grey) are written
+/// a pixel's 4 bytes at a time, the channels past `C` set to 0 (their weights are zero in
+/// every kernel's packing).
+pub fn bytes_from_nchw(x: &[u8], out: (&mut [u8], Plane)) {
+    let p = out.1;
+    if p.c > 4 || p.cs < 4 {
+        return super::nhwc::from_nchw(x, out);
+    }
+    assert!(x.len() >= p.c * p.h * p.w && out.0.len() >= p.len());
+    let hw = p.h * p.w;
+    for y in 0..p.h {
+        let base = p.at(y as isize, 0);
+        let dst = &mut out.0[base..base + p.w * p.cs];
+        for (xx, px) in dst.chunks_exact_mut(p.cs).enumerate() {
+            let at = y * p.w + xx;
+            let mut word = [0u8; 4];
+            for (ch, b) in word.iter_mut().take(p.c).enumerate() {
+                *b = x[ch * hw + at];
+            }
+            px[..4].copy_from_slice(&word);
+        }
+    }
+}
+
 /// Dequantizes a byte plane into a float plane: `f32(q - z) * s`.
 pub fn dequantize_plane(x: (&[u8], Plane), q: (f32, i32), out: (&mut [f32], Plane)) {
     let (ip, op) = (x.1, out.1);
