@@ -248,7 +248,7 @@ unsafe fn requantize_run(sums: *const i32, n: usize, nb: usize, e: &FusedBytes) 
     // bytes as the other paths' clamp to +-REQUANT_LIMIT, round, add, clamp (rounding
     // commutes with a clamp to integers; NaN meets the upper bound first in both), with two
     // operations fewer.
-    debug_assert!(REQUANT_LIMIT > 512.0);
+    const { assert!(REQUANT_LIMIT > 512.0) };
     let (lo_f, hi_f) = (
         _mm512_set1_ps((e.clamp.0 - e.zero_point) as f32),
         _mm512_set1_ps((e.clamp.1 - e.zero_point) as f32),
