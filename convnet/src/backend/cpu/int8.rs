@@ -680,34 +680,17 @@ unsafe fn vnni_tile<const R: usize, const B: usize>(
         return;
     };
     // The requantization of `requantize_avx512`, in registers.
-    let (lo_f, hi_f) = (
-        _mm512_set1_ps(-REQUANT_LIMIT),
-        _mm512_set1_ps(REQUANT_LIMIT),
-    );
-    let zp = _mm512_set1_epi32(e.zero_point);
-    let (lo, hi) = (_mm512_set1_epi32(e.clamp.0), _mm512_set1_epi32(e.clamp.1));
+    let k = RequantBounds::new(e.zero_point, e.clamp);
     for b in 0..B {
         let off = _mm512_loadu_si512(e.offset.add(16 * b) as *const _);
         let bq = _mm512_loadu_ps(e.bias_q.add(16 * b));
         let m = _mm512_loadu_ps(e.mult.add(16 * b));
         for r in 0..R {
-            let mut v = _mm512_mul_ps(
-                _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[r][b], off)), bq),
-                m,
-            );
-            if let Some((rp, rpix, ratio, zr)) = e.residual {
-                let rb =
-                    _mm512_cvtepu8_epi32(_mm_loadu_si128(rp.add(r * rpix + 16 * b) as *const _));
-                let rf = _mm512_cvtepi32_ps(_mm512_sub_epi32(rb, _mm512_set1_epi32(zr)));
-                v = _mm512_add_ps(v, _mm512_mul_ps(rf, _mm512_set1_ps(ratio)));
-            }
-            v = _mm512_max_ps(_mm512_min_ps(v, hi_f), lo_f);
-            let q = _mm512_add_epi32(_mm512_cvtps_epi32(v), zp);
-            let q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
-            _mm_storeu_si128(
-                e.out.add(r * e.out_pix + 16 * b) as *mut _,
-                _mm512_cvtepi32_epi8(q),
-            );
+            let res = e
+                .residual
+                .map(|(rp, rpix, ratio, zr)| (rp.add(r * rpix + 16 * b), ratio, zr));
+            let q = requantize_vector(_mm512_add_epi32(acc[r][b], off), bq, m, res, k);
+            _mm_storeu_si128(e.out.add(r * e.out_pix + 16 * b) as *mut _, q);
         }
     }
 }
@@ -867,6 +850,55 @@ fn epilogue(
 /// scale can make the conversion overflow (the result is clamped to a byte anyway).
 const REQUANT_LIMIT: f32 = 1e9;
 
+/// The constants of [`requantize_vector`] for one output quantization.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct RequantBounds {
+    lo: std::arch::x86_64::__m512,
+    hi: std::arch::x86_64::__m512,
+    zero_point: std::arch::x86_64::__m512i,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl RequantBounds {
+    /// Clamping to the byte bounds less the zero point before rounding gives the bytes of
+    /// [`requantize_block`]'s clamp to `REQUANT_LIMIT`, round, add, clamp (rounding commutes
+    /// with a clamp to integers; NaN meets the upper bound first in both).
+    #[inline(always)]
+    unsafe fn new(zero_point: i32, clamp: (i32, i32)) -> RequantBounds {
+        use std::arch::x86_64::*;
+        const { assert!(REQUANT_LIMIT > 512.0) };
+        RequantBounds {
+            lo: _mm512_set1_ps((clamp.0 - zero_point) as f32),
+            hi: _mm512_set1_ps((clamp.1 - zero_point) as f32),
+            zero_point: _mm512_set1_epi32(zero_point),
+        }
+    }
+}
+
+/// 16 output bytes from 16 sums already offset (`acc`): `(f32(acc) + bias_q) * mult`, plus
+/// `f32(r - z_r) * ratio` for a residual's 16 bytes at `residual`, clamped, rounded half to
+/// even (the default rounding mode), plus the zero point.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn requantize_vector(
+    acc: std::arch::x86_64::__m512i,
+    bias_q: std::arch::x86_64::__m512,
+    mult: std::arch::x86_64::__m512,
+    residual: Option<(*const u8, f32, i32)>,
+    k: RequantBounds,
+) -> std::arch::x86_64::__m128i {
+    use std::arch::x86_64::*;
+    let mut v = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(acc), bias_q), mult);
+    if let Some((r, ratio, zr)) = residual {
+        let rb = _mm512_cvtepu8_epi32(_mm_loadu_si128(r as *const _));
+        let rf = _mm512_cvtepi32_ps(_mm512_sub_epi32(rb, _mm512_set1_epi32(zr)));
+        v = _mm512_add_ps(v, _mm512_mul_ps(rf, _mm512_set1_ps(ratio)));
+    }
+    v = _mm512_max_ps(_mm512_min_ps(v, k.hi), k.lo);
+    _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(v), k.zero_point))
+}
+
 /// `dst = clamp(round(((f32(sum + offset) + bias_q) * mult [+ f32(r - zr) * ratio])) + zp)`,
 /// rounding half to even; AVX-512 when the CPU has it, the same operations in Rust
 /// otherwise.
@@ -918,34 +950,21 @@ unsafe fn requantize_avx512(
     dst: &mut [u8],
 ) {
     use std::arch::x86_64::*;
-    let (lo_f, hi_f) = (
-        _mm512_set1_ps(-REQUANT_LIMIT),
-        _mm512_set1_ps(REQUANT_LIMIT),
-    );
-    let zp = _mm512_set1_epi32(zero_point);
-    let (lo, hi) = (_mm512_set1_epi32(clamp.0), _mm512_set1_epi32(clamp.1));
+    let k = RequantBounds::new(zero_point, clamp);
     for l in (0..dst.len()).step_by(16) {
         let acc = _mm512_add_epi32(
             _mm512_loadu_si512(sums.as_ptr().add(l) as *const _),
             _mm512_loadu_si512(offset.as_ptr().add(l) as *const _),
         );
-        let mut v = _mm512_mul_ps(
-            _mm512_add_ps(
-                _mm512_cvtepi32_ps(acc),
-                _mm512_loadu_ps(bias_q.as_ptr().add(l)),
-            ),
+        let res = residual.map(|(r, ratio, zr)| (r.as_ptr().add(l), ratio, zr));
+        let q = requantize_vector(
+            acc,
+            _mm512_loadu_ps(bias_q.as_ptr().add(l)),
             _mm512_loadu_ps(mult.as_ptr().add(l)),
+            res,
+            k,
         );
-        if let Some((r, ratio, zr)) = residual {
-            let rb = _mm512_cvtepu8_epi32(_mm_loadu_si128(r.as_ptr().add(l) as *const _));
-            let rf = _mm512_cvtepi32_ps(_mm512_sub_epi32(rb, _mm512_set1_epi32(zr)));
-            v = _mm512_add_ps(v, _mm512_mul_ps(rf, _mm512_set1_ps(ratio)));
-        }
-        v = _mm512_max_ps(_mm512_min_ps(v, hi_f), lo_f);
-        // The default rounding mode: to nearest, ties to even.
-        let q = _mm512_add_epi32(_mm512_cvtps_epi32(v), zp);
-        let q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
-        _mm_storeu_si128(dst.as_mut_ptr().add(l) as *mut _, _mm512_cvtepi32_epi8(q));
+        _mm_storeu_si128(dst.as_mut_ptr().add(l) as *mut _, q);
     }
 }
 
@@ -1248,19 +1267,7 @@ unsafe fn max_pool_avx512(
                 _mm512_mask_storeu_epi8(dst as *mut i8, mask, acc);
                 continue;
             }
-            taps.clear();
-            for i in 0..p.kernel.0 {
-                let iy = (oy * p.stride.0 + i * p.dilation.0) as isize - p.padding.0 as isize;
-                if iy < 0 || iy >= ip.h as isize {
-                    continue;
-                }
-                for j in 0..p.kernel.1 {
-                    let ix = (ox * p.stride.1 + j * p.dilation.1) as isize - p.padding.1 as isize;
-                    if ix >= 0 && ix < ip.w as isize {
-                        taps.push(ip.at(iy, ix));
-                    }
-                }
-            }
+            super::nhwc::window_taps(ip, p, (oy, ox), &mut taps);
             for l in (0..c).step_by(64) {
                 let mask: __mmask64 = if c - l >= 64 {
                     u64::MAX

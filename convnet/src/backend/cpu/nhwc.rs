@@ -777,6 +777,28 @@ pub fn max_pool_plane(
     }
 }
 
+/// The plane offsets of the taps of pooling window `(oy, ox)` that lie inside the image.
+pub(crate) fn window_taps(
+    ip: Plane,
+    p: crate::tensor::MaxPool2dParams,
+    (oy, ox): (usize, usize),
+    taps: &mut Vec<usize>,
+) {
+    taps.clear();
+    for i in 0..p.kernel.0 {
+        let iy = (oy * p.stride.0 + i * p.dilation.0) as isize - p.padding.0 as isize;
+        if iy < 0 || iy >= ip.h as isize {
+            continue;
+        }
+        for j in 0..p.kernel.1 {
+            let ix = (ox * p.stride.1 + j * p.dilation.1) as isize - p.padding.1 as isize;
+            if ix >= 0 && ix < ip.w as isize {
+                taps.push(ip.at(iy, ix));
+            }
+        }
+    }
+}
+
 /// Max pooling whole 16-channel vectors at a time: one pass over the window's taps per
 /// vector, NaN winning as in [`max_into`].
 ///
@@ -823,19 +845,7 @@ unsafe fn max_pool_avx512(
                 }
                 continue;
             }
-            taps.clear();
-            for i in 0..p.kernel.0 {
-                let iy = (oy * p.stride.0 + i * p.dilation.0) as isize - p.padding.0 as isize;
-                if iy < 0 || iy >= ip.h as isize {
-                    continue;
-                }
-                for j in 0..p.kernel.1 {
-                    let ix = (ox * p.stride.1 + j * p.dilation.1) as isize - p.padding.1 as isize;
-                    if ix >= 0 && ix < ip.w as isize {
-                        taps.push(ip.at(iy, ix));
-                    }
-                }
-            }
+            window_taps(ip, p, (oy, ox), &mut taps);
             let dst = out.as_mut_ptr().add(op.at(oy as isize, ox as isize));
             for l in (0..c).step_by(LANES) {
                 let mask: __mmask16 = if c - l >= LANES {

@@ -5,7 +5,9 @@
 //! configured and released within one call.
 
 use super::super::nhwc::Plane;
-use super::{c16, epilogue, FusedBytes, Int8Conv, Int8Out, PackedInt8, REQUANT_LIMIT};
+use super::{
+    c16, epilogue, requantize_vector, FusedBytes, Int8Conv, Int8Out, PackedInt8, RequantBounds,
+};
 use std::arch::asm;
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -244,38 +246,18 @@ fn write_run(
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn requantize_run(sums: *const i32, n: usize, nb: usize, e: &FusedBytes) {
     use std::arch::x86_64::*;
-    // Clamping to the integer bounds less the zero point before rounding gives the same
-    // bytes as the other paths' clamp to +-REQUANT_LIMIT, round, add, clamp (rounding
-    // commutes with a clamp to integers; NaN meets the upper bound first in both), with two
-    // operations fewer.
-    const { assert!(REQUANT_LIMIT > 512.0) };
-    let (lo_f, hi_f) = (
-        _mm512_set1_ps((e.clamp.0 - e.zero_point) as f32),
-        _mm512_set1_ps((e.clamp.1 - e.zero_point) as f32),
-    );
-    let zp = _mm512_set1_epi32(e.zero_point);
+    let k = RequantBounds::new(e.zero_point, e.clamp);
     for b in 0..nb {
         let off = _mm512_loadu_si512(e.offset.add(16 * b) as *const _);
         let bq = _mm512_loadu_ps(e.bias_q.add(16 * b));
         let m = _mm512_loadu_ps(e.mult.add(16 * b));
         for r in 0..n {
             let acc = _mm512_loadu_si512(sums.add((r * nb + b) * 16) as *const _);
-            let mut v = _mm512_mul_ps(
-                _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc, off)), bq),
-                m,
-            );
-            if let Some((rp, rpix, ratio, zr)) = e.residual {
-                let rb =
-                    _mm512_cvtepu8_epi32(_mm_loadu_si128(rp.add(r * rpix + 16 * b) as *const _));
-                let rf = _mm512_cvtepi32_ps(_mm512_sub_epi32(rb, _mm512_set1_epi32(zr)));
-                v = _mm512_add_ps(v, _mm512_mul_ps(rf, _mm512_set1_ps(ratio)));
-            }
-            v = _mm512_max_ps(_mm512_min_ps(v, hi_f), lo_f);
-            let q = _mm512_add_epi32(_mm512_cvtps_epi32(v), zp);
-            _mm_storeu_si128(
-                e.out.add(r * e.out_pix + 16 * b) as *mut _,
-                _mm512_cvtepi32_epi8(q),
-            );
+            let res = e
+                .residual
+                .map(|(rp, rpix, ratio, zr)| (rp.add(r * rpix + 16 * b), ratio, zr));
+            let q = requantize_vector(_mm512_add_epi32(acc, off), bq, m, res, k);
+            _mm_storeu_si128(e.out.add(r * e.out_pix + 16 * b) as *mut _, q);
         }
     }
 }
