@@ -61,6 +61,16 @@ fn batch(n: usize, shape: [usize; 3], seed: u64) -> Tensor {
     l.epoch(0).next().unwrap().unwrap().images
 }
 
+/// Builds a model from the process-wide generator seeded with `seed`, holding it while it
+/// does: the tests of this file run in parallel, and a model must not depend on how their
+/// draws interleave (a near tie among random logits could flip otherwise).
+fn seeded(seed: u64, build: impl FnOnce() -> convnet::Result<Model>) -> Model {
+    static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _alone = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    convnet::manual_seed(seed);
+    build().unwrap()
+}
+
 /// Checks the int8 plan against the fake-quantized float model on a batch.
 fn check_against_fake_quant(q: &QuantizedModel, x: &Tensor, what: &str) {
     let int8 = q.run(x).unwrap();
@@ -115,8 +125,7 @@ fn every_zoo_architecture_quantizes_and_matches_its_fake_quant_form() {
         } else {
             arch.default_input
         };
-        convnet::manual_seed(1);
-        let model = convnet::models::build(arch.name, input, 10).unwrap();
+        let model = seeded(1, || convnet::models::build(arch.name, input, 10));
         let cfg = QuantConfig {
             calibration_images: 32,
             ..Default::default()
@@ -145,9 +154,8 @@ fn model_files_quantize_with_float_layers_where_int8_has_no_form() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models");
     for file in ["tutorial-cnn.toml", "small-resnet.toml", "mobile-cnn.json"] {
         let spec = ModelFile::from_path(&dir.join(file)).unwrap();
-        convnet::manual_seed(4);
         let input = spec.input.unwrap_or([3, 32, 32]);
-        let model = spec.build(input, 10).unwrap();
+        let model = seeded(4, || spec.build(input, 10));
         let q = quantize(
             &model,
             &loader(32, input, 5),
@@ -213,8 +221,7 @@ type = "softmax"
 dim = 1
 "#;
     let spec = ModelFile::from_toml(text, "mixed.toml").unwrap();
-    convnet::manual_seed(8);
-    let model = spec.build([3, 16, 16], 10).unwrap();
+    let model = seeded(8, || spec.build([3, 16, 16], 10));
     let q = quantize(
         &model,
         &loader(32, [3, 16, 16], 9),
@@ -244,8 +251,7 @@ dim = 1
 
 #[test]
 fn observers_give_usable_models() {
-    convnet::manual_seed(2);
-    let model = convnet::models::build("resnet20", [3, 32, 32], 10).unwrap();
+    let model = seeded(2, || convnet::models::build("resnet20", [3, 32, 32], 10));
     let x = batch(16, [3, 32, 32], 12);
     for observer in [
         ObserverKind::MinMax,
@@ -284,8 +290,7 @@ fn observers_give_usable_models() {
 }
 
 fn quantized_resnet() -> (Model, QuantizedModel, convnet::checkpoint::CheckpointMeta) {
-    convnet::manual_seed(3);
-    let model = convnet::models::build("resnet20", [3, 32, 32], 10).unwrap();
+    let model = seeded(3, || convnet::models::build("resnet20", [3, 32, 32], 10));
     let q = quantize(
         &model,
         &loader(32, [3, 32, 32], 13),
