@@ -254,7 +254,9 @@ fn train_like_fixture(
         s["ranks"].as_u64().unwrap() as usize,
         "{case}: rank count"
     );
-    let model = convnet::models::build("resnet20", [3, 16, 16], 10).unwrap();
+    // Built like the others, under the lock: its draws would otherwise land between another
+    // test's seeding and its build (the fixture replaces these weights anyway).
+    let model = fresh_model("resnet20", [3, 16, 16]);
     let init: Vec<(String, Tensor)> = fx
         .names_with_prefix(case, "init.")
         .into_iter()
