@@ -9,7 +9,7 @@
 
 use convnet::backend::cpu::activation::Activation;
 use convnet::backend::cpu::nhwc::{
-    self, DirectConv, Epilogue, OutRows, PackedConv, PackedDepthwise, Plane,
+    self, DirectConv, Epilogue, OutRows, PackedConv, PackedDepthwise, PackedLinear, Plane,
 };
 use convnet::graph::{eval, fold};
 use convnet::infer::Plan;
@@ -363,6 +363,53 @@ fn direct_and_depthwise_kernels_match_the_naive_convolution() {
                 act,
                 true,
             );
+        }
+    }
+}
+
+/// The batched linear kernel against a naive float64 product: output counts that fill one
+/// part, several, and a ragged last part; one row (one thread) and batches split between
+/// threads; with and without bias and activation.
+#[test]
+fn the_batched_linear_kernel_matches_the_naive_product() {
+    let mut rng = Rng::new(5);
+    for &(inputs, outputs, n) in &[
+        (4096, 128, 64),
+        (4096, 128, 1),
+        (37, 70, 5),
+        (128, 10, 3),
+        (9, 200, 13),
+        (1, 1, 2),
+    ] {
+        let w: Vec<f32> = (0..inputs * outputs).map(|_| rng.normal()).collect();
+        let b: Vec<f32> = (0..outputs).map(|_| rng.normal()).collect();
+        let x: Vec<f32> = (0..n * inputs).map(|_| rng.normal()).collect();
+        for (bias, act) in [(true, Some(Activation::Relu)), (false, None)] {
+            let packed = PackedLinear::new(&w, bias.then_some(&b[..]), outputs);
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let got = pool.install(|| packed.forward(&x, n, act));
+                let scale = (inputs as f64).sqrt();
+                for r in 0..n {
+                    for o in 0..outputs {
+                        let mut want: f64 = if bias { b[o] as f64 } else { 0.0 };
+                        for i in 0..inputs {
+                            want += x[r * inputs + i] as f64 * w[o * inputs + i] as f64;
+                        }
+                        if act.is_some() {
+                            want = want.max(0.0);
+                        }
+                        let v = got[r * outputs + o] as f64;
+                        assert!(
+                            (v - want).abs() <= 1e-5 * want.abs().max(scale),
+                            "linear {inputs}->{outputs} n {n} threads {threads}: row {r} output {o}: {v} vs {want}"
+                        );
+                    }
+                }
+            }
         }
     }
 }

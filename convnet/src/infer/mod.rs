@@ -32,9 +32,8 @@ use crate::backend::cpu::activation::Activation;
 use crate::backend::cpu::int8::{
     self, ConvQuant, Int8Conv, Int8Kernel, Int8Out, PackedInt8, PackedInt8Depthwise,
 };
-use crate::backend::cpu::matmul::{matmul, MatRef, Par};
 use crate::backend::cpu::nhwc::{
-    self, DirectConv, Epilogue, OutRows, PackedConv, PackedDepthwise, Plane,
+    self, DirectConv, Epilogue, OutRows, PackedConv, PackedDepthwise, PackedLinear, Plane,
 };
 use crate::device::Device;
 use crate::error::{invalid, Error, Result};
@@ -310,11 +309,7 @@ enum RowsKind {
 #[derive(Debug)]
 enum BatchStep {
     Linear {
-        /// `[in, out]`: PyTorch's weight transposed, so that the product runs as
-        /// `y^T = W x^T` with the weight as the unit-stride left operand (no packing).
-        weight_t: Vec<f32>,
-        bias: Option<Vec<f32>>,
-        outputs: usize,
+        packed: PackedLinear,
         act: Option<Activation>,
     },
     QLinear {
@@ -967,17 +962,9 @@ impl Plan {
                             } else {
                                 w
                             };
-                            let (outs, ins) = (d[0], w.len() / d[0].max(1));
-                            let mut weight_t = vec![0f32; w.len()];
-                            for o in 0..outs {
-                                for i in 0..ins {
-                                    weight_t[i * outs + o] = w[o * ins + i];
-                                }
-                            }
+                            let bias = bias.as_ref().map(|b| b.try_to_vec()).transpose()?;
                             batch_steps.push(BatchStep::Linear {
-                                weight_t,
-                                bias: bias.as_ref().map(|b| b.try_to_vec()).transpose()?,
-                                outputs: d[0],
+                                packed: PackedLinear::new(&w, bias.as_deref(), d[0]),
                                 act: *act,
                             });
                         }
@@ -1281,36 +1268,9 @@ impl Plan {
 
     fn batch_step(&self, step: &BatchStep, rows: Rows, n: usize) -> Rows {
         match (step, rows) {
-            (
-                BatchStep::Linear {
-                    weight_t,
-                    bias,
-                    outputs,
-                    act,
-                },
-                Rows::F32(x, features),
-            ) => {
-                // y^T [out, n] = W [out, in] x^T [in, n], then transposed back (small).
-                let mut yt = vec![0f32; *outputs * n];
-                matmul(
-                    &mut yt,
-                    MatRef::row_major(weight_t, features, *outputs).t(),
-                    MatRef::row_major(&x, n, features).t(),
-                    false,
-                    Par::Rayon,
-                );
-                let mut y = vec![0f32; n * outputs];
-                for (o, col) in yt.chunks_exact(n).enumerate() {
-                    let b = bias.as_ref().map_or(0.0, |b| b[o]);
-                    for (i, &v) in col.iter().enumerate() {
-                        y[i * outputs + o] = v + b;
-                    }
-                }
-                if let Some(a) = act {
-                    let pre = y.clone();
-                    crate::backend::cpu::activation::forward(*a, &pre, &mut y);
-                }
-                Rows::F32(y, *outputs)
+            (BatchStep::Linear { packed, act }, Rows::F32(x, features)) => {
+                debug_assert_eq!(features, packed.inputs());
+                Rows::F32(packed.forward(&x, n, *act), packed.outputs())
             }
             (BatchStep::QLinear { packed, outputs, q }, Rows::U8(x, features, stride)) => {
                 // A 1x1 convolution over an image of N pixels whose channels are the features.
