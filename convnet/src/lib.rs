@@ -52,6 +52,7 @@ pub mod data;
 pub mod device;
 pub mod dist;
 pub mod error;
+pub mod explain;
 pub mod graph;
 pub mod infer;
 pub mod model_file;

@@ -48,6 +48,13 @@ pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Turns recording on or off on this thread until changed again; returns the previous
+/// setting (for callers whose recorded region does not fit one closure, such as a layer
+/// capture that records only from the captured layer on).
+pub(crate) fn set_grad_enabled(on: bool) -> bool {
+    GRAD_ENABLED.with(|g| g.replace(on))
+}
+
 /// Gradients of the leaves of a graph, keyed by tensor identity.
 #[derive(Default, Debug)]
 pub struct GradStore {

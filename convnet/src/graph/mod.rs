@@ -17,6 +17,7 @@
 //! # Ok::<(), convnet::Error>(())
 //! ```
 
+pub mod capture;
 pub mod eval;
 pub mod fold;
 

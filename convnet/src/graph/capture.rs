@@ -1,0 +1,212 @@
+//! Capturing a named layer: its output in one forward pass and the gradient of a chosen
+//! score reaching it — the one mechanism every attribution method uses (Grad-CAM reads a
+//! convolutional stage, saliency and integrated gradients read the input).
+//!
+//! A layer is named as in `convnet summary` and the `state_dict`: a leaf layer (`conv2`,
+//! `features.28`, `layer4.1.conv2`) or a container (`layer4`, `layer4.1`, `features.18`),
+//! whose output is its last node's. The capture runs the model's graph with the captured
+//! value replaced by a fresh leaf that records gradients, so the backward pass stops there;
+//! the layers before it run without recording anything, and the weights are cut off from
+//! autograd, so no weight gradient is ever computed.
+
+use super::{eval, Graph, Op, ValueId};
+use crate::error::{invalid, Result};
+use crate::nn::Model;
+use crate::tensor::Tensor;
+
+/// A model's graph prepared to capture one value.
+///
+/// ```
+/// use convnet::graph::capture::LayerCapture;
+/// let model = convnet::models::build("seed-cnn", [3, 32, 32], 10)?;
+/// let capture = LayerCapture::new(&model, "conv2")?;
+/// let x = convnet::Tensor::randn([2, 3, 32, 32], &mut convnet::Rng::new(0));
+/// let run = capture.forward(&x)?;
+/// assert_eq!(run.activation.dims(), &[2, 64, 16, 16]);
+/// // The gradient of each image's class-3 logit with respect to conv2's output.
+/// let g = run.gradient(&[3, 3])?;
+/// assert_eq!(g.dims(), run.activation.dims());
+/// // A name that is not a layer lists the ones that are.
+/// let err = LayerCapture::new(&model, "conv9").unwrap_err().to_string();
+/// assert!(err.contains("conv1, relu1, pool1, conv2"), "{err}");
+/// # Ok::<(), convnet::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct LayerCapture {
+    graph: Graph,
+    value: ValueId,
+    name: String,
+}
+
+/// One forward pass of a [`LayerCapture`].
+#[derive(Debug)]
+pub struct CaptureRun {
+    /// The model's output `[N, classes]` (logits for classifiers).
+    pub output: Tensor,
+    /// The captured value `[N, ...]`, a leaf that gradients reach.
+    pub activation: Tensor,
+}
+
+impl CaptureRun {
+    /// The gradient, with respect to the captured value, of the sum over images of each
+    /// image's output `targets[n]` (one backward pass; images do not mix).
+    pub fn gradient(&self, targets: &[usize]) -> Result<Tensor> {
+        let dims = self.output.dims();
+        if dims.len() != 2 || targets.len() != dims[0] {
+            return Err(invalid(
+                "capture",
+                format!(
+                    "{} targets for an output of shape {}",
+                    targets.len(),
+                    self.output.shape()
+                ),
+            ));
+        }
+        let classes = dims[1];
+        if let Some(&bad) = targets.iter().find(|&&t| t >= classes) {
+            return Err(invalid(
+                "capture",
+                format!("target class {bad} is out of range: the model has {classes} outputs"),
+            ));
+        }
+        let mut seed = vec![0f32; targets.len() * classes];
+        for (n, &t) in targets.iter().enumerate() {
+            seed[n * classes + t] = 1.0;
+        }
+        let seed = Tensor::from_vec(seed, dims.to_vec())?.to_device(self.output.device())?;
+        let grads = self.output.backward_with(&seed)?;
+        match grads.get(&self.activation) {
+            Some(g) => Ok(g.clone()),
+            // The output does not depend on the captured value (it cannot for a layer on
+            // the path, but a zero gradient is the honest answer).
+            None => Ok(Tensor::zeros(self.activation.dims().to_vec())),
+        }
+    }
+}
+
+impl LayerCapture {
+    /// Prepares `model` to capture the layer `layer` (`"input"` for the model's input).
+    pub fn new(model: &Model, layer: &str) -> Result<LayerCapture> {
+        LayerCapture::of_graph(&model.graph()?, layer)
+    }
+
+    /// As [`LayerCapture::new`], for a model's graph.
+    pub fn of_graph(graph: &Graph, layer: &str) -> Result<LayerCapture> {
+        let value = resolve(graph, layer)?;
+        Ok(LayerCapture {
+            graph: frozen(graph),
+            value,
+            name: layer.to_string(),
+        })
+    }
+
+    /// The captured layer's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The captured value's shape for a batch of one.
+    pub fn shape(&self) -> &[usize] {
+        self.graph.shape(self.value).dims()
+    }
+
+    /// Runs the model on `x`, recording from the captured layer on.
+    pub fn forward(&self, x: &Tensor) -> Result<CaptureRun> {
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                crate::autograd::set_grad_enabled(self.0);
+            }
+        }
+        let _restore = Restore(crate::autograd::set_grad_enabled(false));
+        let mut activation = None;
+        let target = self.value.0;
+        let mut index = 0;
+        let output = eval::run(&self.graph, x, &mut |_, y| {
+            let i = index;
+            index += 1;
+            if i == target {
+                let leaf = y.detach().requires_grad();
+                activation = Some(leaf.clone());
+                crate::autograd::set_grad_enabled(true);
+                return Ok(eval::Visit::Replace(leaf));
+            }
+            Ok(eval::Visit::Keep)
+        })?;
+        let activation = activation.ok_or_else(|| invalid("capture", "the layer never ran"))?;
+        Ok(CaptureRun { output, activation })
+    }
+}
+
+/// The layer names a capture accepts: every node and every container above one, in the
+/// order they first run.
+pub fn layer_names(graph: &Graph) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for node in graph.nodes() {
+        let parts: Vec<&str> = node.name.split('.').collect();
+        for k in 1..=parts.len() {
+            let prefix = parts[..k].join(".");
+            if !names.contains(&prefix) {
+                names.push(prefix);
+            }
+        }
+    }
+    names
+}
+
+/// The value a layer name stands for: the node of that name, or the last node inside the
+/// container of that name.
+pub fn resolve(graph: &Graph, layer: &str) -> Result<ValueId> {
+    if let Some(v) = graph.find(layer) {
+        return Ok(v);
+    }
+    let inside = format!("{layer}.");
+    let last = graph
+        .nodes()
+        .iter()
+        .rposition(|n| n.name.starts_with(&inside));
+    last.map(ValueId).ok_or_else(|| {
+        let names = layer_names(graph);
+        let listed: Vec<&str> = names
+            .iter()
+            .filter(|n| *n != "input")
+            .map(|s| s.as_str())
+            .collect();
+        invalid(
+            "capture",
+            format!(
+                "the model has no layer named '{layer}'; its layers: {}",
+                listed.join(", ")
+            ),
+        )
+    })
+}
+
+/// The graph with every weight cut off from autograd (same storage).
+fn frozen(graph: &Graph) -> Graph {
+    let mut g = graph.clone();
+    for node in g.nodes_mut() {
+        match &mut node.op {
+            Op::Conv2d { weight, bias, .. } | Op::Linear { weight, bias, .. } => {
+                *weight = weight.detach();
+                if let Some(b) = bias {
+                    *b = b.detach();
+                }
+            }
+            Op::BatchNorm2d {
+                weight,
+                bias,
+                mean,
+                var,
+                ..
+            } => {
+                *weight = weight.detach();
+                *bias = bias.detach();
+                *mean = mean.detach();
+                *var = var.detach();
+            }
+            _ => {}
+        }
+    }
+    g
+}
