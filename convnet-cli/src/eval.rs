@@ -171,7 +171,7 @@ pub struct PredictArgs {
 }
 
 /// Decodes `path` and turns it into a normalised `[C, H, W]` input for the model.
-fn load_image(path: &PathBuf, shape: [usize; 3], t: &Transform) -> Result<Vec<f32>> {
+pub(crate) fn load_image(path: &PathBuf, shape: [usize; 3], t: &Transform) -> Result<Vec<f32>> {
     let img =
         image::open(path).with_context(|| format!("{}: not a readable image", path.display()))?;
     let [c, h, w] = shape;

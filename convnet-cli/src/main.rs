@@ -6,6 +6,7 @@ mod bench;
 mod common;
 mod dist;
 mod eval;
+mod explain;
 mod export;
 mod pretrained;
 mod quantize;
@@ -37,6 +38,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Classify images with a trained model and print the top classes.
     Predict(eval::PredictArgs),
+    /// Show where a model looked: Grad-CAM, Grad-CAM++, saliency, integrated gradients, occlusion.
+    Explain(Box<explain::ExplainArgs>),
     /// Print a model's layer table (output shapes and parameter counts).
     Summary(eval::SummaryArgs),
     /// Quantize a trained model to int8 (post-training, calibrated on training images).
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
             "only train, eval and bench run on several processes; run this command without mpirun"
         )),
         Command::Predict(a) => eval::run_predict(a),
+        Command::Explain(a) => explain::run(*a),
         Command::Summary(a) => eval::run_summary(a),
         Command::Export(a) => export::run(a),
         Command::Quantize(a) => quantize::run(*a),

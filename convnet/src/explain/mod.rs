@@ -265,13 +265,15 @@ impl<'a> Explainer<'a> {
     fn choose(&self, logits: &[f32], target: Option<usize>) -> Result<(usize, f32, f32)> {
         let classes = logits.len();
         let t = match target {
-            Some(t) if t >= classes => return Err(invalid(
-                "explain",
-                format!(
+            Some(t) if t >= classes => {
+                return Err(invalid(
+                    "explain",
+                    format!(
                     "target class {t} is out of range: the model has {classes} classes (0 to {})",
                     classes.saturating_sub(1)
                 ),
-            )),
+                ))
+            }
             Some(t) => t,
             None => argmax(logits),
         };
