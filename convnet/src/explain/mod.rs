@@ -478,6 +478,51 @@ impl<'a> Explainer<'a> {
     }
 }
 
+/// A layer's feature maps for one image `x` (`[1, C, H, W]`): the values `[C, h, w]` and
+/// that shape (a layer with a flat output `[1, F]` gives `F` maps of 1x1).
+///
+/// ```
+/// let model = convnet::models::build("seed-cnn", [3, 32, 32], 10)?;
+/// let x = convnet::Tensor::randn([1, 3, 32, 32], &mut convnet::Rng::new(0));
+/// let (maps, shape) = convnet::explain::feature_maps(&model, &x, "pool1")?;
+/// assert_eq!((shape, maps.len()), ([32, 16, 16], 32 * 16 * 16));
+/// # Ok::<(), convnet::Error>(())
+/// ```
+pub fn feature_maps(model: &Model, x: &Tensor, layer: &str) -> Result<(Vec<f32>, [usize; 3])> {
+    let graph = model.graph()?;
+    let target = crate::graph::capture::resolve(&graph, layer)?.0;
+    if x.rank() != 4 || x.dims()[0] != 1 {
+        return Err(invalid(
+            "explain",
+            format!("one image [1, C, H, W] at a time, got {}", x.shape()),
+        ));
+    }
+    let mut found = None;
+    let mut index = 0;
+    crate::no_grad(|| {
+        crate::graph::eval::run(&graph, x, &mut |_, y| {
+            if index == target {
+                found = Some(y.clone());
+            }
+            index += 1;
+            Ok(crate::graph::eval::Visit::Keep)
+        })
+    })?;
+    let y = found.ok_or_else(|| invalid("explain", "the layer never ran"))?;
+    let d = y.dims().to_vec();
+    let shape = match d.len() {
+        4 => [d[1], d[2], d[3]],
+        2 => [d[1], 1, 1],
+        _ => {
+            return Err(invalid(
+                "explain",
+                format!("{layer} gives {}, not feature maps", y.shape()),
+            ))
+        }
+    };
+    Ok((y.to_vec(), shape))
+}
+
 /// Window starts along a side of `len` pixels: every `stride`, plus one flush with the far
 /// edge when the stride does not land there.
 pub fn window_starts(len: usize, window: usize, stride: usize) -> Vec<usize> {
