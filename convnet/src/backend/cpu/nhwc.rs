@@ -571,7 +571,7 @@ unsafe fn relu(
 
 /// A linear layer for a batch of rows, run as a 1x1 convolution over an image of `N` pixels
 /// whose channels are the features: the same register tiles, with the images as the tile's
-/// pixels. The outputs are packed in parts of at most [`MAX_BLOCKS`] blocks (64 outputs),
+/// pixels. The outputs are packed in parts of at most four blocks of 16 (64 outputs),
 /// so that threads can take a part each and keep its weights in their own cache.
 ///
 /// ```
