@@ -7,10 +7,12 @@ mod common;
 mod dist;
 mod eval;
 mod export;
+mod plot;
 mod pretrained;
 mod quantize;
 mod run_folder;
 mod train;
+mod visualize;
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -47,6 +49,11 @@ enum Command {
     Models,
     /// Time the training step (or inference) on synthetic data: images/s, GFLOP/s, peak RSS.
     Bench(bench::BenchArgs),
+    /// Draw learning curves (loss, accuracy, learning rate) of training runs into a PNG or SVG.
+    Plot(plot::PlotArgs),
+    /// Draw pictures of a model (`visualize filters`: a convolution layer's kernels).
+    #[command(subcommand)]
+    Visualize(visualize::VisualizeCommand),
 }
 
 /// mimalloc's `purge_delay` option (index 15 of `mi_option_t`).
@@ -90,6 +97,8 @@ fn main() -> ExitCode {
         Command::Export(a) => export::run(a),
         Command::Quantize(a) => quantize::run(*a),
         Command::Models => eval::run_models(),
+        Command::Plot(a) => plot::run(a),
+        Command::Visualize(c) => visualize::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
