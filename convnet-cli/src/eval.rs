@@ -8,7 +8,8 @@ use convnet::data::{DataLoader, FolderOptions, Transform};
 use convnet::infer::Predictor;
 use convnet::model_file::ModelFile;
 use convnet::models::ModelSpec;
-use convnet::train::evaluate_distributed;
+use convnet::train::{evaluate_distributed, evaluate_observed};
+use convnet::viz::{write_eval_plots, MistakeLog, EVAL_PLOT_MISTAKES};
 use convnet::Tensor;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -74,6 +75,11 @@ pub struct EvalArgs {
     /// Print one JSON object with the results as the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// Also write pictures into this folder: confusion.png (the confusion matrix as a heat
+    /// map) and misclassified.png (the 16 most confidently misclassified test images; under
+    /// mpirun, of rank 0's share of the images).
+    #[arg(long, value_name = "DIR")]
+    plots: Option<PathBuf>,
 }
 
 /// Evaluates on the test split; under `mpirun` every rank evaluates its share of the images
@@ -109,9 +115,22 @@ pub fn run_eval(a: EvalArgs, ranks: &Ranks) -> Result<()> {
         ranks.rank(),
         ranks.size(),
     )?;
-    let r = evaluate_distributed(&loaded.prepare(), &loader, ranks.as_ref())?;
+    let mut mistakes = MistakeLog::new(EVAL_PLOT_MISTAKES);
+    let r = match a.plots {
+        None => evaluate_distributed(&loaded.prepare(), &loader, ranks.as_ref())?,
+        Some(_) => evaluate_observed(&loaded.prepare(), &loader, ranks.as_ref(), &mut |b, l| {
+            mistakes.observe(&b.indices, &b.labels, l)
+        })?,
+    };
     if ranks.rank() != 0 {
         return Ok(());
+    }
+    if let Some(dir) = &a.plots {
+        let written = write_eval_plots(dir, &r, loader.dataset(), mistakes.mistakes())
+            .with_context(|| format!("--plots {}", dir.display()))?;
+        for path in written {
+            eprintln!("wrote {}", path.display());
+        }
     }
     if a.json {
         println!(

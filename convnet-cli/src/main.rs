@@ -8,10 +8,12 @@ mod dist;
 mod eval;
 mod explain;
 mod export;
+mod plot;
 mod pretrained;
 mod quantize;
 mod run_folder;
 mod train;
+mod visualize;
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -50,6 +52,11 @@ enum Command {
     Models,
     /// Time the training step (or inference) on synthetic data: images/s, GFLOP/s, peak RSS.
     Bench(bench::BenchArgs),
+    /// Draw learning curves (loss, accuracy, learning rate) of training runs into a PNG or SVG.
+    Plot(plot::PlotArgs),
+    /// Draw pictures of a model (`visualize filters`: a convolution layer's kernels).
+    #[command(subcommand)]
+    Visualize(visualize::VisualizeCommand),
 }
 
 /// mimalloc's `purge_delay` option (index 15 of `mi_option_t`).
@@ -94,6 +101,8 @@ fn main() -> ExitCode {
         Command::Export(a) => export::run(a),
         Command::Quantize(a) => quantize::run(*a),
         Command::Models => eval::run_models(),
+        Command::Plot(a) => plot::run(a),
+        Command::Visualize(c) => visualize::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

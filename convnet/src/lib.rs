@@ -67,6 +67,7 @@ pub mod shape;
 pub mod storage;
 pub mod tensor;
 pub mod train;
+pub mod viz;
 
 pub use autograd::{is_grad_enabled, no_grad, GradStore};
 pub use backend::cpu::activation::Activation;

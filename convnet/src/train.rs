@@ -800,6 +800,36 @@ pub fn evaluate_distributed(
     loader: &DataLoader,
     comm: &dyn Communicator,
 ) -> Result<EvalReport> {
+    evaluate_observed(model, loader, comm, &mut |_, _| Ok(()))
+}
+
+/// [`evaluate_distributed`], handing each of this rank's batches and the model's logits for
+/// it to `observe` (e.g. a [`crate::viz::MistakeLog`] keeping the most confident mistakes).
+///
+/// ```
+/// use convnet::data::{DataLoader, ImageDataset, Normalize};
+/// use convnet::dist::SingleProcess;
+/// use convnet::viz::MistakeLog;
+/// use std::sync::Arc;
+/// let classes: Vec<String> = (0..10).map(|c| c.to_string()).collect();
+/// let pixels: Vec<u8> = (0..4 * 3 * 32 * 32).map(|v| (v % 251) as u8).collect();
+/// let data = ImageDataset::new(pixels, vec![0, 1, 2, 3], [3, 32, 32], classes, "memory")?;
+/// let loader = DataLoader::for_evaluation(Arc::new(data), Normalize::cifar10())?;
+/// let model = convnet::models::build("seed-cnn", [3, 32, 32], 10)?;
+/// let mut log = MistakeLog::new(16);
+/// let report = convnet::train::evaluate_observed(&model, &loader, &SingleProcess, &mut |b, logits| {
+///     log.observe(&b.indices, &b.labels, logits)
+/// })?;
+/// let wrong: u64 = (0..10).map(|c| report.confusion[c].iter().sum::<u64>() - report.confusion[c][c]).sum();
+/// assert_eq!(log.mistakes().len() as u64, wrong);
+/// # Ok::<(), convnet::Error>(())
+/// ```
+pub fn evaluate_observed(
+    model: &dyn crate::infer::Predictor,
+    loader: &DataLoader,
+    comm: &dyn Communicator,
+    observe: &mut dyn FnMut(&crate::data::Batch, &Tensor) -> Result<()>,
+) -> Result<EvalReport> {
     let cfg = loader.config();
     if cfg.world_size != comm.size() || cfg.rank != comm.rank() {
         return Err(invalid(
@@ -842,6 +872,7 @@ pub fn evaluate_distributed(
                 confusion[l][p] += 1;
             }
             seen += batch.labels.len();
+            observe(&batch, &logits)?;
         }
         Ok(())
     })?;
