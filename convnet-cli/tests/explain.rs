@@ -178,3 +178,58 @@ fn bad_input_names_the_problem() {
     std::fs::write(&bad, b"not an image").unwrap();
     check(&[bad.to_str().unwrap()], "broken.jpg: not a readable image");
 }
+
+/// `visualize activations`: one tile per channel of the layer (16 for ResNet-20's `layer1`,
+/// capped by --max-maps), a picture that decodes and is not one colour; a wrong layer lists
+/// the valid ones.
+#[test]
+fn activation_grids_draw_a_layers_feature_maps() {
+    let dir = temp("activations");
+    let [small, _] = images(&dir);
+    let out = dir.join("act.png");
+    let run = |max: &str| {
+        let o = convnet(&[
+            "visualize",
+            "activations",
+            small.to_str().unwrap(),
+            "--layer",
+            "layer1",
+            "--pretrained",
+            "resnet20-cifar10",
+            "--max-maps",
+            max,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(
+            o.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let img = image::open(&out).unwrap().to_rgb8();
+        let first = *img.get_pixel(0, 0);
+        assert!(img.pixels().any(|p| *p != first));
+        (stdout, img.dimensions())
+    };
+    let (all, all_size) = run("64");
+    assert!(
+        all.contains("16 of 16 feature maps of layer1 (32x32)"),
+        "{all}"
+    );
+    let (four, four_size) = run("4");
+    assert!(four.contains("4 of 16 feature maps"), "{four}");
+    assert!(four_size.0 * four_size.1 < all_size.0 * all_size.1);
+    fails_with(
+        &[
+            "visualize",
+            "activations",
+            small.to_str().unwrap(),
+            "--layer",
+            "layer7",
+            "--pretrained",
+            "resnet20-cifar10",
+        ],
+        "no layer named 'layer7'",
+    );
+}
