@@ -65,6 +65,7 @@ pub mod rng;
 pub mod shape;
 pub mod storage;
 pub mod tensor;
+pub mod tensorboard;
 pub mod train;
 
 pub use autograd::{is_grad_enabled, no_grad, GradStore};
