@@ -2,6 +2,8 @@
 //! Under `mpirun` every rank trains its slice of each global batch (see dist.rs): rank 0
 //! prints and writes, all ranks evaluate their share of the test set.
 
+mod board;
+
 use crate::common::{check_device, open_data, set_threads};
 use crate::dist::{
     check_same_everywhere, device_spec, read_on_rank0, threads_per_rank, DistArgs, DistBackend,
@@ -154,6 +156,17 @@ pub struct TrainArgs {
     /// Print one JSON object with the results as the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// Write TensorBoard event files into the run folder (the default): the figures of
+    /// metrics.jsonl, weight and gradient histograms per epoch, a few test images with
+    /// their predictions. View them with `tensorboard --logdir runs`.
+    #[arg(long, overrides_with = "no_tensorboard")]
+    tensorboard: bool,
+    /// Do not write TensorBoard event files.
+    #[arg(long, overrides_with = "tensorboard")]
+    no_tensorboard: bool,
+    /// Optimizer steps between two points of the TensorBoard series `train/loss_step`.
+    #[arg(long, default_value_t = 50)]
+    tensorboard_every: usize,
     #[command(flatten)]
     dist: DistArgs,
 }
@@ -209,7 +222,7 @@ struct Resumed {
 
 /// Settings that say how an invocation computes or reports, not what it computes: a
 /// resumed run takes them from the command line.
-const INVOCATION_SETTINGS: [&str; 15] = [
+const INVOCATION_SETTINGS: [&str; 18] = [
     "device",
     "threads",
     "cuda_graph",
@@ -225,6 +238,9 @@ const INVOCATION_SETTINGS: [&str; 15] = [
     "resume",
     "epochs",
     "model",
+    "tensorboard",
+    "no_tensorboard",
+    "tensorboard_every",
 ];
 
 impl Resumed {
@@ -281,6 +297,8 @@ impl Resumed {
             now.dist.dist_backend,
         );
         (a.stop_after, a.no_cache) = (now.stop_after, now.no_cache);
+        (a.tensorboard, a.no_tensorboard, a.tensorboard_every) =
+            (now.tensorboard, now.no_tensorboard, now.tensorboard_every);
         a.out = Some(now.out.clone().unwrap_or(self.dir.clone()));
         a.resume = Some(self.dir.clone());
         let flag = |id: &str| format!("--{}", id.replace('_', "-"));
@@ -431,6 +449,9 @@ fn check_args(a: &TrainArgs, ranks: &Ranks) -> Result<()> {
     if a.qat_freeze_epoch == Some(0) {
         bail!("--qat-freeze-epoch counts from 1");
     }
+    if a.tensorboard_every == 0 {
+        bail!("--tensorboard-every must be positive");
+    }
     a.dist.check(a.batch_size, ranks)
 }
 
@@ -547,6 +568,13 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
     let mut trainer = Trainer::new(model, cfg, train_loader.num_batches())?;
     let out = a.out.clone().unwrap_or_else(|| default_out(&a.model));
     let folder = RunFolder::open(&out, resumed.is_some(), lead)?;
+    let mut board = board::Board::open(
+        &out,
+        lead && !a.no_tensorboard,
+        a.tensorboard_every,
+        &mut trainer,
+        &train_loader,
+    )?;
     let mut history = Vec::new();
     if let Some(r) = &resumed {
         r.restore(&mut trainer, &a, shape)?;
@@ -633,6 +661,7 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
                 100.0 * p.accuracy,
                 p.images_per_sec
             ));
+            board.batch(p);
         });
         bar.finish_and_clear();
         let stats = stats.with_context(|| {
@@ -660,6 +689,8 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
                 "epoch {epoch:>3}/{}  train loss {:.4} acc {:6.2}%  test loss {:.4} acc {:6.2}%  lr {:.5}  {:.1}s ({:.0} img/s)",
                 a.epochs, stats.loss, 100.0 * stats.accuracy, test.loss, 100.0 * test.accuracy, stats.lr, stats.seconds, stats.images_per_sec
             );
+            let images = (epoch == a.epochs).then(|| (test_loader.dataset(), &normalize));
+            board.epoch(epoch, history.last(), &trainer, images);
         }
         last = Some(test);
     }
@@ -829,6 +860,9 @@ impl SavedRun {
             skip_bad_images: self.skip_bad_images,
             no_cache: false,
             json,
+            tensorboard: false,
+            no_tensorboard: false,
+            tensorboard_every: 50,
             dist: DistArgs {
                 sync_bn: self.sync_bn,
                 bucket_mb: 25.0,

@@ -140,6 +140,132 @@ fn resumed_run_matches_an_uninterrupted_one_bit_for_bit() {
     );
 }
 
+/// The scalars of a run's TensorBoard event files: (tag, step, value) of every one.
+fn event_scalars(path: &Path) -> Vec<(String, i64, f32)> {
+    use convnet::tensorboard::proto::{Kind, What};
+    let events = convnet::tensorboard::read_events(path).unwrap();
+    let mut out = Vec::new();
+    for e in events {
+        if let Some(What::Summary(s)) = e.what {
+            for v in s.value {
+                if let Some(Kind::SimpleValue(x)) = v.value {
+                    out.push((v.tag, e.step, x));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn event_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .contains("tfevents")
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn tensorboard_events_follow_the_metrics_and_a_resumed_run_adds_a_file() {
+    let dir = temp("tensorboard");
+    let common = [
+        "--limit-train",
+        "256",
+        "--limit-test",
+        "64",
+        "--batch-size",
+        "32",
+        "--threads",
+        "2",
+        "--epochs",
+        "2",
+        "--tensorboard-every",
+        "3",
+        "--json",
+    ];
+    let mut args = vec!["train", "--out", dir.to_str().unwrap(), "--stop-after", "1"];
+    args.extend_from_slice(&common);
+    last_json(&convnet(&args));
+    let first = event_files(&dir);
+    assert_eq!(first.len(), 1, "one event file: {first:?}");
+    let before = std::fs::read(&first[0]).unwrap();
+    last_json(&convnet(&[
+        "train",
+        "--resume",
+        dir.to_str().unwrap(),
+        "--tensorboard-every",
+        "3",
+        "--json",
+    ]));
+    let files = event_files(&dir);
+    assert_eq!(files.len(), 2, "the resumed run adds a file: {files:?}");
+    assert_eq!(
+        std::fs::read(&first[0]).unwrap(),
+        before,
+        "the first file is left as it was"
+    );
+    let scalars: Vec<_> = files.iter().flat_map(|f| event_scalars(f)).collect();
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(metrics.len(), 2);
+    for (key, tag) in [
+        ("train_loss", "train/loss"),
+        ("train_accuracy", "train/accuracy"),
+        ("test_loss", "test/loss"),
+        ("test_accuracy", "test/accuracy"),
+        ("lr", "lr"),
+        ("train_images_per_sec", "train/images_per_sec"),
+    ] {
+        let points: Vec<(i64, f32)> = scalars
+            .iter()
+            .filter(|s| s.0 == tag)
+            .map(|s| (s.1, s.2))
+            .collect();
+        let want: Vec<(i64, f32)> = metrics
+            .iter()
+            .map(|m| {
+                (
+                    m["epoch"].as_i64().unwrap(),
+                    m[key].as_f64().unwrap() as f32,
+                )
+            })
+            .collect();
+        assert_eq!(points, want, "{tag}");
+    }
+    // 8 steps per epoch: points at steps 3, 6 (epoch 1), 9, 12, 15 (epoch 2).
+    let steps: Vec<i64> = scalars
+        .iter()
+        .filter(|s| s.0 == "train/loss_step")
+        .map(|s| s.1)
+        .collect();
+    assert_eq!(steps, [3, 6, 9, 12, 15]);
+
+    let quiet = temp("no-tensorboard");
+    let mut args = vec![
+        "train",
+        "--out",
+        quiet.to_str().unwrap(),
+        "--no-tensorboard",
+    ];
+    args.extend_from_slice(&common);
+    last_json(&convnet(&args));
+    assert!(event_files(&quiet).is_empty());
+    fails_with(
+        &["train", "--tensorboard-every", "0"],
+        "--tensorboard-every",
+    );
+}
+
 #[test]
 fn mistakes_end_with_a_message_and_a_non_zero_status() {
     fails_with(

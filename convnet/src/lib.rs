@@ -66,6 +66,7 @@ pub mod rng;
 pub mod shape;
 pub mod storage;
 pub mod tensor;
+pub mod tensorboard;
 pub mod train;
 pub mod viz;
 

@@ -349,6 +349,10 @@ pub struct Trainer {
     graph_refused: Option<String>,
     /// Data-parallel training over several ranks.
     dist: Option<DataParallel>,
+    /// Whether to keep the gradients of each epoch's last step ([`Trainer::keep_gradients`]).
+    keep_grads: bool,
+    /// The parameters' gradients of the last epoch's last step, when kept.
+    last_grads: Option<Vec<(String, Tensor)>>,
 }
 
 impl Trainer {
@@ -386,6 +390,8 @@ impl Trainer {
             graphed: None,
             graph_refused: None,
             dist: None,
+            keep_grads: false,
+            last_grads: None,
         })
     }
 
@@ -461,6 +467,52 @@ impl Trainer {
         &self.cfg
     }
 
+    /// Keeps (or stops keeping) the parameters' gradients of every epoch's last optimizer
+    /// step, for [`Trainer::last_gradients`] (e.g. gradient histograms). They hold as much
+    /// memory as the parameters.
+    pub fn keep_gradients(&mut self, keep: bool) {
+        self.keep_grads = keep;
+        if !keep {
+            self.last_grads = None;
+        }
+    }
+
+    /// With [`Trainer::keep_gradients`]: the gradients, by parameter name, that the last
+    /// optimizer step of the last epoch applied (averaged over the ranks when
+    /// data-parallel). `None` before the first epoch, when not kept, and when that step
+    /// ran through a CUDA graph ([`TrainConfig::cuda_graph`]), whose gradients live in the
+    /// graph's own buffers.
+    ///
+    /// ```
+    /// use convnet::data::{DataLoader, ImageDataset, LoaderConfig, Normalize, Transform};
+    /// use convnet::train::{TrainConfig, Trainer};
+    /// let data = ImageDataset::new(vec![0; 4 * 3 * 8 * 8], vec![0, 1, 0, 1], [3, 8, 8], vec!["a".into(), "b".into()], "memory")?;
+    /// let transform = Transform { normalize: Normalize::default_for(3), augment: None };
+    /// let loader = DataLoader::new(std::sync::Arc::new(data), transform, LoaderConfig { batch_size: 2, ..Default::default() })?;
+    /// let model = convnet::models::build("seed-cnn", [3, 8, 8], 2)?;
+    /// let mut trainer = Trainer::new(model, TrainConfig { epochs: 1, ..Default::default() }, loader.num_batches())?;
+    /// trainer.keep_gradients(true);
+    /// trainer.train_epoch(&loader, &mut |_| {})?;
+    /// let grads = trainer.last_gradients().expect("kept");
+    /// assert_eq!(grads.len(), trainer.model().named_parameters().len());
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn last_gradients(&self) -> Option<&[(String, Tensor)]> {
+        self.last_grads.as_deref()
+    }
+
+    /// Keeps the parameters' gradients in `grads` when asked to and `last` is the epoch's
+    /// last step.
+    fn keep_last_gradients(&mut self, grads: &crate::GradStore, last: bool) {
+        if self.keep_grads && last {
+            let kept = self.model.named_parameters().into_iter();
+            self.last_grads = Some(
+                kept.filter_map(|(name, p)| grads.get(&p).map(|g| (name, g.clone())))
+                    .collect(),
+            );
+        }
+    }
+
     /// Trains one epoch over `loader`, calling `progress` after every batch. A non-finite
     /// loss stops with [`Error::Diverged`] before the optimizer touches the weights.
     ///
@@ -492,6 +544,7 @@ impl Trainer {
         };
         let mut sums = EpochSums::new(metrics_device, std::mem::take(&mut self.kept))?;
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
+        self.last_grads = None;
         for (i, batch) in loader.epoch(self.epoch).enumerate() {
             let batch = batch?;
             self.schedule.apply(self.optimizer.as_mut(), self.step);
@@ -506,6 +559,7 @@ impl Trainer {
                 let loss = dist.idle_loss(&self.model)?;
                 let grads = dist.backward(&loss)?;
                 self.optimizer.step(&grads)?;
+                self.keep_last_gradients(&grads, i + 1 == batches);
             } else if !self.graphed_step(&batch.images, &batch.labels, &sums)? {
                 let images = batch.images.to_device(self.cfg.device)?;
                 let logits = match &mut self.dist {
@@ -533,6 +587,7 @@ impl Trainer {
                     None => loss.backward()?,
                 };
                 self.optimizer.step(&grads)?;
+                self.keep_last_gradients(&grads, i + 1 == batches);
             }
             self.step += 1;
             seen += batch.global_size;
