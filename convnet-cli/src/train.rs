@@ -701,6 +701,12 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
     if !lead {
         return Ok(());
     }
+    // The learning curves of the run so far; a picture that cannot be drawn costs the run
+    // nothing but a note.
+    let curves = out.join("curves.png");
+    if let Err(e) = convnet::viz::plot_run_folders(&[&out], &curves) {
+        eprintln!("note: {} not written: {e}", curves.display());
+    }
     let int8 = match QatNet::of(trainer.model()) {
         Some(qat) => {
             let q = qat.convert()?;

@@ -255,3 +255,21 @@ fn visualize_filters_draws_a_grid_of_kernels() {
         "name a model",
     );
 }
+
+/// `train` leaves its learning curves next to its metrics.
+#[test]
+fn train_writes_its_learning_curves() {
+    let out = temp("train-curves");
+    let v = last_json(&convnet(&[
+        "train",
+        "--epochs",
+        "1",
+        "--no-tensorboard",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(v["epochs"], 1);
+    let img = decode_varied(&out.join("curves.png"));
+    assert!(img.width() > 200 && img.height() > 200);
+}
