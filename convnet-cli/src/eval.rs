@@ -68,6 +68,10 @@ pub struct EvalArgs {
     /// Use only N test images, spread evenly over the set.
     #[arg(long)]
     limit_test: Option<usize>,
+    /// Evaluate on these classes of the data only, relabelled in this order (as the model was
+    /// trained with `train --classes`).
+    #[arg(long, value_delimiter = ',')]
+    classes: Option<Vec<String>>,
     /// Compute threads per process (0 = all cores, shared out among the ranks of a machine
     /// under mpirun).
     #[arg(long, default_value_t = 0)]
@@ -87,6 +91,9 @@ pub struct EvalArgs {
 pub fn run_eval(a: EvalArgs, ranks: &Ranks) -> Result<()> {
     set_threads(threads_per_rank(a.threads, ranks))?;
     let (_, mut test) = open_data(a.data.as_deref(), &FolderOptions::default(), a.holdout)?;
+    if let Some(names) = &a.classes {
+        test = test.with_classes(names)?;
+    }
     if let Some(n) = a.limit_test {
         test = test.spread(n);
     }

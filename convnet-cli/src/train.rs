@@ -117,9 +117,15 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "f32")]
     precision: PrecisionArg,
     /// Start from these weights instead of a fresh initialisation: a convnet checkpoint or
-    /// a plain state_dict (`.safetensors`, `.pt`/`.pth`) of the same architecture.
+    /// a plain state_dict (`.safetensors`, `.pt`/`.pth`) of the same architecture. When the
+    /// data has another number of classes, the classifier (the last Linear layer) is replaced
+    /// by a freshly initialised one (fine-tuning); any other mismatch is an error.
     #[arg(long)]
     weights: Option<PathBuf>,
+    /// Train and test on these classes of the data only, relabelled in this order
+    /// (e.g. airplane,automobile,ship,truck).
+    #[arg(long, value_delimiter = ',')]
+    classes: Option<Vec<String>>,
     /// Quantization-aware training: train through int8 rounding (fake quantization, BatchNorm
     /// folded as PyTorch's QAT does) and write the int8 model (`model-int8.safetensors`)
     /// beside the float checkpoint. Usually with --weights of a trained float model.
@@ -396,6 +402,10 @@ impl RunData {
             cache: !a.no_cache,
         };
         let (mut train, mut test) = open_data(a.data.as_deref(), &opts, a.holdout)?;
+        if let Some(names) = &a.classes {
+            train = train.with_classes(names)?;
+            test = test.with_classes(names)?;
+        }
         if let Some(n) = a.limit_train {
             train = train.spread(n);
         }
@@ -453,6 +463,48 @@ fn check_args(a: &TrainArgs, ranks: &Ranks) -> Result<()> {
         bail!("--tensorboard-every must be positive");
     }
     a.dist.check(a.batch_size, ranks)
+}
+
+/// Fine-tuning to another number of classes: when `tensors` (weights to start from) hold a
+/// classifier — the model's last Linear layer — of another output count than `model`'s,
+/// they get `model`'s freshly initialised one instead; returns what was done. Any other
+/// difference is left for `load_state_dict` to report.
+fn replace_classifier(
+    model: &convnet::nn::Model,
+    tensors: &mut convnet::checkpoint::NamedTensors,
+) -> Result<Option<String>> {
+    let graph = model.graph()?;
+    let Some(fc) = graph
+        .nodes()
+        .iter()
+        .rev()
+        .find(|n| matches!(n.op, convnet::graph::Op::Linear { .. }))
+    else {
+        return Ok(None);
+    };
+    let own = model.state_dict();
+    let weight = format!("{}.weight", fc.name);
+    let (Some(theirs), Some(mine)) = (
+        tensors
+            .iter()
+            .find(|(n, _)| *n == weight)
+            .map(|(_, t)| t.dims().to_vec()),
+        own.iter()
+            .find(|(n, _)| *n == weight)
+            .map(|(_, t)| t.dims().to_vec()),
+    ) else {
+        return Ok(None);
+    };
+    if theirs == mine || theirs.len() != 2 || theirs[1] != mine[1] {
+        return Ok(None);
+    }
+    let prefix = format!("{}.", fc.name);
+    tensors.retain(|(n, _)| !n.starts_with(&prefix));
+    tensors.extend(own.into_iter().filter(|(n, _)| n.starts_with(&prefix)));
+    Ok(Some(format!(
+        "classifier {} replaced: {} -> {} outputs, freshly initialised",
+        fc.name, theirs[0], mine[0]
+    )))
 }
 
 /// A progress bar for an epoch on rank 0, nothing elsewhere.
@@ -518,7 +570,12 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
     let run_json = serde_json::to_string(&saved_run)?;
     let mut model = spec.build(data.shape, data.classes.len())?;
     if let (Some(path), None) = (&a.weights, &resumed) {
-        let (tensors, _) = convnet::checkpoint::load_tensors(path)?;
+        let (mut tensors, _) = convnet::checkpoint::load_tensors(path)?;
+        if let Some(note) = replace_classifier(&model, &mut tensors)? {
+            if lead && !a.json {
+                println!("{}: {note}", path.display());
+            }
+        }
         model.load_state_dict(&tensors, true).with_context(|| {
             format!(
                 "--weights {} do not fit {} for {:?} images and {} classes",
@@ -787,6 +844,8 @@ struct SavedRun {
     qat: bool,
     #[serde(default)]
     qat_freeze_epoch: Option<usize>,
+    #[serde(default)]
+    classes: Option<Vec<String>>,
 }
 
 impl SavedRun {
@@ -824,6 +883,7 @@ impl SavedRun {
                 .map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.clone())),
             qat: a.qat,
             qat_freeze_epoch: a.qat_freeze_epoch,
+            classes: a.classes.clone(),
         }
     }
 
@@ -857,6 +917,7 @@ impl SavedRun {
             weights: self.weights,
             qat: self.qat,
             qat_freeze_epoch: self.qat_freeze_epoch,
+            classes: self.classes,
             out: None,
             resume: None,
             stop_after: None,

@@ -235,6 +235,51 @@ impl ImageDataset {
         }
     }
 
+    /// The examples of the classes `names` only, relabelled `0..names.len()` in that order;
+    /// an unknown name is an error listing the classes there are.
+    ///
+    /// ```
+    /// use convnet::data::ImageDataset;
+    /// let classes = vec!["cat".into(), "dog".into(), "ship".into()];
+    /// let ds = ImageDataset::new(vec![0; 4], vec![0, 2, 1, 2], [1, 1, 1], classes, "memory")?;
+    /// let vehicles = ds.with_classes(&["ship".into(), "cat".into()])?;
+    /// assert_eq!((vehicles.labels(), vehicles.classes()), (&[1u32, 0, 0][..], &["ship".to_string(), "cat".into()][..]));
+    /// assert!(ds.with_classes(&["car".into()]).unwrap_err().to_string().contains("cat, dog, ship"));
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn with_classes(&self, names: &[String]) -> Result<ImageDataset> {
+        let mut new_label = vec![None; self.classes.len()];
+        for (i, name) in names.iter().enumerate() {
+            let Some(old) = self.classes.iter().position(|c| c == name) else {
+                return Err(crate::error::invalid(
+                    "data",
+                    format!(
+                        "{}: no class {name:?}; its classes: {}",
+                        self.source,
+                        self.classes.join(", ")
+                    ),
+                ));
+            };
+            if new_label[old].is_some() {
+                return Err(crate::error::invalid(
+                    "data",
+                    format!("class {name:?} is named twice"),
+                ));
+            }
+            new_label[old] = Some(i as u32);
+        }
+        let keep: Vec<usize> = (0..self.len())
+            .filter(|&i| new_label[self.labels[i] as usize].is_some())
+            .collect();
+        let mut subset = self.select(&keep);
+        subset.labels = keep
+            .iter()
+            .map(|&i| new_label[self.labels[i] as usize].unwrap_or(0))
+            .collect();
+        subset.classes = names.to_vec();
+        Ok(subset)
+    }
+
     /// The first `n` examples (all if fewer).
     pub fn take(&self, n: usize) -> ImageDataset {
         let idx: Vec<usize> = (0..n.min(self.len())).collect();

@@ -191,6 +191,16 @@ impl Model {
 
     /// Copies values into the parameters and buffers from `(name, tensor)` pairs. With
     /// `strict`, every entry of the state dict must be given and every given name must exist.
+    ///
+    /// ```
+    /// let model = convnet::models::build("seed-cnn", [3, 32, 32], 10)?;
+    /// // The model's own tensors (as when only a classifier is swapped for fine-tuning)
+    /// // load as a no-op.
+    /// let before = model.state_dict()[0].1.to_vec();
+    /// model.load_state_dict(&model.state_dict(), true)?;
+    /// assert_eq!(model.state_dict()[0].1.to_vec(), before);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
     pub fn load_state_dict(&self, entries: &[(String, Tensor)], strict: bool) -> Result<()> {
         let own = self.state_dict();
         for (name, value) in entries {
@@ -203,7 +213,11 @@ impl Model {
                             value.shape()
                         )));
                     }
-                    value.with_data(|d| t.copy_from_slice(d))?;
+                    // Loading a parameter into itself is a no-op (and copying under its
+                    // own read lock would wait forever).
+                    if t.id() != value.id() {
+                        value.with_data(|d| t.copy_from_slice(d))?;
+                    }
                 }
                 None if strict => return Err(Error::State(format!("unexpected key {name}"))),
                 None => {}
