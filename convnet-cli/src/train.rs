@@ -122,6 +122,11 @@ pub struct TrainArgs {
     /// by a freshly initialised one (fine-tuning); any other mismatch is an error.
     #[arg(long)]
     weights: Option<PathBuf>,
+    /// Start from a pretrained model built into convnet (see `convnet models`), e.g.
+    /// resnet20-cifar10: its architecture and weights (the classifier replaced when the data
+    /// has another number of classes).
+    #[arg(long, conflicts_with_all = ["weights", "model_file"])]
+    pretrained: Option<String>,
     /// Train and test on these classes of the data only, relabelled in this order
     /// (e.g. airplane,automobile,ship,truck).
     #[arg(long, value_delimiter = ',')]
@@ -539,6 +544,24 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
     // The device and threads of this invocation (a resumed run may continue on others).
     let device = check_device(&device_spec(&a.device, ranks))?;
     set_threads(threads_per_rank(a.threads, ranks))?;
+    if let (Some(name), None) = (&a.pretrained, &resumed) {
+        let entries = crate::pretrained::entries()?;
+        let Some(entry) = entries.iter().find(|e| &e.name == name) else {
+            let known: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+            bail!(
+                "no pretrained model {name:?}; available: {}",
+                known.join(", ")
+            );
+        };
+        if explicit.iter().any(|e| e == "model") && a.model != entry.architecture {
+            bail!(
+                "--pretrained {name} is a {}, not a {}: leave out --model",
+                entry.architecture,
+                a.model
+            );
+        }
+        a.model = entry.architecture.clone();
+    }
     let spec = match (&resumed, &a.model_file) {
         (Some(r), _) => ModelSpec::from_checkpoint(&r.saved.model, r.saved.model_spec.as_deref())?,
         (None, Some(path)) => ModelSpec::File(ModelFile::from_path(path)?),
@@ -569,8 +592,17 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
     check_same_everywhere(ranks, &facts)?;
     let run_json = serde_json::to_string(&saved_run)?;
     let mut model = spec.build(data.shape, data.classes.len())?;
-    if let (Some(path), None) = (&a.weights, &resumed) {
-        let (mut tensors, _) = convnet::checkpoint::load_tensors(path)?;
+    // The weights a new run starts from (a resumed run has its own).
+    let start = match (&a.weights, &a.pretrained) {
+        _ if resumed.is_some() => None,
+        (Some(path), _) => Some((path.clone(), convnet::checkpoint::load_tensors(path)?.0)),
+        (None, Some(name)) => Some((
+            PathBuf::from(format!("pretrained {name}")),
+            crate::pretrained::load(name)?.0,
+        )),
+        (None, None) => None,
+    };
+    if let Some((path, mut tensors)) = start {
         if let Some(note) = replace_classifier(&model, &mut tensors)? {
             if lead && !a.json {
                 println!("{}: {note}", path.display());
@@ -578,7 +610,7 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
         }
         model.load_state_dict(&tensors, true).with_context(|| {
             format!(
-                "--weights {} do not fit {} for {:?} images and {} classes",
+                "the weights of {} do not fit {} for {:?} images and {} classes",
                 path.display(),
                 a.model,
                 data.shape,
@@ -846,6 +878,8 @@ struct SavedRun {
     qat_freeze_epoch: Option<usize>,
     #[serde(default)]
     classes: Option<Vec<String>>,
+    #[serde(default)]
+    pretrained: Option<String>,
 }
 
 impl SavedRun {
@@ -884,6 +918,7 @@ impl SavedRun {
             qat: a.qat,
             qat_freeze_epoch: a.qat_freeze_epoch,
             classes: a.classes.clone(),
+            pretrained: a.pretrained.clone(),
         }
     }
 
@@ -918,6 +953,7 @@ impl SavedRun {
             qat: self.qat,
             qat_freeze_epoch: self.qat_freeze_epoch,
             classes: self.classes,
+            pretrained: self.pretrained,
             out: None,
             resume: None,
             stop_after: None,

@@ -100,3 +100,60 @@ fn other_mismatches_and_unknown_classes_are_errors() {
         "class \"cat\" is named twice",
     );
 }
+
+/// `--pretrained NAME` brings its architecture and weights (a run that barely moves them
+/// keeps the pretrained accuracy); a conflicting `--model` and an unknown name are errors.
+#[test]
+fn train_starts_from_a_built_in_pretrained_model() {
+    let out = temp("fine-tune-pretrained");
+    let v = last_json(&convnet(&[
+        "train",
+        "--pretrained",
+        "resnet20-cifar10",
+        "--limit-train",
+        "64",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-9",
+        "--no-tensorboard",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    // One step at a negligible rate keeps the pretrained model (89.2% on the sample; only
+    // BatchNorm's running statistics move): far from the 10% of a fresh one.
+    assert!(v["test_accuracy"].as_f64().unwrap() > 0.8, "{v}");
+    let summary = convnet(&[
+        "summary",
+        "--checkpoint",
+        out.join("model.safetensors").to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&summary.stdout);
+    assert!(
+        text.contains("layer3.2.conv2") && text.contains("[1, 10]"),
+        "{text}"
+    );
+    fails_with(
+        &[
+            "train",
+            "--pretrained",
+            "resnet20-cifar10",
+            "--model",
+            "seed-cnn",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "is a resnet20, not a seed-cnn",
+    );
+    fails_with(
+        &[
+            "train",
+            "--pretrained",
+            "alexnet",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "no pretrained model \"alexnet\"",
+    );
+}
