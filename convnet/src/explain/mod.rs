@@ -549,33 +549,32 @@ pub fn gauss_legendre_unit(n: usize) -> (Vec<f64>, Vec<f64>) {
     for i in 0..n {
         // Newton's method from the Chebyshev-like guess of the i-th root (descending).
         let mut x = (std::f64::consts::PI * (i as f64 + 0.75) / (n as f64 + 0.5)).cos();
-        let mut dp;
         for _ in 0..100 {
-            let (mut p0, mut p1) = (1.0, x);
-            for k in 2..=n {
-                let p2 = ((2 * k - 1) as f64 * x * p1 - (k - 1) as f64 * p0) / k as f64;
-                p0 = p1;
-                p1 = p2;
-            }
-            dp = n as f64 * (x * p1 - p0) / (x * x - 1.0);
-            let dx = p1 / dp;
+            let (p, dp) = legendre(n, x);
+            let dx = p / dp;
             x -= dx;
             if dx.abs() < 1e-16 {
                 break;
             }
         }
-        // Recompute the derivative at the converged root for the weight.
-        let (mut p0, mut p1) = (1.0, x);
-        for k in 2..=n {
-            let p2 = ((2 * k - 1) as f64 * x * p1 - (k - 1) as f64 * p0) / k as f64;
-            p0 = p1;
-            p1 = p2;
-        }
-        dp = n as f64 * (x * p1 - p0) / (x * x - 1.0);
+        // The derivative at the converged root gives the weight.
+        let (_, dp) = legendre(n, x);
         points[n - 1 - i] = 0.5 * (1.0 + x);
         weights[n - 1 - i] = 0.5 * 2.0 / ((1.0 - x * x) * dp * dp);
     }
     (points, weights)
+}
+
+/// The Legendre polynomial `P_n(x)` and its derivative (for `|x| < 1`), by the three-term
+/// recurrence.
+fn legendre(n: usize, x: f64) -> (f64, f64) {
+    let (mut p0, mut p1) = (1.0, x);
+    for k in 2..=n {
+        let p2 = ((2 * k - 1) as f64 * x * p1 - (k - 1) as f64 * p0) / k as f64;
+        p0 = p1;
+        p1 = p2;
+    }
+    (p1, n as f64 * (x * p1 - p0) / (x * x - 1.0))
 }
 
 fn argmax(v: &[f32]) -> usize {

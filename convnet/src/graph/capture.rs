@@ -11,7 +11,7 @@
 //! the captured value (a stage's output, as Grad-CAM reads), the part before it runs as a
 //! compiled inference plan (BatchNorm folded, epilogues fused) on the CPU.
 
-use super::{eval, Graph, Op, ValueId};
+use super::{eval, Graph, ValueId};
 use crate::error::{invalid, Result};
 use crate::nn::Model;
 use crate::tensor::Tensor;
@@ -227,26 +227,8 @@ fn split(graph: &Graph, value: ValueId) -> Option<(crate::infer::Plan, Graph)> {
 fn frozen(graph: &Graph) -> Graph {
     let mut g = graph.clone();
     for node in g.nodes_mut() {
-        match &mut node.op {
-            Op::Conv2d { weight, bias, .. } | Op::Linear { weight, bias, .. } => {
-                *weight = weight.detach();
-                if let Some(b) = bias {
-                    *b = b.detach();
-                }
-            }
-            Op::BatchNorm2d {
-                weight,
-                bias,
-                mean,
-                var,
-                ..
-            } => {
-                *weight = weight.detach();
-                *bias = bias.detach();
-                *mean = mean.detach();
-                *var = var.detach();
-            }
-            _ => {}
+        for t in node.op.tensors_mut() {
+            *t = t.detach();
         }
     }
     g

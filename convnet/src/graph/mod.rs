@@ -126,6 +126,25 @@ impl Op {
         }
     }
 
+    /// The op's tensors, in the order of [`Op::tensors`], to replace them.
+    pub(crate) fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        match self {
+            Op::Conv2d { weight, bias, .. } | Op::Linear { weight, bias, .. } => {
+                let mut v = vec![weight];
+                v.extend(bias.as_mut());
+                v
+            }
+            Op::BatchNorm2d {
+                weight,
+                bias,
+                mean,
+                var,
+                ..
+            } => vec![weight, bias, mean, var],
+            _ => Vec::new(),
+        }
+    }
+
     /// The named tensors of the op (`weight`, `bias`, ...), in `state_dict` order.
     pub fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
         match self {

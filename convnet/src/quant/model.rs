@@ -823,27 +823,8 @@ impl QuantizedModel {
 
 /// Puts `loaded` (in [`Op::tensors`] order) into `op`.
 fn set_tensors(op: &mut Op, loaded: Vec<Tensor>) {
-    let mut it = loaded.into_iter();
-    match op {
-        Op::Conv2d { weight, bias, .. } | Op::Linear { weight, bias, .. } => {
-            *weight = it.next().expect("weight");
-            if bias.is_some() {
-                *bias = it.next();
-            }
-        }
-        Op::BatchNorm2d {
-            weight,
-            bias,
-            mean,
-            var,
-            ..
-        } => {
-            *weight = it.next().expect("weight");
-            *bias = it.next().expect("bias");
-            *mean = it.next().expect("mean");
-            *var = it.next().expect("var");
-        }
-        _ => {}
+    for (slot, t) in op.tensors_mut().into_iter().zip(loaded) {
+        *slot = t;
     }
 }
 
