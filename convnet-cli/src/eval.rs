@@ -200,6 +200,11 @@ pub struct PredictArgs {
 pub(crate) fn load_image(path: &PathBuf, shape: [usize; 3], t: &Transform) -> Result<Vec<f32>> {
     let img =
         image::open(path).with_context(|| format!("{}: not a readable image", path.display()))?;
+    Ok(image_input(img, shape, t))
+}
+
+/// A decoded image as a normalised `[C, H, W]` input for the model.
+pub(crate) fn image_input(img: image::DynamicImage, shape: [usize; 3], t: &Transform) -> Vec<f32> {
     let [c, h, w] = shape;
     let img = if img.width() as usize != w || img.height() as usize != h {
         img.resize_exact(w as u32, h as u32, image::imageops::FilterType::Triangle)
@@ -213,7 +218,7 @@ pub(crate) fn load_image(path: &PathBuf, shape: [usize; 3], t: &Transform) -> Re
     };
     let mut out = vec![0f32; c * h * w];
     t.apply(&planes, shape, &mut convnet::Rng::new(0), &mut out);
-    Ok(out)
+    out
 }
 
 pub fn run_predict(a: PredictArgs) -> Result<()> {

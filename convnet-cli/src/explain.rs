@@ -3,7 +3,7 @@
 //! and the raw map (`.npy`).
 
 use crate::common::{load_model, Net};
-use crate::eval::{load_image, ModelArgs};
+use crate::eval::{image_input, ModelArgs};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use convnet::data::Transform;
@@ -121,13 +121,13 @@ pub fn run(a: ExplainArgs) -> Result<()> {
     };
     let mut results = Vec::new();
     for path in &a.images {
+        let decoded = image::open(path)
+            .with_context(|| format!("{}: not a readable image", path.display()))?;
+        let original = decoded.to_rgb8();
         let x = Tensor::from_vec(
-            load_image(path, m.input_shape, &t)?,
+            image_input(decoded, m.input_shape, &t),
             [1, m.input_shape[0], h, w],
         )?;
-        let original = image::open(path)
-            .with_context(|| format!("{}: not a readable image", path.display()))?
-            .to_rgb8();
         let e = explainer
             .explain(&x, target)
             .with_context(|| format!("cannot explain {}", path.display()))?;

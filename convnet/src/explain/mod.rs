@@ -445,14 +445,15 @@ impl<'a> Explainer<'a> {
         for chunk in windows.chunks(64) {
             let mut batch = Vec::with_capacity(chunk.len() * per);
             for &(y0, x0) in chunk {
-                let mut img = xs.clone();
+                let start = batch.len();
+                batch.extend_from_slice(&xs);
+                let img = &mut batch[start..];
                 for ch in 0..c {
                     for y in y0..y0 + window {
                         let row = ch * h * w + y * w;
                         img[row + x0..row + x0 + window].fill(0.0);
                     }
                 }
-                batch.extend_from_slice(&img);
             }
             let out = plan
                 .predict(&Tensor::from_vec(batch, [chunk.len(), c, h, w])?)?
@@ -588,8 +589,7 @@ fn argmax(v: &[f32]) -> usize {
 }
 
 fn softmax(v: &[f32]) -> Vec<f32> {
-    let m = v.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let e: Vec<f64> = v.iter().map(|&x| ((x - m) as f64).exp()).collect();
-    let s: f64 = e.iter().sum();
-    e.iter().map(|&x| (x / s) as f32).collect()
+    let mut p = vec![0f32; v.len()];
+    crate::backend::cpu::loss::softmax_forward(v, 1, v.len(), 1, false, &mut p);
+    p
 }

@@ -892,23 +892,15 @@ pub fn max_pool_plane(
         unsafe { max_pool_avx512(x.0, ip, p, out.0, op) };
         return;
     }
+    let mut taps = Vec::new();
     for oy in 0..op.h {
         for ox in 0..op.w {
             let o = op.at(oy as isize, ox as isize);
             let dst = &mut out.0[o..o + c];
             dst.fill(f32::NEG_INFINITY);
-            for i in 0..p.kernel.0 {
-                let iy = (oy * p.stride.0 + i * p.dilation.0) as isize - p.padding.0 as isize;
-                if iy < 0 || iy >= ip.h as isize {
-                    continue;
-                }
-                for j in 0..p.kernel.1 {
-                    let ix = (ox * p.stride.1 + j * p.dilation.1) as isize - p.padding.1 as isize;
-                    if ix < 0 || ix >= ip.w as isize {
-                        continue;
-                    }
-                    max_into(dst, &x.0[ip.at(iy, ix)..][..c]);
-                }
+            window_taps(ip, p, (oy, ox), &mut taps);
+            for &t in &taps {
+                max_into(dst, &x.0[t..][..c]);
             }
         }
     }
