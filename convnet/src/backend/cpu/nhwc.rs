@@ -133,6 +133,30 @@ impl PackedConv {
     fn block_len(&self) -> usize {
         self.kernel.0 * self.kernel.1 * self.c * LANES
     }
+
+    /// The weights back in PyTorch's layout `[K, C, KH, KW]`.
+    ///
+    /// ```
+    /// use convnet::backend::cpu::nhwc::PackedConv;
+    /// let w: Vec<f32> = (0..2 * 3 * 2 * 2).map(|v| v as f32).collect();
+    /// assert_eq!(PackedConv::new(&w, None, 2, 3, (2, 2)).unpack(), w);
+    /// ```
+    pub fn unpack(&self) -> Vec<f32> {
+        let (kh, kw) = self.kernel;
+        let mut w = vec![0.0; self.k * self.c * kh * kw];
+        for o in 0..self.k {
+            let (blk, lane) = (o / LANES, o % LANES);
+            for ci in 0..self.c {
+                for i in 0..kh {
+                    for j in 0..kw {
+                        w[((o * self.c + ci) * kh + i) * kw + j] =
+                            self.weights[(((blk * kh + i) * kw + j) * self.c + ci) * LANES + lane];
+                    }
+                }
+            }
+        }
+        w
+    }
 }
 
 /// The epilogue of a convolution: an optional residual plane added to the output, then an
@@ -406,12 +430,8 @@ unsafe fn tile_portable<const R: usize, const B: usize>(
     act: Option<Activation>,
     out: *mut f32,
 ) {
+    // Bias last, as in the AVX-512 tile.
     let mut acc = [[[0f32; LANES]; B]; R];
-    for row in acc.iter_mut() {
-        for (b, a) in row.iter_mut().enumerate() {
-            a.copy_from_slice(std::slice::from_raw_parts(bias.add(b * LANES), LANES));
-        }
-    }
     let mut wp = w;
     for i in 0..t.kh {
         for j in 0..t.kw {
@@ -432,6 +452,10 @@ unsafe fn tile_portable<const R: usize, const B: usize>(
     }
     for (r, row) in acc.iter_mut().enumerate() {
         for (b, a) in row.iter_mut().enumerate() {
+            let bv = std::slice::from_raw_parts(bias.add(b * LANES), LANES);
+            for l in 0..LANES {
+                a[l] += bv[l];
+            }
             if let Some(res) = res {
                 let rv = std::slice::from_raw_parts(res.add(r * t.res_pix + b * LANES), LANES);
                 for l in 0..LANES {
@@ -458,13 +482,9 @@ unsafe fn tile_avx512<const R: usize, const B: usize>(
     out: *mut f32,
 ) {
     use std::arch::x86_64::*;
+    // The sums start at zero and the bias comes last, as in PyTorch: a bias added first
+    // would round away the low bits of every small term after it.
     let mut acc = [[_mm512_setzero_ps(); B]; R];
-    for b in 0..B {
-        let bv = _mm512_loadu_ps(bias.add(b * LANES));
-        for row in acc.iter_mut() {
-            row[b] = bv;
-        }
-    }
     let mut wp = w;
     for i in 0..t.kh {
         for j in 0..t.kw {
@@ -487,9 +507,10 @@ unsafe fn tile_avx512<const R: usize, const B: usize>(
     // Spill the accumulators once, in a loop simple enough to unroll, so that the main loop
     // keeps them in registers; the epilogue then reads memory.
     let mut sums = [[[0f32; LANES]; B]; R];
-    for r in 0..R {
-        for b in 0..B {
-            _mm512_storeu_ps(sums[r][b].as_mut_ptr(), acc[r][b]);
+    for b in 0..B {
+        let bv = _mm512_loadu_ps(bias.add(b * LANES));
+        for r in 0..R {
+            _mm512_storeu_ps(sums[r][b].as_mut_ptr(), _mm512_add_ps(acc[r][b], bv));
         }
     }
     epilogue_avx512::<R, B>(&sums, t, res, act, out);
@@ -627,6 +648,11 @@ impl PackedLinear {
     /// Output features.
     pub fn outputs(&self) -> usize {
         self.outputs
+    }
+
+    /// The weights back in PyTorch's layout `[outputs, inputs]`.
+    pub fn weight(&self) -> Vec<f32> {
+        self.parts.iter().flat_map(PackedConv::unpack).collect()
     }
 
     /// `act(x W^T + b)` for `n` rows `x` `[n, inputs]`; returns `[n, outputs]`. Parts of the
