@@ -5,10 +5,15 @@
 //! raw map value within 1e-4 of the reference map's largest magnitude. Integrated
 //! gradients sum 50 gradients along a path from a black image, where float32 rounding can
 //! flip a ReLU or max-pool decision that float64 takes the other way, and the map sums
-//! channels whose attributions cancel: on ResNet-18 (224x224) 1.7% of the values are beyond
-//! 1e-4 of the maximum, the worst at 1.6e-3 (PyTorch's own float32 run is at most 2.3e-4
-//! off its float64 one: convnet's float32 gradients are noisier here), so there 97% must be
-//! within 1e-4 and all within 3e-3. Its
+//! channels whose attributions cancel: on ResNet-18 (224x224), with the compiled input
+//! gradient (BatchNorm folded into the convolutions), 4.5% and 5.0% of the values (the two
+//! targets) are beyond 1e-4 of the maximum, the worst at 2.8e-3 (the recorded autograd
+//! path: 1.7% and 1.6e-3; PyTorch's own float32 run is at most 2.3e-4 off its float64 one).
+//! These are flips, not errors: at the path points where the compiled and the recorded
+//! gradients differ (by up to 1.6e-2 of the maximum), the recorded path differs as much
+//! from itself when the point is scaled by 1 + 1e-6, and at the other points the two agree
+//! to 2e-6 (input_gradient.rs checks them against each other). So there 94% must be within
+//! 1e-4 and all within 3e-3. Its
 //! completeness gap at 50 points is under 1% and agrees with PyTorch's. Occlusion is checked
 //! against a naive loop over windows.
 
@@ -59,7 +64,7 @@ fn assert_map(got: &[f32], want: &[f32], what: &str) {
     );
 }
 
-/// As [`assert_map`] for at least 97% of the values, and every value within 3e-3 of the
+/// As [`assert_map`] for at least 94% of the values, and every value within 3e-3 of the
 /// largest magnitude (see the module comment).
 fn assert_map_path(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: map size");
@@ -74,7 +79,7 @@ fn assert_map_path(got: &[f32], want: &[f32], what: &str) {
         .collect();
     let worst = off.iter().fold(0f32, |m, &(_, e)| m.max(e));
     assert!(
-        off.len() * 100 <= 3 * got.len() && worst <= 3e-3,
+        off.len() * 100 <= 6 * got.len() && worst <= 3e-3,
         "{what}: {} of {} values beyond 1e-4 of the maximum, worst {worst:.2e}: {:?}",
         off.len(),
         got.len(),

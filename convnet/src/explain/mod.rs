@@ -26,6 +26,7 @@ pub mod picture;
 use crate::error::{invalid, Result};
 use crate::graph::capture::{layer_names, LayerCapture};
 use crate::graph::{Graph, Op};
+use crate::infer::gradient::InputGradient;
 use crate::infer::{Compiled, Predictor};
 use crate::nn::Model;
 use crate::tensor::Tensor;
@@ -146,6 +147,9 @@ pub struct Explainer<'a> {
     method: Method,
     capture: Option<LayerCapture>,
     plan: Option<Compiled<'a>>,
+    /// Input gradients on the compiled plan, for saliency and integrated gradients on the
+    /// CPU when the plan covers the model (the capture's recorded path otherwise).
+    gradient: Option<InputGradient>,
 }
 
 /// Integrated-gradient points run per batch (bounds the memory of the recorded passes).
@@ -216,11 +220,16 @@ impl<'a> Explainer<'a> {
             _ => {}
         }
         let plan = matches!(method, Method::Occlusion { .. }).then(|| Compiled::new(model));
+        let gradient = match method {
+            Method::Saliency | Method::IntegratedGradients { .. } => InputGradient::new(model).ok(),
+            _ => None,
+        };
         Ok(Explainer {
             model,
             method,
             capture,
             plan,
+            gradient,
         })
     }
 
@@ -326,10 +335,25 @@ impl<'a> Explainer<'a> {
         })
     }
 
+    /// The compiled input gradient, when it covers the model and `x` is on the CPU.
+    fn fast_gradient(&self, x: &Tensor) -> Option<&InputGradient> {
+        self.gradient
+            .as_ref()
+            .filter(|_| x.device() == crate::Device::Cpu)
+    }
+
     fn saliency(&self, x: &Tensor, target: Option<usize>) -> Result<Explanation> {
-        let run = self.capture().forward(x)?;
-        let (t, logit, probability) = self.choose(&run.output.to_vec(), target)?;
-        let g = run.gradient(&[t])?.to_vec();
+        let (t, logit, probability, g) = match self.fast_gradient(x) {
+            Some(fast) => {
+                let (t, logit, probability) = self.choose(&fast.forward(x)?.to_vec(), target)?;
+                (t, logit, probability, fast.run(x, &[t])?.1.to_vec())
+            }
+            None => {
+                let run = self.capture().forward(x)?;
+                let (t, logit, probability) = self.choose(&run.output.to_vec(), target)?;
+                (t, logit, probability, run.gradient(&[t])?.to_vec())
+            }
+        };
         let d = x.dims();
         let (c, h, w) = (d[1], d[2], d[3]);
         let map = (0..h * w)
@@ -379,29 +403,35 @@ impl<'a> Explainer<'a> {
         both.resize(2 * n, 0.0);
         let mut dims = x.dims().to_vec();
         dims[0] = 2;
-        let out = crate::no_grad(|| {
-            self.model.forward(
-                &Tensor::from_vec(both, dims.clone())?,
-                crate::nn::Mode::Eval,
-            )
-        })?
+        let both = Tensor::from_vec(both, dims.clone())?;
+        let fast = self.fast_gradient(x);
+        let out = match fast {
+            Some(fast) => fast.forward(&both)?,
+            None => crate::no_grad(|| self.model.forward(&both, crate::nn::Mode::Eval))?,
+        }
         .to_vec();
         let classes = out.len() / 2;
         let (t, logit, probability) = self.choose(&out[..classes], target)?;
         let (fx, f0) = (out[t], out[classes + t]);
         let (alphas, weights) = gauss_legendre_unit(steps);
         let mut total = vec![0f64; n];
-        for (chunk_a, chunk_w) in alphas.chunks(PATH_BATCH).zip(weights.chunks(PATH_BATCH)) {
+        // The compiled path keeps one image per thread in memory, so all points go at once.
+        let per_batch = if fast.is_some() { steps } else { PATH_BATCH };
+        for (chunk_a, chunk_w) in alphas.chunks(per_batch).zip(weights.chunks(per_batch)) {
             let m = chunk_a.len();
             let mut batch = Vec::with_capacity(m * n);
             for &a in chunk_a {
                 batch.extend(xs.iter().map(|&v| (a * v as f64) as f32));
             }
             dims[0] = m;
-            let run = self
-                .capture()
-                .forward(&Tensor::from_vec(batch, dims.clone())?)?;
-            let g = run.gradient(&vec![t; m])?.to_vec();
+            let batch = Tensor::from_vec(batch, dims.clone())?;
+            let g = match fast {
+                Some(fast) => fast.run(&batch, &vec![t; m])?.1.to_vec(),
+                None => {
+                    let run = self.capture().forward(&batch)?;
+                    run.gradient(&vec![t; m])?.to_vec()
+                }
+            };
             for (i, &wt) in chunk_w.iter().enumerate() {
                 for (acc, &gv) in total.iter_mut().zip(&g[i * n..(i + 1) * n]) {
                     *acc += wt * gv as f64;

@@ -45,6 +45,8 @@ use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+pub mod gradient;
+
 /// Something that maps a batch of inputs to outputs in eval mode: a [`Model`] run layer by
 /// layer, its compiled [`Plan`], or a quantized model. Evaluation and prediction take any.
 pub trait Predictor: Send + Sync {
@@ -490,7 +492,7 @@ impl Plan {
 
     /// Compiles a fused graph for float32.
     pub fn from_graph(graph: &Graph) -> Result<Plan> {
-        Plan::compile(graph, None)
+        Plan::compile(graph, None, true)
     }
 
     /// Compiles a fused graph with per-node quantization (one entry per node).
@@ -498,10 +500,17 @@ impl Plan {
         if quant.len() != graph.nodes().len() {
             return Err(invalid("plan", "one quantization entry per graph node"));
         }
-        Plan::compile(graph, Some(quant))
+        Plan::compile(graph, Some(quant), true)
     }
 
-    fn compile(graph: &Graph, quant: Option<&[NodeQuant]>) -> Result<Plan> {
+    /// Compiles a fused graph for float32 with every per-image value in a buffer of its own,
+    /// so that all of them are there after a run (what a backward pass reads).
+    fn keeping_values(graph: &Graph) -> Result<Plan> {
+        Plan::compile(graph, None, false)
+    }
+
+    /// `share_buffers`: values whose lifetimes do not overlap may share a buffer.
+    fn compile(graph: &Graph, quant: Option<&[NodeQuant]>, share_buffers: bool) -> Result<Plan> {
         let nodes = graph.nodes();
         let nq = |i: usize| quant.map(|q| &q[i]);
         let declared = |i: usize| nq(i).and_then(|q| q.output);
@@ -1065,7 +1074,10 @@ impl Plan {
             });
             let key = draft.elems[v].key();
             let plane = planes[v];
-            let buffer = match free.iter().position(|(p, k, _)| *p == plane && *k == key) {
+            let reuse = free
+                .iter()
+                .position(|(p, k, _)| share_buffers && *p == plane && *k == key);
+            let buffer = match reuse {
                 Some(i) => free.swap_remove(i).2,
                 None => {
                     buffers.push((plane.len(), draft.elems[v]));
