@@ -80,6 +80,20 @@ pub fn parse_shape(s: &str) -> Result<[usize; 3]> {
     }
 }
 
+/// Parses an input shape of any rank from 1 to 3: `CxHxW` (images), `CxL` (sequences) or
+/// `L` (ids).
+pub fn parse_dims(s: &str) -> Result<Vec<usize>> {
+    let v: Vec<usize> = s
+        .split(['x', 'X'])
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("input shape {s:?} is not CxHxW, CxL or L, e.g. 3x32x32"))?;
+    if !(1..=3).contains(&v.len()) || v.contains(&0) {
+        bail!("input shape {s:?} is not CxHxW, CxL or L with positive sizes, e.g. 3x32x32");
+    }
+    Ok(v)
+}
+
 /// Default class names for a model given without a checkpoint.
 pub fn default_classes(channels: usize, n: usize) -> Vec<String> {
     if channels == 3 && n == 10 {

@@ -280,7 +280,8 @@ pub struct SummaryArgs {
     /// A model described in a TOML or JSON file.
     #[arg(long)]
     model_file: Option<PathBuf>,
-    /// Input shape CxHxW (default: the architecture's).
+    /// Input shape CxHxW, or CxL for a sequence model, L for ids (default: the
+    /// architecture's).
     #[arg(long)]
     input: Option<String>,
     /// Number of classes (default: the architecture's).
@@ -312,13 +313,13 @@ pub fn run_summary(a: SummaryArgs) -> Result<()> {
         (None, None) => bail!("name a model: --model NAME or --model-file FILE"),
     };
     let input = match &a.input {
-        Some(s) => parse_shape(s)?,
+        Some(s) => crate::common::parse_dims(s)?,
         None => spec
-            .default_input()
-            .context("the model file gives no input size: pass --input CxHxW")?,
+            .default_input_dims()
+            .context("the model file gives no input size: pass --input CxHxW (or CxL)")?,
     };
     let classes = a.num_classes.or(spec.default_classes()).unwrap_or(10);
-    let model = spec.build(input, classes)?;
+    let model = spec.build_for(&input, classes)?;
     println!("{}", model.summary());
     Ok(())
 }

@@ -77,4 +77,7 @@ pub use error::{Error, Result};
 pub use rng::{global_rng_state, manual_seed, set_global_rng_state, with_global_rng, Rng};
 pub use shape::Shape;
 pub use storage::{DType, Storage};
-pub use tensor::{AvgPool2dParams, Conv2dParams, MaxPool2dParams, Reduction, Tensor, TensorId};
+pub use tensor::{
+    AvgPool1dParams, AvgPool2dParams, Conv1dParams, Conv2dParams, MaxPool1dParams, MaxPool2dParams,
+    Reduction, Tensor, TensorId,
+};

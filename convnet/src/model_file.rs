@@ -32,17 +32,45 @@
 //! (dim), `dropout` (p), `flatten`, `linear` (out_features, bias), and residual blocks:
 //! `basic_block` (out_channels, stride, shortcut = "projection" | "pad"), `bottleneck`
 //! (planes, stride; output 4 x planes), `inverted_residual` (out_channels, stride,
-//! expand_ratio). Sizes are a number or `[height, width]`. Unknown keys and types, missing
-//! values and layers that do not fit their input are errors naming the layer.
+//! expand_ratio). Sizes are a number or `[height, width]`.
+//!
+//! Sequence layers take `[N, C, L]` (`input = [C, L]`): `conv1d` (out_channels,
+//! kernel_size, stride, padding, dilation, groups, bias), `maxpool1d` (kernel_size, stride =
+//! kernel_size, padding, dilation, ceil_mode), `avgpool1d` (kernel_size, stride =
+//! kernel_size, padding, ceil_mode, count_include_pad), `adaptive_avgpool1d` and
+//! `adaptive_maxpool1d` (output_size), `batchnorm1d` (eps, momentum; on `[N, C]` or
+//! `[N, C, L]`), and `embedding` (num_embeddings, embedding_dim, padding_idx) reading integer
+//! ids given as numbers (`input = [L]`, output `[N, L, embedding_dim]`). Sizes of 1-D layers
+//! are numbers.
+//!
+//! Unknown keys and types, missing values and layers that do not fit their input are errors
+//! naming the layer.
+//!
+//! ```
+//! let f = convnet::model_file::ModelFile::from_toml(
+//!     "name = 'seq'\ninput = [4, 20]\n\
+//!      [[layer]]\ntype = 'conv1d'\nname = 'conv'\nout_channels = 8\nkernel_size = 3\npadding = 1\n\
+//!      [[layer]]\ntype = 'batchnorm1d'\n[[layer]]\ntype = 'maxpool1d'\nkernel_size = 2\n\
+//!      [[layer]]\ntype = 'adaptive_avgpool1d'\n[[layer]]\ntype = 'flatten'\n\
+//!      [[layer]]\ntype = 'linear'\nout_features = 'classes'\n",
+//!     "seq.toml",
+//! )?;
+//! let model = f.build_for(&[4, 20], 3)?;
+//! assert_eq!(model.state_dict()[0].0, "conv.weight");
+//! assert_eq!(model.state_dict()[0].1.dims(), &[8, 4, 3]);
+//! assert_eq!(model.output_shape().dims(), &[1, 3]);
+//! # Ok::<(), convnet::Error>(())
+//! ```
 
 use crate::error::{Error, Result};
 use crate::nn::{
-    AdaptiveAvgPool2d, AvgPool2d, BasicBlock, BatchNorm2d, Bottleneck, Conv2d, Dropout, Flatten,
-    GELUTanh, InvertedResidual, LeakyReLU, Linear, MaxPool2d, Model, Module, ReLU, ReLU6,
+    AdaptiveAvgPool1d, AdaptiveAvgPool2d, AdaptiveMaxPool1d, AvgPool1d, AvgPool2d, BasicBlock,
+    BatchNorm1d, BatchNorm2d, Bottleneck, Conv1d, Conv2d, Dropout, Embedding, Flatten, GELUTanh,
+    InvertedResidual, LeakyReLU, Linear, MaxPool1d, MaxPool2d, Model, Module, ReLU, ReLU6,
     Sequential, Shortcut, Sigmoid, Softmax, Tanh, GELU,
 };
 use crate::shape::Shape;
-use crate::tensor::{AvgPool2dParams, MaxPool2dParams};
+use crate::tensor::{AvgPool1dParams, AvgPool2dParams, MaxPool1dParams, MaxPool2dParams};
 use serde_json::{Map, Value};
 use std::collections::HashSet;
 use std::path::Path;
@@ -52,8 +80,11 @@ use std::path::Path;
 pub struct ModelFile {
     /// The model's name (`name = "..."`), used as its architecture name in checkpoints.
     pub name: String,
-    /// The input `[C, H, W]` it is meant for, if the file says.
+    /// The input `[C, H, W]` it is meant for, if the file says so with three sizes.
     pub input: Option<[usize; 3]>,
+    /// The input it is meant for as the file gives it, of any rank (`[C, L]` for sequences,
+    /// `[L]` for ids), if it says.
+    pub input_dims: Option<Vec<usize>>,
     /// The class count, if the file fixes it.
     pub num_classes: Option<usize>,
     spec: Value,
@@ -135,7 +166,7 @@ impl ModelFile {
             .filter(|s| !s.is_empty())
             .ok_or_else(|| format_error(origin, "missing `name = \"...\"`"))?
             .to_string();
-        let input = match top.get("input") {
+        let input_dims = match top.get("input") {
             None => None,
             Some(v) => {
                 let dims: Option<Vec<usize>> = v.as_array().and_then(|a| {
@@ -143,16 +174,20 @@ impl ModelFile {
                         .map(|d| d.as_u64().filter(|&d| d > 0).map(|d| d as usize))
                         .collect()
                 });
-                match dims.as_deref() {
-                    Some([c, h, w]) => Some([*c, *h, *w]),
+                match dims {
+                    Some(d) if (1..=3).contains(&d.len()) => Some(d),
                     _ => {
                         return Err(format_error(
                             origin,
-                            "`input` must be [channels, height, width] with positive sizes",
+                            "`input` must be [channels, height, width], [channels, length] or [length] with positive sizes",
                         ))
                     }
                 }
             }
+        };
+        let input = match input_dims.as_deref() {
+            Some(&[c, h, w]) => Some([c, h, w]),
+            _ => None,
         };
         let num_classes =
             match top.get("num_classes") {
@@ -164,6 +199,7 @@ impl ModelFile {
         let file = ModelFile {
             name,
             input,
+            input_dims,
             num_classes,
             spec,
         };
@@ -195,12 +231,18 @@ impl ModelFile {
     /// would take the model past [`crate::nn::MAX_PARAMETERS`] parameters fails, named,
     /// before it is allocated.
     pub fn build(&self, input: [usize; 3], num_classes: usize) -> Result<Model> {
+        self.build_for(&input, num_classes)
+    }
+
+    /// Builds the network for inputs of any rank (batch excluded): `[C, H, W]` images,
+    /// `[C, L]` sequences, `[L]` ids; otherwise as [`ModelFile::build`].
+    pub fn build_for(&self, input: &[usize], num_classes: usize) -> Result<Model> {
         crate::nn::with_parameter_limit(crate::nn::MAX_PARAMETERS, || {
             self.build_layers(input, num_classes)
         })
     }
 
-    fn build_layers(&self, input: [usize; 3], num_classes: usize) -> Result<Model> {
+    fn build_layers(&self, input: &[usize], num_classes: usize) -> Result<Model> {
         if let Some(n) = self.num_classes.filter(|&n| n != num_classes) {
             return Err(Error::Layer {
                 layer: self.name.clone(),
@@ -211,7 +253,7 @@ impl ModelFile {
             });
         }
         let mut net = Sequential::new();
-        let mut shape = Shape::new([1, input[0], input[1], input[2]]);
+        let mut shape = Shape::new([&[1], input].concat());
         let mut names = HashSet::new();
         for (i, def) in self.layers().iter().enumerate() {
             let table = def.as_object().ok_or_else(|| Error::Layer {
@@ -243,7 +285,7 @@ impl ModelFile {
                 ),
             });
         }
-        net.build(&input)
+        net.build(input)
     }
 }
 
@@ -396,7 +438,7 @@ impl<'a> Params<'a> {
 
 /// The `type` values a layer table may have, each with the keys it takes besides `type`
 /// and `name`.
-const LAYER_TYPES: [(&str, &[&str]); 18] = [
+const LAYER_TYPES: [(&str, &[&str]); 25] = [
     (
         "conv2d",
         &[
@@ -425,6 +467,39 @@ const LAYER_TYPES: [(&str, &[&str]); 18] = [
     ),
     ("adaptive_avgpool2d", &["output_size"]),
     ("batchnorm2d", &["eps", "momentum"]),
+    (
+        "conv1d",
+        &[
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "groups",
+            "bias",
+        ],
+    ),
+    (
+        "maxpool1d",
+        &["kernel_size", "stride", "padding", "dilation", "ceil_mode"],
+    ),
+    (
+        "avgpool1d",
+        &[
+            "kernel_size",
+            "stride",
+            "padding",
+            "ceil_mode",
+            "count_include_pad",
+        ],
+    ),
+    ("adaptive_avgpool1d", &["output_size"]),
+    ("adaptive_maxpool1d", &["output_size"]),
+    ("batchnorm1d", &["eps", "momentum"]),
+    (
+        "embedding",
+        &["num_embeddings", "embedding_dim", "padding_idx"],
+    ),
     ("relu", &[]),
     ("relu6", &[]),
     ("leaky_relu", &["negative_slope"]),
@@ -451,6 +526,19 @@ fn channels(p: &Params, shape: &[usize]) -> Result<usize> {
         )));
     }
     Ok(shape[1])
+}
+
+/// The channel count of a sequence input `[N, C, L]` (or `[N, C]` where `flat` allows).
+fn seq_channels(p: &Params, shape: &[usize], flat: bool) -> Result<usize> {
+    match shape.len() {
+        3 => Ok(shape[1]),
+        2 if flat => Ok(shape[1]),
+        _ => Err(p.error(format!(
+            "needs a sequence input [N, C, L]{}, got {}",
+            if flat { " or [N, C]" } else { "" },
+            Shape::from(shape)
+        ))),
+    }
 }
 
 fn build_layer(p: &mut Params, shape: &[usize], classes: usize) -> Result<Box<dyn Module>> {
@@ -508,6 +596,56 @@ fn build_layer(p: &mut Params, shape: &[usize], classes: usize) -> Result<Box<dy
             bn.eps = p.f32_or("eps", 1e-5)?;
             bn.momentum = p.f32_or("momentum", 0.1)?;
             Box::new(bn)
+        }
+        "conv1d" => {
+            let c = seq_channels(p, shape, false)?;
+            let out = p.usize_or("out_channels", None)?;
+            let k = p.usize_or("kernel_size", None)?;
+            let b = Conv1d::new(c, out, k)
+                .stride(p.usize_or("stride", Some(1))?)
+                .padding(p.usize_or("padding", Some(0))?)
+                .dilation(p.usize_or("dilation", Some(1))?)
+                .groups(p.usize_or("groups", Some(1))?)
+                .bias(p.bool_or("bias", true)?);
+            Box::new(b.build().map_err(|e| p.error(e.to_string()))?)
+        }
+        "maxpool1d" => {
+            let kernel = p.usize_or("kernel_size", None)?;
+            Box::new(MaxPool1d::with(MaxPool1dParams {
+                kernel,
+                stride: p.usize_or("stride", Some(kernel))?,
+                padding: p.usize_or("padding", Some(0))?,
+                dilation: p.usize_or("dilation", Some(1))?,
+                ceil_mode: p.bool_or("ceil_mode", false)?,
+            }))
+        }
+        "avgpool1d" => {
+            let kernel = p.usize_or("kernel_size", None)?;
+            Box::new(AvgPool1d::with(AvgPool1dParams {
+                kernel,
+                stride: p.usize_or("stride", Some(kernel))?,
+                padding: p.usize_or("padding", Some(0))?,
+                ceil_mode: p.bool_or("ceil_mode", false)?,
+                count_include_pad: p.bool_or("count_include_pad", true)?,
+            }))
+        }
+        "adaptive_avgpool1d" => Box::new(AdaptiveAvgPool1d(p.usize_or("output_size", Some(1))?)),
+        "adaptive_maxpool1d" => Box::new(AdaptiveMaxPool1d(p.usize_or("output_size", Some(1))?)),
+        "batchnorm1d" => {
+            let c = seq_channels(p, shape, true)?;
+            let mut bn = BatchNorm1d::new(c).map_err(|e| p.error(e.to_string()))?;
+            bn.eps = p.f32_or("eps", 1e-5)?;
+            bn.momentum = p.f32_or("momentum", 0.1)?;
+            Box::new(bn)
+        }
+        "embedding" => {
+            let num = p.usize_or("num_embeddings", None)?;
+            let dim = p.usize_or("embedding_dim", None)?;
+            let pad = match p.get("padding_idx") {
+                None => None,
+                Some(_) => Some(p.usize_or("padding_idx", None)?),
+            };
+            Box::new(Embedding::new(num, dim, pad).map_err(|e| p.error(e.to_string()))?)
         }
         "relu" => Box::new(ReLU),
         "relu6" => Box::new(ReLU6),

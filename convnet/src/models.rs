@@ -493,6 +493,15 @@ impl ModelSpec {
         }
     }
 
+    /// The input the architecture is meant for, of any rank (`[C, H, W]`, `[C, L]`, `[L]`),
+    /// if it says.
+    pub fn default_input_dims(&self) -> Option<Vec<usize>> {
+        match self {
+            ModelSpec::Zoo(a) => Some(a.default_input.to_vec()),
+            ModelSpec::File(f) => f.input_dims.clone(),
+        }
+    }
+
     /// The class count the architecture is meant for, if it says.
     pub fn default_classes(&self) -> Option<usize> {
         match self {
@@ -515,6 +524,23 @@ impl ModelSpec {
         match self {
             ModelSpec::Zoo(a) => build(a.name, input, num_classes),
             ModelSpec::File(f) => f.build(input, num_classes),
+        }
+    }
+
+    /// Builds the network for inputs of any rank (batch excluded); zoo models take
+    /// `[C, H, W]` only.
+    pub fn build_for(&self, input: &[usize], num_classes: usize) -> Result<Model> {
+        match (self, input) {
+            (ModelSpec::File(f), _) => f.build_for(input, num_classes),
+            (ModelSpec::Zoo(a), &[c, h, w]) => build(a.name, [c, h, w], num_classes),
+            (ModelSpec::Zoo(a), _) => Err(invalid(
+                "models::build",
+                format!(
+                    "{} takes images [C, H, W], not an input of shape {}",
+                    a.name,
+                    crate::shape::Shape::from(input)
+                ),
+            )),
         }
     }
 

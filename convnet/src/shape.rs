@@ -159,9 +159,16 @@ fn span_and_padded(
     Some((span, padded))
 }
 
-/// Output length of max/avg pooling along one axis, as PyTorch computes it, including
-/// `ceil_mode` and the rule that the last window must start inside the input or its left
-/// padding.
+/// Output length of max/avg pooling along one axis, exactly as PyTorch computes it
+/// (`pooling_output_shape`): `floor((input + 2*padding - dilation*(kernel-1) - 1) / stride) + 1`,
+/// rounding up instead with `ceil_mode`, and with `ceil_mode` dropping the last window when
+/// it would start in the right padding.
+///
+/// With `ceil_mode` the last window may reach past the padded input (PyTorch accepts a
+/// window larger than the padded input as long as one window starts inside it); the pooling
+/// kernels clip such windows. Returns `None` when the output would be empty (PyTorch's
+/// "output size is too small"), for a zero kernel, stride or dilation, or for sizes too large
+/// to compute with. The other PyTorch check, `padding <= kernel / 2`, belongs to the caller.
 ///
 /// ```
 /// use convnet::shape::pool_out_size;
@@ -169,6 +176,11 @@ fn span_and_padded(
 /// assert_eq!(pool_out_size(7, 2, 2, 0, 1, false), Some(3));
 /// assert_eq!(pool_out_size(7, 2, 2, 0, 1, true), Some(4));
 /// assert_eq!(pool_out_size(32, 3, 2, 1, 1, false), Some(16));
+/// // A window of 3 over 2 columns: too large without ceil_mode, one window with it.
+/// assert_eq!(pool_out_size(2, 3, 3, 0, 1, false), None);
+/// assert_eq!(pool_out_size(2, 3, 3, 0, 1, true), Some(1));
+/// // PyTorch refuses this one too: no window starts inside the input.
+/// assert_eq!(pool_out_size(3, 5, 1, 0, 1, true), None);
 /// ```
 pub fn pool_out_size(
     input: usize,
@@ -178,18 +190,27 @@ pub fn pool_out_size(
     dilation: usize,
     ceil_mode: bool,
 ) -> Option<usize> {
-    let (span, padded) = span_and_padded(input, kernel, padding, dilation)?;
-    if stride == 0 || span > padded {
+    if kernel == 0 || stride == 0 || dilation == 0 {
         return None;
     }
-    let numer = padded - span;
-    let mut out = if ceil_mode {
-        numer.div_ceil(stride) + 1
-    } else {
-        numer / stride + 1
-    };
+    // i128 holds every product of two usize values, so nothing here can overflow.
+    let (input, kernel, stride, padding, dilation) = (
+        input as i128,
+        kernel as i128,
+        stride as i128,
+        padding as i128,
+        dilation as i128,
+    );
+    let mut numer = input + 2 * padding - dilation * (kernel - 1) - 1;
+    if ceil_mode {
+        numer += stride - 1;
+    }
+    let mut out = numer.div_euclid(stride) + 1;
     if ceil_mode && (out - 1) * stride >= input + padding {
         out -= 1;
     }
-    Some(out)
+    if out < 1 {
+        return None;
+    }
+    usize::try_from(out).ok()
 }

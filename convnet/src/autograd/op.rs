@@ -5,7 +5,7 @@ use crate::backend::cpu::{
     activation::{self, Activation},
     conv::{self, ConvGeom},
     elementwise::{self, BinaryKind},
-    loss,
+    embedding, loss,
     matmul::{matmul, MatRef, Par},
     norm,
     pool::{self, PoolGeom},
@@ -141,6 +141,13 @@ pub(crate) enum Op {
         /// Synchronised batch norm: the ranks' group and the global count per channel.
         synced: Option<crate::dist::sync_bn::Synced>,
     },
+    /// `y [M, D] = weight[ids]`: the rows of `weight [V, D]` picked by the (validated) ids;
+    /// the row `padding_idx` gets no gradient.
+    Embedding {
+        weight: Tensor,
+        ids: Vec<u32>,
+        padding_idx: Option<usize>,
+    },
     /// A view with another shape over the same elements.
     Reshape {
         input: Tensor,
@@ -223,6 +230,7 @@ impl Op {
             | Op::Sum { input, .. }
             | Op::SubsamplePadChannels { input, .. } => vec![input],
             Op::CrossEntropy { logits, .. } => vec![logits],
+            Op::Embedding { weight, .. } => vec![weight],
             #[cfg(feature = "cuda")]
             Op::Cuda(op) => op.inputs(),
         }
@@ -251,6 +259,9 @@ impl Op {
             Op::MseLoss { input, .. } => first("mse_loss", input),
             Op::Masked { input, name, .. } => first(name, input),
             Op::BatchNorm2d { input, .. } => first("batch_norm2d", input),
+            Op::Embedding { weight, ids, .. } => {
+                format!("embedding {} ids w{}", ids.len(), weight.shape())
+            }
             Op::Reshape { input } => first("reshape", input),
             Op::Permute { input, .. } => first("permute", input),
             Op::Concat { inputs, .. } => first("concat", &inputs[0]),
@@ -514,6 +525,16 @@ impl Op {
                         grads.push((res.clone(), dres));
                     }
                 }
+            }
+            Op::Embedding {
+                weight,
+                ids,
+                padding_idx,
+            } => {
+                let mut dw = vec![0f32; weight.numel()];
+                let dim = weight.dims()[1];
+                embedding::embedding_backward(ids, g, dim, *padding_idx, &mut dw);
+                grads.push((weight.clone(), dw));
             }
             Op::Reshape { input } => grads.push((input.clone(), g.to_vec())),
             Op::Permute { input, dims } => {

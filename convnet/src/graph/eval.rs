@@ -50,6 +50,27 @@ pub fn run_node(node: &Node, inputs: &[&Tensor]) -> Result<Tensor> {
             eps,
             ..
         } => x.batch_norm2d(mean, var, Some(weight), Some(bias), false, 0.0, *eps)?,
+        Op::Conv1d {
+            weight,
+            bias,
+            params,
+        } => x.conv1d(weight, bias.as_ref(), *params)?,
+        Op::BatchNorm1d {
+            weight,
+            bias,
+            mean,
+            var,
+            eps,
+            ..
+        } => x.batch_norm1d(mean, var, Some(weight), Some(bias), false, 0.0, *eps)?,
+        Op::MaxPool1d(p) => x.max_pool1d(*p)?,
+        Op::AvgPool1d(p) => x.avg_pool1d(*p)?,
+        Op::AdaptiveAvgPool1d(l) => x.adaptive_avg_pool1d(*l)?,
+        Op::AdaptiveMaxPool1d(l) => x.adaptive_max_pool1d(*l)?,
+        Op::Embedding {
+            weight,
+            padding_idx,
+        } => x.embedding(weight, *padding_idx)?,
         Op::Dropout(_) => x.clone(),
         Op::Activation(a) => x.activation(*a)?,
         Op::MaxPool2d(p) => x.max_pool2d(*p)?,

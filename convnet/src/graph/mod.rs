@@ -24,7 +24,10 @@ pub mod fold;
 use crate::backend::cpu::activation::Activation;
 use crate::error::{invalid, Result};
 use crate::shape::Shape;
-use crate::tensor::{AvgPool2dParams, Conv2dParams, MaxPool2dParams, Tensor};
+use crate::tensor::{
+    AvgPool1dParams, AvgPool2dParams, Conv1dParams, Conv2dParams, MaxPool1dParams, MaxPool2dParams,
+    Tensor,
+};
 
 /// A value of the graph: the output of the node with this index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -75,6 +78,47 @@ pub enum Op {
         /// Batches seen (`num_batches_tracked`), counted in training.
         batches: Tensor,
     },
+    /// `nn.Conv1d` over `[N, C, L]`: weight `[K, C/groups, k]`, optional bias `[K]`.
+    Conv1d {
+        /// Kernel weights.
+        weight: Tensor,
+        /// Bias, if any.
+        bias: Option<Tensor>,
+        /// Stride, padding, dilation and groups.
+        params: Conv1dParams,
+    },
+    /// `nn.BatchNorm1d` over `[N, C]` or `[N, C, L]` with running statistics.
+    BatchNorm1d {
+        /// Scale (gamma).
+        weight: Tensor,
+        /// Shift (beta).
+        bias: Tensor,
+        /// Running mean.
+        mean: Tensor,
+        /// Running variance.
+        var: Tensor,
+        /// Added to the variance.
+        eps: f32,
+        /// Weight of a batch's statistics in the running ones (training).
+        momentum: f32,
+        /// Batches seen (`num_batches_tracked`), counted in training.
+        batches: Tensor,
+    },
+    /// `nn.MaxPool1d`.
+    MaxPool1d(MaxPool1dParams),
+    /// `nn.AvgPool1d`.
+    AvgPool1d(AvgPool1dParams),
+    /// `nn.AdaptiveAvgPool1d` to a length.
+    AdaptiveAvgPool1d(usize),
+    /// `nn.AdaptiveMaxPool1d` to a length.
+    AdaptiveMaxPool1d(usize),
+    /// `nn.Embedding`: the rows of `weight [V, D]` picked by integer ids (carried as floats).
+    Embedding {
+        /// The table.
+        weight: Tensor,
+        /// The padding row, if any.
+        padding_idx: Option<usize>,
+    },
     /// `nn.Dropout(p)`: the identity in eval mode.
     Dropout(f32),
     /// An element-wise activation.
@@ -114,6 +158,13 @@ impl Op {
             Op::Conv2d { .. } => "Conv2d",
             Op::Linear { .. } => "Linear",
             Op::BatchNorm2d { .. } => "BatchNorm2d",
+            Op::Conv1d { .. } => "Conv1d",
+            Op::BatchNorm1d { .. } => "BatchNorm1d",
+            Op::MaxPool1d(_) => "MaxPool1d",
+            Op::AvgPool1d(_) => "AvgPool1d",
+            Op::AdaptiveAvgPool1d(_) => "AdaptiveAvgPool1d",
+            Op::AdaptiveMaxPool1d(_) => "AdaptiveMaxPool1d",
+            Op::Embedding { .. } => "Embedding",
             Op::Dropout(_) => "Dropout",
             Op::Activation(a) => a.name(),
             Op::MaxPool2d(_) => "MaxPool2d",
@@ -129,7 +180,9 @@ impl Op {
     /// The op's tensors, in the order of [`Op::tensors`], to replace them.
     pub(crate) fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
         match self {
-            Op::Conv2d { weight, bias, .. } | Op::Linear { weight, bias, .. } => {
+            Op::Conv2d { weight, bias, .. }
+            | Op::Conv1d { weight, bias, .. }
+            | Op::Linear { weight, bias, .. } => {
                 let mut v = vec![weight];
                 v.extend(bias.as_mut());
                 v
@@ -140,7 +193,15 @@ impl Op {
                 mean,
                 var,
                 ..
+            }
+            | Op::BatchNorm1d {
+                weight,
+                bias,
+                mean,
+                var,
+                ..
             } => vec![weight, bias, mean, var],
+            Op::Embedding { weight, .. } => vec![weight],
             _ => Vec::new(),
         }
     }
@@ -148,7 +209,9 @@ impl Op {
     /// The named tensors of the op (`weight`, `bias`, ...), in `state_dict` order.
     pub fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
         match self {
-            Op::Conv2d { weight, bias, .. } | Op::Linear { weight, bias, .. } => {
+            Op::Conv2d { weight, bias, .. }
+            | Op::Conv1d { weight, bias, .. }
+            | Op::Linear { weight, bias, .. } => {
                 let mut v = vec![("weight", weight)];
                 if let Some(b) = bias {
                     v.push(("bias", b));
@@ -161,12 +224,20 @@ impl Op {
                 mean,
                 var,
                 ..
+            }
+            | Op::BatchNorm1d {
+                weight,
+                bias,
+                mean,
+                var,
+                ..
             } => vec![
                 ("weight", weight),
                 ("bias", bias),
                 ("running_mean", mean),
                 ("running_var", var),
             ],
+            Op::Embedding { weight, .. } => vec![("weight", weight)],
             _ => Vec::new(),
         }
     }

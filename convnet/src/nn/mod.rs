@@ -7,6 +7,7 @@ mod layers;
 mod mobilenet;
 mod model;
 mod resnet;
+mod seq;
 mod sequential;
 
 pub use init::{kaiming_uniform, uniform_bias, with_parameter_limit, MAX_PARAMETERS};
@@ -18,6 +19,10 @@ pub use layers::{
 pub use mobilenet::{conv_bn_relu6, InvertedResidual};
 pub use model::{Model, SummaryRow};
 pub use resnet::{BasicBlock, Bottleneck, Shortcut};
+pub use seq::{
+    AdaptiveAvgPool1d, AdaptiveMaxPool1d, AvgPool1d, BatchNorm1d, Conv1d, Conv1dBuilder, Embedding,
+    MaxPool1d,
+};
 pub use sequential::Sequential;
 
 use crate::error::{Error, Result};

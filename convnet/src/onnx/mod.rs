@@ -381,6 +381,106 @@ fn node_onnx(
                 ],
             )
         }
+        Op::Conv1d { weight, params, .. } => {
+            let refs = weights(g);
+            let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+            let p = *params;
+            g.node(
+                "Conv",
+                path,
+                &refs,
+                &[
+                    ("kernel_shape", Attr::Ints(vec![weight.dims()[2] as i64])),
+                    ("strides", Attr::Ints(vec![p.stride as i64])),
+                    ("pads", Attr::Ints(vec![p.padding as i64; 2])),
+                    ("dilations", Attr::Ints(vec![p.dilation as i64])),
+                    ("group", Attr::Int(p.groups as i64)),
+                ],
+            )
+        }
+        Op::BatchNorm1d { eps, .. } => {
+            // ONNX BatchNormalization normalises axis 1 of [N, C, D1, ...] and of [N, C].
+            let refs = weights(g);
+            let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+            g.node(
+                "BatchNormalization",
+                path,
+                &refs,
+                &[
+                    ("epsilon", Attr::Float(*eps)),
+                    ("momentum", Attr::Float(0.9)),
+                ],
+            )
+        }
+        Op::MaxPool1d(p) => g.node(
+            "MaxPool",
+            path,
+            &[input],
+            &[
+                ("kernel_shape", Attr::Ints(vec![p.kernel as i64])),
+                ("strides", Attr::Ints(vec![p.stride as i64])),
+                ("pads", Attr::Ints(vec![p.padding as i64; 2])),
+                ("dilations", Attr::Ints(vec![p.dilation as i64])),
+                ("ceil_mode", Attr::Int(p.ceil_mode as i64)),
+            ],
+        ),
+        Op::AvgPool1d(p) => {
+            if p.ceil_mode {
+                // As for AvgPool2d: PyTorch's partial last window has no exact ONNX form.
+                return Err(unsupported(
+                    path,
+                    "AvgPool1d",
+                    "ceil_mode has no exact ONNX form",
+                ));
+            }
+            g.node(
+                "AveragePool",
+                path,
+                &[input],
+                &[
+                    ("kernel_shape", Attr::Ints(vec![p.kernel as i64])),
+                    ("strides", Attr::Ints(vec![p.stride as i64])),
+                    ("pads", Attr::Ints(vec![p.padding as i64; 2])),
+                    ("count_include_pad", Attr::Int(p.count_include_pad as i64)),
+                ],
+            )
+        }
+        Op::AdaptiveAvgPool1d(out) | Op::AdaptiveMaxPool1d(out) => {
+            let max = matches!(node.op, Op::AdaptiveMaxPool1d(_));
+            let kind = node.op.kind();
+            if *out == 1 {
+                let op = if max {
+                    "GlobalMaxPool"
+                } else {
+                    "GlobalAveragePool"
+                };
+                return Ok(g.node(op, path, &[input], &[]));
+            }
+            let l = shape[2];
+            if !l.is_multiple_of(*out) {
+                return Err(unsupported(
+                    path,
+                    kind,
+                    &format!("length {l} does not divide into {out} equal windows"),
+                ));
+            }
+            let k = vec![(l / out) as i64];
+            g.node(
+                if max { "MaxPool" } else { "AveragePool" },
+                path,
+                &[input],
+                &[
+                    ("kernel_shape", Attr::Ints(k.clone())),
+                    ("strides", Attr::Ints(k)),
+                ],
+            )
+        }
+        Op::Embedding { weight, .. } => {
+            // Ids travel as floats: cast to int64 indices, then gather rows of the table.
+            let ids = g.node("Cast", path, &[input], &[("to", Attr::Int(INT64 as i64))]);
+            let w = g.weight(&format!("{path}.weight"), weight);
+            g.node("Gather", path, &[&w, &ids], &[("axis", Attr::Int(0))])
+        }
         Op::Flatten { start_dim } => {
             if *start_dim != 1 {
                 return Err(unsupported(path, "Flatten", "only start_dim 1 is exported"));
@@ -692,6 +792,83 @@ mod tests {
             .map(|d| d.dim_value)
             .collect();
         assert_eq!(shape, vec![None, Some(3), Some(32), Some(32)]);
+    }
+
+    /// The 1-D layers export as ONNX's 1-D forms: Conv and pools with one-element
+    /// attributes, BatchNormalization, GlobalMaxPool, and Cast + Gather for Embedding.
+    #[test]
+    fn sequence_layers_export_with_1d_attributes() {
+        use crate::nn::{
+            AdaptiveMaxPool1d, AvgPool1d, BatchNorm1d, Conv1d, Embedding, MaxPool1d, ReLU,
+        };
+        let model = Sequential::new()
+            .add(
+                "conv",
+                Conv1d::new(4, 6, 3)
+                    .padding(1)
+                    .dilation(2)
+                    .groups(2)
+                    .build()
+                    .unwrap(),
+            )
+            .add("bn", BatchNorm1d::new(6).unwrap())
+            .add("relu", ReLU)
+            .add(
+                "pool",
+                MaxPool1d::with(crate::MaxPool1dParams::new(3).stride(2).padding(1)),
+            )
+            .add("avg", AvgPool1d::new(2))
+            .add("gmax", AdaptiveMaxPool1d(1))
+            .add("flatten", Flatten::new())
+            .add("fc", Linear::new(6, 3).unwrap())
+            .build(&[4, 21])
+            .unwrap();
+        let m = ModelProto::decode(export(&model, "seq").unwrap().as_slice()).unwrap();
+        let g = m.graph.unwrap();
+        let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(
+            ops,
+            [
+                "Conv",
+                "BatchNormalization",
+                "Relu",
+                "MaxPool",
+                "AveragePool",
+                "GlobalMaxPool",
+                "Flatten",
+                "Gemm"
+            ]
+        );
+        let ints = |node: usize, name: &str| -> Vec<i64> {
+            let a = g.node[node]
+                .attribute
+                .iter()
+                .find(|a| a.name == name)
+                .unwrap();
+            a.ints.clone()
+        };
+        assert_eq!(ints(0, "kernel_shape"), [3]);
+        assert_eq!(ints(0, "pads"), [1, 1]);
+        assert_eq!(ints(0, "dilations"), [2]);
+        assert_eq!(ints(3, "strides"), [2]);
+        let conv_w = g
+            .initializer
+            .iter()
+            .find(|i| i.name == "conv.weight")
+            .unwrap();
+        assert_eq!(conv_w.dims, [6, 2, 3]);
+
+        let model = Sequential::new()
+            .add("emb", Embedding::new(10, 4, Some(0)).unwrap())
+            .add("flatten", Flatten::new())
+            .add("fc", Linear::new(5 * 4, 2).unwrap())
+            .build(&[5])
+            .unwrap();
+        let m = ModelProto::decode(export(&model, "emb").unwrap().as_slice()).unwrap();
+        let g = m.graph.unwrap();
+        let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops, ["Cast", "Gather", "Flatten", "Gemm"]);
+        assert_eq!(g.node[1].input[0], "emb.weight");
     }
 
     #[test]

@@ -13,11 +13,13 @@ mod loss;
 mod norm;
 mod pool;
 mod reduce;
+mod seq;
 mod view;
 
 pub use conv::Conv2dParams;
 pub use loss::Reduction;
 pub use pool::{AvgPool2dParams, MaxPool2dParams};
+pub use seq::{adaptive_pool1d_output_shape, AvgPool1dParams, Conv1dParams, MaxPool1dParams};
 
 use crate::autograd::{self, Op};
 use crate::device::Device;

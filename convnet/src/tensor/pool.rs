@@ -174,15 +174,24 @@ fn pool_geometry(
     let oh = pool_out_size(h, kernel.0, stride.0, padding.0, dilation.0, ceil);
     let ow = pool_out_size(w, kernel.1, stride.1, padding.1, dilation.1, ceil);
     let (Some(oh), Some(ow)) = (oh, ow) else {
+        let (ph, pw) = (
+            h as u128 + 2 * padding.0 as u128,
+            w as u128 + 2 * padding.1 as u128,
+        );
         return Err(invalid(
             op,
-            format!(
-                "kernel {}x{} is larger than the padded input {}x{} (input {h}x{w})",
-                kernel.0,
-                kernel.1,
-                h as u128 + 2 * padding.0 as u128,
-                w as u128 + 2 * padding.1 as u128
-            ),
+            if ceil {
+                format!(
+                    "kernel {}x{} (stride {stride:?}, padding {padding:?}, dilation {dilation:?}) \
+                     leaves no window starting inside the input {h}x{w}: the output would be empty",
+                    kernel.0, kernel.1
+                )
+            } else {
+                format!(
+                    "kernel {}x{} is larger than the padded input {ph}x{pw} (input {h}x{w})",
+                    kernel.0, kernel.1
+                )
+            },
         ));
     };
     Ok(PoolGeom {

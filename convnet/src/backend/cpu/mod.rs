@@ -8,6 +8,7 @@ pub mod conv;
 #[cfg(target_arch = "x86_64")]
 pub mod conv_direct;
 pub mod elementwise;
+pub mod embedding;
 pub mod int8;
 pub mod loss;
 pub mod matmul;

@@ -5,6 +5,13 @@
 //! processed on its own (rayon over planes). Max pooling saves, per output element, the
 //! flat index `ih*W + iw` of the winning input inside its plane (the argmax), so its backward
 //! is a scatter; NaN wins, as in PyTorch.
+//!
+//! Windows may reach past the padded input: with `ceil_mode` PyTorch keeps a last window
+//! that starts inside the input (or its left padding) however far it reaches, so every
+//! kernel here clips each window to the input, and average pooling's divisor follows
+//! PyTorch's rule (the window clipped to the padded input, or to the input itself without
+//! `count_include_pad`). A dilated max-pool window can hold no input tap at all: its output
+//! is -inf, as in PyTorch, and its argmax is [`NO_TAP`], which backward skips.
 
 use rayon::prelude::*;
 
@@ -39,6 +46,9 @@ impl PoolGeom {
         self.oh * self.ow
     }
 }
+
+/// The argmax of a max-pool window with no tap inside the input (output -inf, no gradient).
+pub const NO_TAP: u32 = u32::MAX;
 
 /// Input rows (or columns) a max-pool window at output position `o` covers:
 /// `(start, end, step)` with `start` the first in-bounds tap.
@@ -181,7 +191,13 @@ pub fn max_pool2d_forward(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &mut [
                     let (w0, w1, ws) =
                         max_window(ow, g.stride.1, g.padding.1, kw, g.dilation.1, g.w);
                     let mut best = f32::NEG_INFINITY;
-                    let mut best_i = h0 * g.w + w0;
+                    // PyTorch starts from the first tap, so an all -inf window sends its
+                    // gradient there.
+                    let mut best_i = if h0 < h1 && w0 < w1 {
+                        h0 * g.w + w0
+                    } else {
+                        NO_TAP as usize
+                    };
                     'window: for ih in (h0..h1).step_by(hs) {
                         for iw in (w0..w1).step_by(ws) {
                             let v = x_p[ih * g.w + iw];
@@ -201,7 +217,7 @@ pub fn max_pool2d_forward(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &mut [
         });
 }
 
-/// Max pooling backward: `dx[argmax] += dy` per plane.
+/// Max pooling backward: `dx[argmax] += dy` per plane (argmax [`NO_TAP`] adds nothing).
 pub fn max_pool2d_backward(dy: &[f32], argmax: &[u32], g: &PoolGeom, dx: &mut [f32]) {
     dx.par_chunks_mut(g.in_plane())
         .zip(dy.par_chunks(g.out_plane()))
@@ -209,7 +225,9 @@ pub fn max_pool2d_backward(dy: &[f32], argmax: &[u32], g: &PoolGeom, dx: &mut [f
         .for_each(|((dx_p, dy_p), a_p)| {
             dx_p.fill(0.0);
             for (d, &a) in dy_p.iter().zip(a_p) {
-                dx_p[a as usize] += d;
+                if a != NO_TAP {
+                    dx_p[a as usize] += d;
+                }
             }
         });
 }
@@ -333,6 +351,37 @@ pub fn adaptive_avg_pool2d_backward(dy: &[f32], g: &PoolGeom, dx: &mut [f32]) {
         });
 }
 
+/// Adaptive max pooling forward, like `F.adaptive_max_pool2d(x, (OH, OW), return_indices=True)`:
+/// `x [P, H, W] -> y [P, OH, OW]` and the argmax (flat index in the plane) of each window
+/// `[floor(o*len/out), ceil((o+1)*len/out))`; a NaN wins. Its backward is
+/// [`max_pool2d_backward`] with the same geometry.
+pub fn adaptive_max_pool2d_forward(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &mut [u32]) {
+    y.par_chunks_mut(g.out_plane())
+        .zip(argmax.par_chunks_mut(g.out_plane()))
+        .zip(x.par_chunks(g.in_plane()))
+        .for_each(|((y_p, a_p), x_p)| {
+            for oh in 0..g.oh {
+                let (h0, h1) = adaptive_window(oh, g.h, g.oh);
+                for ow in 0..g.ow {
+                    let (w0, w1) = adaptive_window(ow, g.w, g.ow);
+                    let mut best = f32::NEG_INFINITY;
+                    let mut best_i = h0 * g.w + w0;
+                    for ih in h0..h1 {
+                        for iw in w0..w1 {
+                            let v = x_p[ih * g.w + iw];
+                            if v > best || v.is_nan() {
+                                best = v;
+                                best_i = ih * g.w + iw;
+                            }
+                        }
+                    }
+                    y_p[oh * g.ow + ow] = best;
+                    a_p[oh * g.ow + ow] = best_i as u32;
+                }
+            }
+        });
+}
+
 /// Naive max pooling over every padded tap (padding counts as -inf): reference for tests.
 pub fn max_pool2d_naive(x: &[f32], g: &PoolGeom) -> Vec<f32> {
     let mut y = vec![0f32; g.planes * g.out_plane()];
@@ -396,6 +445,81 @@ mod tests {
             for (i, &ai) in a.iter().enumerate() {
                 let plane = i / (g.oh * g.ow);
                 assert_eq!(x[plane * h * w + ai as usize], y[i]);
+            }
+        }
+    }
+
+    /// Windows reaching past the padded input (PyTorch's `ceil_mode` keeps them): clipped,
+    /// matching the naive reference, with a gradient for every output; a window with no tap
+    /// inside the input gives -inf and no gradient, never an index outside the plane.
+    #[test]
+    fn max_pool_windows_past_the_padded_input() {
+        let mut rng = Rng::new(3);
+        // (H, W, kernel, stride, padding, dilation): all with ceil_mode.
+        for &(h, w, k, s, p, d) in &[
+            (8usize, 2usize, (2, 3), (1, 3), (1, 0), (1, 1)),
+            (3, 5, (3, 4), (2, 3), (1, 2), (1, 1)),
+            (1, 1, (1, 2), (1, 2), (0, 1), (1, 3)),
+        ] {
+            let g = PoolGeom {
+                planes: 2,
+                h,
+                w,
+                oh: pool_out_size(h, k.0, s.0, p.0, d.0, true).unwrap(),
+                ow: pool_out_size(w, k.1, s.1, p.1, d.1, true).unwrap(),
+                kernel: k,
+                stride: s,
+                padding: p,
+                dilation: d,
+            };
+            let x: Vec<f32> = (0..2 * h * w).map(|_| rng.normal()).collect();
+            let mut y = vec![0.0; 2 * g.oh * g.ow];
+            let mut a = vec![0u32; y.len()];
+            max_pool2d_forward(&x, &g, &mut y, &mut a);
+            assert_eq!(y, max_pool2d_naive(&x, &g), "{g:?}");
+            let mut dx = vec![0.0; x.len()];
+            max_pool2d_backward(&vec![1.0; y.len()], &a, &g, &mut dx);
+            let hit = y.iter().filter(|v| v.is_finite()).count() as f32;
+            assert_eq!(dx.iter().sum::<f32>(), hit, "{g:?}");
+        }
+        assert_eq!(pool_out_size(8, 2, 1, 1, 1, true), Some(9));
+        assert_eq!(pool_out_size(2, 3, 3, 0, 1, true), Some(1));
+    }
+
+    #[test]
+    fn adaptive_max_pool_takes_the_window_maximum() {
+        let mut rng = Rng::new(5);
+        let (h, w, oh, ow) = (5usize, 7usize, 2usize, 3usize);
+        let g = PoolGeom {
+            planes: 3,
+            h,
+            w,
+            oh,
+            ow,
+            kernel: (1, 1),
+            stride: (1, 1),
+            padding: (0, 0),
+            dilation: (1, 1),
+        };
+        let x: Vec<f32> = (0..3 * h * w).map(|_| rng.normal()).collect();
+        let mut y = vec![0.0; 3 * oh * ow];
+        let mut a = vec![0u32; y.len()];
+        adaptive_max_pool2d_forward(&x, &g, &mut y, &mut a);
+        for p in 0..3 {
+            for i in 0..oh {
+                for j in 0..ow {
+                    let (h0, h1) = adaptive_window(i, h, oh);
+                    let (w0, w1) = adaptive_window(j, w, ow);
+                    let mut m = f32::NEG_INFINITY;
+                    for r in h0..h1 {
+                        for c in w0..w1 {
+                            m = m.max(x[p * h * w + r * w + c]);
+                        }
+                    }
+                    let o = p * oh * ow + i * ow + j;
+                    assert_eq!(y[o], m);
+                    assert_eq!(x[p * h * w + a[o] as usize], m);
+                }
             }
         }
     }

@@ -1,0 +1,487 @@
+//! The sequence layers of `torch.nn` with their constructor arguments, default
+//! initialisation and `state_dict` names: Conv1d, MaxPool1d, AvgPool1d, AdaptiveMaxPool1d,
+//! AdaptiveAvgPool1d, BatchNorm1d and Embedding. Inputs are `[N, C, L]` (BatchNorm1d also
+//! takes `[N, C]`); Embedding takes integer ids carried as floats, any shape.
+
+use super::{init, Mode, Module, TensorRole};
+use crate::error::{invalid, shape_mismatch, Result};
+use crate::graph::{Graph, Op, ValueId};
+use crate::rng::with_global_rng;
+use crate::shape::Shape;
+use crate::tensor::{AvgPool1dParams, Conv1dParams, MaxPool1dParams, Tensor};
+
+// ----- Conv1d ---------------------------------------------------------------------------------
+
+/// `nn.Conv1d`: weight `[out, in/groups, k]`, optional bias `[out]`.
+pub struct Conv1d {
+    /// Kernel weights (`weight` in `state_dict`).
+    pub weight: Tensor,
+    /// Bias (`bias`), if enabled.
+    pub bias: Option<Tensor>,
+    /// Stride, padding, dilation and groups.
+    pub params: Conv1dParams,
+}
+
+/// Builder for [`Conv1d`] with PyTorch's defaults (stride 1, padding 0, dilation 1, groups
+/// 1, bias on).
+pub struct Conv1dBuilder {
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    params: Conv1dParams,
+    bias: bool,
+}
+
+impl Conv1d {
+    /// Starts a convolution `in_channels -> out_channels` with kernel length `kernel_size`.
+    ///
+    /// ```
+    /// let conv = convnet::nn::Conv1d::new(4, 8, 3).padding(1).build()?;
+    /// assert_eq!(conv.weight.dims(), &[8, 4, 3]);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new(in_channels: usize, out_channels: usize, kernel_size: usize) -> Conv1dBuilder {
+        Conv1dBuilder {
+            in_channels,
+            out_channels,
+            kernel: kernel_size,
+            params: Conv1dParams::default(),
+            bias: true,
+        }
+    }
+}
+
+impl Conv1dBuilder {
+    /// Stride.
+    pub fn stride(mut self, s: usize) -> Self {
+        self.params.stride = s;
+        self
+    }
+    /// Zero padding at both ends.
+    pub fn padding(mut self, p: usize) -> Self {
+        self.params.padding = p;
+        self
+    }
+    /// Dilation.
+    pub fn dilation(mut self, d: usize) -> Self {
+        self.params.dilation = d;
+        self
+    }
+    /// Channel groups (`groups == in_channels` for depthwise).
+    pub fn groups(mut self, g: usize) -> Self {
+        self.params.groups = g;
+        self
+    }
+    /// Whether to learn a bias (default true).
+    pub fn bias(mut self, on: bool) -> Self {
+        self.bias = on;
+        self
+    }
+    /// Validates the settings and initialises the weights from the global generator
+    /// (`kaiming_uniform(a=sqrt(5))` and the bias bound `1/sqrt(fan_in)`, as PyTorch).
+    pub fn build(self) -> Result<Conv1d> {
+        let p = self.params;
+        if self.in_channels == 0 || self.out_channels == 0 || self.kernel == 0 {
+            return Err(invalid(
+                "Conv1d",
+                "channels and kernel size must be positive",
+            ));
+        }
+        if p.stride == 0 || p.dilation == 0 || p.groups == 0 {
+            return Err(invalid(
+                "Conv1d",
+                format!(
+                    "stride {}, dilation {} and groups {} must be positive",
+                    p.stride, p.dilation, p.groups
+                ),
+            ));
+        }
+        if !self.in_channels.is_multiple_of(p.groups) || !self.out_channels.is_multiple_of(p.groups)
+        {
+            return Err(invalid(
+                "Conv1d",
+                format!(
+                    "in_channels {} and out_channels {} must be divisible by groups {}",
+                    self.in_channels, self.out_channels, p.groups
+                ),
+            ));
+        }
+        let dims = [self.out_channels, self.in_channels / p.groups, self.kernel];
+        init::claim("Conv1d", &dims)?;
+        if self.bias {
+            init::claim("Conv1d", &[self.out_channels])?;
+        }
+        let fan_in = self.in_channels / p.groups * self.kernel;
+        let weight = init::kaiming_uniform(dims, fan_in);
+        let bias = self
+            .bias
+            .then(|| init::uniform_bias(self.out_channels, fan_in));
+        Ok(Conv1d {
+            weight,
+            bias,
+            params: p,
+        })
+    }
+}
+
+impl Module for Conv1d {
+    fn forward(&self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+        x.conv1d(&self.weight, self.bias.as_ref(), self.params)
+    }
+    fn kind(&self) -> &'static str {
+        "Conv1d"
+    }
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        super::push_leaf(
+            self,
+            path,
+            Op::Conv1d {
+                weight: self.weight.clone(),
+                bias: self.bias.clone(),
+                params: self.params,
+            },
+            input,
+            g,
+        )
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Shape> {
+        self.params.output_shape(input, self.weight.dims())
+    }
+    fn visit_tensors(&self, prefix: &str, f: &mut dyn FnMut(String, &Tensor, TensorRole)) {
+        f(
+            super::join(prefix, "weight"),
+            &self.weight,
+            TensorRole::Parameter,
+        );
+        if let Some(b) = &self.bias {
+            f(super::join(prefix, "bias"), b, TensorRole::Parameter);
+        }
+    }
+}
+
+// ----- Pooling --------------------------------------------------------------------------------
+
+/// `nn.MaxPool1d`.
+///
+/// ```
+/// use convnet::nn::{MaxPool1d, Module};
+/// let pool = MaxPool1d::with(convnet::MaxPool1dParams::new(3).stride(2).ceil_mode(true));
+/// assert_eq!(pool.output_shape(&[1, 4, 10])?.dims(), &[1, 4, 5]);
+/// # Ok::<(), convnet::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct MaxPool1d(pub MaxPool1dParams);
+
+impl MaxPool1d {
+    /// Window `k`, stride `k`.
+    pub fn new(k: usize) -> Self {
+        MaxPool1d(MaxPool1dParams::new(k))
+    }
+    /// With explicit parameters.
+    pub fn with(params: MaxPool1dParams) -> Self {
+        MaxPool1d(params)
+    }
+}
+
+impl Module for MaxPool1d {
+    fn forward(&self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+        x.max_pool1d(self.0)
+    }
+    fn kind(&self) -> &'static str {
+        "MaxPool1d"
+    }
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        super::push_leaf(self, path, Op::MaxPool1d(self.0), input, g)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Shape> {
+        self.0.output_shape(input)
+    }
+}
+
+/// `nn.AvgPool1d`.
+///
+/// ```
+/// use convnet::nn::{AvgPool1d, Module};
+/// assert_eq!(AvgPool1d::new(2).output_shape(&[1, 4, 10])?.dims(), &[1, 4, 5]);
+/// # Ok::<(), convnet::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct AvgPool1d(pub AvgPool1dParams);
+
+impl AvgPool1d {
+    /// Window `k`, stride `k`.
+    pub fn new(k: usize) -> Self {
+        AvgPool1d(AvgPool1dParams::new(k))
+    }
+    /// With explicit parameters.
+    pub fn with(params: AvgPool1dParams) -> Self {
+        AvgPool1d(params)
+    }
+}
+
+impl Module for AvgPool1d {
+    fn forward(&self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+        x.avg_pool1d(self.0)
+    }
+    fn kind(&self) -> &'static str {
+        "AvgPool1d"
+    }
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        super::push_leaf(self, path, Op::AvgPool1d(self.0), input, g)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Shape> {
+        self.0.output_shape(input)
+    }
+}
+
+/// `nn.AdaptiveAvgPool1d(output_size)`.
+///
+/// ```
+/// use convnet::nn::{AdaptiveAvgPool1d, Module};
+/// assert_eq!(AdaptiveAvgPool1d(1).output_shape(&[2, 4, 10])?.dims(), &[2, 4, 1]);
+/// # Ok::<(), convnet::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct AdaptiveAvgPool1d(pub usize);
+
+impl Module for AdaptiveAvgPool1d {
+    fn forward(&self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+        x.adaptive_avg_pool1d(self.0)
+    }
+    fn kind(&self) -> &'static str {
+        "AdaptiveAvgPool1d"
+    }
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        super::push_leaf(self, path, Op::AdaptiveAvgPool1d(self.0), input, g)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Shape> {
+        crate::tensor::adaptive_pool1d_output_shape(input, self.0)
+    }
+}
+
+/// `nn.AdaptiveMaxPool1d(output_size)`.
+///
+/// ```
+/// use convnet::nn::{AdaptiveMaxPool1d, Module};
+/// assert_eq!(AdaptiveMaxPool1d(3).output_shape(&[2, 4, 10])?.dims(), &[2, 4, 3]);
+/// # Ok::<(), convnet::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct AdaptiveMaxPool1d(pub usize);
+
+impl Module for AdaptiveMaxPool1d {
+    fn forward(&self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+        x.adaptive_max_pool1d(self.0)
+    }
+    fn kind(&self) -> &'static str {
+        "AdaptiveMaxPool1d"
+    }
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        super::push_leaf(self, path, Op::AdaptiveMaxPool1d(self.0), input, g)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Shape> {
+        crate::tensor::adaptive_pool1d_output_shape(input, self.0)
+    }
+}
+
+// ----- BatchNorm1d ----------------------------------------------------------------------------
+
+/// `nn.BatchNorm1d(C)` with eps 1e-5 and momentum 0.1 over `[N, C]` or `[N, C, L]`:
+/// parameters `weight`, `bias`; buffers `running_mean`, `running_var`,
+/// `num_batches_tracked` (PyTorch's names).
+///
+/// ```
+/// use convnet::nn::{BatchNorm1d, Mode, Module};
+/// let bn = BatchNorm1d::new(3)?;
+/// let x = convnet::Tensor::randn([4, 3, 5], &mut convnet::Rng::new(0));
+/// assert_eq!(bn.forward(&x, Mode::Train)?.dims(), &[4, 3, 5]);
+/// assert_eq!(bn.num_batches_tracked.to_vec(), vec![1.0]);
+/// # Ok::<(), convnet::Error>(())
+/// ```
+pub struct BatchNorm1d {
+    /// Scale (gamma), initialised to 1.
+    pub weight: Tensor,
+    /// Shift (beta), initialised to 0.
+    pub bias: Tensor,
+    /// Running mean, initialised to 0.
+    pub running_mean: Tensor,
+    /// Running variance, initialised to 1.
+    pub running_var: Tensor,
+    /// Number of training batches seen (stored as a float scalar).
+    pub num_batches_tracked: Tensor,
+    /// Added to the variance.
+    pub eps: f32,
+    /// Weight of the new batch statistics in the running averages.
+    pub momentum: f32,
+}
+
+impl BatchNorm1d {
+    /// Batch norm over `num_features` channels with PyTorch's defaults.
+    pub fn new(num_features: usize) -> Result<BatchNorm1d> {
+        if num_features == 0 {
+            return Err(invalid("BatchNorm1d", "num_features must be positive"));
+        }
+        init::claim("BatchNorm1d", &[4, num_features])?;
+        Ok(BatchNorm1d {
+            weight: Tensor::ones([num_features]).requires_grad(),
+            bias: Tensor::zeros([num_features]).requires_grad(),
+            running_mean: Tensor::zeros([num_features]),
+            running_var: Tensor::ones([num_features]),
+            num_batches_tracked: Tensor::scalar(0.0),
+            eps: 1e-5,
+            momentum: 0.1,
+        })
+    }
+}
+
+impl Module for BatchNorm1d {
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let y = x.batch_norm1d(
+            &self.running_mean,
+            &self.running_var,
+            Some(&self.weight),
+            Some(&self.bias),
+            mode.is_train(),
+            self.momentum,
+            self.eps,
+        )?;
+        if mode.is_train() {
+            self.num_batches_tracked.update_data(|n| n[0] += 1.0)?;
+        }
+        Ok(y)
+    }
+    fn kind(&self) -> &'static str {
+        "BatchNorm1d"
+    }
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        super::push_leaf(
+            self,
+            path,
+            Op::BatchNorm1d {
+                weight: self.weight.clone(),
+                bias: self.bias.clone(),
+                mean: self.running_mean.clone(),
+                var: self.running_var.clone(),
+                eps: self.eps,
+                momentum: self.momentum,
+                batches: self.num_batches_tracked.clone(),
+            },
+            input,
+            g,
+        )
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Shape> {
+        let c = self.weight.numel();
+        if !matches!(input.len(), 2 | 3) || input[1] != c {
+            return Err(shape_mismatch(
+                "batch_norm1d",
+                format!("input [N, {c}] or [N, {c}, L]"),
+                Shape::from(input).to_string(),
+            ));
+        }
+        Ok(Shape::from(input))
+    }
+    fn visit_tensors(&self, prefix: &str, f: &mut dyn FnMut(String, &Tensor, TensorRole)) {
+        for (name, t, role) in [
+            ("weight", &self.weight, TensorRole::Parameter),
+            ("bias", &self.bias, TensorRole::Parameter),
+            ("running_mean", &self.running_mean, TensorRole::Buffer),
+            ("running_var", &self.running_var, TensorRole::Buffer),
+            (
+                "num_batches_tracked",
+                &self.num_batches_tracked,
+                TensorRole::Buffer,
+            ),
+        ] {
+            f(super::join(prefix, name), t, role);
+        }
+    }
+}
+
+// ----- Embedding ------------------------------------------------------------------------------
+
+/// `nn.Embedding(num_embeddings, embedding_dim, padding_idx)`: weight
+/// `[num_embeddings, embedding_dim]` drawn from N(0, 1), the `padding_idx` row zeroed and
+/// never updated (it gets no gradient). Input: integer ids as floats, any shape `[*]`;
+/// output `[*, embedding_dim]`. An id that is not a whole number in `0..num_embeddings` is
+/// an error naming it.
+///
+/// ```
+/// use convnet::nn::{Embedding, Mode, Module};
+/// let emb = Embedding::new(10, 4, Some(0))?;
+/// let ids = convnet::Tensor::from_vec(vec![0., 3., 9.], [1, 3])?;
+/// let y = emb.forward(&ids, Mode::Eval)?;
+/// assert_eq!(y.dims(), &[1, 3, 4]);
+/// assert_eq!(&y.to_vec()[..4], &[0.0; 4]); // the padding row
+/// let bad = convnet::Tensor::from_vec(vec![10.], [1, 1])?;
+/// assert!(emb.forward(&bad, Mode::Eval).is_err());
+/// # Ok::<(), convnet::Error>(())
+/// ```
+pub struct Embedding {
+    /// The table `[num_embeddings, embedding_dim]`.
+    pub weight: Tensor,
+    /// The row that reads as padding: zero at start, no gradient.
+    pub padding_idx: Option<usize>,
+}
+
+impl Embedding {
+    /// A table of `num` rows of `dim` values, initialised like PyTorch from the global
+    /// generator.
+    pub fn new(num: usize, dim: usize, padding_idx: Option<usize>) -> Result<Embedding> {
+        if num == 0 || dim == 0 {
+            return Err(invalid(
+                "Embedding",
+                format!("num_embeddings and embedding_dim must be positive, got {num} x {dim}"),
+            ));
+        }
+        if let Some(p) = padding_idx.filter(|&p| p >= num) {
+            return Err(invalid(
+                "Embedding",
+                format!("padding_idx {p} is out of range for {num} embeddings"),
+            ));
+        }
+        init::claim("Embedding", &[num, dim])?;
+        let mut w = with_global_rng(|r| Tensor::randn([num, dim], r)).to_vec();
+        if let Some(p) = padding_idx {
+            w[p * dim..(p + 1) * dim].fill(0.0);
+        }
+        Ok(Embedding {
+            weight: Tensor::from_vec(w, [num, dim])?.requires_grad(),
+            padding_idx,
+        })
+    }
+}
+
+impl Module for Embedding {
+    fn forward(&self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+        x.embedding(&self.weight, self.padding_idx)
+    }
+    fn kind(&self) -> &'static str {
+        "Embedding"
+    }
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        super::push_leaf(
+            self,
+            path,
+            Op::Embedding {
+                weight: self.weight.clone(),
+                padding_idx: self.padding_idx,
+            },
+            input,
+            g,
+        )
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Shape> {
+        let mut out = input.to_vec();
+        out.push(self.weight.dims()[1]);
+        Ok(Shape::new(out))
+    }
+    fn visit_tensors(&self, prefix: &str, f: &mut dyn FnMut(String, &Tensor, TensorRole)) {
+        f(
+            super::join(prefix, "weight"),
+            &self.weight,
+            TensorRole::Parameter,
+        );
+    }
+}
