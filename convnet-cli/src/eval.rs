@@ -2,9 +2,10 @@
 
 use crate::common::{load_model, open_data, parse_shape, set_threads, ModelSource};
 use crate::dist::{threads_per_rank, Ranks};
+use crate::train::resize_crop;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use convnet::data::{DataLoader, FolderOptions, Transform};
+use convnet::data::{DataLoader, FolderOptions, ResizeCrop, Transform};
 use convnet::infer::Predictor;
 use convnet::model_file::ModelFile;
 use convnet::models::ModelSpec;
@@ -72,6 +73,13 @@ pub struct EvalArgs {
     /// trained with `train --classes`).
     #[arg(long, value_delimiter = ',')]
     classes: Option<Vec<String>>,
+    /// Resize every image's shorter side to N pixels (bilinear), then cut the centre
+    /// --crop x --crop (torchvision's Resize + CenterCrop), e.g. --resize 256 --crop 224.
+    #[arg(long, value_name = "N")]
+    resize: Option<usize>,
+    /// Side of the centre crop after --resize (default: N).
+    #[arg(long, value_name = "M", requires = "resize")]
+    crop: Option<usize>,
     /// Compute threads per process (0 = all cores, shared out among the ranks of a machine
     /// under mpirun).
     #[arg(long, default_value_t = 0)]
@@ -90,7 +98,11 @@ pub struct EvalArgs {
 /// and rank 0 prints the totals.
 pub fn run_eval(a: EvalArgs, ranks: &Ranks) -> Result<()> {
     set_threads(threads_per_rank(a.threads, ranks))?;
-    let (_, mut test) = open_data(a.data.as_deref(), &FolderOptions::default(), a.holdout)?;
+    let opts = FolderOptions {
+        resize: resize_crop(a.resize, a.crop)?,
+        ..FolderOptions::default()
+    };
+    let (_, mut test) = open_data(a.data.as_deref(), &opts, a.holdout)?;
     if let Some(names) = &a.classes {
         test = test.with_classes(names)?;
     }
@@ -185,12 +197,25 @@ pub fn run_eval(a: EvalArgs, ranks: &Ranks) -> Result<()> {
 pub struct PredictArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Images to classify (any size: resized to the model's input).
+    /// Images to classify (any size: resized to the model's input, or as --resize and
+    /// --crop say).
     #[arg(required = true)]
     images: Vec<PathBuf>,
     /// Number of classes to show per image.
     #[arg(long, default_value_t = 3)]
     top_k: usize,
+    /// Choose among these of the model's classes only: probabilities over them, indices in
+    /// this order (e.g. cat,dog).
+    #[arg(long, value_delimiter = ',')]
+    classes: Option<Vec<String>>,
+    /// Resize the image's shorter side to N pixels (bilinear), then cut the centre --crop x
+    /// --crop, which must be the model's input size (torchvision's Resize + CenterCrop);
+    /// without it images are stretched to the model's input.
+    #[arg(long, value_name = "N")]
+    resize: Option<usize>,
+    /// Side of the centre crop after --resize (default: N).
+    #[arg(long, value_name = "M", requires = "resize")]
+    crop: Option<usize>,
     /// Print one JSON object with the predictions as the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -201,6 +226,47 @@ pub(crate) fn load_image(path: &PathBuf, shape: [usize; 3], t: &Transform) -> Re
     let img =
         image::open(path).with_context(|| format!("{}: not a readable image", path.display()))?;
     Ok(image_input(img, shape, t))
+}
+
+/// Decodes `path`, resizes and centre-crops it as `geometry` says (to the model's input
+/// size `shape`) and normalises it.
+fn load_resized_image(
+    path: &PathBuf,
+    shape: [usize; 3],
+    geometry: ResizeCrop,
+    t: &Transform,
+) -> Result<Vec<f32>> {
+    let img =
+        image::open(path).with_context(|| format!("{}: not a readable image", path.display()))?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let planes = if shape[0] == 1 {
+        img.to_luma8().into_raw()
+    } else {
+        convnet::data::image_to_planes(&img.to_rgb8().into_raw(), 3, h * w)
+    };
+    let cropped = geometry.apply(&planes, [shape[0], h, w]);
+    let mut out = vec![0f32; cropped.len()];
+    t.apply(&cropped, shape, &mut convnet::Rng::new(0), &mut out);
+    Ok(out)
+}
+
+/// The positions in `all` (the model's classes) of `chosen`, in that order; an unknown or
+/// repeated name is an error listing the model's classes.
+fn class_positions(all: &[String], chosen: &[String]) -> Result<Vec<usize>> {
+    let mut at = Vec::with_capacity(chosen.len());
+    for name in chosen {
+        let Some(i) = all.iter().position(|c| c == name) else {
+            bail!(
+                "--classes: the model has no class {name:?}; its classes: {}",
+                all.join(", ")
+            );
+        };
+        if at.contains(&i) {
+            bail!("--classes: class {name:?} is named twice");
+        }
+        at.push(i);
+    }
+    Ok(at)
 }
 
 /// A decoded image as a normalised `[C, H, W]` input for the model.
@@ -227,6 +293,24 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
     }
     let loaded = load_model(&a.model.source(None)?)?;
     let m = &loaded.meta;
+    let geometry = resize_crop(a.resize, a.crop)?;
+    if let Some(g) = geometry {
+        if g.output_shape(m.input_shape[0]) != m.input_shape {
+            bail!(
+                "--crop {} gives {}x{} images but the model takes {}x{}",
+                g.crop,
+                g.crop,
+                g.crop,
+                m.input_shape[1],
+                m.input_shape[2]
+            );
+        }
+    }
+    // The classes to choose among: all of the model's, or those named, in that order.
+    let (names, keep): (Vec<String>, Option<Vec<usize>>) = match &a.classes {
+        Some(chosen) => (chosen.clone(), Some(class_positions(&m.classes, chosen)?)),
+        None => (m.classes.clone(), None),
+    };
     let t = Transform {
         normalize: m.normalize.clone(),
         augment: None,
@@ -234,11 +318,23 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
     let net = loaded.prepare();
     let mut results = Vec::new();
     for path in &a.images {
+        let input = match geometry {
+            Some(g) => load_resized_image(path, m.input_shape, g, &t)?,
+            None => load_image(path, m.input_shape, &t)?,
+        };
         let x = Tensor::from_vec(
-            load_image(path, m.input_shape, &t)?,
+            input,
             [1, m.input_shape[0], m.input_shape[1], m.input_shape[2]],
         )?;
-        let probs = net.predict(&x)?.softmax(-1)?.to_vec();
+        let logits = net.predict(&x)?;
+        let logits = match &keep {
+            Some(at) => {
+                let all = logits.try_to_vec()?;
+                Tensor::from_vec(at.iter().map(|&i| all[i]).collect(), [1, at.len()])?
+            }
+            None => logits,
+        };
+        let probs = logits.softmax(-1)?.to_vec();
         let mut order: Vec<usize> = (0..probs.len()).collect();
         order.sort_by(|&i, &j| probs[j].total_cmp(&probs[i]));
         let top: Vec<(usize, f32)> = order
@@ -249,12 +345,12 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
         if !a.json {
             println!("{}", path.display());
             for (i, p) in &top {
-                println!("  {:>6.2}%  {} ({i})", 100.0 * p, m.classes[*i]);
+                println!("  {:>6.2}%  {} ({i})", 100.0 * p, names[*i]);
             }
         }
         results.push(serde_json::json!({
             "image": path.display().to_string(),
-            "top": top.iter().map(|(i, p)| serde_json::json!({"index": i, "label": m.classes[*i], "probability": p})).collect::<Vec<_>>(),
+            "top": top.iter().map(|(i, p)| serde_json::json!({"index": i, "label": names[*i], "probability": p})).collect::<Vec<_>>(),
         }));
     }
     if a.json {

@@ -14,7 +14,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use convnet::checkpoint::{checkpoint_from_bytes, CheckpointMeta};
 use convnet::data::{
-    Augment, DataLoader, FolderOptions, ImageDataset, LoaderConfig, Normalize, Transform,
+    Augment, DataLoader, FolderOptions, ImageDataset, LoaderConfig, Normalize, ResizeCrop,
+    Transform,
 };
 use convnet::model_file::ModelFile;
 use convnet::models::ModelSpec;
@@ -85,9 +86,19 @@ pub struct TrainArgs {
     /// Learning-rate schedule, stepped every batch.
     #[arg(long, value_enum, default_value_t = SchedArg::Constant)]
     schedule: SchedArg,
-    /// Augment training images: random crop with 4-pixel padding and horizontal flip.
+    /// Augment training images: random crop with 4-pixel padding and horizontal flip (with
+    /// --resize/--crop: a random resized crop to --crop, 8-100% of the image at an aspect
+    /// ratio of 3/4-4/3, and horizontal flip, as torchvision's RandomResizedCrop).
     #[arg(long)]
     augment: bool,
+    /// Resize every image's shorter side to N pixels (bilinear) as it is read, then cut the
+    /// centre --crop x --crop (torchvision's Resize + CenterCrop): photos of any size. With
+    /// --augment the training images keep the centre N x N and take random resized crops.
+    #[arg(long, value_name = "N")]
+    resize: Option<usize>,
+    /// Side of the centre crop after --resize (default: N).
+    #[arg(long, value_name = "M", requires = "resize")]
+    crop: Option<usize>,
     /// Cutout square size when augmenting (0 = off).
     #[arg(long, default_value_t = 0)]
     cutout: usize,
@@ -131,6 +142,23 @@ pub struct TrainArgs {
     /// (e.g. airplane,automobile,ship,truck).
     #[arg(long, value_delimiter = ',')]
     classes: Option<Vec<String>>,
+    /// Freeze the parameters under these state_dict names (e.g. conv1,bn1,layer1,layer2;
+    /// `convnet summary` lists the layers): they get no gradient and no optimizer state, and
+    /// BatchNorm layers frozen whole stay in eval mode (running statistics unchanged).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "PREFIX,...",
+        conflicts_with = "freeze_backbone"
+    )]
+    freeze: Option<Vec<String>>,
+    /// Freeze everything but the classifier (the last Linear layer), as --freeze does.
+    #[arg(long)]
+    freeze_backbone: bool,
+    /// (Peak) learning rate of the trained parameters other than the classifier, which
+    /// keeps --lr (e.g. --lr 0.01 --lr-backbone 0.001); the schedule scales both alike.
+    #[arg(long, value_name = "RATE")]
+    lr_backbone: Option<f64>,
     /// Quantization-aware training: train through int8 rounding (fake quantization, BatchNorm
     /// folded as PyTorch's QAT does) and write the int8 model (`model-int8.safetensors`)
     /// beside the float checkpoint. Usually with --weights of a trained float model.
@@ -191,6 +219,7 @@ fn config(a: &TrainArgs, device: convnet::Device) -> TrainConfig {
             OptArg::Adamw => OptimizerKind::AdamW,
         },
         lr: a.lr,
+        backbone_lr: a.lr_backbone,
         momentum: a.momentum,
         nesterov: a.nesterov,
         weight_decay: a.weight_decay,
@@ -402,11 +431,22 @@ struct RunData {
 
 impl RunData {
     fn open(a: &TrainArgs, lead: bool) -> Result<RunData> {
+        let geometry = resize_crop(a.resize, a.crop)?;
+        // Augmented training takes its random crops from the centre squares; the test
+        // images are cut to the crop after.
+        let stored = match (geometry, a.augment) {
+            (Some(g), true) => Some(ResizeCrop::new(g.resize, g.resize)?),
+            (g, _) => g,
+        };
         let opts = FolderOptions {
             skip_bad_images: a.skip_bad_images,
             cache: !a.no_cache,
+            resize: stored,
         };
         let (mut train, mut test) = open_data(a.data.as_deref(), &opts, a.holdout)?;
+        if let (Some(g), true) = (geometry, a.augment) {
+            test = test.resized(g)?;
+        }
         if let Some(names) = &a.classes {
             train = train.with_classes(names)?;
             test = test.with_classes(names)?;
@@ -428,7 +468,7 @@ impl RunData {
         if train.is_empty() || test.is_empty() {
             bail!("the training or test set is empty");
         }
-        let shape = train.image_shape();
+        let shape = test.image_shape();
         Ok(RunData {
             shape,
             classes: train.classes().to_vec(),
@@ -467,7 +507,45 @@ fn check_args(a: &TrainArgs, ranks: &Ranks) -> Result<()> {
     if a.tensorboard_every == 0 {
         bail!("--tensorboard-every must be positive");
     }
+    let freezing = a.freeze.is_some() || a.freeze_backbone;
+    if freezing && a.qat {
+        bail!("--freeze and --freeze-backbone do not combine with --qat (quantization-aware training folds BatchNorm layers its own way)");
+    }
+    if a.lr_backbone.is_some() && a.freeze_backbone {
+        bail!("--lr-backbone with --freeze-backbone: the backbone is frozen, nothing trains at that rate");
+    }
+    if let Some(rate) = a.lr_backbone {
+        if !(rate.is_finite() && rate >= 0.0) {
+            bail!("--lr-backbone must be a non-negative number, got {rate}");
+        }
+    }
+    if a.freeze
+        .as_ref()
+        .is_some_and(|p| p.iter().any(|p| p.is_empty()))
+    {
+        bail!("--freeze takes state_dict name prefixes separated by commas, e.g. conv1,bn1,layer1");
+    }
+    resize_crop(a.resize, a.crop)?;
     a.dist.check(a.batch_size, ranks)
+}
+
+/// `--resize N [--crop M]` as a checked geometry (the crop defaults to N).
+pub(crate) fn resize_crop(
+    resize: Option<usize>,
+    crop: Option<usize>,
+) -> Result<Option<ResizeCrop>> {
+    match (resize, crop) {
+        (Some(n), m) => Ok(Some(
+            ResizeCrop::new(n, m.unwrap_or(n)).context("--resize/--crop")?,
+        )),
+        (None, Some(_)) => bail!("--crop needs --resize"),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The side of the images a `--resize N [--crop M]` run trains on.
+fn shape_of_crop(resize: Option<usize>, crop: Option<usize>) -> usize {
+    crop.or(resize).unwrap_or(0)
 }
 
 /// Fine-tuning to another number of classes: when `tensors` (weights to start from) hold a
@@ -478,17 +556,11 @@ fn replace_classifier(
     model: &convnet::nn::Model,
     tensors: &mut convnet::checkpoint::NamedTensors,
 ) -> Result<Option<String>> {
-    let graph = model.graph()?;
-    let Some(fc) = graph
-        .nodes()
-        .iter()
-        .rev()
-        .find(|n| matches!(n.op, convnet::graph::Op::Linear { .. }))
-    else {
+    let Some(fc) = model.classifier()? else {
         return Ok(None);
     };
     let own = model.state_dict();
-    let weight = format!("{}.weight", fc.name);
+    let weight = format!("{fc}.weight");
     let (Some(theirs), Some(mine)) = (
         tensors
             .iter()
@@ -503,12 +575,12 @@ fn replace_classifier(
     if theirs == mine || theirs.len() != 2 || theirs[1] != mine[1] {
         return Ok(None);
     }
-    let prefix = format!("{}.", fc.name);
+    let prefix = format!("{fc}.");
     tensors.retain(|(n, _)| !n.starts_with(&prefix));
     tensors.extend(own.into_iter().filter(|(n, _)| n.starts_with(&prefix)));
     Ok(Some(format!(
-        "classifier {} replaced: {} -> {} outputs, freshly initialised",
-        fc.name, theirs[0], mine[0]
+        "classifier {fc} replaced: {} -> {} outputs, freshly initialised",
+        theirs[0], mine[0]
     )))
 }
 
@@ -627,10 +699,35 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
         }
         model = QatNet::new(model)?.into_model()?;
     }
+    let frozen = match (&a.freeze, a.freeze_backbone) {
+        (Some(prefixes), _) => Some(model.freeze(prefixes).context("--freeze")?),
+        (None, true) => Some(model.freeze_backbone().context("--freeze-backbone")?),
+        (None, false) => None,
+    };
+    if let (Some(names), true) = (&frozen, lead && !a.json) {
+        let values: usize = model
+            .named_parameters()
+            .iter()
+            .filter(|(_, t)| !t.tracks_grad())
+            .map(|(_, t)| t.numel())
+            .sum();
+        println!(
+            "frozen: {} parameter tensors ({values} of {} parameters); {} trained",
+            names.len(),
+            model.num_parameters(),
+            model.num_parameters() - values
+        );
+    }
     let freeze_epoch = a.qat_freeze_epoch.unwrap_or(a.epochs);
-    let augment = a.augment.then_some(Augment {
-        cutout: a.cutout,
-        ..Augment::cifar()
+    let augment = a.augment.then_some(match a.resize {
+        Some(_) => Augment {
+            cutout: a.cutout,
+            ..Augment::resized_crop(shape_of_crop(a.resize, a.crop))
+        },
+        None => Augment {
+            cutout: a.cutout,
+            ..Augment::cifar()
+        },
     });
     let (shape, classes, normalize) = (data.shape, data.classes.clone(), data.normalize.clone());
     let train_loader = DataLoader::new(
@@ -880,6 +977,16 @@ struct SavedRun {
     classes: Option<Vec<String>>,
     #[serde(default)]
     pretrained: Option<String>,
+    #[serde(default)]
+    freeze: Option<Vec<String>>,
+    #[serde(default)]
+    freeze_backbone: bool,
+    #[serde(default)]
+    lr_backbone: Option<f64>,
+    #[serde(default)]
+    resize: Option<usize>,
+    #[serde(default)]
+    crop: Option<usize>,
 }
 
 impl SavedRun {
@@ -919,6 +1026,11 @@ impl SavedRun {
             qat_freeze_epoch: a.qat_freeze_epoch,
             classes: a.classes.clone(),
             pretrained: a.pretrained.clone(),
+            freeze: a.freeze.clone(),
+            freeze_backbone: a.freeze_backbone,
+            lr_backbone: a.lr_backbone,
+            resize: a.resize,
+            crop: a.crop,
         }
     }
 
@@ -954,6 +1066,11 @@ impl SavedRun {
             qat_freeze_epoch: self.qat_freeze_epoch,
             classes: self.classes,
             pretrained: self.pretrained,
+            freeze: self.freeze,
+            freeze_backbone: self.freeze_backbone,
+            lr_backbone: self.lr_backbone,
+            resize: self.resize,
+            crop: self.crop,
             out: None,
             resume: None,
             stop_after: None,

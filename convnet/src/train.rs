@@ -16,7 +16,7 @@ use crate::error::{invalid, Error, Result};
 use crate::nn::{Mode, Model};
 use crate::optim::{
     Adam, AdamConfig, ConstantLr, CosineAnnealingLr, LrSchedule, MultiStepLr, OneCycleLr,
-    Optimizer, Sgd, SgdConfig,
+    Optimizer, ParamGroup, Sgd, SgdConfig,
 };
 use crate::tensor::{Reduction, Tensor};
 use std::collections::HashMap;
@@ -56,6 +56,10 @@ pub struct TrainConfig {
     pub optimizer: OptimizerKind,
     /// (Peak) learning rate.
     pub lr: f64,
+    /// Fine-tuning: the (peak) learning rate of the trained parameters other than the
+    /// classifier (the last Linear layer, which keeps `lr`); the schedule scales both
+    /// alike. `None`: `lr` for every parameter.
+    pub backbone_lr: Option<f64>,
     /// SGD momentum (ignored by Adam).
     pub momentum: f64,
     /// Nesterov momentum (SGD).
@@ -96,6 +100,7 @@ impl Default for TrainConfig {
             epochs: 10,
             optimizer: OptimizerKind::Sgd,
             lr: 0.01,
+            backbone_lr: None,
             momentum: 0.9,
             nesterov: false,
             weight_decay: 0.0,
@@ -154,9 +159,57 @@ pub struct EvalReport {
     pub confusion: Vec<Vec<u64>>,
 }
 
-fn make_optimizer(cfg: &TrainConfig, params: Vec<(String, Tensor)>) -> Result<Box<dyn Optimizer>> {
+/// The parameter groups of `model`'s trainable parameters (frozen ones are left out):
+/// one, or with [`TrainConfig::backbone_lr`] the backbone at its rate and the classifier at
+/// `lr`.
+fn parameter_groups(cfg: &TrainConfig, model: &Model) -> Result<Vec<ParamGroup>> {
+    let params = model.trainable_parameters();
+    if params.is_empty() {
+        return Err(invalid(
+            "Trainer",
+            "every parameter of the model is frozen: nothing to train",
+        ));
+    }
+    let Some(backbone_lr) = cfg.backbone_lr else {
+        return Ok(vec![ParamGroup::new(params)]);
+    };
+    if !(backbone_lr.is_finite() && backbone_lr >= 0.0) {
+        return Err(invalid(
+            "Trainer",
+            format!(
+                "the backbone's learning rate must be finite and non-negative, got {backbone_lr}"
+            ),
+        ));
+    }
+    let scale = if backbone_lr == 0.0 {
+        0.0
+    } else if cfg.lr > 0.0 {
+        backbone_lr / cfg.lr
+    } else {
+        return Err(invalid(
+            "Trainer",
+            "a backbone learning rate needs a positive learning rate for the classifier",
+        ));
+    };
+    let fc = model.classifier()?.ok_or_else(|| {
+        invalid(
+            "Trainer",
+            "a backbone learning rate needs a classifier (a Linear layer) to tell the backbone from",
+        )
+    })?;
+    let prefix = format!("{fc}.");
+    let (head, backbone): (Vec<_>, Vec<_>) = params
+        .into_iter()
+        .partition(|(name, _)| name.starts_with(&prefix));
+    Ok(vec![
+        ParamGroup::new(backbone).lr_scale(scale),
+        ParamGroup::new(head),
+    ])
+}
+
+fn make_optimizer(cfg: &TrainConfig, params: Vec<ParamGroup>) -> Result<Box<dyn Optimizer>> {
     Ok(match cfg.optimizer {
-        OptimizerKind::Sgd => Box::new(Sgd::new(
+        OptimizerKind::Sgd => Box::new(Sgd::with_groups(
             params,
             SgdConfig {
                 lr: cfg.lr,
@@ -166,7 +219,7 @@ fn make_optimizer(cfg: &TrainConfig, params: Vec<(String, Tensor)>) -> Result<Bo
                 dampening: 0.0,
             },
         )?),
-        OptimizerKind::Adam => Box::new(Adam::new(
+        OptimizerKind::Adam => Box::new(Adam::with_groups(
             params,
             AdamConfig {
                 lr: cfg.lr,
@@ -174,7 +227,7 @@ fn make_optimizer(cfg: &TrainConfig, params: Vec<(String, Tensor)>) -> Result<Bo
                 ..Default::default()
             },
         )?),
-        OptimizerKind::AdamW => Box::new(Adam::new(
+        OptimizerKind::AdamW => Box::new(Adam::with_groups(
             params,
             AdamConfig {
                 lr: cfg.lr,
@@ -356,7 +409,10 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Prepares training of `model` with `steps_per_epoch` optimizer steps per epoch.
+    /// Prepares training of `model` with `steps_per_epoch` optimizer steps per epoch. The
+    /// optimizer takes the model's trainable parameters: those frozen beforehand
+    /// ([`Model::freeze`]) get no gradient and no optimizer state, and frozen BatchNorm
+    /// layers keep their running statistics.
     pub fn new(model: Model, cfg: TrainConfig, steps_per_epoch: usize) -> Result<Trainer> {
         if cfg.epochs == 0 || steps_per_epoch == 0 {
             return Err(invalid(
@@ -376,7 +432,7 @@ impl Trainer {
             crate::backend::cuda::allow_tf32(n, cfg.tf32)?;
             crate::backend::cuda::use_bf16(n, cfg.precision == Precision::Bf16)?;
         }
-        let optimizer = make_optimizer(&cfg, model.named_parameters())?;
+        let optimizer = make_optimizer(&cfg, parameter_groups(&cfg, &model)?)?;
         let schedule = make_schedule(&cfg, steps_per_epoch)?;
         Ok(Trainer {
             model,

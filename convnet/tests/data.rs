@@ -27,6 +27,7 @@ fn no_cache() -> FolderOptions {
     FolderOptions {
         skip_bad_images: false,
         cache: false,
+        resize: None,
     }
 }
 
@@ -344,6 +345,7 @@ fn image_folder_bad_input() {
     let opts = FolderOptions {
         skip_bad_images: true,
         cache: false,
+        resize: None,
     };
     match data::open(&root, &opts).unwrap() {
         DataSplit::Single { data, .. } => assert_eq!((data.len(), data.skipped), (5, 1)),
@@ -429,6 +431,7 @@ fn transforms_normalise_crop_flip_and_cut_out_deterministically() {
             crop_padding: 0,
             hflip: true,
             cutout: 0,
+            random_resized_crop: 0,
         }),
     };
     let mut flips = 0;
@@ -454,6 +457,7 @@ fn transforms_normalise_crop_flip_and_cut_out_deterministically() {
             crop_padding: 2,
             hflip: false,
             cutout: 2,
+            random_resized_crop: 0,
         }),
     };
     let (mut a, mut b) = ([0f32; 16], [0f32; 16]);

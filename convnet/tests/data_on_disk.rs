@@ -63,6 +63,7 @@ fn open(path: &Path, cache: bool) -> ImageDataset {
     let opts = FolderOptions {
         skip_bad_images: false,
         cache,
+        resize: None,
     };
     match data::open(path, &opts).unwrap() {
         data::DataSplit::Single { data, .. } => data,

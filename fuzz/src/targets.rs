@@ -171,6 +171,7 @@ fn err(e: impl std::fmt::Display) -> String {
 const NO_CACHE: FolderOptions = FolderOptions {
     skip_bad_images: false,
     cache: false,
+    resize: None,
 };
 
 fn write(path: &Path, bytes: &[u8]) -> Result<(), String> {

@@ -59,11 +59,21 @@ fn stamp_bytes(path: &Path, len: u64, modified: Option<SystemTime>) -> Vec<u8> {
     format!("{}|{len}|{secs};", path.display()).into_bytes()
 }
 
+/// What of the options changes the decoded pixels.
+fn options_bytes(opts: &FolderOptions) -> Vec<u8> {
+    let mut bytes = vec![opts.skip_bad_images as u8];
+    if let Some(r) = opts.resize {
+        // Absent without a resize, so the keys of existing entries stay what they were.
+        bytes.extend(format!("resize {} crop {}", r.resize, r.crop).into_bytes());
+    }
+    bytes
+}
+
 fn key(seed: Vec<u8>, opts: &FolderOptions) -> String {
     let abs = fnv(seed, 0xcbf2_9ce4_8422_2325);
     format!(
         "{:016x}-{}",
-        fnv([opts.skip_bad_images as u8], abs),
+        fnv(options_bytes(opts), abs),
         env!("CARGO_PKG_VERSION")
     )
 }

@@ -19,6 +19,10 @@ pub struct FolderOptions {
     pub skip_bad_images: bool,
     /// Use the decoded-pixel cache.
     pub cache: bool,
+    /// Resize and centre-crop every image as it is read (torchvision's `Resize` +
+    /// `CenterCrop`): photos of many sizes become one. [`super::open`] applies it to every
+    /// kind of data, not only image folders.
+    pub resize: Option<super::ResizeCrop>,
 }
 
 impl Default for FolderOptions {
@@ -26,6 +30,7 @@ impl Default for FolderOptions {
         FolderOptions {
             skip_bad_images: false,
             cache: true,
+            resize: None,
         }
     }
 }
@@ -58,13 +63,17 @@ fn decode(
                     | image::ColorType::La8
                     | image::ColorType::La16
             );
-            Ok(Some(if grey {
+            let (planes, shape) = if grey {
                 (img.to_luma8().into_raw(), [1, h, w])
             } else {
                 (
                     image_to_planes(&img.to_rgb8().into_raw(), 3, h * w),
                     [3, h, w],
                 )
+            };
+            Ok(Some(match opts.resize {
+                Some(r) => (r.apply(&planes, shape), r.output_shape(shape[0])),
+                None => (planes, shape),
             }))
         }
         Err(_) if opts.skip_bad_images => Ok(None),

@@ -226,7 +226,8 @@ impl DataLoader {
     /// Builds one batch (on the calling thread) of a global batch of `global_size` images.
     pub fn make_batch(&self, epoch: usize, indices: &[usize], global_size: usize) -> Result<Batch> {
         let shape = self.data.image_shape();
-        let per = shape.iter().product::<usize>();
+        let out = self.transform.output_shape(shape);
+        let per = out.iter().product::<usize>();
         let mut buf = vec![0f32; indices.len() * per];
         for (k, &i) in indices.iter().enumerate() {
             let mut rng = Rng::new(mix(mix(self.cfg.seed, epoch as u64 + 1), i as u64 + 1));
@@ -237,7 +238,7 @@ impl DataLoader {
                 &mut buf[k * per..(k + 1) * per],
             );
         }
-        let images = Tensor::from_vec(buf, [indices.len(), shape[0], shape[1], shape[2]])?;
+        let images = Tensor::from_vec(buf, [indices.len(), out[0], out[1], out[2]])?;
         Ok(Batch {
             images,
             labels: indices.iter().map(|&i| self.data.label(i)).collect(),

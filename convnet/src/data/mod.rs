@@ -19,6 +19,7 @@ mod archive;
 mod cache;
 mod cifar;
 mod folder;
+mod geometry;
 mod idx;
 mod loader;
 pub mod store;
@@ -28,6 +29,7 @@ pub use cache::cache_dir;
 pub use cifar::CIFAR10_CLASSES;
 pub use folder::image_to_planes;
 pub use folder::FolderOptions;
+pub use geometry::{RandomResizedCrop, ResizeCrop};
 pub use loader::{Batch, DataLoader, EpochIter, LoaderConfig};
 pub use transform::{Augment, Normalize, Transform};
 
@@ -301,6 +303,44 @@ impl ImageDataset {
         self.select(&idx)
     }
 
+    /// This set with every image resized and centre-cropped ([`ResizeCrop`]): new pixels,
+    /// in memory while they fit (see [`store::memory_limit`]), else in a temporary file.
+    ///
+    /// ```
+    /// use convnet::data::{ImageDataset, ResizeCrop};
+    /// let ds = ImageDataset::new(vec![9; 2 * 3 * 32 * 32], vec![0, 1], [3, 32, 32], vec!["a".into(), "b".into()], "memory")?;
+    /// let big = ds.resized(ResizeCrop::new(40, 36)?)?;
+    /// assert_eq!((big.image_shape(), big.labels()), ([3, 36, 36], ds.labels()));
+    /// assert!(big.image(1)?.iter().all(|&v| v == 9));
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn resized(&self, geometry: ResizeCrop) -> Result<ImageDataset> {
+        use rayon::prelude::*;
+        let shape = geometry.output_shape(self.shape[0]);
+        let mut sink = store::PixelSink::new(None, &cache::scratch_dir());
+        let per = shape.iter().product::<usize>() as u64;
+        sink.expect(per.saturating_mul(self.len() as u64))?;
+        for start in (0..self.len()).step_by(256) {
+            let end = (start + 256).min(self.len());
+            let images: Vec<Vec<u8>> = (start..end)
+                .into_par_iter()
+                .map(|i| Ok(geometry.apply(&self.image(i)?, self.shape)))
+                .collect::<Result<_>>()?;
+            for img in images {
+                sink.push(&img)?;
+            }
+        }
+        let mut ds = ImageDataset::from_store(
+            sink.finish(&[])?,
+            self.labels.clone(),
+            shape,
+            self.classes.clone(),
+            self.source.clone(),
+        )?;
+        ds.skipped = self.skipped;
+        Ok(ds)
+    }
+
     /// Splits off the last `n` examples: `(first len-n, last n)`.
     pub fn split_tail(&self, n: usize) -> (ImageDataset, ImageDataset) {
         let cut = self.len().saturating_sub(n);
@@ -390,13 +430,39 @@ pub fn image_folder_from_tar_gz_bytes(
     folder::from_archive_reader(path, bytes, opts, None)
 }
 
-/// Opens a data path of any supported layout (see the module docs).
+/// Opens a data path of any supported layout (see the module docs), with every image
+/// resized and cropped when `opts.resize` says so (image folders as they are decoded, other
+/// layouts after reading).
 pub fn open(path: &Path, opts: &FolderOptions) -> Result<DataSplit> {
+    let (split, decoded_to_size) = open_as_stored(path, opts)?;
+    let geometry = match opts.resize {
+        Some(g) if !decoded_to_size => g,
+        _ => return Ok(split),
+    };
+    let fit = |ds: ImageDataset| ds.resized(geometry);
+    Ok(match split {
+        DataSplit::Pair { train, test } => DataSplit::Pair {
+            train: fit(train)?,
+            test: fit(test)?,
+        },
+        DataSplit::Single {
+            data,
+            sorted_by_class,
+        } => DataSplit::Single {
+            data: fit(data)?,
+            sorted_by_class,
+        },
+    })
+}
+
+/// What `path` holds as its readers store it, and whether it came from image folders
+/// (decoded with `opts.resize` already applied).
+fn open_as_stored(path: &Path, opts: &FolderOptions) -> Result<(DataSplit, bool)> {
     let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
     if meta.is_file() {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if name.contains("idx") {
-            return idx::open_single(path);
+            return Ok((idx::open_single(path)?, false));
         }
         if !(name.ends_with(".tar.gz") || name.ends_with(".tgz")) {
             return Err(format_err(
@@ -407,19 +473,23 @@ pub fn open(path: &Path, opts: &FolderOptions) -> Result<DataSplit> {
         // A CIFAR release is read whole (it is small); an image folder is streamed.
         if cifar::is_release(&archive::entry_names(path)?) {
             if let Some(split) = cifar::from_archive(path, &archive::read_tar_gz(path)?)? {
-                return Ok(split);
+                return Ok((split, false));
             }
         }
-        return Ok(DataSplit::Single {
-            data: folder::open(path, opts)?,
-            sorted_by_class: true,
-        });
+        let data = folder::open(path, opts)?;
+        return Ok((
+            DataSplit::Single {
+                data,
+                sorted_by_class: true,
+            },
+            true,
+        ));
     }
     if let Some(split) = cifar::from_dir(path)? {
-        return Ok(split);
+        return Ok((split, false));
     }
     if let Some(split) = idx::from_dir(path)? {
-        return Ok(split);
+        return Ok((split, false));
     }
     let part = |name: &str| -> Option<PathBuf> {
         [
@@ -439,10 +509,14 @@ pub fn open(path: &Path, opts: &FolderOptions) -> Result<DataSplit> {
                 train.classes().len(), train.image_shape(), test.classes().len(), test.image_shape()
             )));
         }
-        return Ok(DataSplit::Pair { train, test });
+        return Ok((DataSplit::Pair { train, test }, true));
     }
-    Ok(DataSplit::Single {
-        data: folder::open(path, opts)?,
-        sorted_by_class: true,
-    })
+    let data = folder::open(path, opts)?;
+    Ok((
+        DataSplit::Single {
+            data,
+            sorted_by_class: true,
+        },
+        true,
+    ))
 }

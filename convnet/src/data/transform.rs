@@ -1,8 +1,10 @@
 //! Per-image transforms, deterministic under a seed: scale to [0, 1], per-channel
-//! normalisation, and the usual CIFAR augmentations (random crop with zero padding,
-//! horizontal flip, cutout) in torchvision's order: crop and flip on the pixels, then
-//! `ToTensor` + `Normalize`, then cutout (which writes zeros, i.e. the mean colour).
+//! normalisation, and the usual augmentations (random crop with zero padding or
+//! ImageNet-style random resized crop, horizontal flip, cutout) in torchvision's order: crop
+//! and flip on the pixels, then `ToTensor` + `Normalize`, then cutout (which writes zeros,
+//! i.e. the mean colour).
 
+use super::geometry::RandomResizedCrop;
 use crate::rng::Rng;
 
 /// Per-channel `(x - mean) / std` after scaling to [0, 1].
@@ -55,6 +57,10 @@ pub struct Augment {
     pub hflip: bool,
     /// Side of the square zeroed at a random centre (0 = no cutout).
     pub cutout: usize,
+    /// Output side of torchvision's `RandomResizedCrop` (8-100% of the image at an aspect
+    /// ratio of 3/4-4/3, resized to this square; see [`RandomResizedCrop`]), taken instead
+    /// of the padded crop; 0 = off. Images come out at this size whatever theirs.
+    pub random_resized_crop: usize,
 }
 
 impl Augment {
@@ -64,6 +70,17 @@ impl Augment {
             crop_padding: 4,
             hflip: true,
             cutout: 0,
+            random_resized_crop: 0,
+        }
+    }
+
+    /// The ImageNet recipe: a random resized crop to `size` x `size` and horizontal flip.
+    pub fn resized_crop(size: usize) -> Self {
+        Augment {
+            crop_padding: 0,
+            hflip: true,
+            cutout: 0,
+            random_resized_crop: size,
         }
     }
 }
@@ -78,8 +95,23 @@ pub struct Transform {
 }
 
 impl Transform {
-    /// Writes image `img [C, H, W]` (bytes) into `out` as normalised floats, drawing any random
-    /// choices from `rng`.
+    /// The shape of what [`Transform::apply`] writes for an image of shape `input`: the
+    /// same, or the random resized crop's square.
+    ///
+    /// ```
+    /// use convnet::data::{Augment, Normalize, Transform};
+    /// let t = Transform { normalize: Normalize::cifar10(), augment: Some(Augment::resized_crop(24)) };
+    /// assert_eq!(t.output_shape([3, 32, 32]), [3, 24, 24]);
+    /// ```
+    pub fn output_shape(&self, input: [usize; 3]) -> [usize; 3] {
+        match self.augment.filter(|a| a.random_resized_crop > 0) {
+            Some(a) => [input[0], a.random_resized_crop, a.random_resized_crop],
+            None => input,
+        }
+    }
+
+    /// Writes image `img [C, H, W]` (bytes) into `out` (of [`Transform::output_shape`]) as
+    /// normalised floats, drawing any random choices from `rng`.
     ///
     /// ```
     /// use convnet::data::{Normalize, Transform};
@@ -89,10 +121,19 @@ impl Transform {
     /// assert_eq!(out, [-1.0, 1.0]);
     /// ```
     pub fn apply(&self, img: &[u8], shape: [usize; 3], rng: &mut Rng, out: &mut [f32]) {
+        let cropped;
+        let (img, shape) = match self.augment.filter(|a| a.random_resized_crop > 0) {
+            Some(a) => {
+                let size = a.random_resized_crop;
+                cropped = RandomResizedCrop::new(size).apply(img, shape, rng);
+                (&cropped[..], [shape[0], size, size])
+            }
+            None => (img, shape),
+        };
         let [c, h, w] = shape;
         let (mut dy, mut dx, mut flip) = (0isize, 0isize, false);
         if let Some(a) = self.augment {
-            if a.crop_padding > 0 {
+            if a.crop_padding > 0 && a.random_resized_crop == 0 {
                 let p = a.crop_padding as u64;
                 dy = rng.below(2 * p + 1) as isize - p as isize;
                 dx = rng.below(2 * p + 1) as isize - p as isize;

@@ -8,6 +8,7 @@ use crate::graph::{Graph, Op, ValueId};
 use crate::rng::with_global_rng;
 use crate::shape::Shape;
 use crate::tensor::{AvgPool2dParams, Conv2dParams, MaxPool2dParams, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 fn visit_opt(
     prefix: &str,
@@ -544,6 +545,9 @@ pub struct BatchNorm2d {
     pub eps: f32,
     /// Weight of the new batch statistics in the running averages.
     pub momentum: f32,
+    /// Runs as in eval mode even in a training forward pass (a frozen layer of a model
+    /// being fine-tuned): see [`BatchNorm2d::keep_eval`].
+    keep_eval: AtomicBool,
 }
 
 impl BatchNorm2d {
@@ -562,7 +566,33 @@ impl BatchNorm2d {
             num_batches_tracked: Tensor::scalar(0.0),
             eps: 1e-5,
             momentum: 0.1,
+            keep_eval: AtomicBool::new(false),
         })
+    }
+
+    /// Keeps this layer in eval mode during training (`true`) or lets it follow the
+    /// forward pass's mode again (`false`): a frozen BatchNorm of a model being fine-tuned
+    /// normalises with its running statistics, which stay as they are, and counts no
+    /// batches — what `bn.eval()` on a module of a model in train mode does in PyTorch.
+    ///
+    /// ```
+    /// use convnet::nn::{BatchNorm2d, Mode, Module};
+    /// let bn = BatchNorm2d::new(2)?;
+    /// bn.keep_eval(true);
+    /// let x = convnet::Tensor::randn([4, 2, 3, 3], &mut convnet::Rng::new(0));
+    /// bn.forward(&x, Mode::Train)?;
+    /// assert_eq!(bn.running_mean.to_vec(), [0.0, 0.0]);
+    /// assert_eq!(bn.num_batches_tracked.item()?, 0.0);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn keep_eval(&self, on: bool) {
+        self.keep_eval.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the layer runs in eval mode whatever the forward pass's mode
+    /// ([`BatchNorm2d::keep_eval`]).
+    pub fn keeps_eval(&self) -> bool {
+        self.keep_eval.load(Ordering::Relaxed)
     }
 }
 
@@ -579,6 +609,7 @@ impl BatchNorm2d {
     }
 
     fn run(&self, x: &Tensor, mode: Mode, fused: Fused<'_>) -> Result<Tensor> {
+        let mode = if self.keeps_eval() { Mode::Eval } else { mode };
         let args = (
             &self.running_mean,
             &self.running_var,
@@ -620,6 +651,9 @@ impl Module for BatchNorm2d {
     }
     fn kind(&self) -> &'static str {
         "BatchNorm2d"
+    }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
     fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
         super::push_leaf(

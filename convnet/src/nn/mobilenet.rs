@@ -122,6 +122,12 @@ impl Module for InvertedResidual {
         self.conv.visit_tensors(&join(prefix, "conv"), f);
     }
 
+    fn visit_modules(&self, prefix: &str, f: &mut dyn FnMut(&str, &dyn Module)) {
+        let path = join(prefix, "conv");
+        f(&path, &self.conv);
+        self.conv.visit_modules(&path, f);
+    }
+
     fn infer(&self, path: &str, input: &[usize], rows: &mut Vec<SummaryRow>) -> Result<Shape> {
         self.conv.infer(&join(path, "conv"), input, rows)
     }

@@ -84,8 +84,16 @@ pub trait Module: Send + Sync {
         )))
     }
 
-    /// The module as `Any`, for callers that need a wrapper's own methods (such as a
-    /// quantization-aware network's); `None` for ordinary layers.
+    /// Calls `f` for every layer inside this one (not for this one), each with its
+    /// `state_dict` path under `prefix`: a container's children before their own children.
+    /// Leaves have none. With [`Module::as_any`] this finds layers of a kind by name (the
+    /// BatchNorm layers that [`Model::freeze`] keeps in eval mode).
+    fn visit_modules(&self, prefix: &str, f: &mut dyn FnMut(&str, &dyn Module)) {
+        let _ = (prefix, f);
+    }
+
+    /// The module as `Any`, for callers that need a layer's or wrapper's own methods (such
+    /// as a quantization-aware network's, or a BatchNorm layer's); `None` for most layers.
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
     }

@@ -184,6 +184,123 @@ impl Model {
         Ok(())
     }
 
+    /// The classifier: the path of the model's last Linear layer (`fc2` of seed-cnn, `fc`
+    /// of the ResNets, `classifier` of VGG), `None` for a model without one.
+    ///
+    /// ```
+    /// let model = convnet::models::build("resnet20", [3, 32, 32], 10)?;
+    /// assert_eq!(model.classifier()?.as_deref(), Some("fc"));
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn classifier(&self) -> Result<Option<String>> {
+        let graph = self.graph()?;
+        Ok(graph
+            .nodes()
+            .iter()
+            .rev()
+            .find(|n| matches!(n.op, crate::graph::Op::Linear { .. }))
+            .map(|n| n.name.clone()))
+    }
+
+    /// Freezes the parameters under the `state_dict` paths `prefixes` (whole path
+    /// components: `layer1` covers `layer1.0.conv1.weight` but not `layer10.weight`): they
+    /// stop requiring gradients ([`Tensor::set_requires_grad`]), so backward computes none
+    /// for them and an optimizer made from [`Model::trainable_parameters`] leaves them out;
+    /// every BatchNorm layer whose weight and bias are both frozen stays in eval mode during
+    /// training ([`super::BatchNorm2d::keep_eval`]). Returns the names of the parameters
+    /// frozen. A prefix that covers no parameter is an error listing the model's top-level
+    /// names.
+    ///
+    /// ```
+    /// let model = convnet::models::build("resnet20", [3, 32, 32], 10)?;
+    /// let frozen = model.freeze(&["conv1".into(), "bn1".into(), "layer1".into()])?;
+    /// assert_eq!(frozen.len(), 3 + 3 * 2 * 3); // conv1, bn1; three blocks of 2 convs + 2 BNs
+    /// assert!(model.trainable_parameters().iter().all(|(n, _)| !n.starts_with("layer1.")));
+    /// let err = model.freeze(&["layer9".into()]).unwrap_err().to_string();
+    /// assert!(err.contains("conv1, bn1, layer1, layer2, layer3, fc"), "{err}");
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn freeze(&self, prefixes: &[String]) -> Result<Vec<String>> {
+        let params = self.named_parameters();
+        let covers = |prefix: &str, name: &str| {
+            name == prefix
+                || name
+                    .strip_prefix(prefix)
+                    .is_some_and(|rest| rest.starts_with('.'))
+        };
+        for prefix in prefixes {
+            if !params.iter().any(|(n, _)| covers(prefix, n)) {
+                let mut top: Vec<&str> = Vec::new();
+                for (n, _) in &params {
+                    let first = n.split('.').next().unwrap_or(n);
+                    if !top.contains(&first) {
+                        top.push(first);
+                    }
+                }
+                return Err(crate::error::invalid(
+                    "freeze",
+                    format!(
+                        "{prefix:?} names no parameter of the model; its top-level names: {}",
+                        top.join(", ")
+                    ),
+                ));
+            }
+        }
+        self.freeze_where(|name| prefixes.iter().any(|p| covers(p, name)))
+    }
+
+    /// Freezes everything but the classifier (the last Linear layer, see
+    /// [`Model::classifier`]), as [`Model::freeze`] does; an error for a model without a
+    /// Linear layer. Returns the names of the parameters frozen.
+    ///
+    /// ```
+    /// let model = convnet::models::build("seed-cnn", [3, 32, 32], 10)?;
+    /// model.freeze_backbone()?;
+    /// let names: Vec<String> = model.trainable_parameters().into_iter().map(|(n, _)| n).collect();
+    /// assert_eq!(names, ["fc2.weight", "fc2.bias"]);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn freeze_backbone(&self) -> Result<Vec<String>> {
+        let Some(fc) = self.classifier()? else {
+            return Err(crate::error::invalid(
+                "freeze",
+                "the model has no Linear layer, so no classifier to keep training: name the layers to freeze instead",
+            ));
+        };
+        let prefix = format!("{fc}.");
+        self.freeze_where(|name| !name.starts_with(&prefix))
+    }
+
+    fn freeze_where(&self, frozen: impl Fn(&str) -> bool) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for (name, t) in self.named_parameters() {
+            if frozen(&name) {
+                t.set_requires_grad(false)?;
+                names.push(name);
+            }
+        }
+        self.net.visit_modules("", &mut |_, layer| {
+            if let Some(bn) = layer
+                .as_any()
+                .and_then(|a| a.downcast_ref::<super::BatchNorm2d>())
+            {
+                if !bn.weight.tracks_grad() && !bn.bias.tracks_grad() {
+                    bn.keep_eval(true);
+                }
+            }
+        });
+        Ok(names)
+    }
+
+    /// The parameters that are trained: those that require a gradient (all of them unless
+    /// some were frozen with [`Model::freeze`]), with their `state_dict` names.
+    pub fn trainable_parameters(&self) -> Vec<(String, Tensor)> {
+        self.named_parameters()
+            .into_iter()
+            .filter(|(_, t)| t.tracks_grad())
+            .collect()
+    }
+
     /// Number of trainable parameters.
     pub fn num_parameters(&self) -> usize {
         self.named_parameters().iter().map(|(_, t)| t.numel()).sum()

@@ -79,6 +79,14 @@ impl ShortcutPath {
         }
     }
 
+    fn visit_modules(&self, prefix: &str, f: &mut dyn FnMut(&str, &dyn Module)) {
+        if let ShortcutPath::Projection(ds) = self {
+            let path = join(prefix, "downsample");
+            f(&path, ds);
+            ds.visit_modules(&path, f);
+        }
+    }
+
     fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
         match self {
             ShortcutPath::Identity => Ok(input),
@@ -194,6 +202,19 @@ fn residual_visit(
     shortcut.visit_tensors(prefix, f);
 }
 
+fn residual_visit_modules(
+    convs: &[(&Conv2d, &BatchNorm2d)],
+    shortcut: &ShortcutPath,
+    prefix: &str,
+    f: &mut dyn FnMut(&str, &dyn Module),
+) {
+    for (i, (conv, bn)) in convs.iter().enumerate() {
+        f(&join(prefix, &format!("conv{}", i + 1)), *conv);
+        f(&join(prefix, &format!("bn{}", i + 1)), *bn);
+    }
+    shortcut.visit_modules(prefix, f);
+}
+
 fn residual_infer(
     convs: &[(&Conv2d, &BatchNorm2d)],
     shortcut: &ShortcutPath,
@@ -234,6 +255,10 @@ macro_rules! residual_module {
 
             fn visit_tensors(&self, prefix: &str, f: &mut dyn FnMut(String, &Tensor, TensorRole)) {
                 residual_visit(&self.convs(), &self.shortcut, prefix, f)
+            }
+
+            fn visit_modules(&self, prefix: &str, f: &mut dyn FnMut(&str, &dyn Module)) {
+                residual_visit_modules(&self.convs(), &self.shortcut, prefix, f)
             }
 
             fn infer(

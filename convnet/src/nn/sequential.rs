@@ -86,6 +86,14 @@ impl Module for Sequential {
         }
     }
 
+    fn visit_modules(&self, prefix: &str, f: &mut dyn FnMut(&str, &dyn Module)) {
+        for (name, child) in &self.children {
+            let path = join(prefix, name);
+            f(&path, child.as_ref());
+            child.visit_modules(&path, f);
+        }
+    }
+
     fn infer(&self, path: &str, input: &[usize], rows: &mut Vec<SummaryRow>) -> Result<Shape> {
         let mut shape = Shape::from(input);
         let mut origin: Option<(String, Shape)> = None;

@@ -1,7 +1,6 @@
 //! Adam and AdamW, `torch.optim.Adam` / `torch.optim.AdamW` (single-tensor formulas).
 
-use super::non_negative;
-use super::{lookup, Optimizer};
+use super::{flatten_groups, lookup, non_negative, Optimizer, ParamGroup};
 use crate::autograd::GradStore;
 use crate::backend::cpu::optim::{adam_step, AdamStep};
 use crate::error::{invalid, Error, Result};
@@ -51,6 +50,8 @@ impl AdamConfig {
 struct Slot {
     name: String,
     param: Tensor,
+    /// The parameter's group (index into `Adam::lr_scales`).
+    group: usize,
     step: u64,
     /// The moments, on the parameter's device; made at the first step (or when loaded).
     moments: Option<Moments>,
@@ -84,18 +85,21 @@ impl Moments {
 pub struct Adam {
     cfg: AdamConfig,
     slots: Vec<Slot>,
+    /// Each parameter group's learning rate as a multiple of `cfg.lr`.
+    lr_scales: Vec<f64>,
     /// The slots that took the last step.
     last_stepped: Vec<usize>,
-    /// The hyperparameters on each GPU that holds parameters.
+    /// The hyperparameters of each (parameter group, GPU that holds its parameters).
     #[cfg(feature = "cuda")]
-    hyper: Vec<crate::backend::cuda::optim::AdamHyper>,
+    hyper: Vec<(usize, crate::backend::cuda::optim::AdamHyper)>,
 }
 
-/// The per-step values of step `t` (1-based), bias corrections included.
-fn step_values(c: &AdamConfig, t: u64) -> AdamStep {
+/// The per-step values of step `t` (1-based), bias corrections included, for a parameter
+/// group at `lr_scale` times the rate.
+fn step_values(c: &AdamConfig, lr_scale: f64, t: u64) -> AdamStep {
     let t = t as i32;
     AdamStep {
-        lr: c.lr as f32,
+        lr: (c.lr * lr_scale) as f32,
         beta1: c.betas.0 as f32,
         beta2: c.betas.1 as f32,
         eps: c.eps as f32,
@@ -107,8 +111,13 @@ fn step_values(c: &AdamConfig, t: u64) -> AdamStep {
 }
 
 impl Adam {
-    /// Creates the optimizer over named parameters.
+    /// Creates the optimizer over named parameters, all at the rate `cfg.lr`.
     pub fn new(params: Vec<(String, Tensor)>, cfg: AdamConfig) -> Result<Adam> {
+        Adam::with_groups(vec![ParamGroup::new(params)], cfg)
+    }
+
+    /// Creates the optimizer over parameter groups, each at its multiple of `cfg.lr`.
+    pub fn with_groups(groups: Vec<ParamGroup>, cfg: AdamConfig) -> Result<Adam> {
         let (b1, b2) = cfg.betas;
         if !non_negative(cfg.lr)
             || !non_negative(cfg.eps)
@@ -124,11 +133,13 @@ impl Adam {
                 ),
             ));
         }
+        let (lr_scales, params) = flatten_groups("Adam", groups)?;
         let slots = params
             .into_iter()
-            .map(|(name, param)| Slot {
+            .map(|(name, param, group)| Slot {
                 name,
                 param,
+                group,
                 step: 0,
                 moments: None,
             })
@@ -136,6 +147,7 @@ impl Adam {
         Ok(Adam {
             cfg,
             slots,
+            lr_scales,
             last_stepped: Vec::new(),
             #[cfg(feature = "cuda")]
             hyper: Vec::new(),
@@ -146,8 +158,9 @@ impl Adam {
 impl Optimizer for Adam {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         let c = self.cfg;
-        // Parameters on a GPU are updated together, one launch per (device, step count).
-        let mut on_gpu: Vec<((usize, u64), Vec<usize>)> = Vec::new();
+        // Parameters on a GPU are updated together, one launch per (device, step count,
+        // parameter group).
+        let mut on_gpu: Vec<((usize, u64, usize), Vec<usize>)> = Vec::new();
         self.last_stepped.clear();
         for (i, slot) in self.slots.iter_mut().enumerate() {
             let Some(g) = grads.get(&slot.param) else {
@@ -155,7 +168,7 @@ impl Optimizer for Adam {
             };
             slot.step += 1;
             self.last_stepped.push(i);
-            let s = step_values(&c, slot.step);
+            let s = step_values(&c, self.lr_scales[slot.group], slot.step);
             if slot.moments.is_none() {
                 let n = slot.param.numel();
                 let max = c.amsgrad.then(|| vec![0.0; n]);
@@ -169,9 +182,10 @@ impl Optimizer for Adam {
             let mut inputs = vec![&slot.param, g, &m.exp_avg, &m.exp_avg_sq];
             inputs.extend(m.max_exp_avg_sq.as_ref());
             if let Some(gpu) = gpu_of("Adam", &inputs)? {
-                match on_gpu.iter_mut().find(|(k, _)| *k == (gpu, slot.step)) {
+                let key = (gpu, slot.step, slot.group);
+                match on_gpu.iter_mut().find(|(k, _)| *k == key) {
                     Some((_, v)) => v.push(i),
-                    None => on_gpu.push(((gpu, slot.step), vec![i])),
+                    None => on_gpu.push((key, vec![i])),
                 }
                 continue;
             }
@@ -192,24 +206,29 @@ impl Optimizer for Adam {
         #[cfg(feature = "cuda")]
         {
             use crate::backend::cuda::{optim, runtime};
-            for ((gpu, t), members) in &on_gpu {
-                let at = match self.hyper.iter().position(|h| h.gpu() == *gpu) {
+            for ((gpu, t, group), members) in &on_gpu {
+                let at = match self
+                    .hyper
+                    .iter()
+                    .position(|(g, h)| g == group && h.gpu() == *gpu)
+                {
                     Some(at) => at,
                     None => {
-                        self.hyper.push(optim::AdamHyper::new(*gpu)?);
+                        self.hyper.push((*group, optim::AdamHyper::new(*gpu)?));
                         self.hyper.len() - 1
                     }
                 };
-                // A captured step reads what the trainer stages before each launch, which
-                // is one set of values: parameters at different step counts cannot share it.
+                // A captured step reads what the trainer stages before each launch, one set
+                // of values per group: parameters at different step counts cannot share it.
                 if runtime::with(*gpu, |rt| Ok(rt.is_capturing()))? {
-                    if on_gpu.len() > 1 {
+                    if on_gpu.iter().any(|((_, other, _), _)| other != t) {
                         return Err(Error::Unsupported(
                             "an Adam step over parameters at different step counts cannot be captured in a CUDA graph".into(),
                         ));
                     }
                 } else {
-                    self.hyper[at].stage(optim::adam_hyper(&step_values(&c, *t)))?;
+                    let s = step_values(&c, self.lr_scales[*group], *t);
+                    self.hyper[at].1.stage(optim::adam_hyper(&s))?;
                 }
                 let entries: Vec<optim::AdamEntry<'_>> = members
                     .iter()
@@ -226,11 +245,11 @@ impl Optimizer for Adam {
                         )
                     })
                     .collect();
-                optim::adam_step_multi(&self.hyper[at], &entries)?;
+                optim::adam_step_multi(&self.hyper[at].1, &entries)?;
             }
         }
         #[cfg(not(feature = "cuda"))]
-        if let Some(((gpu, _), _)) = on_gpu.first() {
+        if let Some(((gpu, _, _), _)) = on_gpu.first() {
             let _ = gpu;
             return Err(Error::CudaNotBuilt);
         }
@@ -245,8 +264,9 @@ impl Optimizer for Adam {
             let Some(&first) = self.last_stepped.first() else {
                 return Ok(());
             };
-            let s = step_values(&self.cfg, self.slots[first].step);
-            for h in &mut self.hyper {
+            let t = self.slots[first].step;
+            for (group, h) in &mut self.hyper {
+                let s = step_values(&self.cfg, self.lr_scales[*group], t);
                 h.stage(crate::backend::cuda::optim::adam_hyper(&s))?;
             }
         }

@@ -3,7 +3,8 @@
 //! An optimizer owns named parameters (the names of `state_dict`) and per-parameter state
 //! named `<param>.<slot>` (`fc1.weight.momentum_buffer`, `fc1.weight.exp_avg`, ...), so that
 //! the state can be saved beside a checkpoint and restored. The update of each parameter is
-//! one fused in-place pass (`backend::cpu::optim`).
+//! one fused in-place pass (`backend::cpu::optim`). Parameters can be split into
+//! [`ParamGroup`]s with their own learning rates (a smaller one for a pretrained backbone).
 
 mod adam;
 mod schedule;
@@ -58,6 +59,73 @@ pub trait Optimizer {
     fn advance_for_replay(&mut self) -> Result<()> {
         self.stage_hyperparameters()
     }
+}
+
+/// Parameters that share a learning rate (PyTorch's param groups): the group's rate is the
+/// optimizer's rate, as [`Optimizer::set_lr`] and the schedules set it, times `lr_scale`, so
+/// a schedule moves every group alike (for the schedules here, which scale the peak rate,
+/// the same rates PyTorch gives each group from its own initial rate). Everything else is
+/// the optimizer's.
+///
+/// ```
+/// use convnet::optim::{Optimizer, ParamGroup, Sgd, SgdConfig};
+/// use convnet::Tensor;
+/// let (backbone, head) = (Tensor::ones([2]).requires_grad(), Tensor::ones([2]).requires_grad());
+/// let groups = vec![
+///     ParamGroup::new(vec![("backbone".into(), backbone.clone())]).lr_scale(0.1),
+///     ParamGroup::new(vec![("head".into(), head.clone())]),
+/// ];
+/// let mut sgd = Sgd::with_groups(groups, SgdConfig { lr: 0.5, ..Default::default() })?;
+/// let grads = backbone.add(&head)?.sum_all()?.backward()?;
+/// sgd.step(&grads)?;
+/// assert_eq!((backbone.to_vec()[0], head.to_vec()[0]), (0.95, 0.5));
+/// # Ok::<(), convnet::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct ParamGroup {
+    /// The parameters with their `state_dict` names.
+    pub params: Vec<(String, Tensor)>,
+    /// This group's rate as a multiple of the optimizer's (1 for the optimizer's own).
+    pub lr_scale: f64,
+}
+
+impl ParamGroup {
+    /// A group at the optimizer's rate.
+    pub fn new(params: Vec<(String, Tensor)>) -> Self {
+        ParamGroup {
+            params,
+            lr_scale: 1.0,
+        }
+    }
+
+    /// The group at `scale` times the optimizer's rate.
+    pub fn lr_scale(mut self, scale: f64) -> Self {
+        self.lr_scale = scale;
+        self
+    }
+}
+
+/// The groups' rate multipliers and each named parameter with its group's number.
+pub(crate) type Flattened = (Vec<f64>, Vec<(String, Tensor, usize)>);
+
+/// The groups' rate multipliers, checked, and each parameter with its group's number.
+pub(crate) fn flatten_groups(op: &'static str, groups: Vec<ParamGroup>) -> Result<Flattened> {
+    let mut scales = Vec::with_capacity(groups.len());
+    let mut params = Vec::new();
+    for (g, group) in groups.into_iter().enumerate() {
+        if !non_negative(group.lr_scale) {
+            return Err(crate::error::invalid(
+                op,
+                format!(
+                    "learning-rate scale {} of parameter group {g} must be finite and non-negative",
+                    group.lr_scale
+                ),
+            ));
+        }
+        scales.push(group.lr_scale);
+        params.extend(group.params.into_iter().map(|(n, t)| (n, t, g)));
+    }
+    Ok((scales, params))
 }
 
 /// True for `v >= 0` (false for NaN): the check every rate and decay must pass.

@@ -1,7 +1,6 @@
 //! Stochastic gradient descent, `torch.optim.SGD`.
 
-use super::non_negative;
-use super::{lookup, Optimizer};
+use super::{flatten_groups, lookup, non_negative, Optimizer, ParamGroup};
 use crate::autograd::GradStore;
 use crate::backend::cpu::optim::sgd_step;
 use crate::error::{invalid, Error, Result};
@@ -37,6 +36,8 @@ impl Default for SgdConfig {
 struct Slot {
     name: String,
     param: Tensor,
+    /// The parameter's group (index into `Sgd::lr_scales`).
+    group: usize,
     /// On the parameter's device.
     momentum_buffer: Option<Tensor>,
 }
@@ -46,14 +47,21 @@ struct Slot {
 pub struct Sgd {
     cfg: SgdConfig,
     slots: Vec<Slot>,
-    /// The hyperparameters on each GPU that holds parameters.
+    /// Each parameter group's learning rate as a multiple of `cfg.lr`.
+    lr_scales: Vec<f64>,
+    /// The hyperparameters of each (parameter group, GPU that holds its parameters).
     #[cfg(feature = "cuda")]
-    hyper: Vec<crate::backend::cuda::optim::SgdHyper>,
+    hyper: Vec<(usize, crate::backend::cuda::optim::SgdHyper)>,
 }
 
 impl Sgd {
-    /// Creates the optimizer over named parameters.
+    /// Creates the optimizer over named parameters, all at the rate `cfg.lr`.
     pub fn new(params: Vec<(String, Tensor)>, cfg: SgdConfig) -> Result<Sgd> {
+        Sgd::with_groups(vec![ParamGroup::new(params)], cfg)
+    }
+
+    /// Creates the optimizer over parameter groups, each at its multiple of `cfg.lr`.
+    pub fn with_groups(groups: Vec<ParamGroup>, cfg: SgdConfig) -> Result<Sgd> {
         if !non_negative(cfg.lr) || !non_negative(cfg.momentum) || !non_negative(cfg.weight_decay) {
             return Err(invalid(
                 "SGD",
@@ -69,17 +77,20 @@ impl Sgd {
                 "Nesterov momentum requires a momentum and zero dampening",
             ));
         }
+        let (lr_scales, params) = flatten_groups("SGD", groups)?;
         let slots = params
             .into_iter()
-            .map(|(name, param)| Slot {
+            .map(|(name, param, group)| Slot {
                 name,
                 param,
+                group,
                 momentum_buffer: None,
             })
             .collect();
         Ok(Sgd {
             cfg,
             slots,
+            lr_scales,
             #[cfg(feature = "cuda")]
             hyper: Vec::new(),
         })
@@ -94,14 +105,17 @@ impl Sgd {
 impl Optimizer for Sgd {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         let c = self.cfg;
-        let (lr, momentum, dampening) = (c.lr as f32, c.momentum as f32, c.dampening as f32);
+        let (momentum, dampening) = (c.momentum as f32, c.dampening as f32);
         let weight_decay = c.weight_decay as f32;
-        // Parameters on a GPU are updated together, one launch per (device, first step).
-        let mut on_gpu: Vec<((usize, bool), Vec<usize>)> = Vec::new();
+        let lr_of = |group: usize| (c.lr * self.lr_scales[group]) as f32;
+        // Parameters on a GPU are updated together, one launch per (device, first step,
+        // parameter group).
+        let mut on_gpu: Vec<((usize, bool, usize), Vec<usize>)> = Vec::new();
         for (i, slot) in self.slots.iter_mut().enumerate() {
             let Some(g) = grads.get(&slot.param) else {
                 continue;
             };
+            let lr = lr_of(slot.group);
             let first = slot.momentum_buffer.is_none();
             if c.momentum != 0.0 && first {
                 let zeros = Tensor::zeros(slot.param.shape().clone());
@@ -111,9 +125,10 @@ impl Optimizer for Sgd {
             let mut inputs = vec![&slot.param, g];
             inputs.extend(buf);
             if let Some(gpu) = gpu_of("SGD", &inputs)? {
-                match on_gpu.iter_mut().find(|(k, _)| *k == (gpu, first)) {
+                let key = (gpu, first, slot.group);
+                match on_gpu.iter_mut().find(|(k, _)| *k == key) {
                     Some((_, v)) => v.push(i),
-                    None => on_gpu.push(((gpu, first), vec![i])),
+                    None => on_gpu.push((key, vec![i])),
                 }
                 continue;
             }
@@ -135,22 +150,26 @@ impl Optimizer for Sgd {
                 None => slot.param.update_data(|p| step(p, gd, None)),
             })?;
         }
-        for ((gpu, first), members) in on_gpu {
+        for ((gpu, first, group), members) in on_gpu {
             #[cfg(not(feature = "cuda"))]
-            let _ = (first, &members);
+            let _ = (first, group, &members);
             on_gpu!(gpu, |d| {
                 use crate::backend::cuda::{optim, runtime};
-                let at = match self.hyper.iter().position(|h| h.gpu() == d) {
+                let at = match self
+                    .hyper
+                    .iter()
+                    .position(|(g, h)| *g == group && h.gpu() == d)
+                {
                     Some(at) => at,
                     None => {
-                        self.hyper.push(optim::SgdHyper::new(d)?);
+                        self.hyper.push((group, optim::SgdHyper::new(d)?));
                         self.hyper.len() - 1
                     }
                 };
                 // A captured step reads what the trainer stages before each launch.
                 if !runtime::with(d, |rt| Ok(rt.is_capturing()))? {
-                    self.hyper[at].stage(optim::sgd_hyper(
-                        lr,
+                    self.hyper[at].1.stage(optim::sgd_hyper(
+                        lr_of(group),
                         momentum,
                         dampening,
                         weight_decay,
@@ -165,7 +184,7 @@ impl Optimizer for Sgd {
                         (&s.param, g, buf)
                     })
                     .collect();
-                optim::sgd_step_multi(&self.hyper[at], &entries, c.nesterov, first)
+                optim::sgd_step_multi(&self.hyper[at].1, &entries, c.nesterov, first)
             })?;
         }
         Ok(())
@@ -180,9 +199,9 @@ impl Optimizer for Sgd {
         #[cfg(feature = "cuda")]
         {
             let c = self.cfg;
-            for h in &mut self.hyper {
+            for (group, h) in &mut self.hyper {
                 h.stage(crate::backend::cuda::optim::sgd_hyper(
-                    c.lr as f32,
+                    (c.lr * self.lr_scales[*group]) as f32,
                     c.momentum as f32,
                     c.dampening as f32,
                     c.weight_decay as f32,

@@ -28,7 +28,7 @@ use crate::rng::Rng;
 use crate::shape::Shape;
 use crate::storage::{DType, Storage};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Unique identity of a tensor node; gradients are keyed by it.
@@ -49,7 +49,9 @@ pub(crate) struct Inner {
     strides: Vec<usize>,
     offset: usize,
     op: Option<Op>,
-    requires_grad: bool,
+    /// Whether gradients flow to this tensor; a leaf's can be switched off and on again
+    /// ([`Tensor::set_requires_grad`]: freezing a parameter for fine-tuning).
+    requires_grad: AtomicBool,
 }
 
 /// An n-dimensional `f32` array with optional gradient tracking.
@@ -208,7 +210,7 @@ impl Tensor {
             strides,
             offset: 0,
             op,
-            requires_grad,
+            requires_grad: AtomicBool::new(requires_grad),
         }))
     }
 
@@ -273,7 +275,7 @@ impl Tensor {
             strides,
             offset,
             op,
-            requires_grad,
+            requires_grad: AtomicBool::new(requires_grad),
         }))
     }
 
@@ -297,13 +299,40 @@ impl Tensor {
             strides: self.0.strides.clone(),
             offset: self.0.offset,
             op: None,
-            requires_grad,
+            requires_grad: AtomicBool::new(requires_grad),
         }))
     }
 
     /// Whether gradients flow to this tensor.
     pub fn tracks_grad(&self) -> bool {
-        self.0.requires_grad
+        self.0.requires_grad.load(Ordering::Relaxed)
+    }
+
+    /// Turns gradient tracking of this leaf on or off in place, for every handle of it
+    /// (PyTorch's `requires_grad_`): a frozen parameter is left out of the graphs recorded
+    /// from now on, so backward computes no gradient for it (nor, when nothing before it is
+    /// trained, for the layers it feeds from). Only leaves can be switched; switch between
+    /// steps, not while a recorded graph still waits for its backward pass.
+    ///
+    /// ```
+    /// use convnet::Tensor;
+    /// let w = Tensor::ones([2]).requires_grad();
+    /// let x = Tensor::ones([2]).requires_grad();
+    /// w.set_requires_grad(false)?;
+    /// let grads = w.mul(&x)?.sum_all()?.backward()?;
+    /// assert!(grads.get(&w).is_none() && grads.get(&x).is_some());
+    /// assert!(x.relu()?.set_requires_grad(false).is_err());
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn set_requires_grad(&self, on: bool) -> Result<()> {
+        if !self.is_leaf() {
+            return Err(invalid(
+                "set_requires_grad",
+                "only leaves (parameters and inputs) can be switched; detach() a computed tensor instead",
+            ));
+        }
+        self.0.requires_grad.store(on, Ordering::Relaxed);
+        Ok(())
     }
 
     /// True for tensors not produced by a recorded op (inputs and parameters).
