@@ -138,6 +138,47 @@ fn a_frozen_batch_norm_normalises_with_its_running_statistics() {
 }
 
 #[test]
+fn a_frozen_batch_norm1d_keeps_eval_mode_too() {
+    let text = r#"
+name = "seq"
+input = [4, 12]
+[[layer]]
+type = "conv1d"
+name = "conv"
+out_channels = 6
+kernel_size = 3
+[[layer]]
+type = "batchnorm1d"
+name = "bn"
+[[layer]]
+type = "relu"
+[[layer]]
+type = "flatten"
+[[layer]]
+type = "linear"
+name = "fc"
+out_features = "classes"
+"#;
+    let spec = convnet::model_file::ModelFile::from_toml(text, "seq.toml").unwrap();
+    convnet::manual_seed(3);
+    let model = spec.build_for(&[4, 12], 3).unwrap();
+    let x = Tensor::randn([5, 4, 12], &mut Rng::new(4));
+    let eval = model.forward(&x, convnet::nn::Mode::Eval).unwrap().to_vec();
+    model.freeze_backbone().unwrap();
+    let train = model
+        .forward(&x, convnet::nn::Mode::Train)
+        .unwrap()
+        .to_vec();
+    assert_eq!(train, eval);
+    let (_, mean) = model
+        .state_dict()
+        .into_iter()
+        .find(|(n, _)| n == "bn.running_mean")
+        .unwrap();
+    assert_eq!(mean.to_vec(), vec![0.0; 6], "running statistics left alone");
+}
+
+#[test]
 fn unknown_prefixes_and_models_without_a_classifier_are_errors() {
     let model = convnet::models::build("seed-cnn", [3, 32, 32], 10).unwrap();
     let err = model.freeze(&["conv".into()]).unwrap_err().to_string();

@@ -280,10 +280,13 @@ impl Model {
             }
         }
         self.net.visit_modules("", &mut |_, layer| {
-            if let Some(bn) = layer
-                .as_any()
-                .and_then(|a| a.downcast_ref::<super::BatchNorm2d>())
-            {
+            let any = layer.as_any();
+            if let Some(bn) = any.and_then(|a| a.downcast_ref::<super::BatchNorm2d>()) {
+                if !bn.weight.tracks_grad() && !bn.bias.tracks_grad() {
+                    bn.keep_eval(true);
+                }
+            }
+            if let Some(bn) = any.and_then(|a| a.downcast_ref::<super::BatchNorm1d>()) {
                 if !bn.weight.tracks_grad() && !bn.bias.tracks_grad() {
                     bn.keep_eval(true);
                 }

@@ -314,6 +314,9 @@ pub struct BatchNorm1d {
     pub eps: f32,
     /// Weight of the new batch statistics in the running averages.
     pub momentum: f32,
+    /// Run in eval mode even inside a training pass (a frozen layer of a model being
+    /// fine-tuned), as [`super::BatchNorm2d::keep_eval`].
+    keep_eval: std::sync::atomic::AtomicBool,
 }
 
 impl BatchNorm1d {
@@ -331,12 +334,36 @@ impl BatchNorm1d {
             num_batches_tracked: Tensor::scalar(0.0),
             eps: 1e-5,
             momentum: 0.1,
+            keep_eval: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Keeps the layer in eval mode inside training passes (running statistics used and
+    /// left alone), as [`super::BatchNorm2d::keep_eval`].
+    ///
+    /// ```
+    /// use convnet::nn::{BatchNorm1d, Mode, Module};
+    /// let bn = BatchNorm1d::new(2)?;
+    /// bn.keep_eval(true);
+    /// let x = convnet::Tensor::from_vec(vec![1.0, 2.0, 3.0, 5.0], [2, 2])?;
+    /// assert_eq!(bn.forward(&x, Mode::Train)?.to_vec(), bn.forward(&x, Mode::Eval)?.to_vec());
+    /// assert_eq!(bn.running_mean.to_vec(), vec![0.0, 0.0]);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn keep_eval(&self, on: bool) {
+        self.keep_eval
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the layer runs in eval mode whatever the forward pass's mode.
+    pub fn keeps_eval(&self) -> bool {
+        self.keep_eval.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
 impl Module for BatchNorm1d {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let mode = if self.keeps_eval() { Mode::Eval } else { mode };
         let y = x.batch_norm1d(
             &self.running_mean,
             &self.running_var,
@@ -353,6 +380,9 @@ impl Module for BatchNorm1d {
     }
     fn kind(&self) -> &'static str {
         "BatchNorm1d"
+    }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
     fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
         super::push_leaf(
