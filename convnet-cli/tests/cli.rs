@@ -289,7 +289,7 @@ fn mistakes_end_with_a_message_and_a_non_zero_status() {
     );
     fails_with(
         &["summary", "--model", "seed-cnn", "--input", "3x32"],
-        "CxHxW",
+        "seed-cnn takes images [C, H, W], not an input of shape [3, 32]",
     );
     fails_with(
         &["summary", "--model", "lenet5", "--input", "3x8x8"],
