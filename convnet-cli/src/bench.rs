@@ -63,8 +63,41 @@ pub struct BenchArgs {
     /// Print one JSON object with the results as the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// Describe this machine instead of timing a model: its vector extensions, the float32
+    /// multiply-add peak measured on one thread and on --threads threads, the machine class
+    /// (full-width or half-rate AVX-512, AVX2, portable) and the kernels convnet runs on it.
+    #[arg(long)]
+    machine: bool,
     #[command(flatten)]
     dist: DistArgs,
+}
+
+/// `convnet bench --machine`.
+fn machine(json: bool) -> Result<()> {
+    use convnet::backend::cpu::machine::Machine;
+    let threads = rayon::current_num_threads();
+    let m = Machine::measure(threads, std::time::Duration::from_millis(100));
+    println!("{m}");
+    if json {
+        let peaks = |v: &[(usize, f64)]| {
+            v.iter()
+                .map(|&(t, g)| serde_json::json!({"threads": t, "gflops": (g * 10.0).round() / 10.0}))
+                .collect::<Vec<_>>()
+        };
+        println!(
+            "{}",
+            serde_json::json!({
+                "cpu": m.cpu,
+                "extensions": m.features,
+                "peak_avx512": peaks(&m.avx512),
+                "peak_avx2": peaks(&m.avx2),
+                "class": m.class.name(),
+                "float_kernels": m.float_kernels(),
+                "int8_kernels": m.int8_kernels(),
+            })
+        );
+    }
+    Ok(())
 }
 
 fn print_profile(steps: usize, step_secs: f64) {
@@ -142,6 +175,9 @@ fn peak_rss_mib() -> f64 {
 
 pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
     set_threads(threads_per_rank(a.threads, ranks))?;
+    if a.machine {
+        return machine(a.json);
+    }
     if a.batch_size == 0 || a.steps == 0 {
         bail!("--batch-size and --steps must be positive");
     }

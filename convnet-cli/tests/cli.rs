@@ -873,3 +873,50 @@ fn without_mpi_support_a_launched_process_says_how_to_build_one() {
         .unwrap();
     assert!(out.status.success());
 }
+
+#[test]
+fn bench_machine_describes_the_cpu() {
+    let out = convnet(&["bench", "--machine", "--threads", "2", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let m = last_json(&out);
+    let class = m["class"].as_str().unwrap();
+    let ext: Vec<&str> = m["extensions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let peaks = |key: &str| -> Vec<(u64, f64)> {
+        m[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["threads"].as_u64().unwrap(),
+                    p["gflops"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    // The class follows the extensions and the measured peaks.
+    match class {
+        "full-width AVX-512" | "half-rate AVX-512" => {
+            assert!(ext.contains(&"avx512f"));
+            let (wide, narrow) = (peaks("peak_avx512"), peaks("peak_avx2"));
+            assert_eq!(wide.iter().map(|p| p.0).collect::<Vec<_>>(), [1, 2]);
+            assert!(wide.iter().chain(&narrow).all(|p| p.1 > 0.0), "{m}");
+            assert_eq!(
+                class == "full-width AVX-512",
+                wide[0].1 >= 1.5 * narrow[0].1,
+                "{m}"
+            );
+        }
+        "AVX2" => assert!(ext.contains(&"avx2") && !ext.contains(&"avx512f")),
+        other => assert_eq!(other, "portable"),
+    }
+    assert!(
+        m["float_kernels"].as_str().unwrap().contains("tiles"),
+        "{m}"
+    );
+}

@@ -9,7 +9,8 @@ that machine noise hits them alike. Dev-time only (needs torch).
 Each measurement runs in its own process: warm-up steps, then the median of timed steps of
 the real training step (forward, cross-entropy, backward, SGD momentum 0.9) or of inference
 (eval mode, no autograd). Reported: images/s (median over rounds), convnet/PyTorch ratios
-and peak RSS.
+and peak RSS. The table is headed by the machine's class and float32 multiply-add peak as
+`convnet bench --machine` measures them.
 """
 
 import argparse
@@ -91,6 +92,12 @@ def main():
     args = ap.parse_args()
     if args.worker == "torch":
         return torch_worker(args)
+
+    # The machine first: its class and float32 multiply-add peak, so that figures from
+    # different machines are not compared as if they were one.
+    machine = run([args.convnet, "bench", "--machine", "--threads", str(max(int(t) for t in args.thread_counts.split(","))), "--json"])
+    peaks = ", ".join(f"{p['gflops']:.0f} GFLOP/s on {p['threads']} thread(s)" for p in machine["peak_avx512"] or machine["peak_avx2"])
+    print(f"Machine: {machine['cpu']}, {machine['class']} (float32 FMA peak {peaks})\n")
 
     configs = []
     for model in args.models.split(","):

@@ -11,6 +11,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod int8;
 pub mod loss;
+pub mod machine;
 pub mod matmul;
 pub mod nhwc;
 pub mod norm;
