@@ -23,6 +23,7 @@ mod geometry;
 mod idx;
 mod loader;
 pub mod store;
+pub mod text;
 mod transform;
 
 pub use cache::cache_dir;
