@@ -738,25 +738,13 @@ impl InputGradient {
                 let mut share = vec![0f32; op.c];
                 for oy in 0..op.h {
                     for ox in 0..op.w {
-                        // The forward pass's windows and divisors (nhwc::avg_pool_plane).
-                        let y0 = (oy * p.stride.0) as isize - p.padding.0 as isize;
-                        let x0 = (ox * p.stride.1) as isize - p.padding.1 as isize;
-                        let y1 = (y0 + p.kernel.0 as isize).min((ip.h + p.padding.0) as isize);
-                        let x1 = (x0 + p.kernel.1 as isize).min((ip.w + p.padding.1) as isize);
-                        let pool_size = ((y1 - y0) * (x1 - x0)) as usize;
-                        let (ys, ye) = (y0.max(0), y1.min(ip.h as isize));
-                        let (xs, xe) = (x0.max(0), x1.min(ip.w as isize));
-                        let count = if p.count_include_pad {
-                            pool_size
-                        } else {
-                            ((ye - ys) * (xe - xs)) as usize
-                        };
+                        let win = nhwc::avg_window(ip, *p, (oy, ox));
                         let go = &g_out[op.at(oy as isize, ox as isize)..][..op.c];
                         for (s, &gv) in share.iter_mut().zip(go) {
-                            *s = gv / count as f32;
+                            *s = gv / win.divisor as f32;
                         }
-                        for iy in ys..ye {
-                            for ix in xs..xe {
+                        for iy in win.rows.clone() {
+                            for ix in win.cols.clone() {
                                 add_into(&mut gi[ip.at(iy, ix)..][..op.c], &share);
                             }
                         }
@@ -768,16 +756,16 @@ impl InputGradient {
                 let gi = self.touch(ws, *input);
                 let mut share = vec![0f32; op.c];
                 for oy in 0..op.h {
-                    let (ys, ye) = (oy * ip.h / op.h, ((oy + 1) * ip.h).div_ceil(op.h));
+                    let rows = nhwc::adaptive_range(oy, ip.h, op.h);
                     for ox in 0..op.w {
-                        let (xs, xe) = (ox * ip.w / op.w, ((ox + 1) * ip.w).div_ceil(op.w));
-                        let n = ((ye - ys) * (xe - xs)) as f32;
+                        let cols = nhwc::adaptive_range(ox, ip.w, op.w);
+                        let n = (rows.len() * cols.len()) as f32;
                         let go = &g_out[op.at(oy as isize, ox as isize)..][..op.c];
                         for (s, &gv) in share.iter_mut().zip(go) {
                             *s = gv / n;
                         }
-                        for iy in ys..ye {
-                            for ix in xs..xe {
+                        for iy in rows.clone() {
+                            for ix in cols.clone() {
                                 add_into(
                                     &mut gi[ip.at(iy as isize, ix as isize)..][..op.c],
                                     &share,

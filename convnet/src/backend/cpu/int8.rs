@@ -1300,26 +1300,15 @@ pub fn avg_pool_plane(
     for oy in 0..op.h {
         for ox in 0..op.w {
             sum.fill(0);
-            let y0 = (oy * p.stride.0) as isize - p.padding.0 as isize;
-            let x0 = (ox * p.stride.1) as isize - p.padding.1 as isize;
-            let y1 = (y0 + p.kernel.0 as isize).min((ip.h + p.padding.0) as isize);
-            let x1 = (x0 + p.kernel.1 as isize).min((ip.w + p.padding.1) as isize);
-            let pool_size = (y1 - y0) * (x1 - x0);
-            let (ys, ye) = (y0.max(0), y1.min(ip.h as isize));
-            let (xs, xe) = (x0.max(0), x1.min(ip.w as isize));
-            for iy in ys..ye {
-                for ix in xs..xe {
+            let win = super::nhwc::avg_window(ip, p, (oy, ox));
+            for iy in win.rows.clone() {
+                for ix in win.cols.clone() {
                     for (s, &v) in sum.iter_mut().zip(&x.0[ip.at(iy, ix)..][..c]) {
                         *s += v as i64;
                     }
                 }
             }
-            let valid = ((ye - ys) * (xe - xs)) as i64;
-            let count = if p.count_include_pad {
-                pool_size as i64
-            } else {
-                valid
-            };
+            let (valid, count) = (win.valid as i64, win.divisor as i64);
             let o = op.at(oy as isize, ox as isize);
             for (d, &s) in out.0[o..o + c].iter_mut().zip(&sum) {
                 *d = mean_q(s, valid, count, zero_point);
@@ -1334,12 +1323,12 @@ pub fn adaptive_avg_pool_plane(x: (&[u8], Plane), zero_point: i32, out: (&mut [u
     let c = ip.c;
     let mut sum = vec![0i64; c];
     for oy in 0..op.h {
-        let (ys, ye) = (oy * ip.h / op.h, ((oy + 1) * ip.h).div_ceil(op.h));
+        let rows = super::nhwc::adaptive_range(oy, ip.h, op.h);
         for ox in 0..op.w {
-            let (xs, xe) = (ox * ip.w / op.w, ((ox + 1) * ip.w).div_ceil(op.w));
+            let cols = super::nhwc::adaptive_range(ox, ip.w, op.w);
             sum.fill(0);
-            for iy in ys..ye {
-                for ix in xs..xe {
+            for iy in rows.clone() {
+                for ix in cols.clone() {
                     for (s, &v) in sum
                         .iter_mut()
                         .zip(&x.0[ip.at(iy as isize, ix as isize)..][..c])
@@ -1348,7 +1337,7 @@ pub fn adaptive_avg_pool_plane(x: (&[u8], Plane), zero_point: i32, out: (&mut [u
                     }
                 }
             }
-            let n = ((ye - ys) * (xe - xs)) as i64;
+            let n = (rows.len() * cols.len()) as i64;
             let o = op.at(oy as isize, ox as isize);
             for (d, &s) in out.0[o..o + c].iter_mut().zip(&sum) {
                 *d = mean_q(s, n, n, zero_point);

@@ -84,7 +84,9 @@ impl Machine {
     /// Detects the extensions and measures the peaks on one thread and on `threads` threads
     /// (each loop runs for about `each`, three times, alternating).
     pub fn measure(threads: usize, each: Duration) -> Machine {
-        let features: Vec<&'static str> = FEATURES.into_iter().filter(|f| has(f)).collect();
+        let flags = cpu_flags();
+        let features: Vec<&'static str> = FEATURES.into_iter().filter(|f| has(f, &flags)).collect();
+        let has = |name: &str| features.contains(&name);
         let counts: Vec<usize> = if threads > 1 {
             vec![1, threads]
         } else {
@@ -221,8 +223,8 @@ enum Loop {
     Avx2,
 }
 
-/// Whether this CPU has extension `name`.
-fn has(name: &str) -> bool {
+/// Whether this CPU has extension `name` (`flags`: the kernel's list, for AMX).
+fn has(name: &str, flags: &[String]) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         match name {
@@ -233,13 +235,13 @@ fn has(name: &str) -> bool {
             "avx512vnni" => std::arch::is_x86_feature_detected!("avx512vnni"),
             "avx512bf16" => std::arch::is_x86_feature_detected!("avx512bf16"),
             // AMX is reported by the kernel (and usable only once it grants the tile state).
-            "amx-tile" | "amx-int8" | "amx-bf16" => cpu_flags().contains(&name.replace('-', "_")),
+            "amx-tile" | "amx-int8" | "amx-bf16" => flags.contains(&name.replace('-', "_")),
             _ => false,
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = name;
+        let _ = (name, flags);
         false
     }
 }
@@ -295,7 +297,7 @@ fn peak(kind: Loop, threads: usize, each: Duration) -> f64 {
 fn run_loop(kind: Loop, iters: u64) -> f32 {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: each loop runs only when its extensions are present (checked by the caller
-    // through `has`).
+    // in `Machine::measure`).
     unsafe {
         std::hint::black_box(match kind {
             Loop::Avx512 => fma_loop_avx512(iters),

@@ -1045,29 +1045,64 @@ pub fn avg_pool_plane(
     for oy in 0..op.h {
         for ox in 0..op.w {
             sum.fill(0.0);
-            let y0 = (oy * p.stride.0) as isize - p.padding.0 as isize;
-            let x0 = (ox * p.stride.1) as isize - p.padding.1 as isize;
-            let y1 = (y0 + p.kernel.0 as isize).min((ip.h + p.padding.0) as isize);
-            let x1 = (x0 + p.kernel.1 as isize).min((ip.w + p.padding.1) as isize);
-            let pool_size = ((y1 - y0) * (x1 - x0)) as usize;
-            let (ys, ye) = (y0.max(0), y1.min(ip.h as isize));
-            let (xs, xe) = (x0.max(0), x1.min(ip.w as isize));
-            for iy in ys..ye {
-                for ix in xs..xe {
+            let win = avg_window(ip, p, (oy, ox));
+            for iy in win.rows.clone() {
+                for ix in win.cols.clone() {
                     add_into(&mut sum, &x.0[ip.at(iy, ix)..][..c]);
                 }
             }
-            let count = if p.count_include_pad {
-                pool_size
-            } else {
-                ((ye - ys) * (xe - xs)) as usize
-            };
             let o = op.at(oy as isize, ox as isize);
             for (d, s) in out.0[o..o + c].iter_mut().zip(&sum) {
-                *d = s / count as f32;
+                *d = s / win.divisor as f32;
             }
         }
     }
+}
+
+/// The part of average-pooling window `(oy, ox)` inside the image, and its divisor.
+pub(crate) struct AvgWindow {
+    /// Input rows and columns the window covers inside the image.
+    pub rows: Range<isize>,
+    pub cols: Range<isize>,
+    /// Taps inside the image.
+    pub valid: usize,
+    /// What the sum is divided by: the taps inside the padded input with
+    /// `count_include_pad`, the valid ones without (PyTorch's rules; a ceil-mode window is
+    /// clipped at the padded edge).
+    pub divisor: usize,
+}
+
+/// The window of output `(oy, ox)` of average pooling `p` over plane `ip` (one home for the
+/// rule the float, int8 and gradient passes share).
+pub(crate) fn avg_window(
+    ip: Plane,
+    p: crate::tensor::AvgPool2dParams,
+    (oy, ox): (usize, usize),
+) -> AvgWindow {
+    let y0 = (oy * p.stride.0) as isize - p.padding.0 as isize;
+    let x0 = (ox * p.stride.1) as isize - p.padding.1 as isize;
+    let y1 = (y0 + p.kernel.0 as isize).min((ip.h + p.padding.0) as isize);
+    let x1 = (x0 + p.kernel.1 as isize).min((ip.w + p.padding.1) as isize);
+    let pool_size = ((y1 - y0) * (x1 - x0)) as usize;
+    let rows = y0.max(0)..y1.min(ip.h as isize);
+    let cols = x0.max(0)..x1.min(ip.w as isize);
+    let valid = rows.len() * cols.len();
+    AvgWindow {
+        rows,
+        cols,
+        valid,
+        divisor: if p.count_include_pad {
+            pool_size
+        } else {
+            valid
+        },
+    }
+}
+
+/// The input range of adaptive pooling output `o` of `out_len` over `in_len` (PyTorch's
+/// bounds: `floor(o * in / out)` to `ceil((o + 1) * in / out)`).
+pub(crate) fn adaptive_range(o: usize, in_len: usize, out_len: usize) -> Range<usize> {
+    o * in_len / out_len..((o + 1) * in_len).div_ceil(out_len)
 }
 
 /// Adaptive average pooling to the output plane's size (PyTorch's window bounds).
@@ -1076,16 +1111,16 @@ pub fn adaptive_avg_pool_plane(x: (&[f32], Plane), out: (&mut [f32], Plane)) {
     let c = ip.c;
     let mut sum = vec![0f32; c];
     for oy in 0..op.h {
-        let (ys, ye) = (oy * ip.h / op.h, ((oy + 1) * ip.h).div_ceil(op.h));
+        let rows = adaptive_range(oy, ip.h, op.h);
         for ox in 0..op.w {
-            let (xs, xe) = (ox * ip.w / op.w, ((ox + 1) * ip.w).div_ceil(op.w));
+            let cols = adaptive_range(ox, ip.w, op.w);
             sum.fill(0.0);
-            for iy in ys..ye {
-                for ix in xs..xe {
+            for iy in rows.clone() {
+                for ix in cols.clone() {
                     add_into(&mut sum, &x.0[ip.at(iy as isize, ix as isize)..][..c]);
                 }
             }
-            let n = ((ye - ys) * (xe - xs)) as f32;
+            let n = (rows.len() * cols.len()) as f32;
             let o = op.at(oy as isize, ox as isize);
             for (d, s) in out.0[o..o + c].iter_mut().zip(&sum) {
                 *d = s / n;
