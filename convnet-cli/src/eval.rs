@@ -145,7 +145,8 @@ pub fn run_eval(a: EvalArgs, ranks: &Ranks) -> Result<()> {
         return Ok(());
     }
     if let Some(dir) = &a.plots {
-        let written = write_eval_plots(dir, &r, loader.dataset(), mistakes.mistakes())
+        let images = loader.images().context("--plots draws image data sets")?;
+        let written = write_eval_plots(dir, &r, images, mistakes.mistakes())
             .with_context(|| format!("--plots {}", dir.display()))?;
         for path in written {
             eprintln!("wrote {}", path.display());
@@ -162,7 +163,7 @@ pub fn run_eval(a: EvalArgs, ranks: &Ranks) -> Result<()> {
         "model {} ({}) on {} test images",
         m.architecture,
         loaded.source.display(),
-        loader.dataset().len()
+        loader.len()
     );
     println!("loss {:.4}  accuracy {:.2}%\n", r.loss, 100.0 * r.accuracy);
     let w = names

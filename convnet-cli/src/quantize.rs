@@ -148,7 +148,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         if !a.json {
             println!(
                 "test accuracy on {} images: float {:.2}%, int8 {:.2}% ({:+.2} points)",
-                test_loader.dataset().len(),
+                test_loader.len(),
                 100.0 * float.accuracy,
                 100.0 * int8.accuracy,
                 100.0 * (int8.accuracy - float.accuracy)
@@ -156,7 +156,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         }
         report["float_accuracy"] = float.accuracy.into();
         report["int8_accuracy"] = int8.accuracy.into();
-        report["test_images"] = test_loader.dataset().len().into();
+        report["test_images"] = test_loader.len().into();
     }
     if a.json {
         println!("{report}");

@@ -812,9 +812,9 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
             "training {} ({} parameters) on {} images of {:?}, testing on {}; writing to {}",
             a.model,
             trainer.model().num_parameters(),
-            train_loader.dataset().len(),
+            train_loader.len(),
             shape,
-            test_loader.dataset().len(),
+            test_loader.len(),
             out.display()
         );
         if ranks.size() > 1 {
@@ -875,7 +875,10 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
                 "epoch {epoch:>3}/{}  train loss {:.4} acc {:6.2}%  test loss {:.4} acc {:6.2}%  lr {:.5}  {:.1}s ({:.0} img/s)",
                 a.epochs, stats.loss, 100.0 * stats.accuracy, test.loss, 100.0 * test.accuracy, stats.lr, stats.seconds, stats.images_per_sec
             );
-            let images = (epoch == a.epochs).then(|| (test_loader.dataset(), &normalize));
+            let images = test_loader
+                .images()
+                .filter(|_| epoch == a.epochs)
+                .map(|d| (d, &normalize));
             board.epoch(epoch, history.last(), &trainer, images);
         }
         last = Some(test);

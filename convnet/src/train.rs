@@ -954,7 +954,7 @@ pub fn evaluate_observed(
             ),
         ));
     }
-    let classes = loader.dataset().classes().len();
+    let classes = loader.classes().len();
     let mut confusion = vec![vec![0u64; classes]; classes];
     let mut loss_sum = 0f64;
     let mut seen = 0usize;

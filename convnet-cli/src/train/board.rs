@@ -74,7 +74,7 @@ impl Board {
             writer,
             every: every.max(1),
             batch_size: loader.config().batch_size,
-            train_images: loader.dataset().len(),
+            train_images: loader.len(),
             since: (0, 0, 0.0),
             grads_noted: false,
         })

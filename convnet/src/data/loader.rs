@@ -14,7 +14,7 @@
 //! every image exactly once. A rank whose slice of a short last batch is empty gets a batch
 //! without images (see [`Batch::global_size`]).
 
-use super::{ImageDataset, Transform};
+use super::{FeatureDataset, ImageDataset, Transform};
 use crate::error::{invalid, Result};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -72,12 +72,22 @@ pub struct Batch {
     pub global_size: usize,
 }
 
-/// Batches over an in-memory [`ImageDataset`].
+/// Batches over an [`ImageDataset`] (decoded, normalised and augmented by a [`Transform`])
+/// or a [`FeatureDataset`] (taken as they are).
 #[derive(Clone)]
 pub struct DataLoader {
-    data: Arc<ImageDataset>,
-    transform: Arc<Transform>,
+    source: Source,
     cfg: LoaderConfig,
+}
+
+/// What a [`DataLoader`] reads.
+#[derive(Clone)]
+enum Source {
+    Images {
+        data: Arc<ImageDataset>,
+        transform: Arc<Transform>,
+    },
+    Features(Arc<FeatureDataset>),
 }
 
 fn mix(a: u64, b: u64) -> u64 {
@@ -89,6 +99,48 @@ fn mix(a: u64, b: u64) -> u64 {
 impl DataLoader {
     /// Creates a loader; fails on a zero batch size, no workers or an invalid shard.
     pub fn new(data: Arc<ImageDataset>, transform: Transform, cfg: LoaderConfig) -> Result<Self> {
+        let source = data.source.clone();
+        DataLoader::checked(
+            Source::Images {
+                data,
+                transform: Arc::new(transform),
+            },
+            &source,
+            cfg,
+        )
+    }
+
+    /// A loader over examples that are already numbers (token ids, audio features): every
+    /// batch is `[B, dims...]` of the stored values.
+    ///
+    /// ```
+    /// use convnet::data::{DataLoader, FeatureDataset, LoaderConfig};
+    /// use std::sync::Arc;
+    /// let ds = FeatureDataset::new((0..6).map(|v| v as f32).collect(), vec![2], vec![0, 1, 1], vec!["a".into(), "b".into()], "memory")?;
+    /// let cfg = LoaderConfig { batch_size: 2, shuffle: false, ..Default::default() };
+    /// let loader = DataLoader::for_features(Arc::new(ds), cfg)?;
+    /// let b = loader.make_batch(0, &[2, 0], 2)?;
+    /// assert_eq!((b.images.dims(), b.images.to_vec()?, b.labels), (&[2, 2][..], vec![4., 5., 0., 1.], vec![1, 0]));
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn for_features(data: Arc<FeatureDataset>, cfg: LoaderConfig) -> Result<Self> {
+        let source = data.source.clone();
+        DataLoader::checked(Source::Features(data), &source, cfg)
+    }
+
+    /// [`DataLoader::for_features`] for evaluation: batches of 256 in data-set order.
+    pub fn for_evaluation_features(data: Arc<FeatureDataset>) -> Result<Self> {
+        DataLoader::for_features(
+            data,
+            LoaderConfig {
+                batch_size: 256,
+                shuffle: false,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn checked(source: Source, origin: &str, cfg: LoaderConfig) -> Result<Self> {
         if cfg.batch_size == 0 || cfg.workers == 0 || cfg.prefetch == 0 {
             return Err(invalid(
                 "DataLoader",
@@ -104,17 +156,11 @@ impl DataLoader {
                 ),
             ));
         }
-        if data.is_empty() {
-            return Err(invalid(
-                "DataLoader",
-                format!("data set {} is empty", data.source),
-            ));
+        let loader = DataLoader { source, cfg };
+        if loader.len() == 0 {
+            return Err(invalid("DataLoader", format!("data set {origin} is empty")));
         }
-        Ok(DataLoader {
-            data,
-            transform: Arc::new(transform),
-            cfg,
-        })
+        Ok(loader)
     }
 
     /// A loader for evaluation: batches of 256 in data-set order, no augmentation.
@@ -147,9 +193,33 @@ impl DataLoader {
         )
     }
 
-    /// The data set.
-    pub fn dataset(&self) -> &ImageDataset {
-        &self.data
+    /// The image set, for a loader of images.
+    pub fn images(&self) -> Option<&ImageDataset> {
+        match &self.source {
+            Source::Images { data, .. } => Some(data),
+            Source::Features(_) => None,
+        }
+    }
+
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        match &self.source {
+            Source::Images { data, .. } => data.len(),
+            Source::Features(data) => data.len(),
+        }
+    }
+
+    /// True when there are no examples (never for a loader that was built).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Class names, index = label.
+    pub fn classes(&self) -> &[String] {
+        match &self.source {
+            Source::Images { data, .. } => data.classes(),
+            Source::Features(data) => data.classes(),
+        }
     }
 
     /// The settings.
@@ -195,7 +265,7 @@ impl DataLoader {
 
     /// Example indices of every global batch of `epoch` (all ranks' slices together).
     pub fn global_batches(&self, epoch: usize) -> Vec<Vec<usize>> {
-        let mut order: Vec<usize> = (0..self.data.len()).collect();
+        let mut order: Vec<usize> = (0..self.len()).collect();
         if self.cfg.shuffle {
             Rng::new(mix(self.cfg.seed, epoch as u64 + 1)).shuffle(&mut order);
         }
@@ -215,7 +285,7 @@ impl DataLoader {
 
     /// Number of batches (steps) per epoch; the same on every rank.
     pub fn num_batches(&self) -> usize {
-        let (len, b) = (self.data.len(), self.cfg.batch_size);
+        let (len, b) = (self.len(), self.cfg.batch_size);
         if self.cfg.drop_last {
             len / b
         } else {
@@ -225,23 +295,40 @@ impl DataLoader {
 
     /// Builds one batch (on the calling thread) of a global batch of `global_size` images.
     pub fn make_batch(&self, epoch: usize, indices: &[usize], global_size: usize) -> Result<Batch> {
-        let shape = self.data.image_shape();
-        let out = self.transform.output_shape(shape);
-        let per = out.iter().product::<usize>();
-        let mut buf = vec![0f32; indices.len() * per];
-        for (k, &i) in indices.iter().enumerate() {
-            let mut rng = Rng::new(mix(mix(self.cfg.seed, epoch as u64 + 1), i as u64 + 1));
-            self.transform.apply(
-                &self.data.image(i)?,
-                shape,
-                &mut rng,
-                &mut buf[k * per..(k + 1) * per],
-            );
-        }
-        let images = Tensor::from_vec(buf, [indices.len(), out[0], out[1], out[2]])?;
+        let (images, labels) = match &self.source {
+            Source::Images { data, transform } => {
+                let shape = data.image_shape();
+                let out = transform.output_shape(shape);
+                let per = out.iter().product::<usize>();
+                let mut buf = vec![0f32; indices.len() * per];
+                for (k, &i) in indices.iter().enumerate() {
+                    let mut rng = Rng::new(mix(mix(self.cfg.seed, epoch as u64 + 1), i as u64 + 1));
+                    transform.apply(
+                        &data.image(i)?,
+                        shape,
+                        &mut rng,
+                        &mut buf[k * per..(k + 1) * per],
+                    );
+                }
+                let images = Tensor::from_vec(buf, [indices.len(), out[0], out[1], out[2]])?;
+                (images, indices.iter().map(|&i| data.label(i)).collect())
+            }
+            Source::Features(data) => {
+                let per: usize = data.dims().iter().product();
+                let mut buf = Vec::with_capacity(indices.len() * per);
+                for &i in indices {
+                    buf.extend_from_slice(data.example(i));
+                }
+                let dims: Vec<usize> = std::iter::once(indices.len())
+                    .chain(data.dims().iter().copied())
+                    .collect();
+                let values = Tensor::from_vec(buf, dims.as_slice())?;
+                (values, indices.iter().map(|&i| data.label(i)).collect())
+            }
+        };
         Ok(Batch {
             images,
-            labels: indices.iter().map(|&i| self.data.label(i)).collect(),
+            labels,
             indices: indices.to_vec(),
             global_size,
         })

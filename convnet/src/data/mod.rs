@@ -18,6 +18,7 @@
 mod archive;
 mod cache;
 mod cifar;
+mod features;
 mod folder;
 mod geometry;
 mod idx;
@@ -28,6 +29,7 @@ mod transform;
 
 pub use cache::cache_dir;
 pub use cifar::CIFAR10_CLASSES;
+pub use features::FeatureDataset;
 pub use folder::image_to_planes;
 pub use folder::FolderOptions;
 pub use geometry::{RandomResizedCrop, ResizeCrop};
@@ -251,33 +253,14 @@ impl ImageDataset {
     /// # Ok::<(), convnet::Error>(())
     /// ```
     pub fn with_classes(&self, names: &[String]) -> Result<ImageDataset> {
-        let mut new_label = vec![None; self.classes.len()];
-        for (i, name) in names.iter().enumerate() {
-            let Some(old) = self.classes.iter().position(|c| c == name) else {
-                return Err(crate::error::invalid(
-                    "data",
-                    format!(
-                        "{}: no class {name:?}; its classes: {}",
-                        self.source,
-                        self.classes.join(", ")
-                    ),
-                ));
-            };
-            if new_label[old].is_some() {
-                return Err(crate::error::invalid(
-                    "data",
-                    format!("class {name:?} is named twice"),
-                ));
-            }
-            new_label[old] = Some(i as u32);
-        }
+        let new_label = class_map(&self.source, &self.classes, names)?;
         let keep: Vec<usize> = (0..self.len())
             .filter(|&i| new_label[self.labels[i] as usize].is_some())
             .collect();
         let mut subset = self.select(&keep);
         subset.labels = keep
             .iter()
-            .map(|&i| new_label[self.labels[i] as usize].unwrap_or(0))
+            .filter_map(|&i| new_label[self.labels[i] as usize])
             .collect();
         subset.classes = names.to_vec();
         Ok(subset)
@@ -364,6 +347,35 @@ impl ImageDataset {
         }
         (self.select(&head), self.select(&tail))
     }
+}
+
+/// For `--classes`: each of `classes`' new label when the set is restricted to `names` (in
+/// that order), `None` for the classes left out; an unknown or repeated name is an error.
+pub(crate) fn class_map(
+    source: &str,
+    classes: &[String],
+    names: &[String],
+) -> Result<Vec<Option<u32>>> {
+    let mut new_label = vec![None; classes.len()];
+    for (i, name) in names.iter().enumerate() {
+        let Some(old) = classes.iter().position(|c| c == name) else {
+            return Err(crate::error::invalid(
+                "data",
+                format!(
+                    "{source}: no class {name:?}; its classes: {}",
+                    classes.join(", ")
+                ),
+            ));
+        };
+        if new_label[old].is_some() {
+            return Err(crate::error::invalid(
+                "data",
+                format!("class {name:?} is named twice"),
+            ));
+        }
+        new_label[old] = Some(i as u32);
+    }
+    Ok(new_label)
 }
 
 /// What a data path holds: a train/test pair, or one set to be split by the caller.
