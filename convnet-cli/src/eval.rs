@@ -372,7 +372,7 @@ pub struct SummaryArgs {
     model: Option<String>,
     /// A checkpoint (float or quantized): its model as trained, or its int8 layers with their
     /// quantization.
-    #[arg(long, conflicts_with_all = ["model_file", "input", "num_classes"])]
+    #[arg(long, conflicts_with_all = ["model_file", "input", "num_classes", "vocab"])]
     checkpoint: Option<PathBuf>,
     /// A model described in a TOML or JSON file.
     #[arg(long)]
@@ -384,6 +384,9 @@ pub struct SummaryArgs {
     /// Number of classes (default: the architecture's).
     #[arg(long)]
     num_classes: Option<usize>,
+    /// Vocabulary size of a text model (default 20000).
+    #[arg(long)]
+    vocab: Option<usize>,
 }
 
 pub fn run_summary(a: SummaryArgs) -> Result<()> {
@@ -416,7 +419,8 @@ pub fn run_summary(a: SummaryArgs) -> Result<()> {
             .context("the model file gives no input size: pass --input CxHxW (or CxL)")?,
     };
     let classes = a.num_classes.or(spec.default_classes()).unwrap_or(10);
-    let model = spec.build_for(&input, classes)?;
+    let vocabulary = a.vocab.unwrap_or(convnet::models::DEFAULT_VOCABULARY);
+    let model = spec.build_for(&input, Some(vocabulary), classes)?;
     println!("{}", model.summary());
     Ok(())
 }
@@ -488,13 +492,18 @@ pub fn run_models() -> Result<()> {
         "name", "params", "input", "classes"
     );
     for arch in convnet::models::ARCHITECTURES {
-        let [c, h, w] = arch.default_input;
-        let model = convnet::models::build(arch.name, arch.default_input, arch.default_classes)?;
+        let model = convnet::models::build_for(
+            arch.name,
+            arch.default_input,
+            Some(convnet::models::DEFAULT_VOCABULARY),
+            arch.default_classes,
+        )?;
+        let input: Vec<String> = arch.default_input.iter().map(|d| d.to_string()).collect();
         println!(
             "{:<15} {:>11}  {:<10} {:>7}  {}",
             arch.name,
             model.num_parameters(),
-            format!("{c}x{h}x{w}"),
+            input.join("x"),
             arch.default_classes,
             arch.description
         );
@@ -510,6 +519,6 @@ pub fn run_models() -> Result<()> {
             e.command
         );
     }
-    println!("\nInput size and class count follow the data when training; `convnet summary --model NAME --input CxHxW --num-classes N` shows any other size.");
+    println!("\nInput size and class count follow the data when training; `convnet summary --model NAME --input CxHxW --num-classes N` shows any other size. Text models are counted at a vocabulary of {} tokens (`--vocab N`; in training, the tokenizer's).", convnet::models::DEFAULT_VOCABULARY);
     Ok(())
 }

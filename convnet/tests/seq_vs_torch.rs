@@ -375,3 +375,68 @@ out_features = "classes"
 type = "batchnorm1d"
 name = "bn2"
 "#;
+
+#[test]
+fn text_cnn_matches_torch_logits_loss_and_gradients() {
+    // tools/fixtures/seq.py's TextCNN (vocabulary 50, 4 classes) and convnet's zoo model
+    // share their state_dict names; ids include padding (id 0) at the end and inside.
+    let model = convnet::models::build_for("text-cnn", &[12], Some(50), 4).unwrap();
+    let path = common::fixture_dir().join("textcnn_state_dict.safetensors");
+    let (tensors, _) = convnet::checkpoint::load_tensors(&path).unwrap();
+    model.load_state_dict(&tensors, true).unwrap();
+    let fx = load();
+    let case = "textcnn_probe";
+    let labels: Vec<usize> = fx
+        .tensor(case, "target")
+        .to_vec()
+        .iter()
+        .map(|&t| t as usize)
+        .collect();
+    // Eval mode: dropout is the identity, as in the reference.
+    let y = model.forward(&fx.tensor(case, "ids"), Mode::Eval).unwrap();
+    assert_tensor_close("textcnn/y", &y, &fx.tensor(case, "y"), RTOL, ATOL);
+    let loss = y
+        .cross_entropy(&labels, convnet::Reduction::Mean, 0.0)
+        .unwrap();
+    assert_tensor_close(
+        "textcnn/loss",
+        &loss.reshape([1]).unwrap(),
+        &fx.tensor(case, "loss"),
+        RTOL,
+        ATOL,
+    );
+    let grads = loss.backward().unwrap();
+    for (name, p) in model.named_parameters() {
+        let g = grads
+            .get(&p)
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        assert_tensor_close(
+            &format!("textcnn/grad {name}"),
+            g,
+            &fx.tensor(case, &format!("g/{name}")),
+            RTOL,
+            ATOL,
+        );
+    }
+    // The padding row gets no gradient.
+    let g = grads.get(&model.named_parameters()[0].1).unwrap().to_vec();
+    assert!(g[..128].iter().all(|&v| v == 0.0));
+    // The graph (ONNX export, capture) describes the bank as convolutions joined by a
+    // Concat, and runs to the same logits.
+    let graph = model.graph().unwrap();
+    let kinds: Vec<&str> = graph.nodes().iter().map(|n| n.op.kind()).collect();
+    assert!(
+        kinds.contains(&"Permute") && kinds.contains(&"Concat"),
+        "{kinds:?}"
+    );
+    let yg = convnet::graph::eval::run(&graph, &fx.tensor(case, "ids"), &mut |_, _| {
+        Ok(convnet::graph::eval::Visit::Keep)
+    })
+    .unwrap();
+    assert_tensor_close("textcnn/graph y", &yg, &fx.tensor(case, "y"), RTOL, ATOL);
+    let onnx = convnet::onnx::export(&model, "text-cnn").unwrap();
+    assert!(onnx.len() > 4 * model.num_parameters());
+    if let Some(out) = std::env::var_os("TEXTCNN_ONNX") {
+        std::fs::write(out, &onnx).unwrap();
+    }
+}

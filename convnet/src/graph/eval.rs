@@ -79,6 +79,11 @@ pub fn run_node(node: &Node, inputs: &[&Tensor]) -> Result<Tensor> {
         Op::Flatten { start_dim } => x.flatten(*start_dim)?,
         Op::Softmax(d) => x.softmax(*d)?,
         Op::Add => x.add(inputs[1])?,
+        Op::Permute(dims) => x.permute(dims)?,
+        Op::Concat(dim) => {
+            let all: Vec<Tensor> = inputs.iter().map(|&t| t.clone()).collect();
+            Tensor::concat(&all, *dim as isize)?
+        }
         Op::PadChannels {
             stride,
             before,

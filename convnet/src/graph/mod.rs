@@ -138,6 +138,11 @@ pub enum Op {
     Softmax(isize),
     /// Element-wise sum of two values of the same shape (a residual connection).
     Add,
+    /// `x.permute(dims)`: the input's dimensions reordered (`[0, 2, 1]` turns embeddings
+    /// `[N, L, D]` into channels `[N, D, L]`).
+    Permute(Vec<usize>),
+    /// `torch.cat(inputs, dim)`: the inputs joined along `dim` (the other sizes agree).
+    Concat(usize),
     /// The option-A ResNet shortcut: subsample by `stride`, then put `before` zero channels
     /// in front and zero channels after, `planes` in all.
     PadChannels {
@@ -173,6 +178,8 @@ impl Op {
             Op::Flatten { .. } => "Flatten",
             Op::Softmax(_) => "Softmax",
             Op::Add => "Add",
+            Op::Permute(_) => "Permute",
+            Op::Concat(_) => "Concat",
             Op::PadChannels { .. } => "PadChannels",
         }
     }

@@ -28,11 +28,23 @@
 use crate::data::Normalize;
 use crate::error::{invalid, Error, Result};
 use crate::nn::{
-    conv_bn_relu6, AdaptiveAvgPool2d, BasicBlock, BatchNorm2d, Bottleneck, Conv2d, Dropout,
-    Flatten, InvertedResidual, Linear, MaxPool2d, Model, Module, ReLU, Sequential, Shortcut,
+    conv_bn_relu6, AdaptiveAvgPool2d, BasicBlock, BatchNorm2d, Bottleneck, Conv2d, ConvBank1d,
+    Dropout, Embedding, Flatten, InvertedResidual, Linear, MaxPool2d, Model, Module, Permute, ReLU,
+    Sequential, Shortcut,
 };
 use crate::rng::with_global_rng;
 use crate::tensor::MaxPool2dParams;
+
+/// What an architecture reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputKind {
+    /// Images `[C, H, W]`.
+    Image,
+    /// Token ids `[L]` of a vocabulary whose size the model needs (see [`build_for`]).
+    Tokens,
+    /// Signals `[C, L]` (audio samples).
+    Signal,
+}
 
 /// A built-in architecture and its defaults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,8 +53,10 @@ pub struct Architecture {
     pub name: &'static str,
     /// One-line description.
     pub description: &'static str,
-    /// Input `[C, H, W]` it is designed for.
-    pub default_input: [usize; 3],
+    /// What it reads.
+    pub input: InputKind,
+    /// Input it is designed for (`[C, H, W]`, `[L]` or `[C, L]`, batch excluded).
+    pub default_input: &'static [usize],
     /// Class count of its usual data set.
     pub default_classes: usize,
     /// True for the ImageNet-stem torchvision models, which expect ImageNet normalisation.
@@ -64,26 +78,31 @@ impl Architecture {
 const fn arch(
     name: &'static str,
     description: &'static str,
-    default_input: [usize; 3],
+    default_input: &'static [usize; 3],
     default_classes: usize,
     imagenet: bool,
 ) -> Architecture {
     Architecture {
         name,
         description,
+        input: InputKind::Image,
         default_input,
         default_classes,
         imagenet,
     }
 }
 
-const CIFAR: [usize; 3] = [3, 32, 32];
-const IMAGENET: [usize; 3] = [3, 224, 224];
+const CIFAR: &[usize; 3] = &[3, 32, 32];
+const IMAGENET: &[usize; 3] = &[3, 224, 224];
+
+/// The vocabulary size `convnet models` and `summary` count a text model's parameters at
+/// when no data says otherwise.
+pub const DEFAULT_VOCABULARY: usize = 20_000;
 
 /// The built-in architectures, in the order `convnet models` lists them.
 pub const ARCHITECTURES: &[Architecture] = &[
     arch("seed-cnn", "the PyTorch CNN tutorial's model: 2x (conv3x3 + ReLU + maxpool2), fc 128, fc classes", CIFAR, 10, false),
-    arch("lenet5", "LeNet-5: conv5x5 6 + pool, conv5x5 16 + pool, fc 120, fc 84, fc classes", [1, 28, 28], 10, false),
+    arch("lenet5", "LeNet-5: conv5x5 6 + pool, conv5x5 16 + pool, fc 120, fc 84, fc classes", &[1, 28, 28], 10, false),
     arch("resnet20", "CIFAR ResNet-20 (He et al. 2016): 3x3 basic-block stages of 16/32/64 channels, option-A shortcuts", CIFAR, 10, false),
     arch("resnet32", "CIFAR ResNet-32: 3x5 basic blocks of 16/32/64 channels, option-A shortcuts", CIFAR, 10, false),
     arch("resnet56", "CIFAR ResNet-56: 3x9 basic blocks of 16/32/64 channels, option-A shortcuts", CIFAR, 10, false),
@@ -96,13 +115,21 @@ pub const ARCHITECTURES: &[Architecture] = &[
     arch("resnet34-cifar", "ResNet-34 with a CIFAR stem (3x3/1 conv, no max-pool)", CIFAR, 10, false),
     arch("resnet50-cifar", "ResNet-50 with a CIFAR stem (3x3/1 conv, no max-pool)", CIFAR, 10, false),
     arch("mobilenet_v2", "torchvision MobileNetV2 (width 1.0): inverted residuals, depthwise convs, ReLU6", IMAGENET, 1000, true),
+    Architecture {
+        name: "text-cnn",
+        description: "Kim (2014) CNN for text: embedding 128, Conv1d widths 3/4/5 x 100 maps, ReLU, max over time, dropout 0.5, fc classes",
+        input: InputKind::Tokens,
+        default_input: &[200],
+        default_classes: 2,
+        imagenet: false,
+    },
 ];
 
 /// Looks up a built-in architecture by name.
 ///
 /// ```
 /// let a = convnet::models::architecture("resnet18")?;
-/// assert_eq!((a.default_input, a.default_classes), ([3, 224, 224], 1000));
+/// assert_eq!((a.default_input, a.default_classes), (&[3, 224, 224][..], 1000));
 /// assert!(convnet::models::architecture("vgg99").is_err());
 /// # Ok::<(), convnet::Error>(())
 /// ```
@@ -395,13 +422,100 @@ fn torchvision_init(model: &Model, normal_linear: bool) -> Result<()> {
 /// # Ok::<(), convnet::Error>(())
 /// ```
 pub fn build(name: &str, input: [usize; 3], num_classes: usize) -> Result<Model> {
+    build_for(name, &input, None, num_classes)
+}
+
+/// Builds architecture `name` for inputs of shape `input` (batch excluded: `[C, H, W]` for
+/// image models, `[L]` token ids for text models, `[C, L]` for signal models) and
+/// `num_classes` outputs; text models need the size of their vocabulary.
+///
+/// ```
+/// use convnet::models::build_for;
+/// let m = build_for("text-cnn", &[60], Some(500), 4)?;
+/// assert_eq!(m.named_parameters()[0].1.dims(), &[500, 128]); // embedding.weight
+/// assert_eq!(m.output_shape().dims(), &[1, 4]);
+/// assert!(build_for("text-cnn", &[60], None, 4).unwrap_err().to_string().contains("vocabulary"));
+/// assert!(build_for("text-cnn", &[3, 32, 32], Some(500), 4).is_err());
+/// assert!(build_for("resnet20", &[60], None, 4).is_err());
+/// # Ok::<(), convnet::Error>(())
+/// ```
+pub fn build_for(
+    name: &str,
+    input: &[usize],
+    vocabulary: Option<usize>,
+    num_classes: usize,
+) -> Result<Model> {
     if num_classes == 0 {
         return Err(invalid("models::build", "num_classes must be positive"));
     }
     let arch = architecture(name)?;
-    crate::nn::with_parameter_limit(crate::nn::MAX_PARAMETERS, || {
-        build_arch(arch, name, input, num_classes)
+    let wanted = match arch.input {
+        InputKind::Image => "images [C, H, W]",
+        InputKind::Tokens => "token ids [L]",
+        InputKind::Signal => "signals [C, L]",
+    };
+    let rank = match arch.input {
+        InputKind::Image => 3,
+        InputKind::Tokens => 1,
+        InputKind::Signal => 2,
+    };
+    if input.len() != rank || input.contains(&0) {
+        return Err(invalid(
+            "models::build",
+            format!(
+                "{name} takes {wanted}, not an input of shape {}",
+                crate::shape::Shape::from(input)
+            ),
+        ));
+    }
+    crate::nn::with_parameter_limit(crate::nn::MAX_PARAMETERS, || match arch.input {
+        InputKind::Image => build_arch(arch, name, [input[0], input[1], input[2]], num_classes),
+        InputKind::Tokens => {
+            let vocabulary = vocabulary.ok_or_else(|| {
+                invalid(
+                    "models::build",
+                    format!("{name} needs the size of its vocabulary (the tokenizer's)"),
+                )
+            })?;
+            match arch.name {
+                "text-cnn" => text_cnn(input[0], vocabulary, num_classes),
+                other => Err(invalid(
+                    "models::build",
+                    format!("{other} is listed but has no builder"),
+                )),
+            }
+        }
+        InputKind::Signal => Err(invalid(
+            "models::build",
+            format!("{} is listed but has no builder", arch.name),
+        )),
     })
+}
+
+/// Kim's (2014) text CNN: `embedding` (vocabulary x 128, padding id 0), the embeddings
+/// turned into channels, `convs` (widths 3, 4, 5 with 100 maps each, ReLU, max over time,
+/// concatenated), `dropout` 0.5, `fc`. The `state_dict` is that of the usual PyTorch
+/// module with attributes `embedding`, `convs` (an `nn.ModuleList`), `dropout` and `fc`.
+fn text_cnn(len: usize, vocabulary: usize, classes: usize) -> Result<Model> {
+    const DIM: usize = 128;
+    const MAPS: usize = 100;
+    const WIDTHS: [usize; 3] = [3, 4, 5];
+    if len < WIDTHS[2] {
+        return Err(invalid(
+            "models::build",
+            format!(
+                "text-cnn reads at least {} tokens (its widest filter), not {len}",
+                WIDTHS[2]
+            ),
+        ));
+    }
+    Sequential::new()
+        .add("embedding", Embedding::new(vocabulary, DIM, Some(0))?)
+        .add("permute", Permute::new(vec![0, 2, 1])?)
+        .add("convs", ConvBank1d::new(DIM, MAPS, &WIDTHS)?)
+        .add("dropout", Dropout::new(0.5)?)
+        .add("fc", Linear::new(MAPS * WIDTHS.len(), classes)?)
+        .build(&[len])
 }
 
 fn build_arch(
@@ -488,7 +602,7 @@ impl ModelSpec {
     /// The input `[C, H, W]` the architecture is meant for, if it says.
     pub fn default_input(&self) -> Option<[usize; 3]> {
         match self {
-            ModelSpec::Zoo(a) => Some(a.default_input),
+            ModelSpec::Zoo(a) => <[usize; 3]>::try_from(a.default_input).ok(),
             ModelSpec::File(f) => f.input,
         }
     }
@@ -527,20 +641,18 @@ impl ModelSpec {
         }
     }
 
-    /// Builds the network for inputs of any rank (batch excluded); zoo models take
-    /// `[C, H, W]` only.
-    pub fn build_for(&self, input: &[usize], num_classes: usize) -> Result<Model> {
-        match (self, input) {
-            (ModelSpec::File(f), _) => f.build_for(input, num_classes),
-            (ModelSpec::Zoo(a), &[c, h, w]) => build(a.name, [c, h, w], num_classes),
-            (ModelSpec::Zoo(a), _) => Err(invalid(
-                "models::build",
-                format!(
-                    "{} takes images [C, H, W], not an input of shape {}",
-                    a.name,
-                    crate::shape::Shape::from(input)
-                ),
-            )),
+    /// Builds the network for inputs of any rank (batch excluded) and, for text models, a
+    /// vocabulary of `vocabulary` tokens (see [`build_for`]; a model file states its own
+    /// `num_embeddings`).
+    pub fn build_for(
+        &self,
+        input: &[usize],
+        vocabulary: Option<usize>,
+        num_classes: usize,
+    ) -> Result<Model> {
+        match self {
+            ModelSpec::File(f) => f.build_for(input, num_classes),
+            ModelSpec::Zoo(a) => build_for(a.name, input, vocabulary, num_classes),
         }
     }
 

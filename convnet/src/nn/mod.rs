@@ -20,8 +20,8 @@ pub use mobilenet::{conv_bn_relu6, InvertedResidual};
 pub use model::{Model, SummaryRow};
 pub use resnet::{BasicBlock, Bottleneck, Shortcut};
 pub use seq::{
-    AdaptiveAvgPool1d, AdaptiveMaxPool1d, AvgPool1d, BatchNorm1d, Conv1d, Conv1dBuilder, Embedding,
-    MaxPool1d,
+    AdaptiveAvgPool1d, AdaptiveMaxPool1d, AvgPool1d, BatchNorm1d, Conv1d, Conv1dBuilder,
+    ConvBank1d, Embedding, MaxPool1d, Permute,
 };
 pub use sequential::Sequential;
 

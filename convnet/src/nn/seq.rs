@@ -515,3 +515,204 @@ impl Module for Embedding {
         );
     }
 }
+
+// ----- Reordering and filter banks ------------------------------------------------------------
+
+/// `x.permute(dims)` as a layer, batch dimension included: `Permute(vec![0, 2, 1])` turns an
+/// embedding's `[N, L, D]` into the `[N, D, L]` a `Conv1d` reads (PyTorch models write
+/// `x.permute(0, 2, 1)` or `x.transpose(1, 2)` in `forward`).
+///
+/// ```
+/// use convnet::nn::{Module, Permute};
+/// assert_eq!(Permute::new(vec![0, 2, 1])?.output_shape(&[8, 50, 16])?.dims(), &[8, 16, 50]);
+/// assert!(Permute::new(vec![0, 1, 1]).is_err());
+/// # Ok::<(), convnet::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Permute(Vec<usize>);
+
+impl Permute {
+    /// A permutation of `0..dims.len()` that keeps the batch dimension first.
+    pub fn new(dims: Vec<usize>) -> Result<Permute> {
+        let mut seen = vec![false; dims.len()];
+        for &d in &dims {
+            if d >= dims.len() || std::mem::replace(&mut seen[d], true) {
+                return Err(invalid(
+                    "Permute",
+                    format!("{dims:?} is not a permutation of 0..{}", dims.len()),
+                ));
+            }
+        }
+        if dims.first() != Some(&0) {
+            return Err(invalid(
+                "Permute",
+                format!("{dims:?} moves the batch dimension; it must stay first"),
+            ));
+        }
+        Ok(Permute(dims))
+    }
+
+    /// The permutation.
+    pub fn dims(&self) -> &[usize] {
+        &self.0
+    }
+}
+
+impl Module for Permute {
+    fn forward(&self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+        x.permute(&self.0)
+    }
+    fn kind(&self) -> &'static str {
+        "Permute"
+    }
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        super::push_leaf(self, path, Op::Permute(self.0.clone()), input, g)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Shape> {
+        if input.len() != self.0.len() {
+            return Err(shape_mismatch(
+                "Permute",
+                format!("an input of rank {}", self.0.len()),
+                Shape::from(input).to_string(),
+            ));
+        }
+        Ok(Shape::from(
+            self.0
+                .iter()
+                .map(|&d| input[d])
+                .collect::<Vec<_>>()
+                .as_slice(),
+        ))
+    }
+}
+
+/// Kim's (2014) filter bank for text: `Conv1d`s of several widths over the same `[N, C, L]`
+/// input, each followed by ReLU and max-over-time pooling, their `[N, K_i]` outputs
+/// concatenated to `[N, sum K_i]`. The convolutions are children `0`, `1`, ...: a bank
+/// added to a model as `convs` has the `state_dict` of a PyTorch module holding them in an
+/// `nn.ModuleList` called `convs` and computing
+/// `torch.cat([F.relu(conv(x)).amax(2) for conv in self.convs], 1)`.
+///
+/// ```
+/// use convnet::nn::{ConvBank1d, Mode, Module};
+/// let bank = ConvBank1d::new(16, 100, &[3, 4, 5])?;
+/// assert_eq!(bank.output_shape(&[2, 16, 40])?.dims(), &[2, 300]);
+/// let x = convnet::Tensor::randn([2, 16, 40], &mut convnet::Rng::new(0));
+/// assert_eq!(bank.forward(&x, Mode::Eval)?.dims(), &[2, 300]);
+/// assert!(bank.output_shape(&[2, 16, 4]).is_err()); // shorter than the widest filter
+/// # Ok::<(), convnet::Error>(())
+/// ```
+pub struct ConvBank1d {
+    convs: Vec<Conv1d>,
+}
+
+impl ConvBank1d {
+    /// `out_channels` filters of each width in `kernel_sizes` over `in_channels` channels,
+    /// with biases, initialised as `nn.Conv1d`.
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel_sizes: &[usize],
+    ) -> Result<ConvBank1d> {
+        if kernel_sizes.is_empty() {
+            return Err(invalid("ConvBank1d", "needs at least one kernel size"));
+        }
+        let convs = kernel_sizes
+            .iter()
+            .map(|&k| Conv1d::new(in_channels, out_channels, k).build())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ConvBank1d { convs })
+    }
+
+    fn name(i: usize) -> String {
+        i.to_string()
+    }
+}
+
+impl Module for ConvBank1d {
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let outs = self
+            .convs
+            .iter()
+            .map(|c| {
+                let y = c.forward(x, mode)?.relu()?.adaptive_max_pool1d(1)?;
+                y.flatten(1)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::concat(&outs, 1)
+    }
+    fn kind(&self) -> &'static str {
+        "ConvBank1d"
+    }
+    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+        let mut outs = Vec::with_capacity(self.convs.len());
+        for (i, c) in self.convs.iter().enumerate() {
+            let name = super::join(path, &Self::name(i));
+            let y = c.describe(&name, input, g)?;
+            let dims = g.shape(y).dims().to_vec();
+            let y = g.push(
+                &format!("{name}.relu"),
+                Op::Activation(crate::backend::cpu::activation::Activation::Relu),
+                &[y],
+                Shape::from(dims.as_slice()),
+            )?;
+            let y = g.push(
+                &format!("{name}.pool"),
+                Op::AdaptiveMaxPool1d(1),
+                &[y],
+                Shape::from(&[dims[0], dims[1], 1][..]),
+            )?;
+            outs.push(g.push(
+                &format!("{name}.flatten"),
+                Op::Flatten { start_dim: 1 },
+                &[y],
+                Shape::from(&[dims[0], dims[1]][..]),
+            )?);
+        }
+        let shape = self.output_shape(g.shape(input).dims())?;
+        g.push(path, Op::Concat(1), &outs, shape)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Shape> {
+        let mut channels = 0;
+        let mut n = 0;
+        for c in &self.convs {
+            let s = c.output_shape(input)?;
+            n = s.dims()[0];
+            channels += s.dims()[1];
+        }
+        Ok(Shape::from(&[n, channels][..]))
+    }
+    fn visit_tensors(&self, prefix: &str, f: &mut dyn FnMut(String, &Tensor, TensorRole)) {
+        for (i, c) in self.convs.iter().enumerate() {
+            c.visit_tensors(&super::join(prefix, &Self::name(i)), f);
+        }
+    }
+    fn visit_modules(&self, prefix: &str, f: &mut dyn FnMut(&str, &dyn Module)) {
+        for (i, c) in self.convs.iter().enumerate() {
+            let name = super::join(prefix, &Self::name(i));
+            f(&name, c);
+        }
+    }
+    fn infer(
+        &self,
+        path: &str,
+        input: &[usize],
+        rows: &mut Vec<super::SummaryRow>,
+    ) -> Result<Shape> {
+        let mut channels = 0;
+        let mut n = 0;
+        for (i, c) in self.convs.iter().enumerate() {
+            let s = c.infer(&super::join(path, &Self::name(i)), input, rows)?;
+            n = s.dims()[0];
+            channels += s.dims()[1];
+        }
+        let out = Shape::from(&[n, channels][..]);
+        rows.push(super::SummaryRow {
+            name: path.to_string(),
+            kind: self.kind(),
+            output_shape: out.clone(),
+            params: 0,
+        });
+        Ok(out)
+    }
+}

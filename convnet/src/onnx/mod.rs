@@ -492,6 +492,16 @@ fn node_onnx(
             g.node("Softmax", path, &[input], &[("axis", Attr::Int(axis))])
         }
         Op::Add => g.node("Add", path, &[input, &inputs[1]], &[]),
+        Op::Permute(dims) => g.node(
+            "Transpose",
+            path,
+            &[input],
+            &[("perm", Attr::Ints(dims.iter().map(|&d| d as i64).collect()))],
+        ),
+        Op::Concat(dim) => {
+            let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+            g.node("Concat", path, &refs, &[("axis", Attr::Int(*dim as i64))])
+        }
         Op::PadChannels {
             stride,
             before,
