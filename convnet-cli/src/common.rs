@@ -183,7 +183,14 @@ fn from_checkpoint(
     source: PathBuf,
 ) -> Result<Loaded> {
     let spec = ModelSpec::from_checkpoint(&meta.architecture, meta.model_spec.as_deref())?;
-    let model = spec.build(meta.input_shape, meta.classes.len())?;
+    let model = match &meta.sequence {
+        Some(seq) => spec.build_for(
+            &seq.input,
+            crate::sequence::vocabulary(seq)?,
+            meta.classes.len(),
+        )?,
+        None => spec.build(meta.input_shape, meta.classes.len())?,
+    };
     model
         .load_state_dict(tensors, true)
         .with_context(|| format!("{} does not fit {}", source.display(), meta.architecture))?;
@@ -205,6 +212,7 @@ fn fresh_meta(spec: &ModelSpec, input: [usize; 3], classes: Vec<String>) -> Chec
         epoch: 0,
         step: 0,
         model_spec: spec.model_spec(),
+        sequence: None,
     }
 }
 

@@ -98,6 +98,11 @@ pub struct EvalArgs {
 /// and rank 0 prints the totals.
 pub fn run_eval(a: EvalArgs, ranks: &Ranks) -> Result<()> {
     set_threads(threads_per_rank(a.threads, ranks))?;
+    if let Some(ckpt) = &a.model.checkpoint {
+        if convnet::checkpoint::read_metadata_entry(ckpt, "sequence").is_some() {
+            return eval_sequences(a, ranks);
+        }
+    }
     let opts = FolderOptions {
         resize: resize_crop(a.resize, a.crop)?,
         ..FolderOptions::default()
@@ -134,8 +139,51 @@ pub fn run_eval(a: EvalArgs, ranks: &Ranks) -> Result<()> {
         ranks.rank(),
         ranks.size(),
     )?;
+    report_eval(&a, ranks, &loaded, loader, names)
+}
+
+/// `eval` of a text model: the test split of `--data` through the checkpoint's tokenizer.
+fn eval_sequences(a: EvalArgs, ranks: &Ranks) -> Result<()> {
+    let loaded = load_model(&a.model.source(None)?)?;
+    let m = &loaded.meta;
+    let seq = m.sequence.as_ref().context("not a sequence model")?;
+    let data = a
+        .data
+        .as_deref()
+        .context("--data names the texts to evaluate the model on")?;
+    if a.resize.is_some() {
+        bail!("--resize applies to images; the model reads texts");
+    }
+    let mut test = crate::sequence::open_test(data, seq, &m.classes, a.holdout)?;
+    if let Some(names) = &a.classes {
+        test = test.with_classes(names)?;
+    }
+    if let Some(n) = a.limit_test {
+        test = test.spread(n);
+    }
+    let names = test.classes().to_vec();
+    if names.len() != m.classes.len() {
+        bail!(
+            "the model has {} classes but --classes keeps {}",
+            m.classes.len(),
+            names.len()
+        );
+    }
+    let loader = DataLoader::for_evaluation_features(Arc::new(test), ranks.rank(), ranks.size())?;
+    report_eval(&a, ranks, &loaded, loader, names)
+}
+
+/// Evaluates `loaded` on `loader` and prints the report (rank 0).
+fn report_eval(
+    a: &EvalArgs,
+    ranks: &Ranks,
+    loaded: &crate::common::Loaded,
+    loader: DataLoader,
+    names: Vec<String>,
+) -> Result<()> {
+    let m = &loaded.meta;
     let mut mistakes = MistakeLog::new(EVAL_PLOT_MISTAKES);
-    let r = match a.plots {
+    let r = match &a.plots {
         None => evaluate_distributed(&loaded.prepare(), &loader, ranks.as_ref())?,
         Some(_) => evaluate_observed(&loaded.prepare(), &loader, ranks.as_ref(), &mut |b, l| {
             mistakes.observe(&b.indices, &b.labels, l)
@@ -160,10 +208,15 @@ pub fn run_eval(a: EvalArgs, ranks: &Ranks) -> Result<()> {
         return Ok(());
     }
     println!(
-        "model {} ({}) on {} test images",
+        "model {} ({}) on {} test {}",
         m.architecture,
         loaded.source.display(),
-        loader.len()
+        loader.len(),
+        if m.sequence.is_some() {
+            "examples"
+        } else {
+            "images"
+        }
     );
     println!("loss {:.4}  accuracy {:.2}%\n", r.loss, 100.0 * r.accuracy);
     let w = names
@@ -199,7 +252,7 @@ pub struct PredictArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Images to classify (any size: resized to the model's input, or as --resize and
-    /// --crop say).
+    /// --crop say); for a text model, texts or .txt files.
     #[arg(required = true)]
     images: Vec<PathBuf>,
     /// Number of classes to show per image.
@@ -295,6 +348,9 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
     let loaded = load_model(&a.model.source(None)?)?;
     let m = &loaded.meta;
     let geometry = resize_crop(a.resize, a.crop)?;
+    if let (Some(_), Some(_)) = (&m.sequence, geometry) {
+        bail!("--resize applies to images; the model reads texts");
+    }
     if let Some(g) = geometry {
         if g.output_shape(m.input_shape[0]) != m.input_shape {
             bail!(
@@ -319,14 +375,19 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
     let net = loaded.prepare();
     let mut results = Vec::new();
     for path in &a.images {
-        let input = match geometry {
-            Some(g) => load_resized_image(path, m.input_shape, g, &t)?,
-            None => load_image(path, m.input_shape, &t)?,
+        let x = match &m.sequence {
+            Some(seq) => crate::sequence::inputs(seq, &[path.to_string_lossy().into_owned()])?,
+            None => {
+                let input = match geometry {
+                    Some(g) => load_resized_image(path, m.input_shape, g, &t)?,
+                    None => load_image(path, m.input_shape, &t)?,
+                };
+                Tensor::from_vec(
+                    input,
+                    [1, m.input_shape[0], m.input_shape[1], m.input_shape[2]],
+                )?
+            }
         };
-        let x = Tensor::from_vec(
-            input,
-            [1, m.input_shape[0], m.input_shape[1], m.input_shape[2]],
-        )?;
         let logits = net.predict(&x)?;
         let logits = match &keep {
             Some(at) => {
@@ -349,8 +410,13 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
                 println!("  {:>6.2}%  {} ({i})", 100.0 * p, names[*i]);
             }
         }
+        let key = if m.sequence.is_some() {
+            "text"
+        } else {
+            "image"
+        };
         results.push(serde_json::json!({
-            "image": path.display().to_string(),
+            key: path.display().to_string(),
             "top": top.iter().map(|(i, p)| serde_json::json!({"index": i, "label": names[*i], "probability": p})).collect::<Vec<_>>(),
         }));
     }

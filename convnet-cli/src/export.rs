@@ -61,11 +61,40 @@ pub fn run(a: ExportArgs) -> Result<()> {
         println!(
             "wrote {} ({name}, input [N, {}], {} bytes)",
             path.display(),
-            loaded.meta.input_shape.map(|d| d.to_string()).join(", "),
+            match &loaded.meta.sequence {
+                Some(seq) => seq.input.clone(),
+                None => loaded.meta.input_shape.to_vec(),
+            }
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
             bytes.len()
         );
     }
-    if let Some(path) = &a.reference_io {
+    if let (Some(path), Some(seq)) = (&a.reference_io, &loaded.meta.sequence) {
+        if a.reference_data.is_some() {
+            bail!("--reference-data reads images; the model reads texts (leave it out: two random texts of token ids are used)");
+        }
+        let vocabulary = crate::sequence::vocabulary(seq)?.unwrap_or(1) as f32;
+        let len: usize = seq.input.iter().product();
+        let ids: Vec<f32> = convnet::with_global_rng(|r| {
+            (0..2 * len)
+                .map(|_| r.uniform(0.0, vocabulary).floor().min(vocabulary - 1.0))
+                .collect()
+        });
+        let dims: Vec<usize> = std::iter::once(2)
+            .chain(seq.input.iter().copied())
+            .collect();
+        let input = convnet::Tensor::from_vec(ids, dims.as_slice())?;
+        let logits = loaded.prepare().predict(&input)?;
+        save_tensors(
+            path,
+            &[("input".into(), input), ("logits".into(), logits)],
+            HashMap::new(),
+        )?;
+        println!("wrote {} (reference input and logits)", path.display());
+    } else if let Some(path) = &a.reference_io {
         let [c, h, w] = loaded.meta.input_shape;
         let input = match &a.reference_data {
             None => convnet::with_global_rng(|r| convnet::Tensor::randn([2, c, h, w], r)),

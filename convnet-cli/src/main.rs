@@ -12,6 +12,7 @@ mod plot;
 mod pretrained;
 mod quantize;
 mod run_folder;
+mod sequence;
 mod train;
 mod visualize;
 

@@ -12,10 +12,10 @@ use crate::dist::{
 use crate::run_folder::{RunFolder, QAT_RANGES_KEY, RUN_KEY};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use convnet::checkpoint::{checkpoint_from_bytes, CheckpointMeta};
+use convnet::checkpoint::{checkpoint_from_bytes, CheckpointMeta, SequenceMeta};
 use convnet::data::{
-    Augment, DataLoader, FolderOptions, ImageDataset, LoaderConfig, Normalize, ResizeCrop,
-    Transform,
+    Augment, DataLoader, FeatureDataset, FolderOptions, ImageDataset, LoaderConfig, Normalize,
+    ResizeCrop, Transform,
 };
 use convnet::model_file::ModelFile;
 use convnet::models::ModelSpec;
@@ -206,6 +206,8 @@ pub struct TrainArgs {
     /// Optimizer steps between two points of the TensorBoard series `train/loss_step`.
     #[arg(long, default_value_t = 50)]
     tensorboard_every: usize,
+    #[command(flatten)]
+    text: crate::sequence::TextArgs,
     #[command(flatten)]
     dist: DistArgs,
 }
@@ -420,17 +422,45 @@ impl Resumed {
     }
 }
 
+/// The examples of a run: images, or texts (and audio) already made into numbers.
+enum Examples {
+    Images(ImageDataset),
+    Features(FeatureDataset),
+}
+
+impl Examples {
+    fn len(&self) -> usize {
+        match self {
+            Examples::Images(d) => d.len(),
+            Examples::Features(d) => d.len(),
+        }
+    }
+}
+
 /// The run's training and test sets with what the model needs to know of them.
 struct RunData {
-    train: ImageDataset,
-    test: ImageDataset,
+    train: Examples,
+    test: Examples,
+    /// The image shape (`[0, 0, 0]` for sequences).
     shape: [usize; 3],
+    /// One example's shape, batch excluded.
+    input: Vec<usize>,
     classes: Vec<String>,
     normalize: Normalize,
+    /// For texts: the input and tokenizer that go into the checkpoint.
+    sequence: Option<SequenceMeta>,
+    vocabulary: Option<usize>,
 }
 
 impl RunData {
     fn open(a: &TrainArgs, lead: bool) -> Result<RunData> {
+        if let Some((path, kind)) = a
+            .data
+            .as_deref()
+            .and_then(|p| crate::sequence::kind_of(p).map(|k| (p, k)))
+        {
+            return RunData::open_sequences(a, path, kind);
+        }
         let geometry = resize_crop(a.resize, a.crop)?;
         // Augmented training takes its random crops from the centre squares; the test
         // images are cut to the crop after.
@@ -471,10 +501,54 @@ impl RunData {
         let shape = test.image_shape();
         Ok(RunData {
             shape,
+            input: shape.to_vec(),
             classes: train.classes().to_vec(),
             normalize: Normalize::default_for(shape[0]),
-            train,
-            test,
+            train: Examples::Images(train),
+            test: Examples::Images(test),
+            sequence: None,
+            vocabulary: None,
+        })
+    }
+
+    /// Texts: the tokenizer is fitted on the training split; image-only settings are refused.
+    fn open_sequences(a: &TrainArgs, path: &Path, kind: crate::sequence::Kind) -> Result<RunData> {
+        let image_only = [
+            ("--augment", a.augment),
+            ("--resize", a.resize.is_some()),
+            ("--cutout", a.cutout > 0),
+            ("--qat", a.qat),
+        ];
+        if let Some((flag, _)) = image_only.iter().find(|(_, on)| *on) {
+            bail!("{flag} applies to images; {} holds texts", path.display());
+        }
+        let data = crate::sequence::open_training(path, kind, &a.text, a.holdout)?;
+        let (mut train, mut test) = (data.train, data.test);
+        if let Some(names) = &a.classes {
+            train = train.with_classes(names)?;
+            test = test.with_classes(names)?;
+        }
+        if let Some(n) = a.limit_train {
+            train = train.spread(n);
+        }
+        if let Some(n) = a.limit_test {
+            test = test.spread(n);
+        }
+        if train.is_empty() || test.is_empty() {
+            bail!("the training or test set is empty");
+        }
+        Ok(RunData {
+            shape: [0; 3],
+            input: data.meta.input.clone(),
+            classes: train.classes().to_vec(),
+            normalize: Normalize {
+                mean: vec![0.0],
+                std: vec![1.0],
+            },
+            train: Examples::Features(train),
+            test: Examples::Features(test),
+            sequence: Some(data.meta),
+            vocabulary: data.vocabulary,
         })
     }
 
@@ -482,7 +556,7 @@ impl RunData {
     fn facts(&self) -> serde_json::Value {
         serde_json::json!({
             "training images": self.train.len(), "test images": self.test.len(),
-            "image shape": self.shape, "classes": self.classes,
+            "input": self.input, "classes": self.classes, "vocabulary": self.vocabulary,
         })
     }
 }
@@ -634,6 +708,15 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
         }
         a.model = entry.architecture.clone();
     }
+    // Texts train text-cnn unless a model is named.
+    let named = explicit.iter().any(|e| e == "model") || a.model_file.is_some();
+    if resumed.is_none() && !named && a.pretrained.is_none() {
+        if let Some(crate::sequence::Kind::Text) =
+            a.data.as_deref().and_then(crate::sequence::kind_of)
+        {
+            a.model = "text-cnn".into();
+        }
+    }
     let spec = match (&resumed, &a.model_file) {
         (Some(r), _) => ModelSpec::from_checkpoint(&r.saved.model, r.saved.model_spec.as_deref())?,
         (None, Some(path)) => ModelSpec::File(ModelFile::from_path(path)?),
@@ -663,7 +746,7 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
     }
     check_same_everywhere(ranks, &facts)?;
     let run_json = serde_json::to_string(&saved_run)?;
-    let mut model = spec.build(data.shape, data.classes.len())?;
+    let mut model = spec.build_for(&data.input, data.vocabulary, data.classes.len())?;
     // The weights a new run starts from (a resumed run has its own).
     let start = match (&a.weights, &a.pretrained) {
         _ if resumed.is_some() => None,
@@ -682,10 +765,10 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
         }
         model.load_state_dict(&tensors, true).with_context(|| {
             format!(
-                "the weights of {} do not fit {} for {:?} images and {} classes",
+                "the weights of {} do not fit {} for inputs {:?} and {} classes",
                 path.display(),
                 a.model,
-                data.shape,
+                data.input,
                 data.classes.len()
             )
         })?;
@@ -730,27 +813,37 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
         },
     });
     let (shape, classes, normalize) = (data.shape, data.classes.clone(), data.normalize.clone());
-    let train_loader = DataLoader::new(
-        Arc::new(data.train),
-        Transform {
-            normalize: normalize.clone(),
-            augment,
-        },
-        LoaderConfig {
-            batch_size: a.batch_size,
-            shuffle: true,
-            seed: a.seed,
-            rank: ranks.rank(),
-            world_size: ranks.size(),
-            ..Default::default()
-        },
-    )?;
-    let test_loader = DataLoader::for_evaluation_sharded(
-        Arc::new(data.test),
-        normalize.clone(),
-        ranks.rank(),
-        ranks.size(),
-    )?;
+    let (input, sequence) = (data.input.clone(), data.sequence.clone());
+    let loader_cfg = LoaderConfig {
+        batch_size: a.batch_size,
+        shuffle: true,
+        seed: a.seed,
+        rank: ranks.rank(),
+        world_size: ranks.size(),
+        ..Default::default()
+    };
+    let train_loader = match data.train {
+        Examples::Images(train) => DataLoader::new(
+            Arc::new(train),
+            Transform {
+                normalize: normalize.clone(),
+                augment,
+            },
+            loader_cfg,
+        )?,
+        Examples::Features(train) => DataLoader::for_features(Arc::new(train), loader_cfg)?,
+    };
+    let test_loader = match data.test {
+        Examples::Images(test) => DataLoader::for_evaluation_sharded(
+            Arc::new(test),
+            normalize.clone(),
+            ranks.rank(),
+            ranks.size(),
+        )?,
+        Examples::Features(test) => {
+            DataLoader::for_evaluation_features(Arc::new(test), ranks.rank(), ranks.size())?
+        }
+    };
     let mut trainer = Trainer::new(model, cfg, train_loader.num_batches())?;
     let out = a.out.clone().unwrap_or_else(|| default_out(&a.model));
     let folder = RunFolder::open(&out, resumed.is_some(), lead)?;
@@ -795,6 +888,7 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
         epoch: trainer.epoch(),
         step: trainer.step(),
         model_spec: spec.model_spec(),
+        sequence: sequence.clone(),
     };
     if lead {
         // A new run is resumable from its first instant; a resumed one gets its checkpoint
@@ -809,11 +903,16 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
     }
     if lead && !a.json {
         println!(
-            "training {} ({} parameters) on {} images of {:?}, testing on {}; writing to {}",
+            "training {} ({} parameters) on {} {} of {:?}, testing on {}; writing to {}",
             a.model,
             trainer.model().num_parameters(),
             train_loader.len(),
-            shape,
+            if sequence.is_some() {
+                "texts"
+            } else {
+                "images"
+            },
+            input,
             test_loader.len(),
             out.display()
         );
@@ -990,6 +1089,13 @@ struct SavedRun {
     resize: Option<usize>,
     #[serde(default)]
     crop: Option<usize>,
+    /// Text runs: how texts become tokens (absent in states of older versions).
+    #[serde(default)]
+    tokens: Option<String>,
+    #[serde(default)]
+    min_freq: Option<usize>,
+    #[serde(default)]
+    max_len: Option<usize>,
 }
 
 impl SavedRun {
@@ -1034,6 +1140,9 @@ impl SavedRun {
             lr_backbone: a.lr_backbone,
             resize: a.resize,
             crop: a.crop,
+            tokens: Some(name(&a.text.tokens)),
+            min_freq: Some(a.text.min_freq),
+            max_len: Some(a.text.max_len),
         }
     }
 
@@ -1074,6 +1183,14 @@ impl SavedRun {
             lr_backbone: self.lr_backbone,
             resize: self.resize,
             crop: self.crop,
+            text: crate::sequence::TextArgs {
+                tokens: self
+                    .tokens
+                    .and_then(|t| crate::sequence::TokensArg::from_str(&t, true).ok())
+                    .unwrap_or(crate::sequence::TokensArg::Word),
+                min_freq: self.min_freq.unwrap_or(2),
+                max_len: self.max_len.unwrap_or(200),
+            },
             out: None,
             resume: None,
             stop_after: None,

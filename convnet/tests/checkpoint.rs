@@ -21,6 +21,7 @@ fn meta() -> CheckpointMeta {
         epoch: 3,
         step: 1200,
         model_spec: None,
+        sequence: None,
     }
 }
 

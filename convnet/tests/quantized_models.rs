@@ -311,6 +311,7 @@ fn quantized_resnet() -> (Model, QuantizedModel, convnet::checkpoint::Checkpoint
         epoch: 1,
         step: 1,
         model_spec: None,
+        sequence: None,
     };
     (model, q, meta)
 }

@@ -420,6 +420,7 @@ fn tensor_seeds(seeds: &mut Seeds) -> Result<(), String> {
             epoch: 1,
             step: 7,
             model_spec: spec.model_spec(),
+            sequence: None,
         };
         let path = tmp.join(format!("{name}.safetensors"));
         save_checkpoint(&path, &model.state_dict(), &meta).map_err(|e| e.to_string())?;

@@ -2,7 +2,8 @@
 Runtime on the interoperability fixtures: the ONNX logits must match the reference logits
 that convnet itself reproduces in `convnet/tests/zoo_vs_torch.rs`. The example model files
 (examples/models) are exported with fresh weights and `--reference-io`, and ONNX Runtime
-must reproduce the logits convnet computed for that batch.
+must reproduce the logits convnet computed for that batch, and so must a text-cnn trained
+briefly on the committed text sample.
 
     pip install -r tools/onnx/requirements.txt
     python tools/onnx/check_onnx.py target/release/convnet          # committed fixtures
@@ -78,6 +79,21 @@ def check_model_file(convnet, path, tmp):
     return compare(name, model, ref["input"], ref["logits"])
 
 
+def check_text_model(convnet, tmp):
+    """text-cnn trained briefly on the committed text sample, against convnet's own logits
+    for two random texts of token ids."""
+    run = os.path.join(tmp, "text-cnn-run")
+    data = os.path.join(ROOT, "data", "debian-sample")
+    cmd = [convnet, "train", "--data", data, "--epochs", "1", "--limit-train", "96", "--max-len", "40", "--out", run, "--no-tensorboard"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    model = os.path.join(tmp, "text-cnn.onnx")
+    io = os.path.join(tmp, "text-cnn.io.safetensors")
+    cmd = [convnet, "export", "--checkpoint", os.path.join(run, "model.safetensors"), "--onnx", model, "--reference-io", io]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    ref = read_safetensors(io)
+    return compare("text-cnn", model, ref["input"], ref["logits"])
+
+
 def compare(name, model, x, want):
     try:
         import onnx
@@ -110,6 +126,7 @@ def main():
         ok = all([check(convnet, d, n, tmp) for d, n in jobs])
         files = sorted(os.listdir(examples))
         ok = all([check_model_file(convnet, os.path.join(examples, f), tmp) for f in files]) and ok
+        ok = check_text_model(convnet, tmp) and ok
     sys.exit(0 if ok else 1)
 
 

@@ -39,6 +39,53 @@ pub struct CheckpointMeta {
     /// For a model built from a model file: the file's contents as JSON, so the checkpoint
     /// rebuilds without the file.
     pub model_spec: Option<String>,
+    /// For a model of texts or audio: what it reads and how inputs are made (then
+    /// `input_shape` is unused, `[0, 0, 0]`).
+    pub sequence: Option<SequenceMeta>,
+}
+
+/// What a model of texts or audio reads, stored in its checkpoints so that `eval` and
+/// `predict` turn new data into the inputs it was trained on.
+///
+/// ```
+/// use convnet::checkpoint::SequenceMeta;
+/// let m = SequenceMeta { input: vec![200], tokenizer: Some("{}".into()), audio: None };
+/// assert_eq!(SequenceMeta::from_json(&m.to_json())?, m);
+/// assert!(SequenceMeta::from_json("{\"input\": []}").is_err());
+/// # Ok::<(), convnet::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SequenceMeta {
+    /// The input of one example, batch excluded: `[L]` token ids, `[C, L]` samples,
+    /// `[1, mels, frames]` spectrograms.
+    pub input: Vec<usize>,
+    /// A text model's tokenizer ([`crate::data::text::Tokenizer::to_json`]).
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+    /// An audio model's feature settings (JSON).
+    #[serde(default)]
+    pub audio: Option<String>,
+}
+
+impl SequenceMeta {
+    /// As JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// From [`SequenceMeta::to_json`]'s output; an empty or zero-sized input is an error.
+    pub fn from_json(text: &str) -> Result<SequenceMeta> {
+        let m: SequenceMeta = serde_json::from_str(text).map_err(|e| {
+            crate::error::invalid("checkpoint", format!("bad sequence metadata: {e}"))
+        })?;
+        if m.input.is_empty() || m.input.contains(&0) || m.input.len() > 3 {
+            return Err(crate::error::invalid(
+                "checkpoint",
+                format!("bad sequence metadata: input {:?}", m.input),
+            ));
+        }
+        Ok(m)
+    }
 }
 
 impl CheckpointMeta {
@@ -64,6 +111,9 @@ impl CheckpointMeta {
         if let Some(spec) = &self.model_spec {
             m.insert("model_spec".into(), spec.clone());
         }
+        if let Some(seq) = &self.sequence {
+            m.insert("sequence".into(), seq.to_json());
+        }
         m
     }
 
@@ -84,8 +134,14 @@ impl CheckpointMeta {
         if version > FORMAT_VERSION {
             return Err(Error::Format { path: path.to_path_buf(), msg: format!("checkpoint format version {version} is newer than this convnet understands ({FORMAT_VERSION}); upgrade convnet") });
         }
-        let shape: Vec<usize> =
-            serde_json::from_value(json("input_shape")?).map_err(|_| bad("input_shape"))?;
+        let sequence = match m.get("sequence") {
+            Some(text) => Some(SequenceMeta::from_json(text).map_err(|_| bad("sequence"))?),
+            None => None,
+        };
+        let shape: Vec<usize> = match &sequence {
+            Some(_) => vec![0; 3],
+            None => serde_json::from_value(json("input_shape")?).map_err(|_| bad("input_shape"))?,
+        };
         if shape.len() != 3 {
             return Err(bad("input_shape"));
         }
@@ -102,6 +158,7 @@ impl CheckpointMeta {
             epoch: get("epoch")?.parse().map_err(|_| bad("epoch"))?,
             step: get("step")?.parse().map_err(|_| bad("step"))?,
             model_spec: m.get("model_spec").cloned(),
+            sequence,
         })
     }
 }
@@ -258,6 +315,13 @@ pub fn save_raw(
 /// The `format` entry of a safetensors file's metadata, reading only its header (`None`
 /// for anything else).
 pub fn read_format(path: &Path) -> Option<String> {
+    read_metadata_entry(path, "format")
+}
+
+/// The entry `key` of a safetensors file's metadata, reading only its header (`None` when
+/// the file or the entry is missing or unreadable): e.g. `sequence`, whose presence says a
+/// checkpoint's model reads texts or audio.
+pub fn read_metadata_entry(path: &Path, key: &str) -> Option<String> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).ok()?;
     let mut len = [0u8; 8];
@@ -270,7 +334,7 @@ pub fn read_format(path: &Path) -> Option<String> {
     f.read_exact(&mut header).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
     v.get("__metadata__")?
-        .get("format")?
+        .get(key)?
         .as_str()
         .map(str::to_string)
 }

@@ -128,13 +128,21 @@ impl DataLoader {
         DataLoader::checked(Source::Features(data), &source, cfg)
     }
 
-    /// [`DataLoader::for_features`] for evaluation: batches of 256 in data-set order.
-    pub fn for_evaluation_features(data: Arc<FeatureDataset>) -> Result<Self> {
+    /// [`DataLoader::for_features`] for evaluation by rank `rank` of `world_size`
+    /// data-parallel ranks (0 of 1 in one process): global batches of `256 * world_size` in
+    /// data-set order, of which this rank takes its slice.
+    pub fn for_evaluation_features(
+        data: Arc<FeatureDataset>,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<Self> {
         DataLoader::for_features(
             data,
             LoaderConfig {
-                batch_size: 256,
+                batch_size: 256 * world_size.max(1),
                 shuffle: false,
+                rank,
+                world_size,
                 ..Default::default()
             },
         )

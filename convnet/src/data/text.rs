@@ -315,6 +315,90 @@ impl Tokenizer {
     }
 }
 
+impl TextDataset {
+    /// Splits off the last `fraction` of every class's texts (in file order) as a test set:
+    /// `(train, test)`, both with this set's classes.
+    ///
+    /// ```
+    /// use convnet::data::text::TextDataset;
+    /// let ds = TextDataset::from_lines("t", "a\t1\na\t2\nb\t3\na\t4\nb\t5\n")?;
+    /// let (train, test) = ds.split_per_class(0.34);
+    /// assert_eq!((train.texts(), test.texts()), (&["1".to_string(), "2".into(), "3".into()][..], &["4".to_string(), "5".into()][..]));
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn split_per_class(&self, fraction: f64) -> (TextDataset, TextDataset) {
+        let mut test = vec![false; self.len()];
+        for c in 0..self.classes.len() as u32 {
+            let members: Vec<usize> = (0..self.len()).filter(|&i| self.labels[i] == c).collect();
+            let n = ((members.len() as f64 * fraction).round() as usize).min(members.len());
+            for &i in &members[members.len() - n..] {
+                test[i] = true;
+            }
+        }
+        let part = |want: bool| TextDataset {
+            texts: (0..self.len())
+                .filter(|&i| test[i] == want)
+                .map(|i| self.texts[i].clone())
+                .collect(),
+            labels: (0..self.len())
+                .filter(|&i| test[i] == want)
+                .map(|i| self.labels[i])
+                .collect(),
+            classes: self.classes.clone(),
+        };
+        (part(false), part(true))
+    }
+
+    /// The texts as token ids `[max_len]` ([`Tokenizer::encode`]) with labels numbered by
+    /// their position in `classes` (the training set's classes, for a test set); a label
+    /// that is not in `classes` is an error naming it.
+    ///
+    /// ```
+    /// use convnet::data::text::{Level, TextDataset, Tokenizer};
+    /// let train = TextDataset::from_lines("train", "a\tred fox\nb\tblue sky\n")?;
+    /// let test = TextDataset::from_lines("test", "b\tred sky\n")?;
+    /// let tok = Tokenizer::fit(train.texts(), Level::Word, 1, 3)?;
+    /// let ds = test.encode(&tok, train.classes())?;
+    /// assert_eq!((ds.dims(), ds.labels(), ds.example(0)), (&[3][..], &[1u32][..], &[2., 5., 0.][..]));
+    /// assert!(TextDataset::from_lines("t", "c\tx\n")?.encode(&tok, train.classes()).is_err());
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn encode(
+        &self,
+        tokenizer: &Tokenizer,
+        classes: &[String],
+    ) -> Result<super::FeatureDataset> {
+        let position: HashMap<&str, u32> = classes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.as_str(), i as u32))
+            .collect();
+        let labels = self
+            .labels
+            .iter()
+            .map(|&l| {
+                let name = &self.classes[l as usize];
+                position.get(name.as_str()).copied().ok_or_else(|| {
+                    invalid(
+                        "text",
+                        format!(
+                            "class {name:?} is not one of the model's classes ({})",
+                            classes.join(", ")
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        super::FeatureDataset::new(
+            tokenizer.encode_all(&self.texts),
+            vec![tokenizer.max_len()],
+            labels,
+            classes.to_vec(),
+            "texts",
+        )
+    }
+}
+
 /// The tokens of `text` at `level`.
 fn tokens(text: &str, level: Level) -> Box<dyn Iterator<Item = String> + '_> {
     match level {
