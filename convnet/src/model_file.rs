@@ -39,9 +39,12 @@
 //! kernel_size, padding, dilation, ceil_mode), `avgpool1d` (kernel_size, stride =
 //! kernel_size, padding, ceil_mode, count_include_pad), `adaptive_avgpool1d` and
 //! `adaptive_maxpool1d` (output_size), `batchnorm1d` (eps, momentum; on `[N, C]` or
-//! `[N, C, L]`), and `embedding` (num_embeddings, embedding_dim, padding_idx) reading integer
-//! ids given as numbers (`input = [L]`, output `[N, L, embedding_dim]`). Sizes of 1-D layers
-//! are numbers.
+//! `[N, C, L]`), and `embedding` (num_embeddings — a number, or `"vocab"` for the size of
+//! the tokenizer's vocabulary —, embedding_dim, padding_idx) reading integer
+//! ids given as numbers (`input = [L]`, output `[N, L, embedding_dim]`); `permute` (dims,
+//! batch first: `[0, 2, 1]` turns embeddings into channels) and `conv_bank1d` (out_channels,
+//! kernel_sizes: Kim's parallel convolutions with ReLU and max over time, concatenated to
+//! `[N, out_channels * widths]`). Sizes of 1-D layers are numbers.
 //!
 //! Unknown keys and types, missing values and layers that do not fit their input are errors
 //! naming the layer.
@@ -65,9 +68,9 @@
 use crate::error::{Error, Result};
 use crate::nn::{
     AdaptiveAvgPool1d, AdaptiveAvgPool2d, AdaptiveMaxPool1d, AvgPool1d, AvgPool2d, BasicBlock,
-    BatchNorm1d, BatchNorm2d, Bottleneck, Conv1d, Conv2d, Dropout, Embedding, Flatten, GELUTanh,
-    InvertedResidual, LeakyReLU, Linear, MaxPool1d, MaxPool2d, Model, Module, ReLU, ReLU6,
-    Sequential, Shortcut, Sigmoid, Softmax, Tanh, GELU,
+    BatchNorm1d, BatchNorm2d, Bottleneck, Conv1d, Conv2d, ConvBank1d, Dropout, Embedding, Flatten,
+    GELUTanh, InvertedResidual, LeakyReLU, Linear, MaxPool1d, MaxPool2d, Model, Module, Permute,
+    ReLU, ReLU6, Sequential, Shortcut, Sigmoid, Softmax, Tanh, GELU,
 };
 use crate::shape::Shape;
 use crate::tensor::{AvgPool1dParams, AvgPool2dParams, MaxPool1dParams, MaxPool2dParams};
@@ -237,12 +240,28 @@ impl ModelFile {
     /// Builds the network for inputs of any rank (batch excluded): `[C, H, W]` images,
     /// `[C, L]` sequences, `[L]` ids; otherwise as [`ModelFile::build`].
     pub fn build_for(&self, input: &[usize], num_classes: usize) -> Result<Model> {
+        self.build_with_vocabulary(input, None, num_classes)
+    }
+
+    /// [`ModelFile::build_for`] for a text model: an `embedding` whose `num_embeddings` is
+    /// `"vocab"` gets `vocabulary` rows (the tokenizer's vocabulary size).
+    pub fn build_with_vocabulary(
+        &self,
+        input: &[usize],
+        vocabulary: Option<usize>,
+        num_classes: usize,
+    ) -> Result<Model> {
         crate::nn::with_parameter_limit(crate::nn::MAX_PARAMETERS, || {
-            self.build_layers(input, num_classes)
+            self.build_layers(input, vocabulary, num_classes)
         })
     }
 
-    fn build_layers(&self, input: &[usize], num_classes: usize) -> Result<Model> {
+    fn build_layers(
+        &self,
+        input: &[usize],
+        vocabulary: Option<usize>,
+        num_classes: usize,
+    ) -> Result<Model> {
         if let Some(n) = self.num_classes.filter(|&n| n != num_classes) {
             return Err(Error::Layer {
                 layer: self.name.clone(),
@@ -266,7 +285,7 @@ impl ModelFile {
             if !names.insert(name.clone()) {
                 return Err(p.error(format!("the name {name:?} is used twice")));
             }
-            let layer = build_layer(&mut p, shape.dims(), num_classes)?;
+            let layer = build_layer(&mut p, shape.dims(), vocabulary, num_classes)?;
             let mut rows = Vec::new();
             shape = layer.infer(&name, shape.dims(), &mut rows).map_err(|e| {
                 p.error(match e {
@@ -384,6 +403,20 @@ impl<'a> Params<'a> {
         }
     }
 
+    /// A list of whole numbers (`[3, 4, 5]`).
+    fn usize_list(&mut self, key: &'static str) -> Result<Vec<usize>> {
+        let bad = |p: &Self| p.error(format!("`{key}` must be a list of whole numbers"));
+        match self.get(key) {
+            None => Err(self.error(format!("missing `{key}`"))),
+            Some(Value::Array(a)) if a.len() <= 64 => a
+                .iter()
+                .map(|v| v.as_u64().map(|v| v as usize))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad(self)),
+            Some(_) => Err(bad(self)),
+        }
+    }
+
     fn bool_or(&mut self, key: &'static str, default: bool) -> Result<bool> {
         match self.get(key) {
             None => Ok(default),
@@ -438,7 +471,7 @@ impl<'a> Params<'a> {
 
 /// The `type` values a layer table may have, each with the keys it takes besides `type`
 /// and `name`.
-const LAYER_TYPES: [(&str, &[&str]); 25] = [
+const LAYER_TYPES: [(&str, &[&str]); 27] = [
     (
         "conv2d",
         &[
@@ -500,6 +533,8 @@ const LAYER_TYPES: [(&str, &[&str]); 25] = [
         "embedding",
         &["num_embeddings", "embedding_dim", "padding_idx"],
     ),
+    ("permute", &["dims"]),
+    ("conv_bank1d", &["out_channels", "kernel_sizes"]),
     ("relu", &[]),
     ("relu6", &[]),
     ("leaky_relu", &["negative_slope"]),
@@ -541,7 +576,12 @@ fn seq_channels(p: &Params, shape: &[usize], flat: bool) -> Result<usize> {
     }
 }
 
-fn build_layer(p: &mut Params, shape: &[usize], classes: usize) -> Result<Box<dyn Module>> {
+fn build_layer(
+    p: &mut Params,
+    shape: &[usize],
+    vocabulary: Option<usize>,
+    classes: usize,
+) -> Result<Box<dyn Module>> {
     let kind = p.kind.clone();
     let layer: Box<dyn Module> = match kind.as_str() {
         "conv2d" => {
@@ -639,13 +679,28 @@ fn build_layer(p: &mut Params, shape: &[usize], classes: usize) -> Result<Box<dy
             Box::new(bn)
         }
         "embedding" => {
-            let num = p.usize_or("num_embeddings", None)?;
+            let num = match p.get("num_embeddings") {
+                Some(Value::String(s)) if s == "vocab" => vocabulary.ok_or_else(|| {
+                    p.error("num_embeddings = \"vocab\" needs a vocabulary size: train on texts, or give `--vocab N`")
+                })?,
+                _ => p.usize_or("num_embeddings", None)?,
+            };
             let dim = p.usize_or("embedding_dim", None)?;
             let pad = match p.get("padding_idx") {
                 None => None,
                 Some(_) => Some(p.usize_or("padding_idx", None)?),
             };
             Box::new(Embedding::new(num, dim, pad).map_err(|e| p.error(e.to_string()))?)
+        }
+        "permute" => {
+            let dims = p.usize_list("dims")?;
+            Box::new(Permute::new(dims).map_err(|e| p.error(e.to_string()))?)
+        }
+        "conv_bank1d" => {
+            let c = seq_channels(p, shape, false)?;
+            let out = p.usize_or("out_channels", None)?;
+            let widths = p.usize_list("kernel_sizes")?;
+            Box::new(ConvBank1d::new(c, out, &widths).map_err(|e| p.error(e.to_string()))?)
         }
         "relu" => Box::new(ReLU),
         "relu6" => Box::new(ReLU6),

@@ -642,8 +642,8 @@ impl ModelSpec {
     }
 
     /// Builds the network for inputs of any rank (batch excluded) and, for text models, a
-    /// vocabulary of `vocabulary` tokens (see [`build_for`]; a model file states its own
-    /// `num_embeddings`).
+    /// vocabulary of `vocabulary` tokens (see [`build_for`]; a model file's embedding takes
+    /// it with `num_embeddings = "vocab"`).
     pub fn build_for(
         &self,
         input: &[usize],
@@ -651,7 +651,7 @@ impl ModelSpec {
         num_classes: usize,
     ) -> Result<Model> {
         match self {
-            ModelSpec::File(f) => f.build_for(input, num_classes),
+            ModelSpec::File(f) => f.build_with_vocabulary(input, vocabulary, num_classes),
             ModelSpec::Zoo(a) => build_for(a.name, input, vocabulary, num_classes),
         }
     }
