@@ -385,7 +385,7 @@ fn random_resized_crops_give_the_model_its_size() {
         "areas spread from 8% up: {small} of 500 below 30%"
     );
     // Resize + centre crop of a stored set.
-    let data = loader(None).dataset().clone();
+    let data = loader(None).images().unwrap().clone();
     let resized = data.resized(ResizeCrop::new(20, 18).unwrap()).unwrap();
     assert_eq!(resized.image_shape(), [3, 18, 18]);
     assert_eq!(resized.labels(), data.labels());

@@ -165,7 +165,7 @@ impl DataLoader {
             ));
         }
         let loader = DataLoader { source, cfg };
-        if loader.len() == 0 {
+        if loader.is_empty() {
             return Err(invalid("DataLoader", format!("data set {origin} is empty")));
         }
         Ok(loader)
