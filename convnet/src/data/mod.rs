@@ -16,6 +16,7 @@
 //! to fix it.
 
 mod archive;
+pub mod audio;
 mod cache;
 mod cifar;
 mod features;

@@ -25,6 +25,8 @@
 //! The torchvision architectures start from torchvision's initialisation (Kaiming-normal
 //! convolutions in fan-out mode, zero biases; VGG and MobileNet classifiers from N(0, 0.01)).
 
+mod m5;
+
 use crate::data::Normalize;
 use crate::error::{invalid, Error, Result};
 use crate::nn::{
