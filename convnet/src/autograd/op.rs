@@ -4,6 +4,7 @@
 use crate::backend::cpu::{
     activation::{self, Activation},
     conv::{self, ConvGeom},
+    conv_max::{self, ConvMaxGeom},
     elementwise::{self, BinaryKind},
     embedding, loss,
     matmul::{matmul, MatRef, Par},
@@ -57,6 +58,14 @@ pub(crate) enum Op {
         weight: Tensor,
         bias: Option<Tensor>,
         geom: ConvGeom,
+    },
+    /// `y [N, K] = max_t relu(conv1d(x, w, b))`, with the position of each maximum.
+    ConvMaxOverTime {
+        input: Tensor,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        argmax: Vec<u32>,
+        geom: ConvMaxGeom,
     },
     MaxPool2d {
         input: Tensor,
@@ -191,6 +200,12 @@ impl Op {
                 bias,
                 ..
             }
+            | Op::ConvMaxOverTime {
+                input,
+                weight,
+                bias,
+                ..
+            }
             | Op::Linear {
                 input,
                 weight,
@@ -241,6 +256,7 @@ impl Op {
         let first = |name: &str, t: &Tensor| format!("{name} {}", t.shape());
         match self {
             Op::Conv2d { geom, .. } => geom.describe(),
+            Op::ConvMaxOverTime { geom, .. } => geom.describe(),
             Op::Linear { input, weight, .. } => {
                 format!("linear {} w{}", input.shape(), weight.shape())
             }
@@ -313,6 +329,32 @@ impl Op {
                     grads.push((b.clone(), db));
                 }
             }
+            Op::ConvMaxOverTime {
+                input,
+                weight,
+                bias,
+                argmax,
+                geom,
+            } => out.with_data(|y| {
+                if input.tracks_grad() {
+                    // backward_input writes every element.
+                    let mut dx = recycle::take_overwritten(input.numel());
+                    weight.with_data(|w| conv_max::backward_input(g, y, argmax, w, geom, &mut dx));
+                    grads.push((input.clone(), dx));
+                }
+                let train_b = bias.as_ref().filter(|b| b.tracks_grad());
+                if weight.tracks_grad() || train_b.is_some() {
+                    let mut dw = vec![0f32; weight.numel()];
+                    let mut db = vec![0f32; train_b.map_or(0, |b| b.numel())];
+                    input.with_data(|x| {
+                        conv_max::backward_params(x, g, y, argmax, geom, &mut dw, &mut db)
+                    });
+                    grads.push((weight.clone(), dw));
+                    if let Some(b) = train_b {
+                        grads.push((b.clone(), db));
+                    }
+                }
+            }),
             Op::MaxPool2d {
                 input,
                 argmax,

@@ -591,7 +591,8 @@ impl Module for Permute {
 /// concatenated to `[N, sum K_i]`. The convolutions are children `0`, `1`, ...: a bank
 /// added to a model as `convs` has the `state_dict` of a PyTorch module holding them in an
 /// `nn.ModuleList` called `convs` and computing
-/// `torch.cat([F.relu(conv(x)).amax(2) for conv in self.convs], 1)`.
+/// `torch.cat([F.relu(conv(x)).amax(2) for conv in self.convs], 1)`. On the CPU each
+/// filter width runs as one op, [`Tensor::conv1d_relu_max`].
 ///
 /// ```
 /// use convnet::nn::{ConvBank1d, Mode, Module};
@@ -631,12 +632,25 @@ impl ConvBank1d {
 
 impl Module for ConvBank1d {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        // Each filter bank as one op (convolution, ReLU and maximum over time): the same
+        // values, without the [N, K, OL] activations, and a backward through the maxima
+        // only. The input is made contiguous once for all the banks.
+        let fused = x.device() == crate::Device::Cpu
+            && self
+                .convs
+                .iter()
+                .all(|c| c.params == Conv1dParams::default());
+        let x = if fused { x.contiguous()? } else { x.clone() };
         let outs = self
             .convs
             .iter()
             .map(|c| {
-                let y = c.forward(x, mode)?.relu()?.adaptive_max_pool1d(1)?;
-                y.flatten(1)
+                if fused {
+                    x.conv1d_relu_max(&c.weight, c.bias.as_ref())
+                } else {
+                    let y = c.forward(&x, mode)?.relu()?.adaptive_max_pool1d(1)?;
+                    y.flatten(1)
+                }
             })
             .collect::<Result<Vec<_>>>()?;
         Tensor::concat(&outs, 1)

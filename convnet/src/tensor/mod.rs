@@ -504,22 +504,33 @@ impl Tensor {
         let dims = self.dims();
         let strides = &self.0.strides;
         let mut out = Vec::with_capacity(self.numel());
-        let mut idx = vec![0usize; dims.len()];
         if self.numel() == 0 {
             return out;
         }
+        let Some((&inner, outer)) = dims.split_last() else {
+            out.push(all[self.0.offset]);
+            return out;
+        };
+        // The last dimension in one tight loop (a copy when it is contiguous), the others
+        // counted like an odometer.
+        let step = strides[outer.len()];
+        let mut idx = vec![0usize; outer.len()];
         loop {
-            let off: usize =
+            let base: usize =
                 self.0.offset + idx.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>();
-            out.push(all[off]);
-            let mut d = dims.len();
+            if step == 1 {
+                out.extend_from_slice(&all[base..base + inner]);
+            } else {
+                out.extend((0..inner).map(|i| all[base + i * step]));
+            }
+            let mut d = outer.len();
             loop {
                 if d == 0 {
                     return out;
                 }
                 d -= 1;
                 idx[d] += 1;
-                if idx[d] < dims[d] {
+                if idx[d] < outer[d] {
                     break;
                 }
                 idx[d] = 0;

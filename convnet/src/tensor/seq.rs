@@ -1,11 +1,13 @@
 //! Sequence ops over `[N, C, L]`: `conv1d`, `max_pool1d`, `avg_pool1d`,
-//! `adaptive_avg_pool1d`, `adaptive_max_pool1d`, `batch_norm1d` (over `[N, C, L]` or
-//! `[N, C]`) and the `embedding` lookup.
+//! `adaptive_avg_pool1d`, `adaptive_max_pool1d`, `conv1d_relu_max`, `batch_norm1d` (over
+//! `[N, C, L]` or `[N, C]`) and the `embedding` lookup.
 //!
 //! A 1-D op is its 2-D op on the view `[N, C, 1, L]` with a `(1, k)` window — the same
 //! arithmetic, so the same kernels, gradients and numerics — between two free reshapes.
 //! Each op checks its input first and reports errors with its own name and 1-D shapes.
-//! Only the embedding lookup has a kernel of its own (`backend/cpu/embedding.rs`).
+//! Two have kernels of their own: the embedding lookup (`backend/cpu/embedding.rs`) and
+//! `conv1d_relu_max`, a text CNN's convolution, ReLU and maximum over time in one op
+//! (`backend/cpu/conv_max.rs`).
 //!
 //! Embedding ids are carried as a float tensor of whole numbers (the engine has one element
 //! type): every id must be an integer in `0..num_embeddings` — exact in float32 up to 2^24,
@@ -13,7 +15,7 @@
 
 use super::{gpu_of, record, Tensor};
 use crate::autograd::Op;
-use crate::backend::cpu::{embedding, pool};
+use crate::backend::cpu::{conv_max, embedding, pool};
 use crate::error::{invalid, shape_mismatch, Error, Result};
 use crate::shape::{conv_out_size, pool_out_size, Shape};
 use crate::tensor::{AvgPool2dParams, Conv2dParams, MaxPool2dParams};
@@ -391,6 +393,76 @@ impl Tensor {
         let w4 = weight.reshape([w[0], w[1], 1, w[2]])?;
         let y = self.as_image_row()?.conv2d(&w4, bias, p.as_2d())?;
         Tensor::from_image_row(y)
+    }
+
+    /// One filter bank of a text CNN in a single op: `relu(conv1d(x, weight, bias))` with
+    /// its maximum over time, `[N, C, L]` -> `[N, K]`, like
+    /// `F.relu(F.conv1d(x, weight, bias)).amax(2)` (stride 1, no padding, dilation 1, one
+    /// group). The same values as the three ops in a row, without keeping the `[N, K, OL]`
+    /// convolution; the backward passes through the one position of each maximum only
+    /// (`backend/cpu/conv_max.rs`). CPU only.
+    ///
+    /// ```
+    /// use convnet::{Conv1dParams, Tensor};
+    /// let x = Tensor::from_vec(vec![1., -2., 3., 0.5], [1, 1, 4])?;
+    /// let w = Tensor::from_vec(vec![1., 1.], [1, 1, 2])?;
+    /// assert_eq!(x.conv1d_relu_max(&w, None)?.to_vec(), vec![3.5]);
+    /// let y = x.conv1d(&w, None, Conv1dParams::default())?.relu()?.adaptive_max_pool1d(1)?;
+    /// assert_eq!(y.to_vec(), vec![3.5]);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn conv1d_relu_max(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let op = "conv1d_relu_max";
+        let out = Conv1dParams::default().output_shape(self.dims(), weight.dims())?;
+        let (n, k) = (out.dims()[0], out.dims()[1]);
+        if let Some(b) = bias {
+            if b.dims() != [k] {
+                return Err(shape_mismatch(
+                    op,
+                    format!("bias [{k}]"),
+                    format!("bias {}", b.shape()),
+                ));
+            }
+        }
+        let mut inputs = vec![self, weight];
+        inputs.extend(bias);
+        if gpu_of(op, &inputs)?.is_some() {
+            return Err(Error::Unsupported(format!(
+                "{op} has no CUDA kernel yet: run it on the CPU"
+            )));
+        }
+        let geom = conv_max::ConvMaxGeom {
+            n,
+            c: self.dims()[1],
+            l: self.dims()[2],
+            k,
+            kw: weight.dims()[2],
+        };
+        let mut y = vec![0f32; n * k];
+        let mut argmax = vec![0u32; n * k];
+        crate::profile::timed(
+            false,
+            || geom.describe(),
+            || 2.0 * geom.macs() as f64,
+            || {
+                self.with_data(|x| {
+                    weight.with_data(|w| match bias {
+                        Some(b) => b.with_data(|bv| {
+                            conv_max::forward(x, w, Some(bv), &geom, &mut y, &mut argmax)
+                        }),
+                        None => conv_max::forward(x, w, None, &geom, &mut y, &mut argmax),
+                    })
+                })
+            },
+        );
+        let rec = record(&inputs, || Op::ConvMaxOverTime {
+            input: self.clone(),
+            weight: weight.clone(),
+            bias: bias.cloned(),
+            argmax,
+            geom,
+        });
+        Ok(Tensor::from_parts(y, Shape::new([n, k]), rec))
     }
 
     /// Max pooling over `[N, C, L]`, like `F.max_pool1d`.

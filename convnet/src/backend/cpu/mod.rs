@@ -7,6 +7,7 @@ pub mod activation;
 pub mod conv;
 #[cfg(target_arch = "x86_64")]
 pub mod conv_direct;
+pub mod conv_max;
 pub mod elementwise;
 pub mod embedding;
 pub mod int8;
