@@ -150,11 +150,11 @@ fn eval_sequences(a: EvalArgs, ranks: &Ranks) -> Result<()> {
     let data = a
         .data
         .as_deref()
-        .context("--data names the texts to evaluate the model on")?;
+        .context("--data names the texts or clips to evaluate the model on")?;
     if a.resize.is_some() {
-        bail!("--resize applies to images; the model reads texts");
+        bail!("--resize applies to images; the model reads texts or audio");
     }
-    let mut test = crate::sequence::open_test(data, seq, &m.classes, a.holdout)?;
+    let mut test = crate::sequence::open_test(data, seq, &m.normalize, &m.classes, a.holdout)?;
     if let Some(names) = &a.classes {
         test = test.with_classes(names)?;
     }
@@ -349,7 +349,7 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
     let m = &loaded.meta;
     let geometry = resize_crop(a.resize, a.crop)?;
     if let (Some(_), Some(_)) = (&m.sequence, geometry) {
-        bail!("--resize applies to images; the model reads texts");
+        bail!("--resize applies to images; the model reads texts or audio");
     }
     if let Some(g) = geometry {
         if g.output_shape(m.input_shape[0]) != m.input_shape {
@@ -376,7 +376,9 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
     let mut results = Vec::new();
     for path in &a.images {
         let x = match &m.sequence {
-            Some(seq) => crate::sequence::inputs(seq, &[path.to_string_lossy().into_owned()])?,
+            Some(seq) => {
+                crate::sequence::inputs(seq, &m.normalize, &[path.to_string_lossy().into_owned()])?
+            }
             None => {
                 let input = match geometry {
                     Some(g) => load_resized_image(path, m.input_shape, g, &t)?,
@@ -410,10 +412,10 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
                 println!("  {:>6.2}%  {} ({i})", 100.0 * p, names[*i]);
             }
         }
-        let key = if m.sequence.is_some() {
-            "text"
-        } else {
-            "image"
+        let key = match &m.sequence {
+            Some(s) if s.tokenizer.is_some() => "text",
+            Some(_) => "clip",
+            None => "image",
         };
         results.push(serde_json::json!({
             key: path.display().to_string(),

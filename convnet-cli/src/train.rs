@@ -209,6 +209,8 @@ pub struct TrainArgs {
     #[command(flatten)]
     text: crate::sequence::TextArgs,
     #[command(flatten)]
+    audio: crate::sequence::AudioArgs,
+    #[command(flatten)]
     dist: DistArgs,
 }
 
@@ -519,10 +521,15 @@ impl RunData {
             ("--cutout", a.cutout > 0),
             ("--qat", a.qat),
         ];
+        let what = match kind {
+            crate::sequence::Kind::Text => "texts",
+            crate::sequence::Kind::Audio => "sound clips",
+        };
         if let Some((flag, _)) = image_only.iter().find(|(_, on)| *on) {
-            bail!("{flag} applies to images; {} holds texts", path.display());
+            bail!("{flag} applies to images; {} holds {what}", path.display());
         }
-        let data = crate::sequence::open_training(path, kind, &a.text, a.holdout)?;
+        let audio = a.audio.options(&a.model);
+        let data = crate::sequence::open_training(path, kind, &a.text, &audio, a.holdout)?;
         let (mut train, mut test) = (data.train, data.test);
         if let Some(names) = &a.classes {
             train = train.with_classes(names)?;
@@ -541,10 +548,7 @@ impl RunData {
             shape: [0; 3],
             input: data.meta.input.clone(),
             classes: train.classes().to_vec(),
-            normalize: Normalize {
-                mean: vec![0.0],
-                std: vec![1.0],
-            },
+            normalize: data.normalize,
             train: Examples::Features(train),
             test: Examples::Features(test),
             sequence: Some(data.meta),
@@ -708,13 +712,13 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
         }
         a.model = entry.architecture.clone();
     }
-    // Texts train text-cnn unless a model is named.
+    // Texts train text-cnn, sound clips m5, unless a model is named.
     let named = explicit.iter().any(|e| e == "model") || a.model_file.is_some();
     if resumed.is_none() && !named && a.pretrained.is_none() {
-        if let Some(crate::sequence::Kind::Text) =
-            a.data.as_deref().and_then(crate::sequence::kind_of)
-        {
-            a.model = "text-cnn".into();
+        match a.data.as_deref().and_then(crate::sequence::kind_of) {
+            Some(crate::sequence::Kind::Text) => a.model = "text-cnn".into(),
+            Some(crate::sequence::Kind::Audio) => a.model = "m5".into(),
+            None => {}
         }
     }
     let spec = match (&resumed, &a.model_file) {
@@ -1096,6 +1100,19 @@ struct SavedRun {
     min_freq: Option<usize>,
     #[serde(default)]
     max_len: Option<usize>,
+    /// Audio runs: how clips become inputs (absent in states of older versions).
+    #[serde(default)]
+    sample_rate: Option<u32>,
+    #[serde(default)]
+    clip_samples: Option<usize>,
+    #[serde(default)]
+    features: Option<String>,
+    #[serde(default)]
+    n_fft: Option<usize>,
+    #[serde(default)]
+    hop_length: Option<usize>,
+    #[serde(default)]
+    n_mels: Option<usize>,
 }
 
 impl SavedRun {
@@ -1143,6 +1160,12 @@ impl SavedRun {
             tokens: Some(name(&a.text.tokens)),
             min_freq: Some(a.text.min_freq),
             max_len: Some(a.text.max_len),
+            sample_rate: Some(a.audio.sample_rate),
+            clip_samples: Some(a.audio.clip_samples),
+            features: a.audio.features.map(|f| name(&f)),
+            n_fft: Some(a.audio.n_fft),
+            hop_length: Some(a.audio.hop_length),
+            n_mels: Some(a.audio.n_mels),
         }
     }
 
@@ -1190,6 +1213,16 @@ impl SavedRun {
                     .unwrap_or(crate::sequence::TokensArg::Word),
                 min_freq: self.min_freq.unwrap_or(2),
                 max_len: self.max_len.unwrap_or(200),
+            },
+            audio: crate::sequence::AudioArgs {
+                sample_rate: self.sample_rate.unwrap_or(8000),
+                clip_samples: self.clip_samples.unwrap_or(8000),
+                features: self
+                    .features
+                    .and_then(|f| crate::sequence::FeaturesArg::from_str(&f, true).ok()),
+                n_fft: self.n_fft.unwrap_or(256),
+                hop_length: self.hop_length.unwrap_or(80),
+                n_mels: self.n_mels.unwrap_or(40),
             },
             out: None,
             resume: None,

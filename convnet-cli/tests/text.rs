@@ -89,7 +89,7 @@ fn text_cnn_trains_evaluates_and_predicts_through_its_tokenizer() {
     // Image data is not text.
     fails_with(
         &["eval", "--checkpoint", ckpt],
-        "--data names the texts to evaluate the model on",
+        "--data names the texts or clips to evaluate the model on",
     );
 }
 

@@ -23,8 +23,6 @@ use crate::nn::{
 /// M5 for input `[C, L]` (channels, samples; normally `[1, 8000]`) and `classes` outputs.
 /// An input too short for the four stages is an error naming the first layer that cannot
 /// take it.
-// Not yet listed in the zoo (`ARCHITECTURES`/`build_arch`); until it is, only tests call it.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn m5(input: [usize; 2], classes: usize) -> Result<Model> {
     let mut net = Sequential::new();
     let stages = [

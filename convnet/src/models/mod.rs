@@ -125,6 +125,14 @@ pub const ARCHITECTURES: &[Architecture] = &[
         default_classes: 2,
         imagenet: false,
     },
+    Architecture {
+        name: "m5",
+        description: "M5 (Dai et al. 2017) for raw audio: Conv1d 80/4 then 3-tap stages of 128/128/256/512 maps with BatchNorm and max-pool 4, global average pool, fc classes",
+        input: InputKind::Signal,
+        default_input: &[1, 8000],
+        default_classes: 10,
+        imagenet: false,
+    },
 ];
 
 /// Looks up a built-in architecture by name.
@@ -487,10 +495,13 @@ pub fn build_for(
                 )),
             }
         }
-        InputKind::Signal => Err(invalid(
-            "models::build",
-            format!("{} is listed but has no builder", arch.name),
-        )),
+        InputKind::Signal => match arch.name {
+            "m5" => m5::m5([input[0], input[1]], num_classes),
+            other => Err(invalid(
+                "models::build",
+                format!("{other} is listed but has no builder"),
+            )),
+        },
     })
 }
 
