@@ -911,10 +911,10 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
             a.model,
             trainer.model().num_parameters(),
             train_loader.len(),
-            if sequence.is_some() {
-                "texts"
-            } else {
-                "images"
+            match &sequence {
+                Some(s) if s.tokenizer.is_some() => "texts",
+                Some(_) => "clips",
+                None => "images",
             },
             input,
             test_loader.len(),
