@@ -120,7 +120,7 @@ impl DataLoader {
     /// let cfg = LoaderConfig { batch_size: 2, shuffle: false, ..Default::default() };
     /// let loader = DataLoader::for_features(Arc::new(ds), cfg)?;
     /// let b = loader.make_batch(0, &[2, 0], 2)?;
-    /// assert_eq!((b.images.dims(), b.images.to_vec()?, b.labels), (&[2, 2][..], vec![4., 5., 0., 1.], vec![1, 0]));
+    /// assert_eq!((b.images.dims(), b.images.to_vec(), b.labels), (&[2, 2][..], vec![4., 5., 0., 1.], vec![1, 0]));
     /// # Ok::<(), convnet::Error>(())
     /// ```
     pub fn for_features(data: Arc<FeatureDataset>, cfg: LoaderConfig) -> Result<Self> {

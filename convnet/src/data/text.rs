@@ -359,7 +359,8 @@ impl TextDataset {
     /// let test = TextDataset::from_lines("test", "b\tred sky\n")?;
     /// let tok = Tokenizer::fit(train.texts(), Level::Word, 1, 3)?;
     /// let ds = test.encode(&tok, train.classes())?;
-    /// assert_eq!((ds.dims(), ds.labels(), ds.example(0)), (&[3][..], &[1u32][..], &[2., 5., 0.][..]));
+    /// // Vocabulary: <pad>, <unk>, then blue, fox, red, sky (equal counts: sorted).
+    /// assert_eq!((ds.dims(), ds.labels(), ds.example(0)), (&[3][..], &[1u32][..], &[4., 5., 0.][..]));
     /// assert!(TextDataset::from_lines("t", "c\tx\n")?.encode(&tok, train.classes()).is_err());
     /// # Ok::<(), convnet::Error>(())
     /// ```
