@@ -69,6 +69,14 @@ fn main() -> ExitCode {
     // the step time.
     // SAFETY: setting a documented allocator option before any concurrency starts.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // Output piped into a reader that stops early (`convnet models | head -3`): end quietly
+    // as Unix tools do, instead of failing on a write to a closed pipe. Rust sets SIGPIPE to
+    // be ignored before `main`; this restores the default.
+    // SAFETY: changing a signal disposition before any thread starts.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // The arguments given on the command line (a resumed run keeps its others).
