@@ -541,8 +541,15 @@ impl RunData {
         if let Some(n) = a.limit_test {
             test = test.spread(n);
         }
-        if train.is_empty() || test.is_empty() {
-            bail!("the training or test set is empty");
+        if train.is_empty() {
+            bail!("{} leaves no {what} to train on", path.display());
+        }
+        if test.is_empty() {
+            bail!(
+                "{} leaves no {what} to test on: a set without a test split is split per class by --holdout ({}), which rounds to none for classes this small; raise --holdout or give train and test splits",
+                path.display(),
+                a.holdout
+            );
         }
         Ok(RunData {
             shape: [0; 3],

@@ -139,4 +139,13 @@ fn a_text_run_resumes_and_refuses_image_settings() {
         ],
         "no class \"nope\"",
     );
+    // Two texts, one per class: --holdout 0.2 leaves nothing to test on.
+    let tiny = temp("text-tiny");
+    std::fs::create_dir_all(&tiny).unwrap();
+    let file = tiny.join("two.tsv");
+    std::fs::write(&file, "games\tfun game\nsound\tloud noise\n").unwrap();
+    fails_with(
+        &["train", "--data", file.to_str().unwrap(), "--epochs", "1"],
+        "leaves no texts to test on",
+    );
 }
