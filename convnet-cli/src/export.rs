@@ -72,58 +72,10 @@ pub fn run(a: ExportArgs) -> Result<()> {
             bytes.len()
         );
     }
-    if let (Some(path), Some(seq)) = (&a.reference_io, &loaded.meta.sequence) {
-        if a.reference_data.is_some() {
-            bail!("--reference-data reads images; the model reads texts (leave it out: two random texts of token ids are used)");
-        }
-        let vocabulary = crate::sequence::vocabulary(seq)?.unwrap_or(1) as f32;
-        let len: usize = seq.input.iter().product();
-        let ids: Vec<f32> = convnet::with_global_rng(|r| {
-            (0..2 * len)
-                .map(|_| r.uniform(0.0, vocabulary).floor().min(vocabulary - 1.0))
-                .collect()
-        });
-        let dims: Vec<usize> = std::iter::once(2)
-            .chain(seq.input.iter().copied())
-            .collect();
-        let input = convnet::Tensor::from_vec(ids, dims.as_slice())?;
-        let logits = loaded.prepare().predict(&input)?;
-        save_tensors(
-            path,
-            &[("input".into(), input), ("logits".into(), logits)],
-            HashMap::new(),
-        )?;
-        println!("wrote {} (reference input and logits)", path.display());
-    } else if let Some(path) = &a.reference_io {
-        let [c, h, w] = loaded.meta.input_shape;
-        let input = match &a.reference_data {
-            None => convnet::with_global_rng(|r| convnet::Tensor::randn([2, c, h, w], r)),
-            Some(d) => {
-                if a.reference_images == 0 {
-                    bail!("--reference-images must be positive");
-                }
-                let dir = (d != "sample").then(|| std::path::Path::new(d));
-                let (_, test) =
-                    crate::common::open_data(dir, &convnet::data::FolderOptions::default(), 0.2)?;
-                if test.image_shape() != loaded.meta.input_shape {
-                    bail!(
-                        "--reference-data has {:?} images but the model takes {:?}",
-                        test.image_shape(),
-                        loaded.meta.input_shape
-                    );
-                }
-                let test = test.spread(a.reference_images.min(test.len()));
-                let loader = convnet::data::DataLoader::for_evaluation(
-                    std::sync::Arc::new(test),
-                    loaded.meta.normalize.clone(),
-                )?;
-                let mut batches = Vec::new();
-                for b in loader.epoch(0) {
-                    batches.extend(b?.images.to_vec());
-                }
-                let n = batches.len() / (c * h * w);
-                convnet::Tensor::from_vec(batches, [n, c, h, w])?
-            }
+    if let Some(path) = &a.reference_io {
+        let input = match &loaded.meta.sequence {
+            Some(seq) => sequence_reference(seq, a.reference_data.is_some())?,
+            None => image_reference(&a, &loaded)?,
         };
         let logits = loaded.prepare().predict(&input)?;
         save_tensors(
@@ -142,4 +94,62 @@ pub fn run(a: ExportArgs) -> Result<()> {
         println!("wrote {} ({name} state_dict)", path.display());
     }
     Ok(())
+}
+
+/// Two random inputs of a text or audio model: token ids of its vocabulary, or standardised
+/// audio features.
+fn sequence_reference(
+    seq: &convnet::checkpoint::SequenceMeta,
+    reference_data: bool,
+) -> Result<convnet::Tensor> {
+    if reference_data {
+        bail!("--reference-data reads images; the model reads texts or audio (leave it out: two random inputs are used)");
+    }
+    let len: usize = seq.input.iter().product();
+    let values: Vec<f32> = match crate::sequence::vocabulary(seq)? {
+        Some(v) => convnet::with_global_rng(|r| {
+            (0..2 * len)
+                .map(|_| r.uniform(0.0, v as f32).floor().min(v as f32 - 1.0))
+                .collect()
+        }),
+        None => convnet::with_global_rng(|r| (0..2 * len).map(|_| r.normal()).collect()),
+    };
+    let dims: Vec<usize> = std::iter::once(2)
+        .chain(seq.input.iter().copied())
+        .collect();
+    Ok(convnet::Tensor::from_vec(values, dims.as_slice())?)
+}
+
+/// The reference batch of an image model: two random images, or `--reference-images` of
+/// `--reference-data` as evaluation normalises them.
+fn image_reference(a: &ExportArgs, loaded: &crate::common::Loaded) -> Result<convnet::Tensor> {
+    let [c, h, w] = loaded.meta.input_shape;
+    let Some(d) = &a.reference_data else {
+        return Ok(convnet::with_global_rng(|r| {
+            convnet::Tensor::randn([2, c, h, w], r)
+        }));
+    };
+    if a.reference_images == 0 {
+        bail!("--reference-images must be positive");
+    }
+    let dir = (d != "sample").then(|| std::path::Path::new(d));
+    let (_, test) = crate::common::open_data(dir, &convnet::data::FolderOptions::default(), 0.2)?;
+    if test.image_shape() != loaded.meta.input_shape {
+        bail!(
+            "--reference-data has {:?} images but the model takes {:?}",
+            test.image_shape(),
+            loaded.meta.input_shape
+        );
+    }
+    let test = test.spread(a.reference_images.min(test.len()));
+    let loader = convnet::data::DataLoader::for_evaluation(
+        std::sync::Arc::new(test),
+        loaded.meta.normalize.clone(),
+    )?;
+    let mut batches = Vec::new();
+    for b in loader.epoch(0) {
+        batches.extend(b?.images.to_vec());
+    }
+    let n = batches.len() / (c * h * w);
+    Ok(convnet::Tensor::from_vec(batches, [n, c, h, w])?)
 }

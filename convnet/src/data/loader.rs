@@ -58,6 +58,20 @@ impl Default for LoaderConfig {
     }
 }
 
+impl LoaderConfig {
+    /// Evaluation by rank `rank` of `world_size` data-parallel ranks: global batches of
+    /// `256 * world_size` in data-set order, of which each rank takes its slice.
+    fn evaluation(rank: usize, world_size: usize) -> LoaderConfig {
+        LoaderConfig {
+            batch_size: 256 * world_size.max(1),
+            shuffle: false,
+            rank,
+            world_size,
+            ..Default::default()
+        }
+    }
+}
+
 /// One batch: images `[B, C, H, W]`, their labels, and their indices in the data set.
 #[derive(Debug)]
 pub struct Batch {
@@ -136,16 +150,7 @@ impl DataLoader {
         rank: usize,
         world_size: usize,
     ) -> Result<Self> {
-        DataLoader::for_features(
-            data,
-            LoaderConfig {
-                batch_size: 256 * world_size.max(1),
-                shuffle: false,
-                rank,
-                world_size,
-                ..Default::default()
-            },
-        )
+        DataLoader::for_features(data, LoaderConfig::evaluation(rank, world_size))
     }
 
     fn checked(source: Source, origin: &str, cfg: LoaderConfig) -> Result<Self> {
@@ -191,13 +196,7 @@ impl DataLoader {
                 normalize,
                 augment: None,
             },
-            LoaderConfig {
-                batch_size: 256 * world_size.max(1),
-                shuffle: false,
-                rank,
-                world_size,
-                ..Default::default()
-            },
+            LoaderConfig::evaluation(rank, world_size),
         )
     }
 
