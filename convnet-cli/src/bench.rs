@@ -8,6 +8,7 @@ use crate::common::{parse_shape, set_threads};
 use crate::dist::{threads_per_rank, DistArgs, Ranks};
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
+use convnet::autocast::autocast;
 use convnet::dist::DataParallel;
 use convnet::nn::{Mode, Model};
 use convnet::optim::{Optimizer, Sgd, SgdConfig};
@@ -68,6 +69,10 @@ pub struct BenchArgs {
     /// (full-width or half-rate AVX-512, AVX2, portable) and the kernels convnet runs on it.
     #[arg(long)]
     machine: bool,
+    /// Arithmetic of convolutions and linear layers in --mode train: f32, or bf16 (bfloat16
+    /// operands, float32 accumulation; CPUs with AVX512-BF16 or AMX-BF16).
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: crate::train::PrecisionArg,
     #[command(flatten)]
     dist: DistArgs,
 }
@@ -181,6 +186,11 @@ pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
     if a.batch_size == 0 || a.steps == 0 {
         bail!("--batch-size and --steps must be positive");
     }
+    let precision = convnet::train::Precision::from(a.precision);
+    if precision != convnet::train::Precision::F32 && a.mode == BenchMode::Infer {
+        bail!("--precision {precision} times training (--mode train); inference runs in float32");
+    }
+    precision.check_supported()?;
     let n = ranks.size();
     a.dist.check(a.batch_size, ranks)?;
     convnet::manual_seed(0);
@@ -305,19 +315,14 @@ pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
         let t0 = Instant::now();
         match (a.mode, &mut dist) {
             (BenchMode::Train, Some(dist)) => {
-                let loss = dist.forward(&model, &x, Mode::Train)?.cross_entropy(
-                    &y,
-                    Reduction::Mean,
-                    0.0,
-                )?;
+                let logits = autocast(precision, || dist.forward(&model, &x, Mode::Train))??;
+                let loss = logits.cross_entropy(&y, Reduction::Mean, 0.0)?;
                 let grads = dist.backward(&loss)?;
                 opt.step(&grads)?;
             }
             (BenchMode::Train, None) => {
-                let loss =
-                    model
-                        .forward(&x, Mode::Train)?
-                        .cross_entropy(&y, Reduction::Mean, 0.0)?;
+                let logits = autocast(precision, || model.forward(&x, Mode::Train))??;
+                let loss = logits.cross_entropy(&y, Reduction::Mean, 0.0)?;
                 let grads = loss.backward()?;
                 opt.step(&grads)?;
             }
@@ -369,7 +374,7 @@ pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "framework": "convnet", "model": label, "mode": format!("{:?}", a.mode).to_lowercase(),
+                "framework": "convnet", "model": label, "precision": precision.name(), "mode": format!("{:?}", a.mode).to_lowercase(),
                 "batch_size": a.batch_size, "threads": threads, "step_ms": median * 1e3,
                 "images_per_sec": ips, "gflops": gflops, "peak_rss_mib": rss,
                 "mflop_per_image": flops_per_image / 1e6, "ranks": n,
@@ -384,7 +389,7 @@ pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
             format!("{threads} threads")
         };
         println!(
-            "{} {:?} batch {} on {on}: {:.2} ms/step (median of {}), {:.0} images/s, {:.1} GFLOP/s ({:.1} MFLOP/image), peak RSS {:.0} MiB",
+            "{} {:?} {precision} batch {} on {on}: {:.2} ms/step (median of {}), {:.0} images/s, {:.1} GFLOP/s ({:.1} MFLOP/image), peak RSS {:.0} MiB",
             label, a.mode, a.batch_size, median * 1e3, a.steps, ips, gflops, flops_per_image / 1e6, rss
         );
         if n > 1 && a.mode == BenchMode::Train {

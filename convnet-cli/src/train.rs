@@ -41,6 +41,15 @@ pub enum PrecisionArg {
     Bf16,
 }
 
+impl From<PrecisionArg> for convnet::train::Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::F32 => convnet::train::Precision::F32,
+            PrecisionArg::Bf16 => convnet::train::Precision::Bf16,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum SchedArg {
     Constant,
@@ -123,8 +132,9 @@ pub struct TrainArgs {
     /// without it they use float32 arithmetic.
     #[arg(long)]
     tf32: bool,
-    /// Arithmetic of convolutions and linear layers: f32, or bf16 (GPU only: bfloat16
-    /// operands, float32 accumulation, float32 weights and everything else).
+    /// Arithmetic of convolutions and linear layers: f32, or bf16 (bfloat16 operands,
+    /// float32 accumulation, float32 weights, optimizer and everything else; on GPUs and on
+    /// CPUs with AVX512-BF16 or AMX-BF16). Evaluation runs in float32.
     #[arg(long, value_enum, default_value = "f32")]
     precision: PrecisionArg,
     /// Start from these weights instead of a fresh initialisation: a convnet checkpoint or
@@ -237,10 +247,7 @@ fn config(a: &TrainArgs, device: convnet::Device) -> TrainConfig {
         device,
         cuda_graph: a.cuda_graph,
         tf32: a.tf32,
-        precision: match a.precision {
-            PrecisionArg::F32 => convnet::train::Precision::F32,
-            PrecisionArg::Bf16 => convnet::train::Precision::Bf16,
-        },
+        precision: a.precision.into(),
     }
 }
 

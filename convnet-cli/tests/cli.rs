@@ -604,7 +604,6 @@ fn cuda_build_without_a_driver_says_why_instead_of_panicking() {
 
 /// `convnet train ARGS --out <fresh folder named TAG> --json`: the final JSON line, the
 /// per-epoch metrics lines and what the run printed on stderr.
-#[cfg(feature = "cuda-emulator")]
 fn train_run(tag: &str, args: &[&str]) -> (serde_json::Value, Vec<serde_json::Value>, String) {
     let out_dir = temp(tag);
     let mut all = vec!["train"];
@@ -832,17 +831,77 @@ fn bfloat16_training_on_the_emulated_gpu_tracks_float32() {
         loss(&bf16_graph),
         "captured bfloat16 steps replay exactly"
     );
-    fails_with(
-        &[
-            "train",
+}
+
+/// `--precision bf16` on the CPU (AVX512-BF16 or AMX-BF16) trains close to float32 and its
+/// checkpoint evaluates as usual; `bench` times it; where the CPU lacks the
+/// instructions it is refused with the reason.
+#[test]
+fn bfloat16_training_on_the_cpu_tracks_float32() {
+    let run = |extra: &[&str], tag: &str| {
+        let mut args = vec![
             "--epochs",
             "1",
+            "--limit-train",
+            "512",
+            "--limit-test",
+            "300",
+            "--batch-size",
+            "32",
+        ];
+        args.extend_from_slice(extra);
+        train_run(&format!("cpu-bf16-{tag}"), &args).0
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_convnet"))
+        .args([
+            "bench",
             "--precision",
             "bf16",
-            "--limit-train",
-            "64",
-        ],
-        "bfloat16 precision needs a GPU",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "8",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        assert!(stderr.contains("AVX512-BF16"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        return;
+    }
+    assert_eq!(last_json(&out)["precision"], "bf16");
+    fails_with(
+        &["bench", "--precision", "bf16", "--mode", "infer"],
+        "inference runs in float32",
+    );
+    let f32_run = run(&[], "f32");
+    let bf16 = run(&["--precision", "bf16"], "bf16");
+    let loss = |r: &serde_json::Value| r["test_loss"].as_f64().unwrap();
+    assert_ne!(
+        loss(&f32_run),
+        loss(&bf16),
+        "bf16 arithmetic is not float32's"
+    );
+    assert!(
+        (loss(&f32_run) - loss(&bf16)).abs() < 0.05 * loss(&f32_run),
+        "test loss: float32 {}, bf16 {}",
+        loss(&f32_run),
+        loss(&bf16)
+    );
+    let e = last_json(&convnet(&[
+        "eval",
+        "--checkpoint",
+        bf16["checkpoint"].as_str().unwrap(),
+        "--json",
+    ]));
+    // Float32 weights: the checkpoint evaluates like any other (on the whole test set).
+    assert!(
+        e["accuracy"].as_f64().unwrap() > 0.15,
+        "chance is 0.10: {e}"
     );
 }
 

@@ -45,6 +45,7 @@ macro_rules! on_gpu {
     }};
 }
 
+pub mod autocast;
 pub mod autograd;
 pub mod backend;
 pub mod checkpoint;

@@ -8,6 +8,7 @@
 //! while it runs; the loader gives each rank its slice of every global batch, and the
 //! epoch's figures and the evaluation's counts are summed over the ranks.
 
+use crate::autocast::autocast;
 use crate::checkpoint::save_tensors;
 use crate::data::DataLoader;
 use crate::device::Device;
@@ -79,20 +80,12 @@ pub struct TrainConfig {
     /// On a GPU: let convolutions use TF32 tensor cores, as PyTorch does by default
     /// (otherwise float32 arithmetic, within rounding of the CPU's results).
     pub tf32: bool,
-    /// Arithmetic of convolutions and linear layers (bfloat16 needs a GPU).
+    /// Arithmetic of convolutions and linear layers: bf16 runs on GPUs and on CPUs with
+    /// AVX512-BF16 or AMX-BF16 ([`crate::autocast`]); evaluation stays float32.
     pub precision: Precision,
 }
 
-/// What convolutions and linear layers compute in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Precision {
-    /// float32 throughout.
-    #[default]
-    F32,
-    /// bfloat16 operands with float32 accumulation for convolutions and linear layers;
-    /// float32 parameters, gradients, optimizer state and everything else (GPU only).
-    Bf16,
-}
+pub use crate::autocast::Precision;
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -421,11 +414,8 @@ impl Trainer {
             ));
         }
         model.to_device(cfg.device)?;
-        if cfg.precision == Precision::Bf16 && cfg.device == Device::Cpu {
-            return Err(invalid(
-                "Trainer",
-                "bfloat16 precision needs a GPU (use --device cuda, or float32 on the CPU)",
-            ));
+        if cfg.device == Device::Cpu {
+            cfg.precision.check_supported()?;
         }
         #[cfg(feature = "cuda")]
         if let Device::Cuda(n) = cfg.device {
@@ -618,10 +608,15 @@ impl Trainer {
                 self.keep_last_gradients(&grads, i + 1 == batches);
             } else if !self.graphed_step(&batch.images, &batch.labels, &sums)? {
                 let images = batch.images.to_device(self.cfg.device)?;
-                let logits = match &mut self.dist {
-                    Some(dist) => dist.forward(&self.model, &images, Mode::Train)?,
-                    None => self.model.forward(&images, Mode::Train)?,
+                // On the CPU the precision is an autocast scope; GPUs set it once (`new`).
+                let precision = match self.cfg.device {
+                    Device::Cpu => self.cfg.precision,
+                    _ => Precision::F32,
                 };
+                let logits = autocast(precision, || match &mut self.dist {
+                    Some(dist) => dist.forward(&self.model, &images, Mode::Train),
+                    None => self.model.forward(&images, Mode::Train),
+                })??;
                 // Each rank's share of the global batch's mean (its own mean for equal slices).
                 let divisor = batch.global_size as f32 / ranks as f32;
                 let loss = logits.cross_entropy(

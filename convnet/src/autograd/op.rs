@@ -1,8 +1,10 @@
 //! The differentiable operations recorded in the graph, one variant per op, and the dispatch
 //! from each variant to its dedicated backward kernel in `backend::cpu`.
 
+use crate::autocast::Precision;
 use crate::backend::cpu::{
     activation::{self, Activation},
+    bf16,
     conv::{self, ConvGeom},
     conv_max::{self, ConvMaxGeom},
     elementwise::{self, BinaryKind},
@@ -58,6 +60,8 @@ pub(crate) enum Op {
         weight: Tensor,
         bias: Option<Tensor>,
         geom: ConvGeom,
+        /// The products' precision in the forward pass, and so in the backward pass.
+        precision: Precision,
     },
     /// `y [N, K] = max_t relu(conv1d(x, w, b))`, with the position of each maximum.
     ConvMaxOverTime {
@@ -86,6 +90,8 @@ pub(crate) enum Op {
         input: Tensor,
         weight: Tensor,
         bias: Option<Tensor>,
+        /// The products' precision in the forward pass, and so in the backward pass.
+        precision: Precision,
     },
     /// `y [M, N] = a [M, K] @ b [K, N]`
     Matmul {
@@ -210,6 +216,7 @@ impl Op {
                 input,
                 weight,
                 bias,
+                ..
             } => {
                 let mut v = vec![input, weight];
                 v.extend(bias.as_ref());
@@ -311,16 +318,23 @@ impl Op {
                 weight,
                 bias,
                 geom,
+                precision,
             } => {
                 if input.tracks_grad() {
                     // conv2d_backward_input writes every element.
                     let mut dx = recycle::take_overwritten(input.numel());
-                    weight.with_data(|w| conv::conv2d_backward_input(g, w, geom, &mut dx));
+                    weight.with_data(|w| match precision {
+                        Precision::F32 => conv::conv2d_backward_input(g, w, geom, &mut dx),
+                        Precision::Bf16 => bf16::conv2d_backward_input(g, w, geom, &mut dx),
+                    });
                     grads.push((input.clone(), dx));
                 }
                 if weight.tracks_grad() {
                     let mut dw = vec![0f32; weight.numel()];
-                    input.with_data(|x| conv::conv2d_backward_weight(x, g, geom, &mut dw));
+                    input.with_data(|x| match precision {
+                        Precision::F32 => conv::conv2d_backward_weight(x, g, geom, &mut dw),
+                        Precision::Bf16 => bf16::conv2d_backward_weight(x, g, geom, &mut dw),
+                    });
                     grads.push((weight.clone(), dw));
                 }
                 if let Some(b) = bias.as_ref().filter(|b| b.tracks_grad()) {
@@ -382,10 +396,15 @@ impl Op {
                 input,
                 weight,
                 bias,
+                precision,
             } => {
                 let (o, i) = (weight.dims()[0], weight.dims()[1]);
                 let m = input.numel() / i;
                 let gm = MatRef::row_major(g, m, o);
+                let matmul = match precision {
+                    Precision::F32 => matmul,
+                    Precision::Bf16 => bf16::matmul_bf16,
+                };
                 if input.tracks_grad() {
                     let mut dx = vec![0f32; m * i];
                     weight.with_data(|w| {

@@ -1,7 +1,9 @@
 //! `conv2d`: validation, the CPU kernel, and graph recording.
 
 use super::{gpu_of, record, Tensor};
+use crate::autocast::Precision;
 use crate::autograd::Op;
+use crate::backend::cpu::bf16;
 use crate::backend::cpu::conv::{self, ConvGeom};
 use crate::backend::cpu::recycle;
 use crate::error::{invalid, shape_mismatch, Result};
@@ -188,6 +190,11 @@ impl Tensor {
         }
         // conv2d_forward writes every output.
         let mut y = recycle::take_overwritten(geom.n * geom.k * geom.oh * geom.ow);
+        let precision = crate::autocast::precision();
+        let forward = match precision {
+            Precision::F32 => conv::conv2d_forward,
+            Precision::Bf16 => bf16::conv2d_forward,
+        };
         crate::profile::timed(
             false,
             || geom.describe(),
@@ -195,10 +202,8 @@ impl Tensor {
             || {
                 self.with_data(|x| {
                     weight.with_data(|w| match bias {
-                        Some(b) => {
-                            b.with_data(|bv| conv::conv2d_forward(x, w, Some(bv), &geom, &mut y))
-                        }
-                        None => conv::conv2d_forward(x, w, None, &geom, &mut y),
+                        Some(b) => b.with_data(|bv| forward(x, w, Some(bv), &geom, &mut y)),
+                        None => forward(x, w, None, &geom, &mut y),
                     })
                 })
             },
@@ -208,6 +213,7 @@ impl Tensor {
             weight: weight.clone(),
             bias: bias.cloned(),
             geom,
+            precision,
         });
         Ok(Tensor::from_parts(y, Shape::new(geom.out_dims()), op))
     }

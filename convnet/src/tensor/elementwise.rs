@@ -2,8 +2,10 @@
 //! (`matmul`, `linear`).
 
 use super::{gpu_of, record, Tensor};
+use crate::autocast::Precision;
 use crate::autograd::Op;
 use crate::backend::cpu::activation::{self, Activation};
+use crate::backend::cpu::bf16;
 use crate::backend::cpu::elementwise::{self as ew, BinaryKind};
 use crate::backend::cpu::matmul::{matmul, MatRef, Par};
 use crate::error::{invalid, shape_mismatch, Result};
@@ -274,8 +276,19 @@ impl Tensor {
                 if let Some(b) = bias {
                     b.with_data(|bv| out.chunks_mut(o).for_each(|row| row.copy_from_slice(bv)));
                 }
+                let precision = crate::autocast::precision();
                 self.with_data(|x| {
                     weight.with_data(|w| {
+                        if precision == Precision::Bf16 {
+                            // Packing lays W^T out for the kernel whichever way it is viewed.
+                            return bf16::matmul_bf16(
+                                &mut out,
+                                MatRef::row_major(x, m, i),
+                                MatRef::row_major(w, o, i).t(),
+                                bias.is_some(),
+                                Par::Rayon,
+                            );
+                        }
                         // The gemm crate runs `x @ W^T` about 4x faster with W^T laid out
                         // row-major than as a transposed view, so large weights are transposed first.
                         if m * o * i >= 1 << 20 {
@@ -304,6 +317,7 @@ impl Tensor {
                     input: self.clone(),
                     weight: weight.clone(),
                     bias: bias.cloned(),
+                    precision,
                 });
                 Ok(Tensor::from_parts(out, Shape::new(dims), op))
             },

@@ -48,27 +48,27 @@ pub struct ConvGeom {
 }
 
 impl ConvGeom {
-    fn cg(&self) -> usize {
+    pub(super) fn cg(&self) -> usize {
         self.c / self.groups
     }
-    fn kg(&self) -> usize {
+    pub(super) fn kg(&self) -> usize {
         self.k / self.groups
     }
     /// Rows of the im2col matrix of one group: CG*KH*KW.
-    fn col_rows(&self) -> usize {
+    pub(super) fn col_rows(&self) -> usize {
         self.cg() * self.kh * self.kw
     }
-    fn out_plane(&self) -> usize {
+    pub(super) fn out_plane(&self) -> usize {
         self.oh * self.ow
     }
-    fn in_image(&self) -> usize {
+    pub(super) fn in_image(&self) -> usize {
         self.c * self.h * self.w
     }
-    fn out_image(&self) -> usize {
+    pub(super) fn out_image(&self) -> usize {
         self.k * self.out_plane()
     }
     /// True when im2col would be the identity (1x1, stride 1, no padding).
-    fn is_pointwise(&self) -> bool {
+    pub(super) fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == (1, 1) && self.padding == (0, 0)
     }
     /// Range of output columns `ow` whose input column `ow*sw - pw + kw*dw` is inside `0..W`.
@@ -134,35 +134,37 @@ fn valid_range(len: usize, out: usize, stride: usize, pad: usize, shift: usize) 
 
 /// Fills `col [CG*KH*KW, OH*OW]` from one image's group `x [CG, H, W]`.
 pub fn im2col(x: &[f32], g: &ConvGeom, col: &mut [f32]) {
-    let (ohw, (sh, sw), (ph, pw), (dh, dw)) = (g.out_plane(), g.stride, g.padding, g.dilation);
-    for c in 0..g.cg() {
-        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
-        for ki in 0..g.kh {
-            let (oh_lo, oh_hi) = g.valid_oh(ki);
-            for kj in 0..g.kw {
-                let row = (c * g.kh + ki) * g.kw + kj;
-                let dst = &mut col[row * ohw..(row + 1) * ohw];
-                let (ow_lo, ow_hi) = g.valid_ow(kj);
-                dst[..oh_lo * g.ow].fill(0.0);
-                dst[oh_hi * g.ow..].fill(0.0);
-                for oh in oh_lo..oh_hi {
-                    let ih = oh * sh + ki * dh - ph;
-                    let out_row = &mut dst[oh * g.ow..(oh + 1) * g.ow];
-                    out_row[..ow_lo].fill(0.0);
-                    out_row[ow_hi..].fill(0.0);
-                    if ow_lo >= ow_hi {
-                        continue;
-                    }
-                    let iw0 = ow_lo * sw + kj * dw - pw;
-                    let src = &plane[ih * g.w..(ih + 1) * g.w];
-                    if sw == 1 {
-                        out_row[ow_lo..ow_hi].copy_from_slice(&src[iw0..iw0 + (ow_hi - ow_lo)]);
-                    } else {
-                        for (i, o) in out_row[ow_lo..ow_hi].iter_mut().enumerate() {
-                            *o = src[iw0 + i * sw];
-                        }
-                    }
-                }
+    let ohw = g.out_plane();
+    for (row, dst) in col[..g.col_rows() * ohw].chunks_mut(ohw).enumerate() {
+        im2col_row(x, g, row, dst);
+    }
+}
+
+/// Fills row `row` (`(c * KH + ki) * KW + kj`) of im2col's matrix, `dst [OH*OW]`.
+pub fn im2col_row(x: &[f32], g: &ConvGeom, row: usize, dst: &mut [f32]) {
+    let ((sh, sw), (ph, pw), (dh, dw)) = (g.stride, g.padding, g.dilation);
+    let (c, ki, kj) = (row / (g.kh * g.kw), row / g.kw % g.kh, row % g.kw);
+    let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+    let dst = &mut dst[..g.out_plane()];
+    let (oh_lo, oh_hi) = g.valid_oh(ki);
+    let (ow_lo, ow_hi) = g.valid_ow(kj);
+    dst[..oh_lo * g.ow].fill(0.0);
+    dst[oh_hi * g.ow..].fill(0.0);
+    for oh in oh_lo..oh_hi {
+        let ih = oh * sh + ki * dh - ph;
+        let out_row = &mut dst[oh * g.ow..(oh + 1) * g.ow];
+        out_row[..ow_lo].fill(0.0);
+        out_row[ow_hi..].fill(0.0);
+        if ow_lo >= ow_hi {
+            continue;
+        }
+        let iw0 = ow_lo * sw + kj * dw - pw;
+        let src = &plane[ih * g.w..(ih + 1) * g.w];
+        if sw == 1 {
+            out_row[ow_lo..ow_hi].copy_from_slice(&src[iw0..iw0 + (ow_hi - ow_lo)]);
+        } else {
+            for (i, o) in out_row[ow_lo..ow_hi].iter_mut().enumerate() {
+                *o = src[iw0 + i * sw];
             }
         }
     }
@@ -275,14 +277,26 @@ pub fn conv2d_forward_im2col(
 /// through the forward kernel, whose products are as large as the forward pass's, instead of
 /// `W^T @ dY` products with an inner dimension of only KG (16 in a ResNet's first stage).
 pub fn conv2d_backward_input(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32]) {
-    let span = |k: usize, d: usize| d * (k - 1);
-    if g.stride == (1, 1)
-        && g.padding.0 <= span(g.kh, g.dilation.0)
-        && g.padding.1 <= span(g.kw, g.dilation.1)
-        && !g.is_pointwise()
-    {
+    if let Some(tg) = g.flipped_input_grad() {
         let flipped = flip_transpose(w, g);
-        let tg = ConvGeom {
+        conv2d_forward(dy, &flipped, None, &tg, dx);
+        return;
+    }
+    conv2d_backward_input_col2im(dy, w, g, dx);
+}
+
+impl ConvGeom {
+    /// The geometry of the input gradient as a forward convolution of `dy` with the
+    /// flipped, transposed kernel ([`flip_transpose`]), where that form applies: stride 1,
+    /// padding at most the dilated kernel's span, not pointwise.
+    pub(super) fn flipped_input_grad(&self) -> Option<ConvGeom> {
+        let span = |k: usize, d: usize| d * (k - 1);
+        let g = self;
+        let applies = g.stride == (1, 1)
+            && g.padding.0 <= span(g.kh, g.dilation.0)
+            && g.padding.1 <= span(g.kw, g.dilation.1)
+            && !g.is_pointwise();
+        applies.then(|| ConvGeom {
             n: g.n,
             c: g.k,
             h: g.oh,
@@ -299,15 +313,12 @@ pub fn conv2d_backward_input(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32]
             ),
             dilation: g.dilation,
             groups: g.groups,
-        };
-        conv2d_forward(dy, &flipped, None, &tg, dx);
-        return;
+        })
     }
-    conv2d_backward_input_col2im(dy, w, g, dx);
 }
 
 /// `w [K, CG, KH, KW]` -> `w' [C, KG, KH, KW]` with `w'[g*CG + c, k, i, j] = w[g*KG + k, c, KH-1-i, KW-1-j]`.
-fn flip_transpose(w: &[f32], g: &ConvGeom) -> Vec<f32> {
+pub(super) fn flip_transpose(w: &[f32], g: &ConvGeom) -> Vec<f32> {
     let (cg, kg, kk) = (g.cg(), g.kg(), g.kh * g.kw);
     let mut out = vec![0f32; w.len()];
     for grp in 0..g.groups {

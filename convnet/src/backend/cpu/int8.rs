@@ -40,7 +40,7 @@ use super::nhwc::Plane;
 use std::ops::Range;
 
 #[cfg(target_arch = "x86_64")]
-mod amx;
+pub(in crate::backend::cpu) mod amx;
 
 /// Which int8 code path runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

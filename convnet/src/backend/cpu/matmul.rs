@@ -35,8 +35,42 @@ impl<'a> MatRef<'a> {
         }
     }
 
-    fn at(&self, r: usize, c: usize) -> f32 {
+    /// The element at row `r`, column `c`.
+    pub fn at(&self, r: usize, c: usize) -> f32 {
         self.data[r * self.row_stride + c * self.col_stride]
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Row `r` as a slice, when the row's elements are adjacent (`None` otherwise).
+    pub fn row(&self, r: usize) -> Option<&'a [f32]> {
+        (self.col_stride == 1 || self.cols <= 1)
+            .then(|| &self.data[r * self.row_stride..r * self.row_stride + self.cols])
+    }
+
+    /// The rows `range` of this view (no copy).
+    pub fn rows_range(self, range: std::ops::Range<usize>) -> Self {
+        assert!(
+            range.start <= range.end && range.end <= self.rows,
+            "rows inside the view"
+        );
+        MatRef {
+            data: if range.is_empty() {
+                &[]
+            } else {
+                &self.data[range.start * self.row_stride..]
+            },
+            rows: range.len(),
+            ..self
+        }
     }
 }
 

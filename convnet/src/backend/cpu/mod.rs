@@ -4,6 +4,7 @@
 //! keeps a naive reference implementation beside the fast one for tests.
 
 pub mod activation;
+pub mod bf16;
 pub mod conv;
 #[cfg(target_arch = "x86_64")]
 pub mod conv_direct;

@@ -131,6 +131,7 @@ pub(crate) fn backward(op: &Op, out: &Tensor, g: &DeviceBuffer, ordinal: usize) 
             weight,
             bias,
             geom,
+            ..
         } => {
             let (xp, wp) = (
                 input.cuda_ptr("conv2d backward")?,
@@ -176,6 +177,7 @@ pub(crate) fn backward(op: &Op, out: &Tensor, g: &DeviceBuffer, ordinal: usize) 
             input,
             weight,
             bias,
+            ..
         } => {
             let (o, i) = (weight.dims()[0], weight.dims()[1]);
             let m = input.numel() / i.max(1);

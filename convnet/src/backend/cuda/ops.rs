@@ -315,6 +315,8 @@ pub(crate) fn linear(
         input: x.clone(),
         weight: w.clone(),
         bias: b.cloned(),
+        // The GPU runs float32 whatever the autocast precision.
+        precision: crate::autocast::Precision::F32,
     });
     Ok(result(y, Shape::new(out_dims), op))
 }
@@ -358,6 +360,8 @@ pub(crate) fn conv2d(
         weight: w.clone(),
         bias: b.cloned(),
         geom,
+        // The GPU runs float32 whatever the autocast precision.
+        precision: crate::autocast::Precision::F32,
     });
     Ok(result(
         y,

@@ -31,7 +31,7 @@ pub(super) fn ready() -> bool {
 }
 
 #[cfg(target_os = "linux")]
-fn request_tile_state() -> bool {
+pub(in crate::backend::cpu) fn request_tile_state() -> bool {
     const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
     const XFEATURE_XTILEDATA: libc::c_long = 18;
     // SAFETY: this arch_prctl request only extends the process's permitted register state.
@@ -45,7 +45,7 @@ fn request_tile_state() -> bool {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn request_tile_state() -> bool {
+pub(in crate::backend::cpu) fn request_tile_state() -> bool {
     false
 }
 
