@@ -144,8 +144,8 @@ fn pack_pairs(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
     let n = out.len();
     assert!(lo.len() >= n && hi.is_none_or(|h| h.len() >= n));
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present; the slices hold `n` values (asserted).
+    if std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: AVX-512F/BW are present; the slices hold `n` values (asserted).
         return unsafe { pack_pairs_avx512(lo, hi, out) };
     }
     for i in 0..n {
@@ -158,8 +158,8 @@ fn round_slice(src: &[f32], out: &mut [u16]) {
     let n = out.len();
     assert!(src.len() >= n);
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present; the slices hold `n` values (asserted).
+    if std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: AVX-512F/BW are present; the slices hold `n` values (asserted).
         return unsafe { round_slice_avx512(src, out) };
     }
     out.iter_mut().zip(src).for_each(|(o, &s)| *o = to_bf16(s));
@@ -180,9 +180,9 @@ fn round16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i {
 }
 
 /// # Safety
-/// AVX-512F; `lo` (and `hi`) hold `out.len()` values.
+/// AVX-512F and BW; `lo` (and `hi`) hold `out.len()` values.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_pairs_avx512(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
     use std::arch::x86_64::*;
     let n = out.len();
@@ -199,15 +199,24 @@ unsafe fn pack_pairs_avx512(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
         _mm512_storeu_si512(out.as_mut_ptr().add(i) as *mut _, w);
         i += 16;
     }
-    for j in i..n {
-        out[j] = pair(lo[j], hi.map_or(0.0, |h| h[j]));
+    if i < n {
+        let mask: __mmask16 = (1 << (n - i)) - 1;
+        let l = round16(_mm512_maskz_loadu_ps(mask, lo.as_ptr().add(i)));
+        let w = match hi {
+            Some(h) => {
+                let h = round16(_mm512_maskz_loadu_ps(mask, h.as_ptr().add(i)));
+                _mm512_or_si512(l, _mm512_slli_epi32::<16>(h))
+            }
+            None => l,
+        };
+        _mm512_mask_storeu_epi32(out.as_mut_ptr().add(i) as *mut _, mask, w);
     }
 }
 
 /// # Safety
-/// AVX-512F; `src` holds `out.len()` values.
+/// AVX-512F and BW; `src` holds `out.len()` values.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn round_slice_avx512(src: &[f32], out: &mut [u16]) {
     use std::arch::x86_64::*;
     let n = out.len();
@@ -217,8 +226,10 @@ unsafe fn round_slice_avx512(src: &[f32], out: &mut [u16]) {
         _mm256_storeu_si256(out.as_mut_ptr().add(i) as *mut _, _mm512_cvtepi32_epi16(r));
         i += 16;
     }
-    for j in i..n {
-        out[j] = to_bf16(src[j]);
+    if i < n {
+        let mask: __mmask16 = (1 << (n - i)) - 1;
+        let r = round16(_mm512_maskz_loadu_ps(mask, src.as_ptr().add(i)));
+        _mm512_mask_cvtepi32_storeu_epi16(out.as_mut_ptr().add(i) as *mut _, mask, r);
     }
 }
 
@@ -785,10 +796,14 @@ fn direct_weight_grad(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
         })
         .collect();
     let mut partials = partials.into_iter();
-    let first = partials.next().unwrap_or_else(|| vec![0f32; w_len]);
-    dw[..w_len].copy_from_slice(&first);
+    let mut acc = partials.next().unwrap_or_else(|| vec![0f32; w_len]);
     for p in partials {
-        dw.iter_mut().zip(&p).for_each(|(d, s)| *d += s);
+        acc.iter_mut().zip(&p).for_each(|(d, s)| *d += s);
+    }
+    // [tap][K][C] -> [K][C][tap].
+    let (taps, kc) = (g.kh * g.kw, g.k * g.c);
+    for (i, d) in dw[..w_len].iter_mut().enumerate() {
+        *d = acc[(i % taps) * kc + i / taps];
     }
 }
 

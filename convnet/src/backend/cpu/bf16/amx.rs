@@ -406,7 +406,8 @@ impl DirectConv {
         }
     }
 
-    /// Adds one image's weight gradient into `dw [K][C][KH*KW]`.
+    /// Adds one image's weight gradient into `dw [KH*KW][K][C]` (tap-major, so that a
+    /// block of results adds as whole rows).
     ///
     /// # Safety
     /// [`ready`] must hold; `img` is this geometry's [`weight_grad_layout`](Self::weight_grad_layout).
@@ -491,9 +492,11 @@ impl DirectConv {
                     let rows = (if two_m { 32 } else { 16 }).min(g.k.saturating_sub(m0));
                     let cols = (if two_n { 32 } else { 16 }).min(g.c.saturating_sub(n0));
                     for r in 0..rows {
-                        for j in 0..cols {
-                            dw[((m0 + r) * g.c + n0 + j) * taps + tap] += sums[r * 32 + j];
-                        }
+                        let at = (tap * g.k + m0 + r) * g.c + n0;
+                        dw[at..at + cols]
+                            .iter_mut()
+                            .zip(&sums[r * 32..r * 32 + cols])
+                            .for_each(|(d, s)| *d += s);
                     }
                 }
             }
