@@ -464,7 +464,8 @@ impl Op {
                 grads.push((input.clone(), g.iter().map(|v| v * factor).collect()));
             }
             Op::Activation { act, input } => {
-                let mut dx = vec![0f32; g.len()];
+                // activation::backward writes every element.
+                let mut dx = recycle::take_overwritten(g.len());
                 input
                     .with_data(|x| out.with_data(|y| activation::backward(*act, x, y, g, &mut dx)));
                 grads.push((input.clone(), dx));

@@ -138,7 +138,8 @@ impl Tensor {
                 if let Some(gpu) = gpu_of("activation", &[self])? {
                     return on_gpu!(gpu, |g| crate::backend::cuda::ops::activation(g, self, act));
                 }
-                let mut out = vec![0f32; self.numel()];
+                // activation::forward writes every element.
+                let mut out = crate::backend::cpu::recycle::take_overwritten(self.numel());
                 self.with_data(|x| activation::forward(act, x, &mut out));
                 let op = record(&[self], || Op::Activation {
                     act,

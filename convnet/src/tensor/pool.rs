@@ -237,7 +237,8 @@ impl Tensor {
                     ));
                 }
                 let len = geom.planes * geom.oh * geom.ow;
-                let mut y = vec![0f32; len];
+                // max_pool2d_forward writes every output.
+                let mut y = crate::backend::cpu::recycle::take_overwritten(len);
                 let mut argmax = vec![0u32; len];
                 self.with_data(|x| pool::max_pool2d_forward(x, &geom, &mut y, &mut argmax));
                 let op = record(&[self], || Op::MaxPool2d {
