@@ -99,6 +99,7 @@ fn machine(json: bool) -> Result<()> {
                 "class": m.class.name(),
                 "float_kernels": m.float_kernels(),
                 "int8_kernels": m.int8_kernels(),
+                "bf16_kernels": m.bf16_kernels(),
             })
         );
     }

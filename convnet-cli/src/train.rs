@@ -863,6 +863,18 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
         }
     };
     let mut trainer = Trainer::new(model, cfg, train_loader.num_batches())?;
+    if lead
+        && a.precision == PrecisionArg::Bf16
+        && trainer.config().device == convnet::Device::Cpu
+        && convnet::backend::cpu::bf16::Bf16Kernel::best()
+            == Some(convnet::backend::cpu::bf16::Bf16Kernel::Avx512)
+    {
+        eprintln!(
+            "note: this CPU has AVX512-BF16 but not AMX: bf16 convolutions run through im2col \
+             and can train slower than float32 (compare `convnet bench --precision bf16` \
+             with `--precision f32`)"
+        );
+    }
     let out = a.out.clone().unwrap_or_else(|| default_out(&a.model));
     let folder = RunFolder::open(&out, resumed.is_some(), lead)?;
     let mut board = board::Board::open(

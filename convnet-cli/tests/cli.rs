@@ -978,6 +978,13 @@ fn bench_machine_describes_the_cpu() {
         m["float_kernels"].as_str().unwrap().contains("tiles"),
         "{m}"
     );
+    // bf16 training follows the extensions.
+    let bf16 = m["bf16_kernels"].as_str().unwrap();
+    match (ext.contains(&"amx-bf16"), ext.contains(&"avx512bf16")) {
+        (_, false) => assert!(bf16.starts_with("none"), "{m}"),
+        (true, true) => assert!(bf16.contains("AMX") || bf16.contains("vdpbf16ps"), "{m}"),
+        (false, true) => assert!(bf16.contains("vdpbf16ps"), "{m}"),
+    }
 }
 
 #[test]

@@ -66,11 +66,19 @@ pub enum Bf16Kernel {
 
 impl Bf16Kernel {
     /// The fastest kernel this CPU can run, or `None` (see [`unsupported_reason`]).
+    /// `CONVNET_BF16_KERNEL=avx512` picks the AVX512-BF16 kernel on a CPU with AMX (to
+    /// measure what CPUs without AMX run); an unavailable choice is ignored.
     pub fn best() -> Option<Self> {
         static BEST: OnceLock<Option<Bf16Kernel>> = OnceLock::new();
         *BEST.get_or_init(|| {
-            [Bf16Kernel::Amx, Bf16Kernel::Avx512]
+            let chosen = match std::env::var("CONVNET_BF16_KERNEL").as_deref() {
+                Ok("avx512") => Some(Bf16Kernel::Avx512),
+                Ok("amx") => Some(Bf16Kernel::Amx),
+                _ => None,
+            };
+            chosen
                 .into_iter()
+                .chain([Bf16Kernel::Amx, Bf16Kernel::Avx512])
                 .find(|k| k.available())
         })
     }

@@ -169,6 +169,11 @@ impl Machine {
     pub fn int8_kernels(&self) -> &'static str {
         super::int8::Int8Kernel::detect().name()
     }
+
+    /// The kernels of bf16 mixed-precision training here (`none` without AVX512-BF16).
+    pub fn bf16_kernels(&self) -> &'static str {
+        super::bf16::Bf16Kernel::best().map_or("none (no AVX512-BF16 or AMX-BF16)", |k| k.name())
+    }
 }
 
 impl fmt::Display for Machine {
@@ -210,7 +215,12 @@ impl fmt::Display for Machine {
         }
         writeln!(f, "class: {}", self.class.name())?;
         writeln!(f, "float convolutions: {}", self.float_kernels())?;
-        write!(f, "int8 convolutions: {}", self.int8_kernels())
+        writeln!(f, "int8 convolutions: {}", self.int8_kernels())?;
+        write!(
+            f,
+            "bf16 training (--precision bf16): {}",
+            self.bf16_kernels()
+        )
     }
 }
 
