@@ -9,6 +9,9 @@ use convnet::nn::Mode;
 use convnet::tensor::Reduction;
 use convnet::{models, Rng, Tensor};
 
+/// The tests seed the global generator and build models from it: one at a time.
+static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn relative_error(a: &[f32], b: &[f32]) -> f64 {
     let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
@@ -39,6 +42,7 @@ fn step(name: &str, p: Precision) -> (Vec<f32>, Vec<(String, Vec<f32>)>) {
 
 #[test]
 fn bf16_gradients_stay_within_rounding_of_float32() {
+    let _one_at_a_time = GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
     if let Err(e) = Precision::Bf16.check_supported() {
         let message = e.to_string();
         assert!(message.contains("AVX512-BF16"), "{message}");
@@ -68,6 +72,7 @@ fn bf16_gradients_stay_within_rounding_of_float32() {
 
 #[test]
 fn training_in_bf16_learns_like_float32() {
+    let _one_at_a_time = GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
     if Precision::Bf16.check_supported().is_err() {
         return;
     }
