@@ -20,7 +20,7 @@
 #[cfg(target_arch = "x86_64")]
 mod amx;
 
-use super::conv::{col2im_add, flip_transpose, im2col_row, ConvGeom};
+use super::conv::{col2im_add, fill_bias, flip_transpose, im2col_row, ConvGeom};
 use super::matmul::{MatRef, Par};
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -194,30 +194,25 @@ fn round16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i {
 unsafe fn pack_pairs_avx512(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
     use std::arch::x86_64::*;
     let n = out.len();
-    let mut i = 0;
-    while i + 16 <= n {
-        let l = round16(_mm512_loadu_ps(lo.as_ptr().add(i)));
-        let w = match hi {
-            Some(h) => {
-                let h = round16(_mm512_loadu_ps(h.as_ptr().add(i)));
-                _mm512_or_si512(l, _mm512_slli_epi32::<16>(h))
-            }
-            None => l,
-        };
-        _mm512_storeu_si512(out.as_mut_ptr().add(i) as *mut _, w);
-        i += 16;
-    }
-    if i < n {
-        let mask: __mmask16 = (1 << (n - i)) - 1;
+    // The pair words of the `mask`ed lanes of 16 values from `i` on.
+    let words = |i: usize, mask: __mmask16| {
         let l = round16(_mm512_maskz_loadu_ps(mask, lo.as_ptr().add(i)));
-        let w = match hi {
+        match hi {
             Some(h) => {
                 let h = round16(_mm512_maskz_loadu_ps(mask, h.as_ptr().add(i)));
                 _mm512_or_si512(l, _mm512_slli_epi32::<16>(h))
             }
             None => l,
-        };
-        _mm512_mask_storeu_epi32(out.as_mut_ptr().add(i) as *mut _, mask, w);
+        }
+    };
+    let mut i = 0;
+    while i + 16 <= n {
+        _mm512_storeu_si512(out.as_mut_ptr().add(i) as *mut _, words(i, !0));
+        i += 16;
+    }
+    if i < n {
+        let mask: __mmask16 = (1 << (n - i)) - 1;
+        _mm512_mask_storeu_epi32(out.as_mut_ptr().add(i) as *mut _, mask, words(i, mask));
     }
 }
 
@@ -656,14 +651,7 @@ pub fn conv2d_forward_with(
                 for (grp, wg) in weights.iter().enumerate() {
                     let x_grp = &x_img[grp * cg * g.h * g.w..(grp + 1) * cg * g.h * g.w];
                     let y_grp = &mut y_img[grp * kg * ohw..(grp + 1) * kg * ohw];
-                    match bias {
-                        Some(b) => {
-                            for (k, y_plane) in y_grp.chunks_mut(ohw).enumerate() {
-                                y_plane.fill(b[grp * kg + k]);
-                            }
-                        }
-                        None => y_grp.fill(0.0),
-                    }
+                    fill_bias(y_grp, bias.map(|b| &b[grp * kg..(grp + 1) * kg]), ohw);
                     s.b.pack_im2col(x_grp, g, &mut s.rows);
                     gemm_packed(y_grp, ohw, wg, &s.b, true, kernel);
                 }

@@ -242,14 +242,7 @@ pub fn conv2d_forward_im2col(
                 for grp in 0..g.groups {
                     let x_grp = &x_img[grp * cg * g.h * g.w..(grp + 1) * cg * g.h * g.w];
                     let y_grp = &mut y_img[grp * kg * ohw..(grp + 1) * kg * ohw];
-                    match bias {
-                        Some(b) => {
-                            for (k, y_plane) in y_grp.chunks_mut(ohw).enumerate() {
-                                y_plane.fill(b[grp * kg + k]);
-                            }
-                        }
-                        None => y_grp.fill(0.0),
-                    }
+                    fill_bias(y_grp, bias.map(|b| &b[grp * kg..(grp + 1) * kg]), ohw);
                     let col_ref: &[f32] = if pointwise {
                         x_grp
                     } else {
@@ -268,6 +261,18 @@ pub fn conv2d_forward_im2col(
                 }
             },
         );
+}
+
+/// Starts each output plane (`ohw` values) of `y` at its channel's bias (zero without one),
+/// for the products to accumulate onto.
+pub(super) fn fill_bias(y: &mut [f32], bias: Option<&[f32]>, ohw: usize) {
+    match bias {
+        Some(b) => y
+            .chunks_mut(ohw)
+            .zip(b)
+            .for_each(|(plane, &b)| plane.fill(b)),
+        None => y.fill(0.0),
+    }
 }
 
 /// `dx = conv2d_input_grad(dy, w)`: the gradient with respect to the input.

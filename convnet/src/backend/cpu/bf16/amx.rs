@@ -13,19 +13,102 @@ use std::sync::OnceLock;
 /// the tile state.
 pub(super) fn ready() -> bool {
     static READY: OnceLock<bool> = OnceLock::new();
-    *READY.get_or_init(|| {
-        #[allow(unused_unsafe)] // cpuid is a safe function in newer Rust
-        // SAFETY: cpuid exists on every x86-64 CPU.
-        let (max_leaf, leaf7) = unsafe {
-            (
-                std::arch::x86_64::__cpuid(0).eax,
-                std::arch::x86_64::__cpuid_count(7, 0),
-            )
+    // Leaf 7, EDX: bit 22 AMX-BF16, bit 24 AMX-TILE.
+    *READY.get_or_init(|| super::super::int8::amx::tiles_usable((1 << 22) | (1 << 24)))
+}
+
+/// Configures the tiles: accumulators `tmm0..3` of 16 x 16 floats, `A` tiles `tmm4`, `tmm5`
+/// of 16 rows x `a_bytes`, `B` tiles `tmm6`, `tmm7` of `b_rows` rows x 64 bytes.
+///
+/// # Safety
+/// [`ready`] must hold; `a_bytes <= 64`, `b_rows <= 16`, `a_bytes == 4 * b_rows`.
+unsafe fn configure(a_bytes: usize, b_rows: usize) {
+    let mut config = [0u8; 64];
+    config[0] = 1; // palette 1
+    for t in 0..8 {
+        let (colsb, rows) = match t {
+            0..=3 => (64, 16),
+            4 | 5 => (a_bytes, 16),
+            _ => (64, b_rows),
         };
-        // Leaf 7, EDX: bit 22 AMX-BF16, bit 24 AMX-TILE.
-        let bits = (1 << 22) | (1 << 24);
-        max_leaf >= 7 && leaf7.edx & bits == bits && super::super::int8::amx::request_tile_state()
-    })
+        config[16 + 2 * t..18 + 2 * t].copy_from_slice(&(colsb as u16).to_le_bytes());
+        config[48 + t] = rows as u8;
+    }
+    asm!("ldtilecfg [{}]", in(reg) config.as_ptr(), options(nostack, readonly));
+}
+
+/// Zeroes the four accumulators.
+///
+/// # Safety
+/// The tiles are configured ([`configure`]).
+unsafe fn zero_accumulators() {
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        options(nostack, nomem)
+    );
+}
+
+/// One step of a block of up to 32 x 32 results: the `A` tiles at `a` and 16 rows below
+/// (`two_m`), the `B` tiles at `b` and 16 words to the right (`two_n`), rows `a_stride` and
+/// `b_stride` bytes apart.
+///
+/// # Safety
+/// The tiles are configured; every row the loads read is readable.
+unsafe fn multiply(
+    a: *const u16,
+    a_stride: usize,
+    b: *const u32,
+    b_stride: usize,
+    two_m: bool,
+    two_n: bool,
+) {
+    asm!(
+        "tileloadd tmm4, [{a} + {sa}*1]",
+        "tileloadd tmm6, [{b} + {sb}*1]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        a = in(reg) a, b = in(reg) b, sa = in(reg) a_stride, sb = in(reg) b_stride,
+        options(nostack, readonly)
+    );
+    if two_n {
+        asm!(
+            "tileloadd tmm7, [{b} + {sb}*1]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            b = in(reg) b.add(16), sb = in(reg) b_stride,
+            options(nostack, readonly)
+        );
+    }
+    if two_m {
+        asm!(
+            "tileloadd tmm5, [{a} + {sa}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            a = in(reg) (a as *const u8).add(16 * a_stride), sa = in(reg) a_stride,
+            options(nostack, readonly)
+        );
+        if two_n {
+            asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem));
+        }
+    }
+}
+
+/// Stores the accumulators in use into `sums` (rows of 32 floats).
+///
+/// # Safety
+/// The tiles are configured.
+unsafe fn store_accumulators(sums: &mut [f32; 32 * 32], two_m: bool, two_n: bool) {
+    let (s, row) = (sums.as_mut_ptr(), 128usize);
+    asm!("tilestored [{c} + {row}*1], tmm0", c = in(reg) s, row = in(reg) row, options(nostack));
+    if two_n {
+        asm!("tilestored [{c} + {row}*1], tmm1", c = in(reg) s.add(16), row = in(reg) row, options(nostack));
+    }
+    if two_m {
+        asm!("tilestored [{c} + {row}*1], tmm2", c = in(reg) s.add(16 * 32), row = in(reg) row, options(nostack));
+        if two_n {
+            asm!("tilestored [{c} + {row}*1], tmm3", c = in(reg) s.add(16 * 32 + 16), row = in(reg) row, options(nostack));
+        }
+    }
 }
 
 /// `out [+]= a @ b` on tiles.
@@ -33,14 +116,7 @@ pub(super) fn ready() -> bool {
 /// # Safety
 /// [`ready`] must hold; `a` and `b` hold their padded sizes (`mp x kp`, `kp / 2 x np`).
 pub(super) unsafe fn gemm(mut out: Out, a: &PackedA, b: &PackedB) {
-    let mut config = [0u8; 64];
-    config[0] = 1; // palette 1
-    for t in 0..8 {
-        // Every tile: 16 rows of 64 bytes.
-        config[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
-        config[48 + t] = 16;
-    }
-    asm!("ldtilecfg [{}]", in(reg) config.as_ptr(), options(nostack, readonly));
+    configure(64, 16);
     let a_stride = a.kp * 2;
     let b_stride = b.np * 4;
     let mut sums = [0f32; 32 * 32];
@@ -48,55 +124,13 @@ pub(super) unsafe fn gemm(mut out: Out, a: &PackedA, b: &PackedB) {
         let two_m = m0 + 16 < a.mp;
         for n0 in (0..b.np).step_by(32) {
             let two_n = n0 + 16 < b.np;
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem)
-            );
+            zero_accumulators();
             for kc in 0..a.kp / 32 {
                 let ap = a.data.as_ptr().add(m0 * a.kp + kc * 32);
                 let bp = b.data.as_ptr().add(kc * 16 * b.np + n0);
-                asm!(
-                    "tileloadd tmm4, [{a} + {sa}*1]",
-                    "tileloadd tmm6, [{b} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    a = in(reg) ap, b = in(reg) bp, sa = in(reg) a_stride, sb = in(reg) b_stride,
-                    options(nostack, readonly)
-                );
-                if two_n {
-                    asm!(
-                        "tileloadd tmm7, [{b} + {sb}*1]",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        b = in(reg) bp.add(16), sb = in(reg) b_stride,
-                        options(nostack, readonly)
-                    );
-                }
-                if two_m {
-                    asm!(
-                        "tileloadd tmm5, [{a} + {sa}*1]",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        a = in(reg) ap.add(16 * a.kp), sa = in(reg) a_stride,
-                        options(nostack, readonly)
-                    );
-                    if two_n {
-                        asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem));
-                    }
-                }
+                multiply(ap, a_stride, bp, b_stride, two_m, two_n);
             }
-            let s = sums.as_mut_ptr();
-            let row = 128usize;
-            asm!("tilestored [{c} + {row}*1], tmm0", c = in(reg) s, row = in(reg) row, options(nostack));
-            if two_n {
-                asm!("tilestored [{c} + {row}*1], tmm1", c = in(reg) s.add(16), row = in(reg) row, options(nostack));
-            }
-            if two_m {
-                asm!("tilestored [{c} + {row}*1], tmm2", c = in(reg) s.add(16 * 32), row = in(reg) row, options(nostack));
-                if two_n {
-                    asm!("tilestored [{c} + {row}*1], tmm3", c = in(reg) s.add(16 * 32 + 16), row = in(reg) row, options(nostack));
-                }
-            }
+            store_accumulators(&mut sums, two_m, two_n);
             out.write(
                 m0,
                 n0,
@@ -215,19 +249,7 @@ impl DirectConv {
         y: &mut [f32],
     ) {
         assert!(xp.len() >= self.image_words(g) && y.len() >= g.k * g.oh * g.ow);
-        let chunk_bytes = self.pairs * 4;
-        let mut config = [0u8; 64];
-        config[0] = 1; // palette 1
-        for t in 0..8 {
-            let (colsb, rows) = match t {
-                0..=3 => (64, 16),          // accumulators: 16 channels x 16 positions
-                4 | 5 => (chunk_bytes, 16), // weights: 16 channels x a chunk of pairs
-                _ => (64, self.pairs),      // inputs: a chunk of pairs x 16 positions
-            };
-            config[16 + 2 * t..18 + 2 * t].copy_from_slice(&(colsb as u16).to_le_bytes());
-            config[48 + t] = rows as u8;
-        }
-        asm!("ldtilecfg [{}]", in(reg) config.as_ptr(), options(nostack, readonly));
+        configure(self.pairs * 4, self.pairs);
         let a_stride = self.row * 2;
         let b_stride = self.plane * 4;
         let taps = g.kh * g.kw;
@@ -238,13 +260,7 @@ impl DirectConv {
             let two_m = m0 + 16 < self.mp;
             for t0 in (0..self.positions).step_by(32) {
                 let two_n = t0 + 16 < self.positions;
-                asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack, nomem)
-                );
+                zero_accumulators();
                 for tap in 0..taps {
                     let off = tap / g.kw * self.pitch + tap % g.kw;
                     for chunk in 0..self.chunks {
@@ -253,46 +269,10 @@ impl DirectConv {
                             .as_ptr()
                             .add(m0 * self.row + tap * cp + chunk * self.pairs * 2);
                         let bp = xp.as_ptr().add(chunk * self.pairs * self.plane + t0 + off);
-                        asm!(
-                            "tileloadd tmm4, [{a} + {sa}*1]",
-                            "tileloadd tmm6, [{b} + {sb}*1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            a = in(reg) ap, b = in(reg) bp, sa = in(reg) a_stride, sb = in(reg) b_stride,
-                            options(nostack, readonly)
-                        );
-                        if two_n {
-                            asm!(
-                                "tileloadd tmm7, [{b} + {sb}*1]",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                b = in(reg) bp.add(16), sb = in(reg) b_stride,
-                                options(nostack, readonly)
-                            );
-                        }
-                        if two_m {
-                            asm!(
-                                "tileloadd tmm5, [{a} + {sa}*1]",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                a = in(reg) ap.add(16 * self.row), sa = in(reg) a_stride,
-                                options(nostack, readonly)
-                            );
-                            if two_n {
-                                asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem));
-                            }
-                        }
+                        multiply(ap, a_stride, bp, b_stride, two_m, two_n);
                     }
                 }
-                let s = sums.as_mut_ptr();
-                let row = 128usize;
-                asm!("tilestored [{c} + {row}*1], tmm0", c = in(reg) s, row = in(reg) row, options(nostack));
-                if two_n {
-                    asm!("tilestored [{c} + {row}*1], tmm1", c = in(reg) s.add(16), row = in(reg) row, options(nostack));
-                }
-                if two_m {
-                    asm!("tilestored [{c} + {row}*1], tmm2", c = in(reg) s.add(16 * 32), row = in(reg) row, options(nostack));
-                    if two_n {
-                        asm!("tilestored [{c} + {row}*1], tmm3", c = in(reg) s.add(16 * 32 + 16), row = in(reg) row, options(nostack));
-                    }
-                }
+                store_accumulators(&mut sums, two_m, two_n);
                 // Scatter the positions inside the output.
                 let rows = (if two_m { 32 } else { 16 }).min(g.k - m0.min(g.k));
                 let cols = (if two_n { 32 } else { 16 }).min(valid.saturating_sub(t0));
@@ -420,13 +400,7 @@ impl DirectConv {
             img.even.len() >= self.pair_rows(g) * cs && img.odd.len() >= self.pair_rows(g) * cs
         );
         assert!(dw.len() >= g.k * g.c * taps);
-        let mut config = [0u8; 64];
-        config[0] = 1;
-        for t in 0..8 {
-            config[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
-            config[48 + t] = 16;
-        }
-        asm!("ldtilecfg [{}]", in(reg) config.as_ptr(), options(nostack, readonly));
+        configure(64, 16);
         let (a_stride, b_stride) = (row * 2, cs * 4);
         let mut sums = [0f32; 32 * 32];
         for m0 in (0..self.mp).step_by(32) {
@@ -440,55 +414,13 @@ impl DirectConv {
                 };
                 for n0 in (0..cs).step_by(32) {
                     let two_n = n0 + 16 < cs;
-                    asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm1",
-                        "tilezero tmm2",
-                        "tilezero tmm3",
-                        options(nostack, nomem)
-                    );
+                    zero_accumulators();
                     for u0 in (0..row / 2).step_by(16) {
                         let ap = img.dy.as_ptr().add(m0 * row + 2 * u0);
                         let bp = pairs.as_ptr().add((u0 + shift) * cs + n0);
-                        asm!(
-                            "tileloadd tmm4, [{a} + {sa}*1]",
-                            "tileloadd tmm6, [{b} + {sb}*1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            a = in(reg) ap, b = in(reg) bp, sa = in(reg) a_stride, sb = in(reg) b_stride,
-                            options(nostack, readonly)
-                        );
-                        if two_n {
-                            asm!(
-                                "tileloadd tmm7, [{b} + {sb}*1]",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                b = in(reg) bp.add(16), sb = in(reg) b_stride,
-                                options(nostack, readonly)
-                            );
-                        }
-                        if two_m {
-                            asm!(
-                                "tileloadd tmm5, [{a} + {sa}*1]",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                a = in(reg) ap.add(16 * row), sa = in(reg) a_stride,
-                                options(nostack, readonly)
-                            );
-                            if two_n {
-                                asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem));
-                            }
-                        }
+                        multiply(ap, a_stride, bp, b_stride, two_m, two_n);
                     }
-                    let s = sums.as_mut_ptr();
-                    let stride = 128usize;
-                    asm!("tilestored [{c} + {row}*1], tmm0", c = in(reg) s, row = in(reg) stride, options(nostack));
-                    if two_n {
-                        asm!("tilestored [{c} + {row}*1], tmm1", c = in(reg) s.add(16), row = in(reg) stride, options(nostack));
-                    }
-                    if two_m {
-                        asm!("tilestored [{c} + {row}*1], tmm2", c = in(reg) s.add(16 * 32), row = in(reg) stride, options(nostack));
-                        if two_n {
-                            asm!("tilestored [{c} + {row}*1], tmm3", c = in(reg) s.add(16 * 32 + 16), row = in(reg) stride, options(nostack));
-                        }
-                    }
+                    store_accumulators(&mut sums, two_m, two_n);
                     let rows = (if two_m { 32 } else { 16 }).min(g.k.saturating_sub(m0));
                     let cols = (if two_n { 32 } else { 16 }).min(g.c.saturating_sub(n0));
                     for r in 0..rows {

@@ -16,22 +16,26 @@ use std::sync::OnceLock;
 /// state (Linux asks each process to request it once: `arch_prctl(ARCH_REQ_XCOMP_PERM)`).
 pub(super) fn ready() -> bool {
     static READY: OnceLock<bool> = OnceLock::new();
-    *READY.get_or_init(|| {
-        #[allow(unused_unsafe)] // cpuid is a safe function in newer Rust
-        // SAFETY: cpuid exists on every x86-64 CPU.
-        let (max_leaf, leaf7) = unsafe {
-            (
-                std::arch::x86_64::__cpuid(0).eax,
-                std::arch::x86_64::__cpuid_count(7, 0),
-            )
-        };
-        // Leaf 7, EDX: bit 24 AMX-TILE, bit 25 AMX-INT8.
-        max_leaf >= 7 && leaf7.edx & (3 << 24) == 3 << 24 && request_tile_state()
-    })
+    // Leaf 7, EDX: bit 24 AMX-TILE, bit 25 AMX-INT8.
+    *READY.get_or_init(|| tiles_usable(3 << 24))
+}
+
+/// Whether CPUID leaf 7 reports every bit of `edx_bits` in EDX (the AMX extensions wanted)
+/// and the operating system grants the tile state.
+pub(in crate::backend::cpu) fn tiles_usable(edx_bits: u32) -> bool {
+    #[allow(unused_unsafe)] // cpuid is a safe function in newer Rust
+    // SAFETY: cpuid exists on every x86-64 CPU.
+    let (max_leaf, leaf7) = unsafe {
+        (
+            std::arch::x86_64::__cpuid(0).eax,
+            std::arch::x86_64::__cpuid_count(7, 0),
+        )
+    };
+    max_leaf >= 7 && leaf7.edx & edx_bits == edx_bits && request_tile_state()
 }
 
 #[cfg(target_os = "linux")]
-pub(in crate::backend::cpu) fn request_tile_state() -> bool {
+fn request_tile_state() -> bool {
     const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
     const XFEATURE_XTILEDATA: libc::c_long = 18;
     // SAFETY: this arch_prctl request only extends the process's permitted register state.
@@ -45,7 +49,7 @@ pub(in crate::backend::cpu) fn request_tile_state() -> bool {
 }
 
 #[cfg(not(target_os = "linux"))]
-pub(in crate::backend::cpu) fn request_tile_state() -> bool {
+fn request_tile_state() -> bool {
     false
 }
 
