@@ -103,3 +103,49 @@ fn recycled_buffers_never_leak_earlier_values() {
     }
     assert_eq!(first, again);
 }
+
+#[test]
+fn sequential_runs_relu_then_max_pool_as_one_op_with_the_same_gradients() {
+    use convnet::nn::{Conv2d, MaxPool2d, Mode, Module, ReLU, Sequential};
+    let net = Sequential::new()
+        .add("conv", Conv2d::new(3, 4, 3).padding(1).build().unwrap())
+        .add("relu", ReLU)
+        .add("pool", MaxPool2d::new(2));
+    let x = Tensor::randn([2, 3, 6, 6], &mut Rng::new(3));
+    let params: Vec<Tensor> = convnet::nn::named_parameters(&net)
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    let weight = params[0].clone();
+    let grad_of_weight = |y: Tensor| {
+        let g = Tensor::randn(y.dims().to_vec(), &mut Rng::new(4));
+        (
+            y.to_vec(),
+            y.backward_with(&g).unwrap().get(&weight).unwrap().to_vec(),
+        )
+    };
+    convnet::profile::enable(true);
+    let fused = grad_of_weight(net.forward(&x, Mode::Train).unwrap());
+    let keys: Vec<String> = convnet::profile::rows()
+        .into_iter()
+        .map(|r| r.key)
+        .collect();
+    convnet::profile::enable(false);
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with("relu_max_pool2d [2, 4, 6, 6]")),
+        "{keys:?}"
+    );
+    assert!(
+        !keys.iter().any(|k| k.starts_with("relu ")),
+        "no separate ReLU: {keys:?}"
+    );
+    let apart = x
+        .conv2d(&weight, params.get(1), Conv2dParams::default().padding(1))
+        .unwrap()
+        .relu()
+        .unwrap()
+        .max_pool2d(convnet::MaxPool2dParams::new(2))
+        .unwrap();
+    assert_eq!(fused, grad_of_weight(apart));
+}

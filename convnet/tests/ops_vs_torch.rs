@@ -4,7 +4,7 @@
 mod common;
 
 use common::{assert_tensor_close, Fixture, ATOL, RTOL};
-use convnet::{AvgPool2dParams, Conv2dParams, Device, MaxPool2dParams, Reduction, Tensor};
+use convnet::{AvgPool2dParams, Conv2dParams, Device, MaxPool2dParams, Reduction, Rng, Tensor};
 
 // One body per device (see `common::on_each_device`): each runs on the CPU and, built with
 // the `cuda` feature on a machine with a GPU, on the GPU with the same fixtures and
@@ -20,6 +20,7 @@ on_each_device!(
     batch_norm2d_train_and_eval,
     batch_norm2d_relu_is_batch_norm_then_relu,
     batch_norm2d_add_relu_is_batch_norm_add_relu,
+    relu_max_pool2d_is_relu_then_max_pool2d,
     matmul_forward_and_backward,
     broadcasting_arithmetic,
     softmax_and_log_softmax,
@@ -381,6 +382,101 @@ fn batch_norm2d_relu_is_batch_norm_then_relu(dev: Device) {
         });
         assert!(fused.0.contains(&0.0) && fused.0.iter().any(|&v| v > 0.0));
         assert_same_bn_run(dev, case, &fused, &apart);
+    }
+}
+
+/// The fused ReLU + max pooling that `Sequential` runs for `ReLU, MaxPool2d` gives the
+/// values and input gradients of relu then max_pool2d, bit for bit, on every max-pool case
+/// of the fixtures (padding, dilation, ceil mode, overlapping windows) with a random
+/// upstream gradient, and on planes built to hit the edges: ties between positive values,
+/// windows of negatives only, NaN, -0.0, -inf, and dilated windows with no input tap.
+fn relu_max_pool2d_is_relu_then_max_pool2d(dev: Device) {
+    let fx = Fixture::load("ops.safetensors");
+    let run = |x: &Tensor, p: MaxPool2dParams, fused: bool| {
+        let x = x.detach().requires_grad();
+        let y = if fused {
+            x.relu_max_pool2d(p).unwrap()
+        } else {
+            x.relu().unwrap().max_pool2d(p).unwrap()
+        };
+        let g = Tensor::randn(y.dims().to_vec(), &mut Rng::new(7))
+            .to_device(dev)
+            .unwrap();
+        let gx = y.backward_with(&g).unwrap().get(&x).unwrap().to_vec();
+        (y.to_vec(), gx)
+    };
+    let same = |a: &[f32], b: &[f32], what: &str| {
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(a), bits(b), "{what}");
+    };
+    let mut cases = Vec::new();
+    for case in fx.cases().into_iter().filter(|c| c.starts_with("maxpool_")) {
+        let s = fx.settings(&case);
+        let p = MaxPool2dParams::new(s["kernel"].as_u64().unwrap() as usize)
+            .stride(s["stride"].as_u64().unwrap() as usize)
+            .padding(s["padding"].as_u64().unwrap() as usize)
+            .dilation(s["dilation"].as_u64().unwrap() as usize)
+            .ceil_mode(s["ceil_mode"].as_bool().unwrap());
+        cases.push((case.clone(), fx.tensor_on(dev, &case, "x"), p));
+    }
+    // 2x2 windows over a 4x6 plane: [3 3 | -1 -2 | nan 1] / [1 2 | -3 -4 | 5 nan] rows, then
+    // [-0 -0 | -inf -inf | 0 -1] / [-1 -0 | -inf -5 | -2 0].
+    let edges = vec![
+        3.,
+        3.,
+        -1.,
+        -2.,
+        f32::NAN,
+        1.,
+        1.,
+        2.,
+        -3.,
+        -4.,
+        5.,
+        f32::NAN, //
+        -0.,
+        -0.,
+        f32::NEG_INFINITY,
+        f32::NEG_INFINITY,
+        0.,
+        -1.,
+        -1.,
+        -0.,
+        f32::NEG_INFINITY,
+        -5.,
+        -2.,
+        0.,
+    ];
+    let edges = Tensor::from_vec(edges, [1, 1, 4, 6])
+        .unwrap()
+        .to_device(dev)
+        .unwrap();
+    cases.push(("edges 2x2".into(), edges.clone(), MaxPool2dParams::new(2)));
+    cases.push((
+        "edges 3x3 s1 p1".into(),
+        edges.clone(),
+        MaxPool2dParams::new(3).stride(1).padding(1),
+    ));
+    cases.push((
+        "edges 2x2 ceil".into(),
+        edges,
+        MaxPool2dParams::new(4).ceil_mode(true),
+    ));
+    // Padding 1 and dilation 3 on a 2x2 plane: the one window's taps (-1 and 2 in each
+    // direction) all miss the input, so its output is -inf, and must stay so.
+    let no_tap = MaxPool2dParams::new(2).stride(1).padding(1).dilation(3);
+    let tiny = Tensor::from_vec(vec![-1., 2., -3., 4.], [1, 1, 2, 2]).unwrap();
+    let tiny = tiny.to_device(dev).unwrap();
+    assert_eq!(
+        tiny.relu_max_pool2d(no_tap).unwrap().to_vec(),
+        vec![f32::NEG_INFINITY]
+    );
+    cases.push(("no tap".into(), tiny, no_tap));
+    for (name, x, p) in cases {
+        let (y, gx) = run(&x, p, true);
+        let (y_ref, gx_ref) = run(&x, p, false);
+        same(&y, &y_ref, &format!("{name}/y"));
+        same(&gx, &gx_ref, &format!("{name}/gx"));
     }
 }
 

@@ -71,10 +71,13 @@ pub(crate) enum Op {
         argmax: Vec<u32>,
         geom: ConvMaxGeom,
     },
+    /// Max pooling, or with `relu` max pooling of `relu(input)` (computed as ReLU of the
+    /// pooled values).
     MaxPool2d {
         input: Tensor,
         argmax: Vec<u32>,
         geom: PoolGeom,
+        relu: bool,
     },
     AvgPool2d {
         input: Tensor,
@@ -268,7 +271,12 @@ impl Op {
                 format!("linear {} w{}", input.shape(), weight.shape())
             }
             Op::Matmul { a, b } => format!("matmul {} {}", a.shape(), b.shape()),
-            Op::MaxPool2d { input, .. } => first("max_pool2d", input),
+            Op::MaxPool2d {
+                input, relu: false, ..
+            } => first("max_pool2d", input),
+            Op::MaxPool2d {
+                input, relu: true, ..
+            } => first("relu_max_pool2d", input),
             Op::AvgPool2d { input, .. } => first("avg_pool2d", input),
             Op::AdaptiveAvgPool2d { input, .. } => first("adaptive_avg_pool2d", input),
             Op::Binary { kind, lhs, .. } => first(&format!("{kind:?}").to_lowercase(), lhs),
@@ -373,9 +381,15 @@ impl Op {
                 input,
                 argmax,
                 geom,
+                relu,
             } => {
-                let mut dx = vec![0f32; input.numel()];
-                pool::max_pool2d_backward(g, argmax, geom, &mut dx);
+                // Both backwards write every element.
+                let mut dx = recycle::take_overwritten(input.numel());
+                if *relu {
+                    out.with_data(|y| pool::max_pool2d_relu_backward(g, y, argmax, geom, &mut dx));
+                } else {
+                    pool::max_pool2d_backward(g, argmax, geom, &mut dx);
+                }
                 grads.push((input.clone(), dx));
             }
             Op::AvgPool2d {
@@ -383,12 +397,14 @@ impl Op {
                 geom,
                 count_include_pad,
             } => {
-                let mut dx = vec![0f32; input.numel()];
+                // avg_pool2d_backward writes every element.
+                let mut dx = recycle::take_overwritten(input.numel());
                 pool::avg_pool2d_backward(g, geom, *count_include_pad, &mut dx);
                 grads.push((input.clone(), dx));
             }
             Op::AdaptiveAvgPool2d { input, geom } => {
-                let mut dx = vec![0f32; input.numel()];
+                // adaptive_avg_pool2d_backward writes every element.
+                let mut dx = recycle::take_overwritten(input.numel());
                 pool::adaptive_avg_pool2d_backward(g, geom, &mut dx);
                 grads.push((input.clone(), dx));
             }

@@ -305,6 +305,9 @@ impl Module for MaxPool2d {
     fn forward(&self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
         x.max_pool2d(self.0)
     }
+    fn forward_after_relu(&self, x: &Tensor, _mode: Mode) -> Option<Result<Tensor>> {
+        Some(x.relu_max_pool2d(self.0))
+    }
     fn kind(&self) -> &'static str {
         "MaxPool2d"
     }

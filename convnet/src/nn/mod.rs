@@ -92,6 +92,14 @@ pub trait Module: Send + Sync {
         let _ = (prefix, f);
     }
 
+    /// `self.forward(relu(x))` as one fused op, where the layer has one (max pooling: the
+    /// maximum commutes with ReLU); `None` otherwise. [`Sequential`] uses it for a ReLU
+    /// followed by such a layer; the values and gradients are those of the two layers.
+    fn forward_after_relu(&self, x: &Tensor, mode: Mode) -> Option<Result<Tensor>> {
+        let _ = (x, mode);
+        None
+    }
+
     /// The module as `Any`, for callers that need a layer's or wrapper's own methods (such
     /// as a quantization-aware network's, or a BatchNorm layer's); `None` for most layers.
     fn as_any(&self) -> Option<&dyn std::any::Any> {

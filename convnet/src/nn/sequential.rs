@@ -58,7 +58,18 @@ impl Sequential {
 impl Module for Sequential {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let mut h = x.clone();
-        for (_, child) in &self.children {
+        let mut children = self.children.iter().peekable();
+        while let Some((_, child)) = children.next() {
+            // A ReLU followed by a layer with a fused form (max pooling) runs as one op.
+            if child.kind() == "ReLU" {
+                if let Some((_, next)) = children.peek() {
+                    if let Some(y) = next.forward_after_relu(&h, mode) {
+                        h = y?;
+                        children.next();
+                        continue;
+                    }
+                }
+            }
             h = child.forward(&h, mode)?;
         }
         Ok(h)

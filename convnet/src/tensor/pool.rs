@@ -217,13 +217,43 @@ impl Tensor {
     /// # Ok::<(), convnet::Error>(())
     /// ```
     pub fn max_pool2d(&self, p: MaxPool2dParams) -> Result<Tensor> {
+        self.max_pool2d_maybe_relu(p, false)
+    }
+
+    /// `relu(self).max_pool2d(p)` as one op: the same values and gradients, computed as max
+    /// pooling of `self` followed by ReLU on the pooled output (the maximum commutes with
+    /// ReLU), so neither the ReLU pass nor its full-size output exist; the backward sends
+    /// the gradient to each window's maximum where the output is positive.
+    ///
+    /// ```
+    /// use convnet::{MaxPool2dParams, Tensor};
+    /// let x = Tensor::from_vec(vec![-1., -2., 3., -4., -5., -6., -7., 8.], [1, 2, 2, 2])?;
+    /// let p = MaxPool2dParams::new(2);
+    /// let fused = x.relu_max_pool2d(p)?;
+    /// assert_eq!(fused.to_vec(), vec![3., 0.]);
+    /// assert_eq!(fused.to_vec(), x.relu()?.max_pool2d(p)?.to_vec());
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn relu_max_pool2d(&self, p: MaxPool2dParams) -> Result<Tensor> {
+        if self.device() != crate::Device::Cpu {
+            return self.relu()?.max_pool2d(p);
+        }
+        self.max_pool2d_maybe_relu(p, true)
+    }
+
+    fn max_pool2d_maybe_relu(&self, p: MaxPool2dParams, relu: bool) -> Result<Tensor> {
+        let name = if relu {
+            "relu_max_pool2d"
+        } else {
+            "max_pool2d"
+        };
         crate::profile::timed(
             false,
-            || format!("max_pool2d {}", self.shape()),
+            || format!("{name} {}", self.shape()),
             || 0.0,
             || -> Result<Tensor> {
                 let geom = pool_geometry(
-                    "max_pool2d",
+                    name,
                     self.dims(),
                     p.kernel,
                     p.stride,
@@ -231,20 +261,27 @@ impl Tensor {
                     p.dilation,
                     p.ceil_mode,
                 )?;
-                if let Some(gpu) = gpu_of("max_pool2d", &[self])? {
+                if let Some(gpu) = gpu_of(name, &[self])? {
                     return on_gpu!(gpu, |g| crate::backend::cuda::ops::max_pool2d(
                         g, self, geom
                     ));
                 }
                 let len = geom.planes * geom.oh * geom.ow;
-                // max_pool2d_forward writes every output.
+                // Both forwards write every output.
                 let mut y = crate::backend::cpu::recycle::take_overwritten(len);
                 let mut argmax = vec![0u32; len];
-                self.with_data(|x| pool::max_pool2d_forward(x, &geom, &mut y, &mut argmax));
+                self.with_data(|x| {
+                    if relu {
+                        pool::max_pool2d_relu_forward(x, &geom, &mut y, &mut argmax)
+                    } else {
+                        pool::max_pool2d_forward(x, &geom, &mut y, &mut argmax)
+                    }
+                });
                 let op = record(&[self], || Op::MaxPool2d {
                     input: self.clone(),
                     argmax,
                     geom,
+                    relu,
                 });
                 Ok(Tensor::from_parts(
                     y,

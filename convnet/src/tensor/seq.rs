@@ -543,6 +543,7 @@ impl Tensor {
             input: x4.clone(),
             argmax,
             geom,
+            relu: false,
         });
         Tensor::from_image_row(Tensor::from_parts(y, Shape::new([d[0], d[1], 1, out]), op))
     }

@@ -136,88 +136,110 @@ unsafe fn max_pool_2x2_avx512(x_p: &[f32], g: &PoolGeom, y_p: &mut [f32], a_p: &
 
 /// Max pooling: writes `y [P, OH, OW]` and `argmax [P, OH, OW]`.
 pub fn max_pool2d_forward(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &mut [u32]) {
-    let (kh, kw) = g.kernel;
+    y.par_chunks_mut(g.out_plane())
+        .zip(argmax.par_chunks_mut(g.out_plane()))
+        .zip(x.par_chunks(g.in_plane()))
+        .for_each(|((y_p, a_p), x_p)| max_pool_plane(x_p, g, y_p, a_p));
+}
+
+/// `max_pool2d(relu(x))` in one pass: max pooling of `x`, then ReLU on the pooled values
+/// (the maximum commutes with ReLU, so the values are the same). Windows without an input
+/// tap keep -inf, as the unfused pair gives them. `argmax` is the pooling's of `x`, which
+/// is the pair's wherever the output is positive (or NaN), the only places
+/// [`max_pool2d_relu_backward`] sends a gradient. Writes every element of `y` and `argmax`.
+pub fn max_pool2d_relu_forward(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &mut [u32]) {
     y.par_chunks_mut(g.out_plane())
         .zip(argmax.par_chunks_mut(g.out_plane()))
         .zip(x.par_chunks(g.in_plane()))
         .for_each(|((y_p, a_p), x_p)| {
-            // The common non-overlapping 2x2 / stride 2 window without padding: branch-free
-            // selects over the four taps (NaN wins, as in PyTorch), vectorisable.
-            if g.kernel == (2, 2)
-                && g.stride == (2, 2)
-                && g.padding == (0, 0)
-                && g.dilation == (1, 1)
-                && g.h >= 2 * g.oh
-                && g.w >= 2 * g.ow
-            {
-                #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: AVX-512F was just detected; the window checks above bound
-                    // every access (see the function).
-                    unsafe { max_pool_2x2_avx512(x_p, g, y_p, a_p) };
-                    return;
-                }
-                for oh in 0..g.oh {
-                    let r0 = &x_p[2 * oh * g.w..2 * oh * g.w + 2 * g.ow];
-                    let r1 = &x_p[(2 * oh + 1) * g.w..(2 * oh + 1) * g.w + 2 * g.ow];
-                    let base = (2 * oh * g.w) as u32;
-                    let w = g.w as u32;
-                    let y_row = &mut y_p[oh * g.ow..(oh + 1) * g.ow];
-                    let a_row = &mut a_p[oh * g.ow..(oh + 1) * g.ow];
-                    for (ow, ((y, a), (p0, p1))) in y_row
-                        .iter_mut()
-                        .zip(a_row.iter_mut())
-                        .zip(r0.chunks_exact(2).zip(r1.chunks_exact(2)))
-                        .enumerate()
-                    {
-                        let c = base + 2 * ow as u32;
-                        // Non-short-circuit `|`/`&` keep these as selects, not branches.
-                        let take = |v: f32, t: f32| (t > v) | (t.is_nan() & !v.is_nan());
-                        let (mut v, mut i) = (p0[0], c);
-                        for (t, ti) in [(p0[1], c + 1), (p1[0], c + w), (p1[1], c + w + 1)] {
-                            let m = take(v, t);
-                            v = if m { t } else { v };
-                            i = if m { ti } else { i };
-                        }
-                        *y = v;
-                        *a = i;
-                    }
-                }
-                return;
-            }
-            for oh in 0..g.oh {
-                let (h0, h1, hs) = max_window(oh, g.stride.0, g.padding.0, kh, g.dilation.0, g.h);
-                for ow in 0..g.ow {
-                    let (w0, w1, ws) =
-                        max_window(ow, g.stride.1, g.padding.1, kw, g.dilation.1, g.w);
-                    let mut best = f32::NEG_INFINITY;
-                    // PyTorch starts from the first tap, so an all -inf window sends its
-                    // gradient there.
-                    let mut best_i = if h0 < h1 && w0 < w1 {
-                        h0 * g.w + w0
-                    } else {
-                        NO_TAP as usize
-                    };
-                    'window: for ih in (h0..h1).step_by(hs) {
-                        for iw in (w0..w1).step_by(ws) {
-                            let v = x_p[ih * g.w + iw];
-                            if v > best || v.is_nan() {
-                                best = v;
-                                best_i = ih * g.w + iw;
-                                if v.is_nan() {
-                                    break 'window;
-                                }
-                            }
-                        }
-                    }
-                    y_p[oh * g.ow + ow] = best;
-                    a_p[oh * g.ow + ow] = best_i as u32;
+            max_pool_plane(x_p, g, y_p, a_p);
+            for (v, &a) in y_p.iter_mut().zip(a_p.iter()) {
+                if a != NO_TAP {
+                    *v = super::activation::Activation::Relu.apply(*v);
                 }
             }
         });
 }
 
+/// One plane of [`max_pool2d_forward`].
+fn max_pool_plane(x_p: &[f32], g: &PoolGeom, y_p: &mut [f32], a_p: &mut [u32]) {
+    let (kh, kw) = g.kernel;
+    // The common non-overlapping 2x2 / stride 2 window without padding: branch-free
+    // selects over the four taps (NaN wins, as in PyTorch), vectorisable.
+    if g.kernel == (2, 2)
+        && g.stride == (2, 2)
+        && g.padding == (0, 0)
+        && g.dilation == (1, 1)
+        && g.h >= 2 * g.oh
+        && g.w >= 2 * g.ow
+    {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F was just detected; the window checks above bound
+            // every access (see the function).
+            unsafe { max_pool_2x2_avx512(x_p, g, y_p, a_p) };
+            return;
+        }
+        for oh in 0..g.oh {
+            let r0 = &x_p[2 * oh * g.w..2 * oh * g.w + 2 * g.ow];
+            let r1 = &x_p[(2 * oh + 1) * g.w..(2 * oh + 1) * g.w + 2 * g.ow];
+            let base = (2 * oh * g.w) as u32;
+            let w = g.w as u32;
+            let y_row = &mut y_p[oh * g.ow..(oh + 1) * g.ow];
+            let a_row = &mut a_p[oh * g.ow..(oh + 1) * g.ow];
+            for (ow, ((y, a), (p0, p1))) in y_row
+                .iter_mut()
+                .zip(a_row.iter_mut())
+                .zip(r0.chunks_exact(2).zip(r1.chunks_exact(2)))
+                .enumerate()
+            {
+                let c = base + 2 * ow as u32;
+                // Non-short-circuit `|`/`&` keep these as selects, not branches.
+                let take = |v: f32, t: f32| (t > v) | (t.is_nan() & !v.is_nan());
+                let (mut v, mut i) = (p0[0], c);
+                for (t, ti) in [(p0[1], c + 1), (p1[0], c + w), (p1[1], c + w + 1)] {
+                    let m = take(v, t);
+                    v = if m { t } else { v };
+                    i = if m { ti } else { i };
+                }
+                *y = v;
+                *a = i;
+            }
+        }
+        return;
+    }
+    for oh in 0..g.oh {
+        let (h0, h1, hs) = max_window(oh, g.stride.0, g.padding.0, kh, g.dilation.0, g.h);
+        for ow in 0..g.ow {
+            let (w0, w1, ws) = max_window(ow, g.stride.1, g.padding.1, kw, g.dilation.1, g.w);
+            let mut best = f32::NEG_INFINITY;
+            // PyTorch starts from the first tap, so an all -inf window sends its
+            // gradient there.
+            let mut best_i = if h0 < h1 && w0 < w1 {
+                h0 * g.w + w0
+            } else {
+                NO_TAP as usize
+            };
+            'window: for ih in (h0..h1).step_by(hs) {
+                for iw in (w0..w1).step_by(ws) {
+                    let v = x_p[ih * g.w + iw];
+                    if v > best || v.is_nan() {
+                        best = v;
+                        best_i = ih * g.w + iw;
+                        if v.is_nan() {
+                            break 'window;
+                        }
+                    }
+                }
+            }
+            y_p[oh * g.ow + ow] = best;
+            a_p[oh * g.ow + ow] = best_i as u32;
+        }
+    }
+}
+
 /// Max pooling backward: `dx[argmax] += dy` per plane (argmax [`NO_TAP`] adds nothing).
+/// Writes every element of `dx` (zeros where no window's maximum is).
 pub fn max_pool2d_backward(dy: &[f32], argmax: &[u32], g: &PoolGeom, dx: &mut [f32]) {
     dx.par_chunks_mut(g.in_plane())
         .zip(dy.par_chunks(g.out_plane()))
@@ -226,6 +248,31 @@ pub fn max_pool2d_backward(dy: &[f32], argmax: &[u32], g: &PoolGeom, dx: &mut [f
             dx_p.fill(0.0);
             for (d, &a) in dy_p.iter().zip(a_p) {
                 if a != NO_TAP {
+                    dx_p[a as usize] += d;
+                }
+            }
+        });
+}
+
+/// Backward of [`max_pool2d_relu_forward`] with respect to its input (before the ReLU):
+/// `dx[argmax] += dy` where the pooled output `y` is positive, which is ReLU's rule
+/// (`dy` where its output is positive) applied at the window's maximum. Writes every
+/// element of `dx`.
+pub fn max_pool2d_relu_backward(
+    dy: &[f32],
+    y: &[f32],
+    argmax: &[u32],
+    g: &PoolGeom,
+    dx: &mut [f32],
+) {
+    dx.par_chunks_mut(g.in_plane())
+        .zip(dy.par_chunks(g.out_plane()))
+        .zip(y.par_chunks(g.out_plane()))
+        .zip(argmax.par_chunks(g.out_plane()))
+        .for_each(|(((dx_p, dy_p), y_p), a_p)| {
+            dx_p.fill(0.0);
+            for ((d, &v), &a) in dy_p.iter().zip(y_p).zip(a_p) {
+                if a != NO_TAP && v > 0.0 {
                     dx_p[a as usize] += d;
                 }
             }
@@ -276,6 +323,7 @@ pub fn avg_pool2d_forward(x: &[f32], g: &PoolGeom, count_include_pad: bool, y: &
 }
 
 /// Average pooling backward: each output's gradient is spread evenly over its window.
+/// Writes every element of `dx`.
 pub fn avg_pool2d_backward(dy: &[f32], g: &PoolGeom, count_include_pad: bool, dx: &mut [f32]) {
     dx.par_chunks_mut(g.in_plane())
         .zip(dy.par_chunks(g.out_plane()))
@@ -330,7 +378,7 @@ pub fn adaptive_avg_pool2d_forward(x: &[f32], g: &PoolGeom, y: &mut [f32]) {
         });
 }
 
-/// Adaptive average pooling backward.
+/// Adaptive average pooling backward. Writes every element of `dx`.
 pub fn adaptive_avg_pool2d_backward(dy: &[f32], g: &PoolGeom, dx: &mut [f32]) {
     dx.par_chunks_mut(g.in_plane())
         .zip(dy.par_chunks(g.out_plane()))
