@@ -12,24 +12,6 @@ use crate::error::{invalid, shape_mismatch, Result};
 use crate::rng::Rng;
 use crate::shape::Shape;
 
-/// `[rows, cols]` row-major -> `[cols, rows]` row-major.
-/// (The result comes from the pool of recycled buffers: it writes every element, and a warm
-/// buffer of the same size is there from the previous step.)
-fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = crate::backend::cpu::recycle::take_overwritten(a.len());
-    const B: usize = 32;
-    for r0 in (0..rows).step_by(B) {
-        for c0 in (0..cols).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                for c in c0..(c0 + B).min(cols) {
-                    out[c * rows + r] = a[r * cols + c];
-                }
-            }
-        }
-    }
-    out
-}
-
 impl Tensor {
     fn binary(&self, rhs: &Tensor, kind: BinaryKind, op_name: &'static str) -> Result<Tensor> {
         crate::profile::timed(
@@ -290,26 +272,13 @@ impl Tensor {
                                 Par::Rayon,
                             );
                         }
-                        // The gemm crate runs `x @ W^T` about 4x faster with W^T laid out
-                        // row-major than as a transposed view, so large weights are transposed first.
-                        if m * o * i >= 1 << 20 {
-                            let wt = transpose(w, o, i);
-                            matmul(
-                                &mut out,
-                                MatRef::row_major(x, m, i),
-                                MatRef::row_major(&wt, i, o),
-                                bias.is_some(),
-                                Par::Rayon,
-                            )
-                        } else {
-                            matmul(
-                                &mut out,
-                                MatRef::row_major(x, m, i),
-                                MatRef::row_major(w, o, i).t(),
-                                bias.is_some(),
-                                Par::Rayon,
-                            )
-                        }
+                        matmul(
+                            &mut out,
+                            MatRef::row_major(x, m, i),
+                            MatRef::row_major(w, o, i).t(),
+                            bias.is_some(),
+                            Par::Rayon,
+                        )
                     })
                 });
                 let mut dims = self.dims().to_vec();
