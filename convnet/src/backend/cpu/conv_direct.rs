@@ -42,12 +42,23 @@ pub fn applies(g: &ConvGeom) -> bool {
                 && std::arch::is_x86_feature_detected!("avx512dq")))
 }
 
-/// True when [`backward_weight`] is the faster weight gradient for `g`: rows of 16 or more.
-/// On 8-wide images the paired-row loads cost more than they save and im2col + GEMM wins
-/// (measured with `cargo bench -p convnet --bench conv`: 64->64 channels at 8x8, 179 vs
-/// 219 GFLOP/s).
+/// True when [`backward_weight`] is the faster weight gradient for `g`: output rows of 32 or
+/// more, or 16 with stride 2. Elsewhere im2col + GEMM wins (measured with `cargo bench -p
+/// convnet --bench conv`, 2 threads, batch 64, on full-width AVX-512):
+///
+/// | layer | direct | im2col + GEMM |
+/// |---|---|---|
+/// | 3->32 at 32x32 | 0.72 ms | 0.86 ms |
+/// | 16->16 at 32x32 | 2.12 ms | 2.39 ms |
+/// | 16->32 stride 2, 32x32 in | 1.44 ms | 1.92 ms |
+/// | 32->32 at 16x16 | 2.08 ms | 1.93 ms |
+/// | 32->64 at 16x16 | 4.20 ms | 2.81 ms |
+/// | 64->64 at 8x8 (paired rows) | 179 GFLOP/s | 219 GFLOP/s |
+///
+/// With one row per tile the kernel reloads its 18 accumulators for every pair of output
+/// channels and input channel after only a few tiles.
 pub fn weight_grad_applies(g: &ConvGeom) -> bool {
-    applies(g) && g.ow.is_multiple_of(LANES)
+    applies(g) && g.ow.is_multiple_of(LANES) && (g.ow >= 2 * LANES || g.stride == (2, 2))
 }
 
 /// Where the 16 outputs of a tile are and where its inputs are in the prepared image (see
