@@ -279,7 +279,10 @@ fn torchvision_architectures_train_like_the_cpu() {
     // One step: with BatchNorm over four images, fifty layers are chaotic (a 1e-6 nudge of
     // one weight moves the loss 5% by the second step, CPU against CPU).
     train_on_both("resnet50-cifar", [3, 32, 32], 4, 1);
-    train_on_both("mobilenet_v2", [3, 64, 64], 4, 2);
+    // MobileNetV2 likewise: two CPU runs whose matrix products differ only in rounding (the
+    // same products, summed in another order) end one step 1.1e-7 apart in the first
+    // layer's weights and two steps 2.4e-4 apart.
+    train_on_both("mobilenet_v2", [3, 64, 64], 4, 1);
 }
 
 #[test]
