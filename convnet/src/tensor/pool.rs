@@ -227,7 +227,7 @@ impl Tensor {
     ///
     /// ```
     /// use convnet::{MaxPool2dParams, Tensor};
-    /// let x = Tensor::from_vec(vec![-1., -2., 3., -4., -5., -6., -7., 8.], [1, 2, 2, 2])?;
+    /// let x = Tensor::from_vec(vec![-1., -2., 3., -4., -5., -6., -7., -8.], [1, 2, 2, 2])?;
     /// let p = MaxPool2dParams::new(2);
     /// let fused = x.relu_max_pool2d(p)?;
     /// assert_eq!(fused.to_vec(), vec![3., 0.]);
