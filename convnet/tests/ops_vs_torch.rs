@@ -101,15 +101,19 @@ fn conv2d_forward_and_backward(dev: Device) {
     }
 }
 
+/// A max-pool fixture case's parameters.
+fn max_pool_params(s: &Value) -> MaxPool2dParams {
+    MaxPool2dParams::new(s["kernel"].as_u64().unwrap() as usize)
+        .stride(s["stride"].as_u64().unwrap() as usize)
+        .padding(s["padding"].as_u64().unwrap() as usize)
+        .dilation(s["dilation"].as_u64().unwrap() as usize)
+        .ceil_mode(s["ceil_mode"].as_bool().unwrap())
+}
+
 fn max_pool2d_forward_and_backward(dev: Device) {
     let fx = Fixture::load("ops.safetensors");
     for case in fx.cases().into_iter().filter(|c| c.starts_with("maxpool_")) {
-        let s = fx.settings(&case);
-        let p = MaxPool2dParams::new(s["kernel"].as_u64().unwrap() as usize)
-            .stride(s["stride"].as_u64().unwrap() as usize)
-            .padding(s["padding"].as_u64().unwrap() as usize)
-            .dilation(s["dilation"].as_u64().unwrap() as usize)
-            .ceil_mode(s["ceil_mode"].as_bool().unwrap());
+        let p = max_pool_params(&fx.settings(&case));
         let x = fx.tensor_on(dev, &case, "x").requires_grad();
         let y = x.max_pool2d(p).unwrap();
         // The forward is a selection: exact. Overlapping windows add gradients: default tolerance.
@@ -411,12 +415,7 @@ fn relu_max_pool2d_is_relu_then_max_pool2d(dev: Device) {
     };
     let mut cases = Vec::new();
     for case in fx.cases().into_iter().filter(|c| c.starts_with("maxpool_")) {
-        let s = fx.settings(&case);
-        let p = MaxPool2dParams::new(s["kernel"].as_u64().unwrap() as usize)
-            .stride(s["stride"].as_u64().unwrap() as usize)
-            .padding(s["padding"].as_u64().unwrap() as usize)
-            .dilation(s["dilation"].as_u64().unwrap() as usize)
-            .ceil_mode(s["ceil_mode"].as_bool().unwrap());
+        let p = max_pool_params(&fx.settings(&case));
         cases.push((case.clone(), fx.tensor_on(dev, &case, "x"), p));
     }
     // 2x2 windows over a 4x6 plane: [3 3 | -1 -2 | nan 1] / [1 2 | -3 -4 | 5 nan] rows, then

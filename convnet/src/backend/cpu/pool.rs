@@ -136,10 +136,7 @@ unsafe fn max_pool_2x2_avx512(x_p: &[f32], g: &PoolGeom, y_p: &mut [f32], a_p: &
 
 /// Max pooling: writes `y [P, OH, OW]` and `argmax [P, OH, OW]`.
 pub fn max_pool2d_forward(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &mut [u32]) {
-    y.par_chunks_mut(g.out_plane())
-        .zip(argmax.par_chunks_mut(g.out_plane()))
-        .zip(x.par_chunks(g.in_plane()))
-        .for_each(|((y_p, a_p), x_p)| max_pool_plane(x_p, g, y_p, a_p));
+    max_pool_planes(x, g, y, argmax, false)
 }
 
 /// `max_pool2d(relu(x))` in one pass: max pooling of `x`, then ReLU on the pooled values
@@ -148,14 +145,21 @@ pub fn max_pool2d_forward(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &mut [
 /// is the pair's wherever the output is positive (or NaN), the only places
 /// [`max_pool2d_relu_backward`] sends a gradient. Writes every element of `y` and `argmax`.
 pub fn max_pool2d_relu_forward(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &mut [u32]) {
+    max_pool_planes(x, g, y, argmax, true)
+}
+
+/// Both forwards: every plane pooled, then (with `relu`) ReLU on its windows that hold a tap.
+fn max_pool_planes(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &mut [u32], relu: bool) {
     y.par_chunks_mut(g.out_plane())
         .zip(argmax.par_chunks_mut(g.out_plane()))
         .zip(x.par_chunks(g.in_plane()))
         .for_each(|((y_p, a_p), x_p)| {
             max_pool_plane(x_p, g, y_p, a_p);
-            for (v, &a) in y_p.iter_mut().zip(a_p.iter()) {
-                if a != NO_TAP {
-                    *v = super::activation::Activation::Relu.apply(*v);
+            if relu {
+                for (v, &a) in y_p.iter_mut().zip(a_p.iter()) {
+                    if a != NO_TAP {
+                        *v = super::activation::Activation::Relu.apply(*v);
+                    }
                 }
             }
         });
@@ -241,17 +245,7 @@ fn max_pool_plane(x_p: &[f32], g: &PoolGeom, y_p: &mut [f32], a_p: &mut [u32]) {
 /// Max pooling backward: `dx[argmax] += dy` per plane (argmax [`NO_TAP`] adds nothing).
 /// Writes every element of `dx` (zeros where no window's maximum is).
 pub fn max_pool2d_backward(dy: &[f32], argmax: &[u32], g: &PoolGeom, dx: &mut [f32]) {
-    dx.par_chunks_mut(g.in_plane())
-        .zip(dy.par_chunks(g.out_plane()))
-        .zip(argmax.par_chunks(g.out_plane()))
-        .for_each(|((dx_p, dy_p), a_p)| {
-            dx_p.fill(0.0);
-            for (d, &a) in dy_p.iter().zip(a_p) {
-                if a != NO_TAP {
-                    dx_p[a as usize] += d;
-                }
-            }
-        });
+    scatter_to_maxima(dy, None, argmax, g, dx)
 }
 
 /// Backward of [`max_pool2d_relu_forward`] with respect to its input (before the ReLU):
@@ -265,18 +259,23 @@ pub fn max_pool2d_relu_backward(
     g: &PoolGeom,
     dx: &mut [f32],
 ) {
-    dx.par_chunks_mut(g.in_plane())
-        .zip(dy.par_chunks(g.out_plane()))
-        .zip(y.par_chunks(g.out_plane()))
-        .zip(argmax.par_chunks(g.out_plane()))
-        .for_each(|(((dx_p, dy_p), y_p), a_p)| {
-            dx_p.fill(0.0);
-            for ((d, &v), &a) in dy_p.iter().zip(y_p).zip(a_p) {
-                if a != NO_TAP && v > 0.0 {
-                    dx_p[a as usize] += d;
-                }
+    scatter_to_maxima(dy, Some(y), argmax, g, dx)
+}
+
+/// Both backwards: per plane, zeros, then each output's gradient added at its argmax (where
+/// the pooled output `y`, when given, is positive).
+fn scatter_to_maxima(dy: &[f32], y: Option<&[f32]>, argmax: &[u32], g: &PoolGeom, dx: &mut [f32]) {
+    let (ip, op) = (g.in_plane(), g.out_plane());
+    dx.par_chunks_mut(ip).enumerate().for_each(|(p, dx_p)| {
+        let outs = p * op..(p + 1) * op;
+        let y_p = y.map(|y| &y[outs.clone()]);
+        dx_p.fill(0.0);
+        for (i, (d, &a)) in dy[outs.clone()].iter().zip(&argmax[outs]).enumerate() {
+            if a != NO_TAP && y_p.is_none_or(|y_p| y_p[i] > 0.0) {
+                dx_p[a as usize] += d;
             }
-        });
+        }
+    });
 }
 
 /// The clipped window and divisor of average pooling at one output position, as PyTorch's

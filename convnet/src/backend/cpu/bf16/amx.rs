@@ -5,6 +5,7 @@
 //! registers are configured and released within one call.
 
 use super::super::conv::ConvGeom;
+use super::super::int8::amx::zero_accumulators;
 use super::{to_bf16, Out, PackedA, PackedB};
 use std::arch::asm;
 use std::sync::OnceLock;
@@ -35,20 +36,6 @@ unsafe fn configure(a_bytes: usize, b_rows: usize) {
         config[48 + t] = rows as u8;
     }
     asm!("ldtilecfg [{}]", in(reg) config.as_ptr(), options(nostack, readonly));
-}
-
-/// Zeroes the four accumulators.
-///
-/// # Safety
-/// The tiles are configured ([`configure`]).
-unsafe fn zero_accumulators() {
-    asm!(
-        "tilezero tmm0",
-        "tilezero tmm1",
-        "tilezero tmm2",
-        "tilezero tmm3",
-        options(nostack, nomem)
-    );
 }
 
 /// One step of a block of up to 32 x 32 results: the `A` tiles at `a` and 16 rows below

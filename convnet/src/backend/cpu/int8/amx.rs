@@ -20,6 +20,20 @@ pub(super) fn ready() -> bool {
     *READY.get_or_init(|| tiles_usable(3 << 24))
 }
 
+/// Zeroes the four accumulator tiles `tmm0..tmm3` (the int8 and bf16 kernels' layout).
+///
+/// # Safety
+/// The tiles are configured (`ldtilecfg`) with those four as accumulators.
+pub(in crate::backend::cpu) unsafe fn zero_accumulators() {
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        options(nostack, nomem)
+    );
+}
+
 /// Whether CPUID leaf 7 reports every bit of `edx_bits` in EDX (the AMX extensions wanted)
 /// and the operating system grants the tile state.
 pub(in crate::backend::cpu) fn tiles_usable(edx_bits: u32) -> bool {
@@ -290,13 +304,7 @@ unsafe fn tile_product(
     two_n: bool,
     sums: *mut i32,
 ) {
-    asm!(
-        "tilezero tmm0",
-        "tilezero tmm1",
-        "tilezero tmm2",
-        "tilezero tmm3",
-        options(nostack, nomem)
-    );
+    zero_accumulators();
     let second_m = 16 * s.step;
     for i in 0..s.kh {
         for kc in (0..s.row_bytes).step_by(s.chunk) {
