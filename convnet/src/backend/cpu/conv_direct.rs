@@ -1,19 +1,24 @@
-//! Direct 3x3, stride-1, padding-1 convolution with AVX-512: the shape of every convolution
-//! in a CIFAR ResNet's stages (and, through the flipped-kernel form, of their input
-//! gradients). Mirrors `torch.nn.functional.conv2d(x, w, b, stride=1, padding=1)`.
+//! Direct 3x3, padding-1 convolution with AVX-512, stride 1 or 2: the shape of every
+//! convolution in a CIFAR ResNet's stages (and, through the flipped-kernel form, of their
+//! stride-1 input gradients). Mirrors `torch.nn.functional.conv2d(x, w, b, stride, padding=1)`.
 //!
-//! Legend: N batch, C input channels, H/W input size (= OH/OW output size), K output
-//! channels. Layouts: input `[N, C, H, W]`, weight `[K, C, 3, 3]`, output `[N, K, H, W]`.
+//! Legend: N batch, C input channels, H/W input size, OH/OW output size, K output channels.
+//! Layouts: input `[N, C, H, W]`, weight `[K, C, 3, 3]`, output `[N, K, OH, OW]`.
 //!
-//! Method: each image is copied into a zero-bordered buffer `[C, H+2, W+2]`, so no tap
-//! needs a bounds check. Output is produced in blocks of 4 output channels x 4 tiles, a tile
-//! being 16 consecutive outputs of one row (one 512-bit register): 16 accumulators stay in
-//! registers while the loop runs over C and the 9 taps, loading each input vector once for
-//! 4 output channels (the weights are packed so that those 4 are adjacent). im2col + GEMM
-//! spends its time writing and re-reading a 9x larger matrix and runs a GEMM whose M is only
-//! K; this kernel does neither. Used when W is a multiple of 16, or 8 with an even H (two
-//! rows per register), and K a multiple of 4, on CPUs with AVX-512F/DQ; everything else
-//! takes the im2col path.
+//! Vectors are 16 outputs of one row (or two consecutive 8-wide rows) and blocks of 4 output
+//! channels share every loaded input vector (the weights are packed so that those 4 are
+//! adjacent). im2col + GEMM spends its time writing and re-reading a 9x larger matrix and
+//! runs a GEMM whose M is only K; these kernels do neither.
+//!
+//! - Stride 1 (`row_block`, `weight_rows`) reads the images as they are: the input rows
+//!   of a block stay in registers across the three row taps, and the padding is masked out
+//!   of the loads rather than stored.
+//! - Stride 2 (`block`, `weight_images`) copies each image into a zero-bordered buffer
+//!   `[C, H+2, W+2]` whose rows are split into even and odd columns, so that a tap of 16
+//!   outputs is 16 consecutive floats.
+//!
+//! Used when OW is a multiple of 16, or 8 with an even OH, and K a multiple of 4, on CPUs
+//! with AVX-512F/DQ; everything else takes the im2col path.
 
 use super::conv::ConvGeom;
 use rayon::prelude::*;
@@ -42,23 +47,23 @@ pub fn applies(g: &ConvGeom) -> bool {
                 && std::arch::is_x86_feature_detected!("avx512dq")))
 }
 
-/// True when [`backward_weight`] is the faster weight gradient for `g`: output rows of 32 or
-/// more, or 16 with stride 2. Elsewhere im2col + GEMM wins (measured with `cargo bench -p
-/// convnet --bench conv`, 2 threads, batch 64, on full-width AVX-512):
+/// True when [`backward_weight`] is the faster weight gradient for `g`: output rows a
+/// multiple of 16 wide, except 16-wide stride-1 rows with 64 or more output channels, where
+/// im2col + GEMM's larger matrix product draws level. Measured with `cargo bench -p convnet
+/// --bench conv`, 2 threads, batch 64, on full-width AVX-512:
 ///
 /// | layer | direct | im2col + GEMM |
 /// |---|---|---|
-/// | 3->32 at 32x32 | 0.72 ms | 0.86 ms |
-/// | 16->16 at 32x32 | 2.12 ms | 2.39 ms |
-/// | 16->32 stride 2, 32x32 in | 1.44 ms | 1.92 ms |
-/// | 32->32 at 16x16 | 2.08 ms | 1.93 ms |
-/// | 32->64 at 16x16 | 4.20 ms | 2.81 ms |
-/// | 64->64 at 8x8 (paired rows) | 179 GFLOP/s | 219 GFLOP/s |
-///
-/// With one row per tile the kernel reloads its 18 accumulators for every pair of output
-/// channels and input channel after only a few tiles.
+/// | 3->32 at 32x32 | 0.55 ms | 0.84 ms |
+/// | 16->16 at 32x32 | 1.25 ms | 2.41 ms |
+/// | 16->32 stride 2, 32x32 in | 1.54 ms | 1.89 ms |
+/// | 32->32 at 16x16 | 1.51-1.65 ms | 2.04 ms |
+/// | 32->64 at 16x16 | 2.99-3.19 ms | 2.86-3.06 ms |
+/// | 64->64 at 8x8 (8-wide rows: im2col only) | - | 2.12 ms |
 pub fn weight_grad_applies(g: &ConvGeom) -> bool {
-    applies(g) && g.ow.is_multiple_of(LANES) && (g.ow >= 2 * LANES || g.stride == (2, 2))
+    applies(g)
+        && g.ow.is_multiple_of(LANES)
+        && (g.ow >= 2 * LANES || g.stride == (2, 2) || g.k < 64)
 }
 
 /// Where the 16 outputs of a tile are and where its inputs are in the prepared image (see
@@ -100,16 +105,11 @@ impl Tiles {
         }
     }
     /// Offset of tap `(kh, kw)` from a tile's top-left input in a prepared image with padded
-    /// rows `pw` wide, for stride `S` (a constant, so that the offsets fold into addresses).
+    /// rows `pw` wide. Even padded columns come first, then odd ones: column 2j + kw of the
+    /// padded row is entry j + kw/2 of the even (kw = 0, 2) or odd (kw = 1) half.
     #[inline(always)]
-    fn tap<const S: usize>(kh: usize, kw: usize, pw: usize) -> usize {
-        if S == 1 {
-            kh * pw + kw
-        } else {
-            // Even padded columns first, then odd ones: column 2j + kw of the padded row is
-            // entry j + kw/2 of the even (kw = 0, 2) or odd (kw = 1) half.
-            kh * pw + (kw % 2) * (pw / 2) + kw / 2
-        }
+    fn tap(kh: usize, kw: usize, pw: usize) -> usize {
+        kh * pw + (kw % 2) * (pw / 2) + kw / 2
     }
     /// Loads a tile's 16 inputs at `p` (a tap's position for the tile).
     #[inline]
@@ -145,6 +145,16 @@ fn pack_weights(w: &[f32], g: &ConvGeom) -> Vec<f32> {
 pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, y: &mut [f32]) {
     assert!(applies(g), "conv_direct::forward called for {g:?}");
     let packed = pack_weights(w, g);
+    if g.stride == (1, 1) {
+        y.par_chunks_mut(out_image_len(g))
+            .zip(x.par_chunks(g.c * g.h * g.w))
+            .for_each(|(y_img, x_img)| {
+                // SAFETY: `applies` checked that the CPU has AVX-512F; the sizes are asserted
+                // inside.
+                unsafe { forward_image_rows(x_img, &packed, bias, g, y_img) };
+            });
+        return;
+    }
     let (pw, ph) = (g.w + 2, g.h + 2);
     let in_image = g.c * g.h * g.w;
     let out_image = g.k * g.oh * g.ow;
@@ -162,6 +172,181 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, y: &mut
         );
 }
 
+fn out_image_len(g: &ConvGeom) -> usize {
+    g.k * g.oh * g.ow
+}
+
+/// The four bias values of output-channel block `kb` (zeros without a bias).
+fn block_bias(bias: Option<&[f32]>, kb: usize) -> [f32; OCB] {
+    match bias {
+        Some(b) => [
+            b[kb * OCB],
+            b[kb * OCB + 1],
+            b[kb * OCB + 2],
+            b[kb * OCB + 3],
+        ],
+        None => [0.0; OCB],
+    }
+}
+
+/// Output rows (or, for 8-wide images, pairs of rows) per [`row_block`].
+const ROWS: usize = 4;
+
+/// Stride 1, read straight from the image (no zero-bordered copy). Output rows a multiple of
+/// 16 wide: blocks of 4 rows x 16 columns x 4 output channels ([`row_block`]), then single
+/// rows for the last `H % 4`. 8-wide rows (`H` even): the same with each vector holding two
+/// consecutive rows, blocks of 4 such pairs, then single pairs.
+#[target_feature(enable = "avx512f")]
+unsafe fn forward_image_rows(
+    x: &[f32],
+    wp: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    y: &mut [f32],
+) {
+    let plane = g.h * g.w;
+    let paired = g.w == LANES / 2;
+    assert!(g.stride == (1, 1) && (g.oh, g.ow) == (g.h, g.w));
+    assert!(g.w.is_multiple_of(LANES) || (paired && g.h.is_multiple_of(2)));
+    assert!(x.len() == g.c * plane && wp.len() == g.k * g.c * 9 && y.len() == g.k * plane);
+    if let Some(b) = bias {
+        assert!(b.len() == g.k);
+    }
+    // Output rows per row of vectors, and the column tiles of a row.
+    let (step, cols) = if paired { (2, 1) } else { (1, g.w / LANES) };
+    let (xb, yb) = (x.as_ptr(), y.as_mut_ptr());
+    for kb in 0..g.k / OCB {
+        let wb = wp.as_ptr().add(kb * g.c * 9 * OCB);
+        let y_block = yb.add(kb * OCB * plane);
+        let b4 = block_bias(bias, kb);
+        let full = g.h / (ROWS * step) * ROWS * step;
+        let mut r0 = 0;
+        while r0 < g.h {
+            let r = if r0 < full { ROWS } else { 1 };
+            let (top, bottom) = (r0 == 0, r0 + r * step == g.h);
+            for col in 0..cols {
+                macro_rules! run {
+                    ($r:expr, $p:expr) => {
+                        match (top, bottom) {
+                            (false, false) => {
+                                row_block::<$r, $p, false, false>(xb, wb, g, r0, col, b4, y_block)
+                            }
+                            (true, false) => {
+                                row_block::<$r, $p, true, false>(xb, wb, g, r0, col, b4, y_block)
+                            }
+                            (false, true) => {
+                                row_block::<$r, $p, false, true>(xb, wb, g, r0, col, b4, y_block)
+                            }
+                            (true, true) => {
+                                row_block::<$r, $p, true, true>(xb, wb, g, r0, col, b4, y_block)
+                            }
+                        }
+                    };
+                }
+                match (r == ROWS, paired) {
+                    (true, false) => run!(ROWS, false),
+                    (false, false) => run!(1, false),
+                    (true, true) => run!(ROWS, true),
+                    (false, true) => run!(1, true),
+                }
+            }
+            r0 += r * step;
+        }
+    }
+}
+
+/// Output rows `r0 .. r0+R` (paired: `r0 .. r0+2R`), columns `16*col .. 16*col+16`, of output
+/// channels `kb*4 .. kb*4+4` (`y_block` points at channel `kb*4` of the image's output).
+///
+/// For each input channel and each column tap `kw`, the input vectors the block needs are
+/// loaded once into registers and serve all three row taps of 4 channels. Vector `i` starts
+/// at input row `r0 - 1 + i` (16 columns of it, or two 8-wide rows when paired), and output
+/// vector `r` takes row tap `kh` from vector `step*r + kh`. Padding is never read: rows above
+/// and below the image (`TOP` / `BOTTOM` say whether the block touches them) and columns left
+/// and right of it are masked out of the loads. 4R accumulators, `3(step*(R-1)+3)` input
+/// loads and 36 weight broadcasts per `36R` multiply-adds.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_block<const R: usize, const PAIRED: bool, const TOP: bool, const BOTTOM: bool>(
+    x: *const f32,
+    w_block: *const f32,
+    g: &ConvGeom,
+    r0: usize,
+    col: usize,
+    b4: [f32; OCB],
+    y_block: *mut f32,
+) {
+    let (h, w) = (g.h, g.w);
+    let plane = h * w;
+    let step = if PAIRED { 2 } else { 1 };
+    let count = step * (R - 1) + 3;
+    // Column -1 is lane 0 of the left tap (lanes 0 and 8 when paired), column W lane 15 of
+    // the right tap (lanes 7 and 15).
+    let masks: [__mmask16; 3] = if PAIRED {
+        [0xfefe, 0xffff, 0x7f7f]
+    } else {
+        [
+            if col == 0 { 0xfffe } else { 0xffff },
+            0xffff,
+            if col + 1 == w / LANES { 0x7fff } else { 0xffff },
+        ]
+    };
+    let mut acc = [[_mm512_setzero_ps(); R]; OCB];
+    for (o, row) in acc.iter_mut().enumerate() {
+        *row = [_mm512_set1_ps(b4[o]); R];
+    }
+    for c in 0..g.c {
+        // Input row r0 - 1, column 16*col - 1: the top-left tap of the block. Pointers are
+        // formed with wrapping arithmetic because this one may lie before the image; only
+        // unmasked lanes, all inside the image, are read.
+        let xc = x
+            .wrapping_add(c * plane + r0 * w + col * LANES)
+            .wrapping_sub(w + 1);
+        let wc = w_block.add(c * 9 * OCB);
+        for (kw, &column_mask) in masks.iter().enumerate() {
+            let mut xs = [_mm512_setzero_ps(); 2 * ROWS + 1];
+            for (i, v) in xs.iter_mut().enumerate().take(count) {
+                let mut mask = column_mask;
+                if TOP && i == 0 {
+                    // Row -1: all of the vector, or its first half when paired.
+                    mask &= if PAIRED { 0xff00 } else { 0 };
+                }
+                if BOTTOM && i + 1 == count {
+                    // Row H: all of the vector, or its second half when paired.
+                    mask &= if PAIRED { 0x00ff } else { 0 };
+                }
+                if mask != 0 {
+                    // SAFETY: the unmasked lanes are columns 0..W of rows 0..H.
+                    *v = _mm512_maskz_loadu_ps(mask, xc.wrapping_add(i * w + kw));
+                }
+            }
+            for kh in 0..3 {
+                let tap = kh * 3 + kw;
+                let w0 = _mm512_set1_ps(*wc.add(tap * OCB));
+                let w1 = _mm512_set1_ps(*wc.add(tap * OCB + 1));
+                let w2 = _mm512_set1_ps(*wc.add(tap * OCB + 2));
+                let w3 = _mm512_set1_ps(*wc.add(tap * OCB + 3));
+                for r in 0..R {
+                    let xv = xs[step * r + kh];
+                    acc[0][r] = _mm512_fmadd_ps(w0, xv, acc[0][r]);
+                    acc[1][r] = _mm512_fmadd_ps(w1, xv, acc[1][r]);
+                    acc[2][r] = _mm512_fmadd_ps(w2, xv, acc[2][r]);
+                    acc[3][r] = _mm512_fmadd_ps(w3, xv, acc[3][r]);
+                }
+            }
+        }
+    }
+    for (o, rows) in acc.iter().enumerate() {
+        for (r, v) in rows.iter().enumerate() {
+            // SAFETY: rows r0 + step*r (.. +step) < H of channel kb*4 + o, 16 outputs.
+            _mm512_storeu_ps(
+                y_block.add(o * plane + (r0 + step * r) * w + col * LANES),
+                *v,
+            );
+        }
+    }
+}
+
 #[target_feature(enable = "avx512f,avx512dq")]
 unsafe fn forward_image(xp: &[f32], wp: &[f32], bias: Option<&[f32]>, g: &ConvGeom, y: &mut [f32]) {
     let plane = (g.h + 2) * (g.w + 2);
@@ -173,30 +358,14 @@ unsafe fn forward_image(xp: &[f32], wp: &[f32], bias: Option<&[f32]>, g: &ConvGe
     }
     for kb in 0..g.k / OCB {
         let w_block = &wp[kb * g.c * 9 * OCB..(kb + 1) * g.c * 9 * OCB];
-        let b4: [f32; OCB] = match bias {
-            Some(b) => [
-                b[kb * OCB],
-                b[kb * OCB + 1],
-                b[kb * OCB + 2],
-                b[kb * OCB + 3],
-            ],
-            None => [0.0; OCB],
-        };
+        let b4 = block_bias(bias, kb);
         let mut t0 = 0;
         while t0 + TILES <= tiles {
-            if g.stride.0 == 1 {
-                block::<TILES, 1>(xp, w_block, g, map, t0, b4, kb, y);
-            } else {
-                block::<TILES, 2>(xp, w_block, g, map, t0, b4, kb, y);
-            }
+            block::<TILES>(xp, w_block, g, map, t0, b4, kb, y);
             t0 += TILES;
         }
         while t0 < tiles {
-            if g.stride.0 == 1 {
-                block::<1, 1>(xp, w_block, g, map, t0, b4, kb, y);
-            } else {
-                block::<1, 2>(xp, w_block, g, map, t0, b4, kb, y);
-            }
+            block::<1>(xp, w_block, g, map, t0, b4, kb, y);
             t0 += 1;
         }
     }
@@ -206,7 +375,7 @@ unsafe fn forward_image(xp: &[f32], wp: &[f32], bias: Option<&[f32]>, g: &ConvGe
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn block<const T: usize, const S: usize>(
+unsafe fn block<const T: usize>(
     xp: &[f32],
     w_block: &[f32],
     g: &ConvGeom,
@@ -242,7 +411,7 @@ unsafe fn block<const T: usize, const S: usize>(
                 let w2 = _mm512_set1_ps(*wc.add(tap * OCB + 2));
                 let w3 = _mm512_set1_ps(*wc.add(tap * OCB + 3));
                 for t in 0..T {
-                    let xv = map.load(xc.add(offs[t] + Tiles::tap::<S>(kh, kw, pw)));
+                    let xv = map.load(xc.add(offs[t] + Tiles::tap(kh, kw, pw)));
                     acc[0][t] = _mm512_fmadd_ps(w0, xv, acc[0][t]);
                     acc[1][t] = _mm512_fmadd_ps(w1, xv, acc[1][t]);
                     acc[2][t] = _mm512_fmadd_ps(w2, xv, acc[2][t]);
@@ -271,27 +440,27 @@ fn prepare_image(x_img: &[f32], g: &ConvGeom, xp: &mut [f32]) {
         for r in 0..g.h {
             let src = &x_img[(c * g.h + r) * g.w..(c * g.h + r + 1) * g.w];
             let row = c * ph * pw + (r + 1) * pw;
-            if g.stride.0 == 1 {
-                xp[row + 1..row + 1 + g.w].copy_from_slice(src);
-            } else {
-                // Padded column j+1: odd columns (even j) to the odd half, even ones to the even.
-                let (even, odd) = xp[row..row + pw].split_at_mut(half);
-                for (j, pair) in src.chunks_exact(2).enumerate() {
-                    odd[j] = pair[0];
-                    even[j + 1] = pair[1];
-                }
+            // Padded column j+1: odd columns (even j) to the odd half, even ones to the even.
+            let (even, odd) = xp[row..row + pw].split_at_mut(half);
+            for (j, pair) in src.chunks_exact(2).enumerate() {
+                odd[j] = pair[0];
+                even[j + 1] = pair[1];
             }
         }
     }
 }
 
 /// `dw = conv2d_weight_grad(x, dy)` summed over the batch, for geometries where [`applies`]
-/// holds. For each pair of output channels and each input channel, 18 vector accumulators
-/// (2 channels x 9 taps) run over every output tile of a thread's images, each loaded `dy`
-/// vector serving 9 taps and each input vector 2 channels; the lanes are summed once at the
-/// end. Threads take contiguous runs of images and add their partial sums.
+/// holds with stride 2 or with output rows a multiple of 16 wide. For each pair of output
+/// channels and each input channel, 18 vector accumulators (2 channels x 9 taps) run over
+/// every output vector of a thread's images (`weight_rows`, `weight_images`); the lanes
+/// are summed once at the end. Threads take contiguous runs of images and add their partial
+/// sums.
 pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
-    assert!(applies(g), "conv_direct::backward_weight called for {g:?}");
+    assert!(
+        applies(g) && (g.stride == (2, 2) || g.ow.is_multiple_of(LANES)),
+        "conv_direct::backward_weight called for {g:?}"
+    );
     let plane = (g.h + 2) * (g.w + 2);
     let in_image = g.c * g.h * g.w;
     let out_image = g.k * g.oh * g.ow;
@@ -301,15 +470,18 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
         .map(|part| {
             let images = part * chunk..((part + 1) * chunk).min(g.n);
             let count = images.len();
-            let mut xp = vec![0f32; count * g.c * plane];
-            for (i, n) in images.clone().enumerate() {
+            let mut lanes = vec![0f32; g.k * g.c * 9 * LANES];
+            let rows = g.stride == (1, 1);
+            // The row kernel reads the images as they are; the tile kernel needs them
+            // zero-bordered.
+            let mut xp = vec![0f32; if rows { 0 } else { count * g.c * plane }];
+            for (i, n) in images.clone().enumerate().filter(|_| !rows) {
                 prepare_image(
                     &x[n * in_image..(n + 1) * in_image],
                     g,
                     &mut xp[i * g.c * plane..(i + 1) * g.c * plane],
                 );
             }
-            let mut lanes = vec![0f32; g.k * g.c * 9 * LANES];
             // Images are taken a few at a time, as many as keep their inputs and output
             // gradients within about 256 KiB (L2), so each (channel pair, input channel)
             // pass reads from cache while its accumulators span several images.
@@ -317,17 +489,18 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
             let group = (256 * 1024 / per_image_bytes).clamp(1, count.max(1));
             for first in (0..count).step_by(group) {
                 let last = (first + group).min(count);
-                let xs = &xp[first * g.c * plane..last * g.c * plane];
                 let dys =
                     &dy[(images.start + first) * out_image..(images.start + last) * out_image];
+                if rows {
+                    let xs =
+                        &x[(images.start + first) * in_image..(images.start + last) * in_image];
+                    // SAFETY: `applies` checked AVX-512F; sizes are asserted inside.
+                    unsafe { weight_rows(xs, dys, last - first, g, &mut lanes) };
+                    continue;
+                }
+                let xs = &xp[first * g.c * plane..last * g.c * plane];
                 // SAFETY: `applies` checked AVX-512F/DQ; sizes are asserted inside.
-                unsafe {
-                    if g.stride.0 == 1 {
-                        weight_images::<1>(xs, dys, last - first, g, &mut lanes)
-                    } else {
-                        weight_images::<2>(xs, dys, last - first, g, &mut lanes)
-                    }
-                };
+                unsafe { weight_images(xs, dys, last - first, g, &mut lanes) };
             }
             lanes
         })
@@ -344,16 +517,84 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
     }
 }
 
+/// Adds to the lane partial sums `lanes [K, C, 9, 16]` the weight gradient of `count` images
+/// at stride 1 with output rows a multiple of 16 wide: inputs `xs [count, C, H, W]` as they
+/// are, output gradients `dys [count, K, H, W]`.
+///
+/// For each pair of output channels and each input channel, 18 accumulators (2 channels x 9
+/// taps) run down every 16-wide column of every image one input row at a time: the row's
+/// three column taps are loaded (the columns outside the image masked out), and the output
+/// gradient rows it meets through the three row taps (the rows below, at and above it) stay
+/// in registers as a window that moves one row per step: 5 loads per 18 multiply-adds.
+#[target_feature(enable = "avx512f")]
+unsafe fn weight_rows(xs: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lanes: &mut [f32]) {
+    let (h, w) = (g.h, g.w);
+    let plane = h * w;
+    assert!(g.stride == (1, 1) && w.is_multiple_of(LANES) && (g.oh, g.ow) == (h, w));
+    assert!(xs.len() == count * g.c * plane && dys.len() == count * g.k * plane);
+    assert!(lanes.len() == g.k * g.c * 9 * LANES && g.k.is_multiple_of(2));
+    let (xb, db) = (xs.as_ptr(), dys.as_ptr());
+    let cols = w / LANES;
+    let zero = _mm512_setzero_ps();
+    for kp in 0..g.k / 2 {
+        for c in 0..g.c {
+            let mut acc = [[zero; 9]; 2];
+            for n in 0..count {
+                let x_plane = xb.add((n * g.c + c) * plane);
+                let d_plane = [
+                    db.add((n * g.k + 2 * kp) * plane),
+                    db.add((n * g.k + 2 * kp + 1) * plane),
+                ];
+                for col in 0..cols {
+                    let masks: [__mmask16; 3] = [
+                        if col == 0 { 0xfffe } else { 0xffff },
+                        0xffff,
+                        if col + 1 == cols { 0x7fff } else { 0xffff },
+                    ];
+                    // SAFETY (all loads below): rows 0..H of the planes, columns
+                    // 16*col-1 ..= 16*col+16 of which only those inside the row are unmasked.
+                    let dy_row =
+                        |o: usize, r: usize| _mm512_loadu_ps(d_plane[o].add(r * w + col * LANES));
+                    // Output-gradient rows i+1, i and i-1 for input row i (row taps 0, 1, 2).
+                    let mut below = [dy_row(0, 0), dy_row(1, 0)];
+                    let mut at = [zero; 2];
+                    let mut above;
+                    for i in 0..h {
+                        above = at;
+                        at = below;
+                        below = if i + 1 < h {
+                            [dy_row(0, i + 1), dy_row(1, i + 1)]
+                        } else {
+                            [zero; 2]
+                        };
+                        let row = x_plane.add(i * w + col * LANES).wrapping_sub(1);
+                        for kw in 0..3 {
+                            let xv = _mm512_maskz_loadu_ps(masks[kw], row.wrapping_add(kw));
+                            for o in 0..2 {
+                                acc[o][kw] = _mm512_fmadd_ps(below[o], xv, acc[o][kw]);
+                                acc[o][3 + kw] = _mm512_fmadd_ps(at[o], xv, acc[o][3 + kw]);
+                                acc[o][6 + kw] = _mm512_fmadd_ps(above[o], xv, acc[o][6 + kw]);
+                            }
+                        }
+                    }
+                }
+            }
+            for (o, taps) in acc.iter().enumerate() {
+                for (tap, v) in taps.iter().enumerate() {
+                    let p = lanes
+                        .as_mut_ptr()
+                        .add((((2 * kp + o) * g.c + c) * 9 + tap) * LANES);
+                    _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *v));
+                }
+            }
+        }
+    }
+}
+
 /// Adds to the lane partial sums `lanes [K, C, 9, 16]` the weight gradient of `count` images:
 /// padded inputs `xp [count, C, H+2, W+2]`, output gradients `dys [count, K, OH, OW]`.
 #[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn weight_images<const S: usize>(
-    xp: &[f32],
-    dys: &[f32],
-    count: usize,
-    g: &ConvGeom,
-    lanes: &mut [f32],
-) {
+unsafe fn weight_images(xp: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lanes: &mut [f32]) {
     let pw = g.w + 2;
     let plane = (g.h + 2) * pw;
     let ohw = g.oh * g.ow;
@@ -378,7 +619,7 @@ unsafe fn weight_images<const S: usize>(
                     let base = xc.add(xo);
                     for kh in 0..3 {
                         for kw in 0..3 {
-                            let xv = map.load(base.add(Tiles::tap::<S>(kh, kw, pw)));
+                            let xv = map.load(base.add(Tiles::tap(kh, kw, pw)));
                             acc[0][kh * 3 + kw] = _mm512_fmadd_ps(d0, xv, acc[0][kh * 3 + kw]);
                             acc[1][kh * 3 + kw] = _mm512_fmadd_ps(d1, xv, acc[1][kh * 3 + kw]);
                         }
