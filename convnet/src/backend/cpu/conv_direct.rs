@@ -145,9 +145,11 @@ fn pack_weights(w: &[f32], g: &ConvGeom) -> Vec<f32> {
 pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, y: &mut [f32]) {
     assert!(applies(g), "conv_direct::forward called for {g:?}");
     let packed = pack_weights(w, g);
+    let in_image = g.c * g.h * g.w;
+    let out_image = g.k * g.oh * g.ow;
     if g.stride == (1, 1) {
-        y.par_chunks_mut(out_image_len(g))
-            .zip(x.par_chunks(g.c * g.h * g.w))
+        y.par_chunks_mut(out_image)
+            .zip(x.par_chunks(in_image))
             .for_each(|(y_img, x_img)| {
                 // SAFETY: `applies` checked that the CPU has AVX-512F; the sizes are asserted
                 // inside.
@@ -156,8 +158,6 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, y: &mut
         return;
     }
     let (pw, ph) = (g.w + 2, g.h + 2);
-    let in_image = g.c * g.h * g.w;
-    let out_image = g.k * g.oh * g.ow;
     y.par_chunks_mut(out_image)
         .zip(x.par_chunks(in_image))
         .for_each_init(
@@ -172,8 +172,31 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, y: &mut
         );
 }
 
-fn out_image_len(g: &ConvGeom) -> usize {
-    g.k * g.oh * g.ow
+/// The weights of tap `tap` for the 4 output channels of a block, broadcast (`wc` points at
+/// one input channel's `[9, 4]` in the packed `[K/4, C, 9, 4]`).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn tap_weights(wc: *const f32, tap: usize) -> [__m512; OCB] {
+    [
+        _mm512_set1_ps(*wc.add(tap * OCB)),
+        _mm512_set1_ps(*wc.add(tap * OCB + 1)),
+        _mm512_set1_ps(*wc.add(tap * OCB + 2)),
+        _mm512_set1_ps(*wc.add(tap * OCB + 3)),
+    ]
+}
+
+/// `acc[o][at] += w[o] * xv` for the 4 output channels of a block.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_channels<const N: usize>(
+    acc: &mut [[__m512; N]; OCB],
+    w: &[__m512; OCB],
+    xv: __m512,
+    at: usize,
+) {
+    for (row, &wo) in acc.iter_mut().zip(w) {
+        row[at] = _mm512_fmadd_ps(wo, xv, row[at]);
+    }
 }
 
 /// The four bias values of output-channel block `kb` (zeros without a bias).
@@ -321,17 +344,9 @@ unsafe fn row_block<const R: usize, const PAIRED: bool, const TOP: bool, const B
                 }
             }
             for kh in 0..3 {
-                let tap = kh * 3 + kw;
-                let w0 = _mm512_set1_ps(*wc.add(tap * OCB));
-                let w1 = _mm512_set1_ps(*wc.add(tap * OCB + 1));
-                let w2 = _mm512_set1_ps(*wc.add(tap * OCB + 2));
-                let w3 = _mm512_set1_ps(*wc.add(tap * OCB + 3));
+                let wt = tap_weights(wc, kh * 3 + kw);
                 for r in 0..R {
-                    let xv = xs[step * r + kh];
-                    acc[0][r] = _mm512_fmadd_ps(w0, xv, acc[0][r]);
-                    acc[1][r] = _mm512_fmadd_ps(w1, xv, acc[1][r]);
-                    acc[2][r] = _mm512_fmadd_ps(w2, xv, acc[2][r]);
-                    acc[3][r] = _mm512_fmadd_ps(w3, xv, acc[3][r]);
+                    fma_channels(&mut acc, &wt, xs[step * r + kh], r);
                 }
             }
         }
@@ -405,17 +420,10 @@ unsafe fn block<const T: usize>(
         let wc = wb.add(c * 9 * OCB);
         for kh in 0..3 {
             for kw in 0..3 {
-                let tap = kh * 3 + kw;
-                let w0 = _mm512_set1_ps(*wc.add(tap * OCB));
-                let w1 = _mm512_set1_ps(*wc.add(tap * OCB + 1));
-                let w2 = _mm512_set1_ps(*wc.add(tap * OCB + 2));
-                let w3 = _mm512_set1_ps(*wc.add(tap * OCB + 3));
-                for t in 0..T {
-                    let xv = map.load(xc.add(offs[t] + Tiles::tap(kh, kw, pw)));
-                    acc[0][t] = _mm512_fmadd_ps(w0, xv, acc[0][t]);
-                    acc[1][t] = _mm512_fmadd_ps(w1, xv, acc[1][t]);
-                    acc[2][t] = _mm512_fmadd_ps(w2, xv, acc[2][t]);
-                    acc[3][t] = _mm512_fmadd_ps(w3, xv, acc[3][t]);
+                let wt = tap_weights(wc, kh * 3 + kw);
+                for (t, &off) in offs.iter().enumerate() {
+                    let xv = map.load(xc.add(off + Tiles::tap(kh, kw, pw)));
+                    fma_channels(&mut acc, &wt, xv, t);
                 }
             }
         }
@@ -464,6 +472,9 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
     let plane = (g.h + 2) * (g.w + 2);
     let in_image = g.c * g.h * g.w;
     let out_image = g.k * g.oh * g.ow;
+    // The row kernel (stride 1) reads the images as they are; the tile kernel (stride 2)
+    // needs them zero-bordered.
+    let rows = g.stride == (1, 1);
     let chunk = g.n.div_ceil(rayon::current_num_threads()).max(1);
     let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(chunk))
         .into_par_iter()
@@ -471,11 +482,12 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
             let images = part * chunk..((part + 1) * chunk).min(g.n);
             let count = images.len();
             let mut lanes = vec![0f32; g.k * g.c * 9 * LANES];
-            let rows = g.stride == (1, 1);
-            // The row kernel reads the images as they are; the tile kernel needs them
-            // zero-bordered.
             let mut xp = vec![0f32; if rows { 0 } else { count * g.c * plane }];
-            for (i, n) in images.clone().enumerate().filter(|_| !rows) {
+            for (i, n) in images
+                .clone()
+                .enumerate()
+                .take(if rows { 0 } else { count })
+            {
                 prepare_image(
                     &x[n * in_image..(n + 1) * in_image],
                     g,
