@@ -10,9 +10,10 @@
 //! adjacent). im2col + GEMM spends its time writing and re-reading a 9x larger matrix and
 //! runs a GEMM whose M is only K; these kernels do neither.
 //!
-//! - Stride 1 (`row_block`, `weight_rows`) reads the images as they are: the input rows
-//!   of a block stay in registers across the three row taps, and the padding is masked out
-//!   of the loads rather than stored.
+//! - Stride 1 (`row_block`, `weight_rows`, `weight_row_pairs`) reads the images as they
+//!   are: the input rows of a block stay in registers across the three row taps, and the
+//!   padding is masked out of the loads (or out of lanes rotated within a register) rather
+//!   than stored.
 //! - Stride 2 (`block`, `weight_images`) copies each image into a zero-bordered buffer
 //!   `[C, H+2, W+2]` whose rows are split into even and odd columns, so that a tap of 16
 //!   outputs is 16 consecutive floats.
@@ -47,10 +48,11 @@ pub fn applies(g: &ConvGeom) -> bool {
                 && std::arch::is_x86_feature_detected!("avx512dq")))
 }
 
-/// True when [`backward_weight`] is the faster weight gradient for `g`: output rows a
-/// multiple of 16 wide, except 16-wide stride-1 rows with 64 or more output channels, where
-/// im2col + GEMM's larger matrix product draws level. Measured with `cargo bench -p convnet
-/// --bench conv`, 2 threads, batch 64, on full-width AVX-512:
+/// True when [`backward_weight`] is the faster weight gradient for `g`: stride-1 rows 8 wide
+/// or a multiple of 16, except 16-wide rows with 64 or more output channels, where im2col +
+/// GEMM's larger matrix product draws level; stride-2 rows a multiple of 16 (paired 8-wide
+/// stride-2 rows are slower than GEMM). Measured with `cargo bench -p convnet --bench conv`,
+/// 2 threads, batch 64, on full-width AVX-512 (Intel Xeon; the 8-wide row on AMD Zen 5):
 ///
 /// | layer | direct | im2col + GEMM |
 /// |---|---|---|
@@ -59,11 +61,13 @@ pub fn applies(g: &ConvGeom) -> bool {
 /// | 16->32 stride 2, 32x32 in | 1.54 ms | 1.89 ms |
 /// | 32->32 at 16x16 | 1.51-1.65 ms | 2.04 ms |
 /// | 32->64 at 16x16 | 2.99-3.19 ms | 2.86-3.06 ms |
-/// | 64->64 at 8x8 (8-wide rows: im2col only) | - | 2.12 ms |
+/// | 64->64 at 8x8 (Zen 5) | 1.07-1.14 ms | 1.24-1.28 ms |
 pub fn weight_grad_applies(g: &ConvGeom) -> bool {
-    applies(g)
-        && g.ow.is_multiple_of(LANES)
-        && (g.ow >= 2 * LANES || g.stride == (2, 2) || g.k < 64)
+    let rows_ok = match g.stride {
+        (1, 1) => g.ow == LANES / 2 || g.ow >= 2 * LANES || g.k < 64,
+        _ => g.ow.is_multiple_of(LANES),
+    };
+    applies(g) && rows_ok
 }
 
 /// Where the 16 outputs of a tile are and where its inputs are in the prepared image (see
@@ -459,16 +463,12 @@ fn prepare_image(x_img: &[f32], g: &ConvGeom, xp: &mut [f32]) {
 }
 
 /// `dw = conv2d_weight_grad(x, dy)` summed over the batch, for geometries where [`applies`]
-/// holds with stride 2 or with output rows a multiple of 16 wide. For each pair of output
-/// channels and each input channel, 18 vector accumulators (2 channels x 9 taps) run over
-/// every output vector of a thread's images (`weight_rows`, `weight_images`); the lanes
-/// are summed once at the end. Threads take contiguous runs of images and add their partial
-/// sums.
+/// holds. For each pair of output channels and each input channel, 18 vector accumulators (2
+/// channels x 9 taps) run over every output vector of a thread's images (`weight_rows`,
+/// `weight_row_pairs` for 8-wide rows, `weight_images` at stride 2); the lanes are summed
+/// once at the end. Threads take contiguous runs of images and add their partial sums.
 pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
-    assert!(
-        applies(g) && (g.stride == (2, 2) || g.ow.is_multiple_of(LANES)),
-        "conv_direct::backward_weight called for {g:?}"
-    );
+    assert!(applies(g), "conv_direct::backward_weight called for {g:?}");
     let plane = (g.h + 2) * (g.w + 2);
     let in_image = g.c * g.h * g.w;
     let out_image = g.k * g.oh * g.ow;
@@ -507,7 +507,13 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
                     let xs =
                         &x[(images.start + first) * in_image..(images.start + last) * in_image];
                     // SAFETY: `applies` checked AVX-512F; sizes are asserted inside.
-                    unsafe { weight_rows(xs, dys, last - first, g, &mut lanes) };
+                    unsafe {
+                        if g.w == LANES / 2 {
+                            weight_row_pairs(xs, dys, last - first, g, &mut lanes)
+                        } else {
+                            weight_rows(xs, dys, last - first, g, &mut lanes)
+                        }
+                    };
                     continue;
                 }
                 let xs = &xp[first * g.c * plane..last * g.c * plane];
@@ -601,6 +607,89 @@ unsafe fn weight_rows(xs: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lanes
             }
         }
     }
+}
+
+/// [`weight_rows`] for 8-wide images (`H` even): a vector holds two consecutive rows, which
+/// in an 8-wide plane are 16 consecutive floats. For output-gradient rows `2j, 2j+1` the row
+/// taps read input rows `2j-1, 2j` (tap 0), `2j, 2j+1` (tap 1) and `2j+1, 2j+2` (tap 2); tap
+/// 2's vectors are the next pair's tap 0. Each step loads the two output-gradient vectors and
+/// two input vectors (rows `2j, 2j+1`, aligned, and `2j+1, 2j+2`) and makes the column taps
+/// of each by rotating it one lane within the register ([`shift_columns`]): 4 loads and 4
+/// lane rotations per 18 multiply-adds, where loading each column tap would take 6 loads,
+/// 5 of them split across cache lines.
+#[target_feature(enable = "avx512f")]
+unsafe fn weight_row_pairs(xs: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lanes: &mut [f32]) {
+    let (h, w) = (g.h, g.w);
+    let plane = h * w;
+    assert!(g.stride == (1, 1) && w == LANES / 2 && h.is_multiple_of(2) && (g.oh, g.ow) == (h, w));
+    assert!(xs.len() == count * g.c * plane && dys.len() == count * g.k * plane);
+    assert!(lanes.len() == g.k * g.c * 9 * LANES && g.k.is_multiple_of(2));
+    let (xb, db) = (xs.as_ptr(), dys.as_ptr());
+    let pairs = h / 2;
+    let zero = _mm512_setzero_ps();
+    for kp in 0..g.k / 2 {
+        for c in 0..g.c {
+            let mut acc = [[zero; 9]; 2];
+            for n in 0..count {
+                let x_plane = xb.add((n * g.c + c) * plane);
+                let d_plane = [
+                    db.add((n * g.k + 2 * kp) * plane),
+                    db.add((n * g.k + 2 * kp + 1) * plane),
+                ];
+                // Tap 0 of the first pair: rows -1 and 0, of which row -1 (the low half) is
+                // padding. SAFETY: the unmasked lanes are row 0.
+                let mut up = shift_columns(_mm512_maskz_loadu_ps(
+                    0xff00,
+                    x_plane.wrapping_sub(LANES / 2),
+                ));
+                for j in 0..pairs {
+                    // SAFETY (all loads): rows 2j .. 2j+2 of the planes; row H (the high half
+                    // of the last pair's tap 2) is masked out.
+                    let d = [
+                        _mm512_loadu_ps(d_plane[0].add(j * LANES)),
+                        _mm512_loadu_ps(d_plane[1].add(j * LANES)),
+                    ];
+                    let mid = shift_columns(_mm512_loadu_ps(x_plane.add(j * LANES)));
+                    let down_at = x_plane.add(j * LANES + LANES / 2);
+                    let down = shift_columns(if j + 1 < pairs {
+                        _mm512_loadu_ps(down_at)
+                    } else {
+                        _mm512_maskz_loadu_ps(0x00ff, down_at)
+                    });
+                    for kw in 0..3 {
+                        for o in 0..2 {
+                            acc[o][kw] = _mm512_fmadd_ps(d[o], up[kw], acc[o][kw]);
+                            acc[o][3 + kw] = _mm512_fmadd_ps(d[o], mid[kw], acc[o][3 + kw]);
+                            acc[o][6 + kw] = _mm512_fmadd_ps(d[o], down[kw], acc[o][6 + kw]);
+                        }
+                    }
+                    up = down;
+                }
+            }
+            for (o, taps) in acc.iter().enumerate() {
+                for (tap, v) in taps.iter().enumerate() {
+                    let p = lanes
+                        .as_mut_ptr()
+                        .add((((2 * kp + o) * g.c + c) * 9 + tap) * LANES);
+                    _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *v));
+                }
+            }
+        }
+    }
+}
+
+/// The three column taps of two 8-wide rows held in one vector: lane `i` of tap `kw` is
+/// column `i % 8 + kw - 1` of its row, zero where that is outside the row (column -1 of tap
+/// 0, column 8 of tap 2).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn shift_columns(v: __m512) -> [__m512; 3] {
+    let i = _mm512_castps_si512(v);
+    [
+        _mm512_castsi512_ps(_mm512_maskz_alignr_epi32::<15>(0xfefe, i, i)),
+        v,
+        _mm512_castsi512_ps(_mm512_maskz_alignr_epi32::<1>(0x7f7f, i, i)),
+    ]
 }
 
 /// Adds to the lane partial sums `lanes [K, C, 9, 16]` the weight gradient of `count` images:
