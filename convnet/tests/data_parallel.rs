@@ -339,7 +339,8 @@ fn check_against_fixture(case: &str, rank: usize, losses: &[f32], state: &[(Stri
 
 /// Two ranks against PyTorch: DistributedDataParallel's per-rank batch norm with
 /// `broadcast_buffers`, and SyncBatchNorm (the whole batch's statistics), six SGD steps of
-/// resnet20 (`tools/fixtures/ddp.py`, float64 reference).
+/// resnet20 (three with SyncBN: its fourth step's gradient is tipped by the kernels'
+/// summation order, see `tools/fixtures/ddp.py`; float64 reference).
 #[test]
 fn two_ranks_train_resnet20_like_pytorch_ddp() {
     for case in ["per_rank_bn", "sync_bn"] {
