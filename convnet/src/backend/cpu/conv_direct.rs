@@ -535,6 +535,22 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
     }
 }
 
+/// Adds the 18 accumulators of output channels `2kp, 2kp+1` and input channel `c` (9 taps
+/// each) to the lane partial sums `lanes [K, C, 9, 16]`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn add_lanes(lanes: &mut [f32], acc: &[[__m512; 9]; 2], g: &ConvGeom, kp: usize, c: usize) {
+    for (o, taps) in acc.iter().enumerate() {
+        let at = ((2 * kp + o) * g.c + c) * 9 * LANES;
+        for (tap, v) in taps.iter().enumerate() {
+            let lane = &mut lanes[at + tap * LANES..at + (tap + 1) * LANES];
+            // SAFETY: `lane` holds 16 floats.
+            let p = lane.as_mut_ptr();
+            _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *v));
+        }
+    }
+}
+
 /// Adds to the lane partial sums `lanes [K, C, 9, 16]` the weight gradient of `count` images
 /// at stride 1 with output rows a multiple of 16 wide: inputs `xs [count, C, H, W]` as they
 /// are, output gradients `dys [count, K, H, W]`.
@@ -597,14 +613,7 @@ unsafe fn weight_rows(xs: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lanes
                     }
                 }
             }
-            for (o, taps) in acc.iter().enumerate() {
-                for (tap, v) in taps.iter().enumerate() {
-                    let p = lanes
-                        .as_mut_ptr()
-                        .add((((2 * kp + o) * g.c + c) * 9 + tap) * LANES);
-                    _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *v));
-                }
-            }
+            add_lanes(lanes, &acc, g, kp, c);
         }
     }
 }
@@ -666,14 +675,7 @@ unsafe fn weight_row_pairs(xs: &[f32], dys: &[f32], count: usize, g: &ConvGeom, 
                     up = down;
                 }
             }
-            for (o, taps) in acc.iter().enumerate() {
-                for (tap, v) in taps.iter().enumerate() {
-                    let p = lanes
-                        .as_mut_ptr()
-                        .add((((2 * kp + o) * g.c + c) * 9 + tap) * LANES);
-                    _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *v));
-                }
-            }
+            add_lanes(lanes, &acc, g, kp, c);
         }
     }
 }
@@ -727,14 +729,7 @@ unsafe fn weight_images(xp: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lan
                     }
                 }
             }
-            for (o, taps) in acc.iter().enumerate() {
-                for (tap, v) in taps.iter().enumerate() {
-                    let p = lanes
-                        .as_mut_ptr()
-                        .add((((2 * kp + o) * g.c + c) * 9 + tap) * LANES);
-                    _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *v));
-                }
-            }
+            add_lanes(lanes, &acc, g, kp, c);
         }
     }
 }
