@@ -48,26 +48,24 @@ pub fn applies(g: &ConvGeom) -> bool {
                 && std::arch::is_x86_feature_detected!("avx512dq")))
 }
 
-/// True when [`backward_weight`] is the faster weight gradient for `g`: stride-1 rows 8 wide
-/// or a multiple of 16, except 16-wide rows with 64 or more output channels, where im2col +
-/// GEMM's larger matrix product draws level; stride-2 rows a multiple of 16 (paired 8-wide
-/// stride-2 rows are slower than GEMM). Measured with `cargo bench -p convnet --bench conv`,
-/// 2 threads, batch 64, on full-width AVX-512 (Intel Xeon; the 8-wide row on AMD Zen 5):
+/// True when [`backward_weight`] is the faster weight gradient for `g`: every stride-1
+/// geometry of [`applies`], and stride-2 rows a multiple of 16 wide (paired 8-wide stride-2
+/// rows are slower than GEMM). Measured with `cargo bench -p convnet --bench conv`, 2
+/// threads, batch 64, on two full-width AVX-512 machines, an Intel Xeon and an AMD Zen 5; on
+/// the Xeon 16-wide rows with 64 output channels draw level with im2col + GEMM's larger
+/// matrix product, on Zen 5 the direct kernel is a fifth faster there:
 ///
 /// | layer | direct | im2col + GEMM |
 /// |---|---|---|
-/// | 3->32 at 32x32 | 0.55 ms | 0.84 ms |
-/// | 16->16 at 32x32 | 1.25 ms | 2.41 ms |
-/// | 16->32 stride 2, 32x32 in | 1.54 ms | 1.89 ms |
-/// | 32->32 at 16x16 | 1.51-1.65 ms | 2.04 ms |
-/// | 32->64 at 16x16 | 2.99-3.19 ms | 2.86-3.06 ms |
+/// | 3->32 at 32x32 (Xeon) | 0.55 ms | 0.84 ms |
+/// | 16->16 at 32x32 (Xeon) | 1.25 ms | 2.41 ms |
+/// | 16->32 stride 2, 32x32 in (Xeon) | 1.54 ms | 1.89 ms |
+/// | 32->32 at 16x16 (Xeon) | 1.51-1.65 ms | 2.04 ms |
+/// | 32->64 at 16x16 (Xeon) | 2.99-3.19 ms | 2.86-3.06 ms |
+/// | 32->64 at 16x16 (Zen 5) | 1.51-1.57 ms | 1.93-1.98 ms |
 /// | 64->64 at 8x8 (Zen 5) | 1.07-1.14 ms | 1.24-1.28 ms |
 pub fn weight_grad_applies(g: &ConvGeom) -> bool {
-    let rows_ok = match g.stride {
-        (1, 1) => g.ow == LANES / 2 || g.ow >= 2 * LANES || g.k < 64,
-        _ => g.ow.is_multiple_of(LANES),
-    };
-    applies(g) && rows_ok
+    applies(g) && (g.stride == (1, 1) || g.ow.is_multiple_of(LANES))
 }
 
 /// Where the 16 outputs of a tile are and where its inputs are in the prepared image (see
