@@ -549,6 +549,46 @@ unsafe fn add_lanes(lanes: &mut [f32], acc: &[[__m512; 9]; 2], g: &ConvGeom, kp:
     }
 }
 
+/// The planes a stride-1 weight-gradient kernel reads: `count` images' inputs `[count, C, H, W]`
+/// and output gradients `[count, K, H, W]`, their sizes (and those of the lane sums `[K, C, 9,
+/// 16]`) checked once.
+struct StrideOnePlanes {
+    x: *const f32,
+    dy: *const f32,
+    plane: usize,
+    c: usize,
+    k: usize,
+}
+
+impl StrideOnePlanes {
+    fn new(xs: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lanes: &[f32]) -> Self {
+        let plane = g.h * g.w;
+        assert!(g.stride == (1, 1) && (g.oh, g.ow) == (g.h, g.w));
+        assert!(xs.len() == count * g.c * plane && dys.len() == count * g.k * plane);
+        assert!(lanes.len() == g.k * g.c * 9 * LANES && g.k.is_multiple_of(2));
+        StrideOnePlanes {
+            x: xs.as_ptr(),
+            dy: dys.as_ptr(),
+            plane,
+            c: g.c,
+            k: g.k,
+        }
+    }
+
+    /// Image `n`'s input plane `c` and its output-gradient planes `2kp` and `2kp + 1`.
+    ///
+    /// # Safety
+    /// `n < count`, `c < C`, `kp < K / 2`.
+    #[inline(always)]
+    unsafe fn at(&self, n: usize, c: usize, kp: usize) -> (*const f32, [*const f32; 2]) {
+        let d = self.dy.add((n * self.k + 2 * kp) * self.plane);
+        (
+            self.x.add((n * self.c + c) * self.plane),
+            [d, d.add(self.plane)],
+        )
+    }
+}
+
 /// Adds to the lane partial sums `lanes [K, C, 9, 16]` the weight gradient of `count` images
 /// at stride 1 with output rows a multiple of 16 wide: inputs `xs [count, C, H, W]` as they
 /// are, output gradients `dys [count, K, H, W]`.
@@ -561,22 +601,15 @@ unsafe fn add_lanes(lanes: &mut [f32], acc: &[[__m512; 9]; 2], g: &ConvGeom, kp:
 #[target_feature(enable = "avx512f")]
 unsafe fn weight_rows(xs: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lanes: &mut [f32]) {
     let (h, w) = (g.h, g.w);
-    let plane = h * w;
-    assert!(g.stride == (1, 1) && w.is_multiple_of(LANES) && (g.oh, g.ow) == (h, w));
-    assert!(xs.len() == count * g.c * plane && dys.len() == count * g.k * plane);
-    assert!(lanes.len() == g.k * g.c * 9 * LANES && g.k.is_multiple_of(2));
-    let (xb, db) = (xs.as_ptr(), dys.as_ptr());
+    assert!(w.is_multiple_of(LANES));
+    let planes = StrideOnePlanes::new(xs, dys, count, g, lanes);
     let cols = w / LANES;
     let zero = _mm512_setzero_ps();
     for kp in 0..g.k / 2 {
         for c in 0..g.c {
             let mut acc = [[zero; 9]; 2];
             for n in 0..count {
-                let x_plane = xb.add((n * g.c + c) * plane);
-                let d_plane = [
-                    db.add((n * g.k + 2 * kp) * plane),
-                    db.add((n * g.k + 2 * kp + 1) * plane),
-                ];
+                let (x_plane, d_plane) = planes.at(n, c, kp);
                 for col in 0..cols {
                     let masks: [__mmask16; 3] = [
                         if col == 0 { 0xfffe } else { 0xffff },
@@ -627,22 +660,15 @@ unsafe fn weight_rows(xs: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lanes
 #[target_feature(enable = "avx512f")]
 unsafe fn weight_row_pairs(xs: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lanes: &mut [f32]) {
     let (h, w) = (g.h, g.w);
-    let plane = h * w;
-    assert!(g.stride == (1, 1) && w == LANES / 2 && h.is_multiple_of(2) && (g.oh, g.ow) == (h, w));
-    assert!(xs.len() == count * g.c * plane && dys.len() == count * g.k * plane);
-    assert!(lanes.len() == g.k * g.c * 9 * LANES && g.k.is_multiple_of(2));
-    let (xb, db) = (xs.as_ptr(), dys.as_ptr());
+    assert!(w == LANES / 2 && h.is_multiple_of(2));
+    let planes = StrideOnePlanes::new(xs, dys, count, g, lanes);
     let pairs = h / 2;
     let zero = _mm512_setzero_ps();
     for kp in 0..g.k / 2 {
         for c in 0..g.c {
             let mut acc = [[zero; 9]; 2];
             for n in 0..count {
-                let x_plane = xb.add((n * g.c + c) * plane);
-                let d_plane = [
-                    db.add((n * g.k + 2 * kp) * plane),
-                    db.add((n * g.k + 2 * kp + 1) * plane),
-                ];
+                let (x_plane, d_plane) = planes.at(n, c, kp);
                 // Tap 0 of the first pair: rows -1 and 0, of which row -1 (the low half) is
                 // padding. SAFETY: the unmasked lanes are row 0.
                 let mut up = shift_columns(_mm512_maskz_loadu_ps(
