@@ -3,6 +3,9 @@
 
 use convnet::{no_grad, Conv2dParams, Rng, Tensor};
 
+/// The profiler is process-wide: the tests that read it take turns.
+static PROFILER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn only_the_leaves_that_need_a_gradient_get_one() {
     let x = Tensor::randn([2, 3, 5, 5], &mut Rng::new(0)); // data: no gradient
@@ -124,6 +127,7 @@ fn sequential_runs_relu_then_max_pool_as_one_op_with_the_same_gradients() {
             y.backward_with(&g).unwrap().get(&weight).unwrap().to_vec(),
         )
     };
+    let _turn = PROFILER.lock().unwrap_or_else(|e| e.into_inner());
     convnet::profile::enable(true);
     let fused = grad_of_weight(net.forward(&x, Mode::Train).unwrap());
     let keys: Vec<String> = convnet::profile::rows()
@@ -148,4 +152,95 @@ fn sequential_runs_relu_then_max_pool_as_one_op_with_the_same_gradients() {
         .max_pool2d(convnet::MaxPool2dParams::new(2))
         .unwrap();
     assert_eq!(fused, grad_of_weight(apart));
+}
+
+/// `conv2d_relu_max_pool2d` (one op, the convolution's output never stored) against the
+/// three ops apart, bit for bit: values and the gradients of the input, weight and bias, on
+/// 16-wide rows with the 2x2 pooling, 8-wide row pairs, and a 3x3 / stride-2 / padded
+/// pooling; a 5x5 kernel (no fused kernel) runs the three ops.
+#[test]
+fn conv_relu_max_pool_in_one_op_matches_the_three_ops() {
+    use convnet::MaxPool2dParams;
+    let overlapping = MaxPool2dParams {
+        kernel: (3, 3),
+        stride: (2, 2),
+        padding: (1, 1),
+        dilation: (1, 1),
+        ceil_mode: false,
+    };
+    for (i, &(c, k, side, kernel, pool)) in [
+        (3, 8, 32, 3, MaxPool2dParams::new(2)),
+        (8, 12, 16, 3, overlapping),
+        (4, 8, 8, 3, MaxPool2dParams::new(2)),
+        (3, 4, 16, 5, MaxPool2dParams::new(2)),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut rng = Rng::new(20 + i as u64);
+        let x = Tensor::randn([2, c, side, side], &mut rng).requires_grad();
+        let w = Tensor::randn([k, c, kernel, kernel], &mut rng).requires_grad();
+        let b = Tensor::randn([k], &mut rng).requires_grad();
+        let conv = Conv2dParams::default().padding(kernel / 2);
+        let run = |y: Tensor| {
+            let g = Tensor::randn(y.dims().to_vec(), &mut Rng::new(7));
+            let grads = y.backward_with(&g).unwrap();
+            let bits = |t: &Tensor| t.to_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            [
+                bits(&y),
+                bits(grads.get(&x).unwrap()),
+                bits(grads.get(&w).unwrap()),
+                bits(grads.get(&b).unwrap()),
+            ]
+        };
+        let _turn = PROFILER.lock().unwrap_or_else(|e| e.into_inner());
+        convnet::profile::enable(true);
+        let fused = run(x.conv2d_relu_max_pool2d(&w, Some(&b), conv, pool).unwrap());
+        let keys: Vec<String> = convnet::profile::rows()
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
+        convnet::profile::enable(false);
+        let apart = x
+            .conv2d(&w, Some(&b), conv)
+            .unwrap()
+            .relu()
+            .unwrap()
+            .max_pool2d(pool)
+            .unwrap();
+        assert_eq!(fused, run(apart), "case {i}");
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            let one_op = keys.iter().any(|k| k.ends_with("+relu+max_pool"));
+            assert_eq!(one_op, kernel == 3, "case {i}: {keys:?}");
+        }
+    }
+}
+
+/// A `Sequential` of a convolution, a ReLU and max pooling (seed-cnn's stages) runs them as
+/// one op.
+#[test]
+fn sequential_runs_conv_relu_max_pool_as_one_op() {
+    use convnet::nn::{Conv2d, MaxPool2d, Mode, Module, ReLU, Sequential};
+    let net = Sequential::new()
+        .add("conv", Conv2d::new(3, 8, 3).padding(1).build().unwrap())
+        .add("relu", ReLU)
+        .add("pool", MaxPool2d::new(2));
+    let x = Tensor::randn([2, 3, 32, 32], &mut Rng::new(3));
+    let _turn = PROFILER.lock().unwrap_or_else(|e| e.into_inner());
+    convnet::profile::enable(true);
+    let y = net.forward(&x, Mode::Train).unwrap();
+    let keys: Vec<String> = convnet::profile::rows()
+        .into_iter()
+        .map(|r| r.key)
+        .collect();
+    convnet::profile::enable(false);
+    assert_eq!(y.dims(), &[2, 8, 16, 16]);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        assert!(
+            keys.len() == 1 && keys[0].ends_with("+relu+max_pool"),
+            "{keys:?}"
+        );
+    }
 }

@@ -9,7 +9,7 @@
 
 mod op;
 
-pub(crate) use op::{BnEpilogue, Op};
+pub(crate) use op::{relu_max_pool_key, BnEpilogue, Op};
 
 use crate::device::Device;
 use crate::error::{Error, Result};

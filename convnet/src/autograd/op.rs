@@ -63,6 +63,17 @@ pub(crate) enum Op {
         /// The products' precision in the forward pass, and so in the backward pass.
         precision: Precision,
     },
+    /// `max_pool2d(relu(conv2d(input)))` in one pass (float32): `argmax` indexes the
+    /// convolution's output planes (`pool` is the pooling over them); the convolution's
+    /// output itself is never kept.
+    Conv2dReluMaxPool {
+        input: Tensor,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        geom: ConvGeom,
+        argmax: Vec<u32>,
+        pool: PoolGeom,
+    },
     /// `y [N, K] = max_t relu(conv1d(x, w, b))`, with the position of each maximum.
     ConvMaxOverTime {
         input: Tensor,
@@ -209,6 +220,12 @@ impl Op {
                 bias,
                 ..
             }
+            | Op::Conv2dReluMaxPool {
+                input,
+                weight,
+                bias,
+                ..
+            }
             | Op::ConvMaxOverTime {
                 input,
                 weight,
@@ -266,6 +283,7 @@ impl Op {
         let first = |name: &str, t: &Tensor| format!("{name} {}", t.shape());
         match self {
             Op::Conv2d { geom, .. } => geom.describe(),
+            Op::Conv2dReluMaxPool { geom, .. } => relu_max_pool_key(geom),
             Op::ConvMaxOverTime { geom, .. } => geom.describe(),
             Op::Linear { input, weight, .. } => {
                 format!("linear {} w{}", input.shape(), weight.shape())
@@ -306,7 +324,7 @@ impl Op {
     /// Floating-point operations of the backward kernels (conv and linear only).
     pub(crate) fn backward_flops(&self) -> f64 {
         match self {
-            Op::Conv2d { input, geom, .. } => {
+            Op::Conv2d { input, geom, .. } | Op::Conv2dReluMaxPool { input, geom, .. } => {
                 2.0 * geom.macs() as f64 * if input.tracks_grad() { 2.0 } else { 1.0 }
             }
             Op::Linear { input, weight, .. } => {
@@ -327,29 +345,37 @@ impl Op {
                 bias,
                 geom,
                 precision,
+            } => conv2d_grads(
+                input,
+                weight,
+                bias.as_ref(),
+                geom,
+                *precision,
+                g,
+                &mut grads,
+            ),
+            Op::Conv2dReluMaxPool {
+                input,
+                weight,
+                bias,
+                geom,
+                argmax,
+                pool,
             } => {
-                if input.tracks_grad() {
-                    // conv2d_backward_input writes every element.
-                    let mut dx = recycle::take_overwritten(input.numel());
-                    weight.with_data(|w| match precision {
-                        Precision::F32 => conv::conv2d_backward_input(g, w, geom, &mut dx),
-                        Precision::Bf16 => bf16::conv2d_backward_input(g, w, geom, &mut dx),
-                    });
-                    grads.push((input.clone(), dx));
-                }
-                if weight.tracks_grad() {
-                    let mut dw = vec![0f32; weight.numel()];
-                    input.with_data(|x| match precision {
-                        Precision::F32 => conv::conv2d_backward_weight(x, g, geom, &mut dw),
-                        Precision::Bf16 => bf16::conv2d_backward_weight(x, g, geom, &mut dw),
-                    });
-                    grads.push((weight.clone(), dw));
-                }
-                if let Some(b) = bias.as_ref().filter(|b| b.tracks_grad()) {
-                    let mut db = vec![0f32; b.numel()];
-                    conv::conv2d_backward_bias(g, geom, &mut db);
-                    grads.push((b.clone(), db));
-                }
+                // The gradient reaching the convolution's output, then its backward.
+                // max_pool2d_relu_backward writes every element.
+                let mut dz = recycle::take_overwritten(geom.n * geom.k * geom.oh * geom.ow);
+                out.with_data(|y| pool::max_pool2d_relu_backward(g, y, argmax, pool, &mut dz));
+                conv2d_grads(
+                    input,
+                    weight,
+                    bias.as_ref(),
+                    geom,
+                    Precision::F32,
+                    &dz,
+                    &mut grads,
+                );
+                recycle::give_back(dz);
             }
             Op::ConvMaxOverTime {
                 input,
@@ -734,5 +760,44 @@ fn binary_backward(
             }
         };
         grads.push((rhs.clone(), gr));
+    }
+}
+
+/// The profile key of a fused convolution, ReLU and max pooling.
+pub(crate) fn relu_max_pool_key(geom: &ConvGeom) -> String {
+    format!("{} +relu+max_pool", geom.describe())
+}
+
+/// The gradients of a convolution's tracked inputs, given `g` = d(loss)/d(output).
+fn conv2d_grads(
+    input: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    geom: &ConvGeom,
+    precision: Precision,
+    g: &[f32],
+    grads: &mut Vec<(Tensor, Vec<f32>)>,
+) {
+    if input.tracks_grad() {
+        // conv2d_backward_input writes every element.
+        let mut dx = recycle::take_overwritten(input.numel());
+        weight.with_data(|w| match precision {
+            Precision::F32 => conv::conv2d_backward_input(g, w, geom, &mut dx),
+            Precision::Bf16 => bf16::conv2d_backward_input(g, w, geom, &mut dx),
+        });
+        grads.push((input.clone(), dx));
+    }
+    if weight.tracks_grad() {
+        let mut dw = vec![0f32; weight.numel()];
+        input.with_data(|x| match precision {
+            Precision::F32 => conv::conv2d_backward_weight(x, g, geom, &mut dw),
+            Precision::Bf16 => bf16::conv2d_backward_weight(x, g, geom, &mut dw),
+        });
+        grads.push((weight.clone(), dw));
+    }
+    if let Some(b) = bias.filter(|b| b.tracks_grad()) {
+        let mut db = vec![0f32; b.numel()];
+        conv::conv2d_backward_bias(g, geom, &mut db);
+        grads.push((b.clone(), db));
     }
 }

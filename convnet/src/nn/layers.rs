@@ -155,9 +155,19 @@ impl Conv2dBuilder {
     }
 }
 
+impl Conv2d {
+    /// `max_pool(relu(self.forward(x)))` as one op ([`Tensor::conv2d_relu_max_pool2d`]).
+    pub fn forward_relu_max_pool(&self, x: &Tensor, pool: &MaxPool2d) -> Result<Tensor> {
+        x.conv2d_relu_max_pool2d(&self.weight, self.bias.as_ref(), self.params, pool.0)
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
         x.conv2d(&self.weight, self.bias.as_ref(), self.params)
+    }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
     fn kind(&self) -> &'static str {
         "Conv2d"
@@ -307,6 +317,9 @@ impl Module for MaxPool2d {
     }
     fn forward_after_relu(&self, x: &Tensor, _mode: Mode) -> Option<Result<Tensor>> {
         Some(x.relu_max_pool2d(self.0))
+    }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
     fn kind(&self) -> &'static str {
         "MaxPool2d"

@@ -1,6 +1,6 @@
 //! `nn.Sequential` with named children (`conv1`, `fc1`, or `0`, `1`, ... by default).
 
-use super::{join, Mode, Module, SummaryRow, TensorRole};
+use super::{join, Conv2d, MaxPool2d, Mode, Module, SummaryRow, TensorRole};
 use crate::error::{Error, Result};
 use crate::graph::{Graph, ValueId};
 use crate::shape::Shape;
@@ -58,19 +58,28 @@ impl Sequential {
 impl Module for Sequential {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let mut h = x.clone();
-        let mut children = self.children.iter().peekable();
-        while let Some((_, child)) = children.next() {
+        let layers = &self.children;
+        let mut i = 0;
+        while i < layers.len() {
+            // A convolution, a ReLU and max pooling run as one op.
+            if let Some((conv, pool)) = conv_relu_pool(&layers[i..]) {
+                h = conv.forward_relu_max_pool(&h, pool)?;
+                i += 3;
+                continue;
+            }
+            let child = &layers[i].1;
             // A ReLU followed by a layer with a fused form (max pooling) runs as one op.
             if child.kind() == "ReLU" {
-                if let Some((_, next)) = children.peek() {
+                if let Some((_, next)) = layers.get(i + 1) {
                     if let Some(y) = next.forward_after_relu(&h, mode) {
                         h = y?;
-                        children.next();
+                        i += 2;
                         continue;
                     }
                 }
             }
             h = child.forward(&h, mode)?;
+            i += 1;
         }
         Ok(h)
     }
@@ -131,4 +140,18 @@ impl Module for Sequential {
         }
         Ok(shape)
     }
+}
+
+/// The convolution and the pooling when `layers` starts with `Conv2d, ReLU, MaxPool2d`.
+fn conv_relu_pool(layers: &[(String, Box<dyn Module>)]) -> Option<(&Conv2d, &MaxPool2d)> {
+    let [(_, conv), (_, relu), (_, pool), ..] = layers else {
+        return None;
+    };
+    if relu.kind() != "ReLU" {
+        return None;
+    }
+    Some((
+        conv.as_any()?.downcast_ref()?,
+        pool.as_any()?.downcast_ref()?,
+    ))
 }

@@ -1,13 +1,15 @@
 //! `conv2d`: validation, the CPU kernel, and graph recording.
 
+use super::pool::pool_geometry;
 use super::{gpu_of, record, Tensor};
 use crate::autocast::Precision;
-use crate::autograd::Op;
+use crate::autograd::{relu_max_pool_key, Op};
 use crate::backend::cpu::bf16;
 use crate::backend::cpu::conv::{self, ConvGeom};
 use crate::backend::cpu::recycle;
 use crate::error::{invalid, shape_mismatch, Result};
 use crate::shape::{conv_out_size, Shape};
+use crate::MaxPool2dParams;
 
 /// Settings of a 2-D convolution, as `torch.nn.functional.conv2d` takes them.
 ///
@@ -171,16 +173,7 @@ impl Tensor {
         bias: Option<&Tensor>,
         params: Conv2dParams,
     ) -> Result<Tensor> {
-        let geom = params.geometry(self.dims(), weight.dims())?;
-        if let Some(b) = bias {
-            if b.dims() != [geom.k] {
-                return Err(shape_mismatch(
-                    "conv2d",
-                    format!("bias [{}]", geom.k),
-                    format!("bias {}", b.shape()),
-                ));
-            }
-        }
+        let geom = conv_geometry(self, weight, bias, params)?;
         let mut inputs = vec![self, weight];
         inputs.extend(bias);
         if let Some(gpu) = gpu_of("conv2d", &inputs)? {
@@ -217,4 +210,114 @@ impl Tensor {
         });
         Ok(Tensor::from_parts(y, Shape::new(geom.out_dims()), op))
     }
+
+    /// `self.conv2d(weight, bias, params)?.relu_max_pool2d(pool)` as one op where convnet has
+    /// a fused CPU kernel (float32, the stride-1 geometries of the direct 3x3 convolution,
+    /// such as seed-cnn's two convolutions): each image's convolution output is pooled while
+    /// it is still in cache and never stored, and the backward pass rebuilds the gradient
+    /// reaching it from the pooling's indices. Values and gradients are those of the three
+    /// ops, bit for bit; everywhere else (GPU tensors, bfloat16 autocast, other geometries) it
+    /// runs them one after the other.
+    ///
+    /// ```
+    /// use convnet::{Conv2dParams, MaxPool2dParams, Rng, Tensor};
+    /// let mut rng = Rng::new(0);
+    /// let x = Tensor::randn([2, 3, 32, 32], &mut rng);
+    /// let w = Tensor::randn([8, 3, 3, 3], &mut rng);
+    /// let (conv, pool) = (Conv2dParams::default().padding(1), MaxPool2dParams::new(2));
+    /// let fused = x.conv2d_relu_max_pool2d(&w, None, conv, pool)?;
+    /// let apart = x.conv2d(&w, None, conv)?.relu()?.max_pool2d(pool)?;
+    /// assert_eq!(fused.dims(), &[2, 8, 16, 16]);
+    /// assert_eq!(fused.to_vec(), apart.to_vec());
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn conv2d_relu_max_pool2d(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        params: Conv2dParams,
+        pool: MaxPool2dParams,
+    ) -> Result<Tensor> {
+        let geom = conv_geometry(self, weight, bias, params)?;
+        let mut inputs = vec![self, weight];
+        inputs.extend(bias);
+        if gpu_of("conv2d", &inputs)?.is_some()
+            || crate::autocast::precision() != Precision::F32
+            || !conv::relu_max_pool_fusable(&geom)
+        {
+            return self.conv2d(weight, bias, params)?.relu_max_pool2d(pool);
+        }
+        let pg = pool_geometry(
+            "relu_max_pool2d",
+            &[geom.n, geom.k, geom.oh, geom.ow],
+            pool.kernel,
+            pool.stride,
+            pool.padding,
+            pool.dilation,
+            pool.ceil_mode,
+        )?;
+        let len = pg.planes * pg.oh * pg.ow;
+        // The fused forward writes every output.
+        let mut y = recycle::take_overwritten(len);
+        let mut argmax = vec![0u32; len];
+        crate::profile::timed(
+            false,
+            || relu_max_pool_key(&geom),
+            || 2.0 * geom.macs() as f64,
+            || {
+                self.with_data(|x| {
+                    weight.with_data(|w| {
+                        let mut run = |b: Option<&[f32]>| {
+                            conv::conv2d_relu_max_pool_forward(
+                                x,
+                                w,
+                                b,
+                                &geom,
+                                &pg,
+                                &mut y,
+                                &mut argmax,
+                            )
+                        };
+                        match bias {
+                            Some(b) => b.with_data(|bv| run(Some(bv))),
+                            None => run(None),
+                        }
+                    })
+                })
+            },
+        );
+        let op = record(&inputs, || Op::Conv2dReluMaxPool {
+            input: self.clone(),
+            weight: weight.clone(),
+            bias: bias.cloned(),
+            geom,
+            argmax,
+            pool: pg,
+        });
+        Ok(Tensor::from_parts(
+            y,
+            Shape::new([geom.n, geom.k, pg.oh, pg.ow]),
+            op,
+        ))
+    }
+}
+
+/// The geometry of `conv2d(x, weight, bias)`, with the bias's shape checked.
+fn conv_geometry(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    params: Conv2dParams,
+) -> Result<ConvGeom> {
+    let geom = params.geometry(x.dims(), weight.dims())?;
+    if let Some(b) = bias {
+        if b.dims() != [geom.k] {
+            return Err(shape_mismatch(
+                "conv2d",
+                format!("bias [{}]", geom.k),
+                format!("bias {}", b.shape()),
+            ));
+        }
+    }
+    Ok(geom)
 }

@@ -134,7 +134,7 @@ impl AvgPool2dParams {
     }
 }
 
-fn pool_geometry(
+pub(super) fn pool_geometry(
     op: &'static str,
     input: &[usize],
     kernel: (usize, usize),

@@ -222,6 +222,41 @@ pub fn conv2d_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, 
     conv2d_forward_im2col(x, w, bias, g, y)
 }
 
+/// True when [`conv2d_relu_max_pool_forward`] runs for `g` on this CPU (otherwise the
+/// caller runs the convolution and [`super::pool::max_pool2d_relu_forward`] one after the
+/// other).
+pub fn relu_max_pool_fusable(g: &ConvGeom) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::conv_direct::relu_max_pool_applies(g)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = g;
+        false
+    }
+}
+
+/// `y = max_pool2d(relu(conv2d(x, w) + bias))` and the pooling's argmax in one pass, where
+/// [`relu_max_pool_fusable`] holds: the same values as [`conv2d_forward`] followed by
+/// [`super::pool::max_pool2d_relu_forward`], without the convolution's full-size output.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_relu_max_pool_forward(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    pool: &super::pool::PoolGeom,
+    y: &mut [f32],
+    argmax: &mut [u32],
+) {
+    assert!(relu_max_pool_fusable(g), "no fused kernel for {g:?}");
+    #[cfg(target_arch = "x86_64")]
+    super::conv_direct::forward_relu_max_pool(x, w, bias, g, pool, y, argmax);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (x, w, bias, pool, y, argmax);
+}
+
 /// [`conv2d_forward`] through im2col + GEMM, for any geometry.
 pub fn conv2d_forward_im2col(
     x: &[f32],

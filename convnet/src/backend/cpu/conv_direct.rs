@@ -174,6 +174,50 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, y: &mut
         );
 }
 
+/// True when [`forward_relu_max_pool`] computes `max_pool2d(relu(conv2d(x)))` for `g`: the
+/// stride-1 geometries of [`applies`].
+pub fn relu_max_pool_applies(g: &ConvGeom) -> bool {
+    applies(g) && g.stride == (1, 1)
+}
+
+/// `y = max_pool2d(relu(conv2d(x, w) + bias))` with the pooling's `argmax` (indices into the
+/// convolution's output planes, as [`super::pool::max_pool2d_relu_forward`] gives them), for
+/// geometries where [`relu_max_pool_applies`] holds. Image by image: the convolution's
+/// output of one image goes to a per-thread buffer that stays in cache and is pooled from
+/// there, so the full-size output is never written to memory and read back. The same
+/// values, bit for bit, as the convolution followed by the fused ReLU and pooling.
+pub fn forward_relu_max_pool(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    pool: &super::pool::PoolGeom,
+    y: &mut [f32],
+    argmax: &mut [u32],
+) {
+    assert!(
+        relu_max_pool_applies(g),
+        "conv_direct::forward_relu_max_pool called for {g:?}"
+    );
+    assert!((pool.planes, pool.h, pool.w) == (g.n * g.k, g.oh, g.ow));
+    let packed = pack_weights(w, g);
+    let (in_image, out_image) = (g.c * g.h * g.w, g.k * g.oh * g.ow);
+    let pooled_image = g.k * pool.oh * pool.ow;
+    assert!(x.len() == g.n * in_image && y.len() == g.n * pooled_image && argmax.len() == y.len());
+    y.par_chunks_mut(pooled_image)
+        .zip(argmax.par_chunks_mut(pooled_image))
+        .zip(x.par_chunks(in_image))
+        .for_each_init(
+            || vec![0f32; out_image],
+            |z, ((y_img, a_img), x_img)| {
+                // SAFETY: `applies` checked that the CPU has AVX-512F; the sizes are asserted
+                // inside.
+                unsafe { forward_image_rows(x_img, &packed, bias, g, z) };
+                super::pool::max_pool2d_relu_forward_seq(z, pool, y_img, a_img);
+            },
+        );
+}
+
 /// The weights of tap `tap` for the 4 output channels of a block, broadcast (`wc` points at
 /// one input channel's `[9, 4]` in the packed `[K/4, C, 9, 4]`).
 #[inline]

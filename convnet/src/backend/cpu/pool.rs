@@ -74,7 +74,13 @@ fn max_window(
 /// replaces the current one; the first of equal values keeps the index).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn max_pool_2x2_avx512(x_p: &[f32], g: &PoolGeom, y_p: &mut [f32], a_p: &mut [u32]) {
+unsafe fn max_pool_2x2_avx512(
+    x_p: &[f32],
+    g: &PoolGeom,
+    y_p: &mut [f32],
+    a_p: &mut [u32],
+    relu: bool,
+) {
     use std::arch::x86_64::*;
     assert!(x_p.len() >= g.h * g.w && g.h >= 2 * g.oh && g.w >= 2 * g.ow);
     assert!(y_p.len() == g.oh * g.ow && a_p.len() == g.oh * g.ow);
@@ -126,6 +132,15 @@ unsafe fn max_pool_2x2_avx512(x_p: &[f32], g: &PoolGeom, y_p: &mut [f32], a_p: &
             let (v, i) = step(v, i, o0, _mm512_add_epi32(c, one));
             let (v, i) = step(v, i, e1, _mm512_add_epi32(c, w));
             let (v, i) = step(v, i, o1, _mm512_add_epi32(_mm512_add_epi32(c, w), one));
+            // ReLU as `Activation::Relu` computes it: positive values and NaN pass, the
+            // rest (-0.0 included) become 0.0.
+            let v = if relu {
+                let keep = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, _mm512_setzero_ps())
+                    | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+                _mm512_maskz_mov_ps(keep, v)
+            } else {
+                v
+            };
             let out = mask_of(n);
             _mm512_mask_storeu_ps(y_p.as_mut_ptr().add(oh * g.ow + ow0), out, v);
             _mm512_mask_storeu_epi32(a_p.as_mut_ptr().add(oh * g.ow + ow0) as *mut i32, out, i);
@@ -148,42 +163,66 @@ pub fn max_pool2d_relu_forward(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &
     max_pool_planes(x, g, y, argmax, true)
 }
 
+/// [`max_pool2d_relu_forward`] on the calling thread, for callers that parallelise at a
+/// coarser level (the planes of one image): `x` holds whole input planes of `g`'s size,
+/// `y` and `argmax` the same number of output planes (`g.planes` is not read).
+pub fn max_pool2d_relu_forward_seq(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &mut [u32]) {
+    let (ip, op) = (g.in_plane(), g.out_plane());
+    assert!(x.len().is_multiple_of(ip) && y.len() == x.len() / ip * op && argmax.len() == y.len());
+    for ((y_p, a_p), x_p) in y
+        .chunks_mut(op)
+        .zip(argmax.chunks_mut(op))
+        .zip(x.chunks(ip))
+    {
+        pool_plane(x_p, g, y_p, a_p, true);
+    }
+}
+
 /// Both forwards: every plane pooled, then (with `relu`) ReLU on its windows that hold a tap.
 fn max_pool_planes(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &mut [u32], relu: bool) {
     y.par_chunks_mut(g.out_plane())
         .zip(argmax.par_chunks_mut(g.out_plane()))
         .zip(x.par_chunks(g.in_plane()))
-        .for_each(|((y_p, a_p), x_p)| {
-            max_pool_plane(x_p, g, y_p, a_p);
-            if relu {
-                for (v, &a) in y_p.iter_mut().zip(a_p.iter()) {
-                    if a != NO_TAP {
-                        *v = super::activation::Activation::Relu.apply(*v);
-                    }
-                }
-            }
-        });
+        .for_each(|((y_p, a_p), x_p)| pool_plane(x_p, g, y_p, a_p, relu));
 }
 
-/// One plane of [`max_pool2d_forward`].
-fn max_pool_plane(x_p: &[f32], g: &PoolGeom, y_p: &mut [f32], a_p: &mut [u32]) {
-    let (kh, kw) = g.kernel;
-    // The common non-overlapping 2x2 / stride 2 window without padding: branch-free
-    // selects over the four taps (NaN wins, as in PyTorch), vectorisable.
-    if g.kernel == (2, 2)
+/// One plane of both forwards.
+fn pool_plane(x_p: &[f32], g: &PoolGeom, y_p: &mut [f32], a_p: &mut [u32], relu: bool) {
+    if max_pool_plane(x_p, g, y_p, a_p, relu) || !relu {
+        return;
+    }
+    for (v, &a) in y_p.iter_mut().zip(a_p.iter()) {
+        if a != NO_TAP {
+            *v = super::activation::Activation::Relu.apply(*v);
+        }
+    }
+}
+
+/// The common non-overlapping 2x2 / stride-2 window without padding, which the fast paths
+/// take: every window lies inside the plane and every input belongs to at most one.
+fn two_by_two(g: &PoolGeom) -> bool {
+    g.kernel == (2, 2)
         && g.stride == (2, 2)
         && g.padding == (0, 0)
         && g.dilation == (1, 1)
         && g.h >= 2 * g.oh
         && g.w >= 2 * g.ow
-    {
+}
+
+/// One plane of [`max_pool2d_forward`]; returns true when it applied `relu` to the pooled
+/// values too (the AVX-512 path does), false when the caller still has to.
+fn max_pool_plane(x_p: &[f32], g: &PoolGeom, y_p: &mut [f32], a_p: &mut [u32], relu: bool) -> bool {
+    let (kh, kw) = g.kernel;
+    // Branch-free selects over the four taps (NaN wins, as in PyTorch), vectorisable.
+    if two_by_two(g) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512F was just detected; the window checks above bound
-            // every access (see the function).
-            unsafe { max_pool_2x2_avx512(x_p, g, y_p, a_p) };
-            return;
+            // SAFETY: AVX-512F was just detected; the window checks of `two_by_two`
+            // bound every access (see the function).
+            unsafe { max_pool_2x2_avx512(x_p, g, y_p, a_p, relu) };
+            return true;
         }
+        let _ = relu;
         for oh in 0..g.oh {
             let r0 = &x_p[2 * oh * g.w..2 * oh * g.w + 2 * g.ow];
             let r1 = &x_p[(2 * oh + 1) * g.w..(2 * oh + 1) * g.w + 2 * g.ow];
@@ -210,7 +249,7 @@ fn max_pool_plane(x_p: &[f32], g: &PoolGeom, y_p: &mut [f32], a_p: &mut [u32]) {
                 *a = i;
             }
         }
-        return;
+        return false;
     }
     for oh in 0..g.oh {
         let (h0, h1, hs) = max_window(oh, g.stride.0, g.padding.0, kh, g.dilation.0, g.h);
@@ -240,6 +279,7 @@ fn max_pool_plane(x_p: &[f32], g: &PoolGeom, y_p: &mut [f32], a_p: &mut [u32]) {
             a_p[oh * g.ow + ow] = best_i as u32;
         }
     }
+    false
 }
 
 /// Max pooling backward: `dx[argmax] += dy` per plane (argmax [`NO_TAP`] adds nothing).
@@ -266,9 +306,19 @@ pub fn max_pool2d_relu_backward(
 /// the pooled output `y`, when given, is positive).
 fn scatter_to_maxima(dy: &[f32], y: Option<&[f32]>, argmax: &[u32], g: &PoolGeom, dx: &mut [f32]) {
     let (ip, op) = (g.in_plane(), g.out_plane());
+    #[cfg(target_arch = "x86_64")]
+    let fast = two_by_two(g) && std::arch::is_x86_feature_detected!("avx512f");
     dx.par_chunks_mut(ip).enumerate().for_each(|(p, dx_p)| {
         let outs = p * op..(p + 1) * op;
         let y_p = y.map(|y| &y[outs.clone()]);
+        #[cfg(target_arch = "x86_64")]
+        if fast {
+            // SAFETY: AVX-512F was just detected; `gather_2x2_avx512` checks the sizes.
+            unsafe {
+                gather_2x2_avx512(&dy[outs.clone()], y_p, &argmax[outs], g, dx_p);
+            }
+            return;
+        }
         dx_p.fill(0.0);
         for (i, (d, &a)) in dy[outs.clone()].iter().zip(&argmax[outs]).enumerate() {
             if a != NO_TAP && y_p.is_none_or(|y_p| y_p[i] > 0.0) {
@@ -276,6 +326,78 @@ fn scatter_to_maxima(dy: &[f32], y: Option<&[f32]>, argmax: &[u32], g: &PoolGeom
             }
         }
     });
+}
+
+/// [`scatter_to_maxima`] for one plane of non-overlapping 2x2 / stride-2 windows, written
+/// input row by input row instead of scattered: per 16 outputs, each of the four taps
+/// takes the output's gradient where the argmax names it (and zero elsewhere), and the
+/// even and odd columns are interleaved back into the two input rows. Every input is in at
+/// most one window, so this is the scatter's `0.0 + dy` at the argmax and `0.0` elsewhere,
+/// bit for bit; inputs outside every window (an odd last row or column) get zero.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gather_2x2_avx512(
+    dy_p: &[f32],
+    y_p: Option<&[f32]>,
+    a_p: &[u32],
+    g: &PoolGeom,
+    dx_p: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (oh, ow, w) = (g.oh, g.ow, g.w);
+    assert!(
+        dy_p.len() == oh * ow && a_p.len() == oh * ow && y_p.is_none_or(|y| y.len() == oh * ow)
+    );
+    assert!(dx_p.len() == g.h * w && g.h >= 2 * oh && w >= 2 * ow);
+    let lane = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    // Interleaves even columns `e` and odd columns `o`: lanes 0..16 and 16..32 of the row.
+    let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let mask_of = |n: usize| -> u16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as u16
+        }
+    };
+    let zero = _mm512_setzero_ps();
+    let (one, wv) = (_mm512_set1_epi32(1), _mm512_set1_epi32(w as i32));
+    let dx = dx_p.as_mut_ptr();
+    for r in 0..oh {
+        let row0 = 2 * r * w;
+        let mut o0 = 0;
+        while o0 < ow {
+            let n = (ow - o0).min(16);
+            let m = mask_of(n);
+            let at = r * ow + o0;
+            // SAFETY: outputs `at..at + n` are inside the plane's `oh * ow` (asserted);
+            // masked lanes are not read.
+            let d = _mm512_maskz_loadu_ps(m, dy_p.as_ptr().add(at));
+            let a = _mm512_maskz_loadu_epi32(m, a_p.as_ptr().add(at) as *const i32);
+            let mut valid = m;
+            if let Some(y) = y_p {
+                let yv = _mm512_maskz_loadu_ps(m, y.as_ptr().add(at));
+                valid &= _mm512_cmp_ps_mask::<_CMP_GT_OQ>(yv, zero);
+            }
+            let v = _mm512_maskz_add_ps(valid, zero, d);
+            let c = _mm512_add_epi32(_mm512_set1_epi32((row0 + 2 * o0) as i32), lane);
+            let (m_lo, m_hi) = (mask_of(2 * n), mask_of((2 * n).saturating_sub(16)));
+            for (row, c) in [(row0, c), (row0 + w, _mm512_add_epi32(c, wv))] {
+                let even = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(a, c), v);
+                let odd =
+                    _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(a, _mm512_add_epi32(c, one)), v);
+                // SAFETY: columns 2*o0 .. 2*(o0+n) of this row are inside the plane
+                // (W >= 2*OW); masked lanes are not written.
+                let p = dx.add(row + 2 * o0);
+                _mm512_mask_storeu_ps(p, m_lo, _mm512_permutex2var_ps(even, lo, odd));
+                _mm512_mask_storeu_ps(p.add(16), m_hi, _mm512_permutex2var_ps(even, hi, odd));
+            }
+            o0 += n;
+        }
+        dx_p[row0 + 2 * ow..row0 + w].fill(0.0);
+        dx_p[row0 + w + 2 * ow..row0 + 2 * w].fill(0.0);
+    }
+    dx_p[2 * oh * w..].fill(0.0);
 }
 
 /// The clipped window and divisor of average pooling at one output position, as PyTorch's
@@ -569,6 +691,68 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Both backwards (the 2x2 row-wise path included) against the plain scatter, bit for
+    /// bit: odd trailing rows and columns, widths across the 16-lane blocks, -0.0 and NaN
+    /// gradients, outputs at and below zero for the ReLU rule.
+    #[test]
+    fn max_pool_backward_matches_the_scatter() {
+        let mut rng = Rng::new(11);
+        for &(h, w, k, s, p) in &[
+            (8usize, 8usize, 2usize, 2usize, 0usize),
+            (9, 7, 2, 2, 0),
+            (5, 67, 2, 2, 0),
+            (32, 32, 2, 2, 0),
+            (7, 9, 3, 2, 1),
+        ] {
+            let g = PoolGeom {
+                planes: 3,
+                h,
+                w,
+                oh: pool_out_size(h, k, s, p, 1, false).unwrap(),
+                ow: pool_out_size(w, k, s, p, 1, false).unwrap(),
+                kernel: (k, k),
+                stride: (s, s),
+                padding: (p, p),
+                dilation: (1, 1),
+            };
+            let x: Vec<f32> = (0..3 * h * w).map(|_| rng.normal()).collect();
+            let n = 3 * g.oh * g.ow;
+            let (mut y, mut a) = (vec![0.0; n], vec![0u32; n]);
+            max_pool2d_relu_forward(&x, &g, &mut y, &mut a);
+            let mut dy: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+            dy[1] = -0.0;
+            dy[n - 1] = f32::NAN;
+            for relu in [false, true] {
+                let mut want = vec![0f32; x.len()];
+                for (i, (&d, &ai)) in dy.iter().zip(&a).enumerate() {
+                    if !relu || y[i] > 0.0 {
+                        want[i / (g.oh * g.ow) * h * w + ai as usize] += d;
+                    }
+                }
+                let mut dx = vec![7.0f32; x.len()];
+                if relu {
+                    max_pool2d_relu_backward(&dy, &y, &a, &g, &mut dx);
+                } else {
+                    max_pool2d_backward(&dy, &a, &g, &mut dx);
+                }
+                assert_eq!(bits_of(&dx), bits_of(&want), "{g:?} relu {relu}");
+            }
+            // The fused forward is ReLU of the plain one's values.
+            let (mut y0, mut a0) = (vec![0.0; n], vec![0u32; n]);
+            max_pool2d_forward(&x, &g, &mut y0, &mut a0);
+            assert_eq!(a0, a);
+            let relu = |v: f32| if v > 0.0 || v.is_nan() { v } else { 0.0 };
+            assert_eq!(
+                bits_of(&y),
+                bits_of(&y0.iter().map(|&v| relu(v)).collect::<Vec<_>>())
+            );
+        }
+    }
+
+    fn bits_of(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
     }
 
     /// PyTorch's tie and NaN rules on the 2x2 fast path: equal values keep the first tap,

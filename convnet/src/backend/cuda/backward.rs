@@ -479,6 +479,7 @@ pub(crate) fn backward(op: &Op, out: &Tensor, g: &DeviceBuffer, ordinal: usize) 
         // Ops whose saved state is host memory were computed on the CPU; their gradient
         // cannot be on a GPU (moving a tensor between devices starts a new leaf).
         other @ (Op::MaxPool2d { .. }
+        | Op::Conv2dReluMaxPool { .. }
         | Op::ConvMaxOverTime { .. }
         | Op::Embedding { .. }
         | Op::CrossEntropy { .. }
