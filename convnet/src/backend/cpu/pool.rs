@@ -68,6 +68,16 @@ fn max_window(
     (start as usize, end.max(start) as usize, dil)
 }
 
+/// The mask of the first `n` of 16 lanes (all 16 from `n >= 16` on).
+#[cfg(target_arch = "x86_64")]
+fn first_lanes(n: usize) -> u16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        ((1u32 << n) - 1) as u16
+    }
+}
+
 /// The 2x2 / stride-2 window of one plane with AVX-512: per row, up to 16 outputs at a time;
 /// the two input rows are loaded (masked at the row's end), split into even and odd columns
 /// with a two-source permute, and reduced with PyTorch's rule (a larger value or a NaN
@@ -87,13 +97,6 @@ unsafe fn max_pool_2x2_avx512(
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     let lane = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let mask_of = |n: usize| -> u16 {
-        if n >= 16 {
-            0xffff
-        } else {
-            ((1u32 << n) - 1) as u16
-        }
-    };
     // Takes `t` (index `ti`) over `v` (index `vi`) where t > v, or t is NaN and v is not.
     let step = |v: __m512, vi: __m512i, t: __m512, ti: __m512i| {
         let m = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(t, v)
@@ -111,7 +114,7 @@ unsafe fn max_pool_2x2_avx512(
         let mut ow0 = 0;
         while ow0 < g.ow {
             let n = (g.ow - ow0).min(16);
-            let (m_lo, m_hi) = (mask_of(2 * n), mask_of((2 * n).saturating_sub(16)));
+            let (m_lo, m_hi) = (first_lanes(2 * n), first_lanes((2 * n).saturating_sub(16)));
             // SAFETY: columns 2*ow0 .. 2*(ow0+n) of rows 2*oh and 2*oh+1 are inside the
             // plane (W >= 2*OW, H >= 2*OH); masked lanes are not read.
             let load = |row: usize| {
@@ -141,7 +144,7 @@ unsafe fn max_pool_2x2_avx512(
             } else {
                 v
             };
-            let out = mask_of(n);
+            let out = first_lanes(n);
             _mm512_mask_storeu_ps(y_p.as_mut_ptr().add(oh * g.ow + ow0), out, v);
             _mm512_mask_storeu_epi32(a_p.as_mut_ptr().add(oh * g.ow + ow0) as *mut i32, out, i);
             ow0 += n;
@@ -353,13 +356,6 @@ unsafe fn gather_2x2_avx512(
     // Interleaves even columns `e` and odd columns `o`: lanes 0..16 and 16..32 of the row.
     let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    let mask_of = |n: usize| -> u16 {
-        if n >= 16 {
-            0xffff
-        } else {
-            ((1u32 << n) - 1) as u16
-        }
-    };
     let zero = _mm512_setzero_ps();
     let (one, wv) = (_mm512_set1_epi32(1), _mm512_set1_epi32(w as i32));
     let dx = dx_p.as_mut_ptr();
@@ -368,7 +364,7 @@ unsafe fn gather_2x2_avx512(
         let mut o0 = 0;
         while o0 < ow {
             let n = (ow - o0).min(16);
-            let m = mask_of(n);
+            let m = first_lanes(n);
             let at = r * ow + o0;
             // SAFETY: outputs `at..at + n` are inside the plane's `oh * ow` (asserted);
             // masked lanes are not read.
@@ -381,7 +377,7 @@ unsafe fn gather_2x2_avx512(
             }
             let v = _mm512_maskz_add_ps(valid, zero, d);
             let c = _mm512_add_epi32(_mm512_set1_epi32((row0 + 2 * o0) as i32), lane);
-            let (m_lo, m_hi) = (mask_of(2 * n), mask_of((2 * n).saturating_sub(16)));
+            let (m_lo, m_hi) = (first_lanes(2 * n), first_lanes((2 * n).saturating_sub(16)));
             for (row, c) in [(row0, c), (row0 + w, _mm512_add_epi32(c, wv))] {
                 let even = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(a, c), v);
                 let odd =
