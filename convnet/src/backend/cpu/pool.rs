@@ -189,14 +189,22 @@ fn max_pool_planes(x: &[f32], g: &PoolGeom, y: &mut [f32], argmax: &mut [u32], r
         .for_each(|((y_p, a_p), x_p)| pool_plane(x_p, g, y_p, a_p, relu));
 }
 
-/// One plane of both forwards.
+/// One plane of both forwards. The AVX-512 2x2 kernel applies `relu` in its vector loop;
+/// the scalar loops pool first and apply it after, to the windows that hold a tap.
 fn pool_plane(x_p: &[f32], g: &PoolGeom, y_p: &mut [f32], a_p: &mut [u32], relu: bool) {
-    if max_pool_plane(x_p, g, y_p, a_p, relu) || !relu {
+    #[cfg(target_arch = "x86_64")]
+    if two_by_two(g) && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was just detected; the window checks of `two_by_two` bound every
+        // access (see the function).
+        unsafe { max_pool_2x2_avx512(x_p, g, y_p, a_p, relu) };
         return;
     }
-    for (v, &a) in y_p.iter_mut().zip(a_p.iter()) {
-        if a != NO_TAP {
-            *v = super::activation::Activation::Relu.apply(*v);
+    max_pool_plane(x_p, g, y_p, a_p);
+    if relu {
+        for (v, &a) in y_p.iter_mut().zip(a_p.iter()) {
+            if a != NO_TAP {
+                *v = super::activation::Activation::Relu.apply(*v);
+            }
         }
     }
 }
@@ -212,20 +220,11 @@ fn two_by_two(g: &PoolGeom) -> bool {
         && g.w >= 2 * g.ow
 }
 
-/// One plane of [`max_pool2d_forward`]; returns true when it applied `relu` to the pooled
-/// values too (the AVX-512 path does), false when the caller still has to.
-fn max_pool_plane(x_p: &[f32], g: &PoolGeom, y_p: &mut [f32], a_p: &mut [u32], relu: bool) -> bool {
+/// One plane of [`max_pool2d_forward`] with the scalar loops.
+fn max_pool_plane(x_p: &[f32], g: &PoolGeom, y_p: &mut [f32], a_p: &mut [u32]) {
     let (kh, kw) = g.kernel;
     // Branch-free selects over the four taps (NaN wins, as in PyTorch), vectorisable.
     if two_by_two(g) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: AVX-512F was just detected; the window checks of `two_by_two`
-            // bound every access (see the function).
-            unsafe { max_pool_2x2_avx512(x_p, g, y_p, a_p, relu) };
-            return true;
-        }
-        let _ = relu;
         for oh in 0..g.oh {
             let r0 = &x_p[2 * oh * g.w..2 * oh * g.w + 2 * g.ow];
             let r1 = &x_p[(2 * oh + 1) * g.w..(2 * oh + 1) * g.w + 2 * g.ow];
@@ -252,7 +251,7 @@ fn max_pool_plane(x_p: &[f32], g: &PoolGeom, y_p: &mut [f32], a_p: &mut [u32], r
                 *a = i;
             }
         }
-        return false;
+        return;
     }
     for oh in 0..g.oh {
         let (h0, h1, hs) = max_window(oh, g.stride.0, g.padding.0, kh, g.dilation.0, g.h);
@@ -282,7 +281,6 @@ fn max_pool_plane(x_p: &[f32], g: &PoolGeom, y_p: &mut [f32], a_p: &mut [u32], r
             a_p[oh * g.ow + ow] = best_i as u32;
         }
     }
-    false
 }
 
 /// Max pooling backward: `dx[argmax] += dy` per plane (argmax [`NO_TAP`] adds nothing).
