@@ -5,8 +5,8 @@
 //! Run: `cargo bench -p convnet --bench conv` (never part of the test run).
 
 use convnet::backend::cpu::conv::{
-    conv2d_backward_input, conv2d_backward_weight, conv2d_backward_weight_gemm, conv2d_forward,
-    conv2d_forward_im2col, conv2d_naive, ConvGeom,
+    conv2d_backward_input, conv2d_backward_input_col2im, conv2d_backward_weight,
+    conv2d_backward_weight_gemm, conv2d_forward, conv2d_forward_im2col, conv2d_naive, ConvGeom,
 };
 use convnet::shape::conv_out_size;
 use convnet::Rng;
@@ -70,6 +70,9 @@ fn bench(c: &mut Criterion) {
         let mut dx = vec![0f32; x.len()];
         group.bench_function(BenchmarkId::new("input_grad", "dispatched"), |b| {
             b.iter(|| conv2d_backward_input(&dy, &w, &g, &mut dx))
+        });
+        group.bench_function(BenchmarkId::new("input_grad", "im2col+gemm"), |b| {
+            b.iter(|| conv2d_backward_input_col2im(&dy, &w, &g, &mut dx))
         });
         let mut dw = vec![0f32; w.len()];
         group.bench_function(BenchmarkId::new("weight_grad", "dispatched"), |b| {

@@ -316,11 +316,17 @@ pub(super) fn fill_bias(y: &mut [f32], bias: Option<&[f32]>, ohw: usize) {
 /// space and transposed in channels, padded by `dilation*(KH-1) - padding`. That form runs
 /// through the forward kernel, whose products are as large as the forward pass's, instead of
 /// `W^T @ dY` products with an inner dimension of only KG (16 in a ResNet's first stage).
+/// A ResNet's 3x3 stride-2 downsampling convolutions take the direct polyphase kernel
+/// ([`super::conv_direct::backward_input_s2`]); everything else takes im2col's adjoint.
 pub fn conv2d_backward_input(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32]) {
     if let Some(tg) = g.flipped_input_grad() {
         let flipped = flip_transpose(w, g);
         conv2d_forward(dy, &flipped, None, &tg, dx);
         return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::conv_direct::input_grad_s2_applies(g) {
+        return super::conv_direct::backward_input_s2(dy, w, g, dx);
     }
     conv2d_backward_input_col2im(dy, w, g, dx);
 }
@@ -684,6 +690,8 @@ mod direct_tests {
             (1, 4, 20, 32, 8, true, 2),
             (3, 5, 8, 16, 4, false, 2),
             (9, 16, 32, 32, 16, false, 2),
+            // Stride 2 with two 16-wide tiles per output row and an odd number of rows.
+            (2, 6, 6, 64, 4, true, 2),
         ] {
             let (oh, ow) = ((h - 1) / s + 1, (w - 1) / s + 1);
             let g = ConvGeom {
@@ -734,6 +742,15 @@ mod direct_tests {
                 let mut dw = vec![7.0; wt.len()];
                 super::super::conv_direct::backward_weight(&x, &dy, &g, &mut dw);
                 check(&dw, &dw_ref, "dw (direct)");
+            }
+            if s == 2 && c % 2 == 0 {
+                assert!(
+                    super::super::conv_direct::input_grad_s2_applies(&g),
+                    "{g:?}"
+                );
+                let mut dx = vec![7.0; x.len()];
+                super::super::conv_direct::backward_input_s2(&dy, &wt, &g, &mut dx);
+                check(&dx, &dx_ref, "dx (direct stride 2)");
             }
         }
     }

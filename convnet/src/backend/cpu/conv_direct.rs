@@ -504,6 +504,176 @@ fn prepare_image(x_img: &[f32], g: &ConvGeom, xp: &mut [f32]) {
     }
 }
 
+/// Input channels (planes of `dx`) per block of the stride-2 input gradient.
+const ICB: usize = 2;
+/// Tiles of 16 `dy` values per block of the stride-2 input gradient.
+const S2_TILES: usize = 2;
+
+/// True when [`backward_input_s2`] computes `conv2d_backward_input` for `g`: the stride-2
+/// geometries of [`applies`] with a multiple of 2 input channels.
+pub fn input_grad_s2_applies(g: &ConvGeom) -> bool {
+    applies(g) && g.stride == (2, 2) && g.c.is_multiple_of(ICB)
+}
+
+/// `dx = conv2d_input_grad(dy, w)` for a 3x3, padding-1, stride-2 convolution where
+/// [`input_grad_s2_applies`] holds, without im2col's `[C*9, OH*OW]` matrix and its col2im.
+///
+/// Input pixel `(2m + p, 2n + q)` only receives from the taps whose parity fits: row tap 1
+/// (from `dy` row `m`) when `p = 0`, row taps 0 (row `m + 1`) and 2 (row `m`) when `p = 1`,
+/// and the same for columns. So the four parity phases of `dx` are four small stride-1
+/// convolutions of `dy` (1x1, 1x2, 2x1 and 2x2 taps, 9 in all: the forward pass's
+/// arithmetic), which share every `dy` vector they load: `dy[m, n]`, `dy[m, n+1]`,
+/// `dy[m+1, n]` and `dy[m+1, n+1]` for 16 positions `n` (or two 8-wide rows), with the
+/// column right of the image and the row below it masked to zero. The even and odd columns
+/// of a phase are interleaved on the way out, and every `dx` value is written once.
+pub fn backward_input_s2(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32]) {
+    assert!(
+        input_grad_s2_applies(g),
+        "conv_direct::backward_input_s2 called for {g:?}"
+    );
+    let (in_image, out_image) = (g.c * g.h * g.w, g.k * g.oh * g.ow);
+    assert!(dy.len() == g.n * out_image && w.len() == g.k * g.c * 9 && dx.len() == g.n * in_image);
+    // `w [K, C, 3, 3]` -> `[C/ICB, K, 9, ICB]`: a block's input channels side by side.
+    let mut packed = vec![0f32; w.len()];
+    for cb in 0..g.c / ICB {
+        for k in 0..g.k {
+            for tap in 0..9 {
+                for o in 0..ICB {
+                    packed[((cb * g.k + k) * 9 + tap) * ICB + o] =
+                        w[(k * g.c + cb * ICB + o) * 9 + tap];
+                }
+            }
+        }
+    }
+    dx.par_chunks_mut(in_image)
+        .zip(dy.par_chunks(out_image))
+        .for_each(|(dx_img, dy_img)| {
+            // SAFETY: `applies` checked that the CPU has AVX-512F; the sizes were asserted
+            // above.
+            unsafe { input_grad_image_s2(dy_img, &packed, g, dx_img) };
+        });
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn input_grad_image_s2(dy: &[f32], wp: &[f32], g: &ConvGeom, dx: &mut [f32]) {
+    let map = Tiles::new(g);
+    let tiles = map.count(g.oh);
+    for cb in 0..g.c / ICB {
+        let w_block = wp.as_ptr().add(cb * g.k * 9 * ICB);
+        let mut t0 = 0;
+        while t0 + S2_TILES <= tiles {
+            phase_block::<S2_TILES>(dy, w_block, g, map, t0, cb, dx);
+            t0 += S2_TILES;
+        }
+        while t0 < tiles {
+            phase_block::<1>(dy, w_block, g, map, t0, cb, dx);
+            t0 += 1;
+        }
+    }
+}
+
+/// The four parity phases of `dx` for `T` tiles of `dy` from tile `t0`, input channels
+/// `cb*ICB .. cb*ICB+ICB` (see [`backward_input_s2`]). Phases are indexed `2p + q`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // indices keep the loops simple enough to unroll
+unsafe fn phase_block<const T: usize>(
+    dy: &[f32],
+    w_block: *const f32,
+    g: &ConvGeom,
+    map: Tiles,
+    t0: usize,
+    cb: usize,
+    dx: &mut [f32],
+) {
+    let ohw = g.oh * g.ow;
+    // Each tile's first `dy` offset, and the lanes of its right (`n + 1`) and lower
+    // (`m + 1`) neighbours that lie inside the image.
+    let mut offs = [0usize; T];
+    let mut right = [0xffff as __mmask16; T];
+    let mut below = [0xffff as __mmask16; T];
+    for t in 0..T {
+        let off = map.offsets(t0 + t).1;
+        offs[t] = off;
+        let (row, col) = (off / g.ow, off % g.ow);
+        if map.paired {
+            // Lanes 7 and 15 end their rows; the second row of the last pair is the last.
+            right[t] = 0x7f7f;
+            if row + 2 == g.oh {
+                below[t] = 0x00ff;
+            }
+        } else {
+            if col + LANES == g.ow {
+                right[t] = 0x7fff;
+            }
+            if row + 1 == g.oh {
+                below[t] = 0;
+            }
+        }
+    }
+    let mut acc = [[[_mm512_setzero_ps(); 4]; ICB]; T];
+    let dyb = dy.as_ptr();
+    for k in 0..g.k {
+        let mut v = [[_mm512_setzero_ps(); 4]; T];
+        for t in 0..T {
+            // Pointers are formed with wrapping arithmetic: the neighbours of the last row
+            // and column may lie past the slice; only unmasked lanes, inside it, are read.
+            let p = dyb.wrapping_add(k * ohw + offs[t]);
+            v[t] = [
+                _mm512_loadu_ps(p),
+                _mm512_maskz_loadu_ps(right[t], p.wrapping_add(1)),
+                _mm512_maskz_loadu_ps(below[t], p.wrapping_add(g.ow)),
+                _mm512_maskz_loadu_ps(right[t] & below[t], p.wrapping_add(g.ow + 1)),
+            ];
+        }
+        let wk = w_block.add(k * 9 * ICB);
+        for o in 0..ICB {
+            let wt = |tap: usize| _mm512_set1_ps(*wk.add(tap * ICB + o));
+            let (w0, w1, w2, w3, w4) = (wt(0), wt(1), wt(2), wt(3), wt(4));
+            let (w5, w6, w7, w8) = (wt(5), wt(6), wt(7), wt(8));
+            for t in 0..T {
+                let [here, next_col, next_row, diag] = v[t];
+                let a = &mut acc[t][o];
+                a[0] = _mm512_fmadd_ps(w4, here, a[0]);
+                a[1] = _mm512_fmadd_ps(w3, next_col, _mm512_fmadd_ps(w5, here, a[1]));
+                a[2] = _mm512_fmadd_ps(w1, next_row, _mm512_fmadd_ps(w7, here, a[2]));
+                a[3] = _mm512_fmadd_ps(
+                    w0,
+                    diag,
+                    _mm512_fmadd_ps(
+                        w2,
+                        next_row,
+                        _mm512_fmadd_ps(w6, next_col, _mm512_fmadd_ps(w8, here, a[3])),
+                    ),
+                );
+            }
+        }
+    }
+    // Interleaving the even-column (q = 0) and odd-column phases: lanes 0-7 of each give 16
+    // consecutive columns, lanes 8-15 the next 16 (16-wide tiles) or the next row's (pairs).
+    let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let hi_step = if map.paired { 2 * g.w } else { LANES };
+    let dxp = dx.as_mut_ptr();
+    for t in 0..T {
+        let (row, col) = (offs[t] / g.ow, offs[t] % g.ow);
+        for o in 0..ICB {
+            let plane = dxp.add((cb * ICB + o) * g.h * g.w);
+            for p in 0..2 {
+                let (even, odd) = (acc[t][o][2 * p], acc[t][o][2 * p + 1]);
+                let at = (2 * row + p) * g.w + 2 * col;
+                // SAFETY: input rows 2*row + p (and, paired, 2*row + 2 + p) < H, 16 columns
+                // from 2*col (and 2*col + 16 < W for 16-wide tiles) of channel cb*ICB + o.
+                _mm512_storeu_ps(plane.add(at), _mm512_permutex2var_ps(even, lo, odd));
+                _mm512_storeu_ps(
+                    plane.add(at + hi_step),
+                    _mm512_permutex2var_ps(even, hi, odd),
+                );
+            }
+        }
+    }
+}
+
 /// `dw = conv2d_weight_grad(x, dy)` summed over the batch, for geometries where [`applies`]
 /// holds. For each pair of output channels and each input channel, 18 vector accumulators (2
 /// channels x 9 taps) run over every output vector of a thread's images (`weight_rows`,
