@@ -35,6 +35,7 @@ use crate::backend::cpu::int8::{
 use crate::backend::cpu::nhwc::{
     self, DirectConv, Epilogue, OutRows, PackedConv, PackedDepthwise, PackedLinear, Plane,
 };
+use crate::backend::cpu::winograd::PackedWinograd;
 use crate::device::Device;
 use crate::error::{invalid, Error, Result};
 use crate::graph::{fold, Graph, Op, ValueId};
@@ -492,7 +493,7 @@ impl Plan {
 
     /// Compiles a fused graph for float32.
     pub fn from_graph(graph: &Graph) -> Result<Plan> {
-        Plan::compile(graph, None, true)
+        Plan::compile(graph, None, true, true)
     }
 
     /// Compiles a fused graph with per-node quantization (one entry per node).
@@ -500,17 +501,27 @@ impl Plan {
         if quant.len() != graph.nodes().len() {
             return Err(invalid("plan", "one quantization entry per graph node"));
         }
-        Plan::compile(graph, Some(quant), true)
+        Plan::compile(graph, Some(quant), true, true)
     }
 
     /// Compiles a fused graph for float32 with every per-image value in a buffer of its own,
-    /// so that all of them are there after a run (what a backward pass reads).
+    /// so that all of them are there after a run (what a backward pass reads). Its
+    /// convolutions are all direct, so that the forward pass the gradients go back through
+    /// has the direct kernel's rounding (attributions are held to 1e-4 of float64
+    /// references, and a ReLU's mask flips with the smallest change of its input).
     fn keeping_values(graph: &Graph) -> Result<Plan> {
-        Plan::compile(graph, None, false)
+        Plan::compile(graph, None, false, false)
     }
 
     /// `share_buffers`: values whose lifetimes do not overlap may share a buffer.
-    fn compile(graph: &Graph, quant: Option<&[NodeQuant]>, share_buffers: bool) -> Result<Plan> {
+    /// `winograd`: 3x3 stride-1 convolutions may take Winograd's F(2x2, 3x3) (see
+    /// [`PackedWinograd::applies`]).
+    fn compile(
+        graph: &Graph,
+        quant: Option<&[NodeQuant]>,
+        share_buffers: bool,
+        winograd: bool,
+    ) -> Result<Plan> {
         let nodes = graph.nodes();
         let nq = |i: usize| quant.map(|q| &q[i]);
         let declared = |i: usize| nq(i).and_then(|q| q.output);
@@ -684,7 +695,24 @@ impl Plan {
                                 round_up(k, nhwc::LANES),
                             ))
                         } else {
-                            FloatKernel::Direct(PackedConv::new(&w, b.as_deref(), k, cg, (kh, kw)))
+                            let packed = PackedConv::new(&w, b.as_deref(), k, cg, (kh, kw));
+                            // shape = (C, H, W) of the output.
+                            FloatKernel::Direct(
+                                if winograd
+                                    && PackedWinograd::applies(
+                                        cg,
+                                        (kh, kw),
+                                        params.stride,
+                                        params.padding,
+                                        params.dilation,
+                                        (shape.1, shape.2),
+                                    )
+                                {
+                                    packed.with_winograd(&w)
+                                } else {
+                                    packed
+                                },
+                            )
                         };
                         let out = draft.value(shape, Elem::F32);
                         draft.halos[input] =

@@ -91,6 +91,9 @@ pub struct PackedConv {
     pub c: usize,
     /// Kernel (height, width).
     pub kernel: (usize, usize),
+    /// The same kernel transformed for Winograd's F(2x2, 3x3), where the plan chose it
+    /// ([`PackedConv::with_winograd`]).
+    pub winograd: Option<super::winograd::PackedWinograd>,
 }
 
 impl PackedConv {
@@ -127,7 +130,15 @@ impl PackedConv {
             k,
             c,
             kernel,
+            winograd: None,
         }
+    }
+
+    /// Adds the Winograd form of the kernel (PyTorch-layout `weight`), which [`conv_rows`]
+    /// then runs on whole tiles of two output rows.
+    pub fn with_winograd(mut self, weight: &[f32]) -> PackedConv {
+        self.winograd = Some(super::winograd::PackedWinograd::new(weight, self.k, self.c));
+        self
     }
 
     fn block_len(&self) -> usize {
@@ -251,6 +262,19 @@ pub fn conv_rows(
     out: OutRows,
     rows: Range<usize>,
 ) {
+    if let Some(wino) = &packed.winograd {
+        if rows.start.is_multiple_of(2) && rows.end.is_multiple_of(2) && use_avx512() {
+            return super::winograd::conv_rows(
+                conv,
+                wino,
+                &packed.bias,
+                input,
+                epilogue,
+                out,
+                rows,
+            );
+        }
+    }
     let (ip, op) = (conv.input, conv.output);
     assert!(input.len() >= ip.len(), "plane sizes");
     out.check(op, &rows);
@@ -381,6 +405,86 @@ macro_rules! dispatch_tile {
             (_, 5) => $f::<5, 4>($($args),*), (_, _) => $f::<6, 4>($($args),*),
         }
     };
+}
+
+/// `out [T, kp] = x [T, c] @ w` for `T` rows of `x` (`c` apart) and `w` packed as a 1x1
+/// [`PackedConv`] (`[blocks][c][16]`), `out`'s rows `kp` apart: the convolution's register
+/// tiles with the rows as pixels.
+///
+/// # Safety
+/// The pointers must cover those extents, on a CPU with AVX-512F.
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn matmul_tiles(
+    x: *const f32,
+    rows: usize,
+    c: usize,
+    w: *const f32,
+    blocks: usize,
+    out: *mut f32,
+    kp: usize,
+) {
+    static ZERO_BIAS: [f32; MAX_BLOCKS * LANES] = [0.0; MAX_BLOCKS * LANES];
+    let t = Tile {
+        kh: 1,
+        kw: 1,
+        c,
+        pix: c,
+        tap_h: 0,
+        tap_w: 0,
+        wblock: c * LANES,
+        out_pix: kp,
+        res_pix: 0,
+    };
+    let mut b0 = 0;
+    while b0 < blocks {
+        let nb = (blocks - b0).min(MAX_BLOCKS);
+        let tiles = rows.div_ceil(max_pixels(nb));
+        let r = rows.div_ceil(tiles);
+        let mut row = 0;
+        while row < rows {
+            let n = r.min(rows - row);
+            dispatch_tile!(
+                tile_avx512,
+                n,
+                nb,
+                &t,
+                x.add(row * c),
+                w.add(b0 * t.wblock),
+                ZERO_BIAS.as_ptr(),
+                None,
+                None,
+                out.add(row * kp + b0 * LANES)
+            );
+            row += n;
+        }
+        b0 += nb;
+    }
+}
+
+/// Stores `act(v)` at `out` (16 floats).
+///
+/// # Safety
+/// `out` must hold 16 floats, on a CPU with AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn store_activated(
+    v: std::arch::x86_64::__m512,
+    act: Option<Activation>,
+    out: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let zero = _mm512_setzero_ps();
+    match act {
+        None => _mm512_storeu_ps(out, v),
+        Some(Activation::Relu) => _mm512_storeu_ps(out, relu(v, zero)),
+        Some(Activation::Relu6) => {
+            _mm512_storeu_ps(out, _mm512_min_ps(_mm512_set1_ps(6.0), relu(v, zero)))
+        }
+        Some(other) => {
+            _mm512_storeu_ps(out, v);
+            act_lanes(Some(other), &mut *(out as *mut [f32; LANES]));
+        }
+    }
 }
 
 /// One tile of `n` pixels x `nb` channel blocks.
