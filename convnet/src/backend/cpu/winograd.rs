@@ -21,8 +21,9 @@
 //! `A^T M A` (additions only) adds the bias and the residual and applies the activation.
 //!
 //! The transforms' coefficients are 0, +-1 and +-1/2, so the result differs from the direct
-//! sum only by float32 rounding in a different order: [`tests`] bounds it at 2e-6 of the
-//! outputs' magnitude, against the direct kernel's 1e-6.
+//! sum only by float32 rounding in a different order: the test `winograd_matches_the_reference`
+//! bounds it at 2e-6 of the outputs' scale against a float64 reference. Plans for input
+//! gradients keep the direct kernel (see `Plan::keeping_values`).
 
 #[cfg(test)]
 use super::nhwc::Plane;
@@ -385,6 +386,35 @@ mod tests {
             let (top, bottom) = OutRows::split(&mut got, op, mid);
             conv_rows(&conv, &wino, &direct.bias, &xin, epilogue, top, 0..mid);
             conv_rows(&conv, &wino, &direct.bias, &xin, epilogue, bottom, mid..h);
+            // Through the direct convolution's entry point: whole tiles take this kernel,
+            // row ranges that split a tile take the direct kernel.
+            let with = PackedConv::new(&wt, Some(&b), k, c, (3, 3)).with_winograd(&wt);
+            let mut split = vec![f32::NAN; op.len()];
+            let (top, bottom) = OutRows::split(&mut split, op, 1);
+            nhwc::conv_rows(&conv, &with, &xin, epilogue, top, 0..1);
+            nhwc::conv_rows(&conv, &with, &xin, epilogue, bottom, 1..h);
+            let mut whole = vec![f32::NAN; op.len()];
+            nhwc::conv_rows(
+                &conv,
+                &with,
+                &xin,
+                epilogue,
+                OutRows::whole(&mut whole),
+                0..h,
+            );
+            for ch in 0..k {
+                for y in 0..h {
+                    for xx in 0..w {
+                        let at = op.at(y as isize, xx as isize) + ch;
+                        assert_eq!(
+                            split[at].to_bits(),
+                            want[at].to_bits(),
+                            "split rows: direct"
+                        );
+                        assert_eq!(whole[at].to_bits(), got[at].to_bits(), "whole: Winograd");
+                    }
+                }
+            }
             let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
             for ch in 0..k {
                 for y in 0..h {
