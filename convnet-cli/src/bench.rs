@@ -9,6 +9,7 @@ use crate::dist::{threads_per_rank, DistArgs, Ranks};
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use convnet::autocast::autocast;
+use convnet::backend::cpu::winograd;
 use convnet::dist::DataParallel;
 use convnet::nn::{Mode, Model};
 use convnet::optim::{Optimizer, Sgd, SgdConfig};
@@ -73,6 +74,9 @@ pub struct BenchArgs {
     /// operands, float32 accumulation; CPUs with AVX512-BF16 or AMX-BF16).
     #[arg(long, value_enum, default_value = "f32")]
     precision: crate::train::PrecisionArg,
+    /// In --mode train, sum every convolution's products directly (as `train --no-winograd`).
+    #[arg(long)]
+    no_winograd: bool,
     #[command(flatten)]
     dist: DistArgs,
 }
@@ -316,13 +320,17 @@ pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
         let t0 = Instant::now();
         match (a.mode, &mut dist) {
             (BenchMode::Train, Some(dist)) => {
-                let logits = autocast(precision, || dist.forward(&model, &x, Mode::Train))??;
+                let logits = winograd::allow(!a.no_winograd, || {
+                    autocast(precision, || dist.forward(&model, &x, Mode::Train))
+                })??;
                 let loss = logits.cross_entropy(&y, Reduction::Mean, 0.0)?;
                 let grads = dist.backward(&loss)?;
                 opt.step(&grads)?;
             }
             (BenchMode::Train, None) => {
-                let logits = autocast(precision, || model.forward(&x, Mode::Train))??;
+                let logits = winograd::allow(!a.no_winograd, || {
+                    autocast(precision, || model.forward(&x, Mode::Train))
+                })??;
                 let loss = logits.cross_entropy(&y, Reduction::Mean, 0.0)?;
                 let grads = loss.backward()?;
                 opt.step(&grads)?;

@@ -137,6 +137,12 @@ pub struct TrainArgs {
     /// CPUs with AVX512-BF16 or AMX-BF16). Evaluation runs in float32.
     #[arg(long, value_enum, default_value = "f32")]
     precision: PrecisionArg,
+    /// On the CPU, sum every convolution's products directly instead of letting float32 3x3
+    /// stride-1 convolutions (32 or more input channels, 16 a multiple) take Winograd's
+    /// F(2x2, 3x3), which is faster and rounds differently (within a few 1e-6 of the
+    /// outputs' scale).
+    #[arg(long)]
+    no_winograd: bool,
     /// Start from these weights instead of a fresh initialisation: a convnet checkpoint or
     /// a plain state_dict (`.safetensors`, `.pt`/`.pth`) of the same architecture. When the
     /// data has another number of classes, the classifier (the last Linear layer) is replaced
@@ -248,6 +254,7 @@ fn config(a: &TrainArgs, device: convnet::Device) -> TrainConfig {
         cuda_graph: a.cuda_graph,
         tf32: a.tf32,
         precision: a.precision.into(),
+        winograd: !a.no_winograd,
     }
 }
 
@@ -1222,6 +1229,7 @@ impl SavedRun {
             cuda_graph: false,
             tf32: false,
             precision: PrecisionArg::F32,
+            no_winograd: false,
             weights: self.weights,
             qat: self.qat,
             qat_freeze_epoch: self.qat_freeze_epoch,

@@ -83,9 +83,14 @@ pub struct TrainConfig {
     /// Arithmetic of convolutions and linear layers: bf16 runs on GPUs and on CPUs with
     /// AVX512-BF16 or AMX-BF16 ([`crate::autocast`]); evaluation stays float32.
     pub precision: Precision,
+    /// On the CPU: let float32 3x3 stride-1 convolutions of the training step take
+    /// Winograd's F(2x2, 3x3) where it applies ([`crate::backend::cpu::winograd::allow`]);
+    /// otherwise every convolution sums its products directly.
+    pub winograd: bool,
 }
 
 pub use crate::autocast::Precision;
+use crate::backend::cpu::winograd;
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -103,6 +108,7 @@ impl Default for TrainConfig {
             cuda_graph: false,
             tf32: false,
             precision: Precision::F32,
+            winograd: true,
         }
     }
 }
@@ -613,9 +619,12 @@ impl Trainer {
                     Device::Cpu => self.cfg.precision,
                     _ => Precision::F32,
                 };
-                let logits = autocast(precision, || match &mut self.dist {
-                    Some(dist) => dist.forward(&self.model, &images, Mode::Train),
-                    None => self.model.forward(&images, Mode::Train),
+                let winograd = self.cfg.winograd && self.cfg.device == Device::Cpu;
+                let logits = winograd::allow(winograd, || {
+                    autocast(precision, || match &mut self.dist {
+                        Some(dist) => dist.forward(&self.model, &images, Mode::Train),
+                        None => self.model.forward(&images, Mode::Train),
+                    })
                 })??;
                 // Each rank's share of the global batch's mean (its own mean for equal slices).
                 let divisor = batch.global_size as f32 / ranks as f32;

@@ -141,7 +141,9 @@ fn sequential_runs_relu_then_max_pool_as_one_op_with_the_same_gradients() {
         "{keys:?}"
     );
     assert!(
-        !keys.iter().any(|k| k.starts_with("relu ")),
+        !keys
+            .iter()
+            .any(|k| k.starts_with("relu ") && k.contains("[2, 4, 6, 6]")),
         "no separate ReLU: {keys:?}"
     );
     let apart = x
@@ -211,7 +213,11 @@ fn conv_relu_max_pool_in_one_op_matches_the_three_ops() {
         assert_eq!(fused, run(apart), "case {i}");
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
-            let one_op = keys.iter().any(|k| k.ends_with("+relu+max_pool"));
+            // Only this case's ops: tests running alongside may record theirs.
+            let weight = format!("w[{k}, {c}, {kernel}, {kernel}]");
+            let one_op = keys
+                .iter()
+                .any(|key| key.contains(&weight) && key.ends_with("+relu+max_pool"));
             assert_eq!(one_op, kernel == 3, "case {i}: {keys:?}");
         }
     }
@@ -236,10 +242,16 @@ fn sequential_runs_conv_relu_max_pool_as_one_op() {
         .collect();
     convnet::profile::enable(false);
     assert_eq!(y.dims(), &[2, 8, 16, 16]);
+    // Only this network's ops (its input and the convolution's output shape): tests running
+    // alongside may record theirs while the profiler is on.
+    let mine: Vec<&String> = keys
+        .iter()
+        .filter(|k| k.contains("[2, 3, 32, 32]") || k.contains("[2, 8, 32, 32]"))
+        .collect();
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         assert!(
-            keys.len() == 1 && keys[0].ends_with("+relu+max_pool"),
+            mine.len() == 1 && mine[0].ends_with("+relu+max_pool"),
             "{keys:?}"
         );
     }

@@ -62,6 +62,9 @@ pub(crate) enum Op {
         geom: ConvGeom,
         /// The products' precision in the forward pass, and so in the backward pass.
         precision: Precision,
+        /// Whether the forward pass could take Winograd's F(2x2, 3x3), and so the input
+        /// gradient may ([`crate::backend::cpu::winograd::allow`]).
+        winograd: bool,
     },
     /// `max_pool2d(relu(conv2d(input)))` in one pass (float32): `argmax` indexes the
     /// convolution's output planes (`pool` is the pooling over them); the convolution's
@@ -73,6 +76,8 @@ pub(crate) enum Op {
         geom: ConvGeom,
         argmax: Vec<u32>,
         pool: PoolGeom,
+        /// Whether the input gradient may take Winograd's F(2x2, 3x3) (as in `Conv2d`).
+        winograd: bool,
     },
     /// `y [N, K] = max_t relu(conv1d(x, w, b))`, with the position of each maximum.
     ConvMaxOverTime {
@@ -345,12 +350,13 @@ impl Op {
                 bias,
                 geom,
                 precision,
+                winograd,
             } => conv2d_grads(
                 input,
                 weight,
                 bias.as_ref(),
                 geom,
-                *precision,
+                (*precision, *winograd),
                 g,
                 &mut grads,
             ),
@@ -361,6 +367,7 @@ impl Op {
                 geom,
                 argmax,
                 pool,
+                winograd,
             } => {
                 // The gradient reaching the convolution's output, then its backward.
                 // max_pool2d_relu_backward writes every element.
@@ -371,7 +378,7 @@ impl Op {
                     weight,
                     bias.as_ref(),
                     geom,
-                    Precision::F32,
+                    (Precision::F32, *winograd),
                     &dz,
                     &mut grads,
                 );
@@ -774,7 +781,7 @@ fn conv2d_grads(
     weight: &Tensor,
     bias: Option<&Tensor>,
     geom: &ConvGeom,
-    precision: Precision,
+    (precision, winograd): (Precision, bool),
     g: &[f32],
     grads: &mut Vec<(Tensor, Vec<f32>)>,
 ) {
@@ -782,7 +789,7 @@ fn conv2d_grads(
         // conv2d_backward_input writes every element.
         let mut dx = recycle::take_overwritten(input.numel());
         weight.with_data(|w| match precision {
-            Precision::F32 => conv::conv2d_backward_input(g, w, geom, &mut dx),
+            Precision::F32 => conv::conv2d_backward_input_with(g, w, geom, &mut dx, winograd),
             Precision::Bf16 => bf16::conv2d_backward_input(g, w, geom, &mut dx),
         });
         grads.push((input.clone(), dx));

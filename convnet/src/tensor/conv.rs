@@ -184,9 +184,12 @@ impl Tensor {
         // conv2d_forward writes every output.
         let mut y = recycle::take_overwritten(geom.n * geom.k * geom.oh * geom.ow);
         let precision = crate::autocast::precision();
-        let forward = match precision {
-            Precision::F32 => conv::conv2d_forward,
-            Precision::Bf16 => bf16::conv2d_forward,
+        let winograd = precision == Precision::F32 && crate::backend::cpu::winograd::allowed();
+        let forward = |x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGeom, y: &mut [f32]| {
+            match precision {
+                Precision::F32 => conv::conv2d_forward_with(x, w, b, g, y, winograd),
+                Precision::Bf16 => bf16::conv2d_forward(x, w, b, g, y),
+            }
         };
         crate::profile::timed(
             false,
@@ -207,6 +210,7 @@ impl Tensor {
             bias: bias.cloned(),
             geom,
             precision,
+            winograd,
         });
         Ok(Tensor::from_parts(y, Shape::new(geom.out_dims()), op))
     }
@@ -293,6 +297,7 @@ impl Tensor {
             geom,
             argmax,
             pool: pg,
+            winograd: crate::backend::cpu::winograd::allowed(),
         });
         Ok(Tensor::from_parts(
             y,

@@ -213,13 +213,30 @@ fn inner_par(g: &ConvGeom) -> Par {
     }
 }
 
-/// `y = conv2d(x, w) + bias`. `y` must have `N*K*OH*OW` elements.
+/// `y = conv2d(x, w) + bias`. `y` must have `N*K*OH*OW` elements. 3x3 convolutions take the
+/// direct kernel where it applies, the rest im2col + GEMM.
 pub fn conv2d_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::conv_direct::applies(g) {
         return super::conv_direct::forward(x, w, bias, g, y);
     }
     conv2d_forward_im2col(x, w, bias, g, y)
+}
+
+/// [`conv2d_forward`], or Winograd's F(2x2, 3x3) ([`super::winograd::forward_nchw`]) where
+/// `winograd` and it applies (see [`super::winograd::allow`]).
+pub fn conv2d_forward_with(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    y: &mut [f32],
+    winograd: bool,
+) {
+    if winograd && super::winograd::nchw_applies(g) {
+        return super::winograd::forward_nchw(x, w, bias, g, y);
+    }
+    conv2d_forward(x, w, bias, g, y)
 }
 
 /// True when [`conv2d_relu_max_pool_forward`] runs for `g` on this CPU (otherwise the
@@ -238,8 +255,10 @@ pub fn relu_max_pool_fusable(g: &ConvGeom) -> bool {
 }
 
 /// `y = max_pool2d(relu(conv2d(x, w) + bias))` and the pooling's argmax in one pass, where
-/// [`relu_max_pool_fusable`] holds: the same values as [`conv2d_forward`] followed by
-/// [`super::pool::max_pool2d_relu_forward`], without the convolution's full-size output.
+/// [`relu_max_pool_fusable`] holds: the same values as the direct kernel's convolution
+/// followed by [`super::pool::max_pool2d_relu_forward`], without the convolution's
+/// full-size output (bit for bit those of [`conv2d_forward`] where it takes the direct
+/// kernel, within Winograd's rounding where it does not).
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_relu_max_pool_forward(
     x: &[f32],
@@ -319,9 +338,21 @@ pub(super) fn fill_bias(y: &mut [f32], bias: Option<&[f32]>, ohw: usize) {
 /// A ResNet's 3x3 stride-2 downsampling convolutions take the direct polyphase kernel
 /// ([`super::conv_direct::backward_input_s2`]); everything else takes im2col's adjoint.
 pub fn conv2d_backward_input(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32]) {
+    conv2d_backward_input_with(dy, w, g, dx, false)
+}
+
+/// [`conv2d_backward_input`], its flipped-kernel form through [`conv2d_forward_with`]
+/// (Winograd's F(2x2, 3x3) where `winograd` and it applies).
+pub fn conv2d_backward_input_with(
+    dy: &[f32],
+    w: &[f32],
+    g: &ConvGeom,
+    dx: &mut [f32],
+    winograd: bool,
+) {
     if let Some(tg) = g.flipped_input_grad() {
         let flipped = flip_transpose(w, g);
-        conv2d_forward(dy, &flipped, None, &tg, dx);
+        conv2d_forward_with(dy, &flipped, None, &tg, dx, winograd);
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -732,6 +763,10 @@ mod direct_tests {
             let mut y = vec![7.0; y_ref.len()];
             conv2d_forward(&x, &wt, b.as_deref(), &g, &mut y);
             check(&y, &y_ref, "y");
+            // The dispatch takes Winograd for some of these; the direct kernel on all.
+            let mut y = vec![7.0; y_ref.len()];
+            super::super::conv_direct::forward(&x, &wt, b.as_deref(), &g, &mut y);
+            check(&y, &y_ref, "y (direct)");
             let mut dx = vec![7.0; x.len()];
             conv2d_backward_input(&dy, &wt, &g, &mut dx);
             check(&dx, &dx_ref, "dx");

@@ -185,7 +185,8 @@ pub fn relu_max_pool_applies(g: &ConvGeom) -> bool {
 /// geometries where [`relu_max_pool_applies`] holds. Image by image: the convolution's
 /// output of one image goes to a per-thread buffer that stays in cache and is pooled from
 /// there, so the full-size output is never written to memory and read back. The same
-/// values, bit for bit, as the convolution followed by the fused ReLU and pooling.
+/// values, bit for bit, as this kernel's convolution followed by the fused ReLU and pooling
+/// (where [`super::winograd::nchw_applies`], the unfused convolution rounds differently).
 pub fn forward_relu_max_pool(
     x: &[f32],
     w: &[f32],

@@ -243,7 +243,13 @@ pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
 }
 
 /// [`transpose`] of a source whose rows are `src_stride` apart (`src_stride >= cols`).
-fn transpose_strided(src: &[f32], rows: usize, cols: usize, src_stride: usize, dst: &mut [f32]) {
+pub(crate) fn transpose_strided(
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    src_stride: usize,
+    dst: &mut [f32],
+) {
     assert!(src_stride >= cols && dst.len() >= rows * cols);
     if rows == 0 || cols == 0 {
         return;

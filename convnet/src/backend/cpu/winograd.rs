@@ -1,7 +1,8 @@
-//! Winograd's minimal filtering F(2x2, 3x3) for 3x3, stride-1, padding-1 convolutions of
-//! the inference plan (channels-last images, see [`super::nhwc`]). Mirrors
-//! `torch.nn.functional.conv2d(x, w, b, padding=1)` (+ residual + activation) in eval mode,
-//! with 16 multiplications per 2x2 outputs and input-output channel pair instead of 36.
+//! Winograd's minimal filtering F(2x2, 3x3) for 3x3, stride-1, padding-1 convolutions: the
+//! inference plan's (channels-last images, see [`super::nhwc`]) and the training step's
+//! (NCHW batches, [`forward_nchw`], which also serves their input gradients). Mirrors
+//! `torch.nn.functional.conv2d(x, w, b, padding=1)` (+ residual + activation), with 16
+//! multiplications per 2x2 outputs and input-output channel pair instead of 36.
 //!
 //! Each 2x2 output tile reads a 4x4 input tile `d`. With the standard matrices (Lavin and
 //! Gray, "Fast Algorithms for Convolutional Neural Networks", 2016)
@@ -48,31 +49,44 @@ pub struct PackedWinograd {
 }
 
 impl PackedWinograd {
-    /// Transforms PyTorch-layout weights `[K, C, 3, 3]`.
+    /// Transforms PyTorch-layout weights `[K, C, 3, 3]` (`G g G^T` in float64, as `G g`
+    /// then `(G g) G^T`; output channels in parallel).
     pub fn new(weight: &[f32], k: usize, c: usize) -> PackedWinograd {
+        use rayon::prelude::*;
         assert_eq!(weight.len(), k * c * 9, "weight size");
+        // `G` applied to the three values `v`: [v0, (v0+v1+v2)/2, (v0-v1+v2)/2, v2].
+        let g_times = |v: [f64; 3]| {
+            [
+                v[0],
+                0.5 * (v[0] + v[1] + v[2]),
+                0.5 * (v[0] - v[1] + v[2]),
+                v[2],
+            ]
+        };
+        let mut by_pair = vec![[0f32; XI]; k * c];
+        by_pair
+            .par_chunks_mut(c)
+            .zip(weight.par_chunks(c * 9))
+            .for_each(|(out, wk)| {
+                for (u, g) in out.iter_mut().zip(wk.chunks_exact(9)) {
+                    let g = |a: usize, b: usize| g[a * 3 + b] as f64;
+                    // Columns of `G g`, then `G` applied to each of its rows.
+                    let cols: [[f64; 4]; 3] =
+                        std::array::from_fn(|b| g_times([g(0, b), g(1, b), g(2, b)]));
+                    for i in 0..4 {
+                        let row = g_times([cols[0][i], cols[1][i], cols[2][i]]);
+                        for (j, v) in row.iter().enumerate() {
+                            u[i * 4 + j] = *v as f32;
+                        }
+                    }
+                }
+            });
         let blocks = k.div_ceil(LANES);
-        let g_mat: [[f64; 3]; 4] = [
-            [1.0, 0.0, 0.0],
-            [0.5, 0.5, 0.5],
-            [0.5, -0.5, 0.5],
-            [0.0, 0.0, 1.0],
-        ];
         let mut u = vec![0f32; XI * blocks * c * LANES];
         for o in 0..k {
             for ci in 0..c {
-                let g = &weight[(o * c + ci) * 9..(o * c + ci + 1) * 9];
-                for i in 0..4 {
-                    for j in 0..4 {
-                        let mut s = 0f64;
-                        for a in 0..3 {
-                            for b in 0..3 {
-                                s += g_mat[i][a] * g[a * 3 + b] as f64 * g_mat[j][b];
-                            }
-                        }
-                        let xi = i * 4 + j;
-                        u[((xi * blocks + o / LANES) * c + ci) * LANES + o % LANES] = s as f32;
-                    }
+                for (xi, v) in by_pair[o * c + ci].iter().enumerate() {
+                    u[((xi * blocks + o / LANES) * c + ci) * LANES + o % LANES] = *v;
                 }
             }
         }
@@ -166,6 +180,145 @@ pub fn conv_rows(
             ty += count;
         }
     });
+}
+
+thread_local! {
+    /// Whether convolutions started on this thread may take [`forward_nchw`] ([`allow`]).
+    static ALLOWED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the float32 convolutions started on this thread now may take Winograd's
+/// F(2x2, 3x3) (inside [`allow`]; outside, they never do).
+pub fn allowed() -> bool {
+    ALLOWED.with(std::cell::Cell::get)
+}
+
+/// Runs `f` with the float32 convolutions it starts on this thread allowed (`on`) to take
+/// Winograd's F(2x2, 3x3) where it applies, in the forward pass and in the input gradient
+/// of the backward pass (each op keeps the choice), then restores the previous setting.
+/// The training loop and `convnet bench` run their forward passes inside it; everything
+/// else (a tensor's `conv2d`, evaluation, captures and explanations) keeps the direct
+/// kernel, whose sums are PyTorch's up to the order of the additions.
+///
+/// ```
+/// use convnet::backend::cpu::winograd;
+/// assert!(!winograd::allowed());
+/// assert!(winograd::allow(true, winograd::allowed));
+/// assert!(!winograd::allowed());
+/// ```
+pub fn allow<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ALLOWED.with(|a| a.set(self.0));
+        }
+    }
+    let _restore = Restore(ALLOWED.with(|a| a.replace(on)));
+    f()
+}
+
+/// Input channels from which convolutions in [`allow`] take [`forward_nchw`]: with 16, the
+/// copies to and from channels-last cost more than Winograd saves. Measured with `convnet
+/// bench --model resnet20 --batch-size 128 --threads 2 --profile` on AMD Zen 5, forward +
+/// backward ms, direct -> Winograd: 16->16 at 32x32 8.4 + 17.9 -> 9.9 + 20.0, 32->32 at
+/// 16x16 7.5 + 15.3 -> 5.8 + 13.6, 64->64 at 8x8 6.4 + 15.5 -> 5.7 + 14.6.
+const TRAINING_MIN_CHANNELS: usize = 32;
+
+/// True when [`forward_nchw`] computes `conv2d_forward` for `g`: 3x3, stride 1, padding 1,
+/// one group, a multiple of 16 input channels (at least 32) and an even image size, with
+/// AVX-512F.
+pub fn nchw_applies(g: &super::conv::ConvGeom) -> bool {
+    g.groups == 1
+        && g.c >= TRAINING_MIN_CHANNELS
+        && (g.oh, g.ow) == (g.h, g.w)
+        && PackedWinograd::applies(
+            g.c,
+            (g.kh, g.kw),
+            g.stride,
+            g.padding,
+            g.dilation,
+            (g.oh, g.ow),
+        )
+}
+
+/// `y = conv2d(x, w) + bias` for an NCHW batch where [`nchw_applies`] holds: the training
+/// step's stride-1 3x3 convolutions (and, through the flipped kernel, their input
+/// gradients). Each image is copied into a zero-bordered channels-last plane, convolved by
+/// [`conv_rows`] and copied back; the copies cost a fraction of the multiplications saved.
+pub fn forward_nchw(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &super::conv::ConvGeom,
+    y: &mut [f32],
+) {
+    use super::matmul::{transpose, transpose_strided};
+    use rayon::prelude::*;
+    assert!(nchw_applies(g), "winograd::forward_nchw called for {g:?}");
+    let (hw, kp) = (g.h * g.w, g.k.div_ceil(LANES) * LANES);
+    assert!(x.len() == g.n * g.c * hw && y.len() == g.n * g.k * hw && w.len() == g.k * g.c * 9);
+    let packed = PackedWinograd::new(w, g.k, g.c);
+    let mut padded_bias = vec![0f32; kp];
+    if let Some(b) = bias {
+        padded_bias[..g.k].copy_from_slice(b);
+    }
+    let ip = nhwc::Plane {
+        h: g.h,
+        w: g.w,
+        c: g.c,
+        cs: g.c,
+        halo: 1,
+    };
+    let op = nhwc::Plane {
+        h: g.h,
+        w: g.w,
+        c: g.k,
+        cs: kp,
+        halo: 0,
+    };
+    let conv = DirectConv {
+        input: ip,
+        output: op,
+        kernel: (3, 3),
+        stride: (1, 1),
+        padding: (1, 1),
+        dilation: (1, 1),
+    };
+    let epilogue = Epilogue {
+        residual: None,
+        act: None,
+    };
+    y.par_chunks_mut(g.k * hw)
+        .zip(x.par_chunks(g.c * hw))
+        .for_each_init(
+            // The border of the input plane stays zero; only its interior is written.
+            || {
+                (
+                    vec![0f32; hw * g.c],
+                    vec![0f32; ip.len()],
+                    vec![0f32; op.len()],
+                )
+            },
+            |(pixels, plane, out), (y_img, x_img)| {
+                // [C, H*W] -> [H*W, C], then row by row into the bordered plane.
+                transpose(x_img, g.c, hw, pixels);
+                for (r, row) in pixels.chunks_exact(g.w * g.c).enumerate() {
+                    let at = ip.at(r as isize, 0);
+                    plane[at..at + row.len()].copy_from_slice(row);
+                }
+                conv_rows(
+                    &conv,
+                    &packed,
+                    &padded_bias,
+                    plane,
+                    epilogue,
+                    OutRows::whole(out),
+                    0..g.h,
+                );
+                // [H*W, K] (rows kp apart) -> [K, H*W].
+                transpose_strided(out, hw, g.k, kp, y_img);
+            },
+        );
 }
 
 thread_local! {
@@ -433,6 +586,64 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The training step's NCHW form against the naive reference: forward, and the input
+    /// gradient through the flipped kernel (which takes it as well); geometries it does not
+    /// take (16 input channels, odd sizes) are left to the direct kernel.
+    #[test]
+    fn nchw_forward_and_input_gradient_match_the_naive_reference() {
+        use crate::backend::cpu::conv::{
+            conv2d_backward_input_with, conv2d_forward_with, conv2d_naive, ConvGeom,
+        };
+        if !nhwc::use_avx512() {
+            eprintln!("skipped: no AVX-512F on this CPU");
+            return;
+        }
+        let mut rng = Rng::new(12);
+        for (n, c, h, w, k, takes) in [
+            (2, 32, 16, 16, 32, true),
+            (3, 64, 8, 8, 64, true),
+            (2, 32, 4, 6, 48, true),
+            (1, 48, 2, 2, 32, true),
+            (2, 16, 8, 8, 32, false),
+            (2, 32, 5, 8, 32, false),
+        ] {
+            let g = ConvGeom {
+                n,
+                c,
+                h,
+                w,
+                k,
+                kh: 3,
+                kw: 3,
+                oh: h,
+                ow: w,
+                stride: (1, 1),
+                padding: (1, 1),
+                dilation: (1, 1),
+                groups: 1,
+            };
+            assert_eq!(nchw_applies(&g), takes, "{g:?}");
+            let mut r = |len: usize| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
+            let (x, wt, b, dy) = (r(n * c * h * w), r(k * c * 9), r(k), r(n * k * h * w));
+            let (y_ref, dx_ref, _) = conv2d_naive(&x, &wt, Some(&b), &dy, &g);
+            let check = |got: &[f32], want: &[f32], what: &str| {
+                let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
+                for (i, (a, e)) in got.iter().zip(want).enumerate() {
+                    assert!(
+                        (a - e).abs() <= 5e-6 * (e.abs() + rms),
+                        "{g:?} {what}[{i}]: {a} vs {e}"
+                    );
+                }
+            };
+            let mut y = vec![f32::NAN; y_ref.len()];
+            conv2d_forward_with(&x, &wt, Some(&b), &g, &mut y, true);
+            check(&y, &y_ref, "y");
+            let mut dx = vec![f32::NAN; dx_ref.len()];
+            conv2d_backward_input_with(&dy, &wt, &g, &mut dx, true);
+            check(&dx, &dx_ref, "dx");
         }
     }
 }

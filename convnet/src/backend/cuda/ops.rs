@@ -362,6 +362,8 @@ pub(crate) fn conv2d(
         geom,
         // The GPU runs float32 whatever the autocast precision.
         precision: crate::autocast::Precision::F32,
+        // The GPU's backward has its own kernels.
+        winograd: false,
     });
     Ok(result(
         y,
