@@ -159,7 +159,9 @@ impl Machine {
     /// The float convolution kernels convnet runs here.
     pub fn float_kernels(&self) -> &'static str {
         if super::nhwc::use_avx512() {
-            "AVX-512 register tiles (16 output channels per vector)"
+            "AVX-512: direct 3x3 kernels and register tiles (16 output channels per vector); \
+             Winograd F(2x2, 3x3) for 3x3 stride-1 convolutions with a multiple of 16 input \
+             channels (inference; training from 32 channels, unless --no-winograd)"
         } else {
             "portable register tiles"
         }

@@ -328,32 +328,29 @@ pub fn backward(
         PlaneWriter::new(&mut dres, hw),
         PlaneWriter::new(&mut dx, hw),
     );
-    let planes =
-        |ch: usize| (0..n).map(move |b| (b * c + ch, (b * c + ch) * hw..(b * c + ch + 1) * hw));
-    // Pass 1: sum(dy') and sum(dy' * xhat), dy' being dy through the epilogue.
-    let pass1 = |ch: usize| -> (f64, f64) {
-        let (scale, shift) = affine(ch, mean, invstd, weight, bias);
-        let relu = relu_mask(ch);
-        let (mut sdy, mut sdyx) = (0f64, 0f64);
-        for (plane, r) in planes(ch) {
-            let (a, b) = match epilogue {
-                Epilogue::AddRelu(residual) => {
-                    let (g, xs, res) = (&dy[r.clone()], &x[r.clone()], &residual[r]);
-                    // SAFETY: plane b*c + ch belongs to this channel's task alone.
-                    let out = unsafe { dres_planes.plane(plane) };
-                    mask_add_relu(g, xs, res, scale, shift, out);
-                    lane_sums2(out, xs, mean[ch], None)
-                }
-                _ => lane_sums2(&dy[r.clone()], &x[r], mean[ch], relu),
-            };
-            sdy += a;
-            sdyx += b;
+    let range = |plane: usize| plane * hw..(plane + 1) * hw;
+    // Pass 1, for plane `b*c + ch`: sum(dy') and sum(dy' * (x - mean)), dy' being dy
+    // through the epilogue.
+    let pass1 = |plane: usize| -> (f64, f64) {
+        let ch = plane % c;
+        let r = range(plane);
+        match epilogue {
+            Epilogue::AddRelu(residual) => {
+                let (scale, shift) = affine(ch, mean, invstd, weight, bias);
+                let (g, xs, res) = (&dy[r.clone()], &x[r.clone()], &residual[r]);
+                // SAFETY: plane `plane` belongs to this task alone.
+                let out = unsafe { dres_planes.plane(plane) };
+                mask_add_relu(g, xs, res, scale, shift, out);
+                lane_sums2(out, xs, mean[ch], None)
+            }
+            _ => lane_sums2(&dy[r.clone()], &x[r], mean[ch], relu_mask(ch)),
         }
-        (sdy, sdyx * invstd[ch] as f64)
     };
-    // Pass 2: the input gradient from the sums over `count` values, from the masked
-    // gradient when it was written.
-    let pass2 = |ch: usize, sums: (f64, f64), count: f64| {
+    // Pass 2, for plane `b*c + ch`: the input gradient from the channel's sums over `count`
+    // values, from the masked gradient when it was written.
+    let pass2 = |plane: usize, sums: (f64, f64), count: f64| {
+        let ch = plane % c;
+        let r = range(plane);
         let relu = relu_mask(ch);
         let (m, is) = (mean[ch] as f64, invstd[ch] as f64);
         let w = weight.map_or(1.0, |w| w[ch] as f64);
@@ -362,53 +359,71 @@ pub fn backward(
         let k = w * is / count;
         let (a, b) = ((k * count) as f32, (-k * sums.1 * is) as f32);
         let c0 = (-k * sums.0 + k * sums.1 * is * m) as f32;
-        for (plane, r) in planes(ch) {
-            let (g_in, relu) = match epilogue {
-                // SAFETY: as above; pass 1 finished writing this plane.
-                Epilogue::AddRelu(_) => (unsafe { &*dres_planes.plane(plane) }, None),
-                _ => (&dy[r.clone()], relu),
-            };
-            // SAFETY: plane b*c + ch belongs to this channel's task alone.
-            let out = unsafe { dx_planes.plane(plane) };
-            if training {
-                dx_train_plane(g_in, &x[r], a, b, c0, relu, out);
-            } else {
-                dx_eval_plane(g_in, &x[r], (w * is) as f32, relu, out);
-            }
+        let (g_in, relu) = match epilogue {
+            // SAFETY: as above; pass 1 finished writing this plane.
+            Epilogue::AddRelu(_) => (unsafe { &*dres_planes.plane(plane) }, None),
+            _ => (&dy[r.clone()], relu),
+        };
+        // SAFETY: plane `plane` belongs to this task alone.
+        let out = unsafe { dx_planes.plane(plane) };
+        if training {
+            dx_train_plane(g_in, &x[r], a, b, c0, relu, out);
+        } else {
+            dx_eval_plane(g_in, &x[r], (w * is) as f32, relu, out);
         }
     };
-    let sums: Vec<(f64, f64)> = match synced {
-        // One channel at a time per thread, both passes back to back: the channel's planes
-        // are still in cache for the second pass (a batch's activation can exceed the L3
-        // cache, so two whole-tensor passes would read it from memory twice).
-        None => (0..c)
+    // Both passes go image by image, through memory in order (a channel's planes are one
+    // image apart, and walking them one channel at a time left the prefetchers behind);
+    // each channel's sums add its planes' sums in image order, as a channel-by-channel walk
+    // would, so the results do not depend on the threads.
+    let images = |task: &(dyn Fn(usize) + Sync)| {
+        (0..n)
             .into_par_iter()
-            .map(|ch| {
-                let sums = pass1(ch);
-                if need_dx {
-                    pass2(ch, sums, (n * hw) as f64);
-                }
-                sums
-            })
-            .collect(),
-        // The input gradient needs every process's sums: all of pass 1, then pass 2.
-        Some(synced) => {
-            let local: Vec<(f64, f64)> = (0..c).into_par_iter().map(pass1).collect();
+            .for_each(|b| (0..c).for_each(|ch| task(b * c + ch)));
+    };
+    let mut per_plane = vec![(0f64, 0f64); n * c];
+    per_plane
+        .par_chunks_mut(c)
+        .enumerate()
+        .for_each(|(b, sums)| {
+            for (ch, s) in sums.iter_mut().enumerate() {
+                *s = pass1(b * c + ch);
+            }
+        });
+    let sums: Vec<(f64, f64)> = (0..c)
+        .map(|ch| {
+            let (mut sdy, mut sdyx) = (0f64, 0f64);
+            for b in 0..n {
+                let (a, s) = per_plane[b * c + ch];
+                sdy += a;
+                sdyx += s;
+            }
+            (sdy, sdyx * invstd[ch] as f64)
+        })
+        .collect();
+    match synced {
+        None => {
             if need_dx {
-                let mut all: Vec<f64> = local.iter().map(|s| s.0).collect();
-                all.extend(local.iter().map(|s| s.1));
+                images(&|plane| pass2(plane, sums[plane % c], (n * hw) as f64));
+            }
+        }
+        // The input gradient needs every process's sums.
+        Some(synced) => {
+            if need_dx {
+                let mut all: Vec<f64> = sums.iter().map(|s| s.0).collect();
+                all.extend(sums.iter().map(|s| s.1));
                 (synced.reduce)(&mut all)?;
                 if synced.contributes {
-                    (0..c)
-                        .into_par_iter()
-                        .for_each(|ch| pass2(ch, (all[ch], all[c + ch]), synced.count));
+                    images(&|plane| {
+                        let ch = plane % c;
+                        pass2(plane, (all[ch], all[c + ch]), synced.count)
+                    });
                 } else {
                     dx.fill(0.0);
                 }
             }
-            local
         }
-    };
+    }
     Ok(Grads {
         dx: need_dx.then_some(dx),
         dweight: sums.iter().map(|s| s.1 as f32).collect(),
@@ -418,7 +433,7 @@ pub fn backward(
 }
 
 /// A buffer of `hw`-float planes that parallel tasks write, each plane by exactly one task
-/// (here: the planes of one channel), which slices cannot express without copying.
+/// (here: the planes of one image), which slices cannot express without copying.
 struct PlaneWriter<'a> {
     ptr: *mut f32,
     len: usize,
