@@ -115,7 +115,8 @@ impl PackedWinograd {
     }
 }
 
-/// Output rows `rows` (an even start and end: whole tiles) of `conv` for one image, as [`nhwc::conv_rows`] computes them with `bias` (padded to whole blocks).
+/// Output rows `rows` (an even start and end: whole tiles) of `conv` for one image, as
+/// [`nhwc::conv_rows`] computes them with `bias` (padded to whole blocks).
 pub fn conv_rows(
     conv: &DirectConv,
     packed: &PackedWinograd,
@@ -146,7 +147,12 @@ pub fn conv_rows(
     assert!(input.len() >= ip.len() && rows.start.is_multiple_of(2) && rows.end <= op.h);
     assert!(rows.end.is_multiple_of(2), "whole tiles of two rows");
     if let Some((r, rp)) = epilogue.residual {
-        assert!(r.len() >= rp.len() && (rp.h, rp.w) == (op.h, op.w) && rp.c >= op.c);
+        assert!(
+            r.len() >= rp.len()
+                && (rp.h, rp.w) == (op.h, op.w)
+                && rp.c >= op.c
+                && rp.cs >= blocks * LANES
+        );
     }
     if rows.is_empty() {
         return;
