@@ -93,12 +93,5 @@ pub fn precision() -> Precision {
 /// `f`, when this machine cannot run the precision.
 pub fn autocast<R>(precision: Precision, f: impl FnOnce() -> R) -> Result<R> {
     precision.check_supported()?;
-    struct Restore(Precision);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            CURRENT.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(CURRENT.with(|c| c.replace(precision)));
-    Ok(f())
+    Ok(crate::scoped::with(&CURRENT, precision, f))
 }

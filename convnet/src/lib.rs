@@ -64,6 +64,7 @@ pub mod optim;
 pub mod profile;
 pub mod quant;
 pub mod rng;
+mod scoped;
 pub mod shape;
 pub mod storage;
 pub mod tensor;

@@ -38,14 +38,7 @@ pub fn is_grad_enabled() -> bool {
 /// # Ok::<(), convnet::Error>(())
 /// ```
 pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            GRAD_ENABLED.with(|g| g.set(self.0));
-        }
-    }
-    let _restore = Restore(GRAD_ENABLED.with(|g| g.replace(false)));
-    f()
+    crate::scoped::with(&GRAD_ENABLED, false, f)
 }
 
 /// Turns recording on or off on this thread until changed again; returns the previous

@@ -220,7 +220,8 @@ impl Tensor {
     /// such as seed-cnn's two convolutions): each image's convolution output is pooled while
     /// it is still in cache and never stored, and the backward pass rebuilds the gradient
     /// reaching it from the pooling's indices. Values and gradients are those of the three
-    /// ops, bit for bit; everywhere else (GPU tensors, bfloat16 autocast, other geometries) it
+    /// ops, bit for bit (outside [`crate::backend::cpu::winograd::allow`], where the
+    /// convolutions may round as Winograd's do); everywhere else (GPU tensors, bfloat16 autocast, other geometries) it
     /// runs them one after the other.
     ///
     /// ```

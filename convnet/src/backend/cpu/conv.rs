@@ -255,10 +255,9 @@ pub fn relu_max_pool_fusable(g: &ConvGeom) -> bool {
 }
 
 /// `y = max_pool2d(relu(conv2d(x, w) + bias))` and the pooling's argmax in one pass, where
-/// [`relu_max_pool_fusable`] holds: the same values as the direct kernel's convolution
+/// [`relu_max_pool_fusable`] holds: the same values, bit for bit, as [`conv2d_forward`]
 /// followed by [`super::pool::max_pool2d_relu_forward`], without the convolution's
-/// full-size output (bit for bit those of [`conv2d_forward`] where it takes the direct
-/// kernel, within Winograd's rounding where it does not).
+/// full-size output (Winograd's, in [`conv2d_forward_with`], round differently).
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_relu_max_pool_forward(
     x: &[f32],

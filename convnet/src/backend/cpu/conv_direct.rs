@@ -129,13 +129,24 @@ impl Tiles {
 
 /// `w [K, C, 3, 3]` -> `[K/4, C, 9, 4]`: the 4 output channels of a block side by side.
 fn pack_weights(w: &[f32], g: &ConvGeom) -> Vec<f32> {
+    pack_blocks::<OCB>(w, g.k, g.c, |k, c| (k * g.c + c) * 9)
+}
+
+/// The 3x3 weights `w` with `B` channels of the blocked side next to each other:
+/// `[blocked/B, other, 9, B]`, where `at(blocked, other)` is the offset of that channel
+/// pair's 9 taps in `w`.
+fn pack_blocks<const B: usize>(
+    w: &[f32],
+    blocked: usize,
+    other: usize,
+    at: impl Fn(usize, usize) -> usize,
+) -> Vec<f32> {
     let mut p = vec![0f32; w.len()];
-    for kb in 0..g.k / OCB {
-        for c in 0..g.c {
+    for bb in 0..blocked / B {
+        for i in 0..other {
             for tap in 0..9 {
-                for o in 0..OCB {
-                    p[((kb * g.c + c) * 9 + tap) * OCB + o] =
-                        w[((kb * OCB + o) * g.c + c) * 9 + tap];
+                for o in 0..B {
+                    p[((bb * other + i) * 9 + tap) * B + o] = w[at(bb * B + o, i) + tap];
                 }
             }
         }
@@ -185,8 +196,7 @@ pub fn relu_max_pool_applies(g: &ConvGeom) -> bool {
 /// geometries where [`relu_max_pool_applies`] holds. Image by image: the convolution's
 /// output of one image goes to a per-thread buffer that stays in cache and is pooled from
 /// there, so the full-size output is never written to memory and read back. The same
-/// values, bit for bit, as this kernel's convolution followed by the fused ReLU and pooling
-/// (where [`super::winograd::nchw_applies`], the unfused convolution rounds differently).
+/// values, bit for bit, as this kernel's convolution followed by the fused ReLU and pooling.
 pub fn forward_relu_max_pool(
     x: &[f32],
     w: &[f32],
@@ -535,17 +545,7 @@ pub fn backward_input_s2(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32]) {
     let (in_image, out_image) = (g.c * g.h * g.w, g.k * g.oh * g.ow);
     assert!(dy.len() == g.n * out_image && w.len() == g.k * g.c * 9 && dx.len() == g.n * in_image);
     // `w [K, C, 3, 3]` -> `[C/ICB, K, 9, ICB]`: a block's input channels side by side.
-    let mut packed = vec![0f32; w.len()];
-    for cb in 0..g.c / ICB {
-        for k in 0..g.k {
-            for tap in 0..9 {
-                for o in 0..ICB {
-                    packed[((cb * g.k + k) * 9 + tap) * ICB + o] =
-                        w[(k * g.c + cb * ICB + o) * 9 + tap];
-                }
-            }
-        }
-    }
+    let packed = pack_blocks::<ICB>(w, g.c, g.k, |c, k| (k * g.c + c) * 9);
     dx.par_chunks_mut(in_image)
         .zip(dy.par_chunks(out_image))
         .for_each(|(dx_img, dy_img)| {

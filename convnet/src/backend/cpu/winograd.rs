@@ -188,6 +188,19 @@ pub fn conv_rows(
     });
 }
 
+/// The 3x3, stride-1, padding-1 convolution between two planes: the geometry this kernel
+/// computes.
+fn conv_3x3(input: nhwc::Plane, output: nhwc::Plane) -> DirectConv {
+    DirectConv {
+        input,
+        output,
+        kernel: (3, 3),
+        stride: (1, 1),
+        padding: (1, 1),
+        dilation: (1, 1),
+    }
+}
+
 thread_local! {
     /// Whether convolutions started on this thread may take [`forward_nchw`] ([`allow`]).
     static ALLOWED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -213,14 +226,7 @@ pub fn allowed() -> bool {
 /// assert!(!winograd::allowed());
 /// ```
 pub fn allow<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            ALLOWED.with(|a| a.set(self.0));
-        }
-    }
-    let _restore = Restore(ALLOWED.with(|a| a.replace(on)));
-    f()
+    crate::scoped::with(&ALLOWED, on, f)
 }
 
 /// Input channels from which convolutions in [`allow`] take [`forward_nchw`]: with 16, the
@@ -282,14 +288,7 @@ pub fn forward_nchw(
         cs: kp,
         halo: 0,
     };
-    let conv = DirectConv {
-        input: ip,
-        output: op,
-        kernel: (3, 3),
-        stride: (1, 1),
-        padding: (1, 1),
-        dilation: (1, 1),
-    };
+    let conv = conv_3x3(ip, op);
     let epilogue = Epilogue {
         residual: None,
         act: None,
@@ -492,14 +491,7 @@ mod tests {
             (2, 34, 48, 8, false, None),
         ] {
             let (ip, op) = (plane(h, w, c, 1), plane(h, w, k, 0));
-            let conv = DirectConv {
-                input: ip,
-                output: op,
-                kernel: (3, 3),
-                stride: (1, 1),
-                padding: (1, 1),
-                dilation: (1, 1),
-            };
+            let conv = conv_3x3(ip, op);
             let mut r = |len: usize| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
             let x = r(c * h * w);
             let wt = r(k * c * 9);
