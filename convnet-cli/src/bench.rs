@@ -9,7 +9,7 @@ use crate::dist::{threads_per_rank, DistArgs, Ranks};
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use convnet::autocast::autocast;
-use convnet::backend::cpu::winograd;
+use convnet::backend::cpu::tuning::{self, KernelChoice};
 use convnet::dist::DataParallel;
 use convnet::nn::{Mode, Model};
 use convnet::optim::{Optimizer, Sgd, SgdConfig};
@@ -67,47 +67,92 @@ pub struct BenchArgs {
     json: bool,
     /// Describe this machine instead of timing a model: its vector extensions, the float32
     /// multiply-add peak measured on one thread and on --threads threads, the machine class
-    /// (full-width or half-rate AVX-512, AVX2, portable) and the kernels convnet runs on it.
+    /// (full-width or half-rate AVX-512, AVX2, portable), the kernels convnet runs on it,
+    /// and the kernel each convolution of --model's training step at --batch-size takes
+    /// when measured (`--kernels measured`) against the rules.
     #[arg(long)]
     machine: bool,
     /// Arithmetic of convolutions and linear layers in --mode train: f32, or bf16 (bfloat16
     /// operands, float32 accumulation; CPUs with AVX512-BF16 or AMX-BF16).
     #[arg(long, value_enum, default_value = "f32")]
     precision: crate::train::PrecisionArg,
-    /// In --mode train, sum every convolution's products directly (as `train --no-winograd`).
-    #[arg(long)]
-    no_winograd: bool,
+    /// In --mode train, how float32 convolutions choose their kernels (as `train
+    /// --kernels`); with `measured` the choices are printed after the timing.
+    #[arg(long, value_enum, default_value = "rules")]
+    kernels: crate::train::KernelsArg,
     #[command(flatten)]
     dist: DistArgs,
 }
 
-/// `convnet bench --machine`.
-fn machine(json: bool) -> Result<()> {
+/// `convnet bench --machine`: prints the measured description of this CPU and returns it as
+/// JSON.
+fn machine() -> serde_json::Value {
     use convnet::backend::cpu::machine::Machine;
     let threads = rayon::current_num_threads();
     let m = Machine::measure(threads, std::time::Duration::from_millis(100));
     println!("{m}");
-    if json {
-        let peaks = |v: &[(usize, f64)]| {
-            v.iter()
-                .map(|&(t, g)| serde_json::json!({"threads": t, "gflops": (g * 10.0).round() / 10.0}))
-                .collect::<Vec<_>>()
+    let peaks = |v: &[(usize, f64)]| {
+        v.iter()
+            .map(|&(t, g)| serde_json::json!({"threads": t, "gflops": (g * 10.0).round() / 10.0}))
+            .collect::<Vec<_>>()
+    };
+    serde_json::json!({
+        "cpu": m.cpu,
+        "extensions": m.features,
+        "peak_avx512": peaks(&m.avx512),
+        "peak_avx2": peaks(&m.avx2),
+        "class": m.class.name(),
+        "float_kernels": m.float_kernels(),
+        "int8_kernels": m.int8_kernels(),
+        "bf16_kernels": m.bf16_kernels(),
+    })
+}
+
+/// The kernels of [`tuning::measurements`], as a table.
+fn print_kernel_choices() {
+    use tuning::ConvKernel;
+    let kernels = [ConvKernel::Direct, ConvKernel::Gemm, ConvKernel::Winograd];
+    println!(
+        "\nkernels measured (best of 3 runs, ms; chosen unless the rule's kernel is within {:.0}%):",
+        100.0 * tuning::MARGIN
+    );
+    println!(
+        "{:<64} {:<12} {:>9} {:>9} {:>9}  {:<9} {:<9}",
+        "convolution", "pass", "direct", "GEMM", "Winograd", "chosen", "rule"
+    );
+    for m in tuning::measurements() {
+        let time = |k: ConvKernel| {
+            m.seconds
+                .iter()
+                .find(|(c, _)| *c == k)
+                .map_or("-".to_string(), |(_, s)| format!("{:.3}", s * 1e3))
         };
+        let [direct, gemm, winograd] = kernels.map(time);
         println!(
-            "{}",
-            serde_json::json!({
-                "cpu": m.cpu,
-                "extensions": m.features,
-                "peak_avx512": peaks(&m.avx512),
-                "peak_avx2": peaks(&m.avx2),
-                "class": m.class.name(),
-                "float_kernels": m.float_kernels(),
-                "int8_kernels": m.int8_kernels(),
-                "bf16_kernels": m.bf16_kernels(),
-            })
+            "{:<64} {:<12} {direct:>9} {gemm:>9} {winograd:>9}  {:<9} {:<9}",
+            m.geom.describe(),
+            m.pass.name(),
+            m.chosen.name(),
+            m.rule.name()
         );
     }
-    Ok(())
+}
+
+/// The same as JSON.
+fn kernel_choices_json() -> serde_json::Value {
+    tuning::measurements()
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "convolution": m.geom.describe(),
+                "pass": m.pass.name(),
+                "threads": m.threads,
+                "ms": m.seconds.iter().map(|(k, s)| (k.name().to_string(), serde_json::json!(s * 1e3))).collect::<serde_json::Map<_, _>>(),
+                "chosen": m.chosen.name(),
+                "rule": m.rule.name(),
+            })
+        })
+        .collect()
 }
 
 fn print_profile(steps: usize, step_secs: f64) {
@@ -183,10 +228,18 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
-pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
+pub fn run(mut a: BenchArgs, ranks: &Ranks) -> Result<()> {
     set_threads(threads_per_rank(a.threads, ranks))?;
-    if a.machine {
-        return machine(a.json);
+    // --machine: the description, then one measured training step for the kernel choices.
+    let machine = a.machine.then(machine);
+    if machine.is_some() {
+        (a.mode, a.kernels, a.warmup, a.steps, a.profile) = (
+            BenchMode::Train,
+            crate::train::KernelsArg::Measured,
+            0,
+            1,
+            false,
+        );
     }
     if a.batch_size == 0 || a.steps == 0 {
         bail!("--batch-size and --steps must be positive");
@@ -320,7 +373,7 @@ pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
         let t0 = Instant::now();
         match (a.mode, &mut dist) {
             (BenchMode::Train, Some(dist)) => {
-                let logits = winograd::allow(!a.no_winograd, || {
+                let logits = tuning::with_kernels(a.kernels.into(), || {
                     autocast(precision, || dist.forward(&model, &x, Mode::Train))
                 })??;
                 let loss = logits.cross_entropy(&y, Reduction::Mean, 0.0)?;
@@ -328,7 +381,7 @@ pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
                 opt.step(&grads)?;
             }
             (BenchMode::Train, None) => {
-                let logits = winograd::allow(!a.no_winograd, || {
+                let logits = tuning::with_kernels(a.kernels.into(), || {
                     autocast(precision, || model.forward(&x, Mode::Train))
                 })??;
                 let loss = logits.cross_entropy(&y, Reduction::Mean, 0.0)?;
@@ -375,9 +428,18 @@ pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
     if ranks.rank() != 0 {
         return Ok(());
     }
+    if let Some(mut machine) = machine {
+        print_kernel_choices();
+        if a.json {
+            machine["kernel_choices"] = kernel_choices_json();
+            println!("{machine}");
+        }
+        return Ok(());
+    }
     if a.profile {
         print_profile(a.steps, mean_step);
     }
+    let measured = a.kernels == crate::train::KernelsArg::Measured && a.mode == BenchMode::Train;
     let stats = dist.as_ref().map(DataParallel::stats).unwrap_or_default();
     if a.json {
         println!(
@@ -389,6 +451,8 @@ pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
                 "mflop_per_image": flops_per_image / 1e6, "ranks": n,
                 "comm_exposed_ms": comm * 1e3, "comm_share": comm / median,
                 "gradient_buckets": stats.buckets, "gradient_mib": stats.bytes_per_step as f64 / (1 << 20) as f64,
+                "kernels": KernelChoice::from(a.kernels).name(),
+                "kernel_choices": if measured { kernel_choices_json() } else { serde_json::json!([]) },
             })
         );
     } else {
@@ -410,6 +474,9 @@ pub fn run(a: BenchArgs, ranks: &Ranks) -> Result<()> {
                 stats.buckets,
                 stats.bytes_per_step as f64 / (1 << 20) as f64
             );
+        }
+        if measured {
+            print_kernel_choices();
         }
     }
     Ok(())

@@ -50,6 +50,25 @@ impl From<PrecisionArg> for convnet::train::Precision {
     }
 }
 
+/// `--kernels`: how float32 convolutions choose their kernels on the CPU.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum KernelsArg {
+    Rules,
+    Measured,
+    Direct,
+}
+
+impl From<KernelsArg> for convnet::backend::cpu::tuning::KernelChoice {
+    fn from(k: KernelsArg) -> Self {
+        use convnet::backend::cpu::tuning::KernelChoice;
+        match k {
+            KernelsArg::Rules => KernelChoice::Rules,
+            KernelsArg::Measured => KernelChoice::Measured,
+            KernelsArg::Direct => KernelChoice::Direct,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum SchedArg {
     Constant,
@@ -137,12 +156,14 @@ pub struct TrainArgs {
     /// CPUs with AVX512-BF16 or AMX-BF16). Evaluation runs in float32.
     #[arg(long, value_enum, default_value = "f32")]
     precision: PrecisionArg,
-    /// On the CPU, sum every convolution's products directly instead of letting float32 3x3
-    /// stride-1 convolutions (32 or more input channels, 16 a multiple) take Winograd's
-    /// F(2x2, 3x3), which is faster and rounds differently (within a few 1e-6 of the
-    /// outputs' scale).
-    #[arg(long)]
-    no_winograd: bool,
+    /// On the CPU, how float32 convolutions choose their kernels: `rules` (measured shape
+    /// rules: Winograd's F(2x2, 3x3) for 3x3 stride-1 layers from 32 input channels, which
+    /// rounds differently, within a few 1e-6 of the outputs' scale), `measured` (each
+    /// shape's candidate kernels timed on this machine at its first step, the fastest kept;
+    /// a rerun may choose differently on a busy machine), or `direct` (the direct kernel
+    /// everywhere, PyTorch's sums up to their order).
+    #[arg(long, value_enum, default_value = "rules")]
+    kernels: KernelsArg,
     /// Start from these weights instead of a fresh initialisation: a convnet checkpoint or
     /// a plain state_dict (`.safetensors`, `.pt`/`.pth`) of the same architecture. When the
     /// data has another number of classes, the classifier (the last Linear layer) is replaced
@@ -254,7 +275,7 @@ fn config(a: &TrainArgs, device: convnet::Device) -> TrainConfig {
         cuda_graph: a.cuda_graph,
         tf32: a.tf32,
         precision: a.precision.into(),
-        winograd: !a.no_winograd,
+        kernels: a.kernels.into(),
     }
 }
 
@@ -1229,7 +1250,7 @@ impl SavedRun {
             cuda_graph: false,
             tf32: false,
             precision: PrecisionArg::F32,
-            no_winograd: false,
+            kernels: KernelsArg::Rules,
             weights: self.weights,
             qat: self.qat,
             qat_freeze_epoch: self.qat_freeze_epoch,

@@ -935,7 +935,17 @@ fn without_mpi_support_a_launched_process_says_how_to_build_one() {
 
 #[test]
 fn bench_machine_describes_the_cpu() {
-    let out = convnet(&["bench", "--machine", "--threads", "2", "--json"]);
+    let out = convnet(&[
+        "bench",
+        "--machine",
+        "--threads",
+        "2",
+        "--model",
+        "resnet20",
+        "--batch-size",
+        "4",
+        "--json",
+    ]);
     assert!(out.status.success(), "{out:?}");
     let m = last_json(&out);
     let class = m["class"].as_str().unwrap();
@@ -984,6 +994,53 @@ fn bench_machine_describes_the_cpu() {
         (_, false) => assert!(bf16.starts_with("none"), "{m}"),
         (true, true) => assert!(bf16.contains("AMX") || bf16.contains("vdpbf16ps"), "{m}"),
         (false, true) => assert!(bf16.contains("vdpbf16ps"), "{m}"),
+    }
+    // One measured training step: each pass of resnet20's convolutions with more than one
+    // kernel for it lists their times, the rule's kernel and the one chosen among them.
+    let choices = m["kernel_choices"].as_array().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for c in choices {
+        let ms = c["ms"].as_object().unwrap();
+        assert!(ms.len() >= 2, "{c}");
+        assert!(ms.values().all(|t| t.as_f64().unwrap() > 0.0), "{c}");
+        for key in ["chosen", "rule"] {
+            assert!(ms.contains_key(c[key].as_str().unwrap()), "{c}");
+        }
+        assert!(text.contains(c["convolution"].as_str().unwrap()), "{text}");
+    }
+    if ext.contains(&"avx512f") {
+        // The first convolution's forward and weight gradient (no input gradient), and the
+        // 32-channel layer's three passes, Winograd a candidate of each.
+        let of = |conv: &str| -> Vec<&serde_json::Value> {
+            choices
+                .iter()
+                .filter(|c| c["convolution"].as_str().unwrap().starts_with(conv))
+                .collect()
+        };
+        let passes = |conv: &str| -> Vec<&str> {
+            let mut p: Vec<&str> = of(conv)
+                .iter()
+                .map(|c| c["pass"].as_str().unwrap())
+                .collect();
+            p.sort();
+            p
+        };
+        assert_eq!(
+            passes("conv2d [4, 3, 32, 32]"),
+            ["forward", "weight grad"],
+            "{m}"
+        );
+        let stage2 = "conv2d [4, 32, 16, 16] w[32, 32, 3, 3]";
+        assert_eq!(
+            passes(stage2),
+            ["forward", "input grad", "weight grad"],
+            "{m}"
+        );
+        let winograd = of(stage2)
+            .iter()
+            .filter(|c| c["ms"].get("Winograd").is_some())
+            .count();
+        assert_eq!(winograd, 3, "{m}");
     }
 }
 

@@ -83,14 +83,15 @@ pub struct TrainConfig {
     /// Arithmetic of convolutions and linear layers: bf16 runs on GPUs and on CPUs with
     /// AVX512-BF16 or AMX-BF16 ([`crate::autocast`]); evaluation stays float32.
     pub precision: Precision,
-    /// On the CPU: let float32 3x3 stride-1 convolutions of the training step take
-    /// Winograd's F(2x2, 3x3) where it applies ([`crate::backend::cpu::winograd::allow`]);
-    /// otherwise every convolution sums its products directly.
-    pub winograd: bool,
+    /// On the CPU: how the training step's float32 convolutions choose their kernels
+    /// ([`crate::backend::cpu::tuning`]): by the measured shape rules (the default, with
+    /// Winograd's F(2x2, 3x3) where it pays), by timing each shape's candidates on this
+    /// machine, or always the direct kernel.
+    pub kernels: KernelChoice,
 }
 
 pub use crate::autocast::Precision;
-use crate::backend::cpu::winograd;
+use crate::backend::cpu::tuning::{self, KernelChoice};
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -108,7 +109,7 @@ impl Default for TrainConfig {
             cuda_graph: false,
             tf32: false,
             precision: Precision::F32,
-            winograd: true,
+            kernels: KernelChoice::Rules,
         }
     }
 }
@@ -619,8 +620,11 @@ impl Trainer {
                     Device::Cpu => self.cfg.precision,
                     _ => Precision::F32,
                 };
-                let winograd = self.cfg.winograd && self.cfg.device == Device::Cpu;
-                let logits = winograd::allow(winograd, || {
+                let kernels = match self.cfg.device {
+                    Device::Cpu => self.cfg.kernels,
+                    _ => KernelChoice::Direct,
+                };
+                let logits = tuning::with_kernels(kernels, || {
                     autocast(precision, || match &mut self.dist {
                         Some(dist) => dist.forward(&self.model, &images, Mode::Train),
                         None => self.model.forward(&images, Mode::Train),

@@ -13,6 +13,7 @@ use crate::backend::cpu::{
     norm,
     pool::{self, PoolGeom},
     recycle, shortcut,
+    tuning::KernelChoice,
 };
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -62,9 +63,9 @@ pub(crate) enum Op {
         geom: ConvGeom,
         /// The products' precision in the forward pass, and so in the backward pass.
         precision: Precision,
-        /// Whether the forward pass could take Winograd's F(2x2, 3x3), and so the input
-        /// gradient may ([`crate::backend::cpu::winograd::allow`]).
-        winograd: bool,
+        /// How the forward pass chose its kernel, and so how the backward pass chooses
+        /// ([`crate::backend::cpu::tuning::with_kernels`]).
+        kernels: KernelChoice,
     },
     /// `max_pool2d(relu(conv2d(input)))` in one pass (float32): `argmax` indexes the
     /// convolution's output planes (`pool` is the pooling over them); the convolution's
@@ -76,8 +77,8 @@ pub(crate) enum Op {
         geom: ConvGeom,
         argmax: Vec<u32>,
         pool: PoolGeom,
-        /// Whether the input gradient may take Winograd's F(2x2, 3x3) (as in `Conv2d`).
-        winograd: bool,
+        /// How the backward pass chooses its kernels (as in `Conv2d`).
+        kernels: KernelChoice,
     },
     /// `y [N, K] = max_t relu(conv1d(x, w, b))`, with the position of each maximum.
     ConvMaxOverTime {
@@ -350,13 +351,13 @@ impl Op {
                 bias,
                 geom,
                 precision,
-                winograd,
+                kernels,
             } => conv2d_grads(
                 input,
                 weight,
                 bias.as_ref(),
                 geom,
-                (*precision, *winograd),
+                (*precision, *kernels),
                 g,
                 &mut grads,
             ),
@@ -367,7 +368,7 @@ impl Op {
                 geom,
                 argmax,
                 pool,
-                winograd,
+                kernels,
             } => {
                 // The gradient reaching the convolution's output, then its backward.
                 // max_pool2d_relu_backward writes every element.
@@ -378,7 +379,7 @@ impl Op {
                     weight,
                     bias.as_ref(),
                     geom,
-                    (Precision::F32, *winograd),
+                    (Precision::F32, *kernels),
                     &dz,
                     &mut grads,
                 );
@@ -781,7 +782,7 @@ fn conv2d_grads(
     weight: &Tensor,
     bias: Option<&Tensor>,
     geom: &ConvGeom,
-    (precision, winograd): (Precision, bool),
+    (precision, kernels): (Precision, KernelChoice),
     g: &[f32],
     grads: &mut Vec<(Tensor, Vec<f32>)>,
 ) {
@@ -789,7 +790,7 @@ fn conv2d_grads(
         // conv2d_backward_input writes every element.
         let mut dx = recycle::take_overwritten(input.numel());
         weight.with_data(|w| match precision {
-            Precision::F32 => conv::conv2d_backward_input_with(g, w, geom, &mut dx, winograd),
+            Precision::F32 => conv::conv2d_backward_input_with(g, w, geom, &mut dx, kernels),
             Precision::Bf16 => bf16::conv2d_backward_input(g, w, geom, &mut dx),
         });
         grads.push((input.clone(), dx));
@@ -797,7 +798,7 @@ fn conv2d_grads(
     if weight.tracks_grad() {
         let mut dw = vec![0f32; weight.numel()];
         input.with_data(|x| match precision {
-            Precision::F32 => conv::conv2d_backward_weight(x, g, geom, &mut dw),
+            Precision::F32 => conv::conv2d_backward_weight_with(x, g, geom, &mut dw, kernels),
             Precision::Bf16 => bf16::conv2d_backward_weight(x, g, geom, &mut dw),
         });
         grads.push((weight.clone(), dw));

@@ -184,10 +184,13 @@ impl Tensor {
         // conv2d_forward writes every output.
         let mut y = recycle::take_overwritten(geom.n * geom.k * geom.oh * geom.ow);
         let precision = crate::autocast::precision();
-        let winograd = precision == Precision::F32 && crate::backend::cpu::winograd::allowed();
+        let kernels = match precision {
+            Precision::F32 => crate::backend::cpu::tuning::kernels(),
+            Precision::Bf16 => crate::backend::cpu::tuning::KernelChoice::Direct,
+        };
         let forward = |x: &[f32], w: &[f32], b: Option<&[f32]>, g: &ConvGeom, y: &mut [f32]| {
             match precision {
-                Precision::F32 => conv::conv2d_forward_with(x, w, b, g, y, winograd),
+                Precision::F32 => conv::conv2d_forward_with(x, w, b, g, y, kernels),
                 Precision::Bf16 => bf16::conv2d_forward(x, w, b, g, y),
             }
         };
@@ -210,7 +213,7 @@ impl Tensor {
             bias: bias.cloned(),
             geom,
             precision,
-            winograd,
+            kernels,
         });
         Ok(Tensor::from_parts(y, Shape::new(geom.out_dims()), op))
     }
@@ -220,9 +223,9 @@ impl Tensor {
     /// such as seed-cnn's two convolutions): each image's convolution output is pooled while
     /// it is still in cache and never stored, and the backward pass rebuilds the gradient
     /// reaching it from the pooling's indices. Values and gradients are those of the three
-    /// ops, bit for bit (outside [`crate::backend::cpu::winograd::allow`], where the
-    /// convolutions may round as Winograd's do); everywhere else (GPU tensors, bfloat16 autocast, other geometries) it
-    /// runs them one after the other.
+    /// ops, bit for bit (outside [`crate::backend::cpu::tuning::with_kernels`], where the
+    /// unfused convolution and the backward pass may take other kernels); everywhere else
+    /// (GPU tensors, bfloat16 autocast, other geometries) it runs them one after the other.
     ///
     /// ```
     /// use convnet::{Conv2dParams, MaxPool2dParams, Rng, Tensor};
@@ -298,7 +301,7 @@ impl Tensor {
             geom,
             argmax,
             pool: pg,
-            winograd: crate::backend::cpu::winograd::allowed(),
+            kernels: crate::backend::cpu::tuning::kernels(),
         });
         Ok(Tensor::from_parts(
             y,

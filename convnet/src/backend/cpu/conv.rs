@@ -14,6 +14,7 @@
 //! unless the batch is smaller than the thread count.
 
 use super::matmul::{matmul, MatRef, Par};
+use super::tuning::{candidates, choose, ConvKernel, ConvPass, KernelChoice};
 use rayon::prelude::*;
 
 /// Geometry of one convolution, validated by the caller.
@@ -223,20 +224,62 @@ pub fn conv2d_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, 
     conv2d_forward_im2col(x, w, bias, g, y)
 }
 
-/// [`conv2d_forward`], or Winograd's F(2x2, 3x3) ([`super::winograd::forward_nchw`]) where
-/// `winograd` and it applies (see [`super::winograd::allow`]).
+/// [`conv2d_forward`], or another kernel where `kernels` chooses one (see
+/// [`super::tuning`]): Winograd's F(2x2, 3x3) ([`super::winograd::forward_nchw`]) or
+/// im2col + GEMM.
 pub fn conv2d_forward_with(
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
     g: &ConvGeom,
     y: &mut [f32],
-    winograd: bool,
+    kernels: KernelChoice,
 ) {
-    if winograd && super::winograd::nchw_applies(g) {
-        return super::winograd::forward_nchw(x, w, bias, g, y);
+    let direct = if direct_forward_applies(g) {
+        ConvKernel::Direct
+    } else {
+        ConvKernel::Gemm
+    };
+    let rule = if super::winograd::nchw_applies(g) {
+        ConvKernel::Winograd
+    } else {
+        direct
+    };
+    let candidates = candidates(direct, super::winograd::nchw_possible(g));
+    let pass = ConvPass::Forward;
+    let kernel = choose(kernels, pass, g, (direct, rule), &candidates, |k| {
+        forward_by(k, x, w, bias, g, y)
+    });
+    forward_by(kernel, x, w, bias, g, y)
+}
+
+/// Whether the direct kernel computes the forward pass of `g` on this CPU.
+fn direct_forward_applies(g: &ConvGeom) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::conv_direct::applies(g)
     }
-    conv2d_forward(x, w, bias, g, y)
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = g;
+        false
+    }
+}
+
+/// The forward pass by `kernel` (which applies to `g`).
+fn forward_by(
+    kernel: ConvKernel,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    y: &mut [f32],
+) {
+    match kernel {
+        ConvKernel::Winograd => super::winograd::forward_nchw(x, w, bias, g, y),
+        ConvKernel::Direct => conv2d_forward(x, w, bias, g, y),
+        ConvKernel::Gemm => conv2d_forward_im2col(x, w, bias, g, y),
+    }
 }
 
 /// True when [`conv2d_relu_max_pool_forward`] runs for `g` on this CPU (otherwise the
@@ -337,28 +380,50 @@ pub(super) fn fill_bias(y: &mut [f32], bias: Option<&[f32]>, ohw: usize) {
 /// A ResNet's 3x3 stride-2 downsampling convolutions take the direct polyphase kernel
 /// ([`super::conv_direct::backward_input_s2`]); everything else takes im2col's adjoint.
 pub fn conv2d_backward_input(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32]) {
-    conv2d_backward_input_with(dy, w, g, dx, false)
+    conv2d_backward_input_with(dy, w, g, dx, KernelChoice::Direct)
 }
 
-/// [`conv2d_backward_input`], its flipped-kernel form through [`conv2d_forward_with`]
-/// (Winograd's F(2x2, 3x3) where `winograd` and it applies).
+/// [`conv2d_backward_input`] with its kernel chosen by `kernels` (see [`super::tuning`]):
+/// the direct kernels, Winograd's F(2x2, 3x3) through the flipped kernel, or col2im.
 pub fn conv2d_backward_input_with(
     dy: &[f32],
     w: &[f32],
     g: &ConvGeom,
     dx: &mut [f32],
-    winograd: bool,
+    kernels: KernelChoice,
 ) {
-    if let Some(tg) = g.flipped_input_grad() {
-        let flipped = flip_transpose(w, g);
-        conv2d_forward_with(dy, &flipped, None, &tg, dx, winograd);
-        return;
-    }
+    let flipped = g.flipped_input_grad().map(|tg| (flip_transpose(w, g), tg));
+    let winograd = flipped
+        .as_ref()
+        .filter(|(_, tg)| super::winograd::nchw_possible(tg));
     #[cfg(target_arch = "x86_64")]
-    if super::conv_direct::input_grad_s2_applies(g) {
-        return super::conv_direct::backward_input_s2(dy, w, g, dx);
-    }
-    conv2d_backward_input_col2im(dy, w, g, dx);
+    let direct = flipped.is_some() || super::conv_direct::input_grad_s2_applies(g);
+    #[cfg(not(target_arch = "x86_64"))]
+    let direct = flipped.is_some();
+    let direct = if direct {
+        ConvKernel::Direct
+    } else {
+        ConvKernel::Gemm
+    };
+    let rule = match winograd {
+        Some((_, tg)) if super::winograd::nchw_applies(tg) => ConvKernel::Winograd,
+        _ => direct,
+    };
+    let run = |kernel: ConvKernel, dx: &mut [f32]| match (kernel, &flipped) {
+        (ConvKernel::Winograd, Some((fw, tg))) => {
+            super::winograd::forward_nchw(dy, fw, None, tg, dx)
+        }
+        (ConvKernel::Direct, Some((fw, tg))) => conv2d_forward(dy, fw, None, tg, dx),
+        #[cfg(target_arch = "x86_64")]
+        (ConvKernel::Direct, None) => super::conv_direct::backward_input_s2(dy, w, g, dx),
+        _ => conv2d_backward_input_col2im(dy, w, g, dx),
+    };
+    let candidates = candidates(direct, winograd.is_some());
+    let pass = ConvPass::InputGrad;
+    let kernel = choose(kernels, pass, g, (direct, rule), &candidates, |k| {
+        run(k, dx)
+    });
+    run(kernel, dx)
 }
 
 impl ConvGeom {
@@ -453,6 +518,45 @@ pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32
         return super::conv_direct::backward_weight(x, dy, g, dw);
     }
     conv2d_backward_weight_gemm(x, dy, g, dw)
+}
+
+/// [`conv2d_backward_weight`] with its kernel chosen by `kernels` (see [`super::tuning`]):
+/// the direct kernel, im2col + GEMM, or Winograd's F(2x2, 3x3)
+/// ([`super::winograd::backward_weight_nchw`], a candidate when measured).
+pub fn conv2d_backward_weight_with(
+    x: &[f32],
+    dy: &[f32],
+    g: &ConvGeom,
+    dw: &mut [f32],
+    kernels: KernelChoice,
+) {
+    #[cfg(target_arch = "x86_64")]
+    let direct = super::conv_direct::weight_grad_applies(g);
+    #[cfg(not(target_arch = "x86_64"))]
+    let direct = false;
+    let direct = if direct {
+        ConvKernel::Direct
+    } else {
+        ConvKernel::Gemm
+    };
+    let winograd = super::winograd::nchw_weight_grad_possible(g);
+    let rule = if winograd && super::winograd::nchw_applies(g) {
+        ConvKernel::Winograd
+    } else {
+        direct
+    };
+    let run = |kernel: ConvKernel, dw: &mut [f32]| match kernel {
+        ConvKernel::Winograd => super::winograd::backward_weight_nchw(x, dy, g, dw),
+        #[cfg(target_arch = "x86_64")]
+        ConvKernel::Direct => super::conv_direct::backward_weight(x, dy, g, dw),
+        _ => conv2d_backward_weight_gemm(x, dy, g, dw),
+    };
+    let candidates = candidates(direct, winograd);
+    let pass = ConvPass::WeightGrad;
+    let kernel = choose(kernels, pass, g, (direct, rule), &candidates, |k| {
+        run(k, dw)
+    });
+    run(kernel, dw)
 }
 
 /// [`conv2d_backward_weight`] through im2col + GEMM, for any geometry.
@@ -641,6 +745,83 @@ mod tests {
                 (x - y).abs() <= 1e-5 + 1e-5 * y.abs(),
                 "{what}[{i}]: {x} vs {y}"
             );
+        }
+    }
+
+    /// Under [`KernelChoice::Measured`] each pass computes the convolution whichever kernel
+    /// wins, measures a shape once, and its first (measuring) call returns what the chosen
+    /// kernel computes afterwards, bit for bit.
+    #[test]
+    fn measured_kernels_compute_the_convolution_and_keep_their_choice() {
+        use super::super::tuning::{measurements, ConvPass};
+        let cases = [
+            geom(3, 16, 8, 16, 16, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+            geom(2, 32, 8, 8, 32, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+            geom(3, 16, 16, 16, 32, 3, 3, (2, 2), (1, 1), (1, 1), 1),
+            geom(3, 4, 9, 7, 6, 5, 5, (1, 1), (2, 2), (1, 1), 1),
+            geom(3, 8, 6, 6, 4, 1, 1, (1, 1), (0, 0), (1, 1), 1),
+        ];
+        let mut rng = Rng::new(21);
+        for g in cases {
+            let mut r = |len: usize| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
+            let (x, w, b, dy) = (
+                r(g.n * g.in_image()),
+                r(g.k * g.col_rows()),
+                r(g.k),
+                r(g.n * g.out_image()),
+            );
+            let (y_ref, dx_ref, dw_ref) = conv2d_naive(&x, &w, Some(&b), &dy, &g);
+            // Winograd's rounding: a few 1e-6 of the outputs' scale.
+            let check = |got: &[f32], want: &[f32], what: &str| {
+                let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
+                for (i, (a, e)) in got.iter().zip(want).enumerate() {
+                    assert!(
+                        (a - e).abs() <= 5e-6 * (e.abs() + rms),
+                        "{g:?} {what}[{i}]: {a} vs {e}"
+                    );
+                }
+            };
+            let m = KernelChoice::Measured;
+            let passes = |fill: f32| {
+                let mut y = vec![fill; y_ref.len()];
+                conv2d_forward_with(&x, &w, Some(&b), &g, &mut y, m);
+                let mut dx = vec![fill; dx_ref.len()];
+                conv2d_backward_input_with(&dy, &w, &g, &mut dx, m);
+                let mut dw = vec![fill; dw_ref.len()];
+                conv2d_backward_weight_with(&x, &dy, &g, &mut dw, m);
+                (y, dx, dw)
+            };
+            let first = passes(f32::NAN);
+            check(&first.0, &y_ref, "y");
+            check(&first.1, &dx_ref, "dx");
+            check(&first.2, &dw_ref, "dw");
+            let again = passes(7.0);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&first.0), bits(&again.0), "{g:?} y");
+            assert_eq!(bits(&first.1), bits(&again.1), "{g:?} dx");
+            assert_eq!(bits(&first.2), bits(&again.2), "{g:?} dw");
+            let found = measurements();
+            for pass in [ConvPass::Forward, ConvPass::InputGrad, ConvPass::WeightGrad] {
+                let of: Vec<_> = found
+                    .iter()
+                    .filter(|r| r.geom == g && r.pass == pass)
+                    .collect();
+                assert!(of.len() <= 1, "{g:?} {pass:?} measured twice");
+                for r in of {
+                    assert!(r.seconds.len() >= 2, "{r:?}");
+                    assert!(r.seconds.iter().any(|(k, _)| *k == r.chosen), "{r:?}");
+                    assert!(r.seconds.iter().any(|(k, _)| *k == r.rule), "{r:?}");
+                }
+            }
+            // Every shape has im2col + GEMM and something else for its forward pass on
+            // AVX-512; the 5x5 and 1x1 layers only GEMM.
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                let forward = found
+                    .iter()
+                    .any(|r| r.geom == g && r.pass == ConvPass::Forward);
+                assert_eq!(forward, g.kh == 3, "{g:?}");
+            }
         }
     }
 

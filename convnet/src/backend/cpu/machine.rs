@@ -161,7 +161,8 @@ impl Machine {
         if super::nhwc::use_avx512() {
             "AVX-512: direct 3x3 kernels and register tiles (16 output channels per vector); \
              Winograd F(2x2, 3x3) for 3x3 stride-1 convolutions with a multiple of 16 input \
-             channels (inference; training from 32 channels, unless --no-winograd)"
+             channels (inference; in training from 32 channels by the rules, where measured \
+             faster with --kernels measured, never with --kernels direct)"
         } else {
             "portable register tiles"
         }

@@ -22,6 +22,7 @@ pub mod pool;
 pub mod recycle;
 pub mod shortcut;
 pub mod simd;
+pub mod tuning;
 pub mod winograd;
 
 /// Number of worker threads kernels may use (rayon's pool size).

@@ -52,35 +52,7 @@ impl PackedWinograd {
     /// Transforms PyTorch-layout weights `[K, C, 3, 3]` (`G g G^T` in float64, as `G g`
     /// then `(G g) G^T`; output channels in parallel).
     pub fn new(weight: &[f32], k: usize, c: usize) -> PackedWinograd {
-        use rayon::prelude::*;
-        assert_eq!(weight.len(), k * c * 9, "weight size");
-        // `G` applied to the three values `v`: [v0, (v0+v1+v2)/2, (v0-v1+v2)/2, v2].
-        let g_times = |v: [f64; 3]| {
-            [
-                v[0],
-                0.5 * (v[0] + v[1] + v[2]),
-                0.5 * (v[0] - v[1] + v[2]),
-                v[2],
-            ]
-        };
-        let mut by_pair = vec![[0f32; XI]; k * c];
-        by_pair
-            .par_chunks_mut(c)
-            .zip(weight.par_chunks(c * 9))
-            .for_each(|(out, wk)| {
-                for (u, g) in out.iter_mut().zip(wk.chunks_exact(9)) {
-                    let g = |a: usize, b: usize| g[a * 3 + b] as f64;
-                    // Columns of `G g`, then `G` applied to each of its rows.
-                    let cols: [[f64; 4]; 3] =
-                        std::array::from_fn(|b| g_times([g(0, b), g(1, b), g(2, b)]));
-                    for i in 0..4 {
-                        let row = g_times([cols[0][i], cols[1][i], cols[2][i]]);
-                        for (j, v) in row.iter().enumerate() {
-                            u[i * 4 + j] = *v as f32;
-                        }
-                    }
-                }
-            });
+        let by_pair = transform_kernel(weight, k, c);
         let blocks = k.div_ceil(LANES);
         let mut u = vec![0f32; XI * blocks * c * LANES];
         for o in 0..k {
@@ -112,6 +84,68 @@ impl PackedWinograd {
             && out_hw.0.is_multiple_of(2)
             && out_hw.1.is_multiple_of(2)
             && nhwc::use_avx512()
+    }
+}
+
+/// `U = G g G^T` of each of the `K x C` 3x3 kernels of PyTorch-layout weights
+/// `[K, C, 3, 3]`, in float64 (as `G g` then `(G g) G^T`), rounded once; output channels in
+/// parallel.
+pub(super) fn transform_kernel(weight: &[f32], k: usize, c: usize) -> Vec<[f32; XI]> {
+    use rayon::prelude::*;
+    assert_eq!(weight.len(), k * c * 9, "weight size");
+    // `G` applied to the three values `v`: [v0, (v0+v1+v2)/2, (v0-v1+v2)/2, v2].
+    let g_times = |v: [f64; 3]| {
+        [
+            v[0],
+            0.5 * (v[0] + v[1] + v[2]),
+            0.5 * (v[0] - v[1] + v[2]),
+            v[2],
+        ]
+    };
+    let mut by_pair = vec![[0f32; XI]; k * c];
+    by_pair
+        .par_chunks_mut(c.max(1))
+        .zip(weight.par_chunks(c.max(1) * 9))
+        .for_each(|(out, wk)| {
+            for (u, g) in out.iter_mut().zip(wk.chunks_exact(9)) {
+                let g = |a: usize, b: usize| g[a * 3 + b] as f64;
+                // Columns of `G g`, then `G` applied to each of its rows.
+                let cols: [[f64; 4]; 3] =
+                    std::array::from_fn(|b| g_times([g(0, b), g(1, b), g(2, b)]));
+                for i in 0..4 {
+                    let row = g_times([cols[0][i], cols[1][i], cols[2][i]]);
+                    for (j, v) in row.iter().enumerate() {
+                        u[i * 4 + j] = *v as f32;
+                    }
+                }
+            }
+        });
+    by_pair
+}
+
+/// The weight gradient `dg = G^T dU G` of each kernel, from the gradient reaching the
+/// transformed kernels, `du(xi, kc)` for tap `xi = 4i + j` and kernel `kc = k * C + c`, into
+/// `dw [K, C, 3, 3]` (float64, rounded once).
+pub(super) fn kernel_gradient(du: impl Fn(usize, usize) -> f64, dw: &mut [f32]) {
+    // `G^T` applied to four values: [x0 + (x1+x2)/2, (x1-x2)/2, (x1+x2)/2 + x3].
+    let gt = |x: [f64; 4]| {
+        [
+            x[0] + 0.5 * (x[1] + x[2]),
+            0.5 * (x[1] - x[2]),
+            0.5 * (x[1] + x[2]) + x[3],
+        ]
+    };
+    for (kc, out) in dw.chunks_exact_mut(9).enumerate() {
+        let at = |i: usize, j: usize| du(i * 4 + j, kc);
+        // Columns of `G^T dU`, then `G^T` applied to each of its rows.
+        let cols: [[f64; 3]; 4] =
+            std::array::from_fn(|j| gt([at(0, j), at(1, j), at(2, j), at(3, j)]));
+        for a in 0..3 {
+            let row = gt([cols[0][a], cols[1][a], cols[2][a], cols[3][a]]);
+            for (b, v) in row.iter().enumerate() {
+                out[a * 3 + b] = *v as f32;
+            }
+        }
     }
 }
 
@@ -201,47 +235,18 @@ fn conv_3x3(input: nhwc::Plane, output: nhwc::Plane) -> DirectConv {
     }
 }
 
-thread_local! {
-    /// Whether convolutions started on this thread may take [`forward_nchw`] ([`allow`]).
-    static ALLOWED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Whether the float32 convolutions started on this thread now may take Winograd's
-/// F(2x2, 3x3) (inside [`allow`]; outside, they never do).
-pub fn allowed() -> bool {
-    ALLOWED.with(std::cell::Cell::get)
-}
-
-/// Runs `f` with the float32 convolutions it starts on this thread allowed (`on`) to take
-/// Winograd's F(2x2, 3x3) where it applies, in the forward pass and in the input gradient
-/// of the backward pass (each op keeps the choice), then restores the previous setting.
-/// The training loop and `convnet bench` run their forward passes inside it; everything
-/// else (a tensor's `conv2d`, evaluation, captures and explanations) keeps the direct
-/// kernel, whose sums are PyTorch's up to the order of the additions.
-///
-/// ```
-/// use convnet::backend::cpu::winograd;
-/// assert!(!winograd::allowed());
-/// assert!(winograd::allow(true, winograd::allowed));
-/// assert!(!winograd::allowed());
-/// ```
-pub fn allow<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    crate::scoped::with(&ALLOWED, on, f)
-}
-
-/// Input channels from which convolutions in [`allow`] take [`forward_nchw`]: with 16, the
-/// copies to and from channels-last cost more than Winograd saves. Measured with `convnet
-/// bench --model resnet20 --batch-size 128 --threads 2 --profile` on AMD Zen 5, forward +
-/// backward ms, direct -> Winograd: 16->16 at 32x32 8.4 + 17.9 -> 9.9 + 20.0, 32->32 at
-/// 16x16 7.5 + 15.3 -> 5.8 + 13.6, 64->64 at 8x8 6.4 + 15.5 -> 5.7 + 14.6.
-const TRAINING_MIN_CHANNELS: usize = 32;
+/// Input channels from which [`nchw_applies`] holds (the rule of
+/// [`super::tuning::KernelChoice::Rules`]): with 16, the copies to and from channels-last
+/// cost more than Winograd saves on full-width AVX-512. Measured with `convnet bench --model
+/// resnet20 --batch-size 128 --threads 2 --profile` on AMD Zen 5, forward + backward ms,
+/// direct -> Winograd: 16->16 at 32x32 8.4 + 17.9 -> 9.9 + 20.0, 32->32 at 16x16 7.5 + 15.3
+/// -> 5.8 + 13.6, 64->64 at 8x8 6.4 + 15.5 -> 5.7 + 14.6.
+const RULE_MIN_CHANNELS: usize = 32;
 
 /// True when [`forward_nchw`] computes `conv2d_forward` for `g`: 3x3, stride 1, padding 1,
-/// one group, a multiple of 16 input channels (at least 32) and an even image size, with
-/// AVX-512F.
-pub fn nchw_applies(g: &super::conv::ConvGeom) -> bool {
+/// one group, a multiple of 16 input channels and an even image size, with AVX-512F.
+pub fn nchw_possible(g: &super::conv::ConvGeom) -> bool {
     g.groups == 1
-        && g.c >= TRAINING_MIN_CHANNELS
         && (g.oh, g.ow) == (g.h, g.w)
         && PackedWinograd::applies(
             g.c,
@@ -253,7 +258,13 @@ pub fn nchw_applies(g: &super::conv::ConvGeom) -> bool {
         )
 }
 
-/// `y = conv2d(x, w) + bias` for an NCHW batch where [`nchw_applies`] holds: the training
+/// True when [`nchw_possible`] holds and the shape rule takes Winograd: at least 32 input
+/// channels.
+pub fn nchw_applies(g: &super::conv::ConvGeom) -> bool {
+    g.c >= RULE_MIN_CHANNELS && nchw_possible(g)
+}
+
+/// `y = conv2d(x, w) + bias` for an NCHW batch where [`nchw_possible`] holds: the training
 /// step's stride-1 3x3 convolutions (and, through the flipped kernel, their input
 /// gradients). Each image is copied into a zero-bordered channels-last plane, convolved by
 /// [`conv_rows`] and copied back; the copies cost a fraction of the multiplications saved.
@@ -266,7 +277,7 @@ pub fn forward_nchw(
 ) {
     use super::matmul::{transpose, transpose_strided};
     use rayon::prelude::*;
-    assert!(nchw_applies(g), "winograd::forward_nchw called for {g:?}");
+    assert!(nchw_possible(g), "winograd::forward_nchw called for {g:?}");
     let (hw, kp) = (g.h * g.w, g.k.div_ceil(LANES) * LANES);
     assert!(x.len() == g.n * g.c * hw && y.len() == g.n * g.k * hw && w.len() == g.k * g.c * 9);
     let packed = PackedWinograd::new(w, g.k, g.c);
@@ -326,6 +337,219 @@ pub fn forward_nchw(
         );
 }
 
+/// True when [`backward_weight_nchw`] computes `conv2d_backward_weight` for `g`: where
+/// [`nchw_possible`] holds, with a multiple of 16 output channels.
+pub fn nchw_weight_grad_possible(g: &super::conv::ConvGeom) -> bool {
+    g.k.is_multiple_of(LANES) && nchw_possible(g)
+}
+
+/// `dw = conv2d_weight_grad(x, dy)` summed over an NCHW batch, by F(2x2, 3x3), where
+/// [`nchw_weight_grad_possible`] holds.
+///
+/// With `Y = A^T [U * V] A` per tile and `U = G g G^T`, the gradient reaching `U` is
+/// `dU = sum over tiles of V * (A dY A^T)`, and `dg = G^T dU G`. Each image is copied
+/// channels-last (input bordered, as in [`forward_nchw`]); its tiles' `V_xi [tiles, C]`
+/// and `dY`'s transformed `M_xi [tiles, K]` are formed once, and each of the 16
+/// `dU_xi [K, C] += M_xi^T V_xi` runs through register tiles of 16 accumulators. Threads
+/// take contiguous runs of images and add their partial `dU`s; `G^T dU G` is formed once,
+/// in float64. 16 multiplications per 2x2 outputs and channel pair instead of 36.
+pub fn backward_weight_nchw(x: &[f32], dy: &[f32], g: &super::conv::ConvGeom, dw: &mut [f32]) {
+    use super::matmul::transpose;
+    use rayon::prelude::*;
+    assert!(
+        nchw_weight_grad_possible(g),
+        "winograd::backward_weight_nchw called for {g:?}"
+    );
+    let (hw, c, k) = (g.h * g.w, g.c, g.k);
+    assert!(x.len() == g.n * c * hw && dy.len() == g.n * k * hw && dw.len() == k * c * 9);
+    let ip = nhwc::Plane {
+        h: g.h,
+        w: g.w,
+        c,
+        cs: c,
+        halo: 1,
+    };
+    let (per_row, tiles) = (g.w / 2, hw / 4);
+    let chunk = g.n.div_ceil(rayon::current_num_threads()).max(1);
+    let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(chunk))
+        .into_par_iter()
+        .map(|part| {
+            let mut du = vec![0f32; XI * k * c];
+            let mut pixels = vec![0f32; hw * c.max(k)];
+            // The border of the input plane stays zero; only its interior is written.
+            let mut plane = vec![0f32; ip.len()];
+            let mut v = vec![0f32; XI * tiles * c];
+            let mut m = vec![0f32; XI * tiles * k];
+            for n in part * chunk..((part + 1) * chunk).min(g.n) {
+                transpose(
+                    &x[n * c * hw..(n + 1) * c * hw],
+                    c,
+                    hw,
+                    &mut pixels[..hw * c],
+                );
+                for (r, row) in pixels[..hw * c].chunks_exact(g.w * c).enumerate() {
+                    let at = ip.at(r as isize, 0);
+                    plane[at..at + row.len()].copy_from_slice(row);
+                }
+                transpose(
+                    &dy[n * k * hw..(n + 1) * k * hw],
+                    k,
+                    hw,
+                    &mut pixels[..hw * k],
+                );
+                // SAFETY: the plane is bordered by one zero pixel, so every tile's 4x4
+                // window lies inside it; the buffers hold the sizes `transform_input`,
+                // `transform_output_grad` and `accumulate_du` read and write; AVX-512F was
+                // checked by `nchw_possible`.
+                unsafe {
+                    transform_input(ip, plane.as_ptr(), 0, g.h / 2, per_row, v.as_mut_ptr());
+                    transform_output_grad(&pixels[..hw * k], g.w, k, per_row, tiles, &mut m);
+                    accumulate_du(&v, &m, tiles, c, k, &mut du);
+                }
+            }
+            du
+        })
+        .collect();
+    let mut it = partials.into_iter();
+    let mut du = it.next().unwrap_or_else(|| vec![0f32; XI * k * c]);
+    for p in it {
+        du.iter_mut().zip(&p).for_each(|(d, s)| *d += s);
+    }
+    // dg = G^T dU G, from `dU_xi [K, C]`.
+    kernel_gradient(|xi, kc| du[xi * k * c + kc] as f64, dw);
+}
+
+/// `M_xi [tiles, K]` (`m[(xi * tiles + t) * K + k]`): `A dY A^T` of each tile's 2x2 outputs
+/// of the channels-last gradient `dy [H*W, K]` (rows `w` pixels wide).
+///
+/// # Safety
+/// `dy` holds `4 * tiles * K` floats and `m` `16 * tiles * K`, `K` is a multiple of 16, and
+/// the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transform_output_grad(
+    dy: &[f32],
+    w: usize,
+    k: usize,
+    per_row: usize,
+    tiles: usize,
+    m: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(dy.len() >= 4 * tiles * k && m.len() >= XI * tiles * k);
+    let (d, mp) = (dy.as_ptr(), m.as_mut_ptr());
+    // `A` applied to two values: [a, a + b, a - b, -b].
+    let a_times = |a: __m512, b: __m512| {
+        [
+            a,
+            _mm512_add_ps(a, b),
+            _mm512_sub_ps(a, b),
+            _mm512_sub_ps(_mm512_setzero_ps(), b),
+        ]
+    };
+    for t in 0..tiles {
+        let (oy, ox) = (2 * (t / per_row), 2 * (t % per_row));
+        for kb in (0..k).step_by(LANES) {
+            let y =
+                |r: usize, col: usize| _mm512_loadu_ps(d.add(((oy + r) * w + ox + col) * k + kb));
+            let left = a_times(y(0, 0), y(1, 0));
+            let right = a_times(y(0, 1), y(1, 1));
+            for i in 0..4 {
+                for (j, e) in a_times(left[i], right[i]).iter().enumerate() {
+                    _mm512_storeu_ps(mp.add(((i * 4 + j) * tiles + t) * k + kb), *e);
+                }
+            }
+        }
+    }
+}
+
+/// `du[xi][K][C] += M_xi^T V_xi` for the 16 taps, over `tiles` tiles, in register tiles of
+/// `CV` vectors of 16 input channels by `16 / CV` output channels.
+///
+/// # Safety
+/// `C` and `K` are multiples of 16, the slices hold `16 * tiles * C`, `16 * tiles * K` and
+/// `16 * K * C` floats, and the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn accumulate_du(v: &[f32], m: &[f32], tiles: usize, c: usize, k: usize, du: &mut [f32]) {
+    debug_assert!(v.len() >= XI * tiles * c && m.len() >= XI * tiles * k && du.len() >= XI * k * c);
+    for xi in 0..XI {
+        let (vx, mx) = (
+            v.as_ptr().add(xi * tiles * c),
+            m.as_ptr().add(xi * tiles * k),
+        );
+        let dx = du.as_mut_ptr().add(xi * k * c);
+        let mut c0 = 0;
+        while c0 < c {
+            let left = (c - c0) / LANES;
+            let cv = if left >= 4 {
+                4
+            } else if left >= 2 {
+                2
+            } else {
+                1
+            };
+            for k0 in (0..k).step_by(16 / cv) {
+                match cv {
+                    4 => du_tile::<4, 4>(vx, mx, tiles, c, k, dx, c0, k0),
+                    2 => du_tile::<2, 8>(vx, mx, tiles, c, k, dx, c0, k0),
+                    _ => du_tile::<1, 16>(vx, mx, tiles, c, k, dx, c0, k0),
+                }
+            }
+            c0 += cv * LANES;
+        }
+    }
+}
+
+/// `du[k0..k0+KR][c0..c0+16CV] += sum over t of m[t][k] v[t][c]`.
+#[allow(clippy::too_many_arguments)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn du_tile<const CV: usize, const KR: usize>(
+    v: *const f32,
+    m: *const f32,
+    tiles: usize,
+    c: usize,
+    k: usize,
+    du: *mut f32,
+    c0: usize,
+    k0: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); CV]; KR];
+    for (r, row) in acc.iter_mut().enumerate() {
+        for (j, a) in row.iter_mut().enumerate() {
+            *a = _mm512_loadu_ps(du.add((k0 + r) * c + c0 + j * LANES));
+        }
+    }
+    for t in 0..tiles {
+        let vv: [__m512; CV] =
+            std::array::from_fn(|j| _mm512_loadu_ps(v.add(t * c + c0 + j * LANES)));
+        for (r, row) in acc.iter_mut().enumerate() {
+            let b = _mm512_set1_ps(*m.add(t * k + k0 + r));
+            for (a, vj) in row.iter_mut().zip(&vv) {
+                *a = _mm512_fmadd_ps(b, *vj, *a);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (j, a) in row.iter().enumerate() {
+            _mm512_storeu_ps(du.add((k0 + r) * c + c0 + j * LANES), *a);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn transform_output_grad(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: &mut [f32]) {
+    unreachable!("`nchw_possible` holds only with AVX-512")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn accumulate_du(_: &[f32], _: &[f32], _: usize, _: usize, _: usize, _: &mut [f32]) {
+    unreachable!("`nchw_possible` holds only with AVX-512")
+}
+
 thread_local! {
     /// Transformed inputs and products of a pass, reused across calls.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -354,40 +578,8 @@ unsafe fn pass(
     let kp = blocks * LANES;
     let per_row = op.w / 2;
     let tiles = count * per_row;
-    let (rs, cs) = (ip.row_stride(), ip.cs);
-    let x = input.as_ptr();
     let vp = v.as_mut_ptr();
-    // V_xi [tiles, C]: the 16 transformed values of each tile and input channel.
-    for t in 0..tiles {
-        let (oy, ox) = (2 * (ty + t / per_row), 2 * (t % per_row));
-        let base = x.add(ip.at(oy as isize - 1, ox as isize - 1));
-        for cb in (0..c).step_by(LANES) {
-            let mut d = [[_mm512_setzero_ps(); 4]; 4];
-            for (i, row) in d.iter_mut().enumerate() {
-                for (j, e) in row.iter_mut().enumerate() {
-                    *e = _mm512_loadu_ps(base.add(i * rs + j * cs + cb));
-                }
-            }
-            let mut r = [[_mm512_setzero_ps(); 4]; 4];
-            for j in 0..4 {
-                r[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
-                r[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
-                r[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
-                r[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
-            }
-            for (i, row) in r.iter().enumerate() {
-                let e = [
-                    _mm512_sub_ps(row[0], row[2]),
-                    _mm512_add_ps(row[1], row[2]),
-                    _mm512_sub_ps(row[2], row[1]),
-                    _mm512_sub_ps(row[1], row[3]),
-                ];
-                for (j, e) in e.iter().enumerate() {
-                    _mm512_storeu_ps(vp.add(((i * 4 + j) * tiles + t) * c + cb), *e);
-                }
-            }
-        }
-    }
+    transform_input(ip, input.as_ptr(), ty, count, per_row, vp);
     // M_xi [tiles, K] = V_xi @ U_xi.
     let mp = m.as_mut_ptr();
     for xi in 0..XI {
@@ -435,6 +627,70 @@ unsafe fn pass(
             }
         }
     }
+}
+
+/// `V_xi [tiles, C]` at `v` (`v[(xi * tiles + t) * C + c]`, `tiles = count * per_row`): the
+/// 16 transformed values `B^T d B` of each input channel of the tiles of tile rows
+/// `ty .. ty+count`, read from the bordered channels-last plane `ip` at `x`.
+///
+/// # Safety
+/// The tiles' 4x4 windows (rows `2ty-1 .. 2(ty+count)+1`, columns `-1 ..= 2 per_row`) lie
+/// inside the plane's halo, `v` holds `16 * tiles * C` floats, and the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transform_input(
+    ip: nhwc::Plane,
+    x: *const f32,
+    ty: usize,
+    count: usize,
+    per_row: usize,
+    vp: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let (c, rs, cs) = (ip.c, ip.row_stride(), ip.cs);
+    let tiles = count * per_row;
+    for t in 0..tiles {
+        let (oy, ox) = (2 * (ty + t / per_row), 2 * (t % per_row));
+        let base = x.add(ip.at(oy as isize - 1, ox as isize - 1));
+        for cb in (0..c).step_by(LANES) {
+            let mut d = [[_mm512_setzero_ps(); 4]; 4];
+            for (i, row) in d.iter_mut().enumerate() {
+                for (j, e) in row.iter_mut().enumerate() {
+                    *e = _mm512_loadu_ps(base.add(i * rs + j * cs + cb));
+                }
+            }
+            let mut r = [[_mm512_setzero_ps(); 4]; 4];
+            for j in 0..4 {
+                r[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
+                r[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
+                r[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
+                r[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
+            }
+            for (i, row) in r.iter().enumerate() {
+                let e = [
+                    _mm512_sub_ps(row[0], row[2]),
+                    _mm512_add_ps(row[1], row[2]),
+                    _mm512_sub_ps(row[2], row[1]),
+                    _mm512_sub_ps(row[1], row[3]),
+                ];
+                for (j, e) in e.iter().enumerate() {
+                    _mm512_storeu_ps(vp.add(((i * 4 + j) * tiles + t) * c + cb), *e);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn transform_input(
+    _: nhwc::Plane,
+    _: *const f32,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: *mut f32,
+) {
+    unreachable!("`applies` holds only with AVX-512")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -588,13 +844,14 @@ mod tests {
     }
 
     /// The training step's NCHW form against the naive reference: forward, and the input
-    /// gradient through the flipped kernel (which takes it as well); geometries it does not
-    /// take (16 input channels, odd sizes) are left to the direct kernel.
+    /// gradient through the flipped kernel (which takes it as well); geometries the rule
+    /// leaves out (16 input channels, odd sizes) go to the direct kernel.
     #[test]
     fn nchw_forward_and_input_gradient_match_the_naive_reference() {
         use crate::backend::cpu::conv::{
             conv2d_backward_input_with, conv2d_forward_with, conv2d_naive, ConvGeom,
         };
+        use crate::backend::cpu::tuning::KernelChoice;
         if !nhwc::use_avx512() {
             eprintln!("skipped: no AVX-512F on this CPU");
             return;
@@ -606,6 +863,7 @@ mod tests {
             (2, 32, 4, 6, 48, true),
             (1, 48, 2, 2, 32, true),
             (2, 16, 8, 8, 32, false),
+            (8, 16, 32, 32, 16, false),
             (2, 32, 5, 8, 32, false),
         ] {
             let g = ConvGeom {
@@ -626,7 +884,7 @@ mod tests {
             assert_eq!(nchw_applies(&g), takes, "{g:?}");
             let mut r = |len: usize| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
             let (x, wt, b, dy) = (r(n * c * h * w), r(k * c * 9), r(k), r(n * k * h * w));
-            let (y_ref, dx_ref, _) = conv2d_naive(&x, &wt, Some(&b), &dy, &g);
+            let (y_ref, dx_ref, dw_ref) = conv2d_naive(&x, &wt, Some(&b), &dy, &g);
             let check = |got: &[f32], want: &[f32], what: &str| {
                 let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
                 for (i, (a, e)) in got.iter().zip(want).enumerate() {
@@ -637,11 +895,23 @@ mod tests {
                 }
             };
             let mut y = vec![f32::NAN; y_ref.len()];
-            conv2d_forward_with(&x, &wt, Some(&b), &g, &mut y, true);
+            conv2d_forward_with(&x, &wt, Some(&b), &g, &mut y, KernelChoice::Rules);
             check(&y, &y_ref, "y");
             let mut dx = vec![f32::NAN; dx_ref.len()];
-            conv2d_backward_input_with(&dy, &wt, &g, &mut dx, true);
+            conv2d_backward_input_with(&dy, &wt, &g, &mut dx, KernelChoice::Rules);
             check(&dx, &dx_ref, "dx");
+            // Below the rule's 32 channels the kernel still computes the convolution (for
+            // measured choices).
+            assert_eq!(nchw_possible(&g), takes || c == 16, "{g:?}");
+            if nchw_possible(&g) {
+                let mut y = vec![f32::NAN; y_ref.len()];
+                forward_nchw(&x, &wt, Some(&b), &g, &mut y);
+                check(&y, &y_ref, "y (forward_nchw)");
+                assert!(nchw_weight_grad_possible(&g), "{g:?}");
+                let mut dw = vec![f32::NAN; dw_ref.len()];
+                backward_weight_nchw(&x, &dy, &g, &mut dw);
+                check(&dw, &dw_ref, "dw");
+            }
         }
     }
 }

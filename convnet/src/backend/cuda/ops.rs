@@ -363,7 +363,7 @@ pub(crate) fn conv2d(
         // The GPU runs float32 whatever the autocast precision.
         precision: crate::autocast::Precision::F32,
         // The GPU's backward has its own kernels.
-        winograd: false,
+        kernels: crate::backend::cpu::tuning::KernelChoice::Direct,
     });
     Ok(result(
         y,
