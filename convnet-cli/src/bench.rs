@@ -111,14 +111,13 @@ fn machine() -> serde_json::Value {
 /// The kernels of [`tuning::measurements`], as a table.
 fn print_kernel_choices() {
     use tuning::ConvKernel;
-    let kernels = [ConvKernel::Direct, ConvKernel::Gemm, ConvKernel::Winograd];
     println!(
         "\nkernels measured (best of 3 runs, ms; chosen unless the rule's kernel is within {:.0}%):",
         100.0 * tuning::MARGIN
     );
     println!(
-        "{:<64} {:<12} {:>9} {:>9} {:>9}  {:<9} {:<9}",
-        "convolution", "pass", "direct", "GEMM", "Winograd", "chosen", "rule"
+        "{:<66} {:<12} {:>9} {:>9} {:>9} {:>14}  {:<14} {:<14}",
+        "convolution", "pass", "direct", "GEMM", "Winograd", "Winograd-lanes", "chosen", "rule"
     );
     for m in tuning::measurements() {
         let time = |k: ConvKernel| {
@@ -127,9 +126,9 @@ fn print_kernel_choices() {
                 .find(|(c, _)| *c == k)
                 .map_or("-".to_string(), |(_, s)| format!("{:.3}", s * 1e3))
         };
-        let [direct, gemm, winograd] = kernels.map(time);
+        let [direct, gemm, winograd, lanes] = ConvKernel::ALL.map(time);
         println!(
-            "{:<64} {:<12} {direct:>9} {gemm:>9} {winograd:>9}  {:<9} {:<9}",
+            "{:<66} {:<12} {direct:>9} {gemm:>9} {winograd:>9} {lanes:>14}  {:<14} {:<14}",
             m.geom.describe(),
             m.pass.name(),
             m.chosen.name(),

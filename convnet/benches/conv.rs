@@ -8,6 +8,7 @@ use convnet::backend::cpu::conv::{
     conv2d_backward_input, conv2d_backward_input_col2im, conv2d_backward_weight,
     conv2d_backward_weight_gemm, conv2d_forward, conv2d_forward_im2col, conv2d_naive, ConvGeom,
 };
+use convnet::backend::cpu::winograd;
 use convnet::shape::conv_out_size;
 use convnet::Rng;
 // The allocator the CLI trains with: freed buffers are reused without new page faults.
@@ -74,7 +75,29 @@ fn bench(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("input_grad", "im2col+gemm"), |b| {
             b.iter(|| conv2d_backward_input_col2im(&dy, &w, &g, &mut dx))
         });
+        // Winograd's two forms, where they apply (candidates of `--kernels measured`).
+        if winograd::nchw_possible(&g) {
+            group.bench_function(BenchmarkId::new("forward", "winograd"), |b| {
+                b.iter(|| winograd::forward_nchw(&x, &w, None, &g, &mut y))
+            });
+        }
+        #[cfg(target_arch = "x86_64")]
+        if convnet::backend::cpu::winograd_lanes::applies(&g) {
+            use convnet::backend::cpu::winograd_lanes;
+            group.bench_function(BenchmarkId::new("forward", "winograd-lanes"), |b| {
+                b.iter(|| winograd_lanes::forward(&x, &w, None, &g, &mut y))
+            });
+            let mut dw = vec![0f32; w.len()];
+            group.bench_function(BenchmarkId::new("weight_grad", "winograd-lanes"), |b| {
+                b.iter(|| winograd_lanes::backward_weight(&x, &dy, &g, &mut dw))
+            });
+        }
         let mut dw = vec![0f32; w.len()];
+        if winograd::nchw_weight_grad_possible(&g) {
+            group.bench_function(BenchmarkId::new("weight_grad", "winograd"), |b| {
+                b.iter(|| winograd::backward_weight_nchw(&x, &dy, &g, &mut dw))
+            });
+        }
         group.bench_function(BenchmarkId::new("weight_grad", "dispatched"), |b| {
             b.iter(|| conv2d_backward_weight(&x, &dy, &g, &mut dw))
         });

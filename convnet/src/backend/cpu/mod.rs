@@ -24,6 +24,8 @@ pub mod shortcut;
 pub mod simd;
 pub mod tuning;
 pub mod winograd;
+#[cfg(target_arch = "x86_64")]
+pub mod winograd_lanes;
 
 /// Number of worker threads kernels may use (rayon's pool size).
 pub fn num_threads() -> usize {

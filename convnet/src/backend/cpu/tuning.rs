@@ -85,19 +85,32 @@ pub enum ConvKernel {
     Direct,
     /// im2col + GEMM (col2im for the input gradient).
     Gemm,
-    /// Winograd's F(2x2, 3x3) (the input gradient through the flipped kernel).
+    /// Winograd's F(2x2, 3x3) through channels-last copies of the images (the input
+    /// gradient through the flipped kernel).
     Winograd,
+    /// Winograd's F(2x2, 3x3) on the NCHW planes, 16 tiles per vector (rows a multiple of
+    /// 32 wide).
+    WinogradLanes,
 }
 
 impl ConvKernel {
-    /// A short name (`direct`, `GEMM`, `Winograd`).
+    /// A short name (`direct`, `GEMM`, `Winograd`, `Winograd-lanes`).
     pub fn name(self) -> &'static str {
         match self {
             ConvKernel::Direct => "direct",
             ConvKernel::Gemm => "GEMM",
             ConvKernel::Winograd => "Winograd",
+            ConvKernel::WinogradLanes => "Winograd-lanes",
         }
     }
+
+    /// Every kernel, in the order tables list them.
+    pub const ALL: [ConvKernel; 4] = [
+        ConvKernel::Direct,
+        ConvKernel::Gemm,
+        ConvKernel::Winograd,
+        ConvKernel::WinogradLanes,
+    ];
 }
 
 /// The three passes of a convolution in training.
@@ -241,14 +254,17 @@ pub(super) fn choose(
 }
 
 /// The kernels of a pass: im2col + GEMM, which computes every convolution, the direct
-/// kernel where `direct` is it, and Winograd's where `winograd`.
-pub(super) fn candidates(direct: ConvKernel, winograd: bool) -> Vec<ConvKernel> {
+/// kernel where `direct` is it, and Winograd's two forms where `winograd` and `lanes`.
+pub(super) fn candidates(direct: ConvKernel, winograd: bool, lanes: bool) -> Vec<ConvKernel> {
     let mut kernels = vec![ConvKernel::Gemm];
     if direct == ConvKernel::Direct {
         kernels.push(ConvKernel::Direct);
     }
     if winograd {
         kernels.push(ConvKernel::Winograd);
+    }
+    if lanes {
+        kernels.push(ConvKernel::WinogradLanes);
     }
     kernels
 }

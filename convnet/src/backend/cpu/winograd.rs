@@ -39,6 +39,14 @@ const XI: usize = 16;
 /// 64 tiles 6630 images/s, 32 7480, 16 7980, 8 8010 (the direct kernel: 6000).
 const TILES_PER_PASS: usize = 16;
 
+/// Floats from one tap's block of `block` floats to the next in the transformed tiles: one
+/// vector more than the block, so that the 16 taps of a tile, written or read together, do
+/// not lie a multiple of 4 KiB apart (in the same L1 set), as blocks of whole vectors of 16
+/// or 64 channels often would.
+pub(super) fn tap_stride(block: usize) -> usize {
+    block + LANES
+}
+
 /// The transformed kernel of a [`DirectConv`] with 3x3 weights: `U [16][ceil(K/16)][C][16]`
 /// (for each of the 16 taps, the layout [`nhwc::PackedConv`] gives a 1x1 kernel).
 #[derive(Clone, Debug)]
@@ -199,8 +207,8 @@ pub fn conv_rows(
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
         let (v_len, m_len) = (
-            XI * tile_rows * per_row * ip.c,
-            XI * tile_rows * per_row * blocks * LANES,
+            XI * tap_stride(tile_rows * per_row * ip.c),
+            XI * tap_stride(tile_rows * per_row * blocks * LANES),
         );
         if s.len() < v_len + m_len {
             s.resize(v_len + m_len, 0.0);
@@ -378,8 +386,8 @@ pub fn backward_weight_nchw(x: &[f32], dy: &[f32], g: &super::conv::ConvGeom, dw
             let mut pixels = vec![0f32; hw * c.max(k)];
             // The border of the input plane stays zero; only its interior is written.
             let mut plane = vec![0f32; ip.len()];
-            let mut v = vec![0f32; XI * tiles * c];
-            let mut m = vec![0f32; XI * tiles * k];
+            let mut v = vec![0f32; XI * tap_stride(tiles * c)];
+            let mut m = vec![0f32; XI * tap_stride(tiles * k)];
             for n in part * chunk..((part + 1) * chunk).min(g.n) {
                 transpose(
                     &x[n * c * hw..(n + 1) * c * hw],
@@ -419,7 +427,7 @@ pub fn backward_weight_nchw(x: &[f32], dy: &[f32], g: &super::conv::ConvGeom, dw
     kernel_gradient(|xi, kc| du[xi * k * c + kc] as f64, dw);
 }
 
-/// `M_xi [tiles, K]` (`m[(xi * tiles + t) * K + k]`): `A dY A^T` of each tile's 2x2 outputs
+/// `M_xi [tiles, K]` (`m[xi * tap_stride(tiles * K) + t * K + k]`): `A dY A^T` of each tile's 2x2 outputs
 /// of the channels-last gradient `dy [H*W, K]` (rows `w` pixels wide).
 ///
 /// # Safety
@@ -436,7 +444,7 @@ unsafe fn transform_output_grad(
     m: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(dy.len() >= 4 * tiles * k && m.len() >= XI * tiles * k);
+    debug_assert!(dy.len() >= 4 * tiles * k && m.len() >= XI * tap_stride(tiles * k));
     let (d, mp) = (dy.as_ptr(), m.as_mut_ptr());
     // `A` applied to two values: [a, a + b, a - b, -b].
     let a_times = |a: __m512, b: __m512| {
@@ -456,7 +464,7 @@ unsafe fn transform_output_grad(
             let right = a_times(y(0, 1), y(1, 1));
             for i in 0..4 {
                 for (j, e) in a_times(left[i], right[i]).iter().enumerate() {
-                    _mm512_storeu_ps(mp.add(((i * 4 + j) * tiles + t) * k + kb), *e);
+                    _mm512_storeu_ps(mp.add((i * 4 + j) * tap_stride(tiles * k) + t * k + kb), *e);
                 }
             }
         }
@@ -472,11 +480,12 @@ unsafe fn transform_output_grad(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn accumulate_du(v: &[f32], m: &[f32], tiles: usize, c: usize, k: usize, du: &mut [f32]) {
-    debug_assert!(v.len() >= XI * tiles * c && m.len() >= XI * tiles * k && du.len() >= XI * k * c);
+    debug_assert!(v.len() >= XI * tap_stride(tiles * c) && m.len() >= XI * tap_stride(tiles * k));
+    debug_assert!(du.len() >= XI * k * c);
     for xi in 0..XI {
         let (vx, mx) = (
-            v.as_ptr().add(xi * tiles * c),
-            m.as_ptr().add(xi * tiles * k),
+            v.as_ptr().add(xi * tap_stride(tiles * c)),
+            m.as_ptr().add(xi * tap_stride(tiles * k)),
         );
         let dx = du.as_mut_ptr().add(xi * k * c);
         let mut c0 = 0;
@@ -584,12 +593,12 @@ unsafe fn pass(
     let mp = m.as_mut_ptr();
     for xi in 0..XI {
         nhwc::matmul_tiles(
-            vp.add(xi * tiles * c),
+            vp.add(xi * tap_stride(tiles * c)),
             tiles,
             c,
             packed.u.as_ptr().add(xi * blocks * c * LANES),
             blocks,
-            mp.add(xi * tiles * kp),
+            mp.add(xi * tap_stride(tiles * kp)),
             kp,
         );
     }
@@ -599,7 +608,9 @@ unsafe fn pass(
     for t in 0..tiles {
         let (oy, ox) = (2 * (ty + t / per_row), 2 * (t % per_row));
         for kb in 0..blocks {
-            let mv = |xi: usize| _mm512_loadu_ps(mp.add((xi * tiles + t) * kp + kb * LANES));
+            let mv = |xi: usize| {
+                _mm512_loadu_ps(mp.add(xi * tap_stride(tiles * kp) + t * kp + kb * LANES))
+            };
             let mut a = [[_mm512_setzero_ps(); 4]; 2];
             for j in 0..4 {
                 let (m0, m1, m2, m3) = (mv(j), mv(4 + j), mv(8 + j), mv(12 + j));
@@ -629,13 +640,13 @@ unsafe fn pass(
     }
 }
 
-/// `V_xi [tiles, C]` at `v` (`v[(xi * tiles + t) * C + c]`, `tiles = count * per_row`): the
+/// `V_xi [tiles, C]` at `v` (`v[xi * tap_stride(tiles * C) + t * C + c]`, `tiles = count * per_row`): the
 /// 16 transformed values `B^T d B` of each input channel of the tiles of tile rows
 /// `ty .. ty+count`, read from the bordered channels-last plane `ip` at `x`.
 ///
 /// # Safety
 /// The tiles' 4x4 windows (rows `2ty-1 .. 2(ty+count)+1`, columns `-1 ..= 2 per_row`) lie
-/// inside the plane's halo, `v` holds `16 * tiles * C` floats, and the CPU has AVX-512F.
+/// inside the plane's halo, `v` holds `16 * tap_stride(tiles * C)` floats, and the CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn transform_input(
@@ -674,7 +685,7 @@ unsafe fn transform_input(
                     _mm512_sub_ps(row[1], row[3]),
                 ];
                 for (j, e) in e.iter().enumerate() {
-                    _mm512_storeu_ps(vp.add(((i * 4 + j) * tiles + t) * c + cb), *e);
+                    _mm512_storeu_ps(vp.add((i * 4 + j) * tap_stride(tiles * c) + t * c + cb), *e);
                 }
             }
         }
