@@ -157,7 +157,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "f32")]
     precision: PrecisionArg,
     /// On the CPU, how float32 convolutions choose their kernels: `rules` (measured shape
-    /// rules: Winograd's F(2x2, 3x3) for 3x3 stride-1 layers from 32 input channels, which
+    /// rules: Winograd's F(2x2, 3x3) for 3x3 stride-1 layers from 16 input channels, which
     /// rounds differently, within a few 1e-6 of the outputs' scale), `measured` (each
     /// shape's candidate kernels timed on this machine at its first step, the fastest kept;
     /// a rerun may choose differently on a busy machine), or `direct` (the direct kernel

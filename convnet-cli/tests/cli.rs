@@ -833,6 +833,38 @@ fn bfloat16_training_on_the_emulated_gpu_tracks_float32() {
     );
 }
 
+/// `--kernels`: the rules (Winograd where it pays), the measured choices and the direct
+/// kernel train to nearly the same loss, their sums differing only in rounding (over a few
+/// steps often below the weights' own rounding); a name that is not a choice is refused
+/// with the choices.
+#[test]
+fn kernel_choices_train_alike() {
+    let run = |kernels: &str| {
+        let args = [
+            "--epochs",
+            "1",
+            "--limit-train",
+            "512",
+            "--limit-test",
+            "300",
+            "--batch-size",
+            "32",
+            "--kernels",
+            kernels,
+        ];
+        let r = train_run(&format!("kernels-{kernels}"), &args).0;
+        r["test_loss"].as_f64().unwrap()
+    };
+    let (rules, measured, direct) = (run("rules"), run("measured"), run("direct"));
+    for other in [measured, direct] {
+        assert!(
+            (other - rules).abs() < 0.02 * rules,
+            "test loss: rules {rules}, measured {measured}, direct {direct}"
+        );
+    }
+    fails_with(&["train", "--kernels", "fastest"], "rules");
+}
+
 /// `--precision bf16` on the CPU (AVX512-BF16 or AMX-BF16) trains close to float32 and its
 /// checkpoint evaluates as usual; `bench` times it; where the CPU lacks the
 /// instructions it is refused with the reason.

@@ -160,9 +160,10 @@ impl Machine {
     pub fn float_kernels(&self) -> &'static str {
         if super::nhwc::use_avx512() {
             "AVX-512: direct 3x3 kernels and register tiles (16 output channels per vector); \
-             Winograd F(2x2, 3x3) for 3x3 stride-1 convolutions with a multiple of 16 input \
-             channels (inference; in training from 32 channels by the rules, where measured \
-             faster with --kernels measured, never with --kernels direct)"
+             Winograd F(2x2, 3x3) for 3x3 stride-1 convolutions: in inference with a multiple \
+             of 16 input channels, in training by the rules from 16 input channels (on the \
+             NCHW planes with 16, rows a multiple of 32 wide), where measured faster with \
+             --kernels measured, never with --kernels direct"
         } else {
             "portable register tiles"
         }

@@ -12,7 +12,7 @@
 //!   tensor's `conv2d` does outside [`with_kernels`]: sums that are PyTorch's up to the
 //!   order of the additions.
 //! - [`KernelChoice::Rules`]: the shape rules measured on full-width AVX-512 (Winograd for
-//!   3x3 stride-1 layers from 32 input channels). The training loop's default.
+//!   3x3 stride-1 layers from 16 input channels). The training loop's default.
 //! - [`KernelChoice::Measured`]: the first time a pass of a shape runs (at a given thread
 //!   count), each candidate kernel is timed on the pass's own operands, three times,
 //!   alternating, the best time of each kept; the fastest is used from then on in this
@@ -54,7 +54,7 @@ pub enum KernelChoice {
     /// The direct kernel where it applies, im2col + GEMM elsewhere.
     Direct,
     /// The measured shape rules: also Winograd's F(2x2, 3x3) for 3x3 stride-1 convolutions
-    /// with 32 or more input channels.
+    /// with 16 or more input channels, in all three passes.
     Rules,
     /// Each shape's candidates timed the first time it runs; the fastest kept.
     Measured,
