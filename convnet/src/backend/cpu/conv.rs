@@ -737,6 +737,20 @@ pub fn conv2d_naive(
     (f(y), f(dx), f(dw))
 }
 
+/// Asserts that `got` is within `bound` times (|reference| + the reference's root mean
+/// square) of `want` everywhere: the measure of Winograd's rounding in the tests.
+#[cfg(test)]
+pub(super) fn assert_within_scale(got: &[f32], want: &[f32], bound: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
+    for (i, (a, e)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (a - e).abs() <= bound * (e.abs() + rms),
+            "{what}[{i}]: {a} vs {e}"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -809,13 +823,7 @@ mod tests {
             let (y_ref, dx_ref, dw_ref) = conv2d_naive(&x, &w, Some(&b), &dy, &g);
             // Winograd's rounding: a few 1e-6 of the outputs' scale.
             let check = |got: &[f32], want: &[f32], what: &str| {
-                let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
-                for (i, (a, e)) in got.iter().zip(want).enumerate() {
-                    assert!(
-                        (a - e).abs() <= 5e-6 * (e.abs() + rms),
-                        "{g:?} {what}[{i}]: {a} vs {e}"
-                    );
-                }
+                assert_within_scale(got, want, 5e-6, &format!("{g:?} {what}"))
             };
             let m = KernelChoice::Measured;
             let passes = |fill: f32| {

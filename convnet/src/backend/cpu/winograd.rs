@@ -640,6 +640,37 @@ unsafe fn pass(
     }
 }
 
+/// `B^T d B` of one 4x4 input tile, 16 lanes at a time (additions only).
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn transform_tile(
+    d: &[[std::arch::x86_64::__m512; 4]; 4],
+) -> [[std::arch::x86_64::__m512; 4]; 4] {
+    use std::arch::x86_64::*;
+    // `B^T` down the columns ([v0 - v2, v1 + v2, v2 - v1, v1 - v3]), then along each row.
+    let mut r = [[_mm512_setzero_ps(); 4]; 4];
+    for j in 0..4 {
+        r[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
+        r[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
+        r[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
+        r[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
+    }
+    let mut v = [[_mm512_setzero_ps(); 4]; 4];
+    for (row, out) in r.iter().zip(v.iter_mut()) {
+        *out = [
+            _mm512_sub_ps(row[0], row[2]),
+            _mm512_add_ps(row[1], row[2]),
+            _mm512_sub_ps(row[2], row[1]),
+            _mm512_sub_ps(row[1], row[3]),
+        ];
+    }
+    v
+}
+
 /// `V_xi [tiles, C]` at `v` (`v[xi * tap_stride(tiles * C) + t * C + c]`, `tiles = count * per_row`): the
 /// 16 transformed values `B^T d B` of each input channel of the tiles of tile rows
 /// `ty .. ty+count`, read from the bordered channels-last plane `ip` at `x`.
@@ -670,21 +701,8 @@ unsafe fn transform_input(
                     *e = _mm512_loadu_ps(base.add(i * rs + j * cs + cb));
                 }
             }
-            let mut r = [[_mm512_setzero_ps(); 4]; 4];
-            for j in 0..4 {
-                r[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
-                r[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
-                r[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
-                r[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
-            }
-            for (i, row) in r.iter().enumerate() {
-                let e = [
-                    _mm512_sub_ps(row[0], row[2]),
-                    _mm512_add_ps(row[1], row[2]),
-                    _mm512_sub_ps(row[2], row[1]),
-                    _mm512_sub_ps(row[1], row[3]),
-                ];
-                for (j, e) in e.iter().enumerate() {
+            for (i, row) in transform_tile(&d).iter().enumerate() {
+                for (j, e) in row.iter().enumerate() {
                     _mm512_storeu_ps(vp.add((i * 4 + j) * tap_stride(tiles * c) + t * c + cb), *e);
                 }
             }
@@ -860,7 +878,8 @@ mod tests {
     #[test]
     fn nchw_forward_and_input_gradient_match_the_naive_reference() {
         use crate::backend::cpu::conv::{
-            conv2d_backward_input_with, conv2d_forward_with, conv2d_naive, ConvGeom,
+            assert_within_scale, conv2d_backward_input_with, conv2d_forward_with, conv2d_naive,
+            ConvGeom,
         };
         use crate::backend::cpu::tuning::KernelChoice;
         if !nhwc::use_avx512() {
@@ -897,13 +916,7 @@ mod tests {
             let (x, wt, b, dy) = (r(n * c * h * w), r(k * c * 9), r(k), r(n * k * h * w));
             let (y_ref, dx_ref, dw_ref) = conv2d_naive(&x, &wt, Some(&b), &dy, &g);
             let check = |got: &[f32], want: &[f32], what: &str| {
-                let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
-                for (i, (a, e)) in got.iter().zip(want).enumerate() {
-                    assert!(
-                        (a - e).abs() <= 5e-6 * (e.abs() + rms),
-                        "{g:?} {what}[{i}]: {a} vs {e}"
-                    );
-                }
+                assert_within_scale(got, want, 5e-6, &format!("{g:?} {what}"))
             };
             let mut y = vec![f32::NAN; y_ref.len()];
             conv2d_forward_with(&x, &wt, Some(&b), &g, &mut y, KernelChoice::Rules);

@@ -15,7 +15,7 @@
 //! The weight gradient sums `M_xi V_xi^T` lane by lane and adds the lanes once at the end.
 
 use super::conv::ConvGeom;
-use super::winograd::{kernel_gradient, transform_kernel};
+use super::winograd::{kernel_gradient, transform_kernel, transform_tile};
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 
@@ -211,21 +211,8 @@ unsafe fn transform_input(
                     _mm512_set1_ps(after),
                 );
             }
-            let mut r = [[_mm512_setzero_ps(); 4]; 4];
-            for j in 0..4 {
-                r[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
-                r[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
-                r[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
-                r[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
-            }
-            for (i, row) in r.iter().enumerate() {
-                let e = [
-                    _mm512_sub_ps(row[0], row[2]),
-                    _mm512_add_ps(row[1], row[2]),
-                    _mm512_sub_ps(row[2], row[1]),
-                    _mm512_sub_ps(row[1], row[3]),
-                ];
-                for (j, e) in e.iter().enumerate() {
+            for (i, row) in transform_tile(&d).iter().enumerate() {
+                for (j, e) in row.iter().enumerate() {
                     _mm512_storeu_ps(
                         vp.add((i * 4 + j) * tap_stride(c, stride) + (ch * stride + p) * LANES),
                         *e,
@@ -465,7 +452,7 @@ unsafe fn gradient_tile<const R: usize, const Q: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::conv::conv2d_naive;
+    use crate::backend::cpu::conv::{assert_within_scale, conv2d_naive};
     use crate::Rng;
 
     /// Forward, input gradient (through the flipped kernel) and weight gradient against the
@@ -505,13 +492,7 @@ mod tests {
             let (x, wt, b, dy) = (r(n * c * h * w), r(k * c * 9), r(k), r(n * k * h * w));
             let (y_ref, dx_ref, dw_ref) = conv2d_naive(&x, &wt, Some(&b), &dy, &g);
             let check = |got: &[f32], want: &[f32], what: &str| {
-                let rms = (want.iter().map(|v| v * v).sum::<f32>() / want.len() as f32).sqrt();
-                for (i, (a, e)) in got.iter().zip(want).enumerate() {
-                    assert!(
-                        (a - e).abs() <= 5e-6 * (e.abs() + rms),
-                        "{g:?} {what}[{i}]: {a} vs {e}"
-                    );
-                }
+                assert_within_scale(got, want, 5e-6, &format!("{g:?} {what}"))
             };
             let mut y = vec![f32::NAN; y_ref.len()];
             forward(&x, &wt, Some(&b), &g, &mut y);
