@@ -111,24 +111,39 @@ fn machine() -> serde_json::Value {
 /// The kernels of [`tuning::measurements`], as a table.
 fn print_kernel_choices() {
     use tuning::ConvKernel;
+    let measured = tuning::measurements();
+    if measured.is_empty() {
+        println!(
+            "\nkernels measured: none (no convolution of this step has more than one kernel on this CPU)"
+        );
+        return;
+    }
     println!(
         "\nkernels measured (best of 3 runs, ms; chosen unless the rule's kernel is within {:.0}%):",
         100.0 * tuning::MARGIN
     );
     println!(
-        "{:<66} {:<12} {:>9} {:>9} {:>9} {:>14}  {:<14} {:<14}",
-        "convolution", "pass", "direct", "GEMM", "Winograd", "Winograd-lanes", "chosen", "rule"
+        "{:<66} {:<12} {:>8} {:>8} {:>8} {:>8} {:>14}  {:<14} {:<14}",
+        "convolution",
+        "pass",
+        "direct",
+        "GEMM",
+        "col2im",
+        "Winograd",
+        "Winograd-lanes",
+        "chosen",
+        "rule"
     );
-    for m in tuning::measurements() {
+    for m in measured {
         let time = |k: ConvKernel| {
             m.seconds
                 .iter()
                 .find(|(c, _)| *c == k)
                 .map_or("-".to_string(), |(_, s)| format!("{:.3}", s * 1e3))
         };
-        let [direct, gemm, winograd, lanes] = ConvKernel::ALL.map(time);
+        let [direct, gemm, col2im, winograd, lanes] = ConvKernel::ALL.map(time);
         println!(
-            "{:<66} {:<12} {direct:>9} {gemm:>9} {winograd:>9} {lanes:>14}  {:<14} {:<14}",
+            "{:<66} {:<12} {direct:>8} {gemm:>8} {col2im:>8} {winograd:>8} {lanes:>14}  {:<14} {:<14}",
             m.geom.describe(),
             m.pass.name(),
             m.chosen.name(),

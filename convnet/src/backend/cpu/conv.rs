@@ -241,7 +241,12 @@ pub fn conv2d_forward_with(
         ConvKernel::Gemm
     };
     let rule = winograd_rule(g, true).unwrap_or(direct);
-    let candidates = candidates(direct, super::winograd::nchw_possible(g), lanes_apply(g));
+    let candidates = candidates([
+        (ConvKernel::Gemm, true),
+        (ConvKernel::Direct, direct == ConvKernel::Direct),
+        (ConvKernel::Winograd, super::winograd::nchw_possible(g)),
+        (ConvKernel::WinogradLanes, lanes_apply(g)),
+    ]);
     let pass = ConvPass::Forward;
     let kernel = choose(kernels, pass, g, (direct, rule), &candidates, |k| {
         forward_by(k, x, w, bias, g, y)
@@ -425,17 +430,17 @@ pub fn conv2d_backward_input_with(
     kernels: KernelChoice,
 ) {
     let flipped = g.flipped_input_grad().map(|tg| (flip_transpose(w, g), tg));
-    let winograd = flipped
-        .as_ref()
-        .filter(|(_, tg)| super::winograd::nchw_possible(tg));
     #[cfg(target_arch = "x86_64")]
-    let direct = flipped.is_some() || super::conv_direct::input_grad_s2_applies(g);
+    let s2 = super::conv_direct::input_grad_s2_applies(g);
     #[cfg(not(target_arch = "x86_64"))]
-    let direct = flipped.is_some();
-    let direct = if direct {
-        ConvKernel::Direct
-    } else {
-        ConvKernel::Gemm
+    let s2 = false;
+    // Without Winograd: the flipped kernel through the forward pass's kernel (direct or
+    // im2col + GEMM), the direct stride-2 kernel, or col2im.
+    let direct = match &flipped {
+        Some((_, tg)) if direct_forward_applies(tg) => ConvKernel::Direct,
+        Some(_) => ConvKernel::Gemm,
+        None if s2 => ConvKernel::Direct,
+        None => ConvKernel::Col2im,
     };
     let rule = flipped
         .as_ref()
@@ -450,12 +455,23 @@ pub fn conv2d_backward_input_with(
             super::winograd_lanes::forward(dy, fw, None, tg, dx)
         }
         (ConvKernel::Direct, Some((fw, tg))) => conv2d_forward(dy, fw, None, tg, dx),
+        (ConvKernel::Gemm, Some((fw, tg))) => conv2d_forward_im2col(dy, fw, None, tg, dx),
         #[cfg(target_arch = "x86_64")]
         (ConvKernel::Direct, None) => super::conv_direct::backward_input_s2(dy, w, g, dx),
         _ => conv2d_backward_input_col2im(dy, w, g, dx),
     };
-    let lanes = flipped.as_ref().is_some_and(|(_, tg)| lanes_apply(tg));
-    let candidates = candidates(direct, winograd.is_some(), lanes);
+    let on_flipped =
+        |applies: fn(&ConvGeom) -> bool| flipped.as_ref().is_some_and(|(_, tg)| applies(tg));
+    let candidates = candidates([
+        (ConvKernel::Col2im, true),
+        (ConvKernel::Gemm, flipped.is_some()),
+        (ConvKernel::Direct, direct == ConvKernel::Direct),
+        (
+            ConvKernel::Winograd,
+            on_flipped(super::winograd::nchw_possible),
+        ),
+        (ConvKernel::WinogradLanes, on_flipped(lanes_apply)),
+    ]);
     let pass = ConvPass::InputGrad;
     let kernel = choose(kernels, pass, g, (direct, rule), &candidates, |k| {
         run(k, dx)
@@ -586,7 +602,12 @@ pub fn conv2d_backward_weight_with(
         ConvKernel::Direct => super::conv_direct::backward_weight(x, dy, g, dw),
         _ => conv2d_backward_weight_gemm(x, dy, g, dw),
     };
-    let candidates = candidates(direct, winograd, lanes_apply(g));
+    let candidates = candidates([
+        (ConvKernel::Gemm, true),
+        (ConvKernel::Direct, direct == ConvKernel::Direct),
+        (ConvKernel::Winograd, winograd),
+        (ConvKernel::WinogradLanes, lanes_apply(g)),
+    ]);
     let pass = ConvPass::WeightGrad;
     let kernel = choose(kernels, pass, g, (direct, rule), &candidates, |k| {
         run(k, dw)

@@ -83,8 +83,10 @@ pub enum ConvKernel {
     /// The direct kernels of `conv_direct` (the stride-1 input gradient through the
     /// flipped kernel).
     Direct,
-    /// im2col + GEMM (col2im for the input gradient).
+    /// im2col + GEMM (the stride-1 input gradient through the flipped kernel).
     Gemm,
+    /// The input gradient as `W^T dY` products and col2im (any geometry).
+    Col2im,
     /// Winograd's F(2x2, 3x3) through channels-last copies of the images (the input
     /// gradient through the flipped kernel).
     Winograd,
@@ -94,20 +96,22 @@ pub enum ConvKernel {
 }
 
 impl ConvKernel {
-    /// A short name (`direct`, `GEMM`, `Winograd`, `Winograd-lanes`).
+    /// A short name (`direct`, `GEMM`, `col2im`, `Winograd`, `Winograd-lanes`).
     pub fn name(self) -> &'static str {
         match self {
             ConvKernel::Direct => "direct",
             ConvKernel::Gemm => "GEMM",
+            ConvKernel::Col2im => "col2im",
             ConvKernel::Winograd => "Winograd",
             ConvKernel::WinogradLanes => "Winograd-lanes",
         }
     }
 
     /// Every kernel, in the order tables list them.
-    pub const ALL: [ConvKernel; 4] = [
+    pub const ALL: [ConvKernel; 5] = [
         ConvKernel::Direct,
         ConvKernel::Gemm,
+        ConvKernel::Col2im,
         ConvKernel::Winograd,
         ConvKernel::WinogradLanes,
     ];
@@ -253,20 +257,12 @@ pub(super) fn choose(
     chosen
 }
 
-/// The kernels of a pass: im2col + GEMM, which computes every convolution, the direct
-/// kernel where `direct` is it, and Winograd's two forms where `winograd` and `lanes`.
-pub(super) fn candidates(direct: ConvKernel, winograd: bool, lanes: bool) -> Vec<ConvKernel> {
-    let mut kernels = vec![ConvKernel::Gemm];
-    if direct == ConvKernel::Direct {
-        kernels.push(ConvKernel::Direct);
-    }
-    if winograd {
-        kernels.push(ConvKernel::Winograd);
-    }
-    if lanes {
-        kernels.push(ConvKernel::WinogradLanes);
-    }
-    kernels
+/// The kernels of `offered` that apply (`(kernel, applies)`), in order.
+pub(super) fn candidates<const N: usize>(offered: [(ConvKernel, bool); N]) -> Vec<ConvKernel> {
+    offered
+        .into_iter()
+        .filter_map(|(kernel, applies)| applies.then_some(kernel))
+        .collect()
 }
 
 /// The fastest of `seconds`, unless the rule's kernel is within [`MARGIN`] of it.
