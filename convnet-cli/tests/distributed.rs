@@ -17,6 +17,14 @@ fn cache_dir() -> PathBuf {
     std::env::temp_dir().join(format!("convnet-dist-cache-{}", std::process::id()))
 }
 
+/// The working directory of every process started here: runs given no `--out` (the
+/// refused and failing ones) make their `runs/` folder there, not in the source tree.
+fn work_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("convnet-dist-cwd-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("create the working directory");
+    d
+}
+
 fn temp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("convnet-dist-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -32,6 +40,7 @@ fn mpirun(ranks: usize, mca: &[&str]) -> Command {
     cmd.args(words)
         .args(mca)
         .args(["-np", &ranks.to_string()])
+        .current_dir(work_dir())
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .env("CONVNET_CACHE_DIR", cache_dir());
@@ -46,7 +55,9 @@ fn run(mut cmd: Command) -> Output {
 fn convnet(ranks: usize, args: &[&str]) -> Output {
     if ranks == 1 {
         let mut cmd = Command::new(BIN);
-        cmd.args(args).env("CONVNET_CACHE_DIR", cache_dir());
+        cmd.args(args)
+            .current_dir(work_dir())
+            .env("CONVNET_CACHE_DIR", cache_dir());
         return run(cmd);
     }
     let mut cmd = mpirun(ranks, &[]);
