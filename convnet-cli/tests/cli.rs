@@ -833,6 +833,19 @@ fn bfloat16_training_on_the_emulated_gpu_tracks_float32() {
     );
 }
 
+/// One epoch of 512 sample images in batches of 32, tested on 300: training runs that
+/// compare two settings.
+const SHORT_RUN: [&str; 8] = [
+    "--epochs",
+    "1",
+    "--limit-train",
+    "512",
+    "--limit-test",
+    "300",
+    "--batch-size",
+    "32",
+];
+
 /// `--kernels`: the rules (Winograd where it pays), the measured choices and the direct
 /// kernel train to nearly the same loss, their sums differing only in rounding (over a few
 /// steps often below the weights' own rounding); a name that is not a choice is refused
@@ -840,18 +853,8 @@ fn bfloat16_training_on_the_emulated_gpu_tracks_float32() {
 #[test]
 fn kernel_choices_train_alike() {
     let run = |kernels: &str| {
-        let args = [
-            "--epochs",
-            "1",
-            "--limit-train",
-            "512",
-            "--limit-test",
-            "300",
-            "--batch-size",
-            "32",
-            "--kernels",
-            kernels,
-        ];
+        let mut args = SHORT_RUN.to_vec();
+        args.extend(["--kernels", kernels]);
         let r = train_run(&format!("kernels-{kernels}"), &args).0;
         r["test_loss"].as_f64().unwrap()
     };
@@ -871,16 +874,7 @@ fn kernel_choices_train_alike() {
 #[test]
 fn bfloat16_training_on_the_cpu_tracks_float32() {
     let run = |extra: &[&str], tag: &str| {
-        let mut args = vec![
-            "--epochs",
-            "1",
-            "--limit-train",
-            "512",
-            "--limit-test",
-            "300",
-            "--batch-size",
-            "32",
-        ];
+        let mut args = SHORT_RUN.to_vec();
         args.extend_from_slice(extra);
         train_run(&format!("cpu-bf16-{tag}"), &args).0
     };

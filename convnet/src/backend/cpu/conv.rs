@@ -14,7 +14,7 @@
 //! unless the batch is smaller than the thread count.
 
 use super::matmul::{matmul, MatRef, Par};
-use super::tuning::{candidates, choose, ConvKernel, ConvPass, KernelChoice};
+use super::tuning::{choose, ConvKernel, ConvPass, KernelChoice};
 use rayon::prelude::*;
 
 /// Geometry of one convolution, validated by the caller.
@@ -241,14 +241,14 @@ pub fn conv2d_forward_with(
         ConvKernel::Gemm
     };
     let rule = winograd_rule(g, true).unwrap_or(direct);
-    let candidates = candidates([
+    let offered = [
         (ConvKernel::Gemm, true),
         (ConvKernel::Direct, direct == ConvKernel::Direct),
         (ConvKernel::Winograd, super::winograd::nchw_possible(g)),
         (ConvKernel::WinogradLanes, lanes_apply(g)),
-    ]);
+    ];
     let pass = ConvPass::Forward;
-    let kernel = choose(kernels, pass, g, (direct, rule), &candidates, |k| {
+    let kernel = choose(kernels, pass, g, (direct, rule), offered, |k| {
         forward_by(k, x, w, bias, g, y)
     });
     forward_by(kernel, x, w, bias, g, y)
@@ -462,7 +462,7 @@ pub fn conv2d_backward_input_with(
     };
     let on_flipped =
         |applies: fn(&ConvGeom) -> bool| flipped.as_ref().is_some_and(|(_, tg)| applies(tg));
-    let candidates = candidates([
+    let offered = [
         (ConvKernel::Col2im, true),
         (ConvKernel::Gemm, flipped.is_some()),
         (ConvKernel::Direct, direct == ConvKernel::Direct),
@@ -471,11 +471,9 @@ pub fn conv2d_backward_input_with(
             on_flipped(super::winograd::nchw_possible),
         ),
         (ConvKernel::WinogradLanes, on_flipped(lanes_apply)),
-    ]);
+    ];
     let pass = ConvPass::InputGrad;
-    let kernel = choose(kernels, pass, g, (direct, rule), &candidates, |k| {
-        run(k, dx)
-    });
+    let kernel = choose(kernels, pass, g, (direct, rule), offered, |k| run(k, dx));
     run(kernel, dx)
 }
 
@@ -602,16 +600,14 @@ pub fn conv2d_backward_weight_with(
         ConvKernel::Direct => super::conv_direct::backward_weight(x, dy, g, dw),
         _ => conv2d_backward_weight_gemm(x, dy, g, dw),
     };
-    let candidates = candidates([
+    let offered = [
         (ConvKernel::Gemm, true),
         (ConvKernel::Direct, direct == ConvKernel::Direct),
         (ConvKernel::Winograd, winograd),
         (ConvKernel::WinogradLanes, lanes_apply(g)),
-    ]);
+    ];
     let pass = ConvPass::WeightGrad;
-    let kernel = choose(kernels, pass, g, (direct, rule), &candidates, |k| {
-        run(k, dw)
-    });
+    let kernel = choose(kernels, pass, g, (direct, rule), offered, |k| run(k, dw));
     run(kernel, dw)
 }
 
@@ -772,6 +768,42 @@ pub(super) fn assert_within_scale(got: &[f32], want: &[f32], bound: f32, what: &
     }
 }
 
+/// The 3x3, stride-1, padding-1 convolution of `n` images of `c x h x w` into `k` channels
+/// (the Winograd kernels' geometry, for tests).
+#[cfg(test)]
+pub(super) fn same_3x3(n: usize, c: usize, h: usize, w: usize, k: usize) -> ConvGeom {
+    ConvGeom {
+        n,
+        c,
+        h,
+        w,
+        k,
+        kh: 3,
+        kw: 3,
+        oh: h,
+        ow: w,
+        stride: (1, 1),
+        padding: (1, 1),
+        dilation: (1, 1),
+        groups: 1,
+    }
+}
+
+/// Normal random `(x, w, b, dy)` for `g`, drawn from `rng` in that order (for tests).
+#[cfg(test)]
+pub(super) fn random_operands(
+    g: &ConvGeom,
+    rng: &mut crate::Rng,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut r = |len: usize| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
+    (
+        r(g.n * g.in_image()),
+        r(g.k * g.col_rows()),
+        r(g.k),
+        r(g.n * g.out_image()),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -834,13 +866,7 @@ mod tests {
         ];
         let mut rng = Rng::new(21);
         for g in cases {
-            let mut r = |len: usize| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
-            let (x, w, b, dy) = (
-                r(g.n * g.in_image()),
-                r(g.k * g.col_rows()),
-                r(g.k),
-                r(g.n * g.out_image()),
-            );
+            let (x, w, b, dy) = random_operands(&g, &mut rng);
             let (y_ref, dx_ref, dw_ref) = conv2d_naive(&x, &w, Some(&b), &dy, &g);
             // Winograd's rounding: a few 1e-6 of the outputs' scale.
             let check = |got: &[f32], want: &[f32], what: &str| {
@@ -905,11 +931,7 @@ mod tests {
         ];
         let mut rng = Rng::new(3);
         for g in cases {
-            let mut r = |len: usize| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
-            let x = r(g.n * g.in_image());
-            let w = r(g.k * g.col_rows());
-            let b = r(g.k);
-            let dy = r(g.n * g.out_image());
+            let (x, w, b, dy) = random_operands(&g, &mut rng);
             let (y_ref, dx_ref, dw_ref) = conv2d_naive(&x, &w, Some(&b), &dy, &g);
             let mut y = vec![0.0; y_ref.len()];
             conv2d_forward(&x, &w, Some(&b), &g, &mut y);

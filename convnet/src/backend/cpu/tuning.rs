@@ -201,23 +201,30 @@ pub fn measurements() -> Vec<Measurement> {
 /// The kernel for `pass` of `geom` under `choice`: `direct` (the direct kernel where it
 /// applies, GEMM elsewhere) for [`KernelChoice::Direct`], `rule` for [`KernelChoice::Rules`],
 /// the measured one for [`KernelChoice::Measured`]. The first time a pass of a shape is
-/// measured, `run(kernel)` runs each of `candidates` (which include `rule`) [`ROUNDS`] times,
+/// measured, `run(kernel)` runs each kernel of `offered` that applies (`(kernel, applies)`;
+/// `direct` and `rule` among them) [`ROUNDS`] times,
 /// alternating; `run` must overwrite the pass's output, which the caller then computes with
 /// the kernel returned.
-pub(super) fn choose(
+pub(super) fn choose<const N: usize>(
     choice: KernelChoice,
     pass: ConvPass,
     geom: &ConvGeom,
     (direct, rule): (ConvKernel, ConvKernel),
-    candidates: &[ConvKernel],
+    offered: [(ConvKernel, bool); N],
     mut run: impl FnMut(ConvKernel),
 ) -> ConvKernel {
-    debug_assert!(candidates.contains(&rule) && candidates.contains(&direct));
     match choice {
         KernelChoice::Direct => return direct,
         KernelChoice::Rules => return rule,
-        KernelChoice::Measured if candidates.len() < 2 => return rule,
         KernelChoice::Measured => {}
+    }
+    let candidates: Vec<ConvKernel> = offered
+        .into_iter()
+        .filter_map(|(kernel, applies)| applies.then_some(kernel))
+        .collect();
+    debug_assert!(candidates.contains(&rule) && candidates.contains(&direct));
+    if candidates.len() < 2 {
+        return rule;
     }
     let threads = rayon::current_num_threads();
     let known = |m: &[Measurement]| {
@@ -231,7 +238,7 @@ pub(super) fn choose(
     // Timed without the lock held: a kernel may itself run convolutions on other threads.
     let mut best = vec![f64::INFINITY; candidates.len()];
     for _ in 0..ROUNDS {
-        for (b, &kernel) in best.iter_mut().zip(candidates) {
+        for (b, &kernel) in best.iter_mut().zip(&candidates) {
             let t0 = Instant::now();
             run(kernel);
             *b = b.min(t0.elapsed().as_secs_f64());
@@ -255,14 +262,6 @@ pub(super) fn choose(
         chosen,
     });
     chosen
-}
-
-/// The kernels of `offered` that apply (`(kernel, applies)`), in order.
-pub(super) fn candidates<const N: usize>(offered: [(ConvKernel, bool); N]) -> Vec<ConvKernel> {
-    offered
-        .into_iter()
-        .filter_map(|(kernel, applies)| applies.then_some(kernel))
-        .collect()
 }
 
 /// The fastest of `seconds`, unless the rule's kernel is within [`MARGIN`] of it.

@@ -879,7 +879,7 @@ mod tests {
     fn nchw_forward_and_input_gradient_match_the_naive_reference() {
         use crate::backend::cpu::conv::{
             assert_within_scale, conv2d_backward_input_with, conv2d_forward_with, conv2d_naive,
-            ConvGeom,
+            random_operands, same_3x3,
         };
         use crate::backend::cpu::tuning::KernelChoice;
         if !nhwc::use_avx512() {
@@ -896,24 +896,9 @@ mod tests {
             (8, 16, 32, 32, 16, false),
             (2, 32, 5, 8, 32, false),
         ] {
-            let g = ConvGeom {
-                n,
-                c,
-                h,
-                w,
-                k,
-                kh: 3,
-                kw: 3,
-                oh: h,
-                ow: w,
-                stride: (1, 1),
-                padding: (1, 1),
-                dilation: (1, 1),
-                groups: 1,
-            };
+            let g = same_3x3(n, c, h, w, k);
             assert_eq!(nchw_applies(&g), takes, "{g:?}");
-            let mut r = |len: usize| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
-            let (x, wt, b, dy) = (r(n * c * h * w), r(k * c * 9), r(k), r(n * k * h * w));
+            let (x, wt, b, dy) = random_operands(&g, &mut rng);
             let (y_ref, dx_ref, dw_ref) = conv2d_naive(&x, &wt, Some(&b), &dy, &g);
             let check = |got: &[f32], want: &[f32], what: &str| {
                 assert_within_scale(got, want, 5e-6, &format!("{g:?} {what}"))

@@ -452,7 +452,7 @@ unsafe fn gradient_tile<const R: usize, const Q: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::conv::{assert_within_scale, conv2d_naive};
+    use crate::backend::cpu::conv::{assert_within_scale, conv2d_naive, random_operands, same_3x3};
     use crate::Rng;
 
     /// Forward, input gradient (through the flipped kernel) and weight gradient against the
@@ -472,24 +472,9 @@ mod tests {
             (1, 3, 2, 32, 16),
             (4, 16, 8, 96, 12),
         ] {
-            let g = ConvGeom {
-                n,
-                c,
-                h,
-                w,
-                k,
-                kh: 3,
-                kw: 3,
-                oh: h,
-                ow: w,
-                stride: (1, 1),
-                padding: (1, 1),
-                dilation: (1, 1),
-                groups: 1,
-            };
+            let g = same_3x3(n, c, h, w, k);
             assert!(applies(&g), "{g:?}");
-            let mut r = |len: usize| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
-            let (x, wt, b, dy) = (r(n * c * h * w), r(k * c * 9), r(k), r(n * k * h * w));
+            let (x, wt, b, dy) = random_operands(&g, &mut rng);
             let (y_ref, dx_ref, dw_ref) = conv2d_naive(&x, &wt, Some(&b), &dy, &g);
             let check = |got: &[f32], want: &[f32], what: &str| {
                 assert_within_scale(got, want, 5e-6, &format!("{g:?} {what}"))
