@@ -898,9 +898,9 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
             == Some(convnet::backend::cpu::bf16::Bf16Kernel::Avx512)
     {
         eprintln!(
-            "note: this CPU has AVX512-BF16 but not AMX: bf16 convolutions run through im2col \
-             and can train slower than float32 (compare `convnet bench --precision bf16` \
-             with `--precision f32`)"
+            "note: this CPU has AVX512-BF16 but not AMX: bf16 runs direct kernels for 3x3 \
+             convolutions with padding 1 and im2col for other layers, which can train slower \
+             than float32 (compare `convnet bench --precision bf16` with `--precision f32`)"
         );
     }
     let out = a.out.clone().unwrap_or_else(|| default_out(&a.model));

@@ -19,6 +19,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+mod weight_grad;
 
 use super::conv::{col2im_add, fill_bias, flip_transpose, im2col_row, ConvGeom};
 use super::matmul::{MatRef, Par};
@@ -642,6 +644,13 @@ pub fn conv2d_forward_with(
             });
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Bf16Kernel::Avx512
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && super::conv_direct::applies(g)
+    {
+        return direct_forward(x, w, bias, g, y);
+    }
     let (cg, kg, ohw) = (g.cg(), g.kg(), g.out_plane());
     let weights = pack_groups(w, g, false);
     y.par_chunks_mut(g.out_image())
@@ -657,6 +666,57 @@ pub fn conv2d_forward_with(
                 }
             })
         });
+}
+
+/// [`conv2d_forward`] on the direct 3x3 kernels of [`super::conv_direct`] with `vdpbf16ps`:
+/// each image and the weights become words of two bf16 channels (see
+/// [`super::conv_direct::Bf16Pairs`]), so each multiply-add instruction takes two input
+/// channels, and no im2col matrix is written.
+#[cfg(target_arch = "x86_64")]
+fn direct_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, y: &mut [f32]) {
+    use super::conv_direct;
+    let pairs = ConvGeom {
+        c: g.c.div_ceil(2),
+        ..*g
+    };
+    let (plane, taps) = (g.h * g.w, g.kh * g.kw);
+    let weight = |k: usize, c: usize, tap: usize| {
+        if c < g.c {
+            w[(k * g.c + c) * taps + tap]
+        } else {
+            0.0
+        }
+    };
+    let mut words = vec![0f32; g.k * pairs.c * taps];
+    for (i, word) in words.iter_mut().enumerate() {
+        let (k, c2, tap) = (i / (pairs.c * taps), i / taps % pairs.c, i % taps);
+        *word = f32::from_bits(pair(weight(k, 2 * c2, tap), weight(k, 2 * c2 + 1, tap)));
+    }
+    let packed = conv_direct::pack_weights(&words, &pairs);
+    let padded = if g.stride == (1, 1) {
+        0
+    } else {
+        pairs.c * (g.h + 2) * (g.w + 2)
+    };
+    y.par_chunks_mut(g.out_image())
+        .zip(x.par_chunks(g.in_image()))
+        .for_each_init(
+            // Per worker: the image's pair words, and the zero-bordered copy for stride 2.
+            || (vec![0u32; pairs.c * plane], vec![0f32; padded]),
+            |(image, xp), (y_img, x_img)| {
+                for (c2, out) in image.chunks_exact_mut(plane).enumerate() {
+                    let lo = &x_img[2 * c2 * plane..(2 * c2 + 1) * plane];
+                    let hi = (2 * c2 + 1 < g.c)
+                        .then(|| &x_img[(2 * c2 + 1) * plane..(2 * c2 + 2) * plane]);
+                    pack_pairs(lo, hi, out);
+                }
+                // SAFETY: the caller checked AVX-512DQ, `Bf16Kernel::Avx512` (AVX-512F and
+                // AVX512-BF16) and `applies`; the buffers have the sizes of `pairs`.
+                unsafe {
+                    conv_direct::forward_image_bf16_pairs(image, &packed, bias, &pairs, xp, y_img)
+                }
+            },
+        );
 }
 
 /// The input gradient with bf16 products: the flipped-kernel convolution for stride 1 (as
@@ -707,6 +767,9 @@ pub fn conv2d_backward_input_with(
 /// The weight gradient with bf16 products, summed over the batch in float32:
 /// `dW_g^T [CG*KH*KW, KG] += col @ dY_g^T` per image (im2col packed straight into bf16),
 /// each rayon split with its own partial sum, transposed once at the end.
+///
+/// Without AMX, 3x3 layers with padding 1 take a direct `vdpbf16ps` kernel, which pairs
+/// images rather than im2col rows.
 pub fn conv2d_backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
     conv2d_backward_weight_with(best_kernel(), x, dy, g, dw)
 }
@@ -723,6 +786,10 @@ pub fn conv2d_backward_weight_with(
     #[cfg(target_arch = "x86_64")]
     if kernel == Bf16Kernel::Amx && amx::DirectConv::applies(g) {
         return direct_weight_grad(x, dy, g, dw);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Bf16Kernel::Avx512 && weight_grad::applies(g) {
+        return weight_grad::backward_weight(x, dy, g, dw);
     }
     let (cg, kg, rows, ohw) = (g.cg(), g.kg(), g.col_rows(), g.out_plane());
     let w_len = g.k * rows;

@@ -128,7 +128,7 @@ impl Tiles {
 }
 
 /// `w [K, C, 3, 3]` -> `[K/4, C, 9, 4]`: the 4 output channels of a block side by side.
-fn pack_weights(w: &[f32], g: &ConvGeom) -> Vec<f32> {
+pub(crate) fn pack_weights(w: &[f32], g: &ConvGeom) -> Vec<f32> {
     pack_blocks::<OCB>(w, g.k, g.c, |k, c| (k * g.c + c) * 9)
 }
 
@@ -166,7 +166,7 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, y: &mut
             .for_each(|(y_img, x_img)| {
                 // SAFETY: `applies` checked that the CPU has AVX-512F; the sizes are asserted
                 // inside.
-                unsafe { forward_image_rows(x_img, &packed, bias, g, y_img) };
+                unsafe { forward_rows_f32(x_img, &packed, bias, g, y_img) };
             });
         return;
     }
@@ -180,9 +180,65 @@ pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, y: &mut
                 prepare_image(x_img, g, xp);
                 // SAFETY: `applies` checked that the CPU has AVX-512F; the buffers have the
                 // sizes the geometry gives (checked by the asserts inside).
-                unsafe { forward_image(xp, &packed, bias, g, y_img) };
+                unsafe { forward_padded_f32(xp, &packed, bias, g, y_img) };
             },
         );
+}
+
+/// [`forward_image_rows`] on float32 images.
+#[target_feature(enable = "avx512f")]
+unsafe fn forward_rows_f32(
+    x: &[f32],
+    wp: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    y: &mut [f32],
+) {
+    forward_image_rows::<Float32>(x, wp, bias, g, y)
+}
+
+/// [`forward_image`] on a float32 zero-bordered image.
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn forward_padded_f32(
+    xp: &[f32],
+    wp: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    y: &mut [f32],
+) {
+    forward_image::<Float32>(xp, wp, bias, g, y)
+}
+
+/// One image of [`forward`] with bf16 products and float32 sums. `x` is the image as
+/// `[C2, H, W]` words that each hold two bf16 values, channel `2i` in the low half and `2i +
+/// 1` in the high one (see [`Bf16Pairs`]); `packed` is [`pack_weights`] of the weights as
+/// `[K, C2, 3, 3]` words paired the same way; `g` is the geometry with `C2` input channels.
+/// Stride 2 copies the image into `xp`, which must hold `C2 * (H+2) * (W+2)` values with a
+/// zero border (only the interior is written).
+///
+/// # Safety
+/// The CPU has AVX-512F/DQ and AVX512-BF16.
+#[target_feature(enable = "avx512f,avx512dq,avx512bf16")]
+pub(crate) unsafe fn forward_image_bf16_pairs(
+    x: &[u32],
+    packed: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    xp: &mut [f32],
+    y: &mut [f32],
+) {
+    assert!(
+        applies(g),
+        "conv_direct::forward_image_bf16_pairs called for {g:?}"
+    );
+    // SAFETY: u32 and f32 have the same size and alignment; the kernels only move the bits.
+    let words = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) };
+    if g.stride == (1, 1) {
+        forward_image_rows::<Bf16Pairs>(words, packed, bias, g, y)
+    } else {
+        prepare_image(words, g, xp);
+        forward_image::<Bf16Pairs>(xp, packed, bias, g, y)
+    }
 }
 
 /// True when [`forward_relu_max_pool`] computes `max_pool2d(relu(conv2d(x)))` for `g`: the
@@ -223,7 +279,7 @@ pub fn forward_relu_max_pool(
             |z, ((y_img, a_img), x_img)| {
                 // SAFETY: `applies` checked that the CPU has AVX-512F; the sizes are asserted
                 // inside.
-                unsafe { forward_image_rows(x_img, &packed, bias, g, z) };
+                unsafe { forward_rows_f32(x_img, &packed, bias, g, z) };
                 super::pool::max_pool2d_relu_forward_seq(z, pool, y_img, a_img);
             },
         );
@@ -242,17 +298,57 @@ unsafe fn tap_weights(wc: *const f32, tap: usize) -> [__m512; OCB] {
     ]
 }
 
-/// `acc[o][at] += w[o] * xv` for the 4 output channels of a block.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn fma_channels<const N: usize>(
+/// `acc[o][at] += w[o] * xv` for the 4 output channels of a block, the products formed as
+/// `P` forms them. Inlined into callers that enable `P`'s instructions.
+#[inline(always)]
+unsafe fn fma_channels<P: Products, const N: usize>(
     acc: &mut [[__m512; N]; OCB],
     w: &[__m512; OCB],
     xv: __m512,
     at: usize,
 ) {
     for (row, &wo) in acc.iter_mut().zip(w) {
-        row[at] = _mm512_fmadd_ps(wo, xv, row[at]);
+        row[at] = P::mul_add(wo, xv, row[at]);
+    }
+}
+
+/// How the forward kernels multiply a broadcast weight word by a vector of 16 input words
+/// and add to 16 float32 sums. The kernels only move 32-bit words, so the same loops serve
+/// float32 images (one channel per plane) and bf16 images whose planes hold pairs of
+/// channels (see [`forward_bf16_pairs`]).
+pub(crate) trait Products {
+    /// `acc + w * x`, lane by lane.
+    ///
+    /// # Safety
+    /// The CPU has the instructions of the implementation.
+    unsafe fn mul_add(w: __m512, x: __m512, acc: __m512) -> __m512;
+}
+
+/// float32 words: one fused multiply-add (AVX-512F).
+pub(crate) struct Float32;
+
+impl Products for Float32 {
+    #[inline(always)]
+    unsafe fn mul_add(w: __m512, x: __m512, acc: __m512) -> __m512 {
+        _mm512_fmadd_ps(w, x, acc)
+    }
+}
+
+/// Words of two bf16 values, the even channel in the low half: `acc + w.lo * x.lo + w.hi *
+/// x.hi` in one `vdpbf16ps` (AVX512-BF16), which sums the two exact products in float32.
+pub(crate) struct Bf16Pairs;
+
+impl Products for Bf16Pairs {
+    #[inline(always)]
+    unsafe fn mul_add(w: __m512, x: __m512, acc: __m512) -> __m512 {
+        // SAFETY: both casts reinterpret 64 bytes of plain bits.
+        let (w, x) = unsafe {
+            (
+                std::mem::transmute::<__m512, __m512bh>(w),
+                std::mem::transmute::<__m512, __m512bh>(x),
+            )
+        };
+        _mm512_dpbf16_ps(acc, w, x)
     }
 }
 
@@ -276,8 +372,8 @@ const ROWS: usize = 4;
 /// 16 wide: blocks of 4 rows x 16 columns x 4 output channels ([`row_block`]), then single
 /// rows for the last `H % 4`. 8-wide rows (`H` even): the same with each vector holding two
 /// consecutive rows, blocks of 4 such pairs, then single pairs.
-#[target_feature(enable = "avx512f")]
-unsafe fn forward_image_rows(
+#[inline(always)]
+unsafe fn forward_image_rows<P: Products>(
     x: &[f32],
     wp: &[f32],
     bias: Option<&[f32]>,
@@ -308,17 +404,17 @@ unsafe fn forward_image_rows(
                 macro_rules! run {
                     ($r:expr, $p:expr) => {
                         match (top, bottom) {
-                            (false, false) => {
-                                row_block::<$r, $p, false, false>(xb, wb, g, r0, col, b4, y_block)
-                            }
+                            (false, false) => row_block::<P, $r, $p, false, false>(
+                                xb, wb, g, r0, col, b4, y_block,
+                            ),
                             (true, false) => {
-                                row_block::<$r, $p, true, false>(xb, wb, g, r0, col, b4, y_block)
+                                row_block::<P, $r, $p, true, false>(xb, wb, g, r0, col, b4, y_block)
                             }
                             (false, true) => {
-                                row_block::<$r, $p, false, true>(xb, wb, g, r0, col, b4, y_block)
+                                row_block::<P, $r, $p, false, true>(xb, wb, g, r0, col, b4, y_block)
                             }
                             (true, true) => {
-                                row_block::<$r, $p, true, true>(xb, wb, g, r0, col, b4, y_block)
+                                row_block::<P, $r, $p, true, true>(xb, wb, g, r0, col, b4, y_block)
                             }
                         }
                     };
@@ -345,9 +441,14 @@ unsafe fn forward_image_rows(
 /// and below the image (`TOP` / `BOTTOM` say whether the block touches them) and columns left
 /// and right of it are masked out of the loads. 4R accumulators, `3(step*(R-1)+3)` input
 /// loads and 36 weight broadcasts per `36R` multiply-adds.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn row_block<const R: usize, const PAIRED: bool, const TOP: bool, const BOTTOM: bool>(
+#[inline(always)]
+unsafe fn row_block<
+    P: Products,
+    const R: usize,
+    const PAIRED: bool,
+    const TOP: bool,
+    const BOTTOM: bool,
+>(
     x: *const f32,
     w_block: *const f32,
     g: &ConvGeom,
@@ -403,7 +504,7 @@ unsafe fn row_block<const R: usize, const PAIRED: bool, const TOP: bool, const B
             for kh in 0..3 {
                 let wt = tap_weights(wc, kh * 3 + kw);
                 for r in 0..R {
-                    fma_channels(&mut acc, &wt, xs[step * r + kh], r);
+                    fma_channels::<P, R>(&mut acc, &wt, xs[step * r + kh], r);
                 }
             }
         }
@@ -419,8 +520,14 @@ unsafe fn row_block<const R: usize, const PAIRED: bool, const TOP: bool, const B
     }
 }
 
-#[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn forward_image(xp: &[f32], wp: &[f32], bias: Option<&[f32]>, g: &ConvGeom, y: &mut [f32]) {
+#[inline(always)]
+unsafe fn forward_image<P: Products>(
+    xp: &[f32],
+    wp: &[f32],
+    bias: Option<&[f32]>,
+    g: &ConvGeom,
+    y: &mut [f32],
+) {
     let plane = (g.h + 2) * (g.w + 2);
     let map = Tiles::new(g);
     let tiles = map.count(g.oh);
@@ -433,11 +540,11 @@ unsafe fn forward_image(xp: &[f32], wp: &[f32], bias: Option<&[f32]>, g: &ConvGe
         let b4 = block_bias(bias, kb);
         let mut t0 = 0;
         while t0 + TILES <= tiles {
-            block::<TILES>(xp, w_block, g, map, t0, b4, kb, y);
+            block::<P, TILES>(xp, w_block, g, map, t0, b4, kb, y);
             t0 += TILES;
         }
         while t0 < tiles {
-            block::<1>(xp, w_block, g, map, t0, b4, kb, y);
+            block::<P, 1>(xp, w_block, g, map, t0, b4, kb, y);
             t0 += 1;
         }
     }
@@ -445,9 +552,8 @@ unsafe fn forward_image(xp: &[f32], wp: &[f32], bias: Option<&[f32]>, g: &ConvGe
 
 /// Computes `T` tiles starting at tile `t0` for output channels `kb*4 .. kb*4+4`.
 #[allow(clippy::too_many_arguments)]
-#[inline]
-#[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn block<const T: usize>(
+#[inline(always)]
+unsafe fn block<P: Products, const T: usize>(
     xp: &[f32],
     w_block: &[f32],
     g: &ConvGeom,
@@ -480,7 +586,7 @@ unsafe fn block<const T: usize>(
                 let wt = tap_weights(wc, kh * 3 + kw);
                 for (t, &off) in offs.iter().enumerate() {
                     let xv = map.load(xc.add(off + Tiles::tap(kh, kw, pw)));
-                    fma_channels(&mut acc, &wt, xv, t);
+                    fma_channels::<P, T>(&mut acc, &wt, xv, t);
                 }
             }
         }
@@ -720,18 +826,12 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
                     let xs =
                         &x[(images.start + first) * in_image..(images.start + last) * in_image];
                     // SAFETY: `applies` checked AVX-512F; sizes are asserted inside.
-                    unsafe {
-                        if g.w == LANES / 2 {
-                            weight_row_pairs(xs, dys, last - first, g, &mut lanes)
-                        } else {
-                            weight_rows(xs, dys, last - first, g, &mut lanes)
-                        }
-                    };
+                    unsafe { weight_rows_f32(xs, dys, last - first, g, &mut lanes) };
                     continue;
                 }
                 let xs = &xp[first * g.c * plane..last * g.c * plane];
                 // SAFETY: `applies` checked AVX-512F/DQ; sizes are asserted inside.
-                unsafe { weight_images(xs, dys, last - first, g, &mut lanes) };
+                unsafe { weight_images_f32(xs, dys, last - first, g, &mut lanes) };
             }
             lanes
         })
@@ -745,6 +845,69 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
                 .sum::<f64>();
         }
         *d = s as f32;
+    }
+}
+
+/// [`weight_rows`] (or [`weight_row_pairs`] for 8-wide rows) on float32 planes.
+#[target_feature(enable = "avx512f")]
+unsafe fn weight_rows_f32(xs: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lanes: &mut [f32]) {
+    if g.w == LANES / 2 {
+        weight_row_pairs::<Float32>(xs, dys, count, g, lanes)
+    } else {
+        weight_rows::<Float32>(xs, dys, count, g, lanes)
+    }
+}
+
+/// [`weight_images`] on float32 planes.
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn weight_images_f32(
+    xp: &[f32],
+    dys: &[f32],
+    count: usize,
+    g: &ConvGeom,
+    lanes: &mut [f32],
+) {
+    weight_images::<Float32>(xp, dys, count, g, lanes)
+}
+
+/// Adds to the lane sums `lanes [K, C, 9, 16]` the weight gradient of `count` pairs of images
+/// with bf16 products and float32 sums: `xs [count, C, H, W]` and `dys [count, K, OH, OW]`
+/// are words that each hold the same value of two images as bf16, the even image in the low
+/// half (see [`Bf16Pairs`]), so each multiply-add instruction sums the products of both
+/// images. `g` is the geometry of one image, one where [`weight_grad_applies`] holds. Stride
+/// 2 copies the inputs into `xp`, which must then hold `count * C * (H+2) * (W+2)` values
+/// with zero borders (only the interiors are written).
+///
+/// # Safety
+/// The CPU has AVX-512F/DQ and AVX512-BF16.
+#[target_feature(enable = "avx512f,avx512dq,avx512bf16")]
+pub(crate) unsafe fn weight_grad_bf16_image_pairs(
+    xs: &[u32],
+    dys: &[u32],
+    count: usize,
+    g: &ConvGeom,
+    xp: &mut [f32],
+    lanes: &mut [f32],
+) {
+    assert!(weight_grad_applies(g));
+    // SAFETY: u32 and f32 have the same size and alignment; the kernels only move the bits.
+    let (xs, dys) = unsafe {
+        (
+            std::slice::from_raw_parts(xs.as_ptr().cast::<f32>(), xs.len()),
+            std::slice::from_raw_parts(dys.as_ptr().cast::<f32>(), dys.len()),
+        )
+    };
+    if g.stride != (1, 1) {
+        let (image, padded) = (g.c * g.h * g.w, g.c * (g.h + 2) * (g.w + 2));
+        let xp = &mut xp[..count * padded];
+        for (x_img, xp_img) in xs.chunks_exact(image).zip(xp.chunks_exact_mut(padded)) {
+            prepare_image(x_img, g, xp_img);
+        }
+        weight_images::<Bf16Pairs>(xp, dys, count, g, lanes)
+    } else if g.w == LANES / 2 {
+        weight_row_pairs::<Bf16Pairs>(xs, dys, count, g, lanes)
+    } else {
+        weight_rows::<Bf16Pairs>(xs, dys, count, g, lanes)
     }
 }
 
@@ -813,8 +976,14 @@ impl StrideOnePlanes {
 /// three column taps are loaded (the columns outside the image masked out), and the output
 /// gradient rows it meets through the three row taps (the rows below, at and above it) stay
 /// in registers as a window that moves one row per step: 5 loads per 18 multiply-adds.
-#[target_feature(enable = "avx512f")]
-unsafe fn weight_rows(xs: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lanes: &mut [f32]) {
+#[inline(always)]
+unsafe fn weight_rows<P: Products>(
+    xs: &[f32],
+    dys: &[f32],
+    count: usize,
+    g: &ConvGeom,
+    lanes: &mut [f32],
+) {
     let (h, w) = (g.h, g.w);
     assert!(w.is_multiple_of(LANES));
     let planes = StrideOnePlanes::new(xs, dys, count, g, lanes);
@@ -851,9 +1020,9 @@ unsafe fn weight_rows(xs: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lanes
                         for kw in 0..3 {
                             let xv = _mm512_maskz_loadu_ps(masks[kw], row.wrapping_add(kw));
                             for o in 0..2 {
-                                acc[o][kw] = _mm512_fmadd_ps(below[o], xv, acc[o][kw]);
-                                acc[o][3 + kw] = _mm512_fmadd_ps(at[o], xv, acc[o][3 + kw]);
-                                acc[o][6 + kw] = _mm512_fmadd_ps(above[o], xv, acc[o][6 + kw]);
+                                acc[o][kw] = P::mul_add(below[o], xv, acc[o][kw]);
+                                acc[o][3 + kw] = P::mul_add(at[o], xv, acc[o][3 + kw]);
+                                acc[o][6 + kw] = P::mul_add(above[o], xv, acc[o][6 + kw]);
                             }
                         }
                     }
@@ -872,8 +1041,14 @@ unsafe fn weight_rows(xs: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lanes
 /// of each by rotating it one lane within the register ([`shift_columns`]): 4 loads and 4
 /// lane rotations per 18 multiply-adds, where loading each column tap would take 6 loads,
 /// 5 of them split across cache lines.
-#[target_feature(enable = "avx512f")]
-unsafe fn weight_row_pairs(xs: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lanes: &mut [f32]) {
+#[inline(always)]
+unsafe fn weight_row_pairs<P: Products>(
+    xs: &[f32],
+    dys: &[f32],
+    count: usize,
+    g: &ConvGeom,
+    lanes: &mut [f32],
+) {
     let (h, w) = (g.h, g.w);
     assert!(w == LANES / 2 && h.is_multiple_of(2));
     let planes = StrideOnePlanes::new(xs, dys, count, g, lanes);
@@ -906,9 +1081,9 @@ unsafe fn weight_row_pairs(xs: &[f32], dys: &[f32], count: usize, g: &ConvGeom, 
                     });
                     for kw in 0..3 {
                         for o in 0..2 {
-                            acc[o][kw] = _mm512_fmadd_ps(d[o], up[kw], acc[o][kw]);
-                            acc[o][3 + kw] = _mm512_fmadd_ps(d[o], mid[kw], acc[o][3 + kw]);
-                            acc[o][6 + kw] = _mm512_fmadd_ps(d[o], down[kw], acc[o][6 + kw]);
+                            acc[o][kw] = P::mul_add(d[o], up[kw], acc[o][kw]);
+                            acc[o][3 + kw] = P::mul_add(d[o], mid[kw], acc[o][3 + kw]);
+                            acc[o][6 + kw] = P::mul_add(d[o], down[kw], acc[o][6 + kw]);
                         }
                     }
                     up = down;
@@ -935,8 +1110,14 @@ unsafe fn shift_columns(v: __m512) -> [__m512; 3] {
 
 /// Adds to the lane partial sums `lanes [K, C, 9, 16]` the weight gradient of `count` images:
 /// padded inputs `xp [count, C, H+2, W+2]`, output gradients `dys [count, K, OH, OW]`.
-#[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn weight_images(xp: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lanes: &mut [f32]) {
+#[inline(always)]
+unsafe fn weight_images<P: Products>(
+    xp: &[f32],
+    dys: &[f32],
+    count: usize,
+    g: &ConvGeom,
+    lanes: &mut [f32],
+) {
     let pw = g.w + 2;
     let plane = (g.h + 2) * pw;
     let ohw = g.oh * g.ow;
@@ -962,8 +1143,8 @@ unsafe fn weight_images(xp: &[f32], dys: &[f32], count: usize, g: &ConvGeom, lan
                     for kh in 0..3 {
                         for kw in 0..3 {
                             let xv = map.load(base.add(Tiles::tap(kh, kw, pw)));
-                            acc[0][kh * 3 + kw] = _mm512_fmadd_ps(d0, xv, acc[0][kh * 3 + kw]);
-                            acc[1][kh * 3 + kw] = _mm512_fmadd_ps(d1, xv, acc[1][kh * 3 + kw]);
+                            acc[0][kh * 3 + kw] = P::mul_add(d0, xv, acc[0][kh * 3 + kw]);
+                            acc[1][kh * 3 + kw] = P::mul_add(d1, xv, acc[1][kh * 3 + kw]);
                         }
                     }
                 }
