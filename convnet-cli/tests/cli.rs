@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{convnet, fails_with, last_json, temp, tensors};
+use common::{convnet, fails_with, last_json, temp, tensors, Scratch};
 use std::path::Path;
 use std::process::Command;
 
@@ -604,7 +604,18 @@ fn cuda_build_without_a_driver_says_why_instead_of_panicking() {
 
 /// `convnet train ARGS --out <fresh folder named TAG> --json`: the final JSON line, the
 /// per-epoch metrics lines and what the run printed on stderr.
-fn train_run(tag: &str, args: &[&str]) -> (serde_json::Value, Vec<serde_json::Value>, String) {
+/// A finished training run: its last JSON line, the epochs of `metrics.jsonl`, its stderr,
+/// and its folder (removed when this is dropped). The epochs and stderr are read by the
+/// emulated-GPU tests.
+#[cfg_attr(not(feature = "cuda-emulator"), allow(dead_code))]
+struct Trained {
+    result: serde_json::Value,
+    epochs: Vec<serde_json::Value>,
+    stderr: String,
+    _folder: Scratch,
+}
+
+fn train_run(tag: &str, args: &[&str]) -> Trained {
     let out_dir = temp(tag);
     let mut all = vec!["train"];
     all.extend_from_slice(args);
@@ -616,7 +627,12 @@ fn train_run(tag: &str, args: &[&str]) -> (serde_json::Value, Vec<serde_json::Va
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    (r, epochs, String::from_utf8_lossy(&out.stderr).to_string())
+    Trained {
+        result: r,
+        epochs,
+        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+        _folder: out_dir,
+    }
 }
 
 /// The whole training command on the GPU code path (the CUDA kernels run by the host
@@ -638,8 +654,9 @@ fn training_on_the_emulated_gpu_follows_the_cpu_run() {
         ];
         train_run(&format!("train-{}", device.replace(':', "-")), &args)
     };
-    let (cpu, cpu_epochs, _) = run("cpu");
-    let (gpu, gpu_epochs, _) = run("cuda:1000");
+    let (cpu_run, gpu_run) = (run("cpu"), run("cuda:1000"));
+    let (cpu, cpu_epochs) = (&cpu_run.result, &cpu_run.epochs);
+    let (gpu, gpu_epochs) = (&gpu_run.result, &gpu_run.epochs);
     let (cl, gl) = (
         cpu["test_loss"].as_f64().unwrap(),
         gpu["test_loss"].as_f64().unwrap(),
@@ -686,7 +703,7 @@ fn training_on_the_emulated_gpu_follows_the_cpu_run() {
             .as_f64()
             .unwrap()
     };
-    let (ce, ge) = (eval(&cpu), eval(&gpu));
+    let (ce, ge) = (eval(cpu), eval(gpu));
     assert!(
         (ce - ge).abs() <= 0.01,
         "eval accuracy: cpu {ce}, emulated gpu {ge}"
@@ -715,10 +732,11 @@ fn a_captured_training_step_on_the_emulated_gpu_replays_eager_steps_exactly() {
         args.extend_from_slice(extra);
         train_run(&format!("graph-{tag}"), &args)
     };
-    let (eager, eager_epochs, _) = run(&[], "eager");
-    let (graph, graph_epochs, stderr) = run(&["--cuda-graph"], "graph");
+    let (eager_run, graph_run) = (run(&[], "eager"), run(&["--cuda-graph"], "graph"));
+    let (eager, eager_epochs) = (&eager_run.result, &eager_run.epochs);
+    let (graph, graph_epochs, stderr) = (&graph_run.result, &graph_run.epochs, &graph_run.stderr);
     assert!(!stderr.contains("without a CUDA graph"), "{stderr}");
-    for (e, g) in eager_epochs.iter().zip(&graph_epochs) {
+    for (e, g) in eager_epochs.iter().zip(graph_epochs) {
         for key in ["train_loss", "train_accuracy", "test_loss", "test_accuracy"] {
             assert_eq!(
                 e[key], g[key],
@@ -742,12 +760,14 @@ fn a_captured_training_step_on_the_emulated_gpu_replays_eager_steps_exactly() {
         "--schedule",
         "cosine",
     ];
-    let (eager, eager_epochs, _) = run(&adam, "adam-eager");
+    let eager_run = run(&adam, "adam-eager");
     let mut with_graph = adam.to_vec();
     with_graph.push("--cuda-graph");
-    let (graph, graph_epochs, stderr) = run(&with_graph, "adam-graph");
+    let graph_run = run(&with_graph, "adam-graph");
+    let (eager, eager_epochs) = (&eager_run.result, &eager_run.epochs);
+    let (graph, graph_epochs, stderr) = (&graph_run.result, &graph_run.epochs, &graph_run.stderr);
     assert!(!stderr.contains("without a CUDA graph"), "{stderr}");
-    for (e, g) in eager_epochs.iter().zip(&graph_epochs) {
+    for (e, g) in eager_epochs.iter().zip(graph_epochs) {
         assert_eq!(e["train_loss"], g["train_loss"], "adam train loss");
         assert_eq!(e["test_loss"], g["test_loss"], "adam test loss");
     }
@@ -758,7 +778,7 @@ fn a_captured_training_step_on_the_emulated_gpu_replays_eager_steps_exactly() {
             .to_path_buf();
         tensors(&dir.join("train_state.safetensors"))
     };
-    assert_eq!(state(&eager), state(&graph), "Adam moments and step counts");
+    assert_eq!(state(eager), state(graph), "Adam moments and step counts");
 
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/models/small-resnet.toml");
     let out_dir = temp("graph-dropout");
@@ -809,26 +829,27 @@ fn bfloat16_training_on_the_emulated_gpu_tracks_float32() {
             "cuda:1000",
         ];
         args.extend_from_slice(extra);
-        train_run(&format!("bf16-{tag}"), &args).0
+        train_run(&format!("bf16-{tag}"), &args)
     };
-    let f32_run = run(&[], "f32");
-    let bf16 = run(&["--precision", "bf16"], "bf16");
-    let bf16_graph = run(&["--precision", "bf16", "--cuda-graph"], "bf16-graph");
+    let (f32_trained, bf16_trained) = (run(&[], "f32"), run(&["--precision", "bf16"], "bf16"));
+    let (f32_run, bf16) = (&f32_trained.result, &bf16_trained.result);
+    let bf16_graph_run = run(&["--precision", "bf16", "--cuda-graph"], "bf16-graph");
+    let bf16_graph = &bf16_graph_run.result;
     let loss = |r: &serde_json::Value| r["test_loss"].as_f64().unwrap();
     assert_ne!(
-        loss(&f32_run),
-        loss(&bf16),
+        loss(f32_run),
+        loss(bf16),
         "bfloat16 arithmetic is not float32's"
     );
     assert!(
-        (loss(&f32_run) - loss(&bf16)).abs() < 0.05 * loss(&f32_run),
+        (loss(f32_run) - loss(bf16)).abs() < 0.05 * loss(f32_run),
         "test loss: float32 {}, bfloat16 {}",
-        loss(&f32_run),
-        loss(&bf16)
+        loss(f32_run),
+        loss(bf16)
     );
     assert_eq!(
-        loss(&bf16),
-        loss(&bf16_graph),
+        loss(bf16),
+        loss(bf16_graph),
         "captured bfloat16 steps replay exactly"
     );
 }
@@ -855,8 +876,9 @@ fn kernel_choices_train_alike() {
     let run = |kernels: &str| {
         let mut args = SHORT_RUN.to_vec();
         args.extend(["--kernels", kernels]);
-        let r = train_run(&format!("kernels-{kernels}"), &args).0;
-        r["test_loss"].as_f64().unwrap()
+        train_run(&format!("kernels-{kernels}"), &args).result["test_loss"]
+            .as_f64()
+            .unwrap()
     };
     let (rules, measured, direct) = (run("rules"), run("measured"), run("direct"));
     for other in [measured, direct] {
@@ -876,7 +898,7 @@ fn bfloat16_training_on_the_cpu_tracks_float32() {
     let run = |extra: &[&str], tag: &str| {
         let mut args = SHORT_RUN.to_vec();
         args.extend_from_slice(extra);
-        train_run(&format!("cpu-bf16-{tag}"), &args).0
+        train_run(&format!("cpu-bf16-{tag}"), &args)
     };
     let out = Command::new(env!("CARGO_BIN_EXE_convnet"))
         .args([
@@ -904,19 +926,19 @@ fn bfloat16_training_on_the_cpu_tracks_float32() {
         &["bench", "--precision", "bf16", "--mode", "infer"],
         "inference runs in float32",
     );
-    let f32_run = run(&[], "f32");
-    let bf16 = run(&["--precision", "bf16"], "bf16");
+    let (f32_trained, bf16_trained) = (run(&[], "f32"), run(&["--precision", "bf16"], "bf16"));
+    let (f32_run, bf16) = (&f32_trained.result, &bf16_trained.result);
     let loss = |r: &serde_json::Value| r["test_loss"].as_f64().unwrap();
     assert_ne!(
-        loss(&f32_run),
-        loss(&bf16),
+        loss(f32_run),
+        loss(bf16),
         "bf16 arithmetic is not float32's"
     );
     assert!(
-        (loss(&f32_run) - loss(&bf16)).abs() < 0.05 * loss(&f32_run),
+        (loss(f32_run) - loss(bf16)).abs() < 0.05 * loss(f32_run),
         "test loss: float32 {}, bf16 {}",
-        loss(&f32_run),
-        loss(&bf16)
+        loss(f32_run),
+        loss(bf16)
     );
     let e = last_json(&convnet(&[
         "eval",

@@ -7,6 +7,9 @@
 //! (e.g. `mpiexec` for MPICH); runs as root are allowed, as CI runs as root.
 #![cfg(feature = "mpi")]
 
+mod common;
+
+use common::temp;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -18,16 +21,16 @@ fn cache_dir() -> PathBuf {
 }
 
 /// The working directory of every process started here: runs given no `--out` (the
-/// refused and failing ones) make their `runs/` folder there, not in the source tree.
+/// refused and failing ones) make their `runs/` folder there, not in the source tree. One
+/// folder for every run of these tests, emptied when a test process first uses it, so at
+/// most one is left behind.
 fn work_dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("convnet-dist-cwd-{}", std::process::id()));
+    static FRESH: std::sync::Once = std::sync::Once::new();
+    let d = std::env::temp_dir().join("convnet-dist-cwd");
+    FRESH.call_once(|| {
+        let _ = std::fs::remove_dir_all(&d);
+    });
     std::fs::create_dir_all(&d).expect("create the working directory");
-    d
-}
-
-fn temp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("convnet-dist-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
     d
 }
 
@@ -81,7 +84,7 @@ fn last_json(out: &Output) -> serde_json::Value {
 }
 
 /// Trains with `args` on `ranks` ranks (1 thread each) into a fresh folder; returns it.
-fn train(tag: &str, ranks: usize, args: &[&str]) -> PathBuf {
+fn train(tag: &str, ranks: usize, args: &[&str]) -> common::Scratch {
     let out = temp(tag);
     let mut all = vec!["train", "--threads", "1", "--limit-test", "200", "--out"];
     all.push(out.to_str().unwrap());

@@ -7,8 +7,8 @@
 
 mod common;
 
-use common::{convnet, last_json, temp, tensors};
-use std::path::{Path, PathBuf};
+use common::{convnet, last_json, temp, tensors, Scratch};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -255,8 +255,8 @@ fn killed_at_random_instants_the_run_always_resumes_to_the_same_weights() {
 }
 
 /// A tmpfs of `size` mounted at a fresh folder, if this process may mount (as root in a
-/// container that allows it); unmounted when dropped.
-struct Tmpfs(PathBuf);
+/// container that allows it); unmounted (and the folder removed) when dropped.
+struct Tmpfs(Scratch);
 
 impl Tmpfs {
     fn mount(name: &str, size: &str) -> Option<Tmpfs> {
@@ -264,7 +264,7 @@ impl Tmpfs {
         std::fs::create_dir_all(&dir).ok()?;
         let ok = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&dir)
+            .arg(&*dir)
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
@@ -273,7 +273,7 @@ impl Tmpfs {
     fn remount_read_only(&self) -> bool {
         Command::new("mount")
             .args(["-o", "remount,ro"])
-            .arg(&self.0)
+            .arg(&*self.0)
             .status()
             .is_ok_and(|s| s.success())
     }
@@ -281,7 +281,7 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = Command::new("umount").arg(&*self.0).status();
     }
 }
 

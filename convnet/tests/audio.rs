@@ -15,19 +15,18 @@
 
 mod common;
 
+use common::scratch::Scratch;
+
 use common::{assert_close, Fixture};
 use convnet::data::audio::{
     read_folder, read_wav, wav_from_bytes, AudioFeatures, AudioOptions, MelSpectrogram,
 };
 use hound::{SampleFormat, WavSpec, WavWriter};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// A fresh temporary folder for one test.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("convnet-audio-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch(name: &str) -> Scratch {
+    Scratch::folder(&format!("audio-{name}"))
 }
 
 fn spec(channels: u16, rate: u32, bits: u16, format: SampleFormat) -> WavSpec {

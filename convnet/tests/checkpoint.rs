@@ -1,15 +1,16 @@
 //! Checkpoint round trips, PyTorch-compatible dtypes, atomic writes and clear errors for
 //! corrupt, truncated or mismatched files.
 
+mod common;
+
+use common::scratch::Scratch;
+
 use convnet::checkpoint::{load_checkpoint, load_tensors, save_checkpoint, CheckpointMeta};
 use convnet::data::Normalize;
 use convnet::models;
 
-fn temp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("convnet-ckpt-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn temp(name: &str) -> Scratch {
+    Scratch::folder(&format!("ckpt-{name}"))
 }
 
 fn meta() -> CheckpointMeta {

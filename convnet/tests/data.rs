@@ -1,26 +1,22 @@
 //! Readers on files generated in the exact official layouts, bad-input errors, the decode
 //! cache, transforms and loader determinism.
 
+mod common;
+
+use common::scratch::Scratch;
+
 use convnet::data::{
     self, Augment, DataLoader, DataSplit, FolderOptions, ImageDataset, LoaderConfig, Normalize,
     Transform,
 };
 use convnet::Error;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// A fresh empty folder under the system temp dir.
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("convnet-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    // Keep the decode cache inside the test's own area.
-    std::env::set_var(
-        "CONVNET_CACHE_DIR",
-        std::env::temp_dir().join(format!("convnet-test-{}-cache", std::process::id())),
-    );
-    d
+fn temp_dir(name: &str) -> Scratch {
+    Scratch::folder(&format!("test-{name}"))
 }
 
 fn no_cache() -> FolderOptions {
@@ -382,6 +378,8 @@ fn image_folder_bad_input() {
 #[test]
 fn decoded_folders_are_cached_and_the_cache_follows_changes() {
     let dir = temp_dir("cache");
+    // The only test here that caches: the decode cache goes to its own folder.
+    std::env::set_var("CONVNET_CACHE_DIR", dir.join("cache"));
     let root = dir.join("set");
     write_folder(&root);
     let opts = FolderOptions::default();

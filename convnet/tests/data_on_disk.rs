@@ -4,6 +4,10 @@
 //! (entries in any order); the cache evicts its least recently used entries beyond its
 //! size limit. (One test in its own binary: it sets the limits through the environment.)
 
+mod common;
+
+use common::scratch::Scratch;
+
 use convnet::data::{
     self, DataLoader, FolderOptions, ImageDataset, LoaderConfig, Normalize, Transform,
 };
@@ -11,11 +15,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-fn temp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("convnet-disk-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn temp(name: &str) -> Scratch {
+    Scratch::folder(&format!("disk-{name}"))
 }
 
 /// An 8x6 RGB PNG whose pixels encode `seed`.
@@ -130,7 +131,8 @@ fn large_data_sets_are_read_from_disk_with_the_same_images_order_and_batches() {
     let (folder, other) = (temp("folder"), temp("other"));
     let files = write_folder(&folder, 40);
     write_folder(&other, 30);
-    let archive = temp("archive").join("data.tar.gz");
+    let archive_dir = temp("archive");
+    let archive = archive_dir.join("data.tar.gz");
     tar_gz(&archive, &files);
 
     // In memory (the default limit): the reference.
@@ -145,7 +147,7 @@ fn large_data_sets_are_read_from_disk_with_the_same_images_order_and_batches() {
 
     // Over the limit: pixels in a file, the same data set, the same batches.
     std::env::set_var("CONVNET_DATA_MEMORY_BYTES", "1000");
-    for path in [&folder, &archive] {
+    for path in [&*folder, archive.as_path()] {
         let on_disk = open(path, false);
         assert!(on_disk.pixels_in_file(), "{}", path.display());
         assert_same(&on_disk, &reference, &path.display().to_string());
@@ -161,7 +163,7 @@ fn large_data_sets_are_read_from_disk_with_the_same_images_order_and_batches() {
     );
 
     // With the cache: the pixel file becomes the entry; the second read comes from it.
-    for path in [&folder, &archive] {
+    for path in [&*folder, archive.as_path()] {
         let first = open(path, true);
         let second = open(path, true);
         assert!(second.pixels_in_file());

@@ -4,20 +4,18 @@
 //! within 3 steps of the output's quantization); quantized checkpoints round-trip exactly
 //! and refuse files that do not fit.
 
+mod common;
+
+use common::scratch::Scratch;
+
 use convnet::data::{DataLoader, ImageDataset, Normalize};
 use convnet::graph::Op;
 use convnet::model_file::ModelFile;
 use convnet::nn::Model;
 use convnet::quant::{quantize, ObserverKind, QuantConfig, QuantizedModel};
 use convnet::{Rng, Tensor};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("convnet-quantized-models-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
 
 /// Images with some structure (smooth gradients plus noise), so activations have the
 /// skewed ranges of real data.
@@ -319,14 +317,15 @@ fn quantized_resnet() -> (Model, QuantizedModel, convnet::checkpoint::Checkpoint
 #[test]
 fn quantized_checkpoints_round_trip_and_are_a_quarter_of_the_float_size() {
     let (model, q, meta) = quantized_resnet();
-    let path = temp("resnet20-int8.safetensors");
+    let dir = Scratch::folder("quantized-round-trip");
+    let path = dir.join("resnet20-int8.safetensors");
     q.save(&path, &meta).unwrap();
     let (back, meta2) = QuantizedModel::load(&path).unwrap();
     assert_eq!(meta2, meta);
     assert_eq!(back.nodes(), q.nodes());
     let x = batch(8, [3, 32, 32], 14);
     assert_eq!(back.run(&x).unwrap().to_vec(), q.run(&x).unwrap().to_vec());
-    let float = temp("resnet20.safetensors");
+    let float = dir.join("resnet20.safetensors");
     convnet::checkpoint::save_checkpoint(&float, &model.state_dict(), &meta).unwrap();
     let (a, b) = (
         std::fs::metadata(&path).unwrap().len(),
@@ -375,9 +374,10 @@ fn tamper(
 #[test]
 fn quantized_checkpoints_that_do_not_fit_are_refused_with_the_reason() {
     let (_, q, meta) = quantized_resnet();
-    let path = temp("good.safetensors");
+    let dir = Scratch::folder("quantized-refused");
+    let path = dir.join("good.safetensors");
     q.save(&path, &meta).unwrap();
-    let bad = temp("bad.safetensors");
+    let bad = dir.join("bad.safetensors");
     let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "conv1.weight_scale",

@@ -1,6 +1,10 @@
 //! Reading PyTorch `torch.save` files (`.pt`/`.pth`) without running their pickles.
 //! Fixtures: `python tools/fixtures/zoo.py --pt`.
 
+mod common;
+
+use common::scratch::Scratch;
+
 use convnet::checkpoint::{load_tensors, NamedTensors};
 use std::path::PathBuf;
 
@@ -67,13 +71,11 @@ fn the_legacy_format_is_a_clear_error() {
 #[test]
 fn truncated_files_are_errors_not_panics() {
     let bytes = std::fs::read(fixture("lenet5_state_dict.pt")).unwrap();
-    let dir = std::env::temp_dir().join(format!("convnet-pt-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::folder("pt-truncated");
     for cut in [10, bytes.len() / 3, bytes.len() - 30] {
         let path = dir.join(format!("cut{cut}.pt"));
         std::fs::write(&path, &bytes[..cut]).unwrap();
         let err = load_tensors(&path).unwrap_err().to_string();
         assert!(err.contains(&format!("cut{cut}.pt")), "{err}");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }

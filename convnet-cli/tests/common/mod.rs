@@ -2,7 +2,11 @@
 //! and its checkpoints.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+#[path = "../../../convnet/tests/common/scratch.rs"]
+mod scratch;
+
+pub use scratch::Scratch;
+use std::path::Path;
 use std::process::{Command, Output};
 
 pub fn convnet(args: &[&str]) -> Output {
@@ -16,10 +20,10 @@ pub fn convnet(args: &[&str]) -> Output {
         .expect("run convnet")
 }
 
-pub fn temp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("convnet-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+/// A fresh scratch path for a test's output folder (not created; removed when the test
+/// passes).
+pub fn temp(name: &str) -> Scratch {
+    Scratch::path(&format!("cli-{name}"))
 }
 
 pub fn last_json(out: &Output) -> serde_json::Value {

@@ -3,6 +3,8 @@
 
 use convnet::Tensor;
 
+pub mod scratch;
+
 /// Turns `fn $name(device: Device)` into the tests `$name::cpu` and, with the `cuda`
 /// feature, `$name::cuda` on GPU 0: one test body per device. The CUDA variant is ignored
 /// unless asked for (`cargo test --features cuda -- --ignored`), so a machine without a GPU

@@ -139,20 +139,25 @@ impl Emulator {
             .arg(&cpp)
             .output()
             .map_err(|e| {
+                let _ = std::fs::remove_dir_all(&dir);
                 failed(format!(
                     "cannot run the C++ compiler {}: {e}",
                     compiler.display()
                 ))
             })?;
         if !out.status.success() {
+            let _ = std::fs::remove_dir_all(&dir);
             return Err(failed(format!(
                 "the kernels do not compile as C++:\n{}",
                 String::from_utf8_lossy(&out.stderr)
             )));
         }
         // SAFETY: the library was just built from our sources; its initialisers are empty.
-        let loaded =
-            unsafe { libloading::Library::new(&lib) }.map_err(|e| failed(e.to_string()))?;
+        let loaded = unsafe { libloading::Library::new(&lib) };
+        // Once loaded (or not), the files are not needed again: a mapped library stays
+        // usable after its file is removed.
+        let _ = std::fs::remove_dir_all(&dir);
+        let loaded = loaded.map_err(|e| failed(e.to_string()))?;
         let mut kernels = HashMap::new();
         for (name, types) in signatures(source) {
             let symbol = format!("emu_{name}");
