@@ -836,9 +836,15 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
             lanes
         })
         .collect();
+    sum_lanes(&partials, dw);
+}
+
+/// `dw[i]` = the sum, in float64, of the 16 lane sums `p[16i .. 16i + 16]` of every worker's
+/// `p` in `partials` (each `[K, C, 9, 16]`, as the weight-gradient kernels leave them).
+pub(crate) fn sum_lanes(partials: &[Vec<f32>], dw: &mut [f32]) {
     for (i, d) in dw.iter_mut().enumerate() {
         let mut s = 0f64;
-        for p in &partials {
+        for p in partials {
             s += p[i * LANES..(i + 1) * LANES]
                 .iter()
                 .map(|&v| v as f64)

@@ -85,14 +85,5 @@ pub fn backward_weight(x: &[f32], dy: &[f32], g: &ConvGeom, dw: &mut [f32]) {
             lanes
         })
         .collect();
-    for (i, d) in dw.iter_mut().enumerate() {
-        let mut s = 0f64;
-        for p in &partials {
-            s += p[i * LANES..(i + 1) * LANES]
-                .iter()
-                .map(|&v| v as f64)
-                .sum::<f64>();
-        }
-        *d = s as f32;
-    }
+    conv_direct::sum_lanes(&partials, dw);
 }
