@@ -679,20 +679,8 @@ fn direct_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, y: &
         c: g.c.div_ceil(2),
         ..*g
     };
-    let (plane, taps) = (g.h * g.w, g.kh * g.kw);
-    let weight = |k: usize, c: usize, tap: usize| {
-        if c < g.c {
-            w[(k * g.c + c) * taps + tap]
-        } else {
-            0.0
-        }
-    };
-    let mut words = vec![0f32; g.k * pairs.c * taps];
-    for (i, word) in words.iter_mut().enumerate() {
-        let (k, c2, tap) = (i / (pairs.c * taps), i / taps % pairs.c, i % taps);
-        *word = f32::from_bits(pair(weight(k, 2 * c2, tap), weight(k, 2 * c2 + 1, tap)));
-    }
-    let packed = conv_direct::pack_weights(&words, &pairs);
+    let plane = g.h * g.w;
+    let packed = conv_direct::pack_weights(&weight_pairs(w, g, true), &pairs);
     let padded = if g.stride == (1, 1) {
         0
     } else {
@@ -704,16 +692,78 @@ fn direct_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &ConvGeom, y: &
             // Per worker: the image's pair words, and the zero-bordered copy for stride 2.
             || (vec![0u32; pairs.c * plane], vec![0f32; padded]),
             |(image, xp), (y_img, x_img)| {
-                for (c2, out) in image.chunks_exact_mut(plane).enumerate() {
-                    let lo = &x_img[2 * c2 * plane..(2 * c2 + 1) * plane];
-                    let hi = (2 * c2 + 1 < g.c)
-                        .then(|| &x_img[(2 * c2 + 1) * plane..(2 * c2 + 2) * plane]);
-                    pack_pairs(lo, hi, out);
-                }
+                pack_plane_pairs(x_img, plane, image);
                 // SAFETY: the caller checked AVX-512DQ, `Bf16Kernel::Avx512` (AVX-512F and
                 // AVX512-BF16) and `applies`; the buffers have the sizes of `pairs`.
                 unsafe {
                     conv_direct::forward_image_bf16_pairs(image, &packed, bias, &pairs, xp, y_img)
+                }
+            },
+        );
+}
+
+/// The 3x3 weights `w [K, C, 3, 3]` of `g` as words of two bf16 values (see
+/// [`super::conv_direct::Bf16Pairs`]): pairs of input channels, `[K, ceil(C/2), 3, 3]`, when
+/// `along_inputs`, else pairs of output channels, `[ceil(K/2), C, 3, 3]`; an odd last
+/// channel pairs with zero. The words are carried as float32 bits.
+#[cfg(target_arch = "x86_64")]
+fn weight_pairs(w: &[f32], g: &ConvGeom, along_inputs: bool) -> Vec<f32> {
+    let taps = g.kh * g.kw;
+    let weight = |k: usize, c: usize, tap: usize| {
+        if k < g.k && c < g.c {
+            w[(k * g.c + c) * taps + tap]
+        } else {
+            0.0
+        }
+    };
+    let (outer, inner) = if along_inputs {
+        (g.k, g.c.div_ceil(2))
+    } else {
+        (g.k.div_ceil(2), g.c)
+    };
+    let mut words = vec![0f32; outer * inner * taps];
+    for (i, word) in words.iter_mut().enumerate() {
+        let (o, n, tap) = (i / (inner * taps), i / taps % inner, i % taps);
+        let (lo, hi) = if along_inputs {
+            (weight(o, 2 * n, tap), weight(o, 2 * n + 1, tap))
+        } else {
+            (weight(2 * o, n, tap), weight(2 * o + 1, n, tap))
+        };
+        *word = f32::from_bits(pair(lo, hi));
+    }
+    words
+}
+
+/// The planes (`plane` values each) of one image `src` as words of two bf16 values, planes
+/// `2i` and `2i + 1` in word plane `i` of `out` (an odd last plane pairs with zero).
+fn pack_plane_pairs(src: &[f32], plane: usize, out: &mut [u32]) {
+    let planes = src.len() / plane;
+    for (i, words) in out.chunks_exact_mut(plane).enumerate() {
+        let lo = &src[2 * i * plane..(2 * i + 1) * plane];
+        let hi = (2 * i + 1 < planes).then(|| &src[(2 * i + 1) * plane..(2 * i + 2) * plane]);
+        pack_pairs(lo, hi, words);
+    }
+}
+
+/// The stride-2 input gradient on the direct kernel of
+/// [`super::conv_direct::backward_input_s2`] with `vdpbf16ps`: the sum runs over output
+/// channels, so each image's output gradient and the weights become words of two output
+/// channels.
+#[cfg(target_arch = "x86_64")]
+fn direct_input_grad_s2(dy: &[f32], w: &[f32], g: &ConvGeom, pairs: &ConvGeom, dx: &mut [f32]) {
+    use super::conv_direct;
+    let plane = g.oh * g.ow;
+    let packed = conv_direct::pack_input_grad_s2_weights(&weight_pairs(w, g, false), pairs);
+    dx.par_chunks_mut(g.in_image())
+        .zip(dy.par_chunks(g.out_image()))
+        .for_each_init(
+            || vec![0u32; pairs.k * plane],
+            |image, (dx_img, dy_img)| {
+                pack_plane_pairs(dy_img, plane, image);
+                // SAFETY: the caller checked `Bf16Kernel::Avx512` (AVX-512F and AVX512-BF16)
+                // and `input_grad_s2_applies` for `pairs`, whose sizes the buffers have.
+                unsafe {
+                    conv_direct::input_grad_image_s2_bf16_pairs(image, &packed, pairs, dx_img)
                 }
             },
         );
@@ -736,6 +786,17 @@ pub fn conv2d_backward_input_with(
     if let Some(tg) = g.flipped_input_grad() {
         let flipped = flip_transpose(w, g);
         return conv2d_forward_with(kernel, dy, &flipped, None, &tg, dx);
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // The direct stride-2 kernel on pairs of output channels.
+        let pairs = ConvGeom {
+            k: g.k.div_ceil(2),
+            ..*g
+        };
+        if kernel == Bf16Kernel::Avx512 && super::conv_direct::input_grad_s2_applies(&pairs) {
+            return direct_input_grad_s2(dy, w, g, &pairs, dx);
+        }
     }
     let (cg, kg, rows, ohw) = (g.cg(), g.kg(), g.col_rows(), g.out_plane());
     let weights = pack_groups(w, g, true);

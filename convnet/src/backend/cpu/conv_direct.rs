@@ -650,30 +650,65 @@ pub fn backward_input_s2(dy: &[f32], w: &[f32], g: &ConvGeom, dx: &mut [f32]) {
     );
     let (in_image, out_image) = (g.c * g.h * g.w, g.k * g.oh * g.ow);
     assert!(dy.len() == g.n * out_image && w.len() == g.k * g.c * 9 && dx.len() == g.n * in_image);
-    // `w [K, C, 3, 3]` -> `[C/ICB, K, 9, ICB]`: a block's input channels side by side.
-    let packed = pack_blocks::<ICB>(w, g.c, g.k, |c, k| (k * g.c + c) * 9);
+    let packed = pack_input_grad_s2_weights(w, g);
     dx.par_chunks_mut(in_image)
         .zip(dy.par_chunks(out_image))
         .for_each(|(dx_img, dy_img)| {
             // SAFETY: `applies` checked that the CPU has AVX-512F; the sizes were asserted
             // above.
-            unsafe { input_grad_image_s2(dy_img, &packed, g, dx_img) };
+            unsafe { input_grad_image_s2_f32(dy_img, &packed, g, dx_img) };
         });
 }
 
+/// `w [K, C, 3, 3]` -> `[C/ICB, K, 9, ICB]`: a block's input channels side by side, as
+/// [`backward_input_s2`]'s kernel reads them.
+pub(crate) fn pack_input_grad_s2_weights(w: &[f32], g: &ConvGeom) -> Vec<f32> {
+    pack_blocks::<ICB>(w, g.c, g.k, |c, k| (k * g.c + c) * 9)
+}
+
+/// [`input_grad_image_s2`] on float32 planes.
 #[target_feature(enable = "avx512f")]
-unsafe fn input_grad_image_s2(dy: &[f32], wp: &[f32], g: &ConvGeom, dx: &mut [f32]) {
+unsafe fn input_grad_image_s2_f32(dy: &[f32], wp: &[f32], g: &ConvGeom, dx: &mut [f32]) {
+    input_grad_image_s2::<Float32>(dy, wp, g, dx)
+}
+
+/// One image of [`backward_input_s2`] with bf16 products and float32 sums: `dy` is the
+/// image's output gradient as `[K2, OH, OW]` words that each hold two bf16 values, channel
+/// `2i` in the low half and `2i + 1` in the high one (see [`Bf16Pairs`]); `wp` is
+/// [`pack_input_grad_s2_weights`] of the weights as `[K2, C, 3, 3]` words paired the same
+/// way; `g` is the geometry with `K2` output channels, one where [`input_grad_s2_applies`]
+/// holds.
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX512-BF16.
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(crate) unsafe fn input_grad_image_s2_bf16_pairs(
+    dy: &[u32],
+    wp: &[f32],
+    g: &ConvGeom,
+    dx: &mut [f32],
+) {
+    assert!(input_grad_s2_applies(g));
+    assert!(dy.len() == g.k * g.oh * g.ow && wp.len() == g.k * g.c * 9);
+    assert!(dx.len() == g.c * g.h * g.w);
+    // SAFETY: u32 and f32 have the same size and alignment; the kernel only moves the bits.
+    let words = unsafe { std::slice::from_raw_parts(dy.as_ptr().cast::<f32>(), dy.len()) };
+    input_grad_image_s2::<Bf16Pairs>(words, wp, g, dx)
+}
+
+#[inline(always)]
+unsafe fn input_grad_image_s2<P: Products>(dy: &[f32], wp: &[f32], g: &ConvGeom, dx: &mut [f32]) {
     let map = Tiles::new(g);
     let tiles = map.count(g.oh);
     for cb in 0..g.c / ICB {
         let w_block = wp.as_ptr().add(cb * g.k * 9 * ICB);
         let mut t0 = 0;
         while t0 + S2_TILES <= tiles {
-            phase_block::<S2_TILES>(dy, w_block, g, map, t0, cb, dx);
+            phase_block::<P, S2_TILES>(dy, w_block, g, map, t0, cb, dx);
             t0 += S2_TILES;
         }
         while t0 < tiles {
-            phase_block::<1>(dy, w_block, g, map, t0, cb, dx);
+            phase_block::<P, 1>(dy, w_block, g, map, t0, cb, dx);
             t0 += 1;
         }
     }
@@ -681,10 +716,9 @@ unsafe fn input_grad_image_s2(dy: &[f32], wp: &[f32], g: &ConvGeom, dx: &mut [f3
 
 /// The four parity phases of `dx` for `T` tiles of `dy` from tile `t0`, input channels
 /// `cb*ICB .. cb*ICB+ICB` (see [`backward_input_s2`]). Phases are indexed `2p + q`.
-#[inline]
-#[target_feature(enable = "avx512f")]
+#[inline(always)]
 #[allow(clippy::needless_range_loop)] // indices keep the loops simple enough to unroll
-unsafe fn phase_block<const T: usize>(
+unsafe fn phase_block<P: Products, const T: usize>(
     dy: &[f32],
     w_block: *const f32,
     g: &ConvGeom,
@@ -741,16 +775,16 @@ unsafe fn phase_block<const T: usize>(
             for t in 0..T {
                 let [here, next_col, next_row, diag] = v[t];
                 let a = &mut acc[t][o];
-                a[0] = _mm512_fmadd_ps(w4, here, a[0]);
-                a[1] = _mm512_fmadd_ps(w3, next_col, _mm512_fmadd_ps(w5, here, a[1]));
-                a[2] = _mm512_fmadd_ps(w1, next_row, _mm512_fmadd_ps(w7, here, a[2]));
-                a[3] = _mm512_fmadd_ps(
+                a[0] = P::mul_add(w4, here, a[0]);
+                a[1] = P::mul_add(w3, next_col, P::mul_add(w5, here, a[1]));
+                a[2] = P::mul_add(w1, next_row, P::mul_add(w7, here, a[2]));
+                a[3] = P::mul_add(
                     w0,
                     diag,
-                    _mm512_fmadd_ps(
+                    P::mul_add(
                         w2,
                         next_row,
-                        _mm512_fmadd_ps(w6, next_col, _mm512_fmadd_ps(w8, here, a[3])),
+                        P::mul_add(w6, next_col, P::mul_add(w8, here, a[3])),
                     ),
                 );
             }
