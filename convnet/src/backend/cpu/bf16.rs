@@ -736,6 +736,7 @@ fn weight_pairs(w: &[f32], g: &ConvGeom, along_inputs: bool) -> Vec<f32> {
 
 /// The planes (`plane` values each) of one image `src` as words of two bf16 values, planes
 /// `2i` and `2i + 1` in word plane `i` of `out` (an odd last plane pairs with zero).
+#[cfg(target_arch = "x86_64")]
 fn pack_plane_pairs(src: &[f32], plane: usize, out: &mut [u32]) {
     let planes = src.len() / plane;
     for (i, words) in out.chunks_exact_mut(plane).enumerate() {
