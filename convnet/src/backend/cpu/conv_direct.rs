@@ -231,8 +231,7 @@ pub(crate) unsafe fn forward_image_bf16_pairs(
         applies(g),
         "conv_direct::forward_image_bf16_pairs called for {g:?}"
     );
-    // SAFETY: u32 and f32 have the same size and alignment; the kernels only move the bits.
-    let words = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) };
+    let words = as_words(x);
     if g.stride == (1, 1) {
         forward_image_rows::<Bf16Pairs>(words, packed, bias, g, y)
     } else {
@@ -322,6 +321,13 @@ pub(crate) trait Products {
     /// # Safety
     /// The CPU has the instructions of the implementation.
     unsafe fn mul_add(w: __m512, x: __m512, acc: __m512) -> __m512;
+}
+
+/// Words of bf16 pairs as the float32 slices the kernels take: they only move the bits,
+/// and multiply them through [`Bf16Pairs`].
+fn as_words(pairs: &[u32]) -> &[f32] {
+    // SAFETY: u32 and f32 have the same size and alignment, and every bit pattern is an f32.
+    unsafe { std::slice::from_raw_parts(pairs.as_ptr().cast::<f32>(), pairs.len()) }
 }
 
 /// float32 words: one fused multiply-add (AVX-512F).
@@ -691,9 +697,7 @@ pub(crate) unsafe fn input_grad_image_s2_bf16_pairs(
     assert!(input_grad_s2_applies(g));
     assert!(dy.len() == g.k * g.oh * g.ow && wp.len() == g.k * g.c * 9);
     assert!(dx.len() == g.c * g.h * g.w);
-    // SAFETY: u32 and f32 have the same size and alignment; the kernel only moves the bits.
-    let words = unsafe { std::slice::from_raw_parts(dy.as_ptr().cast::<f32>(), dy.len()) };
-    input_grad_image_s2::<Bf16Pairs>(words, wp, g, dx)
+    input_grad_image_s2::<Bf16Pairs>(as_words(dy), wp, g, dx)
 }
 
 #[inline(always)]
@@ -930,13 +934,7 @@ pub(crate) unsafe fn weight_grad_bf16_image_pairs(
     lanes: &mut [f32],
 ) {
     assert!(weight_grad_applies(g));
-    // SAFETY: u32 and f32 have the same size and alignment; the kernels only move the bits.
-    let (xs, dys) = unsafe {
-        (
-            std::slice::from_raw_parts(xs.as_ptr().cast::<f32>(), xs.len()),
-            std::slice::from_raw_parts(dys.as_ptr().cast::<f32>(), dys.len()),
-        )
-    };
+    let (xs, dys) = (as_words(xs), as_words(dys));
     if g.stride != (1, 1) {
         let (image, padded) = (g.c * g.h * g.w, g.c * (g.h + 2) * (g.w + 2));
         let xp = &mut xp[..count * padded];
