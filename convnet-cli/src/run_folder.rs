@@ -99,6 +99,14 @@ impl RunFolder {
         self.write_metrics(history)
     }
 
+    /// Where the run's averaged weights go (`model-swa.safetensors`, `model-ema.safetensors`).
+    pub fn averaged(&self, kind: convnet::optim::Averaging) -> PathBuf {
+        self.checkpoint.with_file_name(match kind {
+            convnet::optim::Averaging::Swa => "model-swa.safetensors",
+            convnet::optim::Averaging::Ema { .. } => "model-ema.safetensors",
+        })
+    }
+
     /// Rewrites `metrics.jsonl` with one line per epoch of `history`.
     fn write_metrics(&self, history: &[serde_json::Value]) -> Result<()> {
         let mut text = String::new();

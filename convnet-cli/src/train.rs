@@ -19,9 +19,11 @@ use convnet::data::{
 };
 use convnet::model_file::ModelFile;
 use convnet::models::ModelSpec;
+use convnet::optim::Averaging;
 use convnet::quant::qat::QatNet;
 use convnet::train::{
-    evaluate_distributed, state_has_weights, OptimizerKind, ScheduleKind, TrainConfig, Trainer,
+    evaluate_distributed, state_has_weights, AverageConfig, OptimizerKind, ScheduleKind,
+    TrainConfig, Trainer,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
@@ -205,6 +207,18 @@ pub struct TrainArgs {
     /// (default: the last epoch).
     #[arg(long, requires = "qat")]
     qat_freeze_epoch: Option<usize>,
+    /// Stochastic weight averaging: the weights at the end of every epoch from this one on
+    /// are averaged (torch.optim.swa_utils), the average's BatchNorm statistics recomputed
+    /// over the training data, and the averaged model tested and written to
+    /// `model-swa.safetensors`. The learning rate follows --schedule (SWA usually trains
+    /// these epochs at a constant rate: --schedule constant, or a run of its own from --weights)
+    #[arg(long, value_name = "EPOCH", conflicts_with = "ema_decay")]
+    swa_start: Option<usize>,
+    /// Exponential moving average of the weights and BatchNorm statistics, updated after
+    /// every step with this decay (e.g. 0.999; torch.optim.swa_utils with use_buffers); the
+    /// averaged model is tested and written to `model-ema.safetensors`
+    #[arg(long, value_name = "DECAY")]
+    ema_decay: Option<f64>,
     /// Output folder for checkpoints and metrics (default runs/<model>-<time>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -276,6 +290,17 @@ fn config(a: &TrainArgs, device: convnet::Device) -> TrainConfig {
         tf32: a.tf32,
         precision: a.precision.into(),
         kernels: a.kernels.into(),
+        average: match (a.swa_start, a.ema_decay) {
+            (Some(start_epoch), _) => Some(AverageConfig {
+                kind: Averaging::Swa,
+                start_epoch,
+            }),
+            (None, Some(decay)) => Some(AverageConfig {
+                kind: Averaging::Ema { decay },
+                start_epoch: 1,
+            }),
+            (None, None) => None,
+        },
     }
 }
 
@@ -624,6 +649,22 @@ fn check_args(a: &TrainArgs, ranks: &Ranks) -> Result<()> {
     if a.qat_freeze_epoch == Some(0) {
         bail!("--qat-freeze-epoch counts from 1");
     }
+    if let Some(start) = a.swa_start {
+        if start == 0 || start > a.epochs {
+            bail!(
+                "--swa-start must be an epoch of the run, 1 to {}, got {start}",
+                a.epochs
+            );
+        }
+    }
+    if let Some(decay) = a.ema_decay {
+        if !(0.0..1.0).contains(&decay) {
+            bail!("--ema-decay must be in [0, 1), e.g. 0.999, got {decay}");
+        }
+    }
+    if a.qat && (a.swa_start.is_some() || a.ema_decay.is_some()) {
+        bail!("--swa-start and --ema-decay do not combine with --qat (its int8 model is converted from the trained weights)");
+    }
     if a.tensorboard_every == 0 {
         bail!("--tensorboard-every must be positive");
     }
@@ -899,8 +940,9 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
     {
         eprintln!(
             "note: this CPU has AVX512-BF16 but not AMX: bf16 runs direct kernels for 3x3 \
-             convolutions with padding 1 and im2col for other layers, which can train slower \
-             than float32 (compare `convnet bench --precision bf16` with `--precision f32`)"
+             convolutions with padding 1 and im2col for the other layers, so models made \
+             mostly of other layers can train slower than in float32 (compare \
+             `convnet bench --precision bf16` with `--precision f32`)"
         );
     }
     let out = a.out.clone().unwrap_or_else(|| default_out(&a.model));
@@ -1044,6 +1086,15 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
         Some(t) => t,
         None => evaluate_distributed(trainer.model(), &test_loader, ranks.as_ref())?,
     };
+    let averaged_meta = lead.then(|| meta(&trainer));
+    let averaged = averaged_model(
+        &mut trainer,
+        &train_loader,
+        &test_loader,
+        ranks.as_ref(),
+        &folder,
+        averaged_meta,
+    )?;
     if !lead {
         return Ok(());
     }
@@ -1082,6 +1133,8 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
                 "train_images_per_sec": ips, "checkpoint": folder.checkpoint.display().to_string(),
                 "ranks": ranks.size(), "int8_test_accuracy": int8,
                 "int8_checkpoint": int8.map(|_| folder.int8.display().to_string()),
+                "averaged_test_accuracy": averaged.as_ref().map(|a| a.test.accuracy),
+                "averaged_checkpoint": averaged.as_ref().map(|a| a.checkpoint.display().to_string()),
             })
         );
     } else {
@@ -1092,8 +1145,61 @@ pub fn run(a: TrainArgs, explicit: &[String], ranks: &Ranks) -> Result<()> {
             trainer.epoch(),
             folder.checkpoint.display()
         );
+        if let Some(avg) = &averaged {
+            println!(
+                "averaged weights ({}): test accuracy {:.2}% (loss {:.4}); checkpoint {}",
+                avg.what,
+                100.0 * avg.test.accuracy,
+                avg.test.loss,
+                avg.checkpoint.display()
+            );
+        }
     }
     Ok(())
+}
+
+/// The model with the run's averaged weights, tested.
+struct Averaged {
+    /// How the weights were averaged, in words.
+    what: String,
+    test: convnet::train::EvalReport,
+    checkpoint: PathBuf,
+}
+
+/// Tests the averaged weights of a run that averages them (every rank takes part) and,
+/// given the checkpoint's `meta` (rank 0), writes them into `folder`; `None` when nothing
+/// is averaged yet.
+fn averaged_model(
+    trainer: &mut Trainer,
+    train_loader: &DataLoader,
+    test_loader: &DataLoader,
+    comm: &dyn convnet::dist::Communicator,
+    folder: &RunFolder,
+    meta: Option<CheckpointMeta>,
+) -> Result<Option<Averaged>> {
+    let Some(avg) = trainer.weight_average() else {
+        return Ok(None);
+    };
+    let (kind, count) = (avg.kind(), avg.count());
+    let checkpoint = folder.averaged(kind);
+    let what = match kind {
+        Averaging::Swa => format!(
+            "SWA over {count} epoch ends, BatchNorm statistics recomputed on the training data"
+        ),
+        Averaging::Ema { decay } => format!("EMA over {count} steps, decay {decay}"),
+    };
+    let test = trainer.with_averaged_weights(train_loader, |model| {
+        let test = evaluate_distributed(model, test_loader, comm)?;
+        if let Some(meta) = &meta {
+            convnet::checkpoint::save_checkpoint(&checkpoint, &model.state_dict(), meta)?;
+        }
+        Ok(test)
+    })?;
+    Ok(test.map(|test| Averaged {
+        what,
+        test,
+        checkpoint,
+    }))
 }
 
 /// The settings of a run, stored in its training state so `--resume` continues it as it was.
@@ -1133,6 +1239,10 @@ struct SavedRun {
     qat: bool,
     #[serde(default)]
     qat_freeze_epoch: Option<usize>,
+    #[serde(default)]
+    swa_start: Option<usize>,
+    #[serde(default)]
+    ema_decay: Option<f64>,
     #[serde(default)]
     classes: Option<Vec<String>>,
     #[serde(default)]
@@ -1204,6 +1314,8 @@ impl SavedRun {
                 .map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.clone())),
             qat: a.qat,
             qat_freeze_epoch: a.qat_freeze_epoch,
+            swa_start: a.swa_start,
+            ema_decay: a.ema_decay,
             classes: a.classes.clone(),
             pretrained: a.pretrained.clone(),
             freeze: a.freeze.clone(),
@@ -1254,6 +1366,8 @@ impl SavedRun {
             weights: self.weights,
             qat: self.qat,
             qat_freeze_epoch: self.qat_freeze_epoch,
+            swa_start: self.swa_start,
+            ema_decay: self.ema_decay,
             classes: self.classes,
             pretrained: self.pretrained,
             freeze: self.freeze,

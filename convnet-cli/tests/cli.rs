@@ -140,6 +140,84 @@ fn resumed_run_matches_an_uninterrupted_one_bit_for_bit() {
     );
 }
 
+#[test]
+fn averaged_weights_resume_exactly_and_their_checkpoint_evaluates() {
+    for (flag, value, file) in [
+        ("--swa-start", "2", "model-swa.safetensors"),
+        ("--ema-decay", "0.9", "model-ema.safetensors"),
+    ] {
+        let (full, part) = (temp("avg-full"), temp("avg-part"));
+        let common = [
+            "--model",
+            "resnet20",
+            "--limit-train",
+            "320",
+            "--limit-test",
+            "128",
+            "--batch-size",
+            "64",
+            "--lr",
+            "0.05",
+            "--threads",
+            "2",
+            "--augment",
+            "--epochs",
+            "3",
+            flag,
+            value,
+            "--json",
+        ];
+        let run = |extra: &[&str]| {
+            let mut args = vec!["train"];
+            args.extend_from_slice(&common);
+            args.extend_from_slice(extra);
+            last_json(&convnet(&args))
+        };
+        let r = run(&["--out", full.to_str().unwrap()]);
+        let averaged = r["averaged_test_accuracy"]
+            .as_f64()
+            .expect("averaged accuracy");
+        assert_eq!(
+            r["averaged_checkpoint"].as_str().unwrap(),
+            full.join(file).to_str().unwrap()
+        );
+        // Interrupted after epoch 2 (SWA has averaged one epoch), then continued.
+        run(&["--out", part.to_str().unwrap(), "--stop-after", "2"]);
+        last_json(&convnet(&[
+            "train",
+            "--resume",
+            part.to_str().unwrap(),
+            "--json",
+        ]));
+        for name in ["model.safetensors", file] {
+            assert!(
+                tensors(&part.join(name)) == tensors(&full.join(name)),
+                "{flag}: {name} differs after resume"
+            );
+        }
+        let e = last_json(&convnet(&[
+            "eval",
+            "--checkpoint",
+            full.join(file).to_str().unwrap(),
+            "--limit-test",
+            "128",
+            "--json",
+        ]));
+        assert!(
+            (e["accuracy"].as_f64().unwrap() - averaged).abs() < 1e-9,
+            "{flag}: eval reproduces the averaged model's test accuracy"
+        );
+    }
+    fails_with(
+        &["train", "--epochs", "2", "--swa-start", "3"],
+        "--swa-start must be an epoch of the run",
+    );
+    fails_with(
+        &["train", "--ema-decay", "1"],
+        "--ema-decay must be in [0, 1)",
+    );
+}
+
 /// The scalars of a run's TensorBoard event files: (tag, step, value) of every one.
 fn event_scalars(path: &Path) -> Vec<(String, i64, f32)> {
     use convnet::tensorboard::proto::{Kind, What};

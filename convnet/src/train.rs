@@ -16,8 +16,8 @@ use crate::dist::{Channel, Communicator, DataParallel, DataParallelOptions, Sing
 use crate::error::{invalid, Error, Result};
 use crate::nn::{Mode, Model};
 use crate::optim::{
-    Adam, AdamConfig, ConstantLr, CosineAnnealingLr, LrSchedule, MultiStepLr, OneCycleLr,
-    Optimizer, ParamGroup, Sgd, SgdConfig,
+    Adam, AdamConfig, Averaging, ConstantLr, CosineAnnealingLr, LrSchedule, MultiStepLr,
+    OneCycleLr, Optimizer, ParamGroup, Sgd, SgdConfig, WeightAverage, STATE_AVERAGE_PREFIX,
 };
 use crate::tensor::{Reduction, Tensor};
 use std::collections::HashMap;
@@ -88,6 +88,17 @@ pub struct TrainConfig {
     /// Winograd's F(2x2, 3x3) where it pays), by timing each shape's candidates on this
     /// machine, or always the direct kernel.
     pub kernels: KernelChoice,
+    /// Average the weights along the run (SWA or EMA, [`crate::optim::WeightAverage`]).
+    pub average: Option<AverageConfig>,
+}
+
+/// Which weights a run averages ([`TrainConfig::average`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AverageConfig {
+    /// SWA adds the weights at the end of each epoch; EMA after each optimizer step.
+    pub kind: Averaging,
+    /// The first epoch (1-based) whose weights are averaged.
+    pub start_epoch: usize,
 }
 
 pub use crate::autocast::Precision;
@@ -110,6 +121,7 @@ impl Default for TrainConfig {
             tf32: false,
             precision: Precision::F32,
             kernels: KernelChoice::Rules,
+            average: None,
         }
     }
 }
@@ -406,6 +418,8 @@ pub struct Trainer {
     keep_grads: bool,
     /// The parameters' gradients of the last epoch's last step, when kept.
     last_grads: Option<Vec<(String, Tensor)>>,
+    /// The average of the weights, with `cfg.average`.
+    average: Option<WeightAverage>,
 }
 
 impl Trainer {
@@ -431,6 +445,19 @@ impl Trainer {
         }
         let optimizer = make_optimizer(&cfg, parameter_groups(&cfg, &model)?)?;
         let schedule = make_schedule(&cfg, steps_per_epoch)?;
+        let average = match cfg.average {
+            Some(a) if a.start_epoch == 0 || a.start_epoch > cfg.epochs => {
+                return Err(invalid(
+                    "Trainer",
+                    format!(
+                        "weights can be averaged from an epoch in 1..={}, not {}",
+                        cfg.epochs, a.start_epoch
+                    ),
+                ))
+            }
+            Some(a) => Some(WeightAverage::new(a.kind)?),
+            None => None,
+        };
         Ok(Trainer {
             model,
             optimizer,
@@ -445,6 +472,7 @@ impl Trainer {
             dist: None,
             keep_grads: false,
             last_grads: None,
+            average,
         })
     }
 
@@ -653,6 +681,7 @@ impl Trainer {
                 self.optimizer.step(&grads)?;
                 self.keep_last_gradients(&grads, i + 1 == batches);
             }
+            self.average_weights(epoch, false)?;
             self.step += 1;
             seen += batch.global_size;
             let report = !sums.on_device() || (i + 1) % GPU_READBACK_STEPS == 0 || i + 1 == batches;
@@ -694,6 +723,7 @@ impl Trainer {
             // Every rank evaluates and checkpoints with rank 0's BatchNorm statistics.
             dist.broadcast_buffers()?;
         }
+        self.average_weights(epoch, true)?;
         self.epoch = epoch;
         let seconds = start.elapsed().as_secs_f64();
         Ok(EpochTrain {
@@ -703,6 +733,57 @@ impl Trainer {
             lr: self.optimizer.lr(),
             seconds,
         })
+    }
+
+    /// Adds the weights to the average when it is their turn: SWA's at the end of an epoch
+    /// (`epoch_end`), EMA's after each step, from the configured epoch on.
+    fn average_weights(&mut self, epoch: usize, epoch_end: bool) -> Result<()> {
+        let (Some(avg), Some(cfg)) = (self.average.as_mut(), self.cfg.average) else {
+            return Ok(());
+        };
+        let per_epoch = matches!(cfg.kind, Averaging::Swa);
+        if epoch >= cfg.start_epoch && per_epoch == epoch_end {
+            avg.update(&self.model)?;
+        }
+        Ok(())
+    }
+
+    /// The average of the weights so far, when the run averages them.
+    pub fn weight_average(&self) -> Option<&WeightAverage> {
+        self.average.as_ref()
+    }
+
+    /// Runs `f` on the model with the averaged weights in place of the trained ones, then
+    /// puts the trained weights back; `None` when nothing has been averaged yet. For SWA
+    /// the BatchNorm statistics are recomputed first over one pass of `loader` (the training
+    /// data, this rank's slices under data-parallel training), as `update_bn`.
+    pub fn with_averaged_weights<T>(
+        &mut self,
+        loader: &DataLoader,
+        f: impl FnOnce(&Model) -> Result<T>,
+    ) -> Result<Option<T>> {
+        let Some(avg) = self.average.as_ref().filter(|a| a.count() > 0) else {
+            return Ok(None);
+        };
+        let trained = self
+            .model
+            .state_dict()
+            .into_iter()
+            .map(|(name, t)| Ok((name, Tensor::from_vec(t.try_to_vec()?, t.dims())?)))
+            .collect::<Result<Vec<_>>>()?;
+        let swapped = (|| {
+            self.model.load_state_dict(&avg.state_dict(), false)?;
+            if avg.kind().needs_batch_norm_update() {
+                let images = loader.epoch(self.epoch).filter_map(|b| match b {
+                    Ok(b) if b.labels.is_empty() => None,
+                    b => Some(b.map(|b| b.images)),
+                });
+                crate::optim::update_batch_norm(&self.model, images)?;
+            }
+            f(&self.model)
+        })();
+        self.model.load_state_dict(&trained, true)?;
+        swapped.map(Some)
     }
 
     /// With `cuda_graph` on a GPU: runs this batch's step from the staging buffers, eagerly
@@ -804,6 +885,11 @@ impl Trainer {
         );
         let rng = crate::rng::global_rng_state();
         let mut meta = extra.clone();
+        if let Some(avg) = &self.average {
+            let (entries, count) = avg.state_entries();
+            tensors.extend(entries);
+            meta.insert("averaged".to_string(), count.to_string());
+        }
         meta.extend([
             ("format".to_string(), "convnet-train-state".to_string()),
             ("epoch".to_string(), self.epoch.to_string()),
@@ -857,6 +943,9 @@ impl Trainer {
             .map(|v| v.parse().map_err(|_| bad("rng")))
             .collect::<Result<_>>()?;
         let rng: [u64; 4] = rng.try_into().map_err(|_| bad("rng"))?;
+        let (average, tensors): (Vec<_>, Vec<_>) = tensors
+            .into_iter()
+            .partition(|(name, _)| name.starts_with(STATE_AVERAGE_PREFIX));
         let (model, optimizer): (Vec<_>, Vec<_>) = tensors
             .into_iter()
             .partition(|(name, _)| name.starts_with(STATE_MODEL_PREFIX));
@@ -868,6 +957,27 @@ impl Trainer {
             self.model.load_state_dict(&weights, true)?;
         }
         self.optimizer.load_state_dict(&optimizer)?;
+        match &mut self.average {
+            Some(avg) => {
+                let count = match meta.get("averaged") {
+                    Some(v) => v.parse().map_err(|_| bad("averaged"))?,
+                    None => 0,
+                };
+                let entries = average
+                    .into_iter()
+                    .map(|(name, t)| (name[STATE_AVERAGE_PREFIX.len()..].to_string(), t))
+                    .collect();
+                avg.restore(&self.model, entries, count)
+                    .map_err(|e| bad(&format!("weight average ({e})")))?;
+            }
+            None if !average.is_empty() => {
+                return Err(Error::Format {
+                    path: path.to_path_buf(),
+                    msg: "this run averages its weights: resume it with the same averaging".into(),
+                })
+            }
+            None => {}
+        }
         crate::rng::set_global_rng_state(rng);
         Ok(meta)
     }

@@ -5,6 +5,10 @@
 //!
 //! Tolerance: the suite default, rtol 1e-5 and atol 1e-6, even though each step's float32
 //! error feeds the next through the weights.
+//!
+//! The small ResNet also trains six steps while its weights are averaged as
+//! `torch.optim.swa_utils` does (SWA with `update_bn`, and an EMA of the weights and
+//! BatchNorm statistics): the averaged tensors and the averaged models' logits must match.
 
 mod common;
 
@@ -18,7 +22,8 @@ use convnet::{Device, Reduction, Tensor};
 
 on_each_device!(
     tutorial_cnn_trains_like_pytorch,
-    small_resnet_with_batchnorm_trains_like_pytorch
+    small_resnet_with_batchnorm_trains_like_pytorch,
+    weight_averages_match_pytorchs_swa_utils
 );
 
 /// The tutorial CNN is the zoo's `seed-cnn` (same layers, same names).
@@ -140,6 +145,78 @@ fn tutorial_cnn_trains_like_pytorch(dev: Device) {
 
 fn small_resnet_with_batchnorm_trains_like_pytorch(dev: Device) {
     run(dev, "small_resnet", small_resnet());
+}
+
+fn weight_averages_match_pytorchs_swa_utils(dev: Device) {
+    use convnet::optim::{update_batch_norm, Averaging, WeightAverage};
+    let (fx, case) = (Fixture::load("average.safetensors"), "small_resnet");
+    let s = fx.settings(case);
+    let model = small_resnet();
+    let init: Vec<(String, Tensor)> = fx
+        .names_with_prefix(case, "init.")
+        .into_iter()
+        .map(|n| (n["init.".len()..].to_string(), fx.tensor(case, &n)))
+        .collect();
+    model.load_state_dict(&init, false).unwrap();
+    model.to_device(dev).unwrap();
+    let cfg = SgdConfig {
+        lr: s["lr"].as_f64().unwrap(),
+        momentum: s["momentum"].as_f64().unwrap(),
+        weight_decay: s["weight_decay"].as_f64().unwrap(),
+        nesterov: s["nesterov"].as_bool().unwrap(),
+        ..Default::default()
+    };
+    let mut opt = Sgd::new(model.named_parameters(), cfg).unwrap();
+    let mut swa = WeightAverage::new(Averaging::Swa).unwrap();
+    let decay = s["ema_decay"].as_f64().unwrap();
+    let mut ema = WeightAverage::new(Averaging::Ema { decay }).unwrap();
+    let swa_from = s["swa_from"].as_u64().unwrap() as usize;
+    for step in 1..=s["steps"].as_u64().unwrap() as usize {
+        let x = fx.tensor_on(dev, case, &format!("x{}", step - 1));
+        let t: Vec<usize> = fx
+            .tensor(case, &format!("t{}", step - 1))
+            .to_vec()
+            .iter()
+            .map(|&v| v as usize)
+            .collect();
+        let loss = model
+            .forward(&x, Mode::Train)
+            .unwrap()
+            .cross_entropy(&t, Reduction::Mean, 0.0)
+            .unwrap();
+        opt.step(&loss.backward().unwrap()).unwrap();
+        ema.update(&model).unwrap();
+        if step >= swa_from {
+            swa.update(&model).unwrap();
+        }
+    }
+    let x_test = fx.tensor_on(dev, case, "x_test");
+    for (name, avg) in [("swa", &swa), ("ema", &ema)] {
+        model.load_state_dict(&avg.state_dict(), false).unwrap();
+        if name == "swa" {
+            let batches = (0..s["bn_batches"].as_u64().unwrap())
+                .map(|i| Ok(fx.tensor_on(dev, case, &format!("bn{i}"))));
+            assert_eq!(update_batch_norm(&model, batches).unwrap(), 3);
+        }
+        for (key, t) in model.state_dict() {
+            let what = format!("{name}.{key}");
+            match fx.try_tensor(case, &what) {
+                Some(expected) => assert_tensor_close(&what, &t, &expected, RTOL, ATOL),
+                None if name == "swa" => assert_eq!(
+                    t.item().unwrap(),
+                    fx.tensor(case, "swa_batches").to_vec()[0],
+                    "{what}: update_bn counts its batches"
+                ),
+                None => assert!(
+                    key.ends_with("num_batches_tracked"),
+                    "no reference for {what}"
+                ),
+            }
+        }
+        let logits = convnet::no_grad(|| model.forward(&x_test, Mode::Eval)).unwrap();
+        let what = format!("{name}_logits");
+        assert_tensor_close(&what, &logits, &fx.tensor(case, &what), RTOL, ATOL);
+    }
 }
 
 #[test]

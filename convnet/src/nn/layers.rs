@@ -564,6 +564,9 @@ pub struct BatchNorm2d {
     /// Runs as in eval mode even in a training forward pass (a frozen layer of a model
     /// being fine-tuned): see [`BatchNorm2d::keep_eval`].
     keep_eval: AtomicBool,
+    /// Running statistics are the plain mean over the batches counted since they were
+    /// reset, as PyTorch's `momentum=None`: see [`BatchNorm2d::average_cumulatively`].
+    cumulative: AtomicBool,
 }
 
 impl BatchNorm2d {
@@ -583,6 +586,7 @@ impl BatchNorm2d {
             eps: 1e-5,
             momentum: 0.1,
             keep_eval: AtomicBool::new(false),
+            cumulative: AtomicBool::new(false),
         })
     }
 
@@ -610,6 +614,37 @@ impl BatchNorm2d {
     pub fn keeps_eval(&self) -> bool {
         self.keep_eval.load(Ordering::Relaxed)
     }
+
+    /// With `true`, training passes make the running statistics the plain mean of every
+    /// batch's statistics since `num_batches_tracked` was last zero (the n-th batch has
+    /// weight 1/n), as PyTorch's `momentum=None`; with `false`, the exponential average of
+    /// weight `momentum` again. Recomputing the statistics of averaged weights
+    /// ([`crate::optim::update_batch_norm`]) uses it.
+    ///
+    /// ```
+    /// use convnet::nn::{BatchNorm2d, Mode, Module};
+    /// let bn = BatchNorm2d::new(1)?;
+    /// bn.average_cumulatively(true);
+    /// for v in [1.0, 3.0, 8.0] {
+    ///     bn.forward(&convnet::Tensor::full(v, [2, 1, 1, 1]), Mode::Train)?;
+    /// }
+    /// // (1 + 3 + 8) / 3, not the exponential average
+    /// assert!((bn.running_mean.to_vec()[0] - 4.0).abs() < 1e-6);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    pub fn average_cumulatively(&self, on: bool) {
+        self.cumulative.store(on, Ordering::Relaxed);
+    }
+}
+
+/// The weight of a training batch's statistics in a BatchNorm layer's running averages:
+/// `momentum`, or 1/n for the n-th batch counted when the layer averages cumulatively.
+pub(crate) fn running_momentum(momentum: f32, cumulative: bool, batches: &Tensor) -> Result<f32> {
+    if cumulative {
+        Ok(1.0 / (batches.item()? + 1.0))
+    } else {
+        Ok(momentum)
+    }
 }
 
 impl BatchNorm2d {
@@ -632,7 +667,11 @@ impl BatchNorm2d {
             Some(&self.weight),
             Some(&self.bias),
             mode.is_train(),
-            self.momentum,
+            running_momentum(
+                self.momentum,
+                self.cumulative.load(Ordering::Relaxed),
+                &self.num_batches_tracked,
+            )?,
             self.eps,
         );
         let y = match fused {

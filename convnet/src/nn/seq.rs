@@ -317,6 +317,9 @@ pub struct BatchNorm1d {
     /// Run in eval mode even inside a training pass (a frozen layer of a model being
     /// fine-tuned), as [`super::BatchNorm2d::keep_eval`].
     keep_eval: std::sync::atomic::AtomicBool,
+    /// Running statistics as a plain mean over the batches, as
+    /// [`super::BatchNorm2d::average_cumulatively`].
+    cumulative: std::sync::atomic::AtomicBool,
 }
 
 impl BatchNorm1d {
@@ -335,6 +338,7 @@ impl BatchNorm1d {
             eps: 1e-5,
             momentum: 0.1,
             keep_eval: std::sync::atomic::AtomicBool::new(false),
+            cumulative: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -359,6 +363,14 @@ impl BatchNorm1d {
     pub fn keeps_eval(&self) -> bool {
         self.keep_eval.load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// Running statistics as the plain mean of the batches' statistics (`true`) or the
+    /// exponential average of weight `momentum` (`false`), as
+    /// [`super::BatchNorm2d::average_cumulatively`].
+    pub fn average_cumulatively(&self, on: bool) {
+        self.cumulative
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Module for BatchNorm1d {
@@ -370,7 +382,11 @@ impl Module for BatchNorm1d {
             Some(&self.weight),
             Some(&self.bias),
             mode.is_train(),
-            self.momentum,
+            super::layers::running_momentum(
+                self.momentum,
+                self.cumulative.load(std::sync::atomic::Ordering::Relaxed),
+                &self.num_batches_tracked,
+            )?,
             self.eps,
         )?;
         if mode.is_train() {

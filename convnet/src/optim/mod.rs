@@ -7,10 +7,13 @@
 //! [`ParamGroup`]s with their own learning rates (a smaller one for a pretrained backbone).
 
 mod adam;
+mod average;
 mod schedule;
 mod sgd;
 
 pub use adam::{Adam, AdamConfig};
+pub(crate) use average::STATE_AVERAGE_PREFIX;
+pub use average::{update_batch_norm, Averaging, WeightAverage};
 pub use schedule::{
     ConstantLr, CosineAnnealingLr, LinearWarmup, LrSchedule, MultiStepLr, OneCycleLr, StepLr,
 };
