@@ -209,8 +209,9 @@ fn lerp(avg: &mut [f32], now: &[f32], weight: f32) {
 /// Recomputes the BatchNorm running statistics of `model` from `batches` of inputs, as
 /// `torch.optim.swa_utils.update_bn`: every BatchNorm layer's statistics are reset, the
 /// batches run forward in training mode without recording a graph, and each layer's
-/// statistics become the plain mean over the batches (`momentum=None`). Returns the number
-/// of batches; a model without BatchNorm is left alone.
+/// statistics become the plain mean over the batches (`momentum=None`). Layers frozen in
+/// eval mode ([`nn::BatchNorm2d::keep_eval`], a fine-tuned model's backbone) keep theirs.
+/// Returns the number of batches run: none when no layer has statistics to recompute.
 ///
 /// ```
 /// use convnet::nn::{BatchNorm2d, Mode, Module, Sequential};
@@ -225,31 +226,13 @@ pub fn update_batch_norm(
     model: &Model,
     batches: impl IntoIterator<Item = Result<Tensor>>,
 ) -> Result<usize> {
-    let mut layers = 0;
-    model.net().visit_modules("", &mut |_, layer| {
-        let any = layer.as_any();
-        if let Some(bn) = any.and_then(|a| a.downcast_ref::<nn::BatchNorm2d>()) {
-            bn.average_cumulatively(true);
-            layers += 1;
-        }
-        if let Some(bn) = any.and_then(|a| a.downcast_ref::<nn::BatchNorm1d>()) {
-            bn.average_cumulatively(true);
-            layers += 1;
-        }
-    });
+    let reset = average_cumulatively(model, true);
     let run = || -> Result<usize> {
-        if layers == 0 {
+        if reset.is_empty() {
             return Ok(0);
         }
-        for (name, t) in model.state_dict() {
-            let fill = if name.ends_with("running_var") {
-                1.0
-            } else if name.ends_with("running_mean") || nn::is_batch_counter(&name) {
-                0.0
-            } else {
-                continue;
-            };
-            t.update_data(|v| v.fill(fill))?;
+        for (t, value) in &reset {
+            t.update_data(|v| v.fill(*value))?;
         }
         let mut count = 0;
         for batch in batches {
@@ -260,16 +243,39 @@ pub fn update_batch_norm(
         Ok(count)
     };
     let result = run();
+    average_cumulatively(model, false);
+    result
+}
+
+/// Switches the BatchNorm layers of `model` that train their statistics to or from
+/// plain-mean running statistics ([`nn::BatchNorm2d::average_cumulatively`]); returns
+/// their statistics with the values that reset them (running mean 0, variance 1, no
+/// batches counted).
+fn average_cumulatively(model: &Model, on: bool) -> Vec<(Tensor, f32)> {
+    let mut reset = Vec::new();
+    let mut stats = |mean: &Tensor, var: &Tensor, batches: &Tensor| {
+        reset.extend([
+            (mean.clone(), 0.0),
+            (var.clone(), 1.0),
+            (batches.clone(), 0.0),
+        ]);
+    };
     model.net().visit_modules("", &mut |_, layer| {
         let any = layer.as_any();
         if let Some(bn) = any.and_then(|a| a.downcast_ref::<nn::BatchNorm2d>()) {
-            bn.average_cumulatively(false);
+            if !bn.keeps_eval() {
+                bn.average_cumulatively(on);
+                stats(&bn.running_mean, &bn.running_var, &bn.num_batches_tracked);
+            }
         }
         if let Some(bn) = any.and_then(|a| a.downcast_ref::<nn::BatchNorm1d>()) {
-            bn.average_cumulatively(false);
+            if !bn.keeps_eval() {
+                bn.average_cumulatively(on);
+                stats(&bn.running_mean, &bn.running_var, &bn.num_batches_tracked);
+            }
         }
     });
-    result
+    reset
 }
 
 #[cfg(test)]
@@ -313,6 +319,23 @@ mod tests {
         assert_eq!(state("bn1d.num_batches_tracked"), 3.0);
         crate::no_grad(|| model.forward(&batch(20.0).unwrap(), Mode::Train)).unwrap();
         assert!((state("bn.running_mean") - (0.9 * 5.0 + 0.1 * 21.0)).abs() < 1e-5);
+
+        // A layer frozen in eval mode keeps its statistics.
+        let before: Vec<f32> = model
+            .state_dict()
+            .iter()
+            .flat_map(|(_, t)| t.to_vec())
+            .collect();
+        model
+            .freeze(&["bn".to_string(), "bn1d".to_string()])
+            .unwrap();
+        assert_eq!(update_batch_norm(&model, [batch(7.0)]).unwrap(), 0);
+        let after: Vec<f32> = model
+            .state_dict()
+            .iter()
+            .flat_map(|(_, t)| t.to_vec())
+            .collect();
+        assert_eq!(before, after);
     }
 
     #[test]
