@@ -85,6 +85,14 @@ fn one_epoch_on_the_bundled_sample_beats_chance_and_the_checkpoint_evaluates() {
     );
 }
 
+/// `convnet train` with `common` then `extra` arguments; its JSON result.
+fn train_json(common: &[&str], extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["train"];
+    args.extend_from_slice(common);
+    args.extend_from_slice(extra);
+    last_json(&convnet(&args))
+}
+
 #[test]
 fn resumed_run_matches_an_uninterrupted_one_bit_for_bit() {
     let (full, part) = (temp("full"), temp("part"));
@@ -104,12 +112,7 @@ fn resumed_run_matches_an_uninterrupted_one_bit_for_bit() {
         "2",
         "--json",
     ];
-    let run = |extra: &[&str]| {
-        let mut args = vec!["train"];
-        args.extend_from_slice(&common);
-        args.extend_from_slice(extra);
-        last_json(&convnet(&args))
-    };
+    let run = |extra: &[&str]| train_json(&common, extra);
     run(&["--out", full.to_str().unwrap()]);
     // The same run, interrupted after epoch 1 of 2, then continued.
     let r = run(&["--out", part.to_str().unwrap(), "--stop-after", "1"]);
@@ -167,12 +170,7 @@ fn averaged_weights_resume_exactly_and_their_checkpoint_evaluates() {
             value,
             "--json",
         ];
-        let run = |extra: &[&str]| {
-            let mut args = vec!["train"];
-            args.extend_from_slice(&common);
-            args.extend_from_slice(extra);
-            last_json(&convnet(&args))
-        };
+        let run = |extra: &[&str]| train_json(&common, extra);
         let r = run(&["--out", full.to_str().unwrap()]);
         let averaged = r["averaged_test_accuracy"]
             .as_f64()

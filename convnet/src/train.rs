@@ -765,12 +765,7 @@ impl Trainer {
         let Some(avg) = self.average.as_ref().filter(|a| a.count() > 0) else {
             return Ok(None);
         };
-        let trained = self
-            .model
-            .state_dict()
-            .into_iter()
-            .map(|(name, t)| Ok((name, Tensor::from_vec(t.try_to_vec()?, t.dims())?)))
-            .collect::<Result<Vec<_>>>()?;
+        let trained = crate::optim::host_copies(self.model.state_dict())?;
         let swapped = (|| {
             self.model.load_state_dict(&avg.state_dict(), false)?;
             if avg.kind().needs_batch_norm_update() {

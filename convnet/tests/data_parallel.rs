@@ -257,11 +257,7 @@ fn train_like_fixture(
     // Built like the others, under the lock: its draws would otherwise land between another
     // test's seeding and its build (the fixture replaces these weights anyway).
     let model = fresh_model("resnet20", [3, 16, 16]);
-    let init: Vec<(String, Tensor)> = fx
-        .names_with_prefix(case, "init.")
-        .into_iter()
-        .map(|n| (n["init.".len()..].to_string(), fx.tensor(case, &n)))
-        .collect();
+    let init = fx.state_with_prefix(case, "init.");
     model.load_state_dict(&init, false).unwrap();
     let opts = DataParallelOptions {
         sync_batch_norm: case == "sync_bn",

@@ -18,7 +18,7 @@ use convnet::nn::{
     Sequential, Shortcut,
 };
 use convnet::optim::{Optimizer, Sgd, SgdConfig};
-use convnet::{Device, Reduction, Tensor};
+use convnet::{Device, Reduction};
 
 on_each_device!(
     tutorial_cnn_trains_like_pytorch,
@@ -58,6 +58,24 @@ fn small_resnet() -> Model {
         .unwrap()
 }
 
+/// Loads a case's initial weights (`init.*`) into `model`, moves it to `dev`, and returns
+/// the SGD optimizer of the case's settings over its parameters.
+fn start_from_fixture(fx: &Fixture, case: &str, model: &Model, dev: Device) -> Sgd {
+    model
+        .load_state_dict(&fx.state_with_prefix(case, "init."), false)
+        .unwrap();
+    model.to_device(dev).unwrap();
+    let s = fx.settings(case);
+    let cfg = SgdConfig {
+        lr: s["lr"].as_f64().unwrap(),
+        momentum: s["momentum"].as_f64().unwrap(),
+        weight_decay: s["weight_decay"].as_f64().unwrap(),
+        nesterov: s["nesterov"].as_bool().unwrap(),
+        ..Default::default()
+    };
+    Sgd::new(model.named_parameters(), cfg).unwrap()
+}
+
 fn run(dev: Device, case: &str, model: Model) {
     let fx = Fixture::load("training.safetensors");
     let s = fx.settings(case);
@@ -73,22 +91,7 @@ fn run(dev: Device, case: &str, model: Model) {
         "{case}: state_dict names and order match PyTorch"
     );
 
-    let init: Vec<(String, Tensor)> = fx
-        .names_with_prefix(case, "init.")
-        .into_iter()
-        .map(|n| (n["init.".len()..].to_string(), fx.tensor(case, &n)))
-        .collect();
-    model.load_state_dict(&init, false).unwrap();
-    model.to_device(dev).unwrap();
-
-    let cfg = SgdConfig {
-        lr: s["lr"].as_f64().unwrap(),
-        momentum: s["momentum"].as_f64().unwrap(),
-        weight_decay: s["weight_decay"].as_f64().unwrap(),
-        nesterov: s["nesterov"].as_bool().unwrap(),
-        ..Default::default()
-    };
-    let mut opt = Sgd::new(model.named_parameters(), cfg).unwrap();
+    let mut opt = start_from_fixture(&fx, case, &model, dev);
     let x = fx.tensor_on(dev, case, "x");
     let t: Vec<usize> = fx
         .tensor(case, "t")
@@ -152,21 +155,7 @@ fn weight_averages_match_pytorchs_swa_utils(dev: Device) {
     let (fx, case) = (Fixture::load("average.safetensors"), "small_resnet");
     let s = fx.settings(case);
     let model = small_resnet();
-    let init: Vec<(String, Tensor)> = fx
-        .names_with_prefix(case, "init.")
-        .into_iter()
-        .map(|n| (n["init.".len()..].to_string(), fx.tensor(case, &n)))
-        .collect();
-    model.load_state_dict(&init, false).unwrap();
-    model.to_device(dev).unwrap();
-    let cfg = SgdConfig {
-        lr: s["lr"].as_f64().unwrap(),
-        momentum: s["momentum"].as_f64().unwrap(),
-        weight_decay: s["weight_decay"].as_f64().unwrap(),
-        nesterov: s["nesterov"].as_bool().unwrap(),
-        ..Default::default()
-    };
-    let mut opt = Sgd::new(model.named_parameters(), cfg).unwrap();
+    let mut opt = start_from_fixture(&fx, case, &model, dev);
     let mut swa = WeightAverage::new(Averaging::Swa).unwrap();
     let decay = s["ema_decay"].as_f64().unwrap();
     let mut ema = WeightAverage::new(Averaging::Ema { decay }).unwrap();

@@ -95,10 +95,7 @@ impl WeightAverage {
     pub fn update(&mut self, model: &Model) -> Result<()> {
         let averaged = self.averaged_tensors(model);
         if self.count == 0 {
-            self.tensors = averaged
-                .into_iter()
-                .map(|(name, t)| Ok((name, Tensor::from_vec(t.try_to_vec()?, t.dims())?)))
-                .collect::<Result<_>>()?;
+            self.tensors = host_copies(averaged)?;
         } else {
             if averaged.len() != self.tensors.len()
                 || averaged
@@ -118,8 +115,12 @@ impl WeightAverage {
                 Averaging::Ema { decay } => (1.0 - decay) as f32,
             };
             for ((_, now), (_, avg)) in averaged.iter().zip(&self.tensors) {
-                let now = now.try_to_vec()?;
-                avg.update_data(|a| lerp(a, &now, weight))?;
+                if now.device() == crate::Device::Cpu {
+                    now.with_data(|now| avg.update_data(|a| lerp(a, now, weight)))?;
+                } else {
+                    let now = now.try_to_vec()?;
+                    avg.update_data(|a| lerp(a, &now, weight))?;
+                }
             }
         }
         self.count += 1;
@@ -190,6 +191,14 @@ impl WeightAverage {
         self.count = count;
         Ok(())
     }
+}
+
+/// Copies of named tensors on the host, sharing no storage with them.
+pub(crate) fn host_copies(tensors: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+    tensors
+        .into_iter()
+        .map(|(name, t)| Ok((name, Tensor::from_vec(t.try_to_vec()?, t.dims())?)))
+        .collect()
 }
 
 /// `avg += weight * (now - avg)` element by element, as `torch.lerp` computes it in float32

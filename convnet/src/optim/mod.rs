@@ -12,7 +12,7 @@ mod schedule;
 mod sgd;
 
 pub use adam::{Adam, AdamConfig};
-pub(crate) use average::STATE_AVERAGE_PREFIX;
+pub(crate) use average::{host_copies, STATE_AVERAGE_PREFIX};
 pub use average::{update_batch_norm, Averaging, WeightAverage};
 pub use schedule::{
     ConstantLr, CosineAnnealingLr, LinearWarmup, LrSchedule, MultiStepLr, OneCycleLr, StepLr,

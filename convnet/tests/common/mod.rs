@@ -124,6 +124,15 @@ impl Fixture {
         v
     }
 
+    /// The tensors of a case named `<prefix><name>`, as `(name, tensor)` in name order: a
+    /// state_dict stored under a prefix such as `init.`.
+    pub fn state_with_prefix(&self, case: &str, prefix: &str) -> Vec<(String, Tensor)> {
+        self.names_with_prefix(case, prefix)
+            .into_iter()
+            .map(|n| (n[prefix.len()..].to_string(), self.tensor(case, &n)))
+            .collect()
+    }
+
     /// All tensor names of a case with the given prefix after `case/`.
     pub fn names_with_prefix(&self, case: &str, prefix: &str) -> Vec<String> {
         let full = format!("{case}/{prefix}");
