@@ -1,5 +1,5 @@
-//! The layers of `torch.nn` used by CNNs: Conv2d, pooling, Linear, activations, Dropout,
-//! BatchNorm2d and Flatten.
+//! The layers of `torch.nn` used by CNNs: Conv2d, pooling, Linear, activations, Dropout
+//! and Flatten (BatchNorm2d lives with BatchNorm1d in `batch_norm`).
 
 use super::{init, Mode, Module, TensorRole};
 use crate::backend::cpu::activation::Activation;
@@ -8,7 +8,6 @@ use crate::graph::{Graph, Op, ValueId};
 use crate::rng::with_global_rng;
 use crate::shape::Shape;
 use crate::tensor::{AvgPool2dParams, Conv2dParams, MaxPool2dParams, Tensor};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 fn visit_opt(
     prefix: &str,
@@ -495,7 +494,7 @@ impl Module for Softmax {
     }
 }
 
-// ----- Dropout, BatchNorm, Flatten ------------------------------------------------------------
+// ----- Dropout, Flatten ----------------------------------------------------------------------
 
 /// `nn.Dropout(p)`: active only in [`Mode::Train`]; masks come from the global generator.
 #[derive(Clone, Copy, Debug)]
@@ -535,235 +534,6 @@ impl Module for Dropout {
     }
     fn output_shape(&self, input: &[usize]) -> Result<Shape> {
         Ok(Shape::from(input))
-    }
-}
-
-/// Whether a `state_dict` entry is a BatchNorm batch counter (`num_batches_tracked`): an
-/// integer in PyTorch's files, host-side bookkeeping here, never read by a kernel.
-pub(crate) fn is_batch_counter(name: &str) -> bool {
-    name.ends_with("num_batches_tracked")
-}
-
-/// `nn.BatchNorm2d(C)` with eps 1e-5 and momentum 0.1: parameters `weight`, `bias`; buffers
-/// `running_mean`, `running_var`, `num_batches_tracked`.
-pub struct BatchNorm2d {
-    /// Scale (gamma), initialised to 1.
-    pub weight: Tensor,
-    /// Shift (beta), initialised to 0.
-    pub bias: Tensor,
-    /// Running mean, initialised to 0.
-    pub running_mean: Tensor,
-    /// Running variance, initialised to 1.
-    pub running_var: Tensor,
-    /// Number of training batches seen (stored as a float scalar).
-    pub num_batches_tracked: Tensor,
-    /// Added to the variance.
-    pub eps: f32,
-    /// Weight of the new batch statistics in the running averages.
-    pub momentum: f32,
-    /// Runs as in eval mode even in a training forward pass (a frozen layer of a model
-    /// being fine-tuned): see [`BatchNorm2d::keep_eval`].
-    keep_eval: AtomicBool,
-    /// Running statistics are the plain mean over the batches counted since they were
-    /// reset, as PyTorch's `momentum=None`: see [`BatchNorm2d::average_cumulatively`].
-    cumulative: AtomicBool,
-}
-
-impl BatchNorm2d {
-    /// Batch norm over `num_features` channels with PyTorch's defaults.
-    pub fn new(num_features: usize) -> Result<BatchNorm2d> {
-        if num_features == 0 {
-            return Err(invalid("BatchNorm2d", "num_features must be positive"));
-        }
-        // weight, bias, running mean and variance.
-        init::claim("BatchNorm2d", &[4, num_features])?;
-        Ok(BatchNorm2d {
-            weight: Tensor::ones([num_features]).requires_grad(),
-            bias: Tensor::zeros([num_features]).requires_grad(),
-            running_mean: Tensor::zeros([num_features]),
-            running_var: Tensor::ones([num_features]),
-            num_batches_tracked: Tensor::scalar(0.0),
-            eps: 1e-5,
-            momentum: 0.1,
-            keep_eval: AtomicBool::new(false),
-            cumulative: AtomicBool::new(false),
-        })
-    }
-
-    /// Keeps this layer in eval mode during training (`true`) or lets it follow the
-    /// forward pass's mode again (`false`): a frozen BatchNorm of a model being fine-tuned
-    /// normalises with its running statistics, which stay as they are, and counts no
-    /// batches — what `bn.eval()` on a module of a model in train mode does in PyTorch.
-    ///
-    /// ```
-    /// use convnet::nn::{BatchNorm2d, Mode, Module};
-    /// let bn = BatchNorm2d::new(2)?;
-    /// bn.keep_eval(true);
-    /// let x = convnet::Tensor::randn([4, 2, 3, 3], &mut convnet::Rng::new(0));
-    /// bn.forward(&x, Mode::Train)?;
-    /// assert_eq!(bn.running_mean.to_vec(), [0.0, 0.0]);
-    /// assert_eq!(bn.num_batches_tracked.item()?, 0.0);
-    /// # Ok::<(), convnet::Error>(())
-    /// ```
-    pub fn keep_eval(&self, on: bool) {
-        self.keep_eval.store(on, Ordering::Relaxed);
-    }
-
-    /// Whether the layer runs in eval mode whatever the forward pass's mode
-    /// ([`BatchNorm2d::keep_eval`]).
-    pub fn keeps_eval(&self) -> bool {
-        self.keep_eval.load(Ordering::Relaxed)
-    }
-
-    /// With `true`, training passes make the running statistics the plain mean of every
-    /// batch's statistics since `num_batches_tracked` was last zero (the n-th batch has
-    /// weight 1/n), as PyTorch's `momentum=None`; with `false`, the exponential average of
-    /// weight `momentum` again. Recomputing the statistics of averaged weights
-    /// ([`crate::optim::update_batch_norm`]) uses it.
-    ///
-    /// ```
-    /// use convnet::nn::{BatchNorm2d, Mode, Module};
-    /// let bn = BatchNorm2d::new(1)?;
-    /// bn.average_cumulatively(true);
-    /// for v in [1.0, 3.0, 8.0] {
-    ///     bn.forward(&convnet::Tensor::full(v, [2, 1, 1, 1]), Mode::Train)?;
-    /// }
-    /// // (1 + 3 + 8) / 3, not the exponential average
-    /// assert!((bn.running_mean.to_vec()[0] - 4.0).abs() < 1e-6);
-    /// # Ok::<(), convnet::Error>(())
-    /// ```
-    pub fn average_cumulatively(&self, on: bool) {
-        self.cumulative.store(on, Ordering::Relaxed);
-    }
-}
-
-/// The weight of a training batch's statistics in a BatchNorm layer's running averages:
-/// `momentum`, or 1/n for the n-th batch counted when the layer averages cumulatively.
-pub(crate) fn running_momentum(momentum: f32, cumulative: bool, batches: &Tensor) -> Result<f32> {
-    if cumulative {
-        Ok(1.0 / (batches.item()? + 1.0))
-    } else {
-        Ok(momentum)
-    }
-}
-
-impl BatchNorm2d {
-    /// `relu(self.forward(x))` as one fused op ([`Tensor::batch_norm2d_relu`]).
-    pub fn forward_relu(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        self.run(x, mode, Fused::Relu)
-    }
-
-    /// `relu(self.forward(x) + residual)` as one fused op
-    /// ([`Tensor::batch_norm2d_add_relu`]): the end of a residual block.
-    pub fn forward_add_relu(&self, x: &Tensor, residual: &Tensor, mode: Mode) -> Result<Tensor> {
-        self.run(x, mode, Fused::AddRelu(residual))
-    }
-
-    fn run(&self, x: &Tensor, mode: Mode, fused: Fused<'_>) -> Result<Tensor> {
-        let mode = if self.keeps_eval() { Mode::Eval } else { mode };
-        let args = (
-            &self.running_mean,
-            &self.running_var,
-            Some(&self.weight),
-            Some(&self.bias),
-            mode.is_train(),
-            running_momentum(
-                self.momentum,
-                self.cumulative.load(Ordering::Relaxed),
-                &self.num_batches_tracked,
-            )?,
-            self.eps,
-        );
-        let y = match fused {
-            Fused::Nothing => {
-                x.batch_norm2d(args.0, args.1, args.2, args.3, args.4, args.5, args.6)?
-            }
-            Fused::Relu => {
-                x.batch_norm2d_relu(args.0, args.1, args.2, args.3, args.4, args.5, args.6)?
-            }
-            Fused::AddRelu(r) => {
-                x.batch_norm2d_add_relu(r, args.0, args.1, args.2, args.3, args.4, args.5, args.6)?
-            }
-        };
-        if mode.is_train() {
-            self.num_batches_tracked.update_data(|n| n[0] += 1.0)?;
-        }
-        Ok(y)
-    }
-}
-
-/// What [`BatchNorm2d::run`] fuses after the normalisation.
-#[derive(Clone, Copy)]
-enum Fused<'a> {
-    Nothing,
-    Relu,
-    AddRelu(&'a Tensor),
-}
-
-impl Module for BatchNorm2d {
-    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        self.run(x, mode, Fused::Nothing)
-    }
-    fn kind(&self) -> &'static str {
-        "BatchNorm2d"
-    }
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        Some(self)
-    }
-    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
-        super::push_leaf(
-            self,
-            path,
-            Op::BatchNorm2d {
-                weight: self.weight.clone(),
-                bias: self.bias.clone(),
-                mean: self.running_mean.clone(),
-                var: self.running_var.clone(),
-                eps: self.eps,
-                momentum: self.momentum,
-                batches: self.num_batches_tracked.clone(),
-            },
-            input,
-            g,
-        )
-    }
-    fn output_shape(&self, input: &[usize]) -> Result<Shape> {
-        let c = self.weight.numel();
-        if input.len() != 4 || input[1] != c {
-            return Err(shape_mismatch(
-                "batch_norm2d",
-                format!("input [N, {c}, H, W]"),
-                Shape::from(input).to_string(),
-            ));
-        }
-        Ok(Shape::from(input))
-    }
-    fn visit_tensors(&self, prefix: &str, f: &mut dyn FnMut(String, &Tensor, TensorRole)) {
-        f(
-            super::join(prefix, "weight"),
-            &self.weight,
-            TensorRole::Parameter,
-        );
-        f(
-            super::join(prefix, "bias"),
-            &self.bias,
-            TensorRole::Parameter,
-        );
-        f(
-            super::join(prefix, "running_mean"),
-            &self.running_mean,
-            TensorRole::Buffer,
-        );
-        f(
-            super::join(prefix, "running_var"),
-            &self.running_var,
-            TensorRole::Buffer,
-        );
-        f(
-            super::join(prefix, "num_batches_tracked"),
-            &self.num_batches_tracked,
-            TensorRole::Buffer,
-        );
     }
 }
 

@@ -2,6 +2,7 @@
 //! `state_dict` names, plus [`Sequential`] containers and [`Model`], which runs shape
 //! inference when it is built and prints a summary table.
 
+mod batch_norm;
 mod init;
 mod layers;
 mod mobilenet;
@@ -10,18 +11,19 @@ mod resnet;
 mod seq;
 mod sequential;
 
+pub(crate) use batch_norm::{batch_norm_state, is_batch_counter};
+pub use batch_norm::{BatchNorm1d, BatchNorm2d, BatchNormState};
 pub use init::{kaiming_uniform, uniform_bias, with_parameter_limit, MAX_PARAMETERS};
-pub(crate) use layers::is_batch_counter;
 pub use layers::{
-    AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, Conv2dBuilder, Dropout, Flatten, GELUTanh,
-    LeakyReLU, Linear, MaxPool2d, ReLU, ReLU6, Sigmoid, Softmax, Tanh, GELU,
+    AdaptiveAvgPool2d, AvgPool2d, Conv2d, Conv2dBuilder, Dropout, Flatten, GELUTanh, LeakyReLU,
+    Linear, MaxPool2d, ReLU, ReLU6, Sigmoid, Softmax, Tanh, GELU,
 };
 pub use mobilenet::{conv_bn_relu6, InvertedResidual};
 pub use model::{Model, SummaryRow};
 pub use resnet::{BasicBlock, Bottleneck, Shortcut};
 pub use seq::{
-    AdaptiveAvgPool1d, AdaptiveMaxPool1d, AvgPool1d, BatchNorm1d, Conv1d, Conv1dBuilder,
-    ConvBank1d, Embedding, MaxPool1d, Permute,
+    AdaptiveAvgPool1d, AdaptiveMaxPool1d, AvgPool1d, Conv1d, Conv1dBuilder, ConvBank1d, Embedding,
+    MaxPool1d, Permute,
 };
 pub use sequential::Sequential;
 

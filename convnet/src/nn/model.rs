@@ -207,7 +207,7 @@ impl Model {
     /// stop requiring gradients ([`Tensor::set_requires_grad`]), so backward computes none
     /// for them and an optimizer made from [`Model::trainable_parameters`] leaves them out;
     /// every BatchNorm layer whose weight and bias are both frozen stays in eval mode during
-    /// training ([`super::BatchNorm2d::keep_eval`]). Returns the names of the parameters
+    /// training ([`super::BatchNormState::keep_eval`]). Returns the names of the parameters
     /// frozen. A prefix that covers no parameter is an error listing the model's top-level
     /// names.
     ///
@@ -280,16 +280,8 @@ impl Model {
             }
         }
         self.net.visit_modules("", &mut |_, layer| {
-            let any = layer.as_any();
-            if let Some(bn) = any.and_then(|a| a.downcast_ref::<super::BatchNorm2d>()) {
-                if !bn.weight.tracks_grad() && !bn.bias.tracks_grad() {
-                    bn.keep_eval(true);
-                }
-            }
-            if let Some(bn) = any.and_then(|a| a.downcast_ref::<super::BatchNorm1d>()) {
-                if !bn.weight.tracks_grad() && !bn.bias.tracks_grad() {
-                    bn.keep_eval(true);
-                }
+            if let Some(bn) = super::batch_norm_state(layer).filter(|bn| bn.is_frozen()) {
+                bn.keep_eval(true);
             }
         });
         Ok(names)

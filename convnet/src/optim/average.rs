@@ -219,7 +219,7 @@ fn lerp(avg: &mut [f32], now: &[f32], weight: f32) {
 /// `torch.optim.swa_utils.update_bn`: every BatchNorm layer's statistics are reset, the
 /// batches run forward in training mode without recording a graph, and each layer's
 /// statistics become the plain mean over the batches (`momentum=None`). Layers frozen in
-/// eval mode ([`nn::BatchNorm2d::keep_eval`], a fine-tuned model's backbone) keep theirs.
+/// eval mode ([`nn::BatchNormState::keep_eval`], a fine-tuned model's backbone) keep theirs.
 /// Returns the number of batches run: none when no layer has statistics to recompute.
 ///
 /// ```
@@ -257,7 +257,7 @@ pub fn update_batch_norm(
 }
 
 /// Switches the BatchNorm layers of `model` that train their statistics to or from
-/// plain-mean running statistics ([`nn::BatchNorm2d::average_cumulatively`]); returns
+/// plain-mean running statistics ([`nn::BatchNormState::average_cumulatively`]); returns
 /// their statistics with the values that reset them (running mean 0, variance 1, no
 /// batches counted).
 fn average_cumulatively(model: &Model, on: bool) -> Vec<(Tensor, f32)> {
@@ -270,18 +270,9 @@ fn average_cumulatively(model: &Model, on: bool) -> Vec<(Tensor, f32)> {
         ]);
     };
     model.net().visit_modules("", &mut |_, layer| {
-        let any = layer.as_any();
-        if let Some(bn) = any.and_then(|a| a.downcast_ref::<nn::BatchNorm2d>()) {
-            if !bn.keeps_eval() {
-                bn.average_cumulatively(on);
-                stats(&bn.running_mean, &bn.running_var, &bn.num_batches_tracked);
-            }
-        }
-        if let Some(bn) = any.and_then(|a| a.downcast_ref::<nn::BatchNorm1d>()) {
-            if !bn.keeps_eval() {
-                bn.average_cumulatively(on);
-                stats(&bn.running_mean, &bn.running_var, &bn.num_batches_tracked);
-            }
+        if let Some(bn) = nn::batch_norm_state(layer).filter(|bn| !bn.keeps_eval()) {
+            bn.average_cumulatively(on);
+            stats(&bn.running_mean, &bn.running_var, &bn.num_batches_tracked);
         }
     });
     reset
