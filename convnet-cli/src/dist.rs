@@ -223,8 +223,14 @@ pub fn fail(ranks: &Ranks, err: &anyhow::Error) -> std::process::ExitCode {
     } else {
         format!("error: {err}")
     };
-    for cause in err.chain().skip(1) {
-        msg.push_str(&format!("\n  caused by: {cause}"));
+    // A decoder's error often repeats its source's message: print each text once.
+    let mut last = err.to_string();
+    for cause in err.chain().skip(1).map(|c| c.to_string()) {
+        let cause = cause.trim();
+        if !cause.is_empty() && !last.contains(cause) {
+            msg.push_str(&format!("\n  caused by: {cause}"));
+        }
+        last = cause.to_string();
     }
     if ranks.size() > 1 {
         ranks.abort(&msg, 1);

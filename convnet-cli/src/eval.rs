@@ -12,7 +12,7 @@ use convnet::models::ModelSpec;
 use convnet::train::{evaluate_distributed, evaluate_observed};
 use convnet::viz::{write_eval_plots, MistakeLog, EVAL_PLOT_MISTAKES};
 use convnet::Tensor;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// How a command names its model.
@@ -275,23 +275,33 @@ pub struct PredictArgs {
     json: bool,
 }
 
+/// Decodes the image file `path`, with an error that names it (and says so when it is a
+/// folder).
+pub(crate) fn open_image(path: &Path) -> Result<image::DynamicImage> {
+    if path.is_dir() {
+        bail!(
+            "{} is a folder: give its image files (e.g. {}/*.jpg)",
+            path.display(),
+            path.display()
+        );
+    }
+    image::open(path).with_context(|| format!("{}: not a readable image", path.display()))
+}
+
 /// Decodes `path` and turns it into a normalised `[C, H, W]` input for the model.
-pub(crate) fn load_image(path: &PathBuf, shape: [usize; 3], t: &Transform) -> Result<Vec<f32>> {
-    let img =
-        image::open(path).with_context(|| format!("{}: not a readable image", path.display()))?;
-    Ok(image_input(img, shape, t))
+pub(crate) fn load_image(path: &Path, shape: [usize; 3], t: &Transform) -> Result<Vec<f32>> {
+    Ok(image_input(open_image(path)?, shape, t))
 }
 
 /// Decodes `path`, resizes and centre-crops it as `geometry` says (to the model's input
 /// size `shape`) and normalises it.
 fn load_resized_image(
-    path: &PathBuf,
+    path: &Path,
     shape: [usize; 3],
     geometry: ResizeCrop,
     t: &Transform,
 ) -> Result<Vec<f32>> {
-    let img =
-        image::open(path).with_context(|| format!("{}: not a readable image", path.display()))?;
+    let img = open_image(path)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let planes = if shape[0] == 1 {
         img.to_luma8().into_raw()

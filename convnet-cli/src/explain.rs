@@ -121,8 +121,7 @@ pub fn run(a: ExplainArgs) -> Result<()> {
     };
     let mut results = Vec::new();
     for path in &a.images {
-        let decoded = image::open(path)
-            .with_context(|| format!("{}: not a readable image", path.display()))?;
+        let decoded = crate::eval::open_image(path)?;
         let original = decoded.to_rgb8();
         let x = Tensor::from_vec(
             image_input(decoded, m.input_shape, &t),

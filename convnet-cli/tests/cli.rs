@@ -404,6 +404,20 @@ fn mistakes_end_with_a_message_and_a_non_zero_status() {
         ],
         "/no/w.safetensors",
     );
+    let predict = |path: &Path| {
+        let args = ["predict", "--pretrained", "resnet20-cifar10"];
+        let out = convnet(&[&args[..], &[path.to_str().unwrap()]].concat());
+        assert!(!out.status.success(), "{path:?} should not be classified");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(predict(&dir).contains("is a folder: give its image files"));
+    // A truncated JPEG: the decoder's message appears once, not again as its own cause.
+    let jpeg = b"\xff\xd8\xff\xdb\x00\x43\x00\x08\x06";
+    std::fs::write(&f, jpeg).unwrap();
+    let stderr = predict(&f);
+    assert!(stderr.contains("a.jpg: not a readable image"), "{stderr}");
+    let causes: Vec<&str> = stderr.lines().filter(|l| l.contains("caused by")).collect();
+    assert_eq!(causes.len(), 1, "{stderr}");
 }
 
 #[test]
