@@ -295,71 +295,35 @@ impl Module for Linear {
 
 // ----- Pooling --------------------------------------------------------------------------------
 
-/// `nn.MaxPool2d`.
-#[derive(Clone, Copy, Debug)]
-pub struct MaxPool2d(pub MaxPool2dParams);
+pool_layer!(
+    /// `nn.MaxPool2d`.
+    ///
+    /// ```
+    /// use convnet::nn::{MaxPool2d, Module};
+    /// assert_eq!(MaxPool2d::new(2).output_shape(&[1, 3, 8, 6])?.dims(), &[1, 3, 4, 3]);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    MaxPool2d(MaxPool2dParams), max_pool2d, MaxPool2d, {
+        fn forward_after_relu(&self, x: &Tensor, _mode: Mode) -> Option<Result<Tensor>> {
+            Some(x.relu_max_pool2d(self.0))
+        }
+        fn as_any(&self) -> Option<&dyn std::any::Any> {
+            Some(self)
+        }
+    }
+);
 
-impl MaxPool2d {
-    /// Window `k`, stride `k`.
-    pub fn new(k: usize) -> Self {
-        MaxPool2d(MaxPool2dParams::new(k))
-    }
-    /// With explicit parameters.
-    pub fn with(params: MaxPool2dParams) -> Self {
-        MaxPool2d(params)
-    }
-}
-
-impl Module for MaxPool2d {
-    fn forward(&self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
-        x.max_pool2d(self.0)
-    }
-    fn forward_after_relu(&self, x: &Tensor, _mode: Mode) -> Option<Result<Tensor>> {
-        Some(x.relu_max_pool2d(self.0))
-    }
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        Some(self)
-    }
-    fn kind(&self) -> &'static str {
-        "MaxPool2d"
-    }
-    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
-        super::push_leaf(self, path, Op::MaxPool2d(self.0), input, g)
-    }
-    fn output_shape(&self, input: &[usize]) -> Result<Shape> {
-        self.0.output_shape(input)
-    }
-}
-
-/// `nn.AvgPool2d`.
-#[derive(Clone, Copy, Debug)]
-pub struct AvgPool2d(pub AvgPool2dParams);
-
-impl AvgPool2d {
-    /// Window `k`, stride `k`.
-    pub fn new(k: usize) -> Self {
-        AvgPool2d(AvgPool2dParams::new(k))
-    }
-    /// With explicit parameters.
-    pub fn with(params: AvgPool2dParams) -> Self {
-        AvgPool2d(params)
-    }
-}
-
-impl Module for AvgPool2d {
-    fn forward(&self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
-        x.avg_pool2d(self.0)
-    }
-    fn kind(&self) -> &'static str {
-        "AvgPool2d"
-    }
-    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
-        super::push_leaf(self, path, Op::AvgPool2d(self.0), input, g)
-    }
-    fn output_shape(&self, input: &[usize]) -> Result<Shape> {
-        self.0.output_shape(input)
-    }
-}
+pool_layer!(
+    /// `nn.AvgPool2d`.
+    ///
+    /// ```
+    /// use convnet::nn::{AvgPool2d, Module};
+    /// let pool = AvgPool2d::with(convnet::AvgPool2dParams::new(3).stride(2).padding(1));
+    /// assert_eq!(pool.output_shape(&[1, 3, 8, 8])?.dims(), &[1, 3, 4, 4]);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    AvgPool2d(AvgPool2dParams), avg_pool2d, AvgPool2d
+);
 
 /// `nn.AdaptiveAvgPool2d` to a fixed output size.
 #[derive(Clone, Copy, Debug)]

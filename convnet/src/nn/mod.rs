@@ -2,6 +2,44 @@
 //! `state_dict` names, plus [`Sequential`] containers and [`Model`], which runs shape
 //! inference when it is built and prints a summary table.
 
+/// A pooling layer: a `Copy` wrapper of its parameters with `new(k)` (window `k`, stride
+/// `k`) and `with(params)`, whose forward pass is one tensor method and whose graph op
+/// carries the parameters; extra `Module` methods go in the trailing braces.
+macro_rules! pool_layer {
+    ($(#[$doc:meta])* $name:ident($params:ty), $method:ident, $op:ident $(, { $($extra:tt)* })?) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug)]
+        pub struct $name(pub $params);
+
+        impl $name {
+            /// Window `k`, stride `k`.
+            pub fn new(k: usize) -> Self {
+                $name(<$params>::new(k))
+            }
+            /// With explicit parameters.
+            pub fn with(params: $params) -> Self {
+                $name(params)
+            }
+        }
+
+        impl Module for $name {
+            fn forward(&self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
+                x.$method(self.0)
+            }
+            fn kind(&self) -> &'static str {
+                stringify!($name)
+            }
+            fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
+                super::push_leaf(self, path, Op::$op(self.0), input, g)
+            }
+            fn output_shape(&self, input: &[usize]) -> Result<Shape> {
+                self.0.output_shape(input)
+            }
+            $($($extra)*)?
+        }
+    };
+}
+
 mod batch_norm;
 mod init;
 mod layers;

@@ -162,78 +162,28 @@ impl Module for Conv1d {
 
 // ----- Pooling --------------------------------------------------------------------------------
 
-/// `nn.MaxPool1d`.
-///
-/// ```
-/// use convnet::nn::{MaxPool1d, Module};
-/// let pool = MaxPool1d::with(convnet::MaxPool1dParams::new(3).stride(2).ceil_mode(true));
-/// assert_eq!(pool.output_shape(&[1, 4, 10])?.dims(), &[1, 4, 5]);
-/// # Ok::<(), convnet::Error>(())
-/// ```
-#[derive(Clone, Copy, Debug)]
-pub struct MaxPool1d(pub MaxPool1dParams);
+pool_layer!(
+    /// `nn.MaxPool1d`.
+    ///
+    /// ```
+    /// use convnet::nn::{MaxPool1d, Module};
+    /// let pool = MaxPool1d::with(convnet::MaxPool1dParams::new(3).stride(2).ceil_mode(true));
+    /// assert_eq!(pool.output_shape(&[1, 4, 10])?.dims(), &[1, 4, 5]);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    MaxPool1d(MaxPool1dParams), max_pool1d, MaxPool1d
+);
 
-impl MaxPool1d {
-    /// Window `k`, stride `k`.
-    pub fn new(k: usize) -> Self {
-        MaxPool1d(MaxPool1dParams::new(k))
-    }
-    /// With explicit parameters.
-    pub fn with(params: MaxPool1dParams) -> Self {
-        MaxPool1d(params)
-    }
-}
-
-impl Module for MaxPool1d {
-    fn forward(&self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
-        x.max_pool1d(self.0)
-    }
-    fn kind(&self) -> &'static str {
-        "MaxPool1d"
-    }
-    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
-        super::push_leaf(self, path, Op::MaxPool1d(self.0), input, g)
-    }
-    fn output_shape(&self, input: &[usize]) -> Result<Shape> {
-        self.0.output_shape(input)
-    }
-}
-
-/// `nn.AvgPool1d`.
-///
-/// ```
-/// use convnet::nn::{AvgPool1d, Module};
-/// assert_eq!(AvgPool1d::new(2).output_shape(&[1, 4, 10])?.dims(), &[1, 4, 5]);
-/// # Ok::<(), convnet::Error>(())
-/// ```
-#[derive(Clone, Copy, Debug)]
-pub struct AvgPool1d(pub AvgPool1dParams);
-
-impl AvgPool1d {
-    /// Window `k`, stride `k`.
-    pub fn new(k: usize) -> Self {
-        AvgPool1d(AvgPool1dParams::new(k))
-    }
-    /// With explicit parameters.
-    pub fn with(params: AvgPool1dParams) -> Self {
-        AvgPool1d(params)
-    }
-}
-
-impl Module for AvgPool1d {
-    fn forward(&self, x: &Tensor, _mode: Mode) -> Result<Tensor> {
-        x.avg_pool1d(self.0)
-    }
-    fn kind(&self) -> &'static str {
-        "AvgPool1d"
-    }
-    fn describe(&self, path: &str, input: ValueId, g: &mut Graph) -> Result<ValueId> {
-        super::push_leaf(self, path, Op::AvgPool1d(self.0), input, g)
-    }
-    fn output_shape(&self, input: &[usize]) -> Result<Shape> {
-        self.0.output_shape(input)
-    }
-}
+pool_layer!(
+    /// `nn.AvgPool1d`.
+    ///
+    /// ```
+    /// use convnet::nn::{AvgPool1d, Module};
+    /// assert_eq!(AvgPool1d::new(2).output_shape(&[1, 4, 10])?.dims(), &[1, 4, 5]);
+    /// # Ok::<(), convnet::Error>(())
+    /// ```
+    AvgPool1d(AvgPool1dParams), avg_pool1d, AvgPool1d
+);
 
 /// `nn.AdaptiveAvgPool1d(output_size)`.
 ///
