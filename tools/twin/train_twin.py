@@ -3,7 +3,8 @@ comparisons. Dev-time only.
 
     python tools/twin/train_twin.py --data PATH/cifar10-jpeg --model seed-cnn --epochs 10
     python tools/twin/train_twin.py --data PATH/cifar10-jpeg --model resnet20 --epochs 30 \\
-        --lr 0.1 --nesterov --weight-decay 5e-4 --augment --schedule onecycle --batch-size 128
+        --lr 0.1 --nesterov --weight-decay 5e-4 --augment --schedule onecycle --batch-size 128 \\
+        [--label-smoothing 0.1 --cutout 8]
 
 Reads the image-folder archives (train.tar.gz, test.tar.gz) with PIL, normalises with the
 CIFAR-10 statistics, and prints one line per epoch and a final JSON line like convnet's.
@@ -47,12 +48,15 @@ def build_model(name, classes=10):
     return torch_zoo.build(name, classes)
 
 
-def augment(x, gen):
-    """Random 32x32 crops of the 4-pixel zero-padded images and horizontal flips, drawn from
-    the CPU generator and applied on x's device in one batched indexing op (no per-image
-    Python loop, so the GPU twin is not held back by its host)."""
+def augment(x, gen, black, cutout=0):
+    """Random 32x32 crops of the images padded by 4 black pixels (`black`: black after
+    normalisation, per channel, as torchvision's RandomCrop(32, padding=4) before Normalize
+    and convnet's --augment) and horizontal flips, then, with `cutout`, a square of that side
+    zeroed at a random centre (clipped at the borders, after normalisation, as convnet's
+    --cutout). Drawn from the CPU generator and applied on x's device in batched indexing ops
+    (no per-image Python loop, so the GPU twin is not held back by its host)."""
     n, c = x.shape[0], x.shape[1]
-    padded = F.pad(x, (4, 4, 4, 4))
+    padded = F.pad(x - black, (4, 4, 4, 4)) + black
     dy = torch.randint(0, 9, (n,), generator=gen).to(x.device)
     dx = torch.randint(0, 9, (n,), generator=gen).to(x.device)
     flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
@@ -62,7 +66,16 @@ def augment(x, gen):
     cols = torch.where(flip[:, None, None, None], dx[:, None, None, None] + 31 - r[None, None, None, :], cols)
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     chan = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, chan, rows, cols]
+    out = padded[batch, chan, rows, cols]
+    if cutout > 0:
+        cy = torch.randint(0, 32, (n,), generator=gen).to(x.device)
+        cx = torch.randint(0, 32, (n,), generator=gen).to(x.device)
+        half = cutout // 2
+        inside_y = (r[None, :] >= (cy[:, None] - half)) & (r[None, :] < (cy[:, None] - half + cutout))
+        inside_x = (r[None, :] >= (cx[:, None] - half)) & (r[None, :] < (cx[:, None] - half + cutout))
+        hole = inside_y[:, None, :, None] & inside_x[:, None, None, :]
+        out = out.masked_fill(hole, 0.0)
+    return out
 
 
 def main():
@@ -77,6 +90,8 @@ def main():
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--schedule", default="constant", choices=["constant", "cosine", "onecycle"])
     ap.add_argument("--augment", action="store_true")
+    ap.add_argument("--cutout", type=int, default=0, help="cutout square side when augmenting (0 = off)")
+    ap.add_argument("--label-smoothing", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -90,6 +105,7 @@ def main():
     mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
     std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
     norm = lambda a: ((torch.from_numpy(a).float() / 255.0) - mean) / std
+    black = (-mean / std).to(dev)
     xtr, xte = norm(xtr).to(dev), norm(xte).to(dev)
     ytr, yte = torch.from_numpy(ytr).to(dev), torch.from_numpy(yte).to(dev)
     print(f"data: {len(ytr)} train, {len(yte)} test, {time.time() - t0:.1f}s", flush=True)
@@ -111,9 +127,9 @@ def main():
             idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
             x, y = xtr[idx], ytr[idx]
             if args.augment:
-                x = augment(x, gen)
+                x = augment(x, gen, black, args.cutout)
             out = model(x)
-            loss = F.cross_entropy(out, y)
+            loss = F.cross_entropy(out, y, label_smoothing=args.label_smoothing)
             opt.zero_grad()
             loss.backward()
             opt.step()
